@@ -1,0 +1,227 @@
+//! The flock state machine.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId};
+
+mod machine;
+
+pub use machine::Flock;
+
+/// Who this node is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Node id, kept for the node's life.
+    pub id: NodeId,
+    /// Boot id, new at each start (see [`crate::boot_id`]).
+    pub boot: BootId,
+    /// The flock address other nodes reach this one at.
+    pub addr: SocketAddr,
+}
+
+/// How a [`Transmit`] travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransmitKind {
+    /// One UDP datagram (at most the configured MTU).
+    Datagram,
+    /// A stream request: the driver connects to `to`, sends the payload as one frame, reads one
+    /// reply frame and hands it to [`Flock::handle_stream_reply`] (or calls
+    /// [`Flock::handle_stream_failed`]). Used for push-pull larger than a datagram.
+    Stream,
+}
+
+/// Bytes the driver must send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination.
+    pub to: SocketAddr,
+    /// Datagram or stream.
+    pub kind: TransmitKind,
+    /// The sealed bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Something the application may want to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A node joined (a new id, or a new boot of a known id).
+    MemberJoined(MemberInfo),
+    /// A member's address or incarnation changed, or it came back from suspicion.
+    MemberUpdated(MemberInfo),
+    /// A member is suspected.
+    MemberSuspect(MemberInfo),
+    /// A member was declared dead.
+    MemberDead(MemberInfo),
+    /// A member left gracefully.
+    MemberLeft(MemberInfo),
+    /// A dead or left member was forgotten.
+    MemberReaped(NodeId),
+    /// The leader this node follows changed (None: no leader known).
+    LeaderChanged(Option<LeaderView>),
+    /// A graceful leave has been gossiped; the driver may close its socket.
+    LeaveComplete,
+}
+
+/// Commands from the application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Probe these addresses now (seeds given at run time, `crux join`).
+    Join(Vec<SocketAddr>),
+    /// Leave gracefully: announce it, then report [`Event::LeaveComplete`].
+    Leave,
+}
+
+/// The leader as this node sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaderView {
+    /// Leader's node id.
+    pub id: NodeId,
+    /// Leader's flock address.
+    pub addr: SocketAddr,
+    /// Election term.
+    pub term: u64,
+}
+
+/// One entry of the member table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// What the flock knows of it.
+    pub info: MemberInfo,
+    /// When it entered its current state (driver time).
+    pub since: Duration,
+}
+
+/// Why an incoming datagram or frame was dropped. Every drop is counted by reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// Larger than the MTU (datagram) or the stream limit (frame).
+    Oversized,
+    /// Shorter than a header.
+    Truncated,
+    /// Not a Crux datagram, or a wire version we do not speak.
+    BadMagic,
+    /// Another bloc's datagram.
+    WrongBloc,
+    /// Header authenticated but the body does not decode.
+    Malformed,
+    /// Our own datagram (looped back, or another node uses our id).
+    FromSelf,
+    /// The key id names no key we hold.
+    UnknownKey,
+    /// The key id names an epoch older than we accept.
+    StaleKey,
+    /// Failed to authenticate.
+    AuthFailed,
+    /// Already seen (replay window).
+    Replay,
+    /// Handshake over the per-source rate limit.
+    RateLimited,
+    /// Valid but not acceptable now (e.g. an ack nobody waits for, a message while leaving).
+    Unexpected,
+    /// The member table is full.
+    TableFull,
+}
+
+impl DropReason {
+    /// Every reason, in metric order.
+    pub const ALL: [DropReason; 13] = [
+        DropReason::Oversized,
+        DropReason::Truncated,
+        DropReason::BadMagic,
+        DropReason::WrongBloc,
+        DropReason::Malformed,
+        DropReason::FromSelf,
+        DropReason::UnknownKey,
+        DropReason::StaleKey,
+        DropReason::AuthFailed,
+        DropReason::Replay,
+        DropReason::RateLimited,
+        DropReason::Unexpected,
+        DropReason::TableFull,
+    ];
+
+    /// Snake-case name (metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Oversized => "oversized",
+            DropReason::Truncated => "truncated",
+            DropReason::BadMagic => "bad_magic",
+            DropReason::WrongBloc => "wrong_bloc",
+            DropReason::Malformed => "malformed",
+            DropReason::FromSelf => "from_self",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::StaleKey => "stale_key",
+            DropReason::AuthFailed => "auth_failed",
+            DropReason::Replay => "replay",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::Unexpected => "unexpected",
+            DropReason::TableFull => "table_full",
+        }
+    }
+
+    fn index(self) -> usize {
+        DropReason::ALL.iter().position(|r| *r == self).expect("listed")
+    }
+}
+
+/// Counters of one node (monotonic).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams received (before any check).
+    pub datagrams_in: u64,
+    /// Datagrams sent.
+    pub datagrams_out: u64,
+    /// Bytes of datagrams received.
+    pub bytes_in: u64,
+    /// Bytes of datagrams sent.
+    pub bytes_out: u64,
+    /// Stream frames received (requests and replies).
+    pub streams_in: u64,
+    /// Stream frames sent (requests and replies).
+    pub streams_out: u64,
+    /// Bytes of stream frames received.
+    pub stream_bytes_in: u64,
+    /// Bytes of stream frames sent.
+    pub stream_bytes_out: u64,
+    /// Direct probes sent.
+    pub probes: u64,
+    /// Probes that ended in suspicion.
+    pub probe_failures: u64,
+    /// Push-pull exchanges started.
+    pub push_pulls: u64,
+    /// Times this node refuted suspicion of itself.
+    pub refutations: u64,
+    /// Leader claims this node made.
+    pub claims: u64,
+    drops: [u64; DropReason::ALL.len()],
+}
+
+impl Stats {
+    /// Datagrams or frames dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// All drops, whatever the reason.
+    pub fn dropped_total(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    pub(crate) fn drop(&mut self, reason: DropReason) {
+        self.drops[reason.index()] += 1;
+    }
+}
+
+/// Output queues shared by the state machine's parts.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    pub(crate) transmits: VecDeque<Transmit>,
+    pub(crate) events: VecDeque<Event>,
+}
+
+/// Whether a member in this state counts as part of the live flock.
+pub(crate) fn is_live(state: MemberState) -> bool {
+    matches!(state, MemberState::Alive | MemberState::Suspect)
+}

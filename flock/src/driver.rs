@@ -1,0 +1,1 @@
+//! tokio driver of the flock core.

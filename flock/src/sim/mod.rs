@@ -1,0 +1,1 @@
+//! Deterministic simulator of many flock nodes on virtual time.

@@ -1,0 +1,1 @@
+//! Cross-crate integration tests: multi-process clusters on loopback and simulations.
