@@ -27,6 +27,7 @@
 
 pub mod config;
 mod core;
+pub mod crypto;
 pub mod sim;
 
 #[cfg(feature = "driver")]

@@ -1,0 +1,1 @@
+//! Packet envelope, replay window, join handshake, transient keys and the secondary keyring.
