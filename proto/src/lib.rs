@@ -7,3 +7,4 @@
 //! limit allows, and reports malformed input as a [`flock::DecodeError`].
 
 pub mod flock;
+pub mod grpc;

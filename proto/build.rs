@@ -1,0 +1,22 @@
+//! Generates the gRPC code from `proto/**/*.proto` with protox (a pure-Rust protobuf compiler, so no
+//! system `protoc` is needed). Only with the `grpc` feature.
+
+fn main() {
+    #[cfg(feature = "grpc")]
+    grpc();
+}
+
+#[cfg(feature = "grpc")]
+fn grpc() {
+    const FILES: &[&str] = &["proto/crux/reeve/v1/reeve.proto"];
+    for f in FILES {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = match protox::compile(FILES, ["proto"]) {
+        Ok(fds) => fds,
+        Err(e) => panic!("compiling .proto files: {e:?}"),
+    };
+    if let Err(e) = tonic_prost_build::configure().compile_fds(fds) {
+        panic!("generating gRPC code: {e}");
+    }
+}
