@@ -4,7 +4,7 @@
 //! file and passes it in. [`Config::validate`] names the field and the reason of every error.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -31,7 +31,9 @@ impl FromStr for Preset {
             "lan" => Ok(Preset::Lan),
             "wan" => Ok(Preset::Wan),
             "local" => Ok(Preset::Local),
-            other => Err(format!("unknown timing preset {other:?} (expected lan, wan or local)")),
+            other => Err(format!(
+                "unknown timing preset {other:?} (expected lan, wan or local)"
+            )),
         }
     }
 }
@@ -227,8 +229,8 @@ impl IpRange {
     /// The `i`-th address of the range (`i < len`).
     pub fn nth(&self, i: u128) -> IpAddr {
         match self.first {
-            IpAddr::V4(a) => IpAddr::from((u32::from(a) as u128 + i) as u32),
-            IpAddr::V6(a) => IpAddr::from(u128::from(a).wrapping_add(i)),
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from((u32::from(a) as u128 + i) as u32)),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a).wrapping_add(i))),
         }
     }
 
@@ -255,28 +257,48 @@ impl FromStr for IpRange {
         let s = s.trim();
         if let Some((ip, bits)) = s.split_once('/') {
             let ip: IpAddr = ip.parse().map_err(|e| format!("{s:?}: bad address: {e}"))?;
-            let bits: u32 = bits.parse().map_err(|_| format!("{s:?}: bad prefix length"))?;
+            let bits: u32 = bits
+                .parse()
+                .map_err(|_| format!("{s:?}: bad prefix length"))?;
             let width = if ip.is_ipv4() { 32 } else { 128 };
             if bits > width {
                 return Err(format!("{s:?}: prefix length {bits} is over {width}"));
             }
             let host_bits = width - bits;
-            let len: u128 = if host_bits >= 128 { u128::MAX } else { 1u128 << host_bits };
+            let len: u128 = if host_bits >= 128 {
+                u128::MAX
+            } else {
+                1u128 << host_bits
+            };
             let first = match ip {
                 IpAddr::V4(a) => {
-                    let mask = if host_bits >= 32 { 0 } else { u32::MAX << host_bits };
-                    IpAddr::from(u32::from(a) & mask)
+                    let mask = if host_bits >= 32 {
+                        0
+                    } else {
+                        u32::MAX << host_bits
+                    };
+                    IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
                 }
                 IpAddr::V6(a) => {
-                    let mask = if host_bits >= 128 { 0 } else { u128::MAX << host_bits };
-                    IpAddr::from(u128::from(a) & mask)
+                    let mask = if host_bits >= 128 {
+                        0
+                    } else {
+                        u128::MAX << host_bits
+                    };
+                    IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
                 }
             };
             return Ok(IpRange { first, len });
         }
         if let Some((a, b)) = s.split_once('-') {
-            let a: IpAddr = a.trim().parse().map_err(|e| format!("{s:?}: bad address: {e}"))?;
-            let b: IpAddr = b.trim().parse().map_err(|e| format!("{s:?}: bad address: {e}"))?;
+            let a: IpAddr = a
+                .trim()
+                .parse()
+                .map_err(|e| format!("{s:?}: bad address: {e}"))?;
+            let b: IpAddr = b
+                .trim()
+                .parse()
+                .map_err(|e| format!("{s:?}: bad address: {e}"))?;
             let (lo, hi) = match (a, b) {
                 (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128),
                 (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b)),
@@ -285,7 +307,10 @@ impl FromStr for IpRange {
             if hi < lo {
                 return Err(format!("{s:?}: range ends before it starts"));
             }
-            return Ok(IpRange { first: a, len: (hi - lo).saturating_add(1) });
+            return Ok(IpRange {
+                first: a,
+                len: (hi - lo).saturating_add(1),
+            });
         }
         let ip: IpAddr = s.parse().map_err(|e| format!("{s:?}: bad address: {e}"))?;
         Ok(IpRange { first: ip, len: 1 })
@@ -307,7 +332,9 @@ impl FromStr for PortRange {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         let parse = |p: &str| {
-            p.trim().parse::<u16>().map_err(|_| format!("{s:?}: ports are numbers 1-65535"))
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{s:?}: ports are numbers 1-65535"))
         };
         let (first, last) = match s.split_once('-') {
             Some((a, b)) => (parse(a)?, parse(b)?),
@@ -333,14 +360,22 @@ impl AddressSpace {
     /// Builds an address space from range strings and port strings.
     pub fn parse<S: AsRef<str>>(ranges: &[S], ports: &[S]) -> Result<AddressSpace, String> {
         Ok(AddressSpace {
-            ranges: ranges.iter().map(|r| r.as_ref().parse()).collect::<Result<_, _>>()?,
-            ports: ports.iter().map(|p| p.as_ref().parse()).collect::<Result<_, _>>()?,
+            ranges: ranges
+                .iter()
+                .map(|r| r.as_ref().parse())
+                .collect::<Result<_, _>>()?,
+            ports: ports
+                .iter()
+                .map(|p| p.as_ref().parse())
+                .collect::<Result<_, _>>()?,
         })
     }
 
     /// Number of IP addresses in all ranges.
     pub fn ip_count(&self) -> u128 {
-        self.ranges.iter().fold(0u128, |acc, r| acc.saturating_add(r.len))
+        self.ranges
+            .iter()
+            .fold(0u128, |acc, r| acc.saturating_add(r.len))
     }
 
     fn port_count(&self, own_port: u16) -> u128 {
@@ -348,7 +383,10 @@ impl AddressSpace {
             let _ = own_port;
             1
         } else {
-            self.ports.iter().map(|p| (p.last - p.first) as u128 + 1).sum()
+            self.ports
+                .iter()
+                .map(|p| (p.last - p.first) as u128 + 1)
+                .sum()
         }
     }
 
@@ -390,7 +428,9 @@ impl AddressSpace {
         let port_ok = if self.ports.is_empty() {
             addr.port() == own_port
         } else {
-            self.ports.iter().any(|p| (p.first..=p.last).contains(&addr.port()))
+            self.ports
+                .iter()
+                .any(|p| (p.first..=p.last).contains(&addr.port()))
         };
         port_ok && self.ranges.iter().any(|r| r.contains(addr.ip()))
     }
@@ -439,7 +479,10 @@ impl Config {
             return err("bloc", "must be at most 256 bytes".into());
         }
         if !(MIN_MTU..=MAX_DATAGRAM_BYTES).contains(&self.mtu) {
-            return err("mtu", format!("must be between {MIN_MTU} and {MAX_DATAGRAM_BYTES}"));
+            return err(
+                "mtu",
+                format!("must be between {MIN_MTU} and {MAX_DATAGRAM_BYTES}"),
+            );
         }
         if self.members_max < 2 {
             return err("members_max", "must be at least 2".into());
@@ -456,7 +499,10 @@ impl Config {
             ("timing.settle", t.settle),
             ("timing.dead_probe_interval", t.dead_probe_interval),
             ("timing.reap_after", t.reap_after),
-            ("timing.discovery_interval_alone", t.discovery_interval_alone),
+            (
+                "timing.discovery_interval_alone",
+                t.discovery_interval_alone,
+            ),
             ("timing.discovery_interval", t.discovery_interval),
         ];
         for (field, d) in positive {
@@ -465,7 +511,10 @@ impl Config {
             }
         }
         if t.probe_timeout >= t.probe_interval {
-            return err("timing.probe_timeout", "must be shorter than timing.probe_interval".into());
+            return err(
+                "timing.probe_timeout",
+                "must be shorter than timing.probe_interval".into(),
+            );
         }
         if t.leader_timeout <= t.leader_beat_interval {
             return err(
@@ -532,7 +581,15 @@ mod tests {
         let s = AddressSpace::parse(&["127.0.0.2-127.0.0.3"], &["7700-7701"]).unwrap();
         assert_eq!(s.size(1), 4);
         let all: Vec<_> = (0..4).map(|i| s.nth(i, 1).unwrap().to_string()).collect();
-        assert_eq!(all, ["127.0.0.2:7700", "127.0.0.2:7701", "127.0.0.3:7700", "127.0.0.3:7701"]);
+        assert_eq!(
+            all,
+            [
+                "127.0.0.2:7700",
+                "127.0.0.2:7701",
+                "127.0.0.3:7700",
+                "127.0.0.3:7701"
+            ]
+        );
         assert_eq!(s.nth(4, 1), None);
         let own = AddressSpace::parse::<&str>(&["127.0.0.2"], &[]).unwrap();
         assert_eq!(own.nth(0, 9000).unwrap().to_string(), "127.0.0.2:9000");

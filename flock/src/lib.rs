@@ -35,8 +35,7 @@ pub mod driver;
 
 pub use crate::config::{AddressSpace, Config, ConfigError, Preset, Timing};
 pub use crate::core::{
-    Command, DropReason, Event, Flock, Identity, LeaderView, Member, Stats, Transmit,
-    TransmitKind,
+    Command, DropReason, Event, Flock, Identity, LeaderView, Member, Stats, Transmit, TransmitKind,
 };
 pub use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId};
 

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId};
 
+mod broadcast;
+mod idset;
 mod machine;
 
 pub use machine::Flock;
@@ -162,7 +164,10 @@ impl DropReason {
     }
 
     fn index(self) -> usize {
-        DropReason::ALL.iter().position(|r| *r == self).expect("listed")
+        DropReason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .expect("listed")
     }
 }
 

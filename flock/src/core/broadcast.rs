@@ -1,0 +1,150 @@
+//! The piggyback queue: updates waiting to be gossiped, each sent a bounded number of times.
+//!
+//! As in memberlist's `TransmitLimitedQueue`: updates sent the fewest times go first (newest first
+//! among equals), a newer update about the same subject replaces the older one, and an update is
+//! dropped after `retransmit_mult × ceil(log10(N + 1))` transmissions.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crux_proto::flock::{update_len, NodeId, Update};
+
+/// What an update is about: a newer update about the same subject supersedes the older.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum Subject {
+    Member(NodeId),
+    Leader,
+    /// Security messages (key announcements) use their own subjects.
+    #[allow(dead_code)]
+    Other(u64),
+}
+
+fn subject_of(update: &Update) -> Subject {
+    match update {
+        Update::Alive { member } => Subject::Member(member.id),
+        Update::Suspect { id, .. } | Update::Dead { id, .. } | Update::Left { id, .. } => {
+            Subject::Member(*id)
+        }
+        Update::Leader(_) => Subject::Leader,
+    }
+}
+
+/// Order key: fewest transmissions first, then newest first.
+type Slot = (u32, std::cmp::Reverse<u64>);
+
+#[derive(Default)]
+pub(crate) struct Broadcasts {
+    queue: BTreeMap<Slot, (Subject, Update, usize)>,
+    by_subject: HashMap<Subject, Slot>,
+    next_order: u64,
+}
+
+impl Broadcasts {
+    /// Queues `update`, replacing any queued update about the same subject.
+    pub(crate) fn push(&mut self, update: Update) {
+        let subject = subject_of(&update);
+        if let Some(old) = self.by_subject.remove(&subject) {
+            self.queue.remove(&old);
+        }
+        self.next_order += 1;
+        let slot = (0, std::cmp::Reverse(self.next_order));
+        let len = update_len(&update);
+        self.queue.insert(slot, (subject, update, len));
+        self.by_subject.insert(subject, slot);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Takes updates whose encoded sizes add up to at most `budget` bytes, counting one
+    /// transmission for each and dropping those that reached `limit`.
+    pub(crate) fn take(&mut self, mut budget: usize, limit: u32) -> Vec<Update> {
+        let mut taken = Vec::new();
+        let mut slots = Vec::new();
+        for (slot, (_, update, len)) in self.queue.iter() {
+            if *len > budget {
+                // A smaller update further on may still fit; stop only when nothing can.
+                if budget < 8 {
+                    break;
+                }
+                continue;
+            }
+            budget -= len;
+            taken.push(*update);
+            slots.push(*slot);
+            if taken.len() >= 255 {
+                break;
+            }
+        }
+        for slot in slots {
+            let (subject, update, len) = self.queue.remove(&slot).expect("present");
+            let transmits = slot.0 + 1;
+            if transmits >= limit {
+                self.by_subject.remove(&subject);
+            } else {
+                let new_slot = (transmits, slot.1);
+                self.queue.insert(new_slot, (subject, update, len));
+                self.by_subject.insert(subject, new_slot);
+            }
+        }
+        taken
+    }
+
+    /// Drops everything (e.g. after leaving).
+    pub(crate) fn clear(&mut self) {
+        self.queue.clear();
+        self.by_subject.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crux_proto::flock::BootId;
+
+    fn left(id: u64, inc: u64) -> Update {
+        Update::Left {
+            id: NodeId(id),
+            boot: BootId(1),
+            incarnation: inc,
+        }
+    }
+
+    #[test]
+    fn newer_update_about_same_subject_replaces_older() {
+        let mut b = Broadcasts::default();
+        b.push(left(1, 1));
+        b.push(left(1, 2));
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.take(1000, 10), vec![left(1, 2)]);
+    }
+
+    #[test]
+    fn least_sent_first_and_dropped_at_limit() {
+        let mut b = Broadcasts::default();
+        b.push(left(1, 1));
+        assert_eq!(b.take(1000, 2), vec![left(1, 1)]);
+        b.push(left(2, 1));
+        // 2 was sent 0 times, 1 once: 2 comes first.
+        assert_eq!(b.take(1000, 2), vec![left(2, 1), left(1, 1)]);
+        // 1 reached the limit of 2 and is gone.
+        assert_eq!(b.take(1000, 2), vec![left(2, 1)]);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn respects_byte_budget() {
+        let mut b = Broadcasts::default();
+        for i in 0..100 {
+            b.push(left(i, 1));
+        }
+        let one = update_len(&left(0, 1));
+        let got = b.take(one * 10, 5);
+        assert_eq!(got.len(), 10);
+    }
+}

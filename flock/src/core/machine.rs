@@ -1,0 +1,1539 @@
+//! [`Flock`]: discovery, SWIM/Lifeguard membership and leader election in one state machine.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crux_proto::flock::{
+    decode_frame, decode_message, encode_frame, encode_message, message_len, BootId, DecodeError,
+    Header, Kind, LeaderClaim, MemberInfo, MemberState, Message, NodeId, PushPull, StreamFrame,
+    Update, HEADER_BYTES, MAX_STREAM_BYTES,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tracing::{debug, trace};
+
+use super::broadcast::Broadcasts;
+use super::idset::IdSet;
+use super::{
+    is_live, Command, DropReason, Event, Identity, LeaderView, Member, Outbox, Stats, Transmit,
+    TransmitKind,
+};
+use crate::config::{bloc_tag, Config, ConfigError, PUSH_PULL_SCALE_MEMBERS};
+
+/// Bytes reserved in every datagram for the security envelope (nonce + tag).
+pub(crate) const ENVELOPE_OVERHEAD: usize = 24 + 16;
+/// Most indirect probes this node relays at once (bounds work a peer can ask of us).
+const RELAYS_MAX: usize = 1024;
+/// Most distinct suspecters remembered per suspicion.
+const CONFIRMATIONS_MAX: usize = 64;
+/// How often the election and leader-liveness checks run, as a fraction of `settle`.
+const ELECTION_TICKS_PER_SETTLE: u32 = 4;
+/// Push-pull stays fast for this many fast intervals after an exchange that taught us members.
+const FAST_PUSH_PULL_ROUNDS: u32 = 4;
+/// A push-pull that teaches at least this many new members keeps push-pull fast.
+const FAST_PUSH_PULL_NEW_MEMBERS: usize = 2;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Timer {
+    Probe,
+    ProbeTimeout { seq: u32 },
+    IndirectTimeout { seq: u32 },
+    RelayTimeout { seq: u32 },
+    Suspicion { id: NodeId, token: u64 },
+    Gossip,
+    PushPull,
+    Discovery,
+    DeadProbe,
+    Reap,
+    Beat { term: u64 },
+    Election,
+    LeaveDone,
+}
+
+struct Suspicion {
+    started: Duration,
+    confirmations: Vec<NodeId>,
+    token: u64,
+}
+
+struct Entry {
+    member: Member,
+    suspicion: Option<Suspicion>,
+    /// Last time we push-pulled with this member because it spoke to us while we held it dead.
+    last_heal: Option<Duration>,
+}
+
+struct Probe {
+    target: NodeId,
+    sent: Duration,
+    nacks_expected: u32,
+    nacks: u32,
+    /// Probe of the leader started because its beats stopped arriving.
+    leader_check: bool,
+}
+
+struct Relay {
+    requester: SocketAddr,
+    seq: u32,
+}
+
+/// The flock state machine. See the crate docs for the protocol.
+pub struct Flock {
+    config: Config,
+    me: Identity,
+    /// This node's own entry (state Alive, or Left once it left).
+    self_member: Member,
+    rng: ChaCha8Rng,
+    bloc_tag: u32,
+    members: HashMap<NodeId, Entry>,
+    by_addr: HashMap<SocketAddr, NodeId>,
+    /// Live members other than this node.
+    live: IdSet,
+    /// Dead (not left) members, probed at a low rate.
+    dead: IdSet,
+    probe_order: Vec<NodeId>,
+    probe_next: usize,
+    probes: HashMap<u32, Probe>,
+    relays: HashMap<u32, Relay>,
+    seq: u32,
+    timers: BinaryHeap<Reverse<(Duration, u64, Timer)>>,
+    timer_order: u64,
+    suspicion_token: u64,
+    broadcasts: Broadcasts,
+    leader: Option<LeaderClaim>,
+    last_beat: Duration,
+    max_term: u64,
+    last_change: Duration,
+    rank_cache: Option<(Duration, usize)>,
+    fast_push_pull_until: Duration,
+    discovery_round: u64,
+    awareness: u32,
+    leaving: bool,
+    left: bool,
+    counter: u64,
+    stats: Stats,
+    out: Outbox,
+}
+
+impl Flock {
+    /// A node that knows nobody yet. It starts probing at once.
+    pub fn new(
+        config: Config,
+        identity: Identity,
+        seed: u64,
+        now: Duration,
+    ) -> Result<Flock, ConfigError> {
+        config.validate()?;
+        let self_member = Member {
+            info: MemberInfo {
+                id: identity.id,
+                boot: identity.boot,
+                addr: identity.addr,
+                incarnation: 0,
+                state: MemberState::Alive,
+            },
+            since: now,
+        };
+        let mut flock = Flock {
+            bloc_tag: bloc_tag(&config.bloc),
+            config,
+            me: identity,
+            self_member,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            members: HashMap::new(),
+            by_addr: HashMap::new(),
+            live: IdSet::default(),
+            dead: IdSet::default(),
+            probe_order: Vec::new(),
+            probe_next: 0,
+            probes: HashMap::new(),
+            relays: HashMap::new(),
+            seq: 0,
+            timers: BinaryHeap::new(),
+            timer_order: 0,
+            suspicion_token: 0,
+            broadcasts: Broadcasts::default(),
+            leader: None,
+            last_beat: now,
+            max_term: 0,
+            last_change: now,
+            rank_cache: None,
+            fast_push_pull_until: Duration::ZERO,
+            discovery_round: 0,
+            awareness: 0,
+            leaving: false,
+            left: false,
+            counter: 0,
+            stats: Stats::default(),
+            out: Outbox::default(),
+        };
+        // Spread the periodic work of many nodes started together.
+        let t = flock.config.timing.clone();
+        let jitter = |rng: &mut ChaCha8Rng, d: Duration| {
+            Duration::from_nanos(rng.gen_range(0..d.as_nanos().max(1) as u64))
+        };
+        let first_probe = now + jitter(&mut flock.rng, t.probe_interval);
+        flock.schedule(first_probe, Timer::Probe);
+        let first_gossip = now + jitter(&mut flock.rng, t.gossip_interval);
+        flock.schedule(first_gossip, Timer::Gossip);
+        let first_pp =
+            now + t.push_pull_fast_interval + jitter(&mut flock.rng, t.push_pull_fast_interval);
+        flock.schedule(first_pp, Timer::PushPull);
+        flock.schedule(now, Timer::Discovery);
+        let first_dead = now + jitter(&mut flock.rng, t.dead_probe_interval);
+        flock.schedule(first_dead, Timer::DeadProbe);
+        flock.schedule(now + reap_period(&t), Timer::Reap);
+        flock.schedule(now + election_tick(&t), Timer::Election);
+        Ok(flock)
+    }
+
+    // ----- queries -------------------------------------------------------------------------
+
+    /// Every member this node knows of, itself included.
+    pub fn members(&self) -> impl Iterator<Item = &Member> + '_ {
+        std::iter::once(&self.self_member).chain(self.members.values().map(|e| &e.member))
+    }
+
+    /// One member (this node included).
+    pub fn member(&self, id: NodeId) -> Option<&Member> {
+        if id == self.me.id {
+            Some(&self.self_member)
+        } else {
+            self.members.get(&id).map(|e| &e.member)
+        }
+    }
+
+    /// The leader this node follows.
+    pub fn leader(&self) -> Option<LeaderView> {
+        let claim = self.leader?;
+        let addr = self.member(claim.leader)?.info.addr;
+        Some(LeaderView {
+            id: claim.leader,
+            addr,
+            term: claim.term,
+        })
+    }
+
+    /// The current leader claim, with its beat counter.
+    pub fn leader_claim(&self) -> Option<LeaderClaim> {
+        self.leader
+    }
+
+    /// This node.
+    pub fn identity(&self) -> &Identity {
+        &self.me
+    }
+
+    /// Live members (alive or suspect), this node included.
+    pub fn live_count(&self) -> usize {
+        self.live.len() + 1
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// True once a graceful leave has completed.
+    pub fn has_left(&self) -> bool {
+        self.left
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Lifeguard local-health score (0 = healthy).
+    pub fn awareness(&self) -> u32 {
+        self.awareness
+    }
+
+    // ----- outputs -------------------------------------------------------------------------
+
+    /// Next thing to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.transmits.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.out.events.pop_front()
+    }
+
+    /// When [`Flock::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        if self.left {
+            return None;
+        }
+        self.timers.peek().map(|Reverse((t, _, _))| *t)
+    }
+
+    // ----- inputs --------------------------------------------------------------------------
+
+    /// A command from the application.
+    pub fn handle_command(&mut self, now: Duration, cmd: Command) {
+        if self.left {
+            return;
+        }
+        match cmd {
+            Command::Join(addrs) => {
+                for addr in addrs {
+                    if addr != self.me.addr {
+                        self.send_discovery_ping(addr);
+                    }
+                }
+            }
+            Command::Leave => self.start_leave(now),
+        }
+    }
+
+    /// Runs every timer that is due.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        while let Some(Reverse((at, _, timer))) = self.timers.peek().copied() {
+            if at > now || self.left {
+                break;
+            }
+            self.timers.pop();
+            self.on_timer(now, timer);
+        }
+    }
+
+    /// A datagram from the network.
+    pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
+        self.stats.datagrams_in += 1;
+        self.stats.bytes_in += bytes.len() as u64;
+        if bytes.len() > self.config.mtu {
+            self.stats.drop(DropReason::Oversized);
+            return;
+        }
+        let (header, body) = match self.open(bytes) {
+            Ok(v) => v,
+            Err(reason) => {
+                self.stats.drop(reason);
+                return;
+            }
+        };
+        if self.left {
+            self.stats.drop(DropReason::Unexpected);
+            return;
+        }
+        let msg = match decode_message(&body) {
+            Ok(m) => m,
+            Err(e) => {
+                trace!(%from, error = %e, "malformed datagram");
+                self.stats.drop(DropReason::Malformed);
+                return;
+            }
+        };
+        self.on_message(now, from, header, msg);
+    }
+
+    /// A stream request from a peer; returns the reply frame.
+    pub fn handle_stream(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        bytes: &[u8],
+    ) -> Option<Vec<u8>> {
+        let pp = self.open_stream(from, bytes)?;
+        let (sender, pp) = pp;
+        let reply = !pp.reply;
+        self.on_push_pull(now, sender, pp);
+        if reply && !self.left {
+            let frame = StreamFrame::PushPull(self.build_push_pull(true, false));
+            let body = encode_frame(&frame);
+            self.stats.streams_out += 1;
+            let sealed = self.seal(Kind::Flock, &body);
+            self.stats.stream_bytes_out += sealed.len() as u64;
+            Some(sealed)
+        } else {
+            None
+        }
+    }
+
+    /// The reply to a stream request this node made to `from`.
+    pub fn handle_stream_reply(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
+        if let Some((sender, pp)) = self.open_stream(from, bytes) {
+            self.on_push_pull(now, sender, pp);
+        }
+    }
+
+    /// A stream request to `to` failed (connect refused, timeout, reset).
+    pub fn handle_stream_failed(&mut self, _now: Duration, to: SocketAddr) {
+        debug!(%to, "push-pull stream failed");
+    }
+
+    // ----- envelope seam -------------------------------------------------------------------
+
+    fn seal(&mut self, kind: Kind, body: &[u8]) -> Vec<u8> {
+        self.counter += 1;
+        let header = Header {
+            kind,
+            bloc_tag: self.bloc_tag,
+            key_id: 0,
+            sender: self.me.id,
+            boot: self.me.boot,
+            counter: self.counter,
+        };
+        let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
+        header.write(&mut out);
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn open(&mut self, bytes: &[u8]) -> Result<(Header, Vec<u8>), DropReason> {
+        let (header, rest) = Header::parse(bytes).map_err(|e| match e {
+            DecodeError::Truncated => DropReason::Truncated,
+            _ => DropReason::BadMagic,
+        })?;
+        if header.bloc_tag != self.bloc_tag {
+            return Err(DropReason::WrongBloc);
+        }
+        if header.sender == self.me.id {
+            return Err(DropReason::FromSelf);
+        }
+        if header.kind != Kind::Flock {
+            return Err(DropReason::Unexpected);
+        }
+        Ok((header, rest.to_vec()))
+    }
+
+    fn open_stream(&mut self, from: SocketAddr, bytes: &[u8]) -> Option<(NodeId, PushPull)> {
+        self.stats.streams_in += 1;
+        self.stats.stream_bytes_in += bytes.len() as u64;
+        if bytes.len() > MAX_STREAM_BYTES + HEADER_BYTES + ENVELOPE_OVERHEAD {
+            self.stats.drop(DropReason::Oversized);
+            return None;
+        }
+        let (header, body) = match self.open(bytes) {
+            Ok(v) => v,
+            Err(reason) => {
+                self.stats.drop(reason);
+                return None;
+            }
+        };
+        if self.left {
+            self.stats.drop(DropReason::Unexpected);
+            return None;
+        }
+        match decode_frame(&body) {
+            Ok(StreamFrame::PushPull(pp)) => Some((header.sender, pp)),
+            Err(e) => {
+                trace!(%from, error = %e, "malformed stream frame");
+                self.stats.drop(DropReason::Malformed);
+                None
+            }
+        }
+    }
+
+    /// Room for the body of one datagram.
+    fn body_budget(&self) -> usize {
+        self.config.mtu - HEADER_BYTES - ENVELOPE_OVERHEAD
+    }
+
+    fn send(&mut self, to: SocketAddr, msg: &Message) {
+        let mut body = Vec::with_capacity(256);
+        encode_message(msg, &mut body);
+        debug_assert!(
+            body.len() <= self.body_budget(),
+            "datagram over MTU: {msg:?}"
+        );
+        let payload = self.seal(Kind::Flock, &body);
+        self.stats.datagrams_out += 1;
+        self.stats.bytes_out += payload.len() as u64;
+        self.out.transmits.push_back(Transmit {
+            to,
+            kind: TransmitKind::Datagram,
+            payload,
+        });
+    }
+
+    /// Fills `msg`'s update list with as many queued updates as fit, then sends it.
+    fn send_with_updates(&mut self, to: SocketAddr, mut msg: Message) {
+        let fixed = message_len(&msg);
+        // 3 bytes: room for the update count's varint to grow.
+        let budget = self.body_budget().saturating_sub(fixed + 3);
+        let limit = self.retransmit_limit();
+        let taken = self.broadcasts.take(budget, limit);
+        match &mut msg {
+            Message::Ping { updates, .. }
+            | Message::Ack { updates, .. }
+            | Message::PingReq { updates, .. }
+            | Message::IndirectPing { updates, .. }
+            | Message::Gossip { updates } => *updates = taken,
+            Message::Nack { .. } | Message::PushPull(_) => {}
+        }
+        self.send(to, &msg);
+    }
+
+    fn retransmit_limit(&self) -> u32 {
+        let n = self.live_count() as f64;
+        self.config.timing.retransmit_mult * ((n + 1.0).log10().ceil() as u32).max(1)
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    fn my_info(&self) -> MemberInfo {
+        self.self_member.info
+    }
+
+    // ----- timers --------------------------------------------------------------------------
+
+    fn schedule(&mut self, at: Duration, timer: Timer) {
+        self.timer_order += 1;
+        self.timers.push(Reverse((at, self.timer_order, timer)));
+    }
+
+    fn scaled(&self, d: Duration) -> Duration {
+        d * (self.awareness + 1)
+    }
+
+    fn on_timer(&mut self, now: Duration, timer: Timer) {
+        let t = self.config.timing.clone();
+        let t = &t;
+        match timer {
+            Timer::Probe => {
+                let next = now + self.scaled(self.config.timing.probe_interval);
+                self.schedule(next, Timer::Probe);
+                if !self.leaving {
+                    self.probe_round(now);
+                }
+            }
+            Timer::ProbeTimeout { seq } => self.on_probe_timeout(now, seq),
+            Timer::IndirectTimeout { seq } => self.on_indirect_timeout(now, seq),
+            Timer::RelayTimeout { seq } => {
+                if let Some(relay) = self.relays.remove(&seq) {
+                    self.send(relay.requester, &Message::Nack { seq: relay.seq });
+                }
+            }
+            Timer::Suspicion { id, token } => self.on_suspicion_timeout(now, id, token),
+            Timer::Gossip => {
+                let next = now + t.gossip_interval;
+                self.schedule(next, Timer::Gossip);
+                self.gossip_round();
+            }
+            Timer::PushPull => {
+                let next = now + self.push_pull_interval(now);
+                self.schedule(next, Timer::PushPull);
+                if !self.leaving {
+                    if let Some(id) = self.live.choose(&mut self.rng) {
+                        let addr = self.members[&id].member.info.addr;
+                        self.start_push_pull(addr, false);
+                    }
+                }
+            }
+            Timer::Discovery => {
+                let alone = self.live.is_empty();
+                let next = now
+                    + if alone {
+                        t.discovery_interval_alone
+                    } else {
+                        t.discovery_interval
+                    };
+                self.schedule(next, Timer::Discovery);
+                if !self.leaving {
+                    self.discovery_round(alone);
+                }
+            }
+            Timer::DeadProbe => {
+                let next = now + t.dead_probe_interval;
+                self.schedule(next, Timer::DeadProbe);
+                if !self.leaving {
+                    if let Some(id) = self.dead.choose(&mut self.rng) {
+                        let addr = self.members[&id].member.info.addr;
+                        self.send_ping(addr, Some(id));
+                    }
+                }
+            }
+            Timer::Reap => {
+                let next = now + reap_period(t);
+                self.schedule(next, Timer::Reap);
+                self.reap(now);
+            }
+            Timer::Beat { term } => {
+                let next = now + t.leader_beat_interval;
+                if let Some(claim) = self.leader.as_mut() {
+                    if claim.leader == self.me.id && claim.term == term && !self.leaving {
+                        claim.beat += 1;
+                        let claim = *claim;
+                        self.broadcasts.push(Update::Leader(claim));
+                        self.schedule(next, Timer::Beat { term });
+                    }
+                }
+            }
+            Timer::Election => {
+                let next = now + election_tick(t);
+                self.schedule(next, Timer::Election);
+                if !self.leaving {
+                    self.check_leader(now);
+                }
+            }
+            Timer::LeaveDone => {
+                self.left = true;
+                self.broadcasts.clear();
+                self.timers.clear();
+                self.out.events.push_back(Event::LeaveComplete);
+            }
+        }
+    }
+
+    // ----- probing (SWIM + Lifeguard) ------------------------------------------------------
+
+    fn probe_round(&mut self, now: Duration) {
+        let Some(target) = self.next_probe_target() else {
+            return;
+        };
+        self.start_probe(now, target, false);
+    }
+
+    fn next_probe_target(&mut self) -> Option<NodeId> {
+        for _ in 0..2 {
+            while self.probe_next < self.probe_order.len() {
+                let id = self.probe_order[self.probe_next];
+                self.probe_next += 1;
+                if self
+                    .members
+                    .get(&id)
+                    .is_some_and(|e| is_live(e.member.info.state))
+                {
+                    return Some(id);
+                }
+            }
+            // A new round over a fresh shuffle of the live members.
+            self.probe_order = self.live.iter().collect();
+            for i in (1..self.probe_order.len()).rev() {
+                let j = self.rng.gen_range(0..=i);
+                self.probe_order.swap(i, j);
+            }
+            self.probe_next = 0;
+            if self.probe_order.is_empty() {
+                return None;
+            }
+        }
+        None
+    }
+
+    fn start_probe(&mut self, now: Duration, target: NodeId, leader_check: bool) {
+        let Some(entry) = self.members.get(&target) else {
+            return;
+        };
+        let addr = entry.member.info.addr;
+        let seq = self.next_seq();
+        self.stats.probes += 1;
+        self.probes.insert(
+            seq,
+            Probe {
+                target,
+                sent: now,
+                nacks_expected: 0,
+                nacks: 0,
+                leader_check,
+            },
+        );
+        let msg = Message::Ping {
+            seq,
+            target: Some(target),
+            me: self.my_info(),
+            updates: Vec::new(),
+        };
+        self.send_with_updates(addr, msg);
+        let timeout = self.scaled(self.config.timing.probe_timeout);
+        self.schedule(now + timeout, Timer::ProbeTimeout { seq });
+    }
+
+    fn on_probe_timeout(&mut self, now: Duration, seq: u32) {
+        let Some(probe) = self.probes.get(&seq) else {
+            return; // acked
+        };
+        let target = probe.target;
+        let sent = probe.sent;
+        let Some(entry) = self.members.get(&target) else {
+            self.probes.remove(&seq);
+            return;
+        };
+        let target_addr = entry.member.info.addr;
+        let k = self.config.timing.indirect_probes;
+        let relays = self.live.sample(k, &[target], &mut self.rng);
+        for relay in &relays {
+            let addr = self.members[relay].member.info.addr;
+            let msg = Message::PingReq {
+                seq,
+                target,
+                target_addr,
+                updates: Vec::new(),
+            };
+            self.send_with_updates(addr, msg);
+        }
+        if let Some(probe) = self.probes.get_mut(&seq) {
+            probe.nacks_expected = relays.len() as u32;
+        }
+        let t = &self.config.timing;
+        let end = sent + self.scaled(t.probe_interval.max(t.probe_timeout * 2));
+        let at = end.max(now + self.scaled(t.probe_timeout));
+        self.schedule(at, Timer::IndirectTimeout { seq });
+    }
+
+    fn on_indirect_timeout(&mut self, now: Duration, seq: u32) {
+        let Some(probe) = self.probes.remove(&seq) else {
+            return;
+        };
+        // Lifeguard: relays that did not even nack point at our own trouble.
+        let missed = probe.nacks_expected.saturating_sub(probe.nacks);
+        if missed > 0 {
+            self.awareness = (self.awareness + missed.min(1)).min(self.config.timing.awareness_max);
+        }
+        let Some(entry) = self.members.get(&probe.target) else {
+            return;
+        };
+        let info = entry.member.info;
+        if !is_live(info.state) {
+            return;
+        }
+        self.stats.probe_failures += 1;
+        debug!(target = %info.id, leader_check = probe.leader_check, "probe failed");
+        self.apply_suspect(now, info.id, info.boot, info.incarnation, self.me.id);
+    }
+
+    fn on_probe_ack(&mut self, now: Duration, seq: u32, from: NodeId) {
+        let Some(probe) = self.probes.get(&seq) else {
+            return;
+        };
+        if probe.target != from {
+            return; // the address now belongs to someone else: not an answer from the target
+        }
+        let probe = self.probes.remove(&seq).expect("present");
+        self.awareness = self.awareness.saturating_sub(1);
+        if probe.leader_check || self.leader.is_some_and(|c| c.leader == from) {
+            self.last_beat = now;
+        }
+    }
+
+    fn send_ping(&mut self, addr: SocketAddr, target: Option<NodeId>) {
+        let seq = self.next_seq();
+        let msg = Message::Ping {
+            seq,
+            target,
+            me: self.my_info(),
+            updates: Vec::new(),
+        };
+        self.send_with_updates(addr, msg);
+    }
+
+    fn send_discovery_ping(&mut self, addr: SocketAddr) {
+        self.send_ping(addr, None);
+    }
+
+    fn discovery_round(&mut self, alone: bool) {
+        self.discovery_round += 1;
+        // While alone, every other round goes to a seed (or an address seen before).
+        if alone && !self.config.seeds.is_empty() && (self.discovery_round % 2 == 1) {
+            let i = (self.discovery_round / 2) as usize % self.config.seeds.len();
+            let addr = self.config.seeds[i];
+            if addr != self.me.addr {
+                self.send_discovery_ping(addr);
+                return;
+            }
+        }
+        let port = self.me.addr.port();
+        let size = self.config.space.size(port);
+        if size == 0 {
+            if alone && !self.config.seeds.is_empty() {
+                let i = self.rng.gen_range(0..self.config.seeds.len());
+                let addr = self.config.seeds[i];
+                if addr != self.me.addr {
+                    self.send_discovery_ping(addr);
+                }
+            }
+            return;
+        }
+        let i = self.rng.gen_range(0..size);
+        let Some(addr) = self.config.space.nth(i, port) else {
+            return;
+        };
+        if addr == self.me.addr || self.by_addr.contains_key(&addr) {
+            return; // known already: nothing to discover there
+        }
+        self.send_discovery_ping(addr);
+    }
+
+    // ----- gossip and push-pull ------------------------------------------------------------
+
+    fn gossip_round(&mut self) {
+        if self.broadcasts.is_empty() {
+            return;
+        }
+        let targets = self
+            .live
+            .sample(self.config.timing.gossip_fanout, &[], &mut self.rng);
+        for id in targets {
+            if self.broadcasts.is_empty() {
+                break;
+            }
+            let addr = self.members[&id].member.info.addr;
+            self.send_with_updates(
+                addr,
+                Message::Gossip {
+                    updates: Vec::new(),
+                },
+            );
+        }
+    }
+
+    fn push_pull_interval(&self, now: Duration) -> Duration {
+        let t = &self.config.timing;
+        if now < self.fast_push_pull_until {
+            return t.push_pull_fast_interval;
+        }
+        let n = self.live_count();
+        // Scale with N so that full-state bytes per node per second stay flat.
+        let scale = (n as f64 / PUSH_PULL_SCALE_MEMBERS as f64).max(1.0);
+        let base = t.push_pull_interval.mul_f64(scale);
+        // ±10 % jitter keeps nodes from synchronising.
+        let jitter = 0.9 + 0.2 * (self.counter % 1000) as f64 / 1000.0;
+        base.mul_f64(jitter)
+    }
+
+    fn build_push_pull(&self, reply: bool, join: bool) -> PushPull {
+        let members = self.members().map(|m| m.info).collect();
+        PushPull {
+            reply,
+            join,
+            members,
+            leader: self.leader,
+        }
+    }
+
+    fn start_push_pull(&mut self, addr: SocketAddr, join: bool) {
+        self.stats.push_pulls += 1;
+        let pp = self.build_push_pull(false, join);
+        self.send_push_pull(addr, pp);
+    }
+
+    /// Sends a push-pull as a datagram when it fits, else as a stream request.
+    fn send_push_pull(&mut self, addr: SocketAddr, pp: PushPull) {
+        let msg = Message::PushPull(pp);
+        if message_len(&msg) <= self.body_budget() {
+            self.send(addr, &msg);
+            return;
+        }
+        let Message::PushPull(pp) = msg else {
+            unreachable!("built above")
+        };
+        let body = encode_frame(&StreamFrame::PushPull(pp));
+        let payload = self.seal(Kind::Flock, &body);
+        self.stats.streams_out += 1;
+        self.stats.stream_bytes_out += payload.len() as u64;
+        self.out.transmits.push_back(Transmit {
+            to: addr,
+            kind: TransmitKind::Stream,
+            payload,
+        });
+    }
+
+    fn on_push_pull(&mut self, now: Duration, sender: NodeId, pp: PushPull) {
+        let known_before = self.members.len();
+        for info in &pp.members {
+            match info.state {
+                MemberState::Alive => self.apply_alive(now, *info),
+                // As memberlist: a remote view of death only makes us suspect.
+                MemberState::Suspect | MemberState::Dead => {
+                    if info.id == self.me.id {
+                        self.apply_suspect(now, info.id, info.boot, info.incarnation, sender);
+                    } else {
+                        // Learn the entry first if it is new, then suspect.
+                        if !self.members.contains_key(&info.id) {
+                            self.apply_alive(
+                                now,
+                                MemberInfo {
+                                    state: MemberState::Alive,
+                                    ..*info
+                                },
+                            );
+                        }
+                        self.apply_suspect(now, info.id, info.boot, info.incarnation, sender);
+                    }
+                }
+                MemberState::Left => {
+                    if !self.members.contains_key(&info.id) && info.id != self.me.id {
+                        continue; // nothing to learn about a node we never knew that left
+                    }
+                    self.apply_left(now, info.id, info.boot, info.incarnation);
+                }
+            }
+        }
+        if let Some(claim) = pp.leader {
+            self.apply_claim(now, claim);
+        }
+        let learned = self.members.len().saturating_sub(known_before);
+        if learned >= FAST_PUSH_PULL_NEW_MEMBERS {
+            self.fast_push_pull_until =
+                now + self.config.timing.push_pull_fast_interval * FAST_PUSH_PULL_ROUNDS;
+        }
+    }
+
+    // ----- messages ------------------------------------------------------------------------
+
+    fn on_message(&mut self, now: Duration, from: SocketAddr, header: Header, msg: Message) {
+        let sender = header.sender;
+        // A member we hold dead or left is talking to us: push-pull so both sides learn
+        // (partition heal, false death).
+        self.heal_if_dead(now, from, sender, header.boot);
+        match msg {
+            Message::Ping {
+                seq,
+                target: _,
+                me,
+                updates,
+            } => {
+                let unknown = !self.members.contains_key(&me.id);
+                self.apply_sender(now, from, header, me);
+                self.apply_updates(now, &updates);
+                if self.leaving {
+                    return;
+                }
+                let ack = Message::Ack {
+                    seq,
+                    me: self.my_info(),
+                    updates: Vec::new(),
+                };
+                self.send_with_updates(from, ack);
+                if unknown && self.members.contains_key(&me.id) {
+                    trace!(peer = %me.id, "discovered by a ping");
+                }
+            }
+            Message::Ack { seq, me, updates } => {
+                let unknown = !self.members.contains_key(&me.id);
+                self.apply_sender(now, from, header, me);
+                self.apply_updates(now, &updates);
+                if let Some(relay) = self.relays.remove(&seq) {
+                    let fwd = Message::Ack {
+                        seq: relay.seq,
+                        me,
+                        updates: Vec::new(),
+                    };
+                    self.send_with_updates(relay.requester, fwd);
+                } else {
+                    self.on_probe_ack(now, seq, me.id);
+                }
+                if unknown && self.members.contains_key(&me.id) && !self.leaving {
+                    // We found a node we did not know: join with it.
+                    self.start_push_pull(from, true);
+                }
+            }
+            Message::PingReq {
+                seq,
+                target,
+                target_addr,
+                updates,
+            } => {
+                self.apply_updates(now, &updates);
+                if self.leaving || self.relays.len() >= RELAYS_MAX {
+                    return;
+                }
+                let my_seq = self.next_seq();
+                self.relays.insert(
+                    my_seq,
+                    Relay {
+                        requester: from,
+                        seq,
+                    },
+                );
+                let msg = Message::IndirectPing {
+                    seq: my_seq,
+                    target,
+                    updates: Vec::new(),
+                };
+                self.send_with_updates(target_addr, msg);
+                let timeout = self.config.timing.probe_timeout;
+                self.schedule(now + timeout, Timer::RelayTimeout { seq: my_seq });
+            }
+            Message::IndirectPing {
+                seq,
+                target,
+                updates,
+            } => {
+                self.apply_updates(now, &updates);
+                if target == self.me.id && !self.leaving {
+                    let ack = Message::Ack {
+                        seq,
+                        me: self.my_info(),
+                        updates: Vec::new(),
+                    };
+                    self.send_with_updates(from, ack);
+                }
+            }
+            Message::Nack { seq } => {
+                if let Some(p) = self.probes.get_mut(&seq) {
+                    p.nacks += 1;
+                }
+            }
+            Message::Gossip { updates } => self.apply_updates(now, &updates),
+            Message::PushPull(pp) => {
+                let answer = !pp.reply;
+                self.on_push_pull(now, sender, pp);
+                if answer && !self.leaving {
+                    let reply = self.build_push_pull(true, false);
+                    self.send_push_pull(from, reply);
+                }
+            }
+        }
+    }
+
+    /// The sender's own entry, carried in pings and acks.
+    fn apply_sender(&mut self, now: Duration, from: SocketAddr, header: Header, me: MemberInfo) {
+        if me.id != header.sender || me.boot != header.boot || me.state != MemberState::Alive {
+            return; // only a node's own claim about itself counts here
+        }
+        // Trust the address we actually heard from for a node's first appearance.
+        let info = if self.members.contains_key(&me.id) {
+            me
+        } else {
+            MemberInfo { addr: from, ..me }
+        };
+        self.apply_alive(now, info);
+    }
+
+    fn heal_if_dead(&mut self, now: Duration, from: SocketAddr, sender: NodeId, boot: BootId) {
+        let Some(entry) = self.members.get_mut(&sender) else {
+            return;
+        };
+        if entry.member.info.boot != boot || is_live(entry.member.info.state) {
+            return;
+        }
+        let period = self.config.timing.dead_probe_interval;
+        if entry.last_heal.is_some_and(|t| now < t + period) {
+            return;
+        }
+        entry.last_heal = Some(now);
+        if !self.leaving {
+            self.start_push_pull(from, false);
+        }
+    }
+
+    fn apply_updates(&mut self, now: Duration, updates: &[Update]) {
+        for update in updates {
+            match *update {
+                Update::Alive { member } => self.apply_alive(now, member),
+                Update::Suspect {
+                    id,
+                    boot,
+                    incarnation,
+                    from,
+                } => self.apply_suspect(now, id, boot, incarnation, from),
+                Update::Dead {
+                    id,
+                    boot,
+                    incarnation,
+                    from,
+                } => self.apply_dead(now, id, boot, incarnation, from),
+                Update::Left {
+                    id,
+                    boot,
+                    incarnation,
+                } => self.apply_left(now, id, boot, incarnation),
+                Update::Leader(claim) => self.apply_claim(now, claim),
+            }
+        }
+    }
+
+    // ----- membership rules ----------------------------------------------------------------
+
+    fn set_addr(&mut self, id: NodeId, old: Option<SocketAddr>, new: SocketAddr) {
+        if let Some(old) = old {
+            if old != new && self.by_addr.get(&old) == Some(&id) {
+                self.by_addr.remove(&old);
+            }
+        }
+        self.by_addr.insert(new, id);
+    }
+
+    fn membership_changed(&mut self, now: Duration) {
+        self.last_change = now;
+        self.rank_cache = None;
+    }
+
+    fn set_live(&mut self, id: NodeId, state: MemberState) {
+        match state {
+            MemberState::Alive | MemberState::Suspect => {
+                self.live.insert(id);
+                self.dead.remove(id);
+            }
+            MemberState::Dead => {
+                self.live.remove(id);
+                self.dead.insert(id);
+            }
+            MemberState::Left => {
+                self.live.remove(id);
+                self.dead.remove(id);
+            }
+        }
+    }
+
+    fn apply_alive(&mut self, now: Duration, info: MemberInfo) {
+        if info.id == self.me.id {
+            return; // only we speak for ourselves
+        }
+        let info = MemberInfo {
+            state: MemberState::Alive,
+            ..info
+        };
+        let Some(entry) = self.members.get_mut(&info.id) else {
+            if self.members.len() + 1 >= self.config.members_max {
+                self.stats.drop(DropReason::TableFull);
+                return;
+            }
+            self.members.insert(
+                info.id,
+                Entry {
+                    member: Member { info, since: now },
+                    suspicion: None,
+                    last_heal: None,
+                },
+            );
+            self.set_addr(info.id, None, info.addr);
+            self.set_live(info.id, MemberState::Alive);
+            self.insert_probe_order(info.id);
+            self.membership_changed(now);
+            self.broadcasts.push(Update::Alive { member: info });
+            self.out.events.push_back(Event::MemberJoined(info));
+            return;
+        };
+        let old = entry.member.info;
+        let newer =
+            info.boot > old.boot || (info.boot == old.boot && info.incarnation > old.incarnation);
+        if !newer {
+            return;
+        }
+        let restarted = info.boot > old.boot;
+        let was_live = is_live(old.state);
+        entry.member = Member { info, since: now };
+        entry.suspicion = None;
+        self.set_addr(info.id, Some(old.addr), info.addr);
+        self.set_live(info.id, MemberState::Alive);
+        self.broadcasts.push(Update::Alive { member: info });
+        if restarted || !was_live {
+            self.membership_changed(now);
+            self.out.events.push_back(Event::MemberJoined(info));
+            if restarted
+                && self
+                    .leader
+                    .is_some_and(|c| c.leader == info.id && c.boot != info.boot)
+            {
+                // The leader restarted: its old claim died with its old boot.
+                self.lose_leader(now);
+            }
+        } else {
+            self.out.events.push_back(Event::MemberUpdated(info));
+        }
+    }
+
+    fn refute(&mut self, incarnation: u64) {
+        if self.leaving {
+            return;
+        }
+        if incarnation >= self.self_member.info.incarnation {
+            self.self_member.info.incarnation = incarnation + 1;
+        }
+        self.stats.refutations += 1;
+        self.awareness = (self.awareness + 1).min(self.config.timing.awareness_max);
+        self.broadcasts.push(Update::Alive {
+            member: self.self_member.info,
+        });
+    }
+
+    fn apply_suspect(&mut self, now: Duration, id: NodeId, boot: BootId, inc: u64, from: NodeId) {
+        if id == self.me.id {
+            if boot == self.me.boot {
+                self.refute(inc);
+            }
+            return;
+        }
+        let live_n = self.live_count();
+        let is_leader = self.leader.is_some_and(|c| c.leader == id);
+        let Some(entry) = self.members.get_mut(&id) else {
+            return;
+        };
+        let info = entry.member.info;
+        if boot != info.boot || inc < info.incarnation {
+            return;
+        }
+        match info.state {
+            MemberState::Alive => {
+                self.suspicion_token += 1;
+                let token = self.suspicion_token;
+                let info = MemberInfo {
+                    state: MemberState::Suspect,
+                    incarnation: inc,
+                    ..info
+                };
+                entry.member = Member { info, since: now };
+                entry.suspicion = Some(Suspicion {
+                    started: now,
+                    confirmations: vec![from],
+                    token,
+                });
+                let timeout = suspicion_timeout(&self.config, live_n, is_leader, 0);
+                self.schedule(now + timeout, Timer::Suspicion { id, token });
+                self.broadcasts.push(Update::Suspect {
+                    id,
+                    boot,
+                    incarnation: inc,
+                    from,
+                });
+                self.out.events.push_back(Event::MemberSuspect(info));
+            }
+            MemberState::Suspect => {
+                let Some(s) = entry.suspicion.as_mut() else {
+                    return;
+                };
+                if s.confirmations.contains(&from) || s.confirmations.len() >= CONFIRMATIONS_MAX {
+                    return;
+                }
+                s.confirmations.push(from);
+                self.suspicion_token += 1;
+                s.token = self.suspicion_token;
+                let (token, started, c) = (s.token, s.started, s.confirmations.len() - 1);
+                let timeout = suspicion_timeout(&self.config, live_n, is_leader, c);
+                self.schedule((started + timeout).max(now), Timer::Suspicion { id, token });
+                // Re-gossip so that others count this independent confirmation too.
+                self.broadcasts.push(Update::Suspect {
+                    id,
+                    boot,
+                    incarnation: inc,
+                    from,
+                });
+            }
+            MemberState::Dead | MemberState::Left => {}
+        }
+    }
+
+    fn on_suspicion_timeout(&mut self, now: Duration, id: NodeId, token: u64) {
+        let Some(entry) = self.members.get(&id) else {
+            return;
+        };
+        if entry.suspicion.as_ref().is_none_or(|s| s.token != token) {
+            return;
+        }
+        let info = entry.member.info;
+        debug!(member = %id, "suspicion timed out: dead");
+        self.apply_dead(now, id, info.boot, info.incarnation, self.me.id);
+    }
+
+    fn apply_dead(&mut self, now: Duration, id: NodeId, boot: BootId, inc: u64, from: NodeId) {
+        if id == self.me.id {
+            if boot == self.me.boot {
+                self.refute(inc);
+            }
+            return;
+        }
+        let Some(entry) = self.members.get_mut(&id) else {
+            return;
+        };
+        let info = entry.member.info;
+        if boot != info.boot || inc < info.incarnation || !is_live(info.state) {
+            return;
+        }
+        let info = MemberInfo {
+            state: MemberState::Dead,
+            incarnation: inc,
+            ..info
+        };
+        entry.member = Member { info, since: now };
+        entry.suspicion = None;
+        self.set_live(id, MemberState::Dead);
+        self.membership_changed(now);
+        self.broadcasts.push(Update::Dead {
+            id,
+            boot,
+            incarnation: inc,
+            from,
+        });
+        self.out.events.push_back(Event::MemberDead(info));
+        if self.leader.is_some_and(|c| c.leader == id) {
+            self.lose_leader(now);
+        }
+    }
+
+    fn apply_left(&mut self, now: Duration, id: NodeId, boot: BootId, inc: u64) {
+        if id == self.me.id {
+            if boot == self.me.boot && !self.leaving {
+                self.refute(inc);
+            }
+            return;
+        }
+        let Some(entry) = self.members.get_mut(&id) else {
+            return;
+        };
+        let info = entry.member.info;
+        if boot != info.boot || inc < info.incarnation || info.state == MemberState::Left {
+            return;
+        }
+        let info = MemberInfo {
+            state: MemberState::Left,
+            incarnation: inc,
+            ..info
+        };
+        entry.member = Member { info, since: now };
+        entry.suspicion = None;
+        self.set_live(id, MemberState::Left);
+        self.membership_changed(now);
+        self.broadcasts.push(Update::Left {
+            id,
+            boot,
+            incarnation: inc,
+        });
+        self.out.events.push_back(Event::MemberLeft(info));
+        if self.leader.is_some_and(|c| c.leader == id) {
+            self.lose_leader(now);
+        }
+    }
+
+    fn insert_probe_order(&mut self, id: NodeId) {
+        // As memberlist: new members go to a random place in the rest of this round.
+        let lo = self.probe_next.min(self.probe_order.len());
+        let at = self.rng.gen_range(lo..=self.probe_order.len());
+        self.probe_order.insert(at, id);
+    }
+
+    fn reap(&mut self, now: Duration) {
+        let after = self.config.timing.reap_after;
+        let expired: Vec<NodeId> = self
+            .members
+            .values()
+            .filter(|e| !is_live(e.member.info.state) && now >= e.member.since + after)
+            .map(|e| e.member.info.id)
+            .collect();
+        for id in expired {
+            let entry = self.members.remove(&id).expect("listed");
+            self.live.remove(id);
+            self.dead.remove(id);
+            if self.by_addr.get(&entry.member.info.addr) == Some(&id) {
+                self.by_addr.remove(&entry.member.info.addr);
+            }
+            self.out.events.push_back(Event::MemberReaped(id));
+        }
+    }
+
+    // ----- leave ---------------------------------------------------------------------------
+
+    fn start_leave(&mut self, now: Duration) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = true;
+        self.self_member.info.incarnation += 1;
+        self.self_member.info.state = MemberState::Left;
+        self.self_member.since = now;
+        let me = self.self_member.info;
+        self.broadcasts.clear();
+        self.broadcasts.push(Update::Left {
+            id: me.id,
+            boot: me.boot,
+            incarnation: me.incarnation,
+        });
+        if self.leader.is_some_and(|c| c.leader == self.me.id) {
+            self.leader = None;
+        }
+        // Tell a few members at once, then keep gossiping until the leave had time to spread.
+        let fanout = self.config.timing.gossip_fanout * 2;
+        let targets = self.live.sample(fanout, &[], &mut self.rng);
+        for id in targets {
+            let addr = self.members[&id].member.info.addr;
+            let msg = Message::Gossip {
+                updates: vec![Update::Left {
+                    id: me.id,
+                    boot: me.boot,
+                    incarnation: me.incarnation,
+                }],
+            };
+            self.send(addr, &msg);
+        }
+        let done = if self.live.is_empty() {
+            now
+        } else {
+            now + self.config.timing.leave_propagation
+        };
+        self.schedule(done, Timer::LeaveDone);
+    }
+
+    // ----- leader election -----------------------------------------------------------------
+
+    fn leader_view_of(&self, claim: &LeaderClaim) -> Option<LeaderView> {
+        let addr = self.member(claim.leader)?.info.addr;
+        Some(LeaderView {
+            id: claim.leader,
+            addr,
+            term: claim.term,
+        })
+    }
+
+    fn lose_leader(&mut self, now: Duration) {
+        if self.leader.take().is_some() {
+            debug!("leader lost");
+            self.membership_changed(now);
+            self.out.events.push_back(Event::LeaderChanged(None));
+        }
+    }
+
+    /// Whether a claim names a leader we hold live at the claim's boot.
+    fn claim_is_live(&self, claim: &LeaderClaim) -> bool {
+        if claim.leader == self.me.id {
+            return claim.boot == self.me.boot && !self.leaving;
+        }
+        self.members
+            .get(&claim.leader)
+            .is_some_and(|e| e.member.info.boot == claim.boot && is_live(e.member.info.state))
+    }
+
+    fn apply_claim(&mut self, now: Duration, claim: LeaderClaim) {
+        self.max_term = self.max_term.max(claim.term);
+        if claim.leader == self.me.id {
+            return; // our own claim coming back, or a claim from a previous boot of ours
+        }
+        if !self.claim_is_live(&claim) {
+            return;
+        }
+        match self.leader {
+            Some(cur) if cur.leader == claim.leader && cur.term == claim.term => {
+                if claim.beat > cur.beat {
+                    self.leader = Some(LeaderClaim {
+                        beat: claim.beat,
+                        ..cur
+                    });
+                    self.last_beat = now;
+                    self.broadcasts.push(Update::Leader(claim));
+                }
+            }
+            Some(cur) if claim.precedence() <= cur.precedence() => {
+                if cur.leader == self.me.id {
+                    // Let the other side hear about the better claim soon.
+                    self.broadcasts.push(Update::Leader(cur));
+                }
+            }
+            _ => {
+                let was_me = self.leader.is_some_and(|c| c.leader == self.me.id);
+                self.leader = Some(claim);
+                self.last_beat = now;
+                self.broadcasts.push(Update::Leader(claim));
+                debug!(leader = %claim.leader, term = claim.term, stepped_down = was_me, "new leader");
+                let view = self.leader_view_of(&claim);
+                self.out.events.push_back(Event::LeaderChanged(view));
+            }
+        }
+    }
+
+    fn my_rank(&mut self) -> usize {
+        if let Some((at, rank)) = self.rank_cache {
+            if at == self.last_change {
+                return rank;
+            }
+        }
+        let me = self.me.id;
+        let rank = self.live.iter().filter(|id| *id < me).count();
+        self.rank_cache = Some((self.last_change, rank));
+        rank
+    }
+
+    fn check_leader(&mut self, now: Duration) {
+        let t = self.config.timing.clone();
+        // Leader liveness: no fresh beat for a while → probe the leader ourselves.
+        if let Some(claim) = self.leader {
+            if claim.leader != self.me.id
+                && now >= self.last_beat + t.leader_timeout
+                && !self.probes.values().any(|p| p.leader_check)
+            {
+                self.last_beat = now; // next check after another leader_timeout
+                self.start_probe(now, claim.leader, true);
+            }
+        }
+        let live_n = self.live_count();
+        let need = match self.leader {
+            None => true,
+            Some(c) => c.solo && live_n >= 2,
+        };
+        if !need {
+            return;
+        }
+        if now < self.last_change + t.settle {
+            return;
+        }
+        let rank = self.my_rank();
+        let wait = t.settle + t.election_rank_step * rank.min(1000) as u32;
+        if now < self.last_change + wait {
+            return;
+        }
+        let solo = live_n == 1;
+        if self
+            .leader
+            .is_some_and(|c| c.solo && c.leader == self.me.id)
+            && solo
+        {
+            return; // already our solo claim
+        }
+        self.claim(now, solo);
+    }
+
+    fn claim(&mut self, now: Duration, solo: bool) {
+        let term = self.max_term + 1;
+        self.max_term = term;
+        let claim = LeaderClaim {
+            leader: self.me.id,
+            boot: self.me.boot,
+            term,
+            solo,
+            beat: 0,
+        };
+        debug!(term, solo, "claiming leadership");
+        self.stats.claims += 1;
+        self.leader = Some(claim);
+        self.last_beat = now;
+        self.broadcasts.push(Update::Leader(claim));
+        let view = self.leader_view_of(&claim);
+        self.out.events.push_back(Event::LeaderChanged(view));
+        // Tell a few members at once instead of waiting for the next gossip round.
+        self.gossip_round();
+        let beat = self.config.timing.leader_beat_interval;
+        self.schedule(now + beat, Timer::Beat { term });
+    }
+}
+
+fn reap_period(t: &crate::config::Timing) -> Duration {
+    (t.reap_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))
+}
+
+fn election_tick(t: &crate::config::Timing) -> Duration {
+    (t.settle / ELECTION_TICKS_PER_SETTLE).max(Duration::from_millis(10))
+}
+
+/// Lifeguard's suspicion timeout after `confirmations` independent confirmations beyond the first
+/// suspicion: `max(min, max − (max − min) · log(c + 1) / log(k + 1))`.
+fn suspicion_timeout(
+    config: &Config,
+    live_n: usize,
+    is_leader: bool,
+    confirmations: usize,
+) -> Duration {
+    let t = &config.timing;
+    let (min, k) = if is_leader {
+        (t.leader_suspicion_min, t.leader_confirmations as usize)
+    } else {
+        let n = (live_n as f64).max(1.0);
+        let scale = n.log10().max(1.0);
+        let k = (t.suspicion_mult as usize).saturating_sub(2);
+        let k = if live_n < k + 2 { 0 } else { k };
+        (t.probe_interval.mul_f64(t.suspicion_mult as f64 * scale), k)
+    };
+    let max = min * t.suspicion_max_mult;
+    if k == 0 {
+        return min;
+    }
+    let frac = ((confirmations as f64) + 1.0).ln() / ((k as f64) + 1.0).ln();
+    let timeout = max.as_secs_f64() - (max - min).as_secs_f64() * frac;
+    Duration::from_secs_f64(timeout.max(min.as_secs_f64()))
+}
