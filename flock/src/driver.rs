@@ -1,1 +1,491 @@
-//! tokio driver of the flock core.
+//! tokio driver of the flock core (feature `driver`).
+//!
+//! One task owns the [`Flock`] state machine and feeds it every input; nothing else touches it.
+//!
+//! ```text
+//!   shutdown ─┐
+//!   UDP recv ─┤                        ┌─▶ UDP send (try_send_to; a full buffer drops, as UDP may)
+//!   deadline ─┼─▶ owner task ─ Flock ──┼─▶ stream tasks (TCP, one frame out, one frame back)
+//!   commands ─┤   (select!, biased)    ├─▶ events (broadcast)
+//!   streams  ─┘                        └─▶ snapshot (watch: members, leader, stats)
+//! ```
+//!
+//! * After every input the owner drains [`Flock::poll_transmit`] and [`Flock::poll_event`].
+//! * Stream transmits (push-pull larger than a datagram) go over TCP to the same `ip:port` as the
+//!   peer's flock UDP address: one frame each way, a frame being a `u32` big-endian length and the
+//!   payload. Spawned tasks do the IO and send the outcome back to the owner through a channel, so
+//!   the core stays single-owner. The driver listens on TCP at its own flock address for the same.
+//! * `now` is the time since the driver's start instant.
+//! * On shutdown the driver gives the core [`Command::Leave`], keeps driving it until
+//!   [`Event::LeaveComplete`] or [`DriverConfig::leave_timeout`], then returns, closing its sockets.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crux_proto::flock::MAX_STREAM_BYTES;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, trace, warn};
+
+use crate::{Command, Event, Flock, Identity, LeaderView, Member, Stats, TransmitKind};
+
+/// Largest stream frame accepted or sent: the core's stream limit plus room for the envelope.
+pub const MAX_FRAME_BYTES: usize = MAX_STREAM_BYTES + 1024;
+
+/// Receive buffer: the largest UDP payload over IPv4.
+const RECV_BUFFER_BYTES: usize = 65_536;
+
+/// Tunables of the driver (not of the protocol: those are in [`crate::Config`]).
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// How long a shutdown waits for the leave to be gossiped before closing anyway.
+    pub leave_timeout: Duration,
+    /// Whole-exchange limit of one stream (connect, write, read), either direction.
+    pub stream_timeout: Duration,
+    /// Stream exchanges in flight at once, incoming and outgoing counted apart. Further outgoing
+    /// requests fail at once; further incoming connections are closed unread.
+    pub streams_max: usize,
+    /// How often the snapshot is republished to refresh its counters (membership and leader
+    /// changes are published at once).
+    pub publish_interval: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            leave_timeout: Duration::from_secs(5),
+            stream_timeout: Duration::from_secs(10),
+            streams_max: 8,
+            publish_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// What the rest of the agent sees of the flock: a copy taken by the owner task.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// This node.
+    pub identity: Identity,
+    /// Driver time when the snapshot was taken (compare with [`Member::since`]).
+    pub now: Duration,
+    /// Every member known, this node included, ordered by node id.
+    pub members: Vec<Member>,
+    /// The leader this node follows.
+    pub leader: Option<LeaderView>,
+    /// Alive and suspect members, this node included.
+    pub live: usize,
+    /// Counters.
+    pub stats: Stats,
+    /// Whether this node has started leaving.
+    pub leaving: bool,
+}
+
+impl Snapshot {
+    fn take(flock: &Flock, now: Duration, leaving: bool) -> Snapshot {
+        let mut members: Vec<Member> = flock.members().copied().collect();
+        members.sort_by_key(|m| m.info.id);
+        Snapshot {
+            identity: *flock.identity(),
+            now,
+            members,
+            leader: flock.leader(),
+            live: flock.live_count(),
+            stats: flock.stats().clone(),
+            leaving,
+        }
+    }
+}
+
+/// How the driver ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The leave was gossiped ([`Event::LeaveComplete`]).
+    Left,
+    /// [`DriverConfig::leave_timeout`] passed before the leave completed.
+    LeaveTimedOut,
+}
+
+/// The side of the driver the rest of the agent holds.
+#[derive(Clone, Debug)]
+pub struct DriverHandle {
+    commands: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    events: broadcast::Sender<Event>,
+}
+
+/// The driver stopped and no longer takes commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the flock driver has stopped")]
+pub struct Stopped;
+
+impl DriverHandle {
+    /// Sends a command to the core.
+    pub async fn command(&self, cmd: Command) -> Result<(), Stopped> {
+        self.commands.send(cmd).await.map_err(|_| Stopped)
+    }
+
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A receiver that wakes on every new snapshot.
+    pub fn watch(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
+    /// Events from now on. A receiver that falls behind by more than the channel's capacity
+    /// loses the oldest ones (`RecvError::Lagged`); the snapshot stays exact.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
+/// An incoming stream request waiting for the core's reply.
+struct StreamIn {
+    from: SocketAddr,
+    bytes: Vec<u8>,
+    reply: oneshot::Sender<Option<Vec<u8>>>,
+}
+
+/// The outcome of a stream request this node made.
+struct StreamOut {
+    to: SocketAddr,
+    reply: Result<Vec<u8>, io::Error>,
+}
+
+/// The tokio driver. Build it with [`Driver::new`], then `run` it in one task.
+pub struct Driver {
+    flock: Flock,
+    udp: UdpSocket,
+    tcp: TcpListener,
+    config: DriverConfig,
+    start: Instant,
+    commands: mpsc::Receiver<Command>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    events: broadcast::Sender<Event>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").field("identity", self.flock.identity()).finish_non_exhaustive()
+    }
+}
+
+impl Driver {
+    /// Wraps a core whose `now` counts from `start`, a UDP socket and a TCP listener bound to the
+    /// node's flock address.
+    pub fn new(
+        flock: Flock,
+        udp: UdpSocket,
+        tcp: TcpListener,
+        start: Instant,
+        config: DriverConfig,
+    ) -> (Driver, DriverHandle) {
+        let (cmd_tx, cmd_rx) = mpsc::channel(64);
+        let now = start.elapsed();
+        let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::take(&flock, now, false)));
+        let (ev_tx, _) = broadcast::channel(1024);
+        let handle = DriverHandle { commands: cmd_tx, snapshot: snap_rx, events: ev_tx.clone() };
+        let driver = Driver {
+            flock,
+            udp,
+            tcp,
+            config,
+            start,
+            commands: cmd_rx,
+            snapshot: snap_tx,
+            events: ev_tx,
+        };
+        (driver, handle)
+    }
+
+    /// Drives the core until `shutdown` is cancelled and the leave has completed (or timed out).
+    pub async fn run(self, shutdown: CancellationToken) -> Exit {
+        let Driver { mut flock, udp, tcp, config, start, mut commands, snapshot, events } = self;
+        let now = || start.elapsed();
+        let tasks = CancellationToken::new();
+        let _stop_tasks = tasks.clone().drop_guard();
+
+        let (in_tx, mut in_rx) = mpsc::channel::<StreamIn>(config.streams_max.max(1));
+        let (out_tx, mut out_rx) = mpsc::channel::<StreamOut>(config.streams_max.max(1));
+        let out_slots = Arc::new(Semaphore::new(config.streams_max.max(1)));
+        tokio::spawn(accept_streams(tcp, in_tx, config.clone(), tasks.clone()));
+
+        let mut out = Outputs {
+            udp: &udp,
+            events: &events,
+            out_tx: &out_tx,
+            out_slots: &out_slots,
+            config: &config,
+            tasks: &tasks,
+            changed: false,
+            leave_complete: false,
+        };
+        let mut buf = vec![0u8; RECV_BUFFER_BYTES];
+        let mut publish = tokio::time::interval(config.publish_interval);
+        publish.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut leave_deadline: Option<Instant> = None;
+        let mut commands_open = true;
+
+        out.drain(&mut flock, now());
+        let exit = loop {
+            let deadline = flock.poll_timeout().map(|d| start + d);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if leave_deadline.is_none() => {
+                    debug!("shutdown: leaving the flock");
+                    flock.handle_command(now(), Command::Leave);
+                    leave_deadline = Some(Instant::now() + config.leave_timeout);
+                    out.changed = true;
+                }
+                _ = sleep_until_opt(leave_deadline) => {
+                    warn!(timeout = ?config.leave_timeout, "leave did not complete in time; closing");
+                    break Exit::LeaveTimedOut;
+                }
+                r = udp.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => flock.handle_datagram(now(), from, &buf[..n]),
+                    // ICMP errors surface here on some platforms; they are not fatal.
+                    Err(e) => debug!(error = %e, "udp recv failed"),
+                },
+                _ = sleep_until_opt(deadline) => flock.handle_timeout(now()),
+                cmd = commands.recv(), if commands_open => match cmd {
+                    Some(cmd) => flock.handle_command(now(), cmd),
+                    None => commands_open = false,
+                },
+                Some(req) = in_rx.recv() => {
+                    let reply = flock.handle_stream(now(), req.from, &req.bytes);
+                    let _ = req.reply.send(reply);
+                }
+                Some(res) = out_rx.recv() => match res.reply {
+                    Ok(bytes) => flock.handle_stream_reply(now(), res.to, &bytes),
+                    Err(e) => {
+                        debug!(to = %res.to, error = %e, "stream request failed");
+                        flock.handle_stream_failed(now(), res.to);
+                    }
+                },
+                _ = publish.tick() => out.changed = true,
+            }
+            // A flood of datagrams must not starve the timers.
+            let t = now();
+            if flock.poll_timeout().is_some_and(|d| d <= t) {
+                flock.handle_timeout(t);
+            }
+            out.drain(&mut flock, t);
+            if out.changed {
+                out.changed = false;
+                let _ = snapshot.send(Arc::new(Snapshot::take(
+                    &flock,
+                    now(),
+                    leave_deadline.is_some(),
+                )));
+            }
+            if out.leave_complete {
+                break Exit::Left;
+            }
+        };
+        let _ = snapshot.send(Arc::new(Snapshot::take(&flock, now(), true)));
+        exit
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Where the owner task puts the core's outputs.
+struct Outputs<'a> {
+    udp: &'a UdpSocket,
+    events: &'a broadcast::Sender<Event>,
+    out_tx: &'a mpsc::Sender<StreamOut>,
+    out_slots: &'a Arc<Semaphore>,
+    config: &'a DriverConfig,
+    tasks: &'a CancellationToken,
+    changed: bool,
+    leave_complete: bool,
+}
+
+impl Outputs<'_> {
+    fn drain(&mut self, flock: &mut Flock, now: Duration) {
+        loop {
+            let mut failed = Vec::new();
+            let mut any = false;
+            while let Some(t) = flock.poll_transmit() {
+                any = true;
+                match t.kind {
+                    TransmitKind::Datagram => {
+                        if let Err(e) = self.udp.try_send_to(&t.payload, t.to) {
+                            // Full send buffer or unreachable: UDP may lose datagrams anyway.
+                            trace!(to = %t.to, error = %e, "datagram not sent");
+                        }
+                    }
+                    TransmitKind::Stream => match self.out_slots.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let tx = self.out_tx.clone();
+                            let timeout = self.config.stream_timeout;
+                            let tasks = self.tasks.clone();
+                            tokio::spawn(async move {
+                                let to = t.to;
+                                let reply = tokio::select! {
+                                    _ = tasks.cancelled() => return,
+                                    r = tokio::time::timeout(timeout, request(to, &t.payload)) => {
+                                        r.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+                                    }
+                                };
+                                drop(permit);
+                                let _ = tx.send(StreamOut { to, reply }).await;
+                            });
+                        }
+                        Err(_) => {
+                            debug!(to = %t.to, "too many streams in flight; request dropped");
+                            failed.push(t.to);
+                        }
+                    },
+                }
+            }
+            while let Some(ev) = flock.poll_event() {
+                any = true;
+                self.changed = true;
+                if ev == Event::LeaveComplete {
+                    self.leave_complete = true;
+                }
+                let _ = self.events.send(ev);
+            }
+            for to in &failed {
+                flock.handle_stream_failed(now, *to);
+            }
+            if !any && failed.is_empty() {
+                break;
+            }
+        }
+    }
+}
+
+/// One outgoing stream exchange: connect, write one frame, read one frame.
+async fn request(to: SocketAddr, payload: &[u8]) -> Result<Vec<u8>, io::Error> {
+    let mut stream = TcpStream::connect(to).await?;
+    stream.set_nodelay(true)?;
+    write_frame(&mut stream, payload).await?;
+    read_frame(&mut stream).await
+}
+
+/// Accepts incoming stream requests and hands them to the owner task.
+async fn accept_streams(
+    tcp: TcpListener,
+    to_owner: mpsc::Sender<StreamIn>,
+    config: DriverConfig,
+    tasks: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(config.streams_max.max(1)));
+    loop {
+        let (stream, from) = tokio::select! {
+            _ = tasks.cancelled() => return,
+            r = tcp.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off a little.
+                    debug!(error = %e, "stream accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!(%from, "too many streams in flight; connection closed");
+            continue;
+        };
+        let to_owner = to_owner.clone();
+        let tasks = tasks.clone();
+        let timeout = config.stream_timeout;
+        tokio::spawn(async move {
+            let serve = serve_stream(stream, from, to_owner);
+            tokio::select! {
+                _ = tasks.cancelled() => {}
+                r = tokio::time::timeout(timeout, serve) => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(%from, error = %e, "incoming stream failed"),
+                    Err(_) => debug!(%from, "incoming stream timed out"),
+                },
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_stream(
+    mut stream: TcpStream,
+    from: SocketAddr,
+    to_owner: mpsc::Sender<StreamIn>,
+) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let bytes = read_frame(&mut stream).await?;
+    let (tx, rx) = oneshot::channel();
+    to_owner
+        .send(StreamIn { from, bytes, reply: tx })
+        .await
+        .map_err(|_| io::Error::other("driver stopped"))?;
+    if let Ok(Some(reply)) = rx.await {
+        write_frame(&mut stream, &reply).await?;
+    }
+    stream.shutdown().await
+}
+
+/// Writes one frame: `u32` big-endian length, then the payload.
+pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    payload: &[u8],
+) -> io::Result<()> {
+    if payload.len() > MAX_FRAME_BYTES {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame over the stream limit"));
+    }
+    w.write_all(&(payload.len() as u32).to_be_bytes()).await?;
+    w.write_all(payload).await?;
+    w.flush().await
+}
+
+/// Reads one frame of at most [`MAX_FRAME_BYTES`]. Memory grows only as bytes arrive.
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame over the stream limit"));
+    }
+    let mut buf = Vec::with_capacity(len.min(64 * 1024));
+    r.take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() != len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_refuse_oversized_lengths() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, b"hello").await.unwrap();
+        assert_eq!(&wire[..4], &5u32.to_be_bytes());
+        let mut r = &wire[..];
+        assert_eq!(read_frame(&mut r).await.unwrap(), b"hello");
+
+        let huge = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
+        let mut r = &huge[..];
+        assert_eq!(read_frame(&mut r).await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+
+        let mut short = 10u32.to_be_bytes().to_vec();
+        short.extend_from_slice(b"abc");
+        let mut r = &short[..];
+        assert_eq!(read_frame(&mut r).await.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
