@@ -1,0 +1,633 @@
+//! The scenarios of `crux sim`: whole-flock runs that measure how fast N nodes agree.
+//!
+//! Every scenario starts the nodes at random instants of the first second
+//! ([`ScenarioConfig::start_within`]) in an address space of about 1.024 × N addresses (so some
+//! addresses are empty), without seeds: the nodes find each other by probing the space. Loss
+//! applies throughout.
+//!
+//! * [`Scenario::ColdBoot`]: the trigger is virtual time 0.
+//! * [`Scenario::KillLeader`]: once the flock agrees (and after [`ScenarioConfig::settle`]), the
+//!   leader crashes; the trigger is the crash.
+//! * [`Scenario::PartitionHeal`]: the nodes start split in two random halves that cannot reach
+//!   each other; once each half agrees on itself (two leaders), the partition heals; the trigger
+//!   is the heal.
+//! * [`Scenario::Churn`]: once the flock agrees, every [`ScenarioConfig::churn_every`] for
+//!   [`ScenarioConfig::churn_rounds`] rounds, the nodes crashed in the previous round come back,
+//!   then [`ScenarioConfig::churn_fraction`] of the running nodes are picked: each crashes (and
+//!   stays down for a round) or restarts at once, with even odds. The trigger is the return of
+//!   the last crashed nodes.
+//!
+//! **Agreement** ([`Sim::agreement`]) holds when every running node sees exactly the running
+//! nodes (of its partition side) as alive or suspect, at their current boot ids, and all follow
+//! the same running leader. It is checked every [`ScenarioConfig::cadence`] of virtual time:
+//! first an O(N) check of member counts and leaders, then, when that passes, the full O(N²)
+//! comparison of member tables (retried with back-off in large flocks when it fails).
+//!
+//! After the trigger's agreement (or the phase deadline), the run goes on for a steady-state
+//! window ([`ScenarioConfig::window`], or up to [`ScenarioConfig::duration`] when that is set):
+//! `bytes_per_node_per_s` and `msgs_per_node_per_s` are measured over that window — everything
+//! the nodes sent (datagrams and stream frames, requests and replies) divided by the running
+//! nodes and the window's length. `boot_bytes_per_node_per_s` covers the start up to the first
+//! agreement. `flaps` counts the times the O(N) agreement check failed during the window after
+//! having held, and `converged` is the full check at the very end.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde::Serialize;
+
+use super::{NetConfig, Sim, SimConfig};
+use crate::config::{Preset, Timing};
+
+/// What `crux sim` simulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// All nodes start within a second and must find each other.
+    ColdBoot,
+    /// The leader of a converged flock crashes.
+    KillLeader,
+    /// Two halves converge apart, then the partition heals.
+    PartitionHeal,
+    /// 1 % of the nodes crash or restart every 10 s for 2 minutes.
+    Churn,
+}
+
+impl Scenario {
+    /// Every scenario.
+    pub const ALL: [Scenario; 4] = [
+        Scenario::ColdBoot,
+        Scenario::KillLeader,
+        Scenario::PartitionHeal,
+        Scenario::Churn,
+    ];
+
+    /// The name used on the command line and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scenario::ColdBoot => "cold-boot",
+            Scenario::KillLeader => "kill-leader",
+            Scenario::PartitionHeal => "partition-heal",
+            Scenario::Churn => "churn",
+        }
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Scenario {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Scenario::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| {
+            format!("unknown scenario {s:?} (expected cold-boot, kill-leader, partition-heal or churn)")
+        })
+    }
+}
+
+/// Parameters of a scenario run.
+#[derive(Clone, Debug)]
+pub struct ScenarioConfig {
+    /// Which scenario.
+    pub scenario: Scenario,
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Seed: the same seed gives the same run.
+    pub seed: u64,
+    /// Timing preset of the nodes (and of the network, unless `net` is set).
+    pub preset: Preset,
+    /// Datagram loss probability, applied throughout.
+    pub loss: f64,
+    /// Datagram duplication probability.
+    pub duplicate: f64,
+    /// Network model; `None`: [`NetConfig::preset`] of `preset` with `loss` and `duplicate`.
+    pub net: Option<NetConfig>,
+    /// Timings; `None`: [`Timing::preset`] of `preset`.
+    pub timing: Option<Timing>,
+    /// Nodes start at random instants of `[0, start_within)`.
+    pub start_within: Duration,
+    /// Longest wait for each agreement (initial, after the trigger).
+    pub phase_deadline: Duration,
+    /// Steady-state window after the final agreement, over which traffic is measured.
+    pub window: Duration,
+    /// Virtual time between two agreement checks.
+    pub cadence: Duration,
+    /// Time between the initial agreement and the trigger (kill-leader, partition-heal).
+    pub settle: Duration,
+    /// If set, the run lasts exactly this long: phases are cut at this instant and the
+    /// steady-state window is whatever remains after the last agreement.
+    pub duration: Option<Duration>,
+    /// Churn rounds.
+    pub churn_rounds: u32,
+    /// Time between churn rounds.
+    pub churn_every: Duration,
+    /// Fraction of the nodes hit each churn round (at least one node).
+    pub churn_fraction: f64,
+    /// Compute [`Report::state_hash`] (O(N² log N); off by default above 2,000 nodes).
+    pub state_hash: bool,
+}
+
+impl ScenarioConfig {
+    /// A scenario with the parameters: `lan` preset, no loss, nodes started within 1 s,
+    /// 120 s per phase, a 10 s window, checks every 100 ms, 12 churn rounds of 1 % every 10 s.
+    pub fn new(scenario: Scenario, nodes: usize, seed: u64) -> ScenarioConfig {
+        ScenarioConfig {
+            scenario,
+            nodes,
+            seed,
+            preset: Preset::Lan,
+            loss: 0.0,
+            duplicate: 0.0,
+            net: None,
+            timing: None,
+            start_within: Duration::from_secs(1),
+            phase_deadline: Duration::from_secs(120),
+            window: Duration::from_secs(10),
+            cadence: Duration::from_millis(100),
+            settle: Duration::from_secs(2),
+            duration: None,
+            churn_rounds: 12,
+            churn_every: Duration::from_secs(10),
+            churn_fraction: 0.01,
+            state_hash: nodes <= 2000,
+        }
+    }
+
+    /// The simulator config this scenario runs on.
+    pub fn sim_config(&self) -> SimConfig {
+        let mut c = SimConfig::new(self.nodes, self.seed, self.preset);
+        if let Some(t) = &self.timing {
+            c.timing = t.clone();
+        }
+        c.net = match &self.net {
+            Some(n) => n.clone(),
+            None => NetConfig {
+                loss: self.loss,
+                duplicate: self.duplicate,
+                ..c.net
+            },
+        };
+        c
+    }
+}
+
+/// What a scenario run measured. `crux sim --json` prints it as one JSON object.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Report {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Seed of the run.
+    pub seed: u64,
+    /// Scenario name.
+    pub scenario: Scenario,
+    /// Timing preset.
+    pub preset: Preset,
+    /// Datagram loss probability.
+    pub loss: f64,
+    /// Datagram duplication probability.
+    pub duplicate: f64,
+    /// At the end, every running node agrees on one leader and on the full live membership.
+    pub converged: bool,
+    /// Distinct leaders followed by running nodes at the end.
+    pub leaders: usize,
+    /// The leader at the end (hex node id), if all running nodes follow one.
+    pub leader: Option<String>,
+    /// Its term.
+    pub term: Option<u64>,
+    /// Simulated seconds from the trigger (start, crash, heal, end of churn) to the first full
+    /// agreement.
+    pub agreement_s: Option<f64>,
+    /// Simulated seconds from the trigger until every running node first follows one running
+    /// leader (membership may still differ).
+    pub leader_agreement_s: Option<f64>,
+    /// Kill-leader, partition-heal and churn: simulated seconds from the start to the agreement
+    /// before the trigger (for partition-heal: of both halves).
+    pub initial_agreement_s: Option<f64>,
+    /// Partition-heal: distinct leaders just before the heal.
+    pub leaders_before_heal: Option<usize>,
+    /// Bytes sent per running node per second over the steady-state window.
+    pub bytes_per_node_per_s: f64,
+    /// Messages (datagrams and stream frames) sent per running node per second over the window.
+    pub msgs_per_node_per_s: f64,
+    /// Bytes per second of the node that sent most over the window (the leader's load shows here).
+    pub max_bytes_per_node_per_s: f64,
+    /// Length of the steady-state window, in simulated seconds.
+    pub window_s: f64,
+    /// Bytes sent per node per second from the start to the first agreement (the boot storm).
+    pub boot_bytes_per_node_per_s: f64,
+    /// Messages sent per node per second over the same span.
+    pub boot_msgs_per_node_per_s: f64,
+    /// Distinct running nodes that some node declared dead while the two could reach each
+    /// other (false positives).
+    pub false_positive_deaths: usize,
+    /// Distinct running nodes declared dead by nodes a partition separated them from.
+    pub partition_deaths: usize,
+    /// Suspicions (events) of running nodes at their current boot.
+    pub live_suspicions: u64,
+    /// Terms in which, while the flock was one (after agreement), nodes followed more than one
+    /// leader.
+    pub term_conflicts: usize,
+    /// Times agreement was lost during the steady-state window.
+    pub flaps: u64,
+    /// Churn: crashes and restarts made.
+    pub faults: u64,
+    /// Running nodes at the end.
+    pub live_nodes: usize,
+    /// Datagrams larger than the MTU (a core bug if not zero).
+    pub oversized_datagrams: u64,
+    /// Simulated seconds in all.
+    pub sim_s: f64,
+    /// Events the simulator handled.
+    pub events: u64,
+    /// The phase that did not reach agreement before its deadline, if any.
+    pub failed_phase: Option<String>,
+    /// Hash of the whole run (events and transmitted bytes), hex.
+    pub trace_hash: String,
+    /// Hash of every node's final state, hex (when computed).
+    pub state_hash: Option<String>,
+    /// Wall-clock seconds the run took.
+    pub wall_s: f64,
+}
+
+impl Report {
+    /// A short human-readable table.
+    pub fn table(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |s| format!("{s:.2} s"));
+        let mut rows: Vec<(&str, String)> = vec![
+            (
+                "scenario",
+                format!("{} ({} preset)", self.scenario, self.preset),
+            ),
+            (
+                "nodes",
+                format!("{} ({} running at the end)", self.nodes, self.live_nodes),
+            ),
+            ("seed", self.seed.to_string()),
+            ("loss", format!("{:.1} %", self.loss * 100.0)),
+            (
+                "converged",
+                if self.converged {
+                    "yes".into()
+                } else {
+                    "NO".into()
+                },
+            ),
+            ("leaders at end", self.leaders.to_string()),
+            ("agreement", opt(self.agreement_s)),
+            ("leader agreement", opt(self.leader_agreement_s)),
+        ];
+        if self.initial_agreement_s.is_some() {
+            rows.push(("initial agreement", opt(self.initial_agreement_s)));
+        }
+        if let Some(l) = self.leaders_before_heal {
+            rows.push(("leaders before heal", l.to_string()));
+        }
+        rows.extend([
+            (
+                "traffic (steady)",
+                format!(
+                    "{:.0} B/node/s, {:.1} msg/node/s, max {:.0} B/s (window {:.1} s)",
+                    self.bytes_per_node_per_s,
+                    self.msgs_per_node_per_s,
+                    self.max_bytes_per_node_per_s,
+                    self.window_s
+                ),
+            ),
+            (
+                "traffic (boot)",
+                format!(
+                    "{:.0} B/node/s, {:.1} msg/node/s",
+                    self.boot_bytes_per_node_per_s, self.boot_msgs_per_node_per_s
+                ),
+            ),
+            ("false deaths", self.false_positive_deaths.to_string()),
+            ("term conflicts", self.term_conflicts.to_string()),
+            ("flaps", self.flaps.to_string()),
+        ]);
+        if let Some(p) = &self.failed_phase {
+            rows.push(("failed phase", p.clone()));
+        }
+        rows.push((
+            "simulated",
+            format!(
+                "{:.1} s, {} events, {:.2} s wall",
+                self.sim_s, self.events, self.wall_s
+            ),
+        ));
+        rows.iter().map(|(k, v)| format!("{k:<20} {v}\n")).collect()
+    }
+}
+
+/// Traffic over a span.
+#[derive(Default)]
+struct Traffic {
+    bytes_per_node_per_s: f64,
+    msgs_per_node_per_s: f64,
+    max_bytes_per_node_per_s: f64,
+    secs: f64,
+}
+
+struct Run<'a> {
+    cfg: &'a ScenarioConfig,
+    sim: Sim,
+    end_at: Option<Duration>,
+    /// Full (O(N²)) checks are always made in flocks up to this size.
+    full_always: bool,
+    next_full: Duration,
+    full_backoff: Duration,
+    flaps: u64,
+    faults: u64,
+}
+
+impl Run<'_> {
+    fn now(&self) -> Duration {
+        self.sim.now()
+    }
+
+    fn cut(&self, at: Duration) -> Duration {
+        self.end_at.map_or(at, |e| at.min(e))
+    }
+
+    fn out_of_time(&self) -> bool {
+        self.end_at.is_some_and(|e| self.now() >= e)
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        let at = self.cut(self.now() + d);
+        self.sim.run_until(at);
+    }
+
+    /// Whether the running nodes agree (O(N) check, then the full one).
+    fn check(&mut self) -> (bool, bool) {
+        let a = self.sim.agreement(false);
+        if !a.agreed {
+            return (false, a.leader_agreed);
+        }
+        let now = self.now();
+        if !self.full_always && now < self.next_full {
+            return (false, a.leader_agreed);
+        }
+        let full = self.sim.agreement(true);
+        if !full.agreed {
+            self.next_full = now + self.full_backoff;
+            self.full_backoff = (self.full_backoff * 2).min(Duration::from_secs(10));
+        }
+        (full.agreed, a.leader_agreed)
+    }
+
+    /// Runs until the running nodes agree or `deadline`; returns when agreement and leader
+    /// agreement first held.
+    fn until_agreed(&mut self, deadline: Duration) -> (Option<Duration>, Option<Duration>) {
+        let deadline = self.cut(deadline);
+        self.full_backoff = Duration::from_millis(500);
+        self.next_full = Duration::ZERO;
+        let mut leader_at = None;
+        loop {
+            let (agreed, leader_agreed) = self.check();
+            if leader_agreed && leader_at.is_none() {
+                leader_at = Some(self.now());
+            }
+            if agreed {
+                return (Some(self.now()), leader_at);
+            }
+            if self.now() >= deadline {
+                return (None, leader_at);
+            }
+            let next = (self.now() + self.cfg.cadence).min(deadline);
+            self.sim.run_until(next);
+        }
+    }
+
+    fn sent(&self) -> Vec<(u64, u64)> {
+        (0..self.sim.len()).map(|i| self.sim.sent(i)).collect()
+    }
+
+    fn traffic(&self, before: &[(u64, u64)], secs: f64, nodes: usize) -> Traffic {
+        if secs <= 0.0 || nodes == 0 {
+            return Traffic::default();
+        }
+        let (mut bytes, mut msgs, mut max) = (0u64, 0u64, 0u64);
+        for (i, (b0, m0)) in before.iter().enumerate() {
+            let (b1, m1) = self.sim.sent(i);
+            bytes += b1 - b0;
+            msgs += m1 - m0;
+            max = max.max(b1 - b0);
+        }
+        Traffic {
+            bytes_per_node_per_s: bytes as f64 / nodes as f64 / secs,
+            msgs_per_node_per_s: msgs as f64 / nodes as f64 / secs,
+            max_bytes_per_node_per_s: max as f64 / secs,
+            secs,
+        }
+    }
+
+    /// The steady-state window: runs it, counting flaps, and measures traffic.
+    fn window(&mut self) -> Traffic {
+        let len = match self.end_at {
+            Some(e) => e.saturating_sub(self.now()),
+            None => self.cfg.window,
+        };
+        let before = self.sent();
+        let start = self.now();
+        let end = start + len;
+        let mut agreed = self.sim.agreement(false).agreed;
+        while self.now() < end {
+            let next = (self.now() + self.cfg.cadence).min(end);
+            self.sim.run_until(next);
+            let now_agreed = self.sim.agreement(false).agreed;
+            if agreed && !now_agreed {
+                self.flaps += 1;
+            }
+            agreed = now_agreed;
+        }
+        let secs = (self.now() - start).as_secs_f64();
+        self.traffic(&before, secs, self.sim.running_count())
+    }
+
+    fn churn(&mut self) {
+        let n = self.sim.len();
+        let per_round = ((n as f64 * self.cfg.churn_fraction).round() as usize).max(1);
+        let mut down: Vec<usize> = Vec::new();
+        for _ in 0..self.cfg.churn_rounds {
+            if self.out_of_time() {
+                break;
+            }
+            for i in down.drain(..) {
+                self.sim.start(i);
+            }
+            let running: Vec<usize> = (0..n).filter(|&i| self.sim.is_running(i)).collect();
+            let picked: Vec<usize> = running
+                .choose_multiple(self.sim.rng(), per_round.min(running.len()))
+                .copied()
+                .collect();
+            for i in picked {
+                self.faults += 1;
+                if self.sim.rng().gen_bool(0.5) {
+                    self.sim.crash(i);
+                    down.push(i);
+                } else {
+                    self.sim.restart(i);
+                }
+            }
+            self.run_for(self.cfg.churn_every);
+        }
+        for i in down {
+            self.sim.start(i);
+        }
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Runs a scenario and reports what it measured.
+///
+/// Reads the wall clock once before and once after, for [`Report::wall_s`]; nothing in the
+/// simulation depends on it.
+#[allow(clippy::disallowed_methods)]
+pub fn run(cfg: &ScenarioConfig) -> Result<Report, crate::ConfigError> {
+    let started = std::time::Instant::now();
+    let sim = Sim::new(cfg.sim_config())?;
+    let mut report = run_sim(cfg, sim);
+    report.wall_s = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn run_sim(cfg: &ScenarioConfig, sim: Sim) -> Report {
+    let n = sim.len();
+    let mut r = Run {
+        cfg,
+        sim,
+        end_at: cfg.duration,
+        full_always: n <= 300,
+        next_full: Duration::ZERO,
+        full_backoff: Duration::from_millis(500),
+        flaps: 0,
+        faults: 0,
+    };
+    let mut failed_phase = None;
+    let mut trigger = Duration::ZERO;
+    let mut agreement = (None, None);
+    let mut initial = None;
+    let mut leaders_before_heal = None;
+
+    if cfg.scenario == Scenario::PartitionHeal {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(r.sim.rng());
+        let (a, b) = order.split_at(n / 2);
+        r.sim.partition(&[a.to_vec(), b.to_vec()]);
+    }
+    r.sim.start_all_within(cfg.start_within);
+    let first = r.until_agreed(cfg.phase_deadline);
+    let boot_end = first.0.unwrap_or(r.now());
+    let boot_traffic = r.traffic(&vec![(0, 0); n], secs(boot_end), n);
+
+    match cfg.scenario {
+        Scenario::ColdBoot => agreement = first,
+        _ if first.0.is_none() => {
+            failed_phase = Some(if cfg.scenario == Scenario::PartitionHeal {
+                "split"
+            } else {
+                "boot"
+            });
+        }
+        Scenario::KillLeader => {
+            initial = first.0;
+            r.sim.watch_terms(true);
+            r.run_for(cfg.settle);
+            let a = r.sim.agreement(false);
+            let leader = a.leaders.iter().next().and_then(|&id| r.sim.index_of(id));
+            match leader {
+                Some(l) if a.leader_agreed && !r.out_of_time() => {
+                    r.sim.crash(l);
+                    trigger = r.now();
+                    agreement = r.until_agreed(trigger + cfg.phase_deadline);
+                }
+                _ => failed_phase = Some("settle"),
+            }
+        }
+        Scenario::PartitionHeal => {
+            initial = first.0;
+            leaders_before_heal = Some(r.sim.agreement(false).leaders.len());
+            r.run_for(cfg.settle);
+            if r.out_of_time() {
+                failed_phase = Some("settle");
+            } else {
+                r.sim.heal();
+                trigger = r.now();
+                agreement = r.until_agreed(trigger + cfg.phase_deadline);
+            }
+        }
+        Scenario::Churn => {
+            initial = first.0;
+            r.sim.watch_terms(true);
+            r.churn();
+            trigger = r.now();
+            agreement = r.until_agreed(trigger + cfg.phase_deadline);
+        }
+    }
+    if failed_phase.is_none() && agreement.0.is_none() {
+        failed_phase = Some("trigger");
+    }
+    if agreement.0.is_some() {
+        r.sim.watch_terms(true);
+    }
+    let steady = r.window();
+    let end = r.sim.agreement(true);
+    let single = end.leaders.len() == 1 && end.leader_agreed;
+    let leader_view = if single {
+        end.leaders.iter().next().and_then(|&id| {
+            let i = r.sim.index_of(id)?;
+            r.sim.flock(i)?.leader().map(|l| (id, l.term))
+        })
+    } else {
+        None
+    };
+    let m = r.sim.metrics();
+    let since = |t: Option<Duration>| t.map(|t| secs(t.saturating_sub(trigger)));
+    Report {
+        nodes: n,
+        seed: cfg.seed,
+        scenario: cfg.scenario,
+        preset: cfg.preset,
+        loss: r.sim.net_config().loss,
+        duplicate: r.sim.net_config().duplicate,
+        converged: end.agreed,
+        leaders: end.leaders.len(),
+        leader: leader_view.map(|(id, _)| id.to_string()),
+        term: leader_view.map(|(_, t)| t),
+        agreement_s: since(agreement.0),
+        leader_agreement_s: since(agreement.1),
+        initial_agreement_s: initial.map(secs),
+        leaders_before_heal,
+        bytes_per_node_per_s: steady.bytes_per_node_per_s,
+        msgs_per_node_per_s: steady.msgs_per_node_per_s,
+        max_bytes_per_node_per_s: steady.max_bytes_per_node_per_s,
+        window_s: steady.secs,
+        boot_bytes_per_node_per_s: boot_traffic.bytes_per_node_per_s,
+        boot_msgs_per_node_per_s: boot_traffic.msgs_per_node_per_s,
+        false_positive_deaths: m.false_dead.len(),
+        partition_deaths: m.partition_dead.len(),
+        live_suspicions: m.live_suspicions,
+        term_conflicts: m.term_conflicts(),
+        flaps: r.flaps,
+        faults: r.faults,
+        live_nodes: r.sim.running_count(),
+        oversized_datagrams: m.oversized_datagrams,
+        sim_s: secs(r.now()),
+        events: m.events,
+        failed_phase: failed_phase.map(str::to_string),
+        trace_hash: format!("{:016x}", r.sim.trace_hash()),
+        state_hash: cfg
+            .state_hash
+            .then(|| format!("{:016x}", r.sim.state_hash())),
+        wall_s: 0.0,
+    }
+}
