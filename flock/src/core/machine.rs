@@ -1513,7 +1513,7 @@ fn election_tick(t: &crate::config::Timing) -> Duration {
 
 /// Lifeguard's suspicion timeout after `confirmations` independent confirmations beyond the first
 /// suspicion: `max(min, max − (max − min) · log(c + 1) / log(k + 1))`.
-fn suspicion_timeout(
+pub(crate) fn suspicion_timeout(
     config: &Config,
     live_n: usize,
     is_leader: bool,

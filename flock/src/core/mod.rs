@@ -9,6 +9,8 @@ use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId};
 mod broadcast;
 mod idset;
 mod machine;
+#[cfg(test)]
+mod tests;
 
 pub use machine::Flock;
 

@@ -1,0 +1,380 @@
+//! Exact-output tests of the state machine, and a tiny lossless in-process harness.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crux_proto::flock::{
+    decode_message, encode_message, Header, Kind, MemberInfo, MemberState, Message, NodeId,
+    HEADER_BYTES,
+};
+
+use super::machine::suspicion_timeout;
+use super::*;
+use crate::config::{bloc_tag, AddressSpace, Config, Preset};
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, i], 7700))
+}
+
+fn config(space: &str) -> Config {
+    let mut c = Config::new("test-bloc", Preset::Lan);
+    c.space = AddressSpace::parse(&[space], &[]).unwrap();
+    c
+}
+
+fn node(i: u8, space: &str) -> Flock {
+    let id = Identity {
+        id: NodeId(i as u64 * 1000),
+        boot: crate::boot_id(1, i as u16),
+        addr: addr(i),
+    };
+    Flock::new(config(space), id, i as u64, Duration::ZERO).unwrap()
+}
+
+/// Builds a datagram as node `sender` would.
+fn datagram(sender: u64, bloc: &str, msg: &Message) -> Vec<u8> {
+    let header = Header {
+        kind: Kind::Flock,
+        bloc_tag: bloc_tag(bloc),
+        key_id: 0,
+        sender: NodeId(sender),
+        boot: crate::boot_id(1, 1),
+        counter: 1,
+    };
+    let mut out = Vec::new();
+    header.write(&mut out);
+    encode_message(msg, &mut out);
+    out
+}
+
+fn peer_info(id: u64, a: SocketAddr) -> MemberInfo {
+    MemberInfo {
+        id: NodeId(id),
+        boot: crate::boot_id(1, 1),
+        addr: a,
+        incarnation: 0,
+        state: MemberState::Alive,
+    }
+}
+
+fn drain(f: &mut Flock) -> (Vec<Transmit>, Vec<Event>) {
+    let mut t = Vec::new();
+    let mut e = Vec::new();
+    while let Some(x) = f.poll_transmit() {
+        t.push(x);
+    }
+    while let Some(x) = f.poll_event() {
+        e.push(x);
+    }
+    (t, e)
+}
+
+#[test]
+fn ping_from_unknown_node_is_acked_and_adds_it() {
+    let mut f = node(2, "127.0.0.2");
+    let _ = drain(&mut f);
+    let me = peer_info(7, addr(9));
+    let ping = Message::Ping {
+        seq: 42,
+        target: None,
+        me,
+        updates: vec![],
+    };
+    f.handle_datagram(
+        Duration::from_millis(1),
+        addr(9),
+        &datagram(7, "test-bloc", &ping),
+    );
+    let (tx, ev) = drain(&mut f);
+    assert_eq!(ev, vec![Event::MemberJoined(me)]);
+    assert_eq!(tx.len(), 1);
+    assert_eq!(tx[0].to, addr(9));
+    assert_eq!(tx[0].kind, TransmitKind::Datagram);
+    let (header, body) = Header::parse(&tx[0].payload).unwrap();
+    assert_eq!(header.sender, NodeId(2000));
+    match decode_message(body).unwrap() {
+        Message::Ack { seq, me, updates } => {
+            assert_eq!(seq, 42);
+            assert_eq!(me.id, NodeId(2000));
+            // The new member is news to gossip.
+            assert_eq!(
+                updates,
+                vec![crux_proto::flock::Update::Alive {
+                    member: peer_info(7, addr(9))
+                }]
+            );
+        }
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    assert_eq!(f.live_count(), 2);
+}
+
+#[test]
+fn hostile_datagrams_are_dropped_counted_and_unanswered() {
+    let mut f = node(2, "127.0.0.2");
+    let _ = drain(&mut f);
+    let now = Duration::from_millis(1);
+    let ping = Message::Ping {
+        seq: 1,
+        target: None,
+        me: peer_info(7, addr(9)),
+        updates: vec![],
+    };
+    f.handle_datagram(now, addr(9), &datagram(7, "other-bloc", &ping));
+    f.handle_datagram(now, addr(9), &[1, 2, 3]);
+    let mut bad_magic = datagram(7, "test-bloc", &ping);
+    bad_magic[0] = b'X';
+    f.handle_datagram(now, addr(9), &bad_magic);
+    let mut garbage = datagram(7, "test-bloc", &ping)[..HEADER_BYTES].to_vec();
+    garbage.extend_from_slice(&[0xff; 20]);
+    f.handle_datagram(now, addr(9), &garbage);
+    f.handle_datagram(now, addr(9), &vec![0u8; 2000]);
+    f.handle_datagram(now, addr(9), &datagram(2000, "test-bloc", &ping));
+    let (tx, ev) = drain(&mut f);
+    assert!(tx.is_empty() && ev.is_empty());
+    let s = f.stats();
+    assert_eq!(s.dropped(DropReason::WrongBloc), 1);
+    assert_eq!(s.dropped(DropReason::Truncated), 1);
+    assert_eq!(s.dropped(DropReason::BadMagic), 1);
+    assert_eq!(s.dropped(DropReason::Malformed), 1);
+    assert_eq!(s.dropped(DropReason::Oversized), 1);
+    assert_eq!(s.dropped(DropReason::FromSelf), 1);
+    assert_eq!(f.live_count(), 1);
+}
+
+#[test]
+fn suspicion_of_self_is_refuted_with_higher_incarnation() {
+    let mut f = node(2, "127.0.0.2");
+    let me = *f.identity();
+    let _ = drain(&mut f);
+    let gossip = Message::Gossip {
+        updates: vec![crux_proto::flock::Update::Suspect {
+            id: me.id,
+            boot: me.boot,
+            incarnation: 0,
+            from: NodeId(7),
+        }],
+    };
+    f.handle_datagram(
+        Duration::from_millis(1),
+        addr(9),
+        &datagram(7, "test-bloc", &gossip),
+    );
+    assert_eq!(f.member(me.id).unwrap().info.incarnation, 1);
+    assert_eq!(f.stats().refutations, 1);
+}
+
+/// Lossless, zero-latency network of nodes driven in virtual time.
+struct Harness {
+    nodes: Vec<Option<Flock>>,
+    now: Duration,
+}
+
+impl Harness {
+    fn new(n: u8) -> Harness {
+        let space = format!("127.0.0.2-127.0.0.{}", n + 1);
+        Harness {
+            nodes: (2..n + 2).map(|i| Some(node(i, &space))).collect(),
+            now: Duration::ZERO,
+        }
+    }
+
+    fn index_of(&self, a: SocketAddr) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.as_ref().is_some_and(|f| f.identity().addr == a))
+    }
+
+    fn flush(&mut self) {
+        let mut queue: VecDeque<(SocketAddr, Transmit)> = VecDeque::new();
+        loop {
+            for f in self.nodes.iter_mut().flatten() {
+                while let Some(t) = f.poll_transmit() {
+                    queue.push_back((f.identity().addr, t));
+                }
+                while f.poll_event().is_some() {}
+            }
+            let Some((from, t)) = queue.pop_front() else {
+                break;
+            };
+            let Some(i) = self.index_of(t.to) else {
+                continue;
+            };
+            let now = self.now;
+            match t.kind {
+                TransmitKind::Datagram => self.nodes[i]
+                    .as_mut()
+                    .unwrap()
+                    .handle_datagram(now, from, &t.payload),
+                TransmitKind::Stream => {
+                    let reply = self.nodes[i]
+                        .as_mut()
+                        .unwrap()
+                        .handle_stream(now, from, &t.payload);
+                    if let (Some(reply), Some(j)) = (reply, self.index_of(from)) {
+                        self.nodes[j]
+                            .as_mut()
+                            .unwrap()
+                            .handle_stream_reply(now, t.to, &reply);
+                    }
+                }
+            }
+        }
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        self.flush();
+        loop {
+            let next = self
+                .nodes
+                .iter()
+                .flatten()
+                .filter_map(|f| f.poll_timeout())
+                .min();
+            let Some(next) = next else { break };
+            if next > end {
+                break;
+            }
+            self.now = self.now.max(next);
+            let now = self.now;
+            for f in self.nodes.iter_mut().flatten() {
+                if f.poll_timeout().is_some_and(|t| t <= now) {
+                    f.handle_timeout(now);
+                }
+            }
+            self.flush();
+        }
+        self.now = end;
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Flock> {
+        self.nodes.iter().flatten()
+    }
+
+    fn agreed_leader(&self) -> Option<NodeId> {
+        let n = self.live().count();
+        let mut leader = None;
+        for f in self.live() {
+            let l = f.leader()?.id;
+            if leader.is_some_and(|x| x != l) || f.live_count() != n {
+                return None;
+            }
+            leader = Some(l);
+        }
+        leader
+    }
+}
+
+#[test]
+fn five_nodes_discover_each_other_and_elect_the_lowest_id() {
+    let mut h = Harness::new(5);
+    h.run_for(Duration::from_secs(5));
+    assert_eq!(h.agreed_leader(), Some(NodeId(2000)));
+    for f in h.live() {
+        assert!(f.leader().unwrap().term >= 1);
+        assert!(f.members().all(|m| m.info.state == MemberState::Alive));
+    }
+}
+
+#[test]
+fn crash_of_the_leader_elects_the_next_best_with_a_higher_term() {
+    let mut h = Harness::new(5);
+    h.run_for(Duration::from_secs(5));
+    let old_term = h.live().next().unwrap().leader().unwrap().term;
+    h.nodes[0] = None; // crash the leader (lowest id)
+    h.run_for(Duration::from_secs(10));
+    assert_eq!(h.agreed_leader(), Some(NodeId(3000)));
+    for f in h.live() {
+        let l = f.leader().expect("a leader");
+        assert_eq!(l.id, NodeId(3000));
+        assert!(l.term > old_term);
+        assert_eq!(
+            f.member(NodeId(2000)).unwrap().info.state,
+            MemberState::Dead
+        );
+        assert_eq!(f.live_count(), 4);
+    }
+}
+
+#[test]
+fn graceful_leave_is_seen_as_left() {
+    let mut h = Harness::new(4);
+    h.run_for(Duration::from_secs(5));
+    let now = h.now;
+    h.nodes[3]
+        .as_mut()
+        .unwrap()
+        .handle_command(now, Command::Leave);
+    h.run_for(Duration::from_secs(2));
+    assert!(h.nodes[3].as_ref().unwrap().has_left());
+    let gone = h.nodes[3].as_ref().unwrap().identity().id;
+    h.nodes[3] = None;
+    for f in h.live() {
+        assert_eq!(f.member(gone).unwrap().info.state, MemberState::Left);
+        assert_eq!(f.live_count(), 3);
+    }
+}
+
+#[test]
+fn restarted_node_with_new_boot_supersedes_its_old_entry_and_does_not_take_over() {
+    let mut h = Harness::new(4);
+    h.run_for(Duration::from_secs(5));
+    let leader = h.agreed_leader().expect("converged");
+    // Restart the leader: same id and address, new (greater) boot id, empty state.
+    let old = h.nodes[0].take().unwrap();
+    let ident = Identity {
+        boot: crate::boot_id(2, 0),
+        ..*old.identity()
+    };
+    let cfg = old.config().clone();
+    h.run_for(Duration::from_secs(6)); // the others elect a new leader meanwhile
+    let new_leader = h.live().next().unwrap().leader().unwrap();
+    assert_ne!(new_leader.id, leader);
+    h.nodes[0] = Some(Flock::new(cfg, ident, 99, h.now).unwrap());
+    h.run_for(Duration::from_secs(5));
+    for f in h.live() {
+        assert_eq!(
+            f.leader().unwrap().id,
+            new_leader.id,
+            "the restarted node must not take over"
+        );
+        assert_eq!(f.live_count(), 4);
+        assert_eq!(f.member(leader).unwrap().info.boot, ident.boot);
+        assert_eq!(f.member(leader).unwrap().info.state, MemberState::Alive);
+    }
+}
+
+#[test]
+fn push_pull_moves_to_a_stream_when_state_outgrows_a_datagram() {
+    let mut h = Harness::new(80);
+    h.run_for(Duration::from_secs(10));
+    assert!(h.agreed_leader().is_some());
+    let streams: u64 = h.live().map(|f| f.stats().streams_out).sum();
+    assert!(streams > 0);
+    for f in h.live() {
+        assert_eq!(f.live_count(), 80);
+    }
+}
+
+#[test]
+fn suspicion_timeout_follows_lifeguard() {
+    let c = Config::new("b", Preset::Lan);
+    let t = &c.timing;
+    // N = 100: min = 3 × log10(100) × 500 ms = 3 s, max = 6 × min = 18 s, k = 1.
+    let min = Duration::from_secs(3);
+    assert_eq!(
+        suspicion_timeout(&c, 100, false, 0),
+        min * t.suspicion_max_mult
+    );
+    assert_eq!(suspicion_timeout(&c, 100, false, 1), min);
+    // Small flocks use log10 floor of 1: min = 1.5 s.
+    assert_eq!(
+        suspicion_timeout(&c, 5, false, 5),
+        Duration::from_millis(1500)
+    );
+    // The leader: min 500 ms after 3 confirmations.
+    assert_eq!(suspicion_timeout(&c, 1000, true, 3), t.leader_suspicion_min);
+    assert!(suspicion_timeout(&c, 1000, true, 1) > t.leader_suspicion_min);
+}
