@@ -1,1 +1,112 @@
 //! Packet envelope, replay window, join handshake, transient keys and the secondary keyring.
+//!
+//! Everything here is a pure function or a plain data structure: time comes in as a `now:
+//! Duration`, randomness from the caller's seeded CSPRNG (`&mut (impl RngCore + CryptoRng)`), and
+//! nothing reads a clock, a socket or the OS RNG. The flock core calls it; the agent seeds the
+//! core's RNG from the OS.
+//!
+//! # Packet format
+//!
+//! ```text
+//! 0      2   3   4        8        12         20         28          36            60        n-16    n
+//! ┌──────┬───┬───┬────────┬────────┬──────────┬──────────┬───────────┬─────────────┬─────────┬──────┐
+//! │ "CX" │ver│kind│bloc tag│ key id │ sender id│ boot id  │  counter  │ nonce (24)  │ciphertext│ tag  │
+//! └──────┴───┴───┴────────┴────────┴──────────┴──────────┴───────────┴─────────────┴─────────┴──────┘
+//!  └────────────── header (36 bytes, clear, associated data) ───────┘
+//! ```
+//!
+//! The header is [`crux_proto::flock::Header`]. The body is sealed with XChaCha20-Poly1305 under a
+//! random 192-bit nonce ([`seal`]); [`OVERHEAD`] (nonce + tag) is 40 bytes. All 36 header bytes are
+//! the associated data: magic, version, kind, bloc tag, key id, sender, boot and counter are all
+//! authenticated, and the body is authenticated and encrypted. Stream frames use the same format
+//! (up to [`MAX_SEALED_FRAME_BYTES`]).
+//!
+//! Receiving is, in order, each step cheaper than the next and none changing state until the
+//! datagram authenticated:
+//!
+//! 1. size (`len ≤ MTU`, or the frame limit) — before anything else ([`check`]);
+//! 2. header parse and bloc tag ([`check`]): other blocs are dropped before any crypto;
+//! 3. for [`Kind::Handshake`](crux_proto::flock::Kind::Handshake), the per-source rate limit
+//!    ([`RateLimiter`]);
+//! 4. key selection by `key_id`: the transient epoch ([`TransientKeys::key_for`]) or the secondary
+//!    key id ([`Keyring::by_key_id`]) — exactly one key, so exactly one decryption attempt;
+//! 5. optionally a replay pre-check ([`ReplayTable::check`]), then [`open`];
+//! 6. the replay window ([`ReplayTable::accept`]), only now that the header is authentic;
+//! 7. body decoding ([`decode_drop_reason`] for its errors).
+//!
+//! Every failure maps to a [`DropReason`](crate::DropReason) ([`OpenError::drop_reason`],
+//! [`HandshakeError::drop_reason`]): the datagram is dropped, counted, and never answered.
+//!
+//! # Key hierarchy
+//!
+//! ```text
+//! bloc ID ──SHA-256──▶ bloc salt (HKDF salt of every derivation below)   bloc tag = FNV-1a(bloc ID)
+//!
+//! secondary key (keyring, long-lived, operator-managed)
+//!   ├─ HKDF(salt, key, "key-id")[..4]      → key id in handshake headers
+//!   ├─ HKDF(salt, key, "handshake")        → handshake packet key (JoinRequest / JoinReply)
+//!   └─ HKDF(salt, key ‖ X25519(e_i, e_r) ‖ transcript, "join-reply")
+//!                                           → seals the transient key inside a JoinReply
+//!
+//! transient key (one per epoch, random, made by the leader every 30–60 s)
+//!   └─ HKDF(salt, key, "transient-packet") → packet key of every flock datagram; key id = epoch
+//! ```
+//!
+//! * [`SecretKey`]: 32 bytes, wiped on drop, constant-time `==`, base64 text form, no bytes in
+//!   `Debug`. [`PacketKey`]: a derived AEAD key; raw keys never seal anything directly.
+//! * [`Bloc`]: every derived key mixes in the bloc ID, so two blocs that share a secondary key (or
+//!   whose tags collide) still cannot read each other.
+//! * [`TransientKeys`]: current and previous epoch; a key is accepted for at most 1.5 × the
+//!   longest rotation period after it was installed. The leader [`rotate`](TransientKeys::rotate)s
+//!   at [`next_rotation`] and spreads the [`KeyAnnouncement`] (36 fixed bytes) sealed under the
+//!   old key; members [`install_announced`](TransientKeys::install_announced). A member whose key
+//!   [`is_stale`](TransientKeys::is_stale) asks again through the handshake
+//!   ([`Purpose::KeyRequest`]).
+//! * [`Keyring`]: Serf-style install / use / remove / list; the primary key starts this node's
+//!   handshakes, every installed key admits a joiner. Stored as a text file, mode 0600, written
+//!   atomically.
+//! * Handshake ([`HandshakeInitiator`], [`respond`]): see [`handshake`] for the exchange. The reply
+//!   is never larger than the request ([`REPLY_BYTES`] ≤ [`REQUEST_BYTES`]).
+//!
+//! # Threat model (DESIGN.md, "Keys and packets")
+//!
+//! * Outsiders without a key can read, forge or replay nothing: every body is encrypted and every
+//!   header authenticated; replays are caught by the per-(sender, boot) window of 8,128 counters
+//!   ([`ReplayWindow`], as WireGuard); unauthenticated input gets no reply and changes no state, and
+//!   every table an outsider could touch is bounded ([`RateLimiter`] by entries; [`ReplayTable`]
+//!   grows only on authenticated datagrams, and is bounded too).
+//! * Handshakes are rate-limited per source address (20/s, burst 5, as WireGuard) and a reply is
+//!   never larger than its request: a forged source gains no amplification.
+//! * Holders of a secondary key are members (the Serf model): they can join, learn the transient
+//!   key and speak for any node id. Per-node signatures come later.
+//! * Forward secrecy of the transient keys against a later leak of the secondary key: the
+//!   transient key travels in a JoinReply under a key that needs an ephemeral x25519 secret, and
+//!   in announcements under the previous transient key; both are wiped. (An attacker who holds a
+//!   secondary key *while* recording can run its own handshake — that is the member model above.)
+//! * Not protected: the header is in clear (who talks to whom, node ids, sizes); a key holder's
+//!   denial of service; traffic analysis.
+
+pub mod envelope;
+pub mod handshake;
+pub mod keyring;
+pub mod keys;
+pub mod ratelimit;
+pub mod replay;
+pub mod transient;
+
+pub use envelope::{
+    check, decode_drop_reason, max_plaintext, open, open_datagram, seal, sealed_len, OpenError,
+    MAX_SEALED_FRAME_BYTES, MIN_SEALED_BYTES, NONCE_BYTES, OVERHEAD, TAG_BYTES,
+};
+pub use handshake::{
+    respond, HandshakeError, HandshakeInitiator, Origin, Purpose, Response, REPLY_BYTES,
+    REQUEST_BYTES,
+};
+pub use keyring::{Keyring, KeyringError, KEYRING_FILE_MODE, MAX_KEYS};
+pub use keys::{key_id, Bloc, KeyParseError, PacketKey, SecretKey, KEY_BYTES};
+pub use ratelimit::{RateLimiter, HANDSHAKES_PER_SECOND, HANDSHAKE_BURST};
+pub use replay::{ReplayTable, ReplayWindow, REPLAY_WINDOW};
+pub use transient::{
+    next_rotation, Installed, KeyAnnouncement, TransientKeys, ANNOUNCEMENT_BYTES, ROTATION_MAX,
+    ROTATION_MIN,
+};
