@@ -34,6 +34,10 @@
 //! 6. the replay window ([`ReplayTable::accept`]), only now that the header is authentic;
 //! 7. body decoding ([`decode_drop_reason`] for its errors).
 //!
+//! [`receive`] does steps 1, 2, 4, 5 and 6 for flock datagrams and hands handshake datagrams back
+//! after step 2. [`hostile::HostileTraffic`] makes deterministic hostile input for tests and
+//! benchmarks of this path.
+//!
 //! Every failure maps to a [`DropReason`](crate::DropReason) ([`OpenError::drop_reason`],
 //! [`HandshakeError::drop_reason`]): the datagram is dropped, counted, and never answered.
 //!
@@ -88,9 +92,11 @@
 
 pub mod envelope;
 pub mod handshake;
+pub mod hostile;
 pub mod keyring;
 pub mod keys;
 pub mod ratelimit;
+pub mod receive;
 pub mod replay;
 pub mod transient;
 
@@ -105,6 +111,7 @@ pub use handshake::{
 pub use keyring::{Keyring, KeyringError, KEYRING_FILE_MODE, MAX_KEYS};
 pub use keys::{key_id, Bloc, KeyParseError, PacketKey, SecretKey, KEY_BYTES};
 pub use ratelimit::{RateLimiter, HANDSHAKES_PER_SECOND, HANDSHAKE_BURST};
+pub use receive::{receive, Received};
 pub use replay::{ReplayTable, ReplayWindow, REPLAY_WINDOW};
 pub use transient::{
     next_rotation, Installed, KeyAnnouncement, TransientKeys, ANNOUNCEMENT_BYTES, ROTATION_MAX,
