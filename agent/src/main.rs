@@ -1,5 +1,101 @@
-//! The `crux` binary.
+//! The `crux` binary: the node agent (`crux agent`), a local flock in one command (`crux dev`),
+//! the CLI that talks to an agent over its Unix socket (`crux members`, `crux leader`,
+//! `crux keys`, `crux status`), `crux keygen` and the simulator front end (`crux sim`).
 
-fn main() {
-    println!("crux {}", env!("CARGO_PKG_VERSION"));
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod agent;
+mod client;
+mod config;
+mod dev;
+mod http;
+mod identity;
+mod keys;
+mod metrics;
+mod rpc;
+#[cfg(crux_sim)]
+mod sim_cmd;
+mod state;
+
+/// Crux: a node agent that finds its peers, agrees on one flock with one leader, and runs the
+/// flock's services.
+#[derive(Debug, Parser)]
+#[command(name = "crux", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the node agent (config: --config FILE, CRUX_* variables, flags).
+    Agent(config::AgentFlags),
+    /// Run a local flock of N agent processes on 127.0.0.2 … 127.0.0.(N+1), with a live table.
+    Dev(dev::DevArgs),
+    /// List the members the local agent knows.
+    Members {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(flatten)]
+        json: client::JsonArg,
+    },
+    /// Show the leader the local agent follows (exit 1 when none is known).
+    Leader {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(flatten)]
+        json: client::JsonArg,
+    },
+    /// Show the local agent's identity and bootstrap progress.
+    Status {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(flatten)]
+        json: client::JsonArg,
+    },
+    /// Manage the secondary keyring: list, install KEY, use KEY, remove KEY.
+    Keys {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(subcommand)]
+        cmd: client::KeysCmd,
+    },
+    /// Print a new random secondary key (base64) for `crux keys install` or a keyring file.
+    Keygen,
+    /// Run the deterministic flock simulator.
+    #[cfg(crux_sim)]
+    Sim(sim_cmd::SimArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: anyhow::Result<i32> = match &cli.cmd {
+        Cmd::Agent(flags) => Ok(agent::main(flags)),
+        Cmd::Dev(args) => dev::main(args),
+        Cmd::Members { socket, json } => {
+            client::block_on(client::members(&socket.socket, json.json)).map(|()| 0)
+        }
+        Cmd::Leader { socket, json } => {
+            client::block_on(client::leader(&socket.socket, json.json)).map(|()| 0)
+        }
+        Cmd::Status { socket, json } => {
+            client::block_on(client::status(&socket.socket, json.json)).map(|()| 0)
+        }
+        Cmd::Keys { socket, cmd } => client::block_on(client::keys(&socket.socket, cmd)).map(|()| 0),
+        Cmd::Keygen => keys::generate().map(|k| {
+            println!("{k}");
+            0
+        }),
+        #[cfg(crux_sim)]
+        Cmd::Sim(args) => sim_cmd::run(args).map(|()| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("crux: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,341 @@
+//! `crux agent`: loads the config, then brings the node up in DESIGN.md's bootstrap order, each
+//! step logged with its elapsed time, and stays up until SIGTERM or SIGINT, when it leaves the
+//! flock gracefully and exits 0.
+//!
+//! 1. **flock**: node identity and keyring from the data dir, UDP (and TCP for streams) bound,
+//!    the address space probed, a flock joined or formed, a leader known.
+//! 2. **reeve**: the local socket (gRPC) opened. (The heartbeater and registry come with the
+//!    registry work.)
+//! 3. **steward**, 4. **picket**, 5. **proctor/dean**: present as steps; their services land with
+//!    their own issues.
+//!
+//! Ready (sd_notify `READY=1`, HTTP `/ready` → 200) only after step 5.
+
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use crux_flock::driver::{Driver, DriverConfig, DriverHandle, Exit};
+use crux_flock::{Event, Flock, Identity};
+use rand::RngCore;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{AgentFlags, ConfigError, RawConfig, Settings};
+use crate::keys::LocalKeyring;
+use crate::state::{AgentState, STEPS};
+
+/// Exit code of a config error.
+pub const EXIT_CONFIG: i32 = 2;
+
+/// Runs the agent; returns the process exit code.
+pub fn main(flags: &AgentFlags) -> i32 {
+    let settings = match RawConfig::load(flags, std::env::vars()).and_then(|raw| raw.validate()) {
+        Ok(s) => s,
+        Err(e) => {
+            report_config_error(&e);
+            return EXIT_CONFIG;
+        }
+    };
+    init_logging(&settings.log_level);
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("crux agent: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(settings)) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("crux agent: {e:#}");
+            1
+        }
+    }
+}
+
+fn report_config_error(e: &ConfigError) {
+    eprintln!("crux agent: {e}");
+}
+
+fn init_logging(level: &str) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Wall-clock milliseconds since the Unix epoch (for the boot id).
+#[allow(clippy::disallowed_methods)]
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The monotonic start instant of the agent (uptime, step times).
+#[allow(clippy::disallowed_methods)]
+fn now_instant() -> Instant {
+    Instant::now()
+}
+
+/// Cancels `token` on SIGTERM or SIGINT; a second signal exits at once.
+fn watch_signals(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            seen += 1;
+            if seen == 1 {
+                info!(signal = name, "shutting down: leaving the flock");
+                token.cancel();
+            } else {
+                warn!(signal = name, "second signal: exiting without waiting");
+                std::process::exit(1);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The address others reach this node at: `advertise`, or for a wildcard `bind`, the local
+/// address the kernel routes from towards the first seed or the first address of the space
+/// (a UDP `connect` sends nothing).
+fn resolve_advertise(s: &Settings) -> Result<SocketAddr, ConfigError> {
+    if let Some(a) = s.advertise {
+        return Ok(a);
+    }
+    let port = s.bind.port();
+    let target = s.flock.seeds.first().copied().or_else(|| s.flock.space.nth(0, port));
+    let ip = target.and_then(|t| {
+        let any: SocketAddr =
+            if t.is_ipv4() { "0.0.0.0:0".parse().ok()? } else { "[::]:0".parse().ok()? };
+        let sock = StdUdpSocket::bind(any).ok()?;
+        sock.connect(t).ok()?;
+        let ip = sock.local_addr().ok()?.ip();
+        (!ip.is_unspecified()).then_some(ip)
+    });
+    match ip {
+        Some(ip) => Ok(SocketAddr::new(ip, port)),
+        None => Err(ConfigError {
+            field: "advertise".into(),
+            reason: format!(
+                "bind address {} is a wildcard and no local address could be chosen from the \
+                 seeds or the address space; set advertise to this node's ip:port",
+                s.bind
+            ),
+        }),
+    }
+}
+
+struct Steps {
+    state: Arc<AgentState>,
+    start: Instant,
+}
+
+impl Steps {
+    /// Logs and records step `n` (1-based) as done.
+    fn done(&self, n: usize, began: Instant, detail: &str) {
+        let name = STEPS[n - 1];
+        let elapsed = began.elapsed();
+        self.state.step_done(name, elapsed, detail);
+        info!(
+            step = n,
+            name,
+            elapsed_ms = elapsed.as_millis() as u64,
+            since_start_ms = self.start.elapsed().as_millis() as u64,
+            "bootstrap step {n}/{} {name} done in {elapsed:.1?}: {detail}",
+            STEPS.len()
+        );
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let start = now_instant();
+    let stop = CancellationToken::new();
+    watch_signals(stop.clone())?;
+    info!(version = env!("CARGO_PKG_VERSION"), bloc = %settings.flock.bloc, "crux agent starting");
+
+    // ---- step 1: flock -------------------------------------------------------------------
+    let began = now_instant();
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
+    let id = crate::identity::load_or_create_node_id(&settings.data_dir)?;
+    let boot = crate::identity::next_boot_id(&settings.data_dir, unix_ms())?;
+    let keyring = LocalKeyring::open(settings.keyring.clone())?;
+    let addr = resolve_advertise(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let udp = UdpSocket::bind(settings.bind)
+        .await
+        .with_context(|| format!("binding flock UDP {}", settings.bind))?;
+    let tcp = TcpListener::bind(settings.bind)
+        .await
+        .with_context(|| format!("binding flock TCP {} (push-pull streams)", settings.bind))?;
+    let identity = Identity { id, boot, addr };
+    let clock = tokio::time::Instant::now();
+    let flock =
+        Flock::new(settings.flock.clone(), identity, rand::rngs::OsRng.next_u64(), clock.elapsed())
+            .map_err(|e| anyhow::anyhow!("config field `{}`: {}", e.field, e.reason))?;
+    let driver_config = DriverConfig { leave_timeout: settings.leave_timeout, ..Default::default() };
+    let (driver, handle) = Driver::new(flock, udp, tcp, clock, driver_config);
+    tokio::spawn(log_events(handle.clone()));
+    let driver_task = tokio::spawn(driver.run(stop.clone()));
+    info!(
+        node = %id,
+        boot = %boot,
+        %addr,
+        bind = %settings.bind,
+        preset = %settings.preset,
+        grpc_port = settings.grpc_port,
+        "flock bound (node-to-node gRPC comes with the registry)"
+    );
+
+    let servers = CancellationToken::new();
+    let state = AgentState::new(handle.clone(), settings.clone(), keyring, start);
+    let steps = Steps { state: state.clone(), start };
+    let mut http_task = None;
+    if let Some(http) = settings.http {
+        let listener =
+            TcpListener::bind(http).await.with_context(|| format!("binding HTTP {http}"))?;
+        info!(%http, "HTTP /metrics and /ready listening");
+        http_task = Some(tokio::spawn(crate::http::serve(listener, state.clone(), servers.clone())));
+    }
+
+    let outcome = bootstrap(&steps, &handle, &settings, began, &servers, &stop).await;
+    let grpc_task = match outcome {
+        Ok(Some(task)) => Some(task),
+        Ok(None) => None,
+        Err(e) => {
+            stop.cancel();
+            let _ = driver_task.await;
+            return Err(e);
+        }
+    };
+
+    // ---- serve until a signal ------------------------------------------------------------
+    stop.cancelled().await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let exit = driver_task.await.context("flock driver task")?;
+    match exit {
+        Exit::Left => info!("left the flock"),
+        Exit::LeaveTimedOut => warn!("leave not confirmed within {:?}", settings.leave_timeout),
+    }
+    servers.cancel();
+    if let Some(t) = grpc_task {
+        let _ = t.await;
+    }
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&settings.socket);
+    info!(uptime = ?start.elapsed(), "crux agent stopped");
+    Ok(())
+}
+
+type GrpcTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Steps 1 (the wait for a flock) to 5. `Ok(None)`: a signal came first.
+async fn bootstrap(
+    steps: &Steps,
+    handle: &DriverHandle,
+    settings: &Settings,
+    began: Instant,
+    servers: &CancellationToken,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<GrpcTask>> {
+    // Step 1 ends once this node is in a flock with a known leader (its own, if alone).
+    let mut watch = handle.watch();
+    let mut waited = Duration::ZERO;
+    loop {
+        let snap = watch.borrow_and_update().clone();
+        if let Some(l) = snap.leader {
+            let detail = format!(
+                "node {} at {}, {} live member(s), leader {} term {}",
+                snap.identity.id, snap.identity.addr, snap.live, l.id, l.term
+            );
+            steps.done(1, began, &detail);
+            break;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            r = watch.changed() => if r.is_err() { bail!("flock driver stopped during bootstrap") },
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                waited += Duration::from_secs(5);
+                info!(waited = ?waited, live = snap.live, "bootstrap step 1/5 flock: waiting for a leader");
+            }
+        }
+    }
+
+    // Step 2: the local socket.
+    let began = now_instant();
+    let listener = crate::rpc::bind(&settings.socket).await?;
+    let grpc =
+        tokio::spawn(crate::rpc::serve(listener, steps.state.clone(), servers.clone()));
+    steps.done(
+        2,
+        began,
+        &format!(
+            "local API on {} (mode 0660); heartbeater and registry calls come with the registry",
+            settings.socket.display()
+        ),
+    );
+
+    // Steps 3-5: their services land with their own issues.
+    let later = [
+        (3, "steward: comes with the registry (runs on the leader)"),
+        (4, "picket: comes with the service runner (no built-in services yet)"),
+        (5, "proctor/dean: come with placement"),
+    ];
+    for (n, detail) in later {
+        let began = now_instant();
+        if stop.is_cancelled() {
+            return Ok(Some(grpc));
+        }
+        steps.done(n, began, detail);
+    }
+    steps.state.set_ready();
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    info!(elapsed_ms = steps.start.elapsed().as_millis() as u64, "ready");
+    Ok(Some(grpc))
+}
+
+/// Logs membership and leader changes at info.
+async fn log_events(handle: DriverHandle) {
+    let mut events = handle.subscribe();
+    loop {
+        match events.recv().await {
+            Ok(Event::MemberJoined(m)) => info!(id = %m.id, addr = %m.addr, "member joined"),
+            Ok(Event::MemberUpdated(m)) => {
+                tracing::debug!(id = %m.id, addr = %m.addr, inc = m.incarnation, "member updated")
+            }
+            Ok(Event::MemberSuspect(m)) => info!(id = %m.id, addr = %m.addr, "member suspect"),
+            Ok(Event::MemberDead(m)) => info!(id = %m.id, addr = %m.addr, "member dead"),
+            Ok(Event::MemberLeft(m)) => info!(id = %m.id, addr = %m.addr, "member left"),
+            Ok(Event::MemberReaped(id)) => info!(%id, "member reaped"),
+            Ok(Event::LeaderChanged(Some(l))) => {
+                info!(leader = %l.id, addr = %l.addr, term = l.term, "leader changed")
+            }
+            Ok(Event::LeaderChanged(None)) => info!("no leader known"),
+            Ok(Event::LeaveComplete) => info!("leave gossiped"),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                warn!(missed = n, "event log fell behind")
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! The CLI's side of the local socket: `crux members`, `crux leader`, `crux keys ...`.
+//! Tables for people, `--json` for scripts, a clear message and a non-zero exit on every error.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use crux_proto::grpc::reeve::v1 as pb;
+use hyper_util::rt::TokioIo;
+use pb::reeve_client::ReeveClient;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// How long the CLI waits for the agent.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the CLI finds its agent.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SocketArg {
+    /// The agent's local socket.
+    #[arg(long, env = "CRUX_SOCKET", default_value = crate::config::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Output format flag.
+#[derive(Clone, Debug, clap::Args)]
+pub struct JsonArg {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Connects to the agent's socket, with errors a person can act on.
+pub async fn connect(path: &Path) -> anyhow::Result<ReeveClient<Channel>> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow!(
+            "no agent socket at {} (is `crux agent` running? use --socket or CRUX_SOCKET)",
+            path.display()
+        ),
+        _ => anyhow!("cannot reach agent socket {}: {e}", path.display()),
+    })?;
+    use std::os::unix::fs::FileTypeExt;
+    if !meta.file_type().is_socket() {
+        return Err(anyhow!("{} is not a socket", path.display()));
+    }
+    let owned = path.to_path_buf();
+    let channel = Endpoint::from_static("http://crux.local")
+        .connect_timeout(CALL_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = owned.clone();
+            async move { tokio::net::UnixStream::connect(p).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| {
+            let io = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .map(|io| io.kind());
+            match io {
+                Some(std::io::ErrorKind::PermissionDenied) => anyhow!(
+                    "permission denied on {} (join the socket's group, or run as its owner)",
+                    path.display()
+                ),
+                Some(std::io::ErrorKind::ConnectionRefused) => anyhow!(
+                    "agent socket {} refuses connections (the agent is not running)",
+                    path.display()
+                ),
+                _ => anyhow!("cannot connect to agent socket {}: {e}", path.display()),
+            }
+        })?;
+    Ok(ReeveClient::new(channel))
+}
+
+/// A gRPC error as a message for people.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unavailable => anyhow!("{}", s.message()),
+        tonic::Code::NotFound => anyhow!("{}", s.message()),
+        tonic::Code::Unimplemented => anyhow!("the agent does not support this call (older agent?)"),
+        tonic::Code::DeadlineExceeded => anyhow!("the agent did not answer in time"),
+        _ => anyhow!("{}", s.message()),
+    }
+}
+
+/// One member as `crux members --json` prints it.
+#[derive(Debug, Serialize)]
+pub struct MemberJson {
+    /// Node id (16 hex digits).
+    pub id: String,
+    /// Flock address, host:port.
+    pub addr: String,
+    /// alive, suspect, dead or left.
+    pub state: String,
+    /// Whether it is the leader this agent follows.
+    pub leader: bool,
+    /// SWIM incarnation.
+    pub incarnation: u64,
+    /// Boot id.
+    pub boot_id: String,
+    /// Whether it is the answering agent itself.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+}
+
+/// Lower-case state name.
+pub fn state_name(s: i32) -> &'static str {
+    match pb::MemberState::try_from(s) {
+        Ok(pb::MemberState::Alive) => "alive",
+        Ok(pb::MemberState::Suspect) => "suspect",
+        Ok(pb::MemberState::Dead) => "dead",
+        Ok(pb::MemberState::Left) => "left",
+        _ => "unknown",
+    }
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t
+}
+
+fn fmt_age(ms: u64) -> String {
+    let d = Duration::from_secs(ms / 1000);
+    if d.is_zero() {
+        "<1s".into()
+    } else {
+        humantime::format_duration(d).to_string()
+    }
+}
+
+/// `crux members`.
+pub async fn members(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let resp = c.members(pb::MembersRequest {}).await.map_err(status_error)?.into_inner();
+    let members: Vec<MemberJson> = resp
+        .members
+        .iter()
+        .map(|m| MemberJson {
+            id: m.id.clone(),
+            addr: m.addr.clone(),
+            state: state_name(m.state).into(),
+            leader: m.leader,
+            incarnation: m.incarnation,
+            boot_id: m.boot_id.clone(),
+            is_self: m.self_,
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&members)?);
+        return Ok(());
+    }
+    let mut t = table(&["NODE", "ADDRESS", "STATE", "LEADER", "INCARNATION", "FOR"]);
+    for (m, raw) in members.iter().zip(&resp.members) {
+        let id = if m.is_self { format!("{} (self)", m.id) } else { m.id.clone() };
+        let leader = if m.leader { "leader" } else { "" };
+        t.add_row(vec![
+            id,
+            m.addr.clone(),
+            m.state.clone(),
+            leader.into(),
+            m.incarnation.to_string(),
+            fmt_age(raw.state_age_ms),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// `crux leader`.
+pub async fn leader(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let l = c.leader(pb::LeaderRequest {}).await.map_err(status_error)?.into_inner();
+    if json {
+        let v = serde_json::json!({ "id": l.id, "addr": l.addr, "term": l.term });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let mut t = table(&["LEADER", "ADDRESS", "TERM"]);
+        t.add_row(vec![l.id, l.addr, l.term.to_string()]);
+        println!("{t}");
+    }
+    Ok(())
+}
+
+/// `crux keys ...` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum KeysCmd {
+    /// List the keyring's keys (ids, never key material).
+    List(JsonArg),
+    /// Add a key (base64, from `crux keygen`) to the keyring.
+    Install {
+        /// The key.
+        key: String,
+    },
+    /// Make an installed key the primary.
+    Use {
+        /// The key or its id.
+        key: String,
+    },
+    /// Remove a key that is not the primary.
+    Remove {
+        /// The key or its id.
+        key: String,
+    },
+}
+
+fn print_keys(keys: &[pb::Key], nodes: u32, json: bool) -> anyhow::Result<()> {
+    if json {
+        let v: Vec<_> = keys
+            .iter()
+            .map(|k| serde_json::json!({ "id": k.id, "primary": k.primary }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut t = table(&["KEY ID", "PRIMARY"]);
+    for k in keys {
+        t.add_row(vec![k.id.clone(), if k.primary { "primary".into() } else { String::new() }]);
+    }
+    println!("{t}");
+    println!("keyring of {nodes} node(s)");
+    Ok(())
+}
+
+/// `crux keys`.
+pub async fn keys(socket: &Path, cmd: &KeysCmd) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    match cmd {
+        KeysCmd::List(j) => {
+            let r = c.list_keys(pb::ListKeysRequest {}).await.map_err(status_error)?.into_inner();
+            print_keys(&r.keys, r.nodes, j.json)
+        }
+        KeysCmd::Install { key } => {
+            let r = c
+                .install_key(pb::InstallKeyRequest { key: key.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("installed");
+            print_keys(&r.keys, r.nodes, false)
+        }
+        KeysCmd::Use { key } => {
+            let r = c
+                .use_key(pb::UseKeyRequest { key: key.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("primary key changed");
+            print_keys(&r.keys, r.nodes, false)
+        }
+        KeysCmd::Remove { key } => {
+            let r = c
+                .remove_key(pb::RemoveKeyRequest { key: key.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("removed");
+            print_keys(&r.keys, r.nodes, false)
+        }
+    }
+}
+
+/// `crux status` (agent identity and bootstrap steps).
+pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let s = c.status(pb::StatusRequest {}).await.map_err(status_error)?.into_inner();
+    if json {
+        let steps: Vec<_> = s
+            .steps
+            .iter()
+            .map(|st| {
+                serde_json::json!({"name": st.name, "done": st.done,
+                    "elapsed_ms": st.elapsed_ms, "detail": st.detail})
+            })
+            .collect();
+        let v = serde_json::json!({
+            "node_id": s.node_id, "boot_id": s.boot_id, "bloc": s.bloc, "addr": s.addr,
+            "ready": s.ready, "live_members": s.live_members, "key_epoch": s.key_epoch,
+            "version": s.version, "uptime_ms": s.uptime_ms, "steps": steps,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("node {} (boot {}) at {}, bloc {:?}", s.node_id, s.boot_id, s.addr, s.bloc);
+    println!(
+        "crux {}, up {}, {}, {} live member(s)",
+        s.version,
+        fmt_age(s.uptime_ms),
+        if s.ready { "ready" } else { "not ready" },
+        s.live_members
+    );
+    let mut t = table(&["STEP", "DONE", "TOOK", "DETAIL"]);
+    for st in &s.steps {
+        t.add_row(vec![
+            st.name.clone(),
+            if st.done { "yes".into() } else { "no".into() },
+            format!("{} ms", st.elapsed_ms),
+            st.detail.clone(),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// Runs a client future on a small runtime.
+pub fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(f)
+}

@@ -1,0 +1,560 @@
+//! Agent configuration: a TOML file, overridden by `CRUX_*` environment variables, overridden by
+//! command-line flags. Every source fills the same [`RawConfig`]; [`RawConfig::validate`] turns it
+//! into [`Settings`] or a [`ConfigError`] naming the field and the reason.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crux_flock::{AddressSpace, Config as FlockConfig, Preset, Timing};
+use serde::{Deserialize, Serialize};
+
+/// Flock UDP port (and TCP for push-pull streams), as DESIGN.md "Operating it".
+pub const DEFAULT_FLOCK_PORT: u16 = 7700;
+/// Node-to-node gRPC port (TCP).
+pub const DEFAULT_GRPC_PORT: u16 = 7701;
+/// HTTP port: `/metrics`, `/ready`, status page.
+pub const DEFAULT_HTTP_PORT: u16 = 7702;
+/// Local API socket.
+pub const DEFAULT_SOCKET: &str = "/run/crux/reeve.sock";
+/// Data dir: node identity, keyring.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/crux";
+/// A graceful leave is gossiped for the preset's `leave_propagation`; this bounds the wait.
+pub const DEFAULT_LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A config value that is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The field as named in the config file (and, for env/flags, where the value came from).
+    pub field: String,
+    /// Why it is refused.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config field `{}`: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError { field: field.into(), reason: reason.into() })
+}
+
+/// Optional per-field overrides of the preset's timings (`[timing]` table; durations are
+/// humantime strings such as `"500ms"` or `"2s"`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[allow(missing_docs)]
+pub struct TimingOverrides {
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub probe_interval: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub probe_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub indirect_probes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspicion_mult: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspicion_max_mult: Option<u32>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub gossip_interval: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_fanout: Option<usize>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub push_pull_interval: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub leader_beat_interval: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub leader_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub settle: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub reap_after: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub discovery_interval_alone: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub discovery_interval: Option<Duration>,
+}
+
+impl TimingOverrides {
+    fn apply(&self, t: &mut Timing) {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { t.$f = v; } )* };
+        }
+        set!(
+            probe_interval,
+            probe_timeout,
+            indirect_probes,
+            suspicion_mult,
+            suspicion_max_mult,
+            gossip_interval,
+            gossip_fanout,
+            push_pull_interval,
+            leader_beat_interval,
+            leader_timeout,
+            settle,
+            reap_after,
+            discovery_interval_alone,
+            discovery_interval
+        );
+    }
+}
+
+/// The config as written: every source (file, environment, flags) fills this, unchecked.
+/// Field docs are the config reference (README.md "Config reference" mirrors them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// Bloc ID: only nodes with the same bloc ID flock together. Required.
+    pub bloc: String,
+    /// Directory for the node identity, boot id and keyring.
+    pub data_dir: PathBuf,
+    /// Keyring file (secondary keys). Default: `<data_dir>/keyring`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<PathBuf>,
+    /// Flock address to bind, `ip:port` (UDP, and TCP for push-pull streams).
+    pub bind: String,
+    /// Flock address other nodes reach this one at. Default: `bind`, or when `bind` is a wildcard
+    /// address, the local address the kernel would use towards the first seed or the address space.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Address space to probe: CIDRs (`10.0.0.0/24`), ranges (`10.0.1.5-10.0.1.40`), addresses.
+    pub space: Vec<String>,
+    /// Ports of the address space: `7700` or `7700-7710`. Empty: the node's own flock port.
+    pub ports: Vec<String>,
+    /// Addresses (`ip:port`) to try first.
+    pub seeds: Vec<String>,
+    /// Timing preset: `lan`, `wan` or `local`.
+    pub preset: String,
+    /// Per-field timing overrides.
+    pub timing: TimingOverrides,
+    /// Largest datagram sent, in bytes.
+    pub mtu: usize,
+    /// Most members kept.
+    pub members_max: usize,
+    /// Local API socket (gRPC over a Unix socket, mode 0660).
+    pub socket: PathBuf,
+    /// Node-to-node gRPC port (TCP, on the flock address's IP). Served from the registry work on.
+    pub grpc_port: u16,
+    /// HTTP port for `/metrics`, `/ready` and the status page. 0 turns HTTP off.
+    pub http_port: u16,
+    /// IP the HTTP server binds. Default: the IP of `bind`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
+    /// Log filter: a level (`info`, `debug`) or a `tracing` filter (`info,crux_flock=debug`).
+    /// `RUST_LOG`, when set, wins.
+    pub log_level: String,
+    /// How long a shutdown waits for the leave to be gossiped.
+    #[serde(with = "humantime_serde")]
+    pub leave_timeout: Duration,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            bloc: String::new(),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            keyring: None,
+            bind: format!("0.0.0.0:{DEFAULT_FLOCK_PORT}"),
+            advertise: None,
+            space: Vec::new(),
+            ports: Vec::new(),
+            seeds: Vec::new(),
+            preset: Preset::Lan.to_string(),
+            timing: TimingOverrides::default(),
+            mtu: crux_proto::flock::DEFAULT_MTU,
+            members_max: crux_flock::config::DEFAULT_MEMBERS_MAX,
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            grpc_port: DEFAULT_GRPC_PORT,
+            http_port: DEFAULT_HTTP_PORT,
+            http_addr: None,
+            log_level: "info".into(),
+            leave_timeout: DEFAULT_LEAVE_TIMEOUT,
+        }
+    }
+}
+
+/// Command-line overrides (`crux agent --bloc ...`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct AgentFlags {
+    /// Config file (TOML). Env: CRUX_CONFIG.
+    #[arg(long, short = 'c', env = "CRUX_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Bloc ID.
+    #[arg(long)]
+    pub bloc: Option<String>,
+    /// Data directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Keyring file.
+    #[arg(long)]
+    pub keyring: Option<PathBuf>,
+    /// Flock bind address, ip:port.
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// Flock address others reach this node at, ip:port.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Address space to probe (comma-separated CIDRs, ranges, addresses).
+    #[arg(long, value_delimiter = ',')]
+    pub space: Option<Vec<String>>,
+    /// Ports of the address space (comma-separated ports or ranges).
+    #[arg(long, value_delimiter = ',')]
+    pub ports: Option<Vec<String>>,
+    /// Seeds (comma-separated ip:port).
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Option<Vec<String>>,
+    /// Timing preset: lan, wan or local.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Local API socket path.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Node-to-node gRPC port.
+    #[arg(long)]
+    pub grpc_port: Option<u16>,
+    /// HTTP port (0: off).
+    #[arg(long)]
+    pub http_port: Option<u16>,
+    /// Log level or tracing filter.
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+/// A checked config, ready to run an agent.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Keyring file.
+    pub keyring: PathBuf,
+    /// Flock bind address.
+    pub bind: SocketAddr,
+    /// Flock address others reach this node at (None: to be chosen at start, see
+    /// [`RawConfig::advertise`]).
+    pub advertise: Option<SocketAddr>,
+    /// Flock core config.
+    pub flock: FlockConfig,
+    /// Timing preset named in the config.
+    pub preset: Preset,
+    /// Local API socket.
+    pub socket: PathBuf,
+    /// Node-to-node gRPC address.
+    pub grpc_port: u16,
+    /// HTTP address (None: off).
+    pub http: Option<SocketAddr>,
+    /// Log filter.
+    pub log_level: String,
+    /// Leave wait bound.
+    pub leave_timeout: Duration,
+}
+
+impl RawConfig {
+    /// Reads a TOML config file over the defaults.
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            field: "config".into(),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?;
+        RawConfig::from_toml(&text).map_err(|mut e| {
+            e.reason = format!("{} (in {})", e.reason, path.display());
+            e
+        })
+    }
+
+    /// Parses TOML text over the defaults.
+    pub fn from_toml(text: &str) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            // toml names unknown and mistyped keys in its message; pull the key out for `field`.
+            let msg = e.message().trim().to_string();
+            let field = toml_key_of(text, e.span()).unwrap_or_else(|| "config".into());
+            ConfigError { field, reason: msg }
+        })
+    }
+
+    /// Applies `CRUX_*` variables from `vars` (pass `std::env::vars()`).
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (k, v) in vars {
+            let Some(name) = k.strip_prefix("CRUX_") else { continue };
+            let field = |f: &str| format!("{f} (from {k})");
+            let list = |v: &str| -> Vec<String> {
+                v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+            };
+            match name {
+                "BLOC" => self.bloc = v,
+                "DATA_DIR" => self.data_dir = v.into(),
+                "KEYRING" => self.keyring = Some(v.into()),
+                "BIND" => self.bind = v,
+                "ADVERTISE" => self.advertise = Some(v),
+                "SPACE" => self.space = list(&v),
+                "PORTS" => self.ports = list(&v),
+                "SEEDS" => self.seeds = list(&v),
+                "PRESET" => self.preset = v,
+                "SOCKET" => self.socket = v.into(),
+                "LOG_LEVEL" => self.log_level = v,
+                "HTTP_ADDR" => self.http_addr = Some(v),
+                "MTU" => self.mtu = parse_num(&v).or_else(|r| err(field("mtu"), r))?,
+                "MEMBERS_MAX" => {
+                    self.members_max = parse_num(&v).or_else(|r| err(field("members_max"), r))?
+                }
+                "GRPC_PORT" => {
+                    self.grpc_port = parse_num(&v).or_else(|r| err(field("grpc_port"), r))?
+                }
+                "HTTP_PORT" => {
+                    self.http_port = parse_num(&v).or_else(|r| err(field("http_port"), r))?
+                }
+                "LEAVE_TIMEOUT" => {
+                    self.leave_timeout = humantime::parse_duration(&v)
+                        .or_else(|e| err(field("leave_timeout"), e.to_string()))?
+                }
+                // CRUX_CONFIG is read by the flag parser; others are not ours.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies command-line flags.
+    pub fn apply_flags(&mut self, f: &AgentFlags) {
+        macro_rules! set {
+            ($($name:ident),*) => { $( if let Some(v) = &f.$name { self.$name = v.clone(); } )* };
+        }
+        set!(bloc, data_dir, bind, space, ports, seeds, preset, socket, log_level);
+        if let Some(v) = &f.keyring {
+            self.keyring = Some(v.clone());
+        }
+        if let Some(v) = &f.advertise {
+            self.advertise = Some(v.clone());
+        }
+        if let Some(v) = f.grpc_port {
+            self.grpc_port = v;
+        }
+        if let Some(v) = f.http_port {
+            self.http_port = v;
+        }
+    }
+
+    /// File, then environment, then flags.
+    pub fn load(
+        flags: &AgentFlags,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<RawConfig, ConfigError> {
+        let mut raw = match &flags.config {
+            Some(path) => RawConfig::from_file(path)?,
+            None => RawConfig::default(),
+        };
+        raw.apply_env(env)?;
+        raw.apply_flags(flags);
+        Ok(raw)
+    }
+
+    /// Checks every field; the error names the field and the reason.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        if self.bloc.trim().is_empty() {
+            return err("bloc", "must be set (the bloc ID shared by every node of the flock)");
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return err("data_dir", "must not be empty");
+        }
+        let bind: SocketAddr = self
+            .bind
+            .parse()
+            .or_else(|e| err("bind", format!("{:?} is not an ip:port address: {e}", self.bind)))?;
+        if bind.port() == 0 {
+            return err("bind", "the flock port must not be 0 (others must know where to look)");
+        }
+        let advertise = match &self.advertise {
+            Some(a) => {
+                let a: SocketAddr = a
+                    .parse()
+                    .or_else(|e| err("advertise", format!("{a:?} is not an ip:port: {e}")))?;
+                if a.ip().is_unspecified() || a.port() == 0 {
+                    return err("advertise", "must be a concrete ip:port others can reach");
+                }
+                Some(a)
+            }
+            None if bind.ip().is_unspecified() => None,
+            None => Some(bind),
+        };
+        let preset: Preset = self.preset.parse().or_else(|e| err("preset", e))?;
+        let space =
+            AddressSpace::parse(&self.space, &[] as &[String]).or_else(|e| err("space", e))?;
+        let ports =
+            AddressSpace::parse(&[] as &[String], &self.ports).or_else(|e| err("ports", e))?;
+        let space = AddressSpace { ranges: space.ranges, ports: ports.ports };
+        if self.ports.iter().any(|p| p.trim().is_empty()) {
+            return err("ports", "an entry is empty");
+        }
+        let mut seeds = Vec::with_capacity(self.seeds.len());
+        for s in &self.seeds {
+            let a: SocketAddr =
+                s.parse().or_else(|e| err("seeds", format!("{s:?} is not an ip:port: {e}")))?;
+            seeds.push(a);
+        }
+        let mut timing = Timing::preset(preset);
+        self.timing.apply(&mut timing);
+        let flock = FlockConfig {
+            bloc: self.bloc.clone(),
+            timing,
+            mtu: self.mtu,
+            space,
+            seeds,
+            members_max: self.members_max,
+        };
+        flock.validate().or_else(|e| err(e.field, e.reason))?;
+        if self.socket.as_os_str().is_empty() {
+            return err("socket", "must not be empty");
+        }
+        if self.grpc_port == 0 {
+            return err("grpc_port", "must not be 0");
+        }
+        if self.grpc_port == bind.port() {
+            return err("grpc_port", "must differ from the flock port (TCP there carries streams)");
+        }
+        let http = if self.http_port == 0 {
+            None
+        } else {
+            let ip: IpAddr = match &self.http_addr {
+                Some(a) => a.parse().or_else(|e| err("http_addr", format!("{a:?}: {e}")))?,
+                None => bind.ip(),
+            };
+            if self.http_port == bind.port() || self.http_port == self.grpc_port {
+                return err("http_port", "must differ from the flock and gRPC ports");
+            }
+            Some(SocketAddr::new(ip, self.http_port))
+        };
+        if self.log_level.trim().is_empty() {
+            return err("log_level", "must not be empty");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return err("log_level", format!("{:?} is not a log filter: {e}", self.log_level));
+        }
+        if self.leave_timeout.is_zero() {
+            return err("leave_timeout", "must be greater than zero");
+        }
+        Ok(Settings {
+            keyring: self.keyring.clone().unwrap_or_else(|| self.data_dir.join("keyring")),
+            data_dir: self.data_dir.clone(),
+            bind,
+            advertise,
+            flock,
+            preset,
+            socket: self.socket.clone(),
+            grpc_port: self.grpc_port,
+            http,
+            log_level: self.log_level.clone(),
+            leave_timeout: self.leave_timeout,
+        })
+    }
+
+    /// The config as TOML text (what `crux dev` writes).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serializes")
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
+    v.trim().parse().map_err(|_| format!("{v:?} is not a number in range"))
+}
+
+/// The key on the line of a TOML error span (`key = value`), for the error's `field`.
+fn toml_key_of(text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {
+    let span = span?;
+    let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split('=').next()?.trim();
+    let valid = !key.is_empty()
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+    valid.then(|| key.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let mut raw = RawConfig { bloc: "b".into(), ..RawConfig::default() };
+        raw.advertise = Some("10.0.0.1:7700".into());
+        let s = raw.validate().unwrap();
+        assert_eq!(s.bind.port(), 7700);
+        assert_eq!(s.grpc_port, 7701);
+        assert_eq!(s.http.unwrap().port(), 7702);
+        assert_eq!(s.socket, PathBuf::from("/run/crux/reeve.sock"));
+        assert_eq!(s.keyring, PathBuf::from("/var/lib/crux/keyring"));
+        assert_eq!(s.preset, Preset::Lan);
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let mut raw = RawConfig::from_toml(
+            "bloc = \"file\"\nbind = \"127.0.0.2:9000\"\nhttp_port = 9100\npreset = \"wan\"\n",
+        )
+        .unwrap();
+        raw.apply_env(vars(&[
+            ("CRUX_BLOC", "env"),
+            ("CRUX_HTTP_PORT", "9200"),
+            ("CRUX_SEEDS", "127.0.0.3:9000, 127.0.0.4:9000"),
+            ("HOME", "/root"),
+        ]))
+        .unwrap();
+        raw.apply_flags(&AgentFlags { bloc: Some("flag".into()), ..AgentFlags::default() });
+        let s = raw.validate().unwrap();
+        assert_eq!(s.flock.bloc, "flag");
+        assert_eq!(s.http.unwrap(), "127.0.0.2:9200".parse().unwrap());
+        assert_eq!(s.flock.seeds.len(), 2);
+        assert_eq!(s.preset, Preset::Wan);
+        assert_eq!(s.advertise, Some("127.0.0.2:9000".parse().unwrap()));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let field = |toml: &str| {
+            let raw = RawConfig::from_toml(toml);
+            match raw {
+                Err(e) => e.field,
+                Ok(raw) => raw.validate().unwrap_err().field,
+            }
+        };
+        assert_eq!(field(""), "bloc");
+        assert_eq!(field("bloc = \"b\"\npreset = \"fast\""), "preset");
+        assert_eq!(field("bloc = \"b\"\nbind = \"nowhere\""), "bind");
+        assert_eq!(field("bloc = \"b\"\nspace = [\"10.0.0.0/40\"]"), "space");
+        assert_eq!(field("bloc = \"b\"\nports = [\"0\"]"), "ports");
+        assert_eq!(field("bloc = \"b\"\nseeds = [\"10.0.0.1\"]"), "seeds");
+        assert_eq!(field("bloc = \"b\"\nhttp_port = \"x\""), "http_port");
+        assert_eq!(field("bloc = \"b\"\nmtu = 10"), "mtu");
+        assert_eq!(field("bloc = \"b\"\nlog_level = \"=,=\""), "log_level");
+        assert_eq!(field("bloc = \"b\"\nbogus = 1"), "bogus");
+        assert_eq!(
+            field("bloc = \"b\"\n[timing]\nprobe_interval = \"100ms\"\nprobe_timeout = \"1s\""),
+            "timing.probe_timeout"
+        );
+        let mut raw = RawConfig { bloc: "b".into(), ..RawConfig::default() };
+        let e = raw.apply_env(vars(&[("CRUX_HTTP_PORT", "seventy")])).unwrap_err();
+        assert_eq!(e.field, "http_port (from CRUX_HTTP_PORT)");
+        assert!(e.to_string().contains("http_port"));
+    }
+
+    #[test]
+    fn written_config_reads_back() {
+        let raw = RawConfig {
+            bloc: "dev".into(),
+            bind: "127.0.0.2:7800".into(),
+            space: vec!["127.0.0.2-127.0.0.6".into()],
+            ..RawConfig::default()
+        };
+        assert_eq!(RawConfig::from_toml(&raw.to_toml()).unwrap(), raw);
+    }
+}

@@ -1,0 +1,191 @@
+//! The local API: the reeve gRPC service over the agent's Unix socket (mode 0660).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use crux_flock::MemberState;
+use crux_proto::grpc::reeve::v1 as pb;
+use pb::reeve_server::{Reeve, ReeveServer};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::keys::KeyEntry;
+use crate::state::AgentState;
+
+/// Socket file mode: owner and group (the `crux` group) may connect.
+pub const SOCKET_MODE: u32 = 0o660;
+
+/// Binds the socket at `path`: makes its directory, replaces a stale socket file (one nobody
+/// answers on), refuses to take over a live one, and sets mode 0660.
+pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("another agent is serving the socket {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .with_context(|| format!("setting mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves the reeve API on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<AgentState>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(ReeveServer::new(Service { state }))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await
+}
+
+struct Service {
+    state: Arc<AgentState>,
+}
+
+impl Service {
+    fn check_ready(&self) -> Result<(), Status> {
+        if self.state.is_ready() {
+            Ok(())
+        } else {
+            let step = self.state.pending_step().unwrap_or("shutdown");
+            Err(Status::unavailable(format!("agent not ready (bootstrap step {step})")))
+        }
+    }
+}
+
+fn state_pb(s: MemberState) -> pb::MemberState {
+    match s {
+        MemberState::Alive => pb::MemberState::Alive,
+        MemberState::Suspect => pb::MemberState::Suspect,
+        MemberState::Dead => pb::MemberState::Dead,
+        MemberState::Left => pb::MemberState::Left,
+    }
+}
+
+fn keys_pb(keys: Vec<KeyEntry>) -> Vec<pb::Key> {
+    keys.into_iter().map(|k| pb::Key { id: k.id, primary: k.primary }).collect()
+}
+
+fn keyring_status(e: anyhow::Error) -> Status {
+    Status::failed_precondition(format!("{e:#}"))
+}
+
+#[tonic::async_trait]
+impl Reeve for Service {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let snap = self.state.flock.snapshot();
+        let steps = self
+            .state
+            .steps()
+            .into_iter()
+            .map(|s| pb::BootstrapStep {
+                name: s.name.to_string(),
+                done: s.done,
+                elapsed_ms: s.elapsed.as_millis() as u64,
+                detail: s.detail,
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            node_id: snap.identity.id.to_string(),
+            boot_id: snap.identity.boot.to_string(),
+            bloc: self.state.settings.flock.bloc.clone(),
+            addr: snap.identity.addr.to_string(),
+            ready: self.state.is_ready(),
+            steps,
+            live_members: snap.live as u64,
+            key_epoch: self.state.key_epoch(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: self.state.uptime().as_millis() as u64,
+        }))
+    }
+
+    async fn members(
+        &self,
+        _req: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        self.check_ready()?;
+        let snap = self.state.flock.snapshot();
+        let leader = snap.leader.map(|l| l.id);
+        let members = snap
+            .members
+            .iter()
+            .map(|m| pb::Member {
+                id: m.info.id.to_string(),
+                addr: m.info.addr.to_string(),
+                state: state_pb(m.info.state) as i32,
+                leader: Some(m.info.id) == leader,
+                incarnation: m.info.incarnation,
+                boot_id: m.info.boot.to_string(),
+                self_: m.info.id == snap.identity.id,
+                state_age_ms: snap.now.saturating_sub(m.since).as_millis() as u64,
+            })
+            .collect();
+        Ok(Response::new(pb::MembersResponse { members }))
+    }
+
+    async fn leader(
+        &self,
+        _req: Request<pb::LeaderRequest>,
+    ) -> Result<Response<pb::LeaderResponse>, Status> {
+        self.check_ready()?;
+        match self.state.flock.snapshot().leader {
+            Some(l) => Ok(Response::new(pb::LeaderResponse {
+                id: l.id.to_string(),
+                addr: l.addr.to_string(),
+                term: l.term,
+            })),
+            None => Err(Status::not_found("no leader known")),
+        }
+    }
+
+    async fn list_keys(
+        &self,
+        _req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let keys = self.state.keyring.list().map_err(keyring_status)?;
+        Ok(Response::new(pb::ListKeysResponse { keys: keys_pb(keys), nodes: 1 }))
+    }
+
+    async fn install_key(
+        &self,
+        req: Request<pb::InstallKeyRequest>,
+    ) -> Result<Response<pb::KeyringResponse>, Status> {
+        let keys = self.state.keyring.install(&req.into_inner().key).map_err(keyring_status)?;
+        Ok(Response::new(pb::KeyringResponse { keys: keys_pb(keys), nodes: 1 }))
+    }
+
+    async fn use_key(
+        &self,
+        req: Request<pb::UseKeyRequest>,
+    ) -> Result<Response<pb::KeyringResponse>, Status> {
+        let keys = self.state.keyring.use_key(&req.into_inner().key).map_err(keyring_status)?;
+        Ok(Response::new(pb::KeyringResponse { keys: keys_pb(keys), nodes: 1 }))
+    }
+
+    async fn remove_key(
+        &self,
+        req: Request<pb::RemoveKeyRequest>,
+    ) -> Result<Response<pb::KeyringResponse>, Status> {
+        let keys = self.state.keyring.remove(&req.into_inner().key).map_err(keyring_status)?;
+        Ok(Response::new(pb::KeyringResponse { keys: keys_pb(keys), nodes: 1 }))
+    }
+}
