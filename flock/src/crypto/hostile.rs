@@ -5,16 +5,26 @@
 //! truncations and bit flips of the recorded ones, exact replays, another bloc's datagrams, the
 //! right epoch under the wrong key, unknown epochs, oversized datagrams and junk handshakes.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crux_proto::flock::{
-    BootId, Header, Kind, NodeId, HEADER_BYTES, MAGIC, MAX_DATAGRAM_BYTES, VERSION,
+    BootId, Header, Kind, NodeId, DEFAULT_MTU, HEADER_BYTES, MAGIC, MAX_DATAGRAM_BYTES, VERSION,
 };
 
 use super::envelope::{max_plaintext, seal, MIN_SEALED_BYTES};
-use super::handshake::REQUEST_BYTES;
+use super::handshake::{respond, Origin, REQUEST_BYTES};
+use super::keyring::Keyring;
 use super::keys::{Bloc, PacketKey, SecretKey};
+use super::ratelimit::RateLimiter;
+use super::receive::{receive, Received};
+use super::replay::ReplayTable;
+use super::transient::{TransientKeys, ROTATION_MAX};
+use crate::DropReason;
 
 /// One kind of hostile datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -224,6 +234,169 @@ enum Which {
     Wrong,
 }
 
+/// A node's receive path, as the core runs it, for hostile-input runs: [`receive`] for flock
+/// datagrams; rate limit, [`respond`] and the replay window for handshakes.
+#[derive(Debug)]
+pub struct Target {
+    /// The node's bloc.
+    pub bloc: Bloc,
+    /// Largest datagram accepted.
+    pub mtu: usize,
+    /// Transient keys (one current epoch).
+    pub transient: TransientKeys,
+    /// Secondary keyring (one key).
+    pub keyring: Keyring,
+    /// Replay windows.
+    pub replay: ReplayTable,
+    /// Handshake rate limiter.
+    pub limiter: RateLimiter,
+    rng: ChaCha20Rng,
+    counter: u64,
+}
+
+/// What a hostile run saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostileReport {
+    /// Datagrams fed.
+    pub datagrams: u64,
+    /// Bytes fed.
+    pub bytes: u64,
+    /// Datagrams that were accepted (must stay 0).
+    pub accepted: u64,
+    /// Replies the node would have sent (must stay 0).
+    pub replies: u64,
+    /// Drops by reason.
+    pub drops: BTreeMap<DropReason, u64>,
+    /// Datagrams fed, by attack.
+    pub attacks: BTreeMap<Attack, u64>,
+}
+
+impl Target {
+    /// A node of bloc `"hostile-target"`, MTU [`DEFAULT_MTU`], epoch 1 installed at time 0,
+    /// tables bounded at 1,024 entries. Returns it with `n_recorded` valid datagrams from a peer
+    /// that it has already accepted (material for replays, truncations and bit flips).
+    pub fn new(seed: u64, n_recorded: usize) -> (Target, Vec<Vec<u8>>) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let bloc = Bloc::new("hostile-target");
+        let mut transient = TransientKeys::new(bloc.clone(), ROTATION_MAX);
+        transient.install(1, SecretKey::generate(&mut rng), Duration::ZERO);
+        let keyring = Keyring::new(SecretKey::generate(&mut rng));
+        let mut target = Target {
+            bloc,
+            mtu: DEFAULT_MTU,
+            transient,
+            keyring,
+            replay: ReplayTable::new(1024),
+            limiter: RateLimiter::new(1024),
+            rng,
+            counter: 0,
+        };
+        let mut recorded = Vec::new();
+        let mut out = Vec::new();
+        for c in 0..n_recorded.max(1) as u64 {
+            let (epoch, key) = target.transient.sealing_key().expect("installed");
+            let header = Header {
+                kind: Kind::Flock,
+                bloc_tag: target.bloc.tag(),
+                key_id: epoch,
+                sender: NodeId(0xfeed),
+                boot: BootId(1),
+                counter: c,
+            };
+            let len = target.rng.gen_range(0..=256);
+            let mut body = vec![0u8; len];
+            target.rng.fill_bytes(&mut body);
+            let mut d = Vec::new();
+            seal(key, &header, &body, &mut target.rng, &mut d);
+            target
+                .handle(Duration::ZERO, IpAddr::from([127, 0, 0, 2]), &d, &mut out)
+                .expect("valid");
+            recorded.push(d);
+        }
+        (target, recorded)
+    }
+
+    /// Handles one datagram from `from` at `now`: `Ok(None)` for an accepted flock datagram (body
+    /// in `out`), `Ok(Some(reply))` for a handshake request answered, `Err(reason)` for a drop.
+    pub fn handle(
+        &mut self,
+        now: Duration,
+        from: IpAddr,
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, DropReason> {
+        let tag = self.bloc.tag();
+        match receive(
+            bytes,
+            self.mtu,
+            tag,
+            &self.transient,
+            &mut self.replay,
+            now,
+            out,
+        ) {
+            Err(e) => Err(e.drop_reason()),
+            Ok(Received::Flock(_)) => Ok(None),
+            Ok(Received::Handshake(_)) => {
+                if !self.limiter.allow(from, now) {
+                    return Err(DropReason::RateLimited);
+                }
+                let origin = Origin {
+                    sender: NodeId(1),
+                    boot: BootId(1),
+                    counter: self.counter,
+                };
+                let r = respond(
+                    &self.keyring,
+                    &self.bloc,
+                    bytes,
+                    &self.transient,
+                    now,
+                    origin,
+                    &mut self.rng,
+                )
+                .map_err(|e| e.drop_reason())?;
+                if !self
+                    .replay
+                    .accept(r.request.sender, r.request.boot, r.request.counter)
+                {
+                    return Err(DropReason::Replay);
+                }
+                self.counter += 1;
+                Ok(Some(r.reply))
+            }
+        }
+    }
+}
+
+/// Source addresses of a hostile [`run`]: few enough that the handshake rate limit bites.
+pub const SOURCES: u64 = 64;
+
+/// Feeds `n` hostile datagrams (seeded by `seed`) to a fresh [`Target`], from [`SOURCES`] source
+/// addresses in 127.0.0.0/8 (values only: nothing is sent), one microsecond apart, and reports.
+pub fn run(seed: u64, n: u64) -> HostileReport {
+    let (mut target, recorded) = Target::new(seed, 16);
+    let epoch = target.transient.current_epoch().expect("installed");
+    let mut traffic = HostileTraffic::new(seed ^ 0x5eed, &target.bloc, epoch, target.mtu, recorded);
+    let mut report = HostileReport::default();
+    let (mut datagram, mut out) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let attack = traffic.next_into(&mut datagram);
+        *report.attacks.entry(attack).or_default() += 1;
+        report.datagrams += 1;
+        report.bytes += datagram.len() as u64;
+        let source = (i.wrapping_mul(0x9E37_79B9) % SOURCES) as u32;
+        let from = IpAddr::from((0x7f00_0000u32 | source).to_be_bytes());
+        let now = Duration::from_secs(1) + Duration::from_micros(i);
+        match target.handle(now, from, &datagram, &mut out) {
+            Ok(None) => report.accepted += 1,
+            Ok(Some(_)) => report.replies += 1,
+            Err(reason) => *report.drops.entry(reason).or_default() += 1,
+        }
+    }
+    report
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +460,56 @@ mod tests {
         let mut d3 = Vec::new();
         t3.next_into(&mut d3);
         assert_eq!(again, d3, "deterministic");
+    }
+
+    #[test]
+    fn a_hostile_run_accepts_nothing_and_counts_every_drop() {
+        let report = run(7, 20_000);
+        assert_eq!(report.datagrams, 20_000);
+        assert_eq!((report.accepted, report.replies), (0, 0));
+        assert_eq!(report.drops.values().sum::<u64>(), 20_000);
+        for reason in [
+            DropReason::Oversized,
+            DropReason::Truncated,
+            DropReason::BadMagic,
+            DropReason::WrongBloc,
+            DropReason::UnknownKey,
+            DropReason::AuthFailed,
+            DropReason::Replay,
+            DropReason::RateLimited,
+        ] {
+            assert!(
+                report.drops.get(&reason).copied().unwrap_or(0) > 0,
+                "{reason:?}: {report:?}"
+            );
+        }
+        assert_eq!(run(7, 2_000), run(7, 2_000), "deterministic");
+    }
+
+    #[test]
+    fn a_target_answers_a_real_handshake() {
+        let (mut target, _) = Target::new(3, 1);
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        let origin = Origin {
+            sender: NodeId(5),
+            boot: BootId(5),
+            counter: 0,
+        };
+        let (state, request) = crate::crypto::HandshakeInitiator::new(
+            &mut rng,
+            target.keyring.primary(),
+            &target.bloc,
+            crate::crypto::Purpose::Join,
+            origin,
+        );
+        let mut out = Vec::new();
+        let from = IpAddr::from([127, 0, 0, 5]);
+        let reply = target
+            .handle(Duration::from_secs(1), from, &request, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(state.finish(&reply).unwrap().1.epoch, 1);
+        let again = target.handle(Duration::from_secs(1), from, &request, &mut out);
+        assert_eq!(again.unwrap_err(), DropReason::Replay);
     }
 }
