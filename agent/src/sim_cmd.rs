@@ -104,8 +104,16 @@ mod tests {
     #[test]
     fn parses_the_issue_flags() {
         let cli = Cli::try_parse_from([
-            "crux", "--nodes", "1000", "--loss", "0.05", "--seed", "7", "--scenario",
-            "kill-leader", "--json",
+            "crux",
+            "--nodes",
+            "1000",
+            "--loss",
+            "0.05",
+            "--seed",
+            "7",
+            "--scenario",
+            "kill-leader",
+            "--json",
         ])
         .expect("parses");
         assert_eq!(cli.sim.nodes, 1000);

@@ -84,6 +84,10 @@ pub struct SimConfig {
     pub seed_nodes: Vec<usize>,
     /// Record every core event in [`Sim::event_log`] (small clusters in tests).
     pub log_events: bool,
+    /// A death declared by or about a node that a partition or one-way block cut off from some
+    /// node within this long counts as a partition death, not a false one (suspicions started
+    /// during the cut and dead-gossip spread at the heal are the partition's doing).
+    pub partition_grace: Duration,
 }
 
 impl SimConfig {
@@ -100,6 +104,7 @@ impl SimConfig {
             net: NetConfig::preset(preset),
             seed_nodes: Vec::new(),
             log_events: false,
+            partition_grace: Duration::from_secs(30),
         }
     }
 }
@@ -135,9 +140,11 @@ pub struct Metrics {
     /// `MemberDead` events, all observers together.
     pub deaths_declared: u64,
     /// Nodes that some observer declared dead while they were running, at the boot the
-    /// observer named, and while the two could reach each other (false positives).
+    /// observer named, when neither had been cut off by a partition or one-way block within
+    /// [`SimConfig::partition_grace`] (false positives).
     pub false_dead: BTreeSet<NodeId>,
-    /// Nodes declared dead while running but hidden from the observer by a partition.
+    /// Nodes declared dead while running, by or about a node that a partition or block had cut
+    /// off within the grace period.
     pub partition_dead: BTreeSet<NodeId>,
     /// `MemberSuspect` events about a running node at its current boot.
     pub live_suspicions: u64,
@@ -214,6 +221,11 @@ struct World {
     running: usize,
     group_running: Vec<usize>,
     blocked: BTreeSet<(u32, u32)>,
+    /// Whether nodes sit in more than one partition group.
+    partitioned: bool,
+    /// Per node: the last instant it was cut off from some node (partition or block), if ever.
+    last_cut: Vec<Option<Duration>>,
+    partition_grace: Duration,
     metrics: Metrics,
     watch_terms: bool,
     trace: u64,
@@ -340,6 +352,9 @@ impl Sim {
                 running: 0,
                 group_running: vec![0],
                 blocked: BTreeSet::new(),
+                partitioned: false,
+                last_cut: vec![None; cfg.nodes],
+                partition_grace: cfg.partition_grace,
                 metrics: Metrics::default(),
                 watch_terms: false,
                 trace: cfg.seed,
@@ -455,7 +470,7 @@ impl Sim {
     /// Hash of every node's state: running, boot, leader, and its member table sorted by id.
     /// O(N²): meant for small and medium runs.
     pub fn state_hash(&self) -> u64 {
-        let mut h = mix(self.w.trace, self.w.now.as_nanos() as u64);
+        let mut h = mix(0x5eed, self.w.now.as_nanos() as u64);
         for (i, n) in self.w.nodes.iter().enumerate() {
             h = mix(h, n.running as u64);
             h = mix(h, n.boot.0);
@@ -569,17 +584,25 @@ impl Sim {
 
     /// Blocks traffic from `from` to `to` (the other way still flows).
     pub fn block(&mut self, from: usize, to: usize) {
+        self.w.mark_cut(from);
+        self.w.mark_cut(to);
         self.w.blocked.insert((from as u32, to as u32));
     }
 
     /// Lifts a one-way block.
     pub fn unblock(&mut self, from: usize, to: usize) {
-        self.w.blocked.remove(&(from as u32, to as u32));
+        if self.w.blocked.remove(&(from as u32, to as u32)) {
+            self.w.mark_cut(from);
+            self.w.mark_cut(to);
+        }
     }
 
     /// Ends every partition and one-way block.
     pub fn heal(&mut self) {
-        self.w.blocked.clear();
+        for (a, b) in std::mem::take(&mut self.w.blocked) {
+            self.w.mark_cut(a as usize);
+            self.w.mark_cut(b as usize);
+        }
         self.partition(&[]);
     }
 
@@ -600,6 +623,16 @@ impl Sim {
         for n in self.w.nodes.iter().filter(|n| n.running) {
             counts[n.group as usize] += 1;
         }
+        let was = self.w.partitioned;
+        self.w.partitioned = self
+            .w
+            .nodes
+            .iter()
+            .any(|n| n.group != self.w.nodes[0].group);
+        if was || self.w.partitioned {
+            let now = self.w.now;
+            self.w.last_cut.iter_mut().for_each(|c| *c = Some(now));
+        }
         self.w.group_running = counts;
         self.w.trace = mix(self.w.trace, 0x9a << 32 | groups as u64);
     }
@@ -614,6 +647,22 @@ impl Sim {
             self.deliver(ev);
         }
         self.w.now = self.w.now.max(until);
+    }
+
+    /// Runs until the running nodes fully agree ([`Sim::agreement`] with member tables) or
+    /// `deadline` passes, checking every `every` of virtual time (O(N²) per check: meant for
+    /// small flocks). Returns when agreement first held.
+    pub fn run_until_agreed(&mut self, deadline: Duration, every: Duration) -> Option<Duration> {
+        loop {
+            if self.agreement(true).agreed {
+                return Some(self.now());
+            }
+            if self.now() >= deadline {
+                return None;
+            }
+            let next = (self.now() + every).min(deadline);
+            self.run_until(next);
+        }
     }
 
     /// Runs the simulation for `d` of virtual time.
@@ -877,6 +926,17 @@ impl World {
             && (self.blocked.is_empty() || !self.blocked.contains(&(from, to)))
     }
 
+    fn mark_cut(&mut self, i: usize) {
+        self.last_cut[i] = Some(self.now);
+    }
+
+    /// Whether node `i` is cut off from some node now, or was within the grace period.
+    fn recently_cut(&self, i: u32) -> bool {
+        self.partitioned
+            || self.last_cut[i as usize].is_some_and(|t| self.now < t + self.partition_grace)
+            || (!self.blocked.is_empty() && self.blocked.iter().any(|&(a, b)| a == i || b == i))
+    }
+
     fn latency(&mut self) -> Duration {
         let jitter = self.net.jitter.as_nanos() as u64;
         let extra = if jitter == 0 {
@@ -1008,10 +1068,10 @@ impl World {
                 if let Some(&x) = self.id_index.get(&info.id) {
                     let xn = &self.nodes[x as usize];
                     if xn.running && xn.boot == info.boot {
-                        if self.reachable(i as u32, x) && self.reachable(x, i as u32) {
-                            self.metrics.false_dead.insert(info.id);
-                        } else {
+                        if self.recently_cut(i as u32) || self.recently_cut(x) {
                             self.metrics.partition_dead.insert(info.id);
+                        } else {
+                            self.metrics.false_dead.insert(info.id);
                         }
                     }
                 }

@@ -223,10 +223,11 @@ pub struct Report {
     pub boot_bytes_per_node_per_s: f64,
     /// Messages sent per node per second over the same span.
     pub boot_msgs_per_node_per_s: f64,
-    /// Distinct running nodes that some node declared dead while the two could reach each
-    /// other (false positives).
+    /// Distinct running nodes that some node declared dead (at their current boot) although no
+    /// partition had cut either of the two off within the last 30 s (false positives).
     pub false_positive_deaths: usize,
-    /// Distinct running nodes declared dead by nodes a partition separated them from.
+    /// Distinct running nodes declared dead by or about a node a partition had cut off (the
+    /// partition's doing; see [`super::SimConfig::partition_grace`]).
     pub partition_deaths: usize,
     /// Suspicions (events) of running nodes at their current boot.
     pub live_suspicions: u64,

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Runs issue 2's target measurements with the release `crux sim` and prints the figures.
+#
+#   bench/sim.sh            # everything (the 10,000-node runs take several minutes and ~GBs of RAM)
+#   QUICK=1 bench/sim.sh    # skip the 10,000-node runs
+#   SEED=7 bench/sim.sh     # another seed (default 1)
+#   CRUX_BIN=path bench/sim.sh   # use this binary instead of building target/release/crux
+#
+# Needs jq. Each run's full JSON report goes to target/sim-bench/sim-<name>.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SEED="${SEED:-1}"
+OUT=target/sim-bench
+mkdir -p "$OUT"
+
+if [[ -z "${CRUX_BIN:-}" ]]; then
+    cargo build --release -p crux-agent --bin crux >&2
+    CRUX_BIN=target/release/crux
+fi
+
+# run NAME ARGS... : runs `crux sim ARGS --json --seed $SEED`, keeps the report.
+run() {
+    local name="$1"
+    shift
+    echo "running $name: crux sim $* --seed $SEED" >&2
+    "$CRUX_BIN" sim "$@" --seed "$SEED" --json >"$OUT/sim-$name.json"
+}
+
+# field NAME KEY : one key of a kept report.
+field() {
+    jq -r ".$2 // \"-\"" "$OUT/sim-$1.json"
+}
+
+# check NAME KEY OP LIMIT : prints "ok" or "MISSED" for KEY OP LIMIT.
+check() {
+    local v
+    v="$(field "$1" "$2")"
+    if [[ "$v" == "-" || "$v" == "null" ]]; then
+        echo "MISSED (none)"
+    elif jq -en "$v $3 $4" >/dev/null; then
+        echo "ok"
+    else
+        echo "MISSED"
+    fi
+}
+
+row() {
+    printf '%-44s %-12s %-14s %s\n' "$1" "$2" "$3" "$4"
+}
+
+run cold-1k-loss5 --scenario cold-boot --nodes 1000 --loss 0.05
+run kill-1k --scenario kill-leader --nodes 1000 --preset lan
+run heal-1k --scenario partition-heal --nodes 1000
+run cold-100-loss5 --scenario cold-boot --nodes 100 --loss 0.05
+run wall-1k-60s --scenario cold-boot --nodes 1000 --duration 60
+if [[ -z "${QUICK:-}" ]]; then
+    run cold-10k-loss5 --scenario cold-boot --nodes 10000 --loss 0.05
+fi
+
+echo
+row "measurement" "figure" "target" "verdict"
+row "cold-boot 1,000 nodes 5 % loss: agreement_s" "$(field cold-1k-loss5 agreement_s)" "<= 10" \
+    "$(check cold-1k-loss5 agreement_s '<=' 10)"
+if [[ -z "${QUICK:-}" ]]; then
+    row "cold-boot 10,000 nodes 5 % loss: agreement_s" "$(field cold-10k-loss5 agreement_s)" \
+        "<= 20" "$(check cold-10k-loss5 agreement_s '<=' 20)"
+fi
+row "kill-leader 1,000 nodes lan: leader_agreement_s" "$(field kill-1k leader_agreement_s)" \
+    "<= 5" "$(check kill-1k leader_agreement_s '<=' 5)"
+row "kill-leader 1,000 nodes lan: agreement_s" "$(field kill-1k agreement_s)" "(members too)" ""
+row "partition-heal 1,000 nodes: agreement_s" "$(field heal-1k agreement_s)" "<= 10" \
+    "$(check heal-1k agreement_s '<=' 10)"
+row "partition-heal 1,000 nodes: leaders at end" "$(field heal-1k leaders)" "== 1" \
+    "$(check heal-1k leaders '==' 1)"
+row "false deaths, 1,000 nodes 5 % loss" "$(field cold-1k-loss5 false_positive_deaths)" "== 0" \
+    "$(check cold-1k-loss5 false_positive_deaths '==' 0)"
+row "false deaths, 100 nodes 5 % loss" "$(field cold-100-loss5 false_positive_deaths)" "== 0" \
+    "$(check cold-100-loss5 false_positive_deaths '==' 0)"
+b100="$(field cold-100-loss5 bytes_per_node_per_s)"
+row "bytes_per_node_per_s, 100 nodes 5 % loss" "$b100" "" ""
+if [[ -z "${QUICK:-}" ]]; then
+    row "false deaths, 10,000 nodes 5 % loss" "$(field cold-10k-loss5 false_positive_deaths)" \
+        "== 0" "$(check cold-10k-loss5 false_positive_deaths '==' 0)"
+    b10k="$(field cold-10k-loss5 bytes_per_node_per_s)"
+    ratio="$(jq -rn "($b10k / $b100 * 100 | round) / 100")"
+    row "bytes_per_node_per_s, 10,000 nodes 5 % loss" "$b10k" "" ""
+    verdict="$(jq -en "$ratio <= 2" >/dev/null && echo ok || echo MISSED)"
+    row "  ratio 10,000 / 100" "$ratio" "<= 2" "$verdict"
+fi
+row "1,000 nodes, 60 simulated s: wall_s" "$(field wall-1k-60s wall_s)" "<= 20" \
+    "$(check wall-1k-60s wall_s '<=' 20)"
+echo
+echo "converged: cold-1k=$(field cold-1k-loss5 converged) kill-1k=$(field kill-1k converged)" \
+    "heal-1k=$(field heal-1k converged) cold-100=$(field cold-100-loss5 converged)" \
+    "$([[ -z "${QUICK:-}" ]] && echo "cold-10k=$(field cold-10k-loss5 converged)")"
+echo "reports: $OUT/sim-*.json"

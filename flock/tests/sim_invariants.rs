@@ -1,0 +1,198 @@
+//! Whole-flock invariants over many seeds (issue 2, item 6), in the style of TigerBeetle's VOPR:
+//! each seed builds a small flock (5–12 nodes, `lan` preset, 0–4 % loss, some duplication),
+//! lets it converge, injects one fault chosen by the seed (crash and return, restart, symmetric
+//! partition, one-way block), heals it, and checks:
+//!
+//! * the flock converges from the cold boot, and again after the fault heals (every running node
+//!   sees exactly the running nodes at their current boot ids, and follows one leader);
+//! * at most one leader per term while the flock is one connected flock;
+//! * no false deaths (a running node declared dead by a node that could reach it) below 5 % loss;
+//! * no datagram over the MTU;
+//! * every tenth seed, replaying it reproduces the run bit for bit.
+//!
+//! A failure names the seed; `SIM_SEED=<seed> cargo test -p crux-flock --test sim_invariants
+//! one_seed -- --nocapture` replays just that seed.
+
+use std::time::Duration;
+
+use crux_flock::sim::{Sim, SimConfig};
+use crux_flock::Preset;
+use rand::Rng;
+
+const SEEDS: u64 = 120;
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+
+#[derive(Debug)]
+enum Fault {
+    CrashAndReturn,
+    Restart,
+    Partition,
+    OneWay,
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// Runs one seed; returns the run's hashes, or what went wrong.
+fn run_seed(seed: u64) -> Result<(u64, u64), String> {
+    let n = 5 + (seed % 8) as usize;
+    let loss = [0.0, 0.01, 0.02, 0.03, 0.04][(seed % 5) as usize];
+    let mut cfg = SimConfig::new(n, seed, Preset::Lan);
+    cfg.net.loss = loss;
+    cfg.net.duplicate = if seed % 3 == 0 { 0.02 } else { 0.0 };
+    let mut sim = Sim::new(cfg).map_err(|e| e.to_string())?;
+    let ctx = format!("seed {seed} ({n} nodes, {:.0} % loss)", loss * 100.0);
+
+    sim.start_all_within(secs(1));
+    if sim.run_until_agreed(secs(40), CHECK_EVERY).is_none() {
+        return Err(format!(
+            "{ctx}: no agreement after cold boot: {:?}",
+            sim.agreement(false)
+        ));
+    }
+    sim.watch_terms(true);
+    sim.run_for(secs(2));
+
+    let fault = match seed % 4 {
+        0 => Fault::CrashAndReturn,
+        1 => Fault::Restart,
+        2 => Fault::Partition,
+        _ => Fault::OneWay,
+    };
+    let victim = sim.rng().gen_range(0..n);
+    let old_boot = sim.boot(victim);
+    match fault {
+        Fault::CrashAndReturn => {
+            sim.crash(victim);
+            sim.run_for(secs(8));
+            sim.start(victim);
+        }
+        Fault::Restart => sim.restart(victim),
+        Fault::Partition => {
+            sim.watch_terms(false);
+            let k = sim.rng().gen_range(1..=n / 2);
+            let mut side: Vec<usize> = (0..n).collect();
+            rand::seq::SliceRandom::shuffle(side.as_mut_slice(), sim.rng());
+            side.truncate(k);
+            sim.partition(&[side]);
+            sim.run_for(secs(8));
+            sim.heal();
+        }
+        Fault::OneWay => {
+            let other = (victim + 1 + sim.rng().gen_range(0..n - 1)) % n;
+            sim.block(victim, other);
+            sim.run_for(secs(8));
+            sim.heal();
+        }
+    }
+    let healed = sim.now();
+    if sim
+        .run_until_agreed(healed + secs(60), CHECK_EVERY)
+        .is_none()
+    {
+        return Err(format!(
+            "{ctx}: no agreement within 60 s after {fault:?} of node {victim} healed at {healed:?}: {:?}",
+            sim.agreement(false)
+        ));
+    }
+    if matches!(fault, Fault::CrashAndReturn | Fault::Restart) {
+        let id = sim.node_id(victim);
+        let boot = sim.boot(victim);
+        if boot <= old_boot {
+            return Err(format!("{ctx}: restarted node kept boot {old_boot:?}"));
+        }
+        for i in 0..n {
+            let seen = sim.flock(i).and_then(|f| f.member(id)).map(|m| m.info.boot);
+            if seen != Some(boot) {
+                return Err(format!(
+                    "{ctx}: node {i} sees node {victim} at boot {seen:?}, not {boot:?}"
+                ));
+            }
+        }
+    }
+    sim.watch_terms(true);
+    sim.run_for(secs(3));
+    let m = sim.metrics();
+    if m.term_conflicts() > 0 {
+        let terms: Vec<_> = m.term_leaders.iter().filter(|(_, l)| l.len() > 1).collect();
+        return Err(format!(
+            "{ctx}: more than one leader per term after {fault:?}: {terms:?}"
+        ));
+    }
+    if !m.false_dead.is_empty() {
+        return Err(format!(
+            "{ctx}: running nodes declared dead by nodes that could reach them ({fault:?} of node \
+             {victim}): {:?}",
+            m.false_dead
+        ));
+    }
+    if m.oversized_datagrams > 0 {
+        return Err(format!(
+            "{ctx}: {} datagrams over the MTU",
+            m.oversized_datagrams
+        ));
+    }
+    if !sim.agreement(true).agreed {
+        return Err(format!("{ctx}: agreement lost again after {fault:?}"));
+    }
+    Ok((sim.trace_hash(), sim.state_hash()))
+}
+
+fn run_seeds(seeds: impl Iterator<Item = u64>) {
+    let mut failures = Vec::new();
+    for seed in seeds {
+        match run_seed(seed) {
+            Ok(hashes) => {
+                if seed % 10 == 0 {
+                    let again = run_seed(seed);
+                    if again.as_ref() != Ok(&hashes) {
+                        failures.push(format!(
+                            "seed {seed}: replay differs: {hashes:?} then {again:?}"
+                        ));
+                    }
+                }
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+// Four tests so that the test harness spreads the seeds over the machine's cores.
+
+#[test]
+fn invariants_hold_seeds_0_to_29() {
+    run_seeds(0..SEEDS / 4);
+}
+
+#[test]
+fn invariants_hold_seeds_30_to_59() {
+    run_seeds(SEEDS / 4..SEEDS / 2);
+}
+
+#[test]
+fn invariants_hold_seeds_60_to_89() {
+    run_seeds(SEEDS / 2..3 * SEEDS / 4);
+}
+
+#[test]
+fn invariants_hold_seeds_90_to_119() {
+    run_seeds(3 * SEEDS / 4..SEEDS);
+}
+
+/// Replays the seed named by `SIM_SEED` (ignored unless that variable is set).
+#[test]
+fn one_seed() {
+    let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) else {
+        return;
+    };
+    if let Err(e) = run_seed(seed) {
+        panic!("{e}");
+    }
+}
