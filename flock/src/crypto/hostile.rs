@@ -269,6 +269,10 @@ pub struct HostileReport {
     pub drops: BTreeMap<DropReason, u64>,
     /// Datagrams fed, by attack.
     pub attacks: BTreeMap<Attack, u64>,
+    /// Replay windows held at the end (bounded; only authenticated senders get one).
+    pub replay_windows: usize,
+    /// Sources in the rate limiter at the end (bounded).
+    pub limiter_sources: usize,
 }
 
 impl Target {
@@ -394,6 +398,8 @@ pub fn run(seed: u64, n: u64) -> HostileReport {
             Err(reason) => *report.drops.entry(reason).or_default() += 1,
         }
     }
+    report.replay_windows = target.replay.len();
+    report.limiter_sources = target.limiter.len();
     report
 }
 
