@@ -104,8 +104,8 @@ fn handshake(n: u32) {
             time(|| HandshakeInitiator::new(&mut rng, &secondary, &bloc, Purpose::Join, me));
         let (resp, b) =
             time(|| respond(&keyring, &bloc, &request, &transient, now, them, &mut rng).unwrap());
-        let ((_, ann), c) = time(|| state.finish(&resp.reply).unwrap());
-        assert_eq!(ann.epoch, 9);
+        let ((_, keys), c) = time(|| state.finish(&resp.reply).unwrap());
+        assert_eq!(keys.current.epoch, 9);
         t_init += a;
         t_resp += b;
         t_finish += c;

@@ -7,7 +7,7 @@
 //!                                                       open with the key the key id names
 //!                                                       e_r ← random; s = X25519(e_r, E_i)
 //!                                                       k = HKDF(bloc, secondary ‖ s ‖ T, "join-reply")
-//!   ◀──── JoinReply ─ seal(handshake key, [2, E_r, AEAD(k, epoch ‖ transient key, ad = T)]) ─
+//!   ◀── JoinReply ─ seal(handshake key, [2, E_r, AEAD(k, current ‖ previous key, ad = T)]) ──
 //!   s = X25519(e_i, E_r); same k; open
 //! ```
 //!
@@ -34,7 +34,7 @@ use crux_proto::flock::{BootId, Header, Kind, NodeId, HEADER_BYTES};
 use super::envelope::{check, open, seal, sealed_len, OpenError, TAG_BYTES};
 use super::keyring::Keyring;
 use super::keys::{key_id, label, Bloc, PacketKey, SecretKey};
-use super::transient::{KeyAnnouncement, TransientKeys, ANNOUNCEMENT_BYTES};
+use super::transient::{JoinKeys, KeyAnnouncement, TransientKeys, ANNOUNCEMENT_BYTES};
 use crate::DropReason;
 
 const TYPE_REQUEST: u8 = 1;
@@ -43,8 +43,11 @@ const PUBLIC_BYTES: usize = 32;
 
 /// Plaintext bytes of a join request: type, purpose, the ephemeral public key, zero padding.
 pub const REQUEST_BODY_BYTES: usize = 128;
-/// Plaintext bytes of a join reply: type, the ephemeral public key, the sealed announcement.
-pub const REPLY_BODY_BYTES: usize = 1 + PUBLIC_BYTES + ANNOUNCEMENT_BYTES + TAG_BYTES;
+/// Bytes of the sealed keys inside a reply: a flag (previous key present), the current and
+/// the previous epoch and key ([`JoinKeys`]; zeros when there is no previous key).
+const KEYS_BYTES: usize = 1 + 2 * ANNOUNCEMENT_BYTES;
+/// Plaintext bytes of a join reply: type, the ephemeral public key, the sealed keys.
+pub const REPLY_BODY_BYTES: usize = 1 + PUBLIC_BYTES + KEYS_BYTES + TAG_BYTES;
 /// Bytes of a join request datagram.
 pub const REQUEST_BYTES: usize = sealed_len(REQUEST_BODY_BYTES);
 /// Bytes of a join reply datagram (never more than [`REQUEST_BYTES`]).
@@ -225,10 +228,11 @@ impl HandshakeInitiator {
         self.key_id
     }
 
-    /// Opens a reply: returns its (authenticated) header and the transient key it carries. Any
-    /// failure is a drop ([`HandshakeError::drop_reason`]); the state stays usable for another
-    /// reply to the same request.
-    pub fn finish(&self, reply: &[u8]) -> Result<(Header, KeyAnnouncement), HandshakeError> {
+    /// Opens a reply: returns its (authenticated) header and the transient keys it carries
+    /// (install them with [`TransientKeys::install_join`]). Any failure is a drop
+    /// ([`HandshakeError::drop_reason`]); the state stays usable for another reply to the same
+    /// request.
+    pub fn finish(&self, reply: &[u8]) -> Result<(Header, JoinKeys), HandshakeError> {
         let header = check_handshake(reply, REPLY_BYTES, &self.bloc)?;
         if header.key_id != self.key_id {
             return Err(OpenError::UnknownKey(header.key_id).into());
@@ -247,18 +251,37 @@ impl HandshakeInitiator {
         let transcript = transcript_end(self.transcript.clone(), &reply[..HEADER_BYTES], &public);
         let key = reply_key(&self.bloc, &self.secondary, shared.as_bytes(), &transcript);
         let sealed = &body[1 + PUBLIC_BYTES..];
-        let mut plain = Zeroizing::new([0u8; ANNOUNCEMENT_BYTES]);
-        plain.copy_from_slice(&sealed[..ANNOUNCEMENT_BYTES]);
+        let mut plain = Zeroizing::new([0u8; KEYS_BYTES]);
+        plain.copy_from_slice(&sealed[..KEYS_BYTES]);
         key.cipher
             .decrypt_in_place_detached(
                 &XNonce::default(),
                 &transcript,
                 &mut plain[..],
-                Tag::from_slice(&sealed[ANNOUNCEMENT_BYTES..]),
+                Tag::from_slice(&sealed[KEYS_BYTES..]),
             )
             .map_err(|_| OpenError::AuthFailed)?;
-        Ok((header, KeyAnnouncement::decode(&plain[..])?))
+        Ok((header, decode_keys(&plain[..])?))
     }
+}
+
+fn encode_keys(keys: &JoinKeys, out: &mut [u8]) {
+    out[0] = keys.previous.is_some() as u8;
+    out[1..1 + ANNOUNCEMENT_BYTES].copy_from_slice(&Zeroizing::new(keys.current.encode())[..]);
+    if let Some(prev) = &keys.previous {
+        out[1 + ANNOUNCEMENT_BYTES..].copy_from_slice(&Zeroizing::new(prev.encode())[..]);
+    }
+}
+
+fn decode_keys(bytes: &[u8]) -> Result<JoinKeys, OpenError> {
+    let current = KeyAnnouncement::decode(&bytes[1..1 + ANNOUNCEMENT_BYTES])?;
+    let rest = &bytes[1 + ANNOUNCEMENT_BYTES..];
+    let previous = match bytes[0] {
+        0 if rest.iter().all(|b| *b == 0) => None,
+        1 => Some(KeyAnnouncement::decode(rest)?),
+        _ => return Err(OpenError::Malformed),
+    };
+    Ok(JoinKeys { current, previous })
 }
 
 /// What a responder answers with.
@@ -273,7 +296,8 @@ pub struct Response {
     pub reply: Vec<u8>,
 }
 
-/// Answers a join request (or key request) with the current transient key.
+/// Answers a join request (or key request) with the current transient key (and the previous
+/// one while it is still accepted: [`TransientKeys::join_keys`]).
 ///
 /// Checks in order: size (exactly [`REQUEST_BYTES`]), header and bloc tag, kind, then the key the
 /// header's key id names in `keyring` ([`OpenError::UnknownKey`] if none: one key, one decryption
@@ -306,10 +330,9 @@ pub fn respond<R: RngCore + CryptoRng>(
         1 => Purpose::KeyRequest,
         _ => return Err(OpenError::Malformed.into()),
     };
-    if transient.is_stale(now) {
-        return Err(HandshakeError::NoTransientKey);
-    }
-    let (epoch, transient_key) = transient.current().ok_or(HandshakeError::NoTransientKey)?;
+    let keys = transient
+        .join_keys(now)
+        .ok_or(HandshakeError::NoTransientKey)?;
     let mut their = [0u8; PUBLIC_BYTES];
     their.copy_from_slice(&body[2..2 + PUBLIC_BYTES]);
     let ephemeral = StaticSecret::random_from_rng(&mut *rng);
@@ -327,22 +350,14 @@ pub fn respond<R: RngCore + CryptoRng>(
     let mut reply_body = Zeroizing::new([0u8; REPLY_BODY_BYTES]);
     reply_body[0] = TYPE_REPLY;
     reply_body[1..1 + PUBLIC_BYTES].copy_from_slice(public.as_bytes());
-    let ann = KeyAnnouncement {
-        epoch,
-        key: transient_key.clone(),
-    };
     let sealed = &mut reply_body[1 + PUBLIC_BYTES..];
-    sealed[..ANNOUNCEMENT_BYTES].copy_from_slice(&Zeroizing::new(ann.encode())[..]);
+    encode_keys(&keys, &mut sealed[..KEYS_BYTES]);
     // The key k is used exactly once (e_r is fresh for every reply), so a fixed nonce is safe.
     let tag = key
         .cipher
-        .encrypt_in_place_detached(
-            &XNonce::default(),
-            &transcript,
-            &mut sealed[..ANNOUNCEMENT_BYTES],
-        )
-        .expect("36 bytes is within the AEAD's limits");
-    sealed[ANNOUNCEMENT_BYTES..].copy_from_slice(&tag);
+        .encrypt_in_place_detached(&XNonce::default(), &transcript, &mut sealed[..KEYS_BYTES])
+        .expect("73 bytes is within the AEAD's limits");
+    sealed[KEYS_BYTES..].copy_from_slice(&tag);
     let mut reply = Vec::with_capacity(REPLY_BYTES);
     seal(&packet, &reply_header, &reply_body[..], rng, &mut reply);
     Ok(Response {
@@ -413,7 +428,7 @@ mod tests {
     #[test]
     fn sizes() {
         assert_eq!(REQUEST_BYTES, 204);
-        assert_eq!(REPLY_BYTES, 161);
+        assert_eq!(REPLY_BYTES, 198);
     }
 
     #[test]
@@ -427,11 +442,13 @@ mod tests {
         assert_eq!(resp.request.sender, NodeId(1));
         assert_eq!(resp.request.kind, Kind::Handshake);
         assert_eq!(resp.request.key_id, key_id(&w.secondary, &w.bloc));
-        let (header, ann) = state.finish(&resp.reply).unwrap();
+        let (header, keys) = state.finish(&resp.reply).unwrap();
         assert_eq!(header.sender, NodeId(2));
         assert_eq!(header.boot, BootId(102));
-        assert_eq!(ann.epoch, 77);
-        assert_eq!(&ann.key, w.transient.current().unwrap().1);
+        assert_eq!(keys.current.epoch, 77);
+        assert_eq!(&keys.current.key, w.transient.current().unwrap().1);
+        assert_eq!(keys.previous, None);
+        let ann = keys;
         // A second reply (another responder) also completes the same state.
         let resp2 = respond(
             &w.keyring,
@@ -467,7 +484,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(resp.purpose, Purpose::KeyRequest);
-        assert_eq!(state.finish(&resp.reply).unwrap().1.epoch, 77);
+        assert_eq!(state.finish(&resp.reply).unwrap().1.current.epoch, 77);
     }
 
     #[test]
@@ -488,7 +505,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(resp.request.key_id, key_id(&other, &w.bloc));
-        assert_eq!(state.finish(&resp.reply).unwrap().1.epoch, 77);
+        assert_eq!(state.finish(&resp.reply).unwrap().1.current.epoch, 77);
     }
 
     #[test]
@@ -627,6 +644,35 @@ mod tests {
     }
 
     #[test]
+    fn during_a_switch_the_reply_carries_both_keys() {
+        let mut w = world();
+        let new = w
+            .transient
+            .rotate(NOW + Duration::from_secs(30), &mut w.rng);
+        let later = NOW + Duration::from_secs(31);
+        let (state, request) =
+            HandshakeInitiator::new(&mut w.rng, &w.secondary, &w.bloc, Purpose::Join, origin(1));
+        let resp = respond(
+            &w.keyring,
+            &w.bloc,
+            &request,
+            &w.transient,
+            later,
+            origin(2),
+            &mut w.rng,
+        )
+        .unwrap();
+        assert!(resp.reply.len() <= request.len());
+        let (_, keys) = state.finish(&resp.reply).unwrap();
+        assert_eq!(keys.current, new);
+        assert_eq!(keys.previous.as_ref().map(|p| p.epoch), Some(77));
+        let mut joiner = TransientKeys::new(w.bloc.clone(), ROTATION_MAX);
+        joiner.install_join(keys, later);
+        assert_eq!(joiner.sealing_key(later).unwrap().0, 77);
+        assert!(joiner.accepts(new.epoch, later));
+    }
+
+    #[test]
     fn reply_to_another_request_does_not_open() {
         let mut w = world();
         let (state_a, _, _) = exchange(&mut w);
@@ -699,19 +745,23 @@ mod tests {
         let e_i: [u8; 32] = req_body[2..34].try_into().unwrap();
         let e_r: [u8; 32] = rep_body[1..33].try_into().unwrap();
         let transient = w.transient.current().unwrap().1.clone();
+        assert!(
+            !rep_body.windows(4).any(|win| win == 77u32.to_le_bytes()),
+            "epoch is sealed too"
+        );
         // The transient key is nowhere in clear in the opened layers.
         assert!(!rep_body.windows(32).any(|win| win == transient.as_bytes()));
         let transcript = transcript_end(transcript_start(&request), &resp.reply[..36], &e_r);
         let sealed = &rep_body[33..];
         let try_open = |shared: &[u8; 32]| {
             let key = reply_key(&w.bloc, &w.secondary, shared, &transcript);
-            let mut plain = sealed[..36].to_vec();
+            let mut plain = sealed[..KEYS_BYTES].to_vec();
             key.cipher
                 .decrypt_in_place_detached(
                     &XNonce::default(),
                     &transcript,
                     &mut plain,
-                    Tag::from_slice(&sealed[36..]),
+                    Tag::from_slice(&sealed[KEYS_BYTES..]),
                 )
                 .is_ok()
         };

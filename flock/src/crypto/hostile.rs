@@ -298,7 +298,10 @@ impl Target {
         let mut recorded = Vec::new();
         let mut out = Vec::new();
         for c in 0..n_recorded.max(1) as u64 {
-            let (epoch, key) = target.transient.sealing_key().expect("installed");
+            let (epoch, key) = target
+                .transient
+                .sealing_key(Duration::ZERO)
+                .expect("installed");
             let header = Header {
                 kind: Kind::Flock,
                 bloc_tag: target.bloc.tag(),
@@ -419,7 +422,7 @@ mod tests {
         let mut recorded = Vec::new();
         let mut out = Vec::new();
         for c in 0..4 {
-            let (e, k) = keys.sealing_key().unwrap();
+            let (e, k) = keys.sealing_key(Duration::ZERO).unwrap();
             let h = Header {
                 kind: Kind::Flock,
                 bloc_tag: bloc.tag(),
@@ -514,7 +517,7 @@ mod tests {
             .handle(Duration::from_secs(1), from, &request, &mut out)
             .unwrap()
             .unwrap();
-        assert_eq!(state.finish(&reply).unwrap().1.epoch, 1);
+        assert_eq!(state.finish(&reply).unwrap().1.current.epoch, 1);
         let again = target.handle(Duration::from_secs(1), from, &request, &mut out);
         assert_eq!(again.unwrap_err(), DropReason::Replay);
     }

@@ -63,9 +63,11 @@
 //! * [`TransientKeys`]: current and previous epoch; a key is accepted for at most 1.5 × the
 //!   longest rotation period after it was installed. The leader [`rotate`](TransientKeys::rotate)s
 //!   at [`next_rotation`] and spreads the [`KeyAnnouncement`] (36 fixed bytes) sealed under the
-//!   old key; members [`install_announced`](TransientKeys::install_announced). A member whose key
-//!   [`is_stale`](TransientKeys::is_stale) asks again through the handshake
-//!   ([`Purpose::KeyRequest`]).
+//!   old key; members [`install_announced`](TransientKeys::install_announced). Make before break:
+//!   every node accepts a new key at once but seals under the previous one for [`SWITCH_DELAY`]
+//!   ([`TransientKeys::sealing_key`]). A member whose key
+//!   [`is_stale`](TransientKeys::is_stale), or that sees an epoch ahead of its own
+//!   ([`TransientKeys::is_ahead`]), asks again through the handshake ([`Purpose::KeyRequest`]).
 //! * [`Keyring`]: Serf-style install / use / remove / list; the primary key starts this node's
 //!   handshakes, every installed key admits a joiner. Stored as a text file, mode 0600, written
 //!   atomically.
@@ -114,6 +116,6 @@ pub use ratelimit::{RateLimiter, HANDSHAKES_PER_SECOND, HANDSHAKE_BURST};
 pub use receive::{receive, Received};
 pub use replay::{ReplayTable, ReplayWindow, REPLAY_WINDOW};
 pub use transient::{
-    next_rotation, Installed, KeyAnnouncement, TransientKeys, ANNOUNCEMENT_BYTES, ROTATION_MAX,
-    ROTATION_MIN,
+    next_rotation, Installed, JoinKeys, KeyAnnouncement, TransientKeys, ANNOUNCEMENT_BYTES,
+    ROTATION_MAX, ROTATION_MIN, SWITCH_DELAY,
 };

@@ -68,7 +68,7 @@ mod tests {
         let bloc = Bloc::new("b");
         let mut keys = TransientKeys::new(bloc.clone(), ROTATION_MAX);
         keys.install(5, SecretKey::generate(&mut rng), Duration::ZERO);
-        let (epoch, packet) = keys.sealing_key().unwrap();
+        let (epoch, packet) = keys.sealing_key(Duration::ZERO).unwrap();
         let header = Header {
             kind: Kind::Flock,
             bloc_tag: bloc.tag(),

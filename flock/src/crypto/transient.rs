@@ -12,6 +12,11 @@ use super::keys::{Bloc, PacketKey, SecretKey, KEY_BYTES};
 pub const ROTATION_MIN: Duration = Duration::from_secs(30);
 /// Longest rotation period.
 pub const ROTATION_MAX: Duration = Duration::from_secs(60);
+/// How long a node keeps sealing under the previous key after it installed a new one, while
+/// already accepting the new one: the time the announcement needs to reach every member by gossip
+/// (a third of the shortest period). Without it, members that have not heard of the new key yet
+/// would drop everything sealed under it.
+pub const SWITCH_DELAY: Duration = Duration::from_secs(10);
 
 /// When the rotation after one made at `now` is due: `now` plus a period drawn uniformly from
 /// `[min, max]` (jitter, so that two leaders after a partition do not rotate in step). `min >
@@ -48,9 +53,16 @@ impl Drop for Epoch {
 /// in-flight datagrams of a rotation and nothing older ever is. When the current key passes that
 /// age this node has missed rotations ([`TransientKeys::is_stale`]): it must run the handshake
 /// again (a key request). Replaced keys are wiped (`SecretKey` is `ZeroizeOnDrop`).
+///
+/// Rotation is make-before-break: a node that installs a new key accepts it at once but keeps
+/// *sealing* under the previous key for [`SWITCH_DELAY`] ([`TransientKeys::sealing_key`]), so the
+/// announcement (itself sealed under the previous key) has time to reach everyone first. A
+/// datagram under an epoch ahead of ours ([`TransientKeys::is_ahead`]) means this node missed an
+/// announcement: ask for the key again.
 pub struct TransientKeys {
     bloc: Bloc,
     max_age: Duration,
+    switch_delay: Duration,
     current: Option<Epoch>,
     previous: Option<Epoch>,
 }
@@ -83,14 +95,27 @@ pub enum Installed {
 }
 
 impl TransientKeys {
-    /// No key yet. Keys are accepted for 1.5 × `rotation_max` after they are installed.
+    /// No key yet. Keys are accepted for 1.5 × `rotation_max` after they are installed; the
+    /// switch delay is [`SWITCH_DELAY`].
     pub fn new(bloc: Bloc, rotation_max: Duration) -> TransientKeys {
         TransientKeys {
             bloc,
             max_age: rotation_max * 3 / 2,
+            switch_delay: SWITCH_DELAY,
             current: None,
             previous: None,
         }
+    }
+
+    /// Changes the switch delay (the simulator's compressed timings; zero disables it).
+    pub fn with_switch_delay(mut self, delay: Duration) -> TransientKeys {
+        self.switch_delay = delay;
+        self
+    }
+
+    /// The switch delay ([`SWITCH_DELAY`] unless changed).
+    pub fn switch_delay(&self) -> Duration {
+        self.switch_delay
     }
 
     /// How long after installation a key is still accepted.
@@ -113,15 +138,72 @@ impl TransientKeys {
         self.previous.as_ref().map(|e| e.epoch)
     }
 
-    /// The current epoch and its raw key (what a handshake responder hands out and the leader
-    /// announces).
+    /// The current epoch and its raw key.
     pub fn current(&self) -> Option<(u32, &SecretKey)> {
         self.current.as_ref().map(|e| (e.epoch, &e.key))
     }
 
-    /// The epoch and packet key to seal outgoing datagrams with (`header.key_id = epoch`).
-    pub fn sealing_key(&self) -> Option<(u32, &PacketKey)> {
-        self.current.as_ref().map(|e| (e.epoch, &e.packet))
+    /// The epoch and packet key to seal outgoing datagrams with at `now` (`header.key_id =
+    /// epoch`): the previous key during the [`SWITCH_DELAY`] after a new key was installed (if the
+    /// previous one is still accepted), the current key otherwise. Leaders seal the
+    /// announcement of a key they just made with this too, so members that hold only the old key
+    /// can open it.
+    pub fn sealing_key(&self, now: Duration) -> Option<(u32, &PacketKey)> {
+        let cur = self.current.as_ref()?;
+        if now.saturating_sub(cur.since) < self.switch_delay {
+            if let Some(prev) = &self.previous {
+                if now.saturating_sub(prev.since) <= self.max_age {
+                    return Some((prev.epoch, &prev.packet));
+                }
+            }
+        }
+        Some((cur.epoch, &cur.packet))
+    }
+
+    /// True when `epoch` is newer than the current epoch (serial-number arithmetic): a datagram
+    /// under it means this node missed an announcement and should send a key request.
+    pub fn is_ahead(&self, epoch: u32) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|cur| epoch_newer(epoch, cur.epoch))
+    }
+
+    /// What a handshake responder hands out at `now`: the current key and, if still accepted,
+    /// the previous one (the one still being sealed with during a switch). None when this node
+    /// holds no fresh key ([`is_stale`](Self::is_stale)).
+    pub fn join_keys(&self, now: Duration) -> Option<JoinKeys> {
+        if self.is_stale(now) {
+            return None;
+        }
+        let cur = self.current.as_ref()?;
+        let previous = self
+            .previous
+            .as_ref()
+            .filter(|p| now.saturating_sub(p.since) <= self.max_age)
+            .map(|p| KeyAnnouncement {
+                epoch: p.epoch,
+                key: p.key.clone(),
+            });
+        Some(JoinKeys {
+            current: KeyAnnouncement {
+                epoch: cur.epoch,
+                key: cur.key.clone(),
+            },
+            previous,
+        })
+    }
+
+    /// Installs the keys a handshake brought ([`JoinKeys`]): the previous key (if any), then the
+    /// current one, both as of `now`. Replaces whatever this node held.
+    pub fn install_join(&mut self, keys: JoinKeys, now: Duration) {
+        self.current = None;
+        self.previous = None;
+        if let Some(prev) = keys.previous {
+            if prev.epoch != keys.current.epoch {
+                self.install(prev.epoch, prev.key, now);
+            }
+        }
+        self.install(keys.current.epoch, keys.current.key, now);
     }
 
     /// When the current key was installed.
@@ -223,6 +305,16 @@ impl TransientKeys {
         self.install(epoch, key.clone(), now);
         KeyAnnouncement { epoch, key }
     }
+}
+
+/// The transient keys a join reply carries: the responder's current key and, during a switch,
+/// the previous one.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct JoinKeys {
+    /// The responder's current epoch and key.
+    pub current: KeyAnnouncement,
+    /// The responder's previous epoch and key, if it still accepts it.
+    pub previous: Option<KeyAnnouncement>,
 }
 
 /// RFC 1982 serial-number comparison: `a` is newer than `b`.
@@ -373,10 +465,91 @@ mod tests {
         };
         assert_eq!(member.install_announced(old, s(31)), Installed::Ignored);
         assert_eq!(member.current().unwrap().1, &second.key);
-        // Both seal and open with the same packet key.
-        let (e, _) = leader.sealing_key().unwrap();
-        assert_eq!(e, second.epoch);
-        assert!(member.accepts(e, s(31)));
+        // The leader keeps sealing under the old key during the switch delay, then the new one.
+        assert_eq!(leader.sealing_key(s(30)).unwrap().0, first.epoch);
+        assert_eq!(leader.sealing_key(s(39)).unwrap().0, first.epoch);
+        assert_eq!(leader.sealing_key(s(40)).unwrap().0, second.epoch);
+        assert!(member.accepts(second.epoch, s(31)));
+    }
+
+    #[test]
+    fn make_before_break() {
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let mut k = keys();
+        assert!(k.sealing_key(s(0)).is_none());
+        k.install(1, SecretKey::generate(&mut rng), s(0));
+        assert_eq!(
+            k.sealing_key(s(0)).unwrap().0,
+            1,
+            "no previous key: seal under the new one"
+        );
+        k.install(2, SecretKey::generate(&mut rng), s(50));
+        assert_eq!(k.sealing_key(s(55)).unwrap().0, 1);
+        assert!(k.accepts(2, s(55)));
+        assert_eq!(k.sealing_key(s(60)).unwrap().0, 2);
+        // A previous key past its age is never sealed with.
+        let mut late = keys();
+        late.install(1, SecretKey::generate(&mut rng), s(0));
+        late.install(2, SecretKey::generate(&mut rng), s(95));
+        assert_eq!(late.sealing_key(s(95)).unwrap().0, 2);
+        let zero = keys().with_switch_delay(Duration::ZERO);
+        let mut zero = zero;
+        zero.install(1, SecretKey::generate(&mut rng), s(0));
+        zero.install(2, SecretKey::generate(&mut rng), s(1));
+        assert_eq!(zero.sealing_key(s(1)).unwrap().0, 2);
+    }
+
+    #[test]
+    fn an_epoch_ahead_means_a_missed_announcement() {
+        let mut k = keys();
+        assert!(
+            !k.is_ahead(5),
+            "no key: nothing is ahead (the node joins instead)"
+        );
+        k.install(5, SecretKey::from_bytes([1; 32]), s(0));
+        assert!(k.is_ahead(6) && k.is_ahead(1000));
+        assert!(!k.is_ahead(5) && !k.is_ahead(4));
+        assert_eq!(k.key_for(6, s(0)).unwrap_err(), OpenError::UnknownKey(6));
+    }
+
+    #[test]
+    fn join_keys_carry_current_and_previous() {
+        let mut rng = ChaCha20Rng::seed_from_u64(6);
+        let mut leader = keys();
+        assert!(leader.join_keys(s(0)).is_none());
+        let a = leader.rotate(s(0), &mut rng);
+        let only = leader.join_keys(s(1)).unwrap();
+        assert_eq!(
+            (only.current.clone(), only.previous.clone()),
+            (a.clone(), None)
+        );
+        let b = leader.rotate(s(40), &mut rng);
+        let both = leader.join_keys(s(41)).unwrap();
+        assert_eq!(both.current, b);
+        assert_eq!(both.previous, Some(a.clone()));
+        assert!(
+            leader.join_keys(s(91)).unwrap().previous.is_none(),
+            "a is past its age"
+        );
+        assert!(
+            leader.join_keys(s(131)).is_none(),
+            "b is stale: nothing to hand out"
+        );
+        let mut joiner = keys();
+        joiner.install(99, SecretKey::from_bytes([9; 32]), s(0));
+        joiner.install_join(both, s(41));
+        assert_eq!(joiner.current_epoch(), Some(b.epoch));
+        assert_eq!(joiner.previous_epoch(), Some(a.epoch));
+        assert_eq!(
+            joiner.sealing_key(s(41)).unwrap().0,
+            a.epoch,
+            "seals like everyone else"
+        );
+        joiner.install_join(only, s(42));
+        assert_eq!(
+            (joiner.current_epoch(), joiner.previous_epoch()),
+            (Some(a.epoch), None)
+        );
     }
 
     #[test]
