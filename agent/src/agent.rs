@@ -40,7 +40,10 @@ pub fn main(flags: &AgentFlags) -> i32 {
         }
     };
     init_logging(&settings.log_level);
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("crux agent: cannot start the runtime: {e}");
@@ -122,10 +125,18 @@ fn resolve_advertise(s: &Settings) -> Result<SocketAddr, ConfigError> {
         return Ok(a);
     }
     let port = s.bind.port();
-    let target = s.flock.seeds.first().copied().or_else(|| s.flock.space.nth(0, port));
+    let target = s
+        .flock
+        .seeds
+        .first()
+        .copied()
+        .or_else(|| s.flock.space.nth(0, port));
     let ip = target.and_then(|t| {
-        let any: SocketAddr =
-            if t.is_ipv4() { "0.0.0.0:0".parse().ok()? } else { "[::]:0".parse().ok()? };
+        let any: SocketAddr = if t.is_ipv4() {
+            "0.0.0.0:0".parse().ok()?
+        } else {
+            "[::]:0".parse().ok()?
+        };
         let sock = StdUdpSocket::bind(any).ok()?;
         sock.connect(t).ok()?;
         let ip = sock.local_addr().ok()?.ip();
@@ -188,10 +199,17 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("binding flock TCP {} (push-pull streams)", settings.bind))?;
     let identity = Identity { id, boot, addr };
     let clock = tokio::time::Instant::now();
-    let flock =
-        Flock::new(settings.flock.clone(), identity, rand::rngs::OsRng.next_u64(), clock.elapsed())
-            .map_err(|e| anyhow::anyhow!("config field `{}`: {}", e.field, e.reason))?;
-    let driver_config = DriverConfig { leave_timeout: settings.leave_timeout, ..Default::default() };
+    let flock = Flock::new(
+        settings.flock.clone(),
+        identity,
+        rand::rngs::OsRng.next_u64(),
+        clock.elapsed(),
+    )
+    .map_err(|e| anyhow::anyhow!("config field `{}`: {}", e.field, e.reason))?;
+    let driver_config = DriverConfig {
+        leave_timeout: settings.leave_timeout,
+        ..Default::default()
+    };
     let (driver, handle) = Driver::new(flock, udp, tcp, clock, driver_config);
     tokio::spawn(log_events(handle.clone()));
     let driver_task = tokio::spawn(driver.run(stop.clone()));
@@ -207,13 +225,21 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let servers = CancellationToken::new();
     let state = AgentState::new(handle.clone(), settings.clone(), keyring, start);
-    let steps = Steps { state: state.clone(), start };
+    let steps = Steps {
+        state: state.clone(),
+        start,
+    };
     let mut http_task = None;
     if let Some(http) = settings.http {
-        let listener =
-            TcpListener::bind(http).await.with_context(|| format!("binding HTTP {http}"))?;
+        let listener = TcpListener::bind(http)
+            .await
+            .with_context(|| format!("binding HTTP {http}"))?;
         info!(%http, "HTTP /metrics and /ready listening");
-        http_task = Some(tokio::spawn(crate::http::serve(listener, state.clone(), servers.clone())));
+        http_task = Some(tokio::spawn(crate::http::serve(
+            listener,
+            state.clone(),
+            servers.clone(),
+        )));
     }
 
     let outcome = bootstrap(&steps, &handle, &settings, began, &servers, &stop).await;
@@ -284,8 +310,11 @@ async fn bootstrap(
     // Step 2: the local socket.
     let began = now_instant();
     let listener = crate::rpc::bind(&settings.socket).await?;
-    let grpc =
-        tokio::spawn(crate::rpc::serve(listener, steps.state.clone(), servers.clone()));
+    let grpc = tokio::spawn(crate::rpc::serve(
+        listener,
+        steps.state.clone(),
+        servers.clone(),
+    ));
     steps.done(
         2,
         began,
@@ -298,7 +327,10 @@ async fn bootstrap(
     // Steps 3-5: their services land with their own issues.
     let later = [
         (3, "steward: comes with the registry (runs on the leader)"),
-        (4, "picket: comes with the service runner (no built-in services yet)"),
+        (
+            4,
+            "picket: comes with the service runner (no built-in services yet)",
+        ),
         (5, "proctor/dean: come with placement"),
     ];
     for (n, detail) in later {
@@ -310,7 +342,10 @@ async fn bootstrap(
     }
     steps.state.set_ready();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    info!(elapsed_ms = steps.start.elapsed().as_millis() as u64, "ready");
+    info!(
+        elapsed_ms = steps.start.elapsed().as_millis() as u64,
+        "ready"
+    );
     Ok(Some(grpc))
 }
 

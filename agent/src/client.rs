@@ -19,7 +19,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, clap::Args)]
 pub struct SocketArg {
     /// The agent's local socket.
-    #[arg(long, env = "CRUX_SOCKET", default_value = crate::config::DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "CRUX_SOCKET", default_value = crate::config::DEFAULT_SOCKET)]
     pub socket: PathBuf,
 }
 
@@ -77,7 +77,9 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
     match s.code() {
         tonic::Code::Unavailable => anyhow!("{}", s.message()),
         tonic::Code::NotFound => anyhow!("{}", s.message()),
-        tonic::Code::Unimplemented => anyhow!("the agent does not support this call (older agent?)"),
+        tonic::Code::Unimplemented => {
+            anyhow!("the agent does not support this call (older agent?)")
+        }
         tonic::Code::DeadlineExceeded => anyhow!("the agent did not answer in time"),
         _ => anyhow!("{}", s.message()),
     }
@@ -116,7 +118,8 @@ pub fn state_name(s: i32) -> &'static str {
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(header.to_vec());
     t
 }
 
@@ -132,7 +135,11 @@ fn fmt_age(ms: u64) -> String {
 /// `crux members`.
 pub async fn members(socket: &Path, json: bool) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
-    let resp = c.members(pb::MembersRequest {}).await.map_err(status_error)?.into_inner();
+    let resp = c
+        .members(pb::MembersRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
     let members: Vec<MemberJson> = resp
         .members
         .iter()
@@ -152,7 +159,11 @@ pub async fn members(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     let mut t = table(&["NODE", "ADDRESS", "STATE", "LEADER", "INCARNATION", "FOR"]);
     for (m, raw) in members.iter().zip(&resp.members) {
-        let id = if m.is_self { format!("{} (self)", m.id) } else { m.id.clone() };
+        let id = if m.is_self {
+            format!("{} (self)", m.id)
+        } else {
+            m.id.clone()
+        };
         let leader = if m.leader { "leader" } else { "" };
         t.add_row(vec![
             id,
@@ -170,7 +181,11 @@ pub async fn members(socket: &Path, json: bool) -> anyhow::Result<()> {
 /// `crux leader`.
 pub async fn leader(socket: &Path, json: bool) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
-    let l = c.leader(pb::LeaderRequest {}).await.map_err(status_error)?.into_inner();
+    let l = c
+        .leader(pb::LeaderRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
     if json {
         let v = serde_json::json!({ "id": l.id, "addr": l.addr, "term": l.term });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -215,7 +230,14 @@ fn print_keys(keys: &[pb::Key], nodes: u32, json: bool) -> anyhow::Result<()> {
     }
     let mut t = table(&["KEY ID", "PRIMARY"]);
     for k in keys {
-        t.add_row(vec![k.id.clone(), if k.primary { "primary".into() } else { String::new() }]);
+        t.add_row(vec![
+            k.id.clone(),
+            if k.primary {
+                "primary".into()
+            } else {
+                String::new()
+            },
+        ]);
     }
     println!("{t}");
     println!("keyring of {nodes} node(s)");
@@ -227,7 +249,11 @@ pub async fn keys(socket: &Path, cmd: &KeysCmd) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
     match cmd {
         KeysCmd::List(j) => {
-            let r = c.list_keys(pb::ListKeysRequest {}).await.map_err(status_error)?.into_inner();
+            let r = c
+                .list_keys(pb::ListKeysRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
             print_keys(&r.keys, r.nodes, j.json)
         }
         KeysCmd::Install { key } => {
@@ -263,7 +289,11 @@ pub async fn keys(socket: &Path, cmd: &KeysCmd) -> anyhow::Result<()> {
 /// `crux status` (agent identity and bootstrap steps).
 pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
-    let s = c.status(pb::StatusRequest {}).await.map_err(status_error)?.into_inner();
+    let s = c
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
     if json {
         let steps: Vec<_> = s
             .steps
@@ -281,7 +311,10 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("node {} (boot {}) at {}, bloc {:?}", s.node_id, s.boot_id, s.addr, s.bloc);
+    println!(
+        "node {} (boot {}) at {}, bloc {:?}",
+        s.node_id, s.boot_id, s.addr, s.bloc
+    );
     println!(
         "crux {}, up {}, {}, {} live member(s)",
         s.version,

@@ -41,7 +41,10 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError { field: field.into(), reason: reason.into() })
+    Err(ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    })
 }
 
 /// Optional per-field overrides of the preset's timings (`[timing]` table; durations are
@@ -282,10 +285,15 @@ impl RawConfig {
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(), ConfigError> {
         for (k, v) in vars {
-            let Some(name) = k.strip_prefix("CRUX_") else { continue };
+            let Some(name) = k.strip_prefix("CRUX_") else {
+                continue;
+            };
             let field = |f: &str| format!("{f} (from {k})");
             let list = |v: &str| -> Vec<String> {
-                v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+                v.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
             };
             match name {
                 "BLOC" => self.bloc = v,
@@ -358,17 +366,25 @@ impl RawConfig {
     /// Checks every field; the error names the field and the reason.
     pub fn validate(&self) -> Result<Settings, ConfigError> {
         if self.bloc.trim().is_empty() {
-            return err("bloc", "must be set (the bloc ID shared by every node of the flock)");
+            return err(
+                "bloc",
+                "must be set (the bloc ID shared by every node of the flock)",
+            );
         }
         if self.data_dir.as_os_str().is_empty() {
             return err("data_dir", "must not be empty");
         }
-        let bind: SocketAddr = self
-            .bind
-            .parse()
-            .or_else(|e| err("bind", format!("{:?} is not an ip:port address: {e}", self.bind)))?;
+        let bind: SocketAddr = self.bind.parse().or_else(|e| {
+            err(
+                "bind",
+                format!("{:?} is not an ip:port address: {e}", self.bind),
+            )
+        })?;
         if bind.port() == 0 {
-            return err("bind", "the flock port must not be 0 (others must know where to look)");
+            return err(
+                "bind",
+                "the flock port must not be 0 (others must know where to look)",
+            );
         }
         let advertise = match &self.advertise {
             Some(a) => {
@@ -388,14 +404,18 @@ impl RawConfig {
             AddressSpace::parse(&self.space, &[] as &[String]).or_else(|e| err("space", e))?;
         let ports =
             AddressSpace::parse(&[] as &[String], &self.ports).or_else(|e| err("ports", e))?;
-        let space = AddressSpace { ranges: space.ranges, ports: ports.ports };
+        let space = AddressSpace {
+            ranges: space.ranges,
+            ports: ports.ports,
+        };
         if self.ports.iter().any(|p| p.trim().is_empty()) {
             return err("ports", "an entry is empty");
         }
         let mut seeds = Vec::with_capacity(self.seeds.len());
         for s in &self.seeds {
-            let a: SocketAddr =
-                s.parse().or_else(|e| err("seeds", format!("{s:?} is not an ip:port: {e}")))?;
+            let a: SocketAddr = s
+                .parse()
+                .or_else(|e| err("seeds", format!("{s:?} is not an ip:port: {e}")))?;
             seeds.push(a);
         }
         let mut timing = Timing::preset(preset);
@@ -416,13 +436,18 @@ impl RawConfig {
             return err("grpc_port", "must not be 0");
         }
         if self.grpc_port == bind.port() {
-            return err("grpc_port", "must differ from the flock port (TCP there carries streams)");
+            return err(
+                "grpc_port",
+                "must differ from the flock port (TCP there carries streams)",
+            );
         }
         let http = if self.http_port == 0 {
             None
         } else {
             let ip: IpAddr = match &self.http_addr {
-                Some(a) => a.parse().or_else(|e| err("http_addr", format!("{a:?}: {e}")))?,
+                Some(a) => a
+                    .parse()
+                    .or_else(|e| err("http_addr", format!("{a:?}: {e}")))?,
                 None => bind.ip(),
             };
             if self.http_port == bind.port() || self.http_port == self.grpc_port {
@@ -434,13 +459,19 @@ impl RawConfig {
             return err("log_level", "must not be empty");
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            return err("log_level", format!("{:?} is not a log filter: {e}", self.log_level));
+            return err(
+                "log_level",
+                format!("{:?} is not a log filter: {e}", self.log_level),
+            );
         }
         if self.leave_timeout.is_zero() {
             return err("leave_timeout", "must be greater than zero");
         }
         Ok(Settings {
-            keyring: self.keyring.clone().unwrap_or_else(|| self.data_dir.join("keyring")),
+            keyring: self
+                .keyring
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("keyring")),
             data_dir: self.data_dir.clone(),
             bind,
             advertise,
@@ -461,17 +492,23 @@ impl RawConfig {
 }
 
 fn parse_num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
-    v.trim().parse().map_err(|_| format!("{v:?} is not a number in range"))
+    v.trim()
+        .parse()
+        .map_err(|_| format!("{v:?} is not a number in range"))
 }
 
 /// The key on the line of a TOML error span (`key = value`), for the error's `field`.
 fn toml_key_of(text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {
     let span = span?;
-    let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
     let line = text[start..].lines().next()?;
     let key = line.split('=').next()?.trim();
     let valid = !key.is_empty()
-        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
     valid.then(|| key.to_string())
 }
 
@@ -480,12 +517,17 @@ mod tests {
     use super::*;
 
     fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
     fn defaults_follow_the_design() {
-        let mut raw = RawConfig { bloc: "b".into(), ..RawConfig::default() };
+        let mut raw = RawConfig {
+            bloc: "b".into(),
+            ..RawConfig::default()
+        };
         raw.advertise = Some("10.0.0.1:7700".into());
         let s = raw.validate().unwrap();
         assert_eq!(s.bind.port(), 7700);
@@ -509,7 +551,10 @@ mod tests {
             ("HOME", "/root"),
         ]))
         .unwrap();
-        raw.apply_flags(&AgentFlags { bloc: Some("flag".into()), ..AgentFlags::default() });
+        raw.apply_flags(&AgentFlags {
+            bloc: Some("flag".into()),
+            ..AgentFlags::default()
+        });
         let s = raw.validate().unwrap();
         assert_eq!(s.flock.bloc, "flag");
         assert_eq!(s.http.unwrap(), "127.0.0.2:9200".parse().unwrap());
@@ -541,8 +586,13 @@ mod tests {
             field("bloc = \"b\"\n[timing]\nprobe_interval = \"100ms\"\nprobe_timeout = \"1s\""),
             "timing.probe_timeout"
         );
-        let mut raw = RawConfig { bloc: "b".into(), ..RawConfig::default() };
-        let e = raw.apply_env(vars(&[("CRUX_HTTP_PORT", "seventy")])).unwrap_err();
+        let mut raw = RawConfig {
+            bloc: "b".into(),
+            ..RawConfig::default()
+        };
+        let e = raw
+            .apply_env(vars(&[("CRUX_HTTP_PORT", "seventy")]))
+            .unwrap_err();
         assert_eq!(e.field, "http_port (from CRUX_HTTP_PORT)");
         assert!(e.to_string().contains("http_port"));
     }

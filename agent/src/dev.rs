@@ -103,7 +103,10 @@ fn free_port(n: usize) -> anyhow::Result<u16> {
             return Ok(port);
         }
     }
-    bail!("found no port free on all of 127.0.0.2-127.0.0.{}; pass --port", n + 1)
+    bail!(
+        "found no port free on all of 127.0.0.2-127.0.0.{}; pass --port",
+        n + 1
+    )
 }
 
 /// A TCP port free on `ip` (for a node's HTTP server).
@@ -164,7 +167,10 @@ async fn run(args: &DevArgs) -> anyhow::Result<i32> {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
             std::path::absolute(d)?
         }
-        None => tempfile::Builder::new().prefix("crux-dev-").tempdir()?.keep(),
+        None => tempfile::Builder::new()
+            .prefix("crux-dev-")
+            .tempdir()?
+            .keep(),
     };
     let longest = dir.join(format!("node{n}")).join("reeve.sock");
     if longest.as_os_str().len() > SOCKET_PATH_MAX {
@@ -186,7 +192,8 @@ async fn run(args: &DevArgs) -> anyhow::Result<i32> {
     for k in 1..=n {
         let http = free_tcp_port(node_ip(k), &[port, port + 1])?;
         let raw = node_config(&dir, k, n, port, http, &bloc, args);
-        raw.validate().map_err(|e| anyhow::anyhow!("generated config of node{k}: {e}"))?;
+        raw.validate()
+            .map_err(|e| anyhow::anyhow!("generated config of node{k}: {e}"))?;
         let node_dir = dir.join(format!("node{k}"));
         std::fs::create_dir_all(&node_dir)
             .with_context(|| format!("creating {}", node_dir.display()))?;
@@ -246,7 +253,10 @@ async fn run(args: &DevArgs) -> anyhow::Result<i32> {
         node_ip(n),
         args.preset
     );
-    println!("files: {}/nodeK/ (crux.toml, agent.log, agent.pid, reeve.sock)", dir.display());
+    println!(
+        "files: {}/nodeK/ (crux.toml, agent.log, agent.pid, reeve.sock)",
+        dir.display()
+    );
     println!("try:   crux members --socket {}", nodes[0].socket.display());
     println!("stop:  Ctrl-C (kill an agent's pid to watch the flock react)");
     let _ = std::io::stdout().flush();
@@ -276,7 +286,10 @@ async fn run(args: &DevArgs) -> anyhow::Result<i32> {
         let _ = std::io::stdout().flush();
     };
 
-    println!("crux dev: {signal}: stopping {} agent(s)", nodes.iter().filter(|x| x.exit.is_none()).count());
+    println!(
+        "crux dev: {signal}: stopping {} agent(s)",
+        nodes.iter().filter(|x| x.exit.is_none()).count()
+    );
     stop_all(&mut nodes).await;
     for node in &nodes {
         let _ = std::fs::remove_file(node.dir.join("agent.pid"));
@@ -326,12 +339,18 @@ async fn poll(nodes: &mut [Node]) -> Vec<View> {
             }
         }
         if let Some(e) = &node.exit {
-            views.push(View { agent: e.clone(), ..View::default() });
+            views.push(View {
+                agent: e.clone(),
+                ..View::default()
+            });
             continue;
         }
         let view = tokio::time::timeout(Duration::from_millis(400), query(node))
             .await
-            .unwrap_or_else(|_| View { agent: "not answering".into(), ..View::default() });
+            .unwrap_or_else(|_| View {
+                agent: "not answering".into(),
+                ..View::default()
+            });
         views.push(view);
     }
     views
@@ -340,22 +359,35 @@ async fn poll(nodes: &mut [Node]) -> Vec<View> {
 async fn query(node: &mut Node) -> View {
     if node.client.is_none() {
         if !node.socket.exists() {
-            return View { agent: "starting".into(), ..View::default() };
+            return View {
+                agent: "starting".into(),
+                ..View::default()
+            };
         }
         node.client = crate::client::connect(&node.socket).await.ok();
     }
     let Some(c) = node.client.as_mut() else {
-        return View { agent: "starting".into(), ..View::default() };
+        return View {
+            agent: "starting".into(),
+            ..View::default()
+        };
     };
     let status = match c.status(pb::StatusRequest {}).await {
         Ok(s) => s.into_inner(),
         Err(_) => {
             node.client = None;
-            return View { agent: "not answering".into(), ..View::default() };
+            return View {
+                agent: "not answering".into(),
+                ..View::default()
+            };
         }
     };
     let mut v = View {
-        agent: if status.ready { "ready".into() } else { "starting".into() },
+        agent: if status.ready {
+            "ready".into()
+        } else {
+            "starting".into()
+        },
         node_id: status.node_id,
         live: Some(status.live_members),
         key_epoch: status.key_epoch,
@@ -390,7 +422,14 @@ fn render(nodes: &[Node], views: &[View]) -> (Table, String) {
     let name = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_string());
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-        "NODE", "ADDRESS", "PID", "AGENT", "LIVE", "LEADER", "TERM", "KEY EPOCH",
+        "NODE",
+        "ADDRESS",
+        "PID",
+        "AGENT",
+        "LIVE",
+        "LEADER",
+        "TERM",
+        "KEY EPOCH",
     ]);
     for (node, v) in nodes.iter().zip(views) {
         let dash = || "-".to_string();
@@ -417,7 +456,9 @@ fn render(nodes: &[Node], views: &[View]) -> (Table, String) {
     let summary = match ready.first() {
         None => "agreement: no agent ready yet".to_string(),
         Some(first) => {
-            let same = ready.iter().all(|v| live_set(v) == live_set(first) && v.leader == first.leader);
+            let same = ready
+                .iter()
+                .all(|v| live_set(v) == live_set(first) && v.leader == first.leader);
             let ids: BTreeSet<String> = ready.iter().map(|v| v.node_id.clone()).collect();
             let complete = live_set(first) == ids;
             match (&first.leader, same && complete) {

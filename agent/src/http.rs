@@ -25,7 +25,9 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/", get(status))
         .with_state(state);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 async fn ready(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
@@ -33,13 +35,19 @@ async fn ready(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
         (StatusCode::OK, "ready\n".to_string())
     } else {
         let step = state.pending_step().unwrap_or("shutdown");
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: bootstrap step {step}\n"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: bootstrap step {step}\n"),
+        )
     }
 }
 
 async fn metrics(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         crate::metrics::render(&state),
     )
 }
@@ -48,11 +56,21 @@ async fn status(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
     let snap = state.flock.snapshot();
     let mut s = String::new();
     let me = snap.identity;
-    let _ = writeln!(s, "crux {} node {} at {}", env!("CARGO_PKG_VERSION"), me.id, me.addr);
+    let _ = writeln!(
+        s,
+        "crux {} node {} at {}",
+        env!("CARGO_PKG_VERSION"),
+        me.id,
+        me.addr
+    );
     let _ = writeln!(s, "bloc {}", state.settings.flock.bloc);
     let _ = writeln!(s, "ready {}", state.is_ready());
     for step in state.steps() {
-        let took = if step.done { format!("{:?}", step.elapsed) } else { "-".into() };
+        let took = if step.done {
+            format!("{:?}", step.elapsed)
+        } else {
+            "-".into()
+        };
         let _ = writeln!(s, "  step {:<8} {:<10} {}", step.name, took, step.detail);
     }
     match snap.leader {
@@ -64,7 +82,14 @@ async fn status(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
     let _ = writeln!(s, "members ({} live):", snap.live);
     for m in &snap.members {
         let i = m.info;
-        let _ = writeln!(s, "  {} {:<21} {:<7} inc {}", i.id, i.addr, i.state.as_str(), i.incarnation);
+        let _ = writeln!(
+            s,
+            "  {} {:<21} {:<7} inc {}",
+            i.id,
+            i.addr,
+            i.state.as_str(),
+            i.incarnation
+        );
     }
     s
 }

@@ -18,10 +18,9 @@ pub fn load_or_create_node_id(data_dir: &Path) -> anyhow::Result<NodeId> {
     let path = data_dir.join(NODE_ID_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let id: NodeId = text
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("{}: not a node id (16 hex digits)", path.display()))?;
+            let id: NodeId = text.trim().parse().map_err(|_| {
+                anyhow::anyhow!("{}: not a node id (16 hex digits)", path.display())
+            })?;
             Ok(id)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

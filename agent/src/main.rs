@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the node agent (config: --config FILE, CRUX_* variables, flags).
-    Agent(config::AgentFlags),
+    Agent(Box<config::AgentFlags>),
     /// Run a local flock of N agent processes on 127.0.0.2 … 127.0.0.(N+1), with a live table.
     Dev(dev::DevArgs),
     /// List the members the local agent knows.
@@ -83,7 +83,9 @@ fn main() -> ExitCode {
         Cmd::Status { socket, json } => {
             client::block_on(client::status(&socket.socket, json.json)).map(|()| 0)
         }
-        Cmd::Keys { socket, cmd } => client::block_on(client::keys(&socket.socket, cmd)).map(|()| 0),
+        Cmd::Keys { socket, cmd } => {
+            client::block_on(client::keys(&socket.socket, cmd)).map(|()| 0)
+        }
         Cmd::Keygen => keys::generate().map(|k| {
             println!("{k}");
             0

@@ -23,7 +23,10 @@ impl Out {
                 if i > 0 {
                     self.0.push(',');
                 }
-                let escaped = val.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                let escaped = val
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
                 let _ = write!(self.0, "{k}=\"{escaped}\"");
             }
             self.0.push('}');
@@ -41,29 +44,69 @@ pub fn render(state: &AgentState) -> String {
     let snap = state.flock.snapshot();
     let mut o = Out(String::with_capacity(4096));
     render_flock(&mut o, &snap, state.key_epoch());
-    o.one("crux_ready", "gauge", "1 once the bootstrap is done.", u8::from(state.is_ready()));
-    o.family("crux_bootstrap_step_seconds", "gauge", "Time each finished bootstrap step took.");
+    o.one(
+        "crux_ready",
+        "gauge",
+        "1 once the bootstrap is done.",
+        u8::from(state.is_ready()),
+    );
+    o.family(
+        "crux_bootstrap_step_seconds",
+        "gauge",
+        "Time each finished bootstrap step took.",
+    );
     for s in state.steps().iter().filter(|s| s.done) {
-        o.value("crux_bootstrap_step_seconds", &[("step", s.name)], s.elapsed.as_secs_f64());
+        o.value(
+            "crux_bootstrap_step_seconds",
+            &[("step", s.name)],
+            s.elapsed.as_secs_f64(),
+        );
     }
-    o.one("crux_uptime_seconds", "gauge", "Time since the agent started.", state.uptime().as_secs());
+    o.one(
+        "crux_uptime_seconds",
+        "gauge",
+        "Time since the agent started.",
+        state.uptime().as_secs(),
+    );
     o.0
 }
 
 fn render_flock(o: &mut Out, snap: &Snapshot, key_epoch: Option<u64>) {
-    o.family("crux_members", "gauge", "Members this node knows, by state (self included).");
-    for st in [MemberState::Alive, MemberState::Suspect, MemberState::Dead, MemberState::Left] {
+    o.family(
+        "crux_members",
+        "gauge",
+        "Members this node knows, by state (self included).",
+    );
+    for st in [
+        MemberState::Alive,
+        MemberState::Suspect,
+        MemberState::Dead,
+        MemberState::Left,
+    ] {
         let n = snap.members.iter().filter(|m| m.info.state == st).count();
         o.value("crux_members", &[("state", st.as_str())], n);
     }
     let me = snap.identity.id;
-    o.family("crux_leader", "gauge", "The leader this node follows (1 per known leader).");
+    o.family(
+        "crux_leader",
+        "gauge",
+        "The leader this node follows (1 per known leader).",
+    );
     if let Some(l) = snap.leader {
         let (id, addr) = (l.id.to_string(), l.addr.to_string());
         let is_self = if l.id == me { "true" } else { "false" };
-        o.value("crux_leader", &[("id", &id), ("addr", &addr), ("self", is_self)], 1);
+        o.value(
+            "crux_leader",
+            &[("id", &id), ("addr", &addr), ("self", is_self)],
+            1,
+        );
     }
-    o.one("crux_leader_known", "gauge", "1 when a leader is known.", u8::from(snap.leader.is_some()));
+    o.one(
+        "crux_leader_known",
+        "gauge",
+        "1 when a leader is known.",
+        u8::from(snap.leader.is_some()),
+    );
     o.one(
         "crux_is_leader",
         "gauge",
@@ -77,30 +120,91 @@ fn render_flock(o: &mut Out, snap: &Snapshot, key_epoch: Option<u64>) {
         snap.leader.map_or(0, |l| l.term),
     );
     if let Some(epoch) = key_epoch {
-        o.one("crux_key_epoch", "gauge", "Transient key epoch in use.", epoch);
+        o.one(
+            "crux_key_epoch",
+            "gauge",
+            "Transient key epoch in use.",
+            epoch,
+        );
     }
     let s = &snap.stats;
     let counters: [(&str, &str, u64); 13] = [
-        ("crux_datagrams_in_total", "Datagrams received.", s.datagrams_in),
-        ("crux_datagrams_out_total", "Datagrams sent.", s.datagrams_out),
-        ("crux_datagram_bytes_in_total", "Bytes of datagrams received.", s.bytes_in),
-        ("crux_datagram_bytes_out_total", "Bytes of datagrams sent.", s.bytes_out),
-        ("crux_streams_in_total", "Stream frames received.", s.streams_in),
-        ("crux_streams_out_total", "Stream frames sent.", s.streams_out),
-        ("crux_stream_bytes_in_total", "Bytes of stream frames received.", s.stream_bytes_in),
-        ("crux_stream_bytes_out_total", "Bytes of stream frames sent.", s.stream_bytes_out),
+        (
+            "crux_datagrams_in_total",
+            "Datagrams received.",
+            s.datagrams_in,
+        ),
+        (
+            "crux_datagrams_out_total",
+            "Datagrams sent.",
+            s.datagrams_out,
+        ),
+        (
+            "crux_datagram_bytes_in_total",
+            "Bytes of datagrams received.",
+            s.bytes_in,
+        ),
+        (
+            "crux_datagram_bytes_out_total",
+            "Bytes of datagrams sent.",
+            s.bytes_out,
+        ),
+        (
+            "crux_streams_in_total",
+            "Stream frames received.",
+            s.streams_in,
+        ),
+        (
+            "crux_streams_out_total",
+            "Stream frames sent.",
+            s.streams_out,
+        ),
+        (
+            "crux_stream_bytes_in_total",
+            "Bytes of stream frames received.",
+            s.stream_bytes_in,
+        ),
+        (
+            "crux_stream_bytes_out_total",
+            "Bytes of stream frames sent.",
+            s.stream_bytes_out,
+        ),
         ("crux_probes_total", "Direct probes sent.", s.probes),
-        ("crux_probe_failures_total", "Probes that ended in suspicion.", s.probe_failures),
-        ("crux_push_pulls_total", "Push-pull exchanges started.", s.push_pulls),
-        ("crux_refutations_total", "Suspicions of this node it refuted.", s.refutations),
-        ("crux_leader_claims_total", "Leader claims this node made.", s.claims),
+        (
+            "crux_probe_failures_total",
+            "Probes that ended in suspicion.",
+            s.probe_failures,
+        ),
+        (
+            "crux_push_pulls_total",
+            "Push-pull exchanges started.",
+            s.push_pulls,
+        ),
+        (
+            "crux_refutations_total",
+            "Suspicions of this node it refuted.",
+            s.refutations,
+        ),
+        (
+            "crux_leader_claims_total",
+            "Leader claims this node made.",
+            s.claims,
+        ),
     ];
     for (name, help, v) in counters {
         o.one(name, "counter", help, v);
     }
-    o.family("crux_dropped_total", "counter", "Datagrams and frames dropped, by reason.");
+    o.family(
+        "crux_dropped_total",
+        "counter",
+        "Datagrams and frames dropped, by reason.",
+    );
     for r in DropReason::ALL {
-        o.value("crux_dropped_total", &[("reason", r.as_str())], s.dropped(r));
+        o.value(
+            "crux_dropped_total",
+            &[("reason", r.as_str())],
+            s.dropped(r),
+        );
     }
 }
 

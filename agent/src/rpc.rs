@@ -64,7 +64,9 @@ impl Service {
             Ok(())
         } else {
             let step = self.state.pending_step().unwrap_or("shutdown");
-            Err(Status::unavailable(format!("agent not ready (bootstrap step {step})")))
+            Err(Status::unavailable(format!(
+                "agent not ready (bootstrap step {step})"
+            )))
         }
     }
 }
@@ -79,7 +81,12 @@ fn state_pb(s: MemberState) -> pb::MemberState {
 }
 
 fn keys_pb(keys: Vec<KeyEntry>) -> Vec<pb::Key> {
-    keys.into_iter().map(|k| pb::Key { id: k.id, primary: k.primary }).collect()
+    keys.into_iter()
+        .map(|k| pb::Key {
+            id: k.id,
+            primary: k.primary,
+        })
+        .collect()
 }
 
 fn keyring_status(e: anyhow::Error) -> Status {
@@ -162,30 +169,54 @@ impl Reeve for Service {
         _req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let keys = self.state.keyring.list().map_err(keyring_status)?;
-        Ok(Response::new(pb::ListKeysResponse { keys: keys_pb(keys), nodes: 1 }))
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: keys_pb(keys),
+            nodes: 1,
+        }))
     }
 
     async fn install_key(
         &self,
         req: Request<pb::InstallKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        let keys = self.state.keyring.install(&req.into_inner().key).map_err(keyring_status)?;
-        Ok(Response::new(pb::KeyringResponse { keys: keys_pb(keys), nodes: 1 }))
+        let keys = self
+            .state
+            .keyring
+            .install(&req.into_inner().key)
+            .map_err(keyring_status)?;
+        Ok(Response::new(pb::KeyringResponse {
+            keys: keys_pb(keys),
+            nodes: 1,
+        }))
     }
 
     async fn use_key(
         &self,
         req: Request<pb::UseKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        let keys = self.state.keyring.use_key(&req.into_inner().key).map_err(keyring_status)?;
-        Ok(Response::new(pb::KeyringResponse { keys: keys_pb(keys), nodes: 1 }))
+        let keys = self
+            .state
+            .keyring
+            .use_key(&req.into_inner().key)
+            .map_err(keyring_status)?;
+        Ok(Response::new(pb::KeyringResponse {
+            keys: keys_pb(keys),
+            nodes: 1,
+        }))
     }
 
     async fn remove_key(
         &self,
         req: Request<pb::RemoveKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        let keys = self.state.keyring.remove(&req.into_inner().key).map_err(keyring_status)?;
-        Ok(Response::new(pb::KeyringResponse { keys: keys_pb(keys), nodes: 1 }))
+        let keys = self
+            .state
+            .keyring
+            .remove(&req.into_inner().key)
+            .map_err(keyring_status)?;
+        Ok(Response::new(pb::KeyringResponse {
+            keys: keys_pb(keys),
+            nodes: 1,
+        }))
     }
 }

@@ -49,7 +49,12 @@ impl AgentState {
     ) -> Arc<AgentState> {
         let steps = STEPS
             .iter()
-            .map(|name| Step { name, done: false, elapsed: Duration::ZERO, detail: String::new() })
+            .map(|name| Step {
+                name,
+                done: false,
+                elapsed: Duration::ZERO,
+                detail: String::new(),
+            })
             .collect();
         Arc::new(AgentState {
             flock,
@@ -88,7 +93,12 @@ impl AgentState {
 
     /// The first step not yet done.
     pub fn pending_step(&self) -> Option<&'static str> {
-        self.steps.lock().expect("steps lock").iter().find(|s| !s.done).map(|s| s.name)
+        self.steps
+            .lock()
+            .expect("steps lock")
+            .iter()
+            .find(|s| !s.done)
+            .map(|s| s.name)
     }
 
     /// Time since the agent started.

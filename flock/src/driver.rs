@@ -173,7 +173,9 @@ pub struct Driver {
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Driver").field("identity", self.flock.identity()).finish_non_exhaustive()
+        f.debug_struct("Driver")
+            .field("identity", self.flock.identity())
+            .finish_non_exhaustive()
     }
 }
 
@@ -191,7 +193,11 @@ impl Driver {
         let now = start.elapsed();
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::take(&flock, now, false)));
         let (ev_tx, _) = broadcast::channel(1024);
-        let handle = DriverHandle { commands: cmd_tx, snapshot: snap_rx, events: ev_tx.clone() };
+        let handle = DriverHandle {
+            commands: cmd_tx,
+            snapshot: snap_rx,
+            events: ev_tx.clone(),
+        };
         let driver = Driver {
             flock,
             udp,
@@ -207,7 +213,16 @@ impl Driver {
 
     /// Drives the core until `shutdown` is cancelled and the leave has completed (or timed out).
     pub async fn run(self, shutdown: CancellationToken) -> Exit {
-        let Driver { mut flock, udp, tcp, config, start, mut commands, snapshot, events } = self;
+        let Driver {
+            mut flock,
+            udp,
+            tcp,
+            config,
+            start,
+            mut commands,
+            snapshot,
+            events,
+        } = self;
         let now = || start.elapsed();
         let tasks = CancellationToken::new();
         let _stop_tasks = tasks.clone().drop_guard();
@@ -429,7 +444,11 @@ async fn serve_stream(
     let bytes = read_frame(&mut stream).await?;
     let (tx, rx) = oneshot::channel();
     to_owner
-        .send(StreamIn { from, bytes, reply: tx })
+        .send(StreamIn {
+            from,
+            bytes,
+            reply: tx,
+        })
         .await
         .map_err(|_| io::Error::other("driver stopped"))?;
     if let Ok(Some(reply)) = rx.await {
@@ -444,7 +463,10 @@ pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
     payload: &[u8],
 ) -> io::Result<()> {
     if payload.len() > MAX_FRAME_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame over the stream limit"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "frame over the stream limit",
+        ));
     }
     w.write_all(&(payload.len() as u32).to_be_bytes()).await?;
     w.write_all(payload).await?;
@@ -457,7 +479,10 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> io::Resul
     r.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame over the stream limit"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "frame over the stream limit",
+        ));
     }
     let mut buf = Vec::with_capacity(len.min(64 * 1024));
     r.take(len as u64).read_to_end(&mut buf).await?;
@@ -481,11 +506,17 @@ mod tests {
 
         let huge = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
         let mut r = &huge[..];
-        assert_eq!(read_frame(&mut r).await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            read_frame(&mut r).await.unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
 
         let mut short = 10u32.to_be_bytes().to_vec();
         short.extend_from_slice(b"abc");
         let mut r = &short[..];
-        assert_eq!(read_frame(&mut r).await.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            read_frame(&mut r).await.unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 }

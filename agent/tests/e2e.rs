@@ -1,0 +1,177 @@
+//! End-to-end tests with real `crux agent` processes on loopback (issue 4, item 7).
+//!
+//! Each test has its own `127.A.B.x` range (B = the test's id below), its own port and bloc, and
+//! kills only the processes it started (see `crux_tests::cluster`). They use the `local` preset.
+
+use std::time::Duration;
+
+use crux_tests::cluster::Cluster;
+
+const BIN: &str = env!("CARGO_BIN_EXE_crux");
+const PRESET: &str = "local";
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn converged(c: &Cluster, nodes: &[usize]) -> crux_tests::cluster::Leader {
+    c.wait_for("agreement on members and one leader", CONVERGE, || {
+        c.agreement(nodes)
+    })
+}
+
+/// Five agents started together find each other by probing the address space (no seeds) and agree
+/// on the member list and one leader (DESIGN.md "Flock protocol": discovery, leader election).
+#[test]
+fn five_agents_converge_on_one_leader() {
+    let mut c = Cluster::new(BIN, 1, 5, PRESET);
+    c.start_all();
+    let leader = converged(&c, &[1, 2, 3, 4, 5]);
+    assert!(leader.term >= 1);
+    // The HTTP side agrees: /ready is 200 on every node.
+    for a in &c.agents {
+        let body = http_get(a.http, "/ready").expect("GET /ready");
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    }
+    let metrics = http_get(c.agent(1).http, "/metrics").expect("GET /metrics");
+    assert!(
+        metrics.contains("crux_members{state=\"alive\"} 5"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("crux_leader_known 1"), "{metrics}");
+}
+
+/// kill -9 of the leader: the other four agree on a new leader. The old leader, restarted with
+/// its data dir (same node id, new boot id), is a member again and does not displace the new
+/// leader (sticky leadership).
+#[test]
+fn leader_crash_elects_a_new_leader_and_the_restarted_node_rejoins_as_follower() {
+    let mut c = Cluster::new(BIN, 2, 5, PRESET);
+    c.start_all();
+    let old = converged(&c, &[1, 2, 3, 4, 5]);
+    let dead = c.index_of(&old.id).expect("leader is one of ours");
+    c.kill9(dead);
+    let rest: Vec<usize> = (1..=5).filter(|k| *k != dead).collect();
+    let new = c.wait_for("a new leader among the other four", CONVERGE, || {
+        let l = c.agreement(&rest)?;
+        if l.id == old.id {
+            return Err("still following the dead leader".into());
+        }
+        Ok(l)
+    });
+    assert!(
+        new.term > old.term,
+        "new term {} after {}",
+        new.term,
+        old.term
+    );
+
+    c.start(dead);
+    let after = converged(&c, &[1, 2, 3, 4, 5]);
+    assert_eq!(after.id, new.id, "the restarted node displaced the leader");
+    assert_eq!(
+        c.node_id(dead).as_deref(),
+        Some(old.id.as_str()),
+        "node id kept"
+    );
+}
+
+/// SIGTERM: the agent leaves gracefully and exits 0; the others show it `left`.
+#[test]
+fn sigterm_leaves_gracefully_and_others_show_left() {
+    let mut c = Cluster::new(BIN, 3, 5, PRESET);
+    c.start_all();
+    let leader = converged(&c, &[1, 2, 3, 4, 5]);
+    let leaver = (1..=5)
+        .find(|k| c.node_id(*k).as_deref() != Some(leader.id.as_str()))
+        .unwrap();
+    let id = c.node_id(leaver).unwrap();
+    let status = c.sigterm(leaver, Duration::from_secs(15));
+    assert!(status.success(), "agent exit status {status:?}");
+    assert!(!c.agent(leaver).socket.exists(), "socket removed on exit");
+    let rest: Vec<usize> = (1..=5).filter(|k| *k != leaver).collect();
+    c.wait_for("the others to show the leaver as left", CONVERGE, || {
+        for &k in &rest {
+            let m = c.members(k)?;
+            let state = m.iter().find(|m| m.id == id).map(|m| m.state.clone());
+            if state.as_deref() != Some("left") {
+                return Err(format!("node{k} shows it as {state:?}"));
+            }
+        }
+        Ok(())
+    });
+    c.agreement(&rest).expect("the others still agree");
+}
+
+/// A bad config: the agent exits non-zero before doing anything, naming the field and reason.
+#[test]
+fn bad_config_exits_non_zero_naming_the_field() {
+    let c = Cluster::new(BIN, 4, 1, PRESET);
+    let path = c.agent(1).config();
+    let good = std::fs::read_to_string(&path).unwrap();
+    let cases = [
+        ("preset = \"local\"", "preset = \"fast\"", "preset"),
+        ("bind = ", "bind = \"nowhere\"\n#", "bind"),
+        ("grpc_port = ", "grpc_port = \"x\"\n#", "grpc_port"),
+    ];
+    for (from, to, field) in cases {
+        let (head, tail) = good.split_once(from).expect("config line");
+        std::fs::write(&path, format!("{head}{to}{tail}")).unwrap();
+        let out = c
+            .command()
+            .arg("agent")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{field}: agent accepted a bad config"
+        );
+        assert!(
+            err.contains(&format!("`{field}`")),
+            "{field}: message {err:?}"
+        );
+    }
+    // An environment variable that does not parse is named too.
+    std::fs::write(&path, &good).unwrap();
+    let out = c
+        .command()
+        .arg("agent")
+        .arg("--config")
+        .arg(&path)
+        .env("CRUX_HTTP_PORT", "seventy")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CRUX_HTTP_PORT"));
+}
+
+/// The CLI fails with a clear message and a non-zero exit when there is no agent.
+#[test]
+fn cli_without_an_agent_fails_clearly() {
+    let c = Cluster::new(BIN, 5, 1, PRESET);
+    for args in [
+        &["members"][..],
+        &["leader", "--json"],
+        &["keys", "list"],
+        &["status"],
+    ] {
+        let out = c.cli(1, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded without an agent");
+        assert!(err.contains("no agent socket"), "{args:?}: {err:?}");
+    }
+}
+
+/// A minimal HTTP/1.1 GET (the test needs no HTTP client library for two endpoints).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}

@@ -1,0 +1,393 @@
+//! A flock of real `crux agent` processes on loopback, for end-to-end tests.
+//!
+//! * Addresses: `127.A.B.2 … 127.A.B.(N+1)`, where `A` comes from the test process id and `B`
+//!   from a per-test number, so concurrent tests (and concurrent test runs) use separate ranges;
+//!   the port is one found free on all of them, and the bloc ID is unique per cluster, so even a
+//!   collision could not mix two clusters.
+//! * Every agent gets its own dir (config, data, socket, log) under a temp dir that is removed
+//!   with the cluster (kept, and its logs printed, when the test fails).
+//! * The harness kills only the processes it started: on drop, every child still running gets
+//!   SIGKILL and is reaped.
+//! * Waiting is by condition with a deadline ([`wait_for`]), never by sleeping a fixed time.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// A member as `crux members --json` prints it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Member {
+    /// Node id.
+    pub id: String,
+    /// Flock address.
+    pub addr: String,
+    /// alive, suspect, dead or left.
+    pub state: String,
+    /// Whether it is the leader.
+    pub leader: bool,
+    /// SWIM incarnation.
+    pub incarnation: u64,
+}
+
+/// The leader as `crux leader --json` prints it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Leader {
+    /// Node id.
+    pub id: String,
+    /// Flock address.
+    pub addr: String,
+    /// Term.
+    pub term: u64,
+}
+
+/// One agent of the cluster.
+#[derive(Debug)]
+pub struct Agent {
+    /// 1-based index.
+    pub k: usize,
+    /// Flock address.
+    pub addr: SocketAddr,
+    /// Node dir (config, data, socket, log).
+    pub dir: PathBuf,
+    /// Local API socket.
+    pub socket: PathBuf,
+    /// HTTP address (`/ready`, `/metrics`).
+    pub http: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Config file path.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("crux.toml")
+    }
+
+    /// Whether the agent process is running (started and not exited).
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+/// N agents on a loopback range of their own.
+#[derive(Debug)]
+pub struct Cluster {
+    bin: PathBuf,
+    dir: Option<tempfile::TempDir>,
+    /// The agents, `agents[k - 1]` being node k.
+    pub agents: Vec<Agent>,
+    /// Flock port shared by all agents.
+    pub port: u16,
+    /// Bloc ID.
+    pub bloc: String,
+}
+
+fn ip(block: (u8, u8), k: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, block.0, block.1, (k + 1) as u8))
+}
+
+/// A port free for UDP and TCP on every address.
+fn free_port(addrs: &[IpAddr]) -> u16 {
+    for _ in 0..100 {
+        let probe = std::net::UdpSocket::bind(SocketAddr::new(addrs[0], 0)).expect("bind probe");
+        let port = probe.local_addr().expect("local addr").port();
+        drop(probe);
+        let ok = addrs.iter().all(|a| {
+            let a = SocketAddr::new(*a, port);
+            std::net::UdpSocket::bind(a).is_ok() && std::net::TcpListener::bind(a).is_ok()
+        });
+        if ok {
+            return port;
+        }
+    }
+    panic!("no port free on all of {addrs:?}")
+}
+
+fn free_tcp_port(ip: IpAddr) -> u16 {
+    let l = std::net::TcpListener::bind(SocketAddr::new(ip, 0)).expect("bind");
+    l.local_addr().expect("local addr").port()
+}
+
+impl Cluster {
+    /// Writes the configs of `n` agents (nothing runs yet). `test_id` (1-250) must differ between
+    /// the tests of one test binary; `preset` is a timing preset name.
+    pub fn new(bin: impl Into<PathBuf>, test_id: u8, n: usize, preset: &str) -> Cluster {
+        assert!((1..=250).contains(&n));
+        let block = (10 + (std::process::id() % 200) as u8, test_id);
+        let dir = tempfile::Builder::new()
+            .prefix("crux-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let ips: Vec<IpAddr> = (1..=n).map(|k| ip(block, k)).collect();
+        let port = free_port(&ips);
+        let bloc = format!("e2e-{}-{test_id}", std::process::id());
+        let space = format!("{}-{}", ips[0], ips[n - 1]);
+        let agents = (1..=n)
+            .map(|k| {
+                let node_dir = dir.path().join(format!("node{k}"));
+                std::fs::create_dir_all(&node_dir).expect("node dir");
+                let addr = SocketAddr::new(ips[k - 1], port);
+                let http = SocketAddr::new(ips[k - 1], free_tcp_port(ips[k - 1]));
+                let socket = node_dir.join("reeve.sock");
+                let config = format!(
+                    "bloc = {bloc:?}\ndata_dir = {data:?}\nbind = \"{addr}\"\nspace = [\"{space}\"]\n\
+                     preset = \"{preset}\"\nsocket = {socket:?}\ngrpc_port = {grpc}\n\
+                     http_port = {http_port}\nlog_level = \"info,crux_flock=debug\"\n",
+                    data = node_dir.display().to_string(),
+                    socket = socket.display().to_string(),
+                    grpc = if port == u16::MAX { port - 1 } else { port + 1 },
+                    http_port = http.port(),
+                );
+                std::fs::write(node_dir.join("crux.toml"), config).expect("write config");
+                Agent { k, addr, dir: node_dir, socket, http, child: None }
+            })
+            .collect();
+        Cluster {
+            bin: bin.into(),
+            dir: Some(dir),
+            agents,
+            port,
+            bloc,
+        }
+    }
+
+    /// The agent of node k (1-based).
+    pub fn agent(&self, k: usize) -> &Agent {
+        &self.agents[k - 1]
+    }
+
+    /// A `crux` command with no `CRUX_*` variables inherited.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CRUX_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// Starts (or restarts) node k.
+    pub fn start(&mut self, k: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agents[k - 1].dir.join("agent.log"))
+            .expect("agent log");
+        let mut cmd = self.command();
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(self.agents[k - 1].config())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        let child = cmd.spawn().expect("start crux agent");
+        self.agents[k - 1].child = Some(child);
+    }
+
+    /// Starts every node.
+    pub fn start_all(&mut self) {
+        for k in 1..=self.agents.len() {
+            self.start(k);
+        }
+    }
+
+    /// `kill -9` node k and reaps it.
+    pub fn kill9(&mut self, k: usize) {
+        if let Some(mut c) = self.agents[k - 1].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM to node k; waits (up to `timeout`) for it to exit and returns its status.
+    pub fn sigterm(&mut self, k: usize, timeout: Duration) -> ExitStatus {
+        let mut c = self.agents[k - 1].child.take().expect("node is running");
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            if now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("node{k} did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `crux ARGS --socket <node k's socket>`.
+    pub fn cli(&self, k: usize, args: &[&str]) -> Output {
+        self.command()
+            .args(args)
+            .arg("--socket")
+            .arg(&self.agents[k - 1].socket)
+            .output()
+            .expect("run crux")
+    }
+
+    /// Node k's member list (`crux members --json`).
+    pub fn members(&self, k: usize) -> Result<Vec<Member>, String> {
+        let out = self.cli(k, &["members", "--json"]);
+        if !out.status.success() {
+            return Err(format!(
+                "node{k}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("node{k}: bad JSON: {e}"))
+    }
+
+    /// Node k's leader (`crux leader --json`); `Ok(None)` when it knows none.
+    pub fn leader(&self, k: usize) -> Result<Option<Leader>, String> {
+        let out = self.cli(k, &["leader", "--json"]);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if err.contains("no leader known") {
+                return Ok(None);
+            }
+            return Err(format!("node{k}: {err}"));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map(Some)
+            .map_err(|e| format!("node{k}: {e}"))
+    }
+
+    /// Node k's node id (from `<data dir>/node-id`, written at its first start).
+    pub fn node_id(&self, k: usize) -> Option<String> {
+        let text = std::fs::read_to_string(self.agents[k - 1].dir.join("node-id")).ok()?;
+        Some(text.trim().to_string())
+    }
+
+    /// Checks that every node of `nodes` is ready, sees exactly `nodes` as its live members (all
+    /// `alive`), and follows one leader among them. Returns that leader.
+    pub fn agreement(&self, nodes: &[usize]) -> Result<Leader, String> {
+        let want: BTreeSet<String> = nodes
+            .iter()
+            .map(|k| {
+                self.node_id(*k)
+                    .ok_or_else(|| format!("node{k} has no id yet"))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut leader: Option<Leader> = None;
+        for &k in nodes {
+            let members = self.members(k)?;
+            let alive: BTreeSet<String> = members
+                .iter()
+                .filter(|m| m.state == "alive")
+                .map(|m| m.id.clone())
+                .collect();
+            if alive != want {
+                return Err(format!("node{k} sees alive {alive:?}, want {want:?}"));
+            }
+            let l = self
+                .leader(k)?
+                .ok_or_else(|| format!("node{k} knows no leader"))?;
+            if !want.contains(&l.id) {
+                return Err(format!("node{k} follows {l:?}, not one of the nodes"));
+            }
+            match &leader {
+                None => leader = Some(l),
+                Some(first) if first.id == l.id => {}
+                Some(first) => {
+                    return Err(format!("node{k} follows {}, others {}", l.id, first.id))
+                }
+            }
+        }
+        leader.ok_or_else(|| "no nodes".into())
+    }
+
+    /// Which node index has this node id.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        (1..=self.agents.len()).find(|k| self.node_id(*k).as_deref() == Some(id))
+    }
+
+    /// The last lines of every agent's log (for failure messages).
+    pub fn logs(&self, lines: usize) -> String {
+        let mut s = String::new();
+        for a in &self.agents {
+            let text = std::fs::read_to_string(a.dir.join("agent.log")).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            s.push_str(&format!("---- node{} ({}) ----\n", a.k, a.addr));
+            for l in &all[from..] {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+
+    /// The cluster's temp dir.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("dir").path()
+    }
+
+    /// Waits for `check` to pass; on timeout panics with its last error and the agents' logs.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl FnMut() -> Result<T, String>,
+    ) -> T {
+        match wait_for(timeout, check) {
+            Ok(v) => v,
+            Err(e) => {
+                let logs = self.logs(40);
+                panic!("timed out after {timeout:?} waiting for {what}: {e}\n{logs}")
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            if let Some(mut c) = a.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("agent files kept in {}", dir.keep().display());
+            }
+        }
+    }
+}
+
+/// The clock, for deadlines (test harnesses may read it; the flock core may not).
+#[allow(clippy::disallowed_methods)]
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// Polls `check` every 100 ms until it returns `Ok` or `timeout` passes (then the last error).
+pub fn wait_for<T>(
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(e) if now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
