@@ -34,7 +34,7 @@
 //! 6. the replay window ([`ReplayTable::accept`]), only now that the header is authentic;
 //! 7. body decoding ([`decode_drop_reason`] for its errors).
 //!
-//! [`receive`] does steps 1, 2, 4, 5 and 6 for flock datagrams and hands handshake datagrams back
+//! [`receive()`] does steps 1, 2, 4, 5 and 6 for flock datagrams and hands handshake datagrams back
 //! after step 2. [`hostile::HostileTraffic`] makes deterministic hostile input for tests and
 //! benchmarks of this path.
 //!
