@@ -1,15 +1,18 @@
 //! Operator-supplied and announced key material: `SecretKey::parse`, `Keyring::parse` and
-//! `KeyAnnouncement::decode` never panic, and what they accept writes back the same.
+//! `KeyAnnouncement::decode` and `KeyringOp::decode` never panic, and what they accept writes back the same.
 #![no_main]
 
 use std::path::Path;
 
-use crux_flock::crypto::{KeyAnnouncement, Keyring, SecretKey};
+use crux_flock::crypto::{KeyAnnouncement, Keyring, KeyringOp, SecretKey};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(ann) = KeyAnnouncement::decode(data) {
         assert_eq!(&ann.encode()[..], data);
+    }
+    if let Some(op) = KeyringOp::decode(data) {
+        assert_eq!(&op.encode()[..], data);
     }
     let Ok(text) = std::str::from_utf8(data) else { return };
     if let Ok(key) = SecretKey::parse(text) {

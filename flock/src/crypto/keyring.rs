@@ -324,6 +324,74 @@ impl Keyring {
     }
 }
 
+/// A keyring change as it spreads through the flock (the body of a core message sealed under the
+/// transient key; the operator's `crux keys install|use|remove` on one node becomes one of these
+/// everywhere). Encoded as fixed-size bytes: `op (1) || key (32)`, op 1 = install, 2 = use,
+/// 3 = remove.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum KeyringOp {
+    /// Install a key.
+    Install(SecretKey),
+    /// Make an installed key the primary.
+    Use(SecretKey),
+    /// Remove a key that is not the primary.
+    Remove(SecretKey),
+}
+
+/// Bytes of an encoded [`KeyringOp`].
+pub const KEYRING_OP_BYTES: usize = 1 + super::keys::KEY_BYTES;
+
+impl KeyringOp {
+    /// The fixed-size encoding (it holds a key: wipe it after use).
+    pub fn encode(&self) -> [u8; KEYRING_OP_BYTES] {
+        let (op, key) = match self {
+            KeyringOp::Install(k) => (1, k),
+            KeyringOp::Use(k) => (2, k),
+            KeyringOp::Remove(k) => (3, k),
+        };
+        let mut out = [0u8; KEYRING_OP_BYTES];
+        out[0] = op;
+        out[1..].copy_from_slice(key.as_bytes());
+        out
+    }
+
+    /// Decodes exactly [`KEYRING_OP_BYTES`] bytes; None for anything else.
+    pub fn decode(bytes: &[u8]) -> Option<KeyringOp> {
+        if bytes.len() != KEYRING_OP_BYTES {
+            return None;
+        }
+        let mut raw = Zeroizing::new([0u8; super::keys::KEY_BYTES]);
+        raw.copy_from_slice(&bytes[1..]);
+        let key = SecretKey::from_bytes(*raw);
+        match bytes[0] {
+            1 => Some(KeyringOp::Install(key)),
+            2 => Some(KeyringOp::Use(key)),
+            3 => Some(KeyringOp::Remove(key)),
+            _ => None,
+        }
+    }
+}
+
+impl Keyring {
+    /// Applies an operation; Ok(true) when the keyring changed (save it then), Ok(false) when it
+    /// already was that way (a repeated install or use, a remove of a key already gone).
+    pub fn apply(&mut self, op: &KeyringOp) -> Result<bool, KeyringError> {
+        match op {
+            KeyringOp::Install(k) => self.install(k.clone()),
+            KeyringOp::Use(k) => {
+                let changed = !self.primary().ct_eq(k);
+                self.use_key(k)?;
+                Ok(changed)
+            }
+            KeyringOp::Remove(k) => match self.remove(k) {
+                Ok(()) => Ok(true),
+                Err(KeyringError::NotInstalled) => Ok(false),
+                Err(e) => Err(e),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,5 +502,41 @@ mod tests {
             format!("{:?}", Keyring::new(k(7))),
             "Keyring { keys: 1, primary: 0 }"
         );
+    }
+
+    #[test]
+    fn ops_encode_and_apply() {
+        let ops = [
+            KeyringOp::Install(k(2)),
+            KeyringOp::Use(k(2)),
+            KeyringOp::Remove(k(1)),
+        ];
+        let mut r = Keyring::new(k(1));
+        for op in &ops {
+            let bytes = op.encode();
+            assert_eq!(bytes[1..], [op_key(op); 32]);
+            assert_eq!(KeyringOp::decode(&bytes).as_ref(), Some(op));
+            assert!(r.apply(op).unwrap(), "{op:?}");
+            assert!(!r.apply(op).unwrap(), "{op:?} again changes nothing");
+        }
+        assert_eq!(r.list(), [&k(2)]);
+        assert!(matches!(
+            r.apply(&KeyringOp::Remove(k(2))),
+            Err(KeyringError::RemovePrimary)
+        ));
+        assert!(matches!(
+            r.apply(&KeyringOp::Use(k(9))),
+            Err(KeyringError::NotInstalled)
+        ));
+        assert_eq!(KeyringOp::decode(&[0; 33]), None);
+        assert_eq!(KeyringOp::decode(&[1; 32]), None);
+        assert_eq!(KeyringOp::Install(k(3)).encode()[0], 1);
+        assert!(!format!("{:?}", KeyringOp::Use(k(3))).contains('3'));
+    }
+
+    fn op_key(op: &KeyringOp) -> u8 {
+        match op {
+            KeyringOp::Install(k) | KeyringOp::Use(k) | KeyringOp::Remove(k) => k.as_bytes()[0],
+        }
     }
 }

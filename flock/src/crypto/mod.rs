@@ -70,7 +70,7 @@
 //!   ([`TransientKeys::is_ahead`]), asks again through the handshake ([`Purpose::KeyRequest`]).
 //! * [`Keyring`]: Serf-style install / use / remove / list; the primary key starts this node's
 //!   handshakes, every installed key admits a joiner. Stored as a text file, mode 0600, written
-//!   atomically.
+//!   atomically. Changes spread as [`KeyringOp`]s (33 fixed bytes) under the transient key.
 //! * Handshake ([`HandshakeInitiator`], [`respond`]): see [`handshake`] for the exchange. The reply
 //!   is never larger than the request ([`REPLY_BYTES`] ≤ [`REQUEST_BYTES`]).
 //!
@@ -110,7 +110,9 @@ pub use handshake::{
     respond, HandshakeError, HandshakeInitiator, Origin, Purpose, Response, REPLY_BYTES,
     REQUEST_BYTES,
 };
-pub use keyring::{Keyring, KeyringError, KEYRING_FILE_MODE, MAX_KEYS};
+pub use keyring::{
+    Keyring, KeyringError, KeyringOp, KEYRING_FILE_MODE, KEYRING_OP_BYTES, MAX_KEYS,
+};
 pub use keys::{key_id, Bloc, KeyParseError, PacketKey, SecretKey, KEY_BYTES};
 pub use ratelimit::{RateLimiter, HANDSHAKES_PER_SECOND, HANDSHAKE_BURST};
 pub use receive::{receive, Received};
