@@ -189,7 +189,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
     let id = crate::identity::load_or_create_node_id(&settings.data_dir)?;
     let boot = crate::identity::next_boot_id(&settings.data_dir, unix_ms())?;
-    let keyring = LocalKeyring::open(settings.keyring.clone())?;
+    let keyring = LocalKeyring::open(settings.keyring.clone(), &settings.flock.bloc)?;
+    if keyring.len() == 0 {
+        warn!(keyring = %settings.keyring.display(), "no keyring file yet (`crux keys install`)");
+    }
     let addr = resolve_advertise(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
     let udp = UdpSocket::bind(settings.bind)
         .await

@@ -598,6 +598,15 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let raw = RawConfig::from_toml(include_str!("../../examples/crux.toml")).unwrap();
+        let s = raw.validate().unwrap();
+        assert_eq!(s.flock.bloc, "prod-eu1");
+        assert_eq!(s.flock.seeds.len(), 2);
+        assert_eq!(s.flock.space.ranges.len(), 2);
+    }
+
+    #[test]
     fn written_config_reads_back() {
         let raw = RawConfig {
             bloc: "dev".into(),

@@ -187,6 +187,8 @@ async fn run(args: &DevArgs) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("locating the crux executable")?;
     let bloc = format!("dev-{}", std::process::id());
 
+    // One secondary key for the whole local flock, in every node's keyring file.
+    let key = crate::keys::generate();
     // Generate every config first: a bad one stops us before anything runs.
     let mut configs = Vec::with_capacity(n);
     for k in 1..=n {
@@ -203,6 +205,10 @@ async fn run(args: &DevArgs) -> anyhow::Result<i32> {
             raw.to_toml()
         );
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        let keyring = node_dir.join("keyring");
+        if !keyring.exists() {
+            crate::keys::write_new(&keyring, &key)?;
+        }
         configs.push((k, path, raw));
     }
 

@@ -86,10 +86,10 @@ fn main() -> ExitCode {
         Cmd::Keys { socket, cmd } => {
             client::block_on(client::keys(&socket.socket, cmd)).map(|()| 0)
         }
-        Cmd::Keygen => keys::generate().map(|k| {
-            println!("{k}");
-            0
-        }),
+        Cmd::Keygen => {
+            println!("{}", keys::generate());
+            Ok(0)
+        }
         #[cfg(crux_sim)]
         Cmd::Sim(args) => sim_cmd::run(args).map(|()| 0),
     };
