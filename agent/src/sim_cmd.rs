@@ -34,7 +34,10 @@ pub struct SimArgs {
     /// the last agreement). Without it the run ends after agreement and the window.
     #[arg(long)]
     pub duration: Option<f64>,
-    /// Simulated seconds of steady state after agreement over which traffic is measured.
+    /// Simulated seconds after agreement before traffic is measured (joins settle).
+    #[arg(long, default_value_t = 10.0)]
+    pub warmup: f64,
+    /// Simulated seconds of steady state, after the warm-up, over which traffic is measured.
     #[arg(long, default_value_t = 10.0)]
     pub window: f64,
     /// Probability that a datagram is delivered twice.
@@ -66,6 +69,7 @@ impl SimArgs {
         cfg.loss = self.loss;
         cfg.duplicate = self.duplicate;
         cfg.window = seconds("window", self.window)?;
+        cfg.warmup = seconds("warmup", self.warmup)?;
         cfg.phase_deadline = seconds("deadline", self.deadline)?;
         if let Some(d) = self.duration {
             let d = seconds("duration", d)?;

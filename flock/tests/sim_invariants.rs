@@ -40,7 +40,7 @@ fn run_seed(seed: u64) -> Result<(u64, u64), String> {
     let loss = [0.0, 0.01, 0.02, 0.03, 0.04][(seed % 5) as usize];
     let mut cfg = SimConfig::new(n, seed, Preset::Lan);
     cfg.net.loss = loss;
-    cfg.net.duplicate = if seed % 3 == 0 { 0.02 } else { 0.0 };
+    cfg.net.duplicate = if matches!(seed % 3, 0) { 0.02 } else { 0.0 };
     let mut sim = Sim::new(cfg).map_err(|e| e.to_string())?;
     let ctx = format!("seed {seed} ({n} nodes, {:.0} % loss)", loss * 100.0);
 
@@ -144,7 +144,7 @@ fn run_seeds(seeds: impl Iterator<Item = u64>) {
     for seed in seeds {
         match run_seed(seed) {
             Ok(hashes) => {
-                if seed % 10 == 0 {
+                if matches!(seed % 10, 0) {
                     let again = run_seed(seed);
                     if again.as_ref() != Ok(&hashes) {
                         failures.push(format!(

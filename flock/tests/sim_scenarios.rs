@@ -84,6 +84,7 @@ fn two_flocks_formed_apart_merge_on_heal() {
     for seed in 1..=3 {
         let mut cfg = ScenarioConfig::new(Scenario::PartitionHeal, 10, seed);
         cfg.window = secs(3);
+        cfg.warmup = secs(1);
         let r = scenario::run(&cfg).expect("valid config");
         assert_eq!(r.leaders_before_heal, Some(2), "seed {seed}: {r:?}");
         assert!(r.converged, "seed {seed}: {r:?}");
@@ -203,6 +204,7 @@ fn churn_scenario_converges() {
     cfg.churn_fraction = 0.1;
     cfg.churn_rounds = 4;
     cfg.window = secs(3);
+    cfg.warmup = secs(1);
     let r = scenario::run(&cfg).expect("valid config");
     assert!(r.converged, "seed {seed}: {r:?}");
     assert_eq!(r.leaders, 1, "seed {seed}");
@@ -224,6 +226,7 @@ fn replaying_a_seed_reproduces_the_run() {
         cfg.loss = 0.03;
         cfg.duplicate = 0.01;
         cfg.window = secs(2);
+        cfg.warmup = secs(1);
         cfg.churn_rounds = 2;
         cfg.churn_fraction = 0.2;
         let a = without_wall(scenario::run(&cfg).expect("valid"));
@@ -241,6 +244,7 @@ fn replaying_a_seed_reproduces_the_run() {
 fn report_has_the_promised_keys() {
     let mut cfg = ScenarioConfig::new(Scenario::ColdBoot, 5, 1);
     cfg.window = secs(1);
+    cfg.warmup = secs(1);
     let r = scenario::run(&cfg).expect("valid");
     let v = serde_json::to_value(&r).expect("serializes");
     for key in [

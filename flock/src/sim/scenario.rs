@@ -23,11 +23,12 @@
 //! first an O(N) check of member counts and leaders, then, when that passes, the full O(N²)
 //! comparison of member tables (retried with back-off in large flocks when it fails).
 //!
-//! After the trigger's agreement (or the phase deadline), the run goes on for a steady-state
-//! window ([`ScenarioConfig::window`], or up to [`ScenarioConfig::duration`] when that is set):
-//! `bytes_per_node_per_s` and `msgs_per_node_per_s` are measured over that window — everything
-//! the nodes sent (datagrams and stream frames, requests and replies) divided by the running
-//! nodes and the window's length. `boot_bytes_per_node_per_s` covers the start up to the first
+//! After the trigger's agreement (or the phase deadline), the run goes on for a warm-up
+//! ([`ScenarioConfig::warmup`]: the push-pull exchanges of freshly joined members die down) and
+//! then a steady-state window ([`ScenarioConfig::window`], or up to [`ScenarioConfig::duration`]
+//! when that is set): `bytes_per_node_per_s` and `msgs_per_node_per_s` are measured over that
+//! window — everything the nodes sent (datagrams and stream frames, requests and replies)
+//! divided by the running nodes and the window's length. `boot_bytes_per_node_per_s` covers the start up to the first
 //! agreement. `flaps` counts the times the O(N) agreement check failed during the window after
 //! having held, and `converged` is the full check at the very end.
 
@@ -114,7 +115,9 @@ pub struct ScenarioConfig {
     pub start_within: Duration,
     /// Longest wait for each agreement (initial, after the trigger).
     pub phase_deadline: Duration,
-    /// Steady-state window after the final agreement, over which traffic is measured.
+    /// Time after the final agreement before the steady-state window starts.
+    pub warmup: Duration,
+    /// Steady-state window after the warm-up, over which traffic is measured.
     pub window: Duration,
     /// Virtual time between two agreement checks.
     pub cadence: Duration,
@@ -135,7 +138,7 @@ pub struct ScenarioConfig {
 
 impl ScenarioConfig {
     /// A scenario with the parameters: `lan` preset, no loss, nodes started within 1 s,
-    /// 120 s per phase, a 10 s window, checks every 100 ms, 12 churn rounds of 1 % every 10 s.
+    /// 120 s per phase, a 10 s warm-up and a 10 s window, checks every 100 ms, 12 churn rounds of 1 % every 10 s.
     pub fn new(scenario: Scenario, nodes: usize, seed: u64) -> ScenarioConfig {
         ScenarioConfig {
             scenario,
@@ -148,6 +151,7 @@ impl ScenarioConfig {
             timing: None,
             start_within: Duration::from_secs(1),
             phase_deadline: Duration::from_secs(120),
+            warmup: Duration::from_secs(10),
             window: Duration::from_secs(10),
             cadence: Duration::from_millis(100),
             settle: Duration::from_secs(2),
@@ -219,6 +223,8 @@ pub struct Report {
     pub max_bytes_per_node_per_s: f64,
     /// Length of the steady-state window, in simulated seconds.
     pub window_s: f64,
+    /// Simulated seconds between the final agreement and the window.
+    pub warmup_s: f64,
     /// Bytes sent per node per second from the start to the first agreement (the boot storm).
     pub boot_bytes_per_node_per_s: f64,
     /// Messages sent per node per second over the same span.
@@ -293,11 +299,12 @@ impl Report {
             (
                 "traffic (steady)",
                 format!(
-                    "{:.0} B/node/s, {:.1} msg/node/s, max {:.0} B/s (window {:.1} s)",
+                    "{:.0} B/node/s, {:.1} msg/node/s, max {:.0} B/s ({:.1} s after {:.1} s)",
                     self.bytes_per_node_per_s,
                     self.msgs_per_node_per_s,
                     self.max_bytes_per_node_per_s,
-                    self.window_s
+                    self.window_s,
+                    self.warmup_s
                 ),
             ),
             (
@@ -428,27 +435,39 @@ impl Run<'_> {
         }
     }
 
-    /// The steady-state window: runs it, counting flaps, and measures traffic.
-    fn window(&mut self) -> Traffic {
+    /// Runs until `end`, counting flaps.
+    fn watch(&mut self, end: Duration, agreed: &mut bool) {
+        while self.now() < end {
+            let next = (self.now() + self.cfg.cadence).min(end);
+            self.sim.run_until(next);
+            let now_agreed = self.sim.agreement(false).agreed;
+            if *agreed && !now_agreed {
+                self.flaps += 1;
+            }
+            *agreed = now_agreed;
+        }
+    }
+
+    /// The warm-up and the steady-state window: runs them, counting flaps, and measures the
+    /// window's traffic.
+    fn window(&mut self) -> (Duration, Traffic) {
+        let mut agreed = self.sim.agreement(false).agreed;
+        let warm_start = self.now();
+        let warm_end = self.cut(warm_start + self.cfg.warmup);
+        self.watch(warm_end, &mut agreed);
+        let warmup = self.now() - warm_start;
         let len = match self.end_at {
             Some(e) => e.saturating_sub(self.now()),
             None => self.cfg.window,
         };
         let before = self.sent();
         let start = self.now();
-        let end = start + len;
-        let mut agreed = self.sim.agreement(false).agreed;
-        while self.now() < end {
-            let next = (self.now() + self.cfg.cadence).min(end);
-            self.sim.run_until(next);
-            let now_agreed = self.sim.agreement(false).agreed;
-            if agreed && !now_agreed {
-                self.flaps += 1;
-            }
-            agreed = now_agreed;
-        }
+        self.watch(start + len, &mut agreed);
         let secs = (self.now() - start).as_secs_f64();
-        self.traffic(&before, secs, self.sim.running_count())
+        (
+            warmup,
+            self.traffic(&before, secs, self.sim.running_count()),
+        )
     }
 
     fn churn(&mut self) {
@@ -580,7 +599,7 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim) -> Report {
     if agreement.0.is_some() {
         r.sim.watch_terms(true);
     }
-    let steady = r.window();
+    let (warmup, steady) = r.window();
     let end = r.sim.agreement(true);
     let single = end.leaders.len() == 1 && end.leader_agreed;
     let leader_view = if single {
@@ -612,6 +631,7 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim) -> Report {
         msgs_per_node_per_s: steady.msgs_per_node_per_s,
         max_bytes_per_node_per_s: steady.max_bytes_per_node_per_s,
         window_s: steady.secs,
+        warmup_s: secs(warmup),
         boot_bytes_per_node_per_s: boot_traffic.bytes_per_node_per_s,
         boot_msgs_per_node_per_s: boot_traffic.msgs_per_node_per_s,
         false_positive_deaths: m.false_dead.len(),
