@@ -149,22 +149,20 @@ fn five_minutes_of_rotations_lose_no_datagram_and_a_partitioned_member_returns()
             let mut body = vec![ANNOUNCE];
             body.extend_from_slice(&ann.encode());
             let d = nodes[0].seal(&bloc, &body, now, &mut rng);
-            for i in 1..nodes.len() {
+            for (i, node) in nodes.iter_mut().enumerate().skip(1) {
                 if connected(i) {
-                    nodes[i]
-                        .receive(&bloc, &d, now)
-                        .expect("announcement opens");
+                    node.receive(&bloc, &d, now).expect("announcement opens");
                 }
             }
         }
         // Everyone pings everyone it can reach.
         for from in 0..nodes.len() {
             let d = nodes[from].seal(&bloc, &[PING], now, &mut rng);
-            for to in 0..nodes.len() {
+            for (to, node) in nodes.iter_mut().enumerate() {
                 if to == from || !connected(from) || !connected(to) {
                     continue;
                 }
-                match nodes[to].receive(&bloc, &d, now) {
+                match node.receive(&bloc, &d, now) {
                     Ok(()) => {}
                     Err(e)
                         if (from == partitioned || to == partitioned) && rejoined_at.is_none() =>
