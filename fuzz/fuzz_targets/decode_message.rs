@@ -9,6 +9,9 @@ fuzz_target!(|data: &[u8]| {
         let mut out = Vec::new();
         encode_message(&msg, &mut out);
         assert_eq!(out.len(), message_len(&msg));
-        assert_eq!(decode_message(&out).expect("re-encoded message decodes"), msg);
+        assert_eq!(
+            decode_message(&out).expect("re-encoded message decodes"),
+            msg
+        );
     }
 });

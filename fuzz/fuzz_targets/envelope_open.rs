@@ -26,7 +26,15 @@ fuzz_target!(|data: &[u8]| {
     // Arbitrary bytes: never accepted.
     let _ = check(data, MAX_SEALED_FRAME_BYTES, bloc.tag());
     assert!(open(&key, data, &mut out).is_err());
-    let r = receive(data, DEFAULT_MTU, bloc.tag(), &transient, &mut replay, Duration::ZERO, &mut out);
+    let r = receive(
+        data,
+        DEFAULT_MTU,
+        bloc.tag(),
+        &transient,
+        &mut replay,
+        Duration::ZERO,
+        &mut out,
+    );
     assert!(!matches!(r, Ok(crux_flock::crypto::Received::Flock(_))));
 
     // Sealed from fuzzer-chosen fields: opens; one changed byte: does not.
@@ -34,7 +42,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let counter = u64::from_le_bytes(data[..8].try_into().unwrap());
-    let (at, flip) = (u16::from_le_bytes([data[8], data[9]]) as usize, data[10] | 1);
+    let (at, flip) = (
+        u16::from_le_bytes([data[8], data[9]]) as usize,
+        data[10] | 1,
+    );
     let body = &data[11..];
     let header = Header {
         kind: Kind::Flock,
@@ -45,8 +56,17 @@ fuzz_target!(|data: &[u8]| {
         counter,
     };
     let mut sealed = Vec::new();
-    seal(&key, &header, body, &mut ChaCha20Rng::seed_from_u64(counter), &mut sealed);
-    assert_eq!(open(&key, &sealed, &mut out).expect("sealed datagram opens"), header);
+    seal(
+        &key,
+        &header,
+        body,
+        &mut ChaCha20Rng::seed_from_u64(counter),
+        &mut sealed,
+    );
+    assert_eq!(
+        open(&key, &sealed, &mut out).expect("sealed datagram opens"),
+        header
+    );
     assert_eq!(out, body);
     let at = at % sealed.len();
     sealed[at] ^= flip;

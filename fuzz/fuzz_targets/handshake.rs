@@ -20,8 +20,21 @@ fuzz_target!(|data: &[u8]| {
     let keyring = Keyring::new(secondary.clone());
     let mut transient = TransientKeys::new(bloc.clone(), ROTATION_MAX);
     transient.install(1, SecretKey::from_bytes([3; 32]), Duration::ZERO);
-    let origin = Origin { sender: NodeId(1), boot: BootId(1), counter: 0 };
-    assert!(respond(&keyring, &bloc, data, &transient, Duration::ZERO, origin, &mut rng).is_err());
+    let origin = Origin {
+        sender: NodeId(1),
+        boot: BootId(1),
+        counter: 0,
+    };
+    assert!(respond(
+        &keyring,
+        &bloc,
+        data,
+        &transient,
+        Duration::ZERO,
+        origin,
+        &mut rng
+    )
+    .is_err());
     let (state, _) = HandshakeInitiator::new(&mut rng, &secondary, &bloc, Purpose::Join, origin);
     assert!(state.finish(data).is_err());
 });

@@ -14,7 +14,9 @@ fuzz_target!(|data: &[u8]| {
     if let Some(op) = KeyringOp::decode(data) {
         assert_eq!(&op.encode()[..], data);
     }
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(key) = SecretKey::parse(text) {
         assert_eq!(SecretKey::parse(&key.to_base64()).unwrap(), key);
     }
