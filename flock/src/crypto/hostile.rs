@@ -376,15 +376,21 @@ impl Target {
     }
 }
 
+/// The target and the traffic a [`run`] with this seed uses (to time the generation alone).
+pub fn setup(seed: u64) -> (Target, HostileTraffic) {
+    let (target, recorded) = Target::new(seed, 16);
+    let epoch = target.transient.current_epoch().expect("installed");
+    let traffic = HostileTraffic::new(seed ^ 0x5eed, &target.bloc, epoch, target.mtu, recorded);
+    (target, traffic)
+}
+
 /// Source addresses of a hostile [`run`]: few enough that the handshake rate limit bites.
 pub const SOURCES: u64 = 64;
 
 /// Feeds `n` hostile datagrams (seeded by `seed`) to a fresh [`Target`], from [`SOURCES`] source
 /// addresses in 127.0.0.0/8 (values only: nothing is sent), one microsecond apart, and reports.
 pub fn run(seed: u64, n: u64) -> HostileReport {
-    let (mut target, recorded) = Target::new(seed, 16);
-    let epoch = target.transient.current_epoch().expect("installed");
-    let mut traffic = HostileTraffic::new(seed ^ 0x5eed, &target.bloc, epoch, target.mtu, recorded);
+    let (mut target, mut traffic) = setup(seed);
     let mut report = HostileReport::default();
     let (mut datagram, mut out) = (Vec::new(), Vec::new());
     for i in 0..n {
