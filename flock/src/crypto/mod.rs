@@ -8,12 +8,20 @@
 //! # Packet format
 //!
 //! ```text
-//! 0      2   3   4        8        12         20         28          36            60        n-16    n
-//! ┌──────┬───┬───┬────────┬────────┬──────────┬──────────┬───────────┬─────────────┬─────────┬──────┐
-//! │ "CX" │ver│kind│bloc tag│ key id │ sender id│ boot id  │  counter  │ nonce (24)  │ciphertext│ tag  │
-//! └──────┴───┴───┴────────┴────────┴──────────┴──────────┴───────────┴─────────────┴─────────┴──────┘
-//!  └────────────── header (36 bytes, clear, associated data) ───────┘
+//! offset  bytes  field
+//!      0      2  magic "CX"                                   ┐
+//!      2      1  version (1)                                  │
+//!      3      1  kind (0 flock, 1 handshake)                  │
+//!      4      4  bloc tag                                     │  header: in clear,
+//!      8      4  key id: transient epoch, or secondary key id │  authenticated as
+//!     12      8  sender node id                               │  associated data
+//!     20      8  sender boot id                               │
+//!     28      8  counter (per sender and boot)                ┘
+//!     36     24  XChaCha20 nonce (random)
+//!     60      m  ciphertext of the m-byte body
+//!   60+m     16  Poly1305 tag
 //! ```
+//! (integers little endian)
 //!
 //! The header is [`crux_proto::flock::Header`]. The body is sealed with XChaCha20-Poly1305 under a
 //! random 192-bit nonce ([`seal`]); [`OVERHEAD`] (nonce + tag) is 40 bytes. All 36 header bytes are
@@ -90,7 +98,9 @@
 //!   in announcements under the previous transient key; both are wiped. (An attacker who holds a
 //!   secondary key *while* recording can run its own handshake — that is the member model above.)
 //! * Not protected: the header is in clear (who talks to whom, node ids, sizes); a key holder's
-//!   denial of service; traffic analysis.
+//!   denial of service; traffic analysis. No post-compromise security for transient keys: whoever
+//!   obtains one transient key can open the announcements sealed under it, and so follow the
+//!   rotations that come after, until it misses one.
 
 pub mod envelope;
 pub mod handshake;
