@@ -1,7 +1,7 @@
 //! Whole-flock invariants over many seeds (issue 2, item 6), in the style of TigerBeetle's VOPR:
-//! each seed builds a small flock (5–12 nodes, `lan` preset, 0–4 % loss, some duplication),
-//! lets it converge, injects one fault chosen by the seed (crash and return, restart, symmetric
-//! partition, one-way block), heals it, and checks:
+//! each seed builds a small flock (5–20 nodes, `lan` preset, 0–4 % loss, some duplication),
+//! lets it converge, then three times injects a fault drawn from the seed (crash and return,
+//! restart, crash of the leader, symmetric partition, one-way block), heals it, and checks:
 //!
 //! * the flock converges from the cold boot, and again after the fault heals (every running node
 //!   sees exactly the running nodes at their current boot ids, and follows one leader);
@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use crux_flock::sim::{Sim, SimConfig};
-use crux_flock::Preset;
+use crux_flock::{Event, Preset};
 use rand::Rng;
 
 const SEEDS: u64 = 120;
@@ -25,6 +25,7 @@ const CHECK_EVERY: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 enum Fault {
     CrashAndReturn,
+    CrashLeader,
     Restart,
     Partition,
     OneWay,
@@ -36,11 +37,12 @@ fn secs(s: u64) -> Duration {
 
 /// Runs one seed; returns the run's hashes, or what went wrong.
 fn run_seed(seed: u64) -> Result<(u64, u64), String> {
-    let n = 5 + (seed % 8) as usize;
+    let n = 5 + (seed % 16) as usize;
     let loss = [0.0, 0.01, 0.02, 0.03, 0.04][(seed % 5) as usize];
     let mut cfg = SimConfig::new(n, seed, Preset::Lan);
     cfg.net.loss = loss;
     cfg.net.duplicate = if matches!(seed % 3, 0) { 0.02 } else { 0.0 };
+    cfg.log_events = std::env::var_os("SIM_LOG").is_some();
     let mut sim = Sim::new(cfg).map_err(|e| e.to_string())?;
     let ctx = format!("seed {seed} ({n} nodes, {:.0} % loss)", loss * 100.0);
 
@@ -53,19 +55,89 @@ fn run_seed(seed: u64) -> Result<(u64, u64), String> {
     }
     sim.watch_terms(true);
     sim.run_for(secs(2));
+    for round in 0..3 {
+        inject_and_heal(&mut sim, &ctx, round).map_err(|e| e + &leader_log(&sim))?;
+    }
+    Ok((sim.trace_hash(), sim.state_hash()))
+}
 
-    let fault = match seed % 4 {
+/// With `SIM_LOG` set: the leader and member changes of the last 20 s, one line each.
+fn leader_log(sim: &Sim) -> String {
+    let since = sim.now().saturating_sub(secs(20));
+    let mut out = String::new();
+    for e in sim.event_log().iter().filter(|e| e.at >= since) {
+        if let Event::LeaderChanged(v) = &e.event {
+            let v = v.map(|v| (v.id, v.term));
+            out += &format!(
+                "\n  {:?} node {} ({}): leader {v:?}",
+                e.at,
+                e.node,
+                sim.node_id(e.node)
+            );
+        }
+        match &e.event {
+            Event::MemberDead(m) => {
+                out += &format!(
+                    "\n  {:?} node {}: dead {} boot {}",
+                    e.at, e.node, m.id, m.boot
+                );
+            }
+            Event::MemberSuspect(m) => {
+                let inc = m.incarnation;
+                out += &format!(
+                    "\n  {:?} node {}: suspects {} incarnation {inc}",
+                    e.at, e.node, m.id
+                );
+            }
+            Event::MemberUpdated(m) => {
+                let (inc, st) = (m.incarnation, m.state.as_str());
+                out += &format!(
+                    "\n  {:?} node {}: {} {st} incarnation {inc}",
+                    e.at, e.node, m.id
+                );
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Injects one fault drawn from the simulation's RNG, heals it, and checks the invariants.
+fn inject_and_heal(sim: &mut Sim, ctx: &str, round: u32) -> Result<(), String> {
+    let n = sim.len();
+    let fault = match sim.rng().gen_range(0..5) {
         0 => Fault::CrashAndReturn,
-        1 => Fault::Restart,
-        2 => Fault::Partition,
+        1 => Fault::CrashLeader,
+        2 => Fault::Restart,
+        3 => Fault::Partition,
         _ => Fault::OneWay,
     };
-    let victim = sim.rng().gen_range(0..n);
+    let mut victim = sim.rng().gen_range(0..n);
+    if let Fault::CrashLeader = fault {
+        let a = sim.agreement(false);
+        victim = a
+            .leaders
+            .iter()
+            .next()
+            .and_then(|&id| sim.index_of(id))
+            .unwrap_or(victim);
+    }
+    let ctx = format!("{ctx}, round {round}, {fault:?} of node {victim}");
     let old_boot = sim.boot(victim);
     match fault {
-        Fault::CrashAndReturn => {
+        Fault::CrashAndReturn | Fault::CrashLeader => {
             sim.crash(victim);
-            sim.run_for(secs(8));
+            let crashed = sim.now();
+            if sim
+                .run_until_agreed(crashed + secs(40), CHECK_EVERY)
+                .is_none()
+            {
+                return Err(format!(
+                    "{ctx}: no agreement within 40 s of the crash: {:?}",
+                    sim.agreement(false)
+                ));
+            }
+            sim.run_for(secs(2));
             sim.start(victim);
         }
         Fault::Restart => sim.restart(victim),
@@ -92,11 +164,11 @@ fn run_seed(seed: u64) -> Result<(u64, u64), String> {
         .is_none()
     {
         return Err(format!(
-            "{ctx}: no agreement within 60 s after {fault:?} of node {victim} healed at {healed:?}: {:?}",
+            "{ctx}: no agreement within 60 s after the fault healed at {healed:?}: {:?}",
             sim.agreement(false)
         ));
     }
-    if matches!(fault, Fault::CrashAndReturn | Fault::Restart) {
+    if !matches!(fault, Fault::Partition | Fault::OneWay) {
         let id = sim.node_id(victim);
         let boot = sim.boot(victim);
         if boot <= old_boot {
@@ -106,7 +178,7 @@ fn run_seed(seed: u64) -> Result<(u64, u64), String> {
             let seen = sim.flock(i).and_then(|f| f.member(id)).map(|m| m.info.boot);
             if seen != Some(boot) {
                 return Err(format!(
-                    "{ctx}: node {i} sees node {victim} at boot {seen:?}, not {boot:?}"
+                    "{ctx}: node {i} sees the node at boot {seen:?}, not {boot:?}"
                 ));
             }
         }
@@ -116,14 +188,11 @@ fn run_seed(seed: u64) -> Result<(u64, u64), String> {
     let m = sim.metrics();
     if m.term_conflicts() > 0 {
         let terms: Vec<_> = m.term_leaders.iter().filter(|(_, l)| l.len() > 1).collect();
-        return Err(format!(
-            "{ctx}: more than one leader per term after {fault:?}: {terms:?}"
-        ));
+        return Err(format!("{ctx}: more than one leader per term: {terms:?}"));
     }
     if !m.false_dead.is_empty() {
         return Err(format!(
-            "{ctx}: running nodes declared dead by nodes that could reach them ({fault:?} of node \
-             {victim}): {:?}",
+            "{ctx}: running nodes declared dead by nodes that could reach them: {:?}",
             m.false_dead
         ));
     }
@@ -134,9 +203,12 @@ fn run_seed(seed: u64) -> Result<(u64, u64), String> {
         ));
     }
     if !sim.agreement(true).agreed {
-        return Err(format!("{ctx}: agreement lost again after {fault:?}"));
+        return Err(format!(
+            "{ctx}: agreement lost again: {:?}",
+            sim.agreement(false)
+        ));
     }
-    Ok((sim.trace_hash(), sim.state_hash()))
+    Ok(())
 }
 
 fn run_seeds(seeds: impl Iterator<Item = u64>) {

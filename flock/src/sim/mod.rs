@@ -856,6 +856,8 @@ impl Sim {
         let mut leaders = BTreeSet::new();
         let mut leader_agreed = w.running > 0;
         let mut agreed = w.running > 0;
+        // Most nodes follow the same leader: remember the last one checked.
+        let mut last: Option<(NodeId, u16, bool)> = None;
         for (i, n) in w.nodes.iter().enumerate() {
             let Some(f) = self.flocks[i].as_ref() else {
                 continue;
@@ -868,10 +870,17 @@ impl Sim {
                 None => leader_agreed = false,
                 Some(l) => {
                     leaders.insert(l.id);
-                    let ok = w.id_index.get(&l.id).is_some_and(|&li| {
-                        let ln = &w.nodes[li as usize];
-                        ln.running && ln.group == n.group
-                    });
+                    let ok = match last {
+                        Some((id, g, ok)) if id == l.id && g == n.group => ok,
+                        _ => {
+                            let ok = w.id_index.get(&l.id).is_some_and(|&li| {
+                                let ln = &w.nodes[li as usize];
+                                ln.running && ln.group == n.group
+                            });
+                            last = Some((l.id, n.group, ok));
+                            ok
+                        }
+                    };
                     match group_leader[g] {
                         _ if !ok => leader_agreed = false,
                         None => group_leader[g] = Some(l.id),
