@@ -101,11 +101,15 @@ fn handshake(n: u32) {
     let (mut t_init, mut t_resp, mut t_finish) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for _ in 0..n {
         let ((state, request), a) =
-            time(|| HandshakeInitiator::new(&mut rng, &secondary, &bloc, Purpose::Join, me));
-        let (resp, b) =
-            time(|| respond(&keyring, &bloc, &request, &transient, now, them, &mut rng).unwrap());
-        let ((_, keys), c) = time(|| state.finish(&resp.reply).unwrap());
-        assert_eq!(keys.current.epoch, 9);
+            time(|| HandshakeInitiator::new(&mut rng, &secondary, &bloc, Purpose::Join, me, b""));
+        let (resp, b) = time(|| {
+            respond(
+                &keyring, &bloc, &request, &transient, now, them, b"", &mut rng,
+            )
+            .unwrap()
+        });
+        let (joined, c) = time(|| state.finish(&resp.reply).unwrap());
+        assert_eq!(joined.keys.current.epoch, 9);
         t_init += a;
         t_resp += b;
         t_finish += c;

@@ -94,7 +94,7 @@ impl Node {
     ) -> Result<(), DropReason> {
         let origin = self.origin();
         let (state, request) =
-            HandshakeInitiator::new(rng, self.keyring.primary(), bloc, purpose, origin);
+            HandshakeInitiator::new(rng, self.keyring.primary(), bloc, purpose, origin, b"");
         let them = responder.origin();
         let resp = respond(
             &responder.keyring,
@@ -103,11 +103,12 @@ impl Node {
             &responder.transient,
             now,
             them,
+            b"",
             rng,
         )
         .map_err(|e| e.drop_reason())?;
         assert!(resp.reply.len() <= request.len());
-        let (_, keys) = state.finish(&resp.reply).map_err(|e| e.drop_reason())?;
+        let keys = state.finish(&resp.reply).map_err(|e| e.drop_reason())?.keys;
         self.transient.install_join(keys, now);
         Ok(())
     }
@@ -264,7 +265,7 @@ fn two_blocs_with_the_same_secondary_key_never_exchange_keys() {
     in_b.transient.rotate(now, &mut rng);
     // A node of bloc b asks a member of bloc a (bloc b's tag): dropped before any crypto.
     let origin = in_b.origin();
-    let (_, request) = HandshakeInitiator::new(&mut rng, &shared, &b, Purpose::Join, origin);
+    let (_, request) = HandshakeInitiator::new(&mut rng, &shared, &b, Purpose::Join, origin, b"");
     let them = in_a.origin();
     let err = respond(
         &in_a.keyring,
@@ -273,6 +274,7 @@ fn two_blocs_with_the_same_secondary_key_never_exchange_keys() {
         &in_a.transient,
         now,
         them,
+        b"",
         &mut rng,
     )
     .unwrap_err();

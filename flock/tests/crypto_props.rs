@@ -121,9 +121,9 @@ proptest! {
         let mut transient = TransientKeys::new(bloc(), ROTATION_MAX);
         transient.install(1, SecretKey::from_bytes([5; 32]), Duration::ZERO);
         let origin = Origin { sender: NodeId(1), boot: BootId(1), counter: 0 };
-        let r = respond(&keyring, &bloc(), &bytes, &transient, Duration::ZERO, origin, &mut rng);
+        let r = respond(&keyring, &bloc(), &bytes, &transient, Duration::ZERO, origin, b"", &mut rng);
         prop_assert!(r.is_err());
-        let (state, _) = HandshakeInitiator::new(&mut rng, &secondary, &bloc(), Purpose::Join, origin);
+        let (state, _) = HandshakeInitiator::new(&mut rng, &secondary, &bloc(), Purpose::Join, origin, b"");
         prop_assert!(state.finish(&bytes).is_err());
     }
 
@@ -136,13 +136,13 @@ proptest! {
         transient.install(1, SecretKey::from_bytes([5; 32]), Duration::ZERO);
         let me = Origin { sender: NodeId(1), boot: BootId(1), counter: 0 };
         let them = Origin { sender: NodeId(2), boot: BootId(2), counter: 0 };
-        let (state, request) = HandshakeInitiator::new(&mut rng, &secondary, &bloc(), Purpose::Join, me);
+        let (state, request) = HandshakeInitiator::new(&mut rng, &secondary, &bloc(), Purpose::Join, me, b"");
         let bad = apply(request.clone(), &change);
         if bad != request {
-            let r = respond(&keyring, &bloc(), &bad, &transient, Duration::ZERO, them, &mut rng);
+            let r = respond(&keyring, &bloc(), &bad, &transient, Duration::ZERO, them, b"", &mut rng);
             prop_assert!(r.is_err());
         }
-        let reply = respond(&keyring, &bloc(), &request, &transient, Duration::ZERO, them, &mut rng)
+        let reply = respond(&keyring, &bloc(), &request, &transient, Duration::ZERO, them, b"", &mut rng)
             .unwrap()
             .reply;
         let bad = apply(reply.clone(), &change);

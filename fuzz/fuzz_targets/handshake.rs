@@ -32,9 +32,11 @@ fuzz_target!(|data: &[u8]| {
         &transient,
         Duration::ZERO,
         origin,
+        b"",
         &mut rng
     )
     .is_err());
-    let (state, _) = HandshakeInitiator::new(&mut rng, &secondary, &bloc, Purpose::Join, origin);
+    let (state, _) =
+        HandshakeInitiator::new(&mut rng, &secondary, &bloc, Purpose::Join, origin, b"");
     assert!(state.finish(data).is_err());
 });

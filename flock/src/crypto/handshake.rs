@@ -3,11 +3,11 @@
 //! ```text
 //! initiator                                               responder (holds the transient key)
 //!   e_i ← random x25519 secret
-//!   JoinRequest ─ seal(handshake key, [1, purpose, E_i, zero padding]) ─────────▶
+//!   JoinRequest ─ seal(handshake key, [1, purpose, E_i, context, zero padding]) ─▶
 //!                                                       open with the key the key id names
 //!                                                       e_r ← random; s = X25519(e_r, E_i)
 //!                                                       k = HKDF(bloc, secondary ‖ s ‖ T, "join-reply")
-//!   ◀── JoinReply ─ seal(handshake key, [2, E_r, AEAD(k, current ‖ previous key, ad = T)]) ──
+//!   ◀─ JoinReply ─ seal(handshake key, [2, E_r, AEAD(k, current ‖ previous key ‖ context, ad = T)])
 //!   s = X25519(e_i, E_r); same k; open
 //! ```
 //!
@@ -21,6 +21,11 @@
 //!
 //! The request is padded to [`REQUEST_BYTES`], so that the reply ([`REPLY_BYTES`]) is never
 //! larger than the request that caused it: a forged source address gains no amplification.
+//!
+//! Each side may attach up to [`MAX_CONTEXT_BYTES`] of its own (the core's leader claim, say):
+//! when two flocks that formed apart meet, their members hold different transient keys, and the
+//! contexts let both sides of a key request see whose flock wins and which side adopts the
+//! other's keys.
 
 use rand::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256};
@@ -41,19 +46,49 @@ const TYPE_REQUEST: u8 = 1;
 const TYPE_REPLY: u8 = 2;
 const PUBLIC_BYTES: usize = 32;
 
-/// Plaintext bytes of a join request: type, purpose, the ephemeral public key, zero padding.
-pub const REQUEST_BODY_BYTES: usize = 128;
+/// Most bytes of context each side may attach (the core's own business: its leader claim, say,
+/// so that two flocks that formed apart can decide whose keys win). Authenticated under the
+/// handshake key; the reply's context is also sealed under the ephemeral key.
+pub const MAX_CONTEXT_BYTES: usize = 64;
+/// Plaintext bytes of a join request: type, purpose, the ephemeral public key, the context's
+/// length and its bytes, zero padding (so that the request is larger than any reply).
+pub const REQUEST_BODY_BYTES: usize = 192;
+const REQUEST_CONTEXT_AT: usize = 2 + PUBLIC_BYTES;
 /// Bytes of the sealed keys inside a reply: a flag (previous key present), the current and
 /// the previous epoch and key ([`JoinKeys`]; zeros when there is no previous key).
 const KEYS_BYTES: usize = 1 + 2 * ANNOUNCEMENT_BYTES;
-/// Plaintext bytes of a join reply: type, the ephemeral public key, the sealed keys.
-pub const REPLY_BODY_BYTES: usize = 1 + PUBLIC_BYTES + KEYS_BYTES + TAG_BYTES;
+/// Bytes sealed under the ephemeral key in a reply: the keys, the context's length and bytes.
+const INNER_BYTES: usize = KEYS_BYTES + 1 + MAX_CONTEXT_BYTES;
+/// Plaintext bytes of a join reply: type, the ephemeral public key, the sealed keys and context.
+pub const REPLY_BODY_BYTES: usize = 1 + PUBLIC_BYTES + INNER_BYTES + TAG_BYTES;
 /// Bytes of a join request datagram.
 pub const REQUEST_BYTES: usize = sealed_len(REQUEST_BODY_BYTES);
 /// Bytes of a join reply datagram (never more than [`REQUEST_BYTES`]).
 pub const REPLY_BYTES: usize = sealed_len(REPLY_BODY_BYTES);
 
 const _: () = assert!(REPLY_BYTES <= REQUEST_BYTES);
+const _: () = assert!(REQUEST_CONTEXT_AT + 1 + MAX_CONTEXT_BYTES <= REQUEST_BODY_BYTES);
+
+/// Writes `len || context || zeros` into `out` (`1 + MAX_CONTEXT_BYTES` bytes).
+fn put_context(context: &[u8], out: &mut [u8]) {
+    assert!(
+        context.len() <= MAX_CONTEXT_BYTES,
+        "handshake context is {} bytes, over {MAX_CONTEXT_BYTES}",
+        context.len()
+    );
+    out[0] = context.len() as u8;
+    out[1..1 + context.len()].copy_from_slice(context);
+}
+
+/// Reads what [`put_context`] wrote; everything after the context (to the end of `bytes`) must
+/// be zero.
+fn get_context(bytes: &[u8]) -> Result<Vec<u8>, OpenError> {
+    let len = bytes[0] as usize;
+    if len > MAX_CONTEXT_BYTES || bytes[1 + len..].iter().any(|b| *b != 0) {
+        return Err(OpenError::Malformed);
+    }
+    Ok(bytes[1..1 + len].to_vec())
+}
 
 /// Why the node asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,13 +217,17 @@ impl std::fmt::Debug for HandshakeInitiator {
 impl HandshakeInitiator {
     /// Starts a handshake under `secondary` (the keyring's primary key): returns the state to keep
     /// and the request datagram ([`REQUEST_BYTES`] bytes) to send. The same request may be sent to
-    /// several members; any of their replies completes it.
+    /// several members; any of their replies completes it. `context` (at most
+    /// [`MAX_CONTEXT_BYTES`], may be empty) reaches the responder in [`Response::context`].
+    ///
+    /// Panics if `context` is longer than [`MAX_CONTEXT_BYTES`].
     pub fn new<R: RngCore + CryptoRng>(
         rng: &mut R,
         secondary: &SecretKey,
         bloc: &Bloc,
         purpose: Purpose,
         origin: Origin,
+        context: &[u8],
     ) -> (HandshakeInitiator, Vec<u8>) {
         let ephemeral = StaticSecret::random_from_rng(&mut *rng);
         let public = PublicKey::from(&ephemeral);
@@ -198,6 +237,7 @@ impl HandshakeInitiator {
         body[0] = TYPE_REQUEST;
         body[1] = purpose as u8;
         body[2..2 + PUBLIC_BYTES].copy_from_slice(public.as_bytes());
+        put_context(context, &mut body[REQUEST_CONTEXT_AT..]);
         let mut request = Vec::with_capacity(REQUEST_BYTES);
         seal(
             &packet,
@@ -228,11 +268,11 @@ impl HandshakeInitiator {
         self.key_id
     }
 
-    /// Opens a reply: returns its (authenticated) header and the transient keys it carries
-    /// (install them with [`TransientKeys::install_join`]). Any failure is a drop
+    /// Opens a reply: its (authenticated) header, the transient keys it carries (install them
+    /// with [`TransientKeys::install_join`]) and the responder's context. Any failure is a drop
     /// ([`HandshakeError::drop_reason`]); the state stays usable for another reply to the same
     /// request.
-    pub fn finish(&self, reply: &[u8]) -> Result<(Header, JoinKeys), HandshakeError> {
+    pub fn finish(&self, reply: &[u8]) -> Result<Joined, HandshakeError> {
         let header = check_handshake(reply, REPLY_BYTES, &self.bloc)?;
         if header.key_id != self.key_id {
             return Err(OpenError::UnknownKey(header.key_id).into());
@@ -251,18 +291,34 @@ impl HandshakeInitiator {
         let transcript = transcript_end(self.transcript.clone(), &reply[..HEADER_BYTES], &public);
         let key = reply_key(&self.bloc, &self.secondary, shared.as_bytes(), &transcript);
         let sealed = &body[1 + PUBLIC_BYTES..];
-        let mut plain = Zeroizing::new([0u8; KEYS_BYTES]);
-        plain.copy_from_slice(&sealed[..KEYS_BYTES]);
+        let mut plain = Zeroizing::new([0u8; INNER_BYTES]);
+        plain.copy_from_slice(&sealed[..INNER_BYTES]);
         key.cipher
             .decrypt_in_place_detached(
                 &XNonce::default(),
                 &transcript,
                 &mut plain[..],
-                Tag::from_slice(&sealed[KEYS_BYTES..]),
+                Tag::from_slice(&sealed[INNER_BYTES..]),
             )
             .map_err(|_| OpenError::AuthFailed)?;
-        Ok((header, decode_keys(&plain[..])?))
+        Ok(Joined {
+            header,
+            keys: decode_keys(&plain[..KEYS_BYTES])?,
+            context: get_context(&plain[KEYS_BYTES..])?,
+        })
     }
+}
+
+/// A completed handshake, as the initiator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The reply's authenticated header (the responder's id, boot and counter: record it with
+    /// [`ReplayTable::accept`](super::ReplayTable::accept)).
+    pub header: Header,
+    /// The transient keys ([`TransientKeys::install_join`]).
+    pub keys: JoinKeys,
+    /// The responder's context.
+    pub context: Vec<u8>,
 }
 
 fn encode_keys(keys: &JoinKeys, out: &mut [u8]) {
@@ -292,6 +348,8 @@ pub struct Response {
     pub request: Header,
     /// Why the initiator asks.
     pub purpose: Purpose,
+    /// The initiator's context.
+    pub context: Vec<u8>,
     /// The reply datagram ([`REPLY_BYTES`] bytes, never more than the request).
     pub reply: Vec<u8>,
 }
@@ -304,6 +362,10 @@ pub struct Response {
 /// attempt), then the body. Answers only with a transient key that is not stale at `now`
 /// ([`HandshakeError::NoTransientKey`] otherwise). The caller rate-limits by source address
 /// *before* calling this ([`RateLimiter`](super::RateLimiter)), and sends nothing on error.
+/// `context` (at most [`MAX_CONTEXT_BYTES`]) reaches the initiator in [`Joined::context`].
+///
+/// Panics if `context` is longer than [`MAX_CONTEXT_BYTES`].
+#[allow(clippy::too_many_arguments)]
 pub fn respond<R: RngCore + CryptoRng>(
     keyring: &Keyring,
     bloc: &Bloc,
@@ -311,6 +373,7 @@ pub fn respond<R: RngCore + CryptoRng>(
     transient: &TransientKeys,
     now: std::time::Duration,
     origin: Origin,
+    context: &[u8],
     rng: &mut R,
 ) -> Result<Response, HandshakeError> {
     let header = check_handshake(request, REQUEST_BYTES, bloc)?;
@@ -319,12 +382,10 @@ pub fn respond<R: RngCore + CryptoRng>(
         .ok_or(OpenError::UnknownKey(header.key_id))?;
     let mut body = Zeroizing::new(Vec::with_capacity(REQUEST_BODY_BYTES));
     open(&packet, request, &mut body)?;
-    if body.len() != REQUEST_BODY_BYTES
-        || body[0] != TYPE_REQUEST
-        || body[2 + PUBLIC_BYTES..].iter().any(|b| *b != 0)
-    {
+    if body.len() != REQUEST_BODY_BYTES || body[0] != TYPE_REQUEST {
         return Err(OpenError::Malformed.into());
     }
+    let their_context = get_context(&body[REQUEST_CONTEXT_AT..])?;
     let purpose = match body[1] {
         0 => Purpose::Join,
         1 => Purpose::KeyRequest,
@@ -352,17 +413,19 @@ pub fn respond<R: RngCore + CryptoRng>(
     reply_body[1..1 + PUBLIC_BYTES].copy_from_slice(public.as_bytes());
     let sealed = &mut reply_body[1 + PUBLIC_BYTES..];
     encode_keys(&keys, &mut sealed[..KEYS_BYTES]);
+    put_context(context, &mut sealed[KEYS_BYTES..INNER_BYTES]);
     // The key k is used exactly once (e_r is fresh for every reply), so a fixed nonce is safe.
     let tag = key
         .cipher
-        .encrypt_in_place_detached(&XNonce::default(), &transcript, &mut sealed[..KEYS_BYTES])
-        .expect("73 bytes is within the AEAD's limits");
-    sealed[KEYS_BYTES..].copy_from_slice(&tag);
+        .encrypt_in_place_detached(&XNonce::default(), &transcript, &mut sealed[..INNER_BYTES])
+        .expect("a few bytes are within the AEAD's limits");
+    sealed[INNER_BYTES..].copy_from_slice(&tag);
     let mut reply = Vec::with_capacity(REPLY_BYTES);
     seal(&packet, &reply_header, &reply_body[..], rng, &mut reply);
     Ok(Response {
         request: header,
         purpose,
+        context: their_context,
         reply,
     })
 }
@@ -410,8 +473,14 @@ mod tests {
     }
 
     fn exchange(w: &mut World) -> (HandshakeInitiator, Vec<u8>, Response) {
-        let (state, request) =
-            HandshakeInitiator::new(&mut w.rng, &w.secondary, &w.bloc, Purpose::Join, origin(1));
+        let (state, request) = HandshakeInitiator::new(
+            &mut w.rng,
+            &w.secondary,
+            &w.bloc,
+            Purpose::Join,
+            origin(1),
+            b"",
+        );
         let resp = respond(
             &w.keyring,
             &w.bloc,
@@ -419,6 +488,7 @@ mod tests {
             &w.transient,
             NOW,
             origin(2),
+            b"",
             &mut w.rng,
         )
         .unwrap();
@@ -427,8 +497,8 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(REQUEST_BYTES, 204);
-        assert_eq!(REPLY_BYTES, 198);
+        assert_eq!(REQUEST_BYTES, 268);
+        assert_eq!(REPLY_BYTES, 263);
     }
 
     #[test]
@@ -442,7 +512,12 @@ mod tests {
         assert_eq!(resp.request.sender, NodeId(1));
         assert_eq!(resp.request.kind, Kind::Handshake);
         assert_eq!(resp.request.key_id, key_id(&w.secondary, &w.bloc));
-        let (header, keys) = state.finish(&resp.reply).unwrap();
+        let Joined {
+            header,
+            keys,
+            context,
+        } = state.finish(&resp.reply).unwrap();
+        assert!(context.is_empty());
         assert_eq!(header.sender, NodeId(2));
         assert_eq!(header.boot, BootId(102));
         assert_eq!(keys.current.epoch, 77);
@@ -457,10 +532,11 @@ mod tests {
             &w.transient,
             NOW,
             origin(3),
+            b"",
             &mut w.rng,
         )
         .unwrap();
-        assert_eq!(state.finish(&resp2.reply).unwrap().1, ann);
+        assert_eq!(state.finish(&resp2.reply).unwrap().keys, ann);
     }
 
     #[test]
@@ -472,6 +548,7 @@ mod tests {
             &w.bloc,
             Purpose::KeyRequest,
             origin(1),
+            b"",
         );
         let resp = respond(
             &w.keyring,
@@ -480,11 +557,12 @@ mod tests {
             &w.transient,
             NOW,
             origin(2),
+            b"",
             &mut w.rng,
         )
         .unwrap();
         assert_eq!(resp.purpose, Purpose::KeyRequest);
-        assert_eq!(state.finish(&resp.reply).unwrap().1.current.epoch, 77);
+        assert_eq!(state.finish(&resp.reply).unwrap().keys.current.epoch, 77);
     }
 
     #[test]
@@ -493,7 +571,7 @@ mod tests {
         let other = SecretKey::generate(&mut w.rng);
         w.keyring.install(other.clone()).unwrap();
         let (state, request) =
-            HandshakeInitiator::new(&mut w.rng, &other, &w.bloc, Purpose::Join, origin(1));
+            HandshakeInitiator::new(&mut w.rng, &other, &w.bloc, Purpose::Join, origin(1), b"");
         let resp = respond(
             &w.keyring,
             &w.bloc,
@@ -501,11 +579,12 @@ mod tests {
             &w.transient,
             NOW,
             origin(2),
+            b"",
             &mut w.rng,
         )
         .unwrap();
         assert_eq!(resp.request.key_id, key_id(&other, &w.bloc));
-        assert_eq!(state.finish(&resp.reply).unwrap().1.current.epoch, 77);
+        assert_eq!(state.finish(&resp.reply).unwrap().keys.current.epoch, 77);
     }
 
     #[test]
@@ -513,7 +592,7 @@ mod tests {
         let mut w = world();
         let wrong = SecretKey::generate(&mut w.rng);
         let (_, request) =
-            HandshakeInitiator::new(&mut w.rng, &wrong, &w.bloc, Purpose::Join, origin(1));
+            HandshakeInitiator::new(&mut w.rng, &wrong, &w.bloc, Purpose::Join, origin(1), b"");
         let err = respond(
             &w.keyring,
             &w.bloc,
@@ -521,6 +600,7 @@ mod tests {
             &w.transient,
             NOW,
             origin(2),
+            b"",
             &mut w.rng,
         )
         .unwrap_err();
@@ -539,13 +619,14 @@ mod tests {
             &w.transient,
             NOW,
             origin(2),
+            b"",
             &mut w.rng,
         )
         .unwrap_err();
         assert_eq!(err.drop_reason(), DropReason::AuthFailed);
         // And the initiator rejects a reply sealed under another secondary key.
         let (state, _) =
-            HandshakeInitiator::new(&mut w.rng, &wrong, &w.bloc, Purpose::Join, origin(1));
+            HandshakeInitiator::new(&mut w.rng, &wrong, &w.bloc, Purpose::Join, origin(1), b"");
         let (_, _, resp) = exchange(&mut w);
         assert_eq!(
             state.finish(&resp.reply).unwrap_err(),
@@ -558,8 +639,14 @@ mod tests {
         let mut w = world();
         let other = Bloc::new("bloc-b");
         // Same secondary key, other bloc: the tag differs, so it is dropped before crypto.
-        let (_, request) =
-            HandshakeInitiator::new(&mut w.rng, &w.secondary, &other, Purpose::Join, origin(1));
+        let (_, request) = HandshakeInitiator::new(
+            &mut w.rng,
+            &w.secondary,
+            &other,
+            Purpose::Join,
+            origin(1),
+            b"",
+        );
         let err = respond(
             &w.keyring,
             &w.bloc,
@@ -567,6 +654,7 @@ mod tests {
             &w.transient,
             NOW,
             origin(2),
+            b"",
             &mut w.rng,
         )
         .unwrap_err();
@@ -582,6 +670,7 @@ mod tests {
             &w.transient,
             NOW,
             origin(2),
+            b"",
             &mut w.rng,
         )
         .unwrap_err();
@@ -602,6 +691,7 @@ mod tests {
                 &w.transient,
                 NOW,
                 origin(2),
+                b"",
                 &mut w.rng,
             );
             assert!(r.is_err(), "request byte {i}");
@@ -618,6 +708,7 @@ mod tests {
             &w.transient,
             NOW,
             origin(2),
+            b"",
             &mut w.rng
         )
         .is_err());
@@ -630,6 +721,7 @@ mod tests {
             &w.transient,
             NOW,
             origin(2),
+            b"",
             &mut w.rng,
         );
         assert_eq!(err.unwrap_err().drop_reason(), DropReason::Oversized);
@@ -650,8 +742,14 @@ mod tests {
             .transient
             .rotate(NOW + Duration::from_secs(30), &mut w.rng);
         let later = NOW + Duration::from_secs(31);
-        let (state, request) =
-            HandshakeInitiator::new(&mut w.rng, &w.secondary, &w.bloc, Purpose::Join, origin(1));
+        let (state, request) = HandshakeInitiator::new(
+            &mut w.rng,
+            &w.secondary,
+            &w.bloc,
+            Purpose::Join,
+            origin(1),
+            b"",
+        );
         let resp = respond(
             &w.keyring,
             &w.bloc,
@@ -659,17 +757,93 @@ mod tests {
             &w.transient,
             later,
             origin(2),
+            b"",
             &mut w.rng,
         )
         .unwrap();
         assert!(resp.reply.len() <= request.len());
-        let (_, keys) = state.finish(&resp.reply).unwrap();
+        let keys = state.finish(&resp.reply).unwrap().keys;
         assert_eq!(keys.current, new);
         assert_eq!(keys.previous.as_ref().map(|p| p.epoch), Some(77));
         let mut joiner = TransientKeys::new(w.bloc.clone(), ROTATION_MAX);
         joiner.install_join(keys, later);
         assert_eq!(joiner.sealing_key(later).unwrap().0, 77);
         assert!(joiner.accepts(new.epoch, later));
+    }
+
+    #[test]
+    fn contexts_travel_both_ways() {
+        let mut w = world();
+        let long = [7u8; MAX_CONTEXT_BYTES];
+        let (state, request) = HandshakeInitiator::new(
+            &mut w.rng,
+            &w.secondary,
+            &w.bloc,
+            Purpose::KeyRequest,
+            origin(1),
+            b"claim of the initiator",
+        );
+        let resp = respond(
+            &w.keyring,
+            &w.bloc,
+            &request,
+            &w.transient,
+            NOW,
+            origin(2),
+            &long,
+            &mut w.rng,
+        )
+        .unwrap();
+        assert_eq!(resp.context, b"claim of the initiator");
+        assert_eq!(resp.reply.len(), REPLY_BYTES);
+        let joined = state.finish(&resp.reply).unwrap();
+        assert_eq!(joined.context, long);
+        assert_eq!(joined.keys.current.epoch, 77);
+    }
+
+    #[test]
+    #[should_panic(expected = "handshake context is 65 bytes")]
+    fn an_oversized_context_is_a_programming_error() {
+        let mut w = world();
+        let ctx = [0u8; MAX_CONTEXT_BYTES + 1];
+        let _ = HandshakeInitiator::new(
+            &mut w.rng,
+            &w.secondary,
+            &w.bloc,
+            Purpose::Join,
+            origin(1),
+            &ctx,
+        );
+    }
+
+    #[test]
+    fn a_bad_context_length_is_malformed() {
+        let mut w = world();
+        let packet = PacketKey::handshake(&w.secondary, &w.bloc);
+        let h = handshake_header(&w.bloc, key_id(&w.secondary, &w.bloc), origin(1));
+        let public = PublicKey::from(&StaticSecret::random_from_rng(&mut w.rng));
+        for (len, trailing) in [(65u8, false), (3, true)] {
+            let mut body = [0u8; REQUEST_BODY_BYTES];
+            body[0] = TYPE_REQUEST;
+            body[2..34].copy_from_slice(public.as_bytes());
+            body[REQUEST_CONTEXT_AT] = len;
+            if trailing {
+                body[REQUEST_BODY_BYTES - 1] = 1;
+            }
+            let mut d = Vec::new();
+            seal(&packet, &h, &body, &mut w.rng, &mut d);
+            let err = respond(
+                &w.keyring,
+                &w.bloc,
+                &d,
+                &w.transient,
+                NOW,
+                origin(2),
+                b"",
+                &mut w.rng,
+            );
+            assert_eq!(err.unwrap_err(), HandshakeError::Open(OpenError::Malformed));
+        }
     }
 
     #[test]
@@ -686,8 +860,14 @@ mod tests {
     #[test]
     fn responder_without_a_fresh_key_does_not_answer() {
         let mut w = world();
-        let (_, request) =
-            HandshakeInitiator::new(&mut w.rng, &w.secondary, &w.bloc, Purpose::Join, origin(1));
+        let (_, request) = HandshakeInitiator::new(
+            &mut w.rng,
+            &w.secondary,
+            &w.bloc,
+            Purpose::Join,
+            origin(1),
+            b"",
+        );
         let empty = TransientKeys::new(w.bloc.clone(), ROTATION_MAX);
         let err = respond(
             &w.keyring,
@@ -696,6 +876,7 @@ mod tests {
             &empty,
             NOW,
             origin(2),
+            b"",
             &mut w.rng,
         );
         assert_eq!(err.unwrap_err(), HandshakeError::NoTransientKey);
@@ -707,6 +888,7 @@ mod tests {
             &w.transient,
             late,
             origin(2),
+            b"",
             &mut w.rng,
         );
         assert_eq!(err.unwrap_err().drop_reason(), DropReason::Unexpected);
@@ -727,6 +909,7 @@ mod tests {
             &w.transient,
             NOW,
             origin(2),
+            b"",
             &mut w.rng,
         );
         assert_eq!(err.unwrap_err(), HandshakeError::Open(OpenError::Malformed));
@@ -755,13 +938,13 @@ mod tests {
         let sealed = &rep_body[33..];
         let try_open = |shared: &[u8; 32]| {
             let key = reply_key(&w.bloc, &w.secondary, shared, &transcript);
-            let mut plain = sealed[..KEYS_BYTES].to_vec();
+            let mut plain = sealed[..INNER_BYTES].to_vec();
             key.cipher
                 .decrypt_in_place_detached(
                     &XNonce::default(),
                     &transcript,
                     &mut plain,
-                    Tag::from_slice(&sealed[KEYS_BYTES..]),
+                    Tag::from_slice(&sealed[INNER_BYTES..]),
                 )
                 .is_ok()
         };
@@ -814,12 +997,19 @@ mod tests {
             &w.transient,
             NOW,
             origin(2),
+            b"",
             &mut w.rng,
         );
         assert_eq!(err.unwrap_err(), HandshakeError::Open(OpenError::Malformed));
         // A reply with a zero responder key is refused by the initiator.
-        let (state, _) =
-            HandshakeInitiator::new(&mut w.rng, &w.secondary, &w.bloc, Purpose::Join, origin(1));
+        let (state, _) = HandshakeInitiator::new(
+            &mut w.rng,
+            &w.secondary,
+            &w.bloc,
+            Purpose::Join,
+            origin(1),
+            b"",
+        );
         let mut rbody = [0u8; REPLY_BODY_BYTES];
         rbody[0] = TYPE_REPLY;
         let mut r = Vec::new();

@@ -360,6 +360,7 @@ impl Target {
                     &self.transient,
                     now,
                     origin,
+                    b"",
                     &mut self.rng,
                 )
                 .map_err(|e| e.drop_reason())?;
@@ -516,6 +517,7 @@ mod tests {
             &target.bloc,
             crate::crypto::Purpose::Join,
             origin,
+            b"",
         );
         let mut out = Vec::new();
         let from = IpAddr::from([127, 0, 0, 5]);
@@ -523,7 +525,7 @@ mod tests {
             .handle(Duration::from_secs(1), from, &request, &mut out)
             .unwrap()
             .unwrap();
-        assert_eq!(state.finish(&reply).unwrap().1.current.epoch, 1);
+        assert_eq!(state.finish(&reply).unwrap().keys.current.epoch, 1);
         let again = target.handle(Duration::from_secs(1), from, &request, &mut out);
         assert_eq!(again.unwrap_err(), DropReason::Replay);
     }

@@ -117,8 +117,8 @@ pub use envelope::{
     MAX_SEALED_FRAME_BYTES, MIN_SEALED_BYTES, NONCE_BYTES, OVERHEAD, TAG_BYTES,
 };
 pub use handshake::{
-    respond, HandshakeError, HandshakeInitiator, Origin, Purpose, Response, REPLY_BYTES,
-    REQUEST_BYTES,
+    respond, HandshakeError, HandshakeInitiator, Joined, Origin, Purpose, Response,
+    MAX_CONTEXT_BYTES, REPLY_BYTES, REQUEST_BYTES,
 };
 pub use keyring::{
     Keyring, KeyringError, KeyringOp, KEYRING_FILE_MODE, KEYRING_OP_BYTES, MAX_KEYS,
