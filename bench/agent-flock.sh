@@ -15,7 +15,7 @@ N=${1:-32}
 PRESET=${PRESET:-lan}
 IDLE_SECS=${IDLE_SECS:-60}
 NET=127.0.100
-TIMEOUT_SECS=60
+TIMEOUT_SECS=${TIMEOUT_SECS:-60}
 
 command -v jq >/dev/null || { echo "bench: needs jq" >&2; exit 1; }
 if [[ -z "${CRUX_BIN:-}" ]]; then
@@ -35,7 +35,6 @@ DIR=$(mktemp -d /tmp/crux-bench-XXXXXX)
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -67,6 +66,7 @@ log_level = "warn"
 EOF
         "$CRUX_BIN" agent --config "$d/crux.toml" </dev/null >"$d/agent.log" 2>&1 &
         PIDS+=($!)
+        disown $!
     done
 }
 
@@ -74,7 +74,7 @@ EOF
 view() {
     local sock=$DIR/$MODE/node$1/reeve.sock
     "$CRUX_BIN" members --json --socket "$sock" 2>/dev/null |
-        jq -r '[.[] | select(.state == "alive") | .id] | sort | join(",") as $a
+        jq -r '([.[] | select(.state == "alive") | .id] | sort | join(",")) as $a
                | ([.[] | select(.leader) | .id] | first // "none") as $l | "\($a)|\($l)"' 2>/dev/null || true
 }
 
