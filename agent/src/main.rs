@@ -15,7 +15,6 @@ mod identity;
 mod keys;
 mod metrics;
 mod rpc;
-#[cfg(crux_sim)]
 mod sim_cmd;
 mod state;
 
@@ -65,7 +64,6 @@ enum Cmd {
     /// Print a new random secondary key (base64) for `crux keys install` or a keyring file.
     Keygen,
     /// Run the deterministic flock simulator.
-    #[cfg(crux_sim)]
     Sim(sim_cmd::SimArgs),
 }
 
@@ -90,7 +88,6 @@ fn main() -> ExitCode {
             println!("{}", keys::generate());
             Ok(0)
         }
-        #[cfg(crux_sim)]
         Cmd::Sim(args) => sim_cmd::run(args).map(|()| 0),
     };
     match result {
