@@ -216,6 +216,31 @@ fn keyring_rotation_through_the_cli_keeps_every_member_alive() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("primary"));
 }
 
+/// Under systemd (`Type=notify`) the agent says READY=1 once its bootstrap is done, and
+/// STOPPING=1 when a SIGTERM starts its shutdown.
+#[test]
+fn sd_notify_ready_then_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let mut c = Cluster::new(BIN, 7, 1, PRESET);
+    let path = c.dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    c.start_with_env(1, &[("NOTIFY_SOCKET", path.as_os_str())]);
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("a notification within 15 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.contains("READY=1"), "{msg:?}");
+    // Ready means /ready is 200 and the local API answers.
+    let body = http_get(c.agent(1).http, "/ready").unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(c.members(1).is_ok());
+    let status = c.sigterm(1, Duration::from_secs(15));
+    assert!(status.success());
+    let n = sock.recv(&mut buf).expect("STOPPING=1");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+}
+
 /// A minimal HTTP/1.1 GET (the test needs no HTTP client library for two endpoints).
 fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};

@@ -181,6 +181,11 @@ impl Cluster {
 
     /// Starts (or restarts) node k.
     pub fn start(&mut self, k: usize) {
+        self.start_with_env(k, &[]);
+    }
+
+    /// Starts (or restarts) node k with extra environment variables.
+    pub fn start_with_env(&mut self, k: usize, env: &[(&str, &std::ffi::OsStr)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -193,6 +198,9 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
         let child = cmd.spawn().expect("start crux agent");
         self.agents[k - 1].child = Some(child);
     }
