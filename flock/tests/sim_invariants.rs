@@ -268,3 +268,28 @@ fn one_seed() {
         panic!("{e}");
     }
 }
+
+/// Runs the seeds `SIM_SWEEP=<from>..<to>` names (nothing unless that variable is set), for
+/// longer hunts: `SIM_SWEEP=0..2000 cargo test --release -p crux-flock --test sim_invariants sweep`.
+#[test]
+fn sweep() {
+    let Some(range) = std::env::var("SIM_SWEEP").ok() else {
+        return;
+    };
+    let (from, to) = range.split_once("..").expect("SIM_SWEEP is <from>..<to>");
+    let (from, to): (u64, u64) = (from.parse().expect("number"), to.parse().expect("number"));
+    run_seeds(from..to);
+}
+
+/// Seeds that broke an invariant with the core of 2026-11-22 00:40 UTC (found by `sweep` over
+/// 0..1120): a second candidate claiming the same term after the leader crashed (734, 943, 962,
+/// 989, 1099: the second-ranked candidate claims `settle + rank step` after the death, before
+/// the first candidate's claim reached it), and a suspicion raised during a partition that is
+/// never refuted and kills a live node a few seconds after the heal (372). Ignored so that CI
+/// stays green until the core is fixed; run with `-- --ignored`. The seeds replay with the core
+/// as it was; a changed core may need a new sweep to find its failing seeds.
+#[test]
+#[ignore = "core issues reported to the lead; un-ignore once fixed"]
+fn known_core_failures() {
+    run_seeds([372, 734, 943, 962, 989, 1099].into_iter());
+}

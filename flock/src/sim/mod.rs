@@ -180,7 +180,8 @@ pub struct LoggedEvent {
 pub struct Agreement {
     /// Every running node sees exactly the running nodes of its partition group as alive or
     /// suspect (at their current boot ids), and all nodes of a group follow the same running
-    /// leader of that group.
+    /// leader of that group. Never true while a start scheduled with [`Sim::start_at`] is
+    /// still to come.
     pub agreed: bool,
     /// All running nodes of each group follow one running leader of that group.
     pub leader_agreed: bool,
@@ -219,6 +220,8 @@ struct World {
     /// Lookups only; never iterated.
     id_index: HashMap<NodeId, u32>,
     running: usize,
+    /// Start events queued and not yet due: no agreement counts before every node started.
+    starts_pending: usize,
     group_running: Vec<usize>,
     blocked: BTreeSet<(u32, u32)>,
     /// Whether nodes sit in more than one partition group.
@@ -350,6 +353,7 @@ impl Sim {
                 port: cfg.port,
                 id_index,
                 running: 0,
+                starts_pending: 0,
                 group_running: vec![0],
                 blocked: BTreeSet::new(),
                 partitioned: false,
@@ -506,6 +510,7 @@ impl Sim {
 
     /// Starts node `i` at virtual time `at` (nothing if it runs then).
     pub fn start_at(&mut self, i: usize, at: Duration) {
+        self.w.starts_pending += 1;
         self.w
             .queue
             .push(at.max(self.w.now), Ev::Start { node: i as u32 });
@@ -704,7 +709,10 @@ impl Sim {
     fn deliver(&mut self, ev: Ev) {
         let now = self.w.now;
         match ev {
-            Ev::Start { node } => self.start(node as usize),
+            Ev::Start { node } => {
+                self.w.starts_pending -= 1;
+                self.start(node as usize);
+            }
             Ev::Wake { node, gen } => {
                 let i = node as usize;
                 let n = &mut self.w.nodes[i];
@@ -854,8 +862,8 @@ impl Sim {
         let w = &self.w;
         let mut group_leader: Vec<Option<NodeId>> = vec![None; w.group_running.len()];
         let mut leaders = BTreeSet::new();
-        let mut leader_agreed = w.running > 0;
-        let mut agreed = w.running > 0;
+        let mut leader_agreed = w.running > 0 && w.starts_pending == 0;
+        let mut agreed = leader_agreed;
         // Most nodes follow the same leader: remember the last one checked.
         let mut last: Option<(NodeId, u16, bool)> = None;
         for (i, n) in w.nodes.iter().enumerate() {
