@@ -17,13 +17,10 @@ use crux_proto::flock::{
 };
 
 use super::envelope::{max_plaintext, seal, MIN_SEALED_BYTES};
-use super::handshake::{respond, Origin, REQUEST_BYTES};
+use super::handshake::REQUEST_BYTES;
 use super::keyring::Keyring;
 use super::keys::{Bloc, PacketKey, SecretKey};
-use super::ratelimit::RateLimiter;
-use super::receive::{receive, Received};
-use super::replay::ReplayTable;
-use super::transient::{TransientKeys, ROTATION_MAX};
+use super::security::{Inbound, Security, SecurityConfig};
 use crate::DropReason;
 
 /// One kind of hostile datagram.
@@ -234,24 +231,13 @@ enum Which {
     Wrong,
 }
 
-/// A node's receive path, as the core runs it, for hostile-input runs: [`receive`] for flock
-/// datagrams; rate limit, [`respond`] and the replay window for handshakes.
+/// A node under attack: its [`Security`] state (the whole receive path the core runs) and the
+/// RNG it answers handshakes with.
 #[derive(Debug)]
 pub struct Target {
-    /// The node's bloc.
-    pub bloc: Bloc,
-    /// Largest datagram accepted.
-    pub mtu: usize,
-    /// Transient keys (one current epoch).
-    pub transient: TransientKeys,
-    /// Secondary keyring (one key).
-    pub keyring: Keyring,
-    /// Replay windows.
-    pub replay: ReplayTable,
-    /// Handshake rate limiter.
-    pub limiter: RateLimiter,
+    /// The node's security state (node id 1, boot 1).
+    pub security: Security,
     rng: ChaCha20Rng,
-    counter: u64,
 }
 
 /// What a hostile run saw.
@@ -276,112 +262,69 @@ pub struct HostileReport {
 }
 
 impl Target {
-    /// A node of bloc `"hostile-target"`, MTU [`DEFAULT_MTU`], epoch 1 installed at time 0,
-    /// tables bounded at 1,024 entries. Returns it with `n_recorded` valid datagrams from a peer
-    /// that it has already accepted (material for replays, truncations and bit flips).
+    /// A node of bloc `"hostile-target"`, MTU [`DEFAULT_MTU`], holding a transient key made at
+    /// time 0, tables bounded at 1,024 entries. Returns it with `n_recorded` valid datagrams from
+    /// a peer that it has already accepted (material for replays, truncations and bit flips).
     pub fn new(seed: u64, n_recorded: usize) -> (Target, Vec<Vec<u8>>) {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let bloc = Bloc::new("hostile-target");
-        let mut transient = TransientKeys::new(bloc.clone(), ROTATION_MAX);
-        transient.install(1, SecretKey::generate(&mut rng), Duration::ZERO);
+        let mut config = SecurityConfig::new("hostile-target", DEFAULT_MTU);
+        config.max_senders = 1024;
+        config.max_sources = 1024;
         let keyring = Keyring::new(SecretKey::generate(&mut rng));
-        let mut target = Target {
-            bloc,
-            mtu: DEFAULT_MTU,
-            transient,
-            keyring,
-            replay: ReplayTable::new(1024),
-            limiter: RateLimiter::new(1024),
-            rng,
-            counter: 0,
-        };
+        let mut security = Security::new(&config, keyring, NodeId(1), BootId(1));
+        security
+            .rotate_if_due(Duration::ZERO, &mut rng)
+            .expect("a first key");
         let mut recorded = Vec::new();
         let mut out = Vec::new();
         for c in 0..n_recorded.max(1) as u64 {
-            let (epoch, key) = target
-                .transient
+            let (epoch, key) = security
+                .transient()
                 .sealing_key(Duration::ZERO)
-                .expect("installed");
+                .expect("a key");
             let header = Header {
                 kind: Kind::Flock,
-                bloc_tag: target.bloc.tag(),
+                bloc_tag: security.bloc().tag(),
                 key_id: epoch,
                 sender: NodeId(0xfeed),
                 boot: BootId(1),
                 counter: c,
             };
-            let len = target.rng.gen_range(0..=256);
+            let len = rng.gen_range(0..=256);
             let mut body = vec![0u8; len];
-            target.rng.fill_bytes(&mut body);
+            rng.fill_bytes(&mut body);
             let mut d = Vec::new();
-            seal(key, &header, &body, &mut target.rng, &mut d);
-            target
-                .handle(Duration::ZERO, IpAddr::from([127, 0, 0, 2]), &d, &mut out)
-                .expect("valid");
+            seal(key, &header, &body, &mut rng, &mut d);
             recorded.push(d);
+        }
+        let mut target = Target { security, rng };
+        for d in &recorded {
+            target
+                .handle(Duration::ZERO, IpAddr::from([127, 0, 0, 2]), d, &mut out)
+                .expect("valid");
         }
         (target, recorded)
     }
 
-    /// Handles one datagram from `from` at `now`: `Ok(None)` for an accepted flock datagram (body
-    /// in `out`), `Ok(Some(reply))` for a handshake request answered, `Err(reason)` for a drop.
+    /// Handles one datagram from `from` at `now` ([`Security::open_datagram`]).
     pub fn handle(
         &mut self,
         now: Duration,
         from: IpAddr,
         bytes: &[u8],
         out: &mut Vec<u8>,
-    ) -> Result<Option<Vec<u8>>, DropReason> {
-        let tag = self.bloc.tag();
-        match receive(
-            bytes,
-            self.mtu,
-            tag,
-            &self.transient,
-            &mut self.replay,
-            now,
-            out,
-        ) {
-            Err(e) => Err(e.drop_reason()),
-            Ok(Received::Flock(_)) => Ok(None),
-            Ok(Received::Handshake(_)) => {
-                if !self.limiter.allow(from, now) {
-                    return Err(DropReason::RateLimited);
-                }
-                let origin = Origin {
-                    sender: NodeId(1),
-                    boot: BootId(1),
-                    counter: self.counter,
-                };
-                let r = respond(
-                    &self.keyring,
-                    &self.bloc,
-                    bytes,
-                    &self.transient,
-                    now,
-                    origin,
-                    b"",
-                    &mut self.rng,
-                )
-                .map_err(|e| e.drop_reason())?;
-                if !self
-                    .replay
-                    .accept(r.request.sender, r.request.boot, r.request.counter)
-                {
-                    return Err(DropReason::Replay);
-                }
-                self.counter += 1;
-                Ok(Some(r.reply))
-            }
-        }
+    ) -> Result<Inbound, DropReason> {
+        self.security
+            .open_datagram(now, from, bytes, b"", &mut self.rng, out)
     }
 }
 
 /// The target and the traffic a [`run`] with this seed uses (to time the generation alone).
 pub fn setup(seed: u64) -> (Target, HostileTraffic) {
     let (target, recorded) = Target::new(seed, 16);
-    let epoch = target.transient.current_epoch().expect("installed");
-    let traffic = HostileTraffic::new(seed ^ 0x5eed, &target.bloc, epoch, target.mtu, recorded);
+    let security = &target.security;
+    let epoch = security.transient().current_epoch().expect("installed");
+    let traffic = HostileTraffic::new(seed ^ 0x5eed, security.bloc(), epoch, DEFAULT_MTU, recorded);
     (target, traffic)
 }
 
@@ -403,13 +346,13 @@ pub fn run(seed: u64, n: u64) -> HostileReport {
         let from = IpAddr::from((0x7f00_0000u32 | source).to_be_bytes());
         let now = Duration::from_secs(1) + Duration::from_micros(i);
         match target.handle(now, from, &datagram, &mut out) {
-            Ok(None) => report.accepted += 1,
-            Ok(Some(_)) => report.replies += 1,
+            Ok(Inbound::Reply { .. }) => report.replies += 1,
+            Ok(_) => report.accepted += 1,
             Err(reason) => *report.drops.entry(reason).or_default() += 1,
         }
     }
-    report.replay_windows = target.replay.len();
-    report.limiter_sources = target.limiter.len();
+    report.replay_windows = target.security.replay().len();
+    report.limiter_sources = target.security.limiter().len();
     report
 }
 
@@ -506,26 +449,32 @@ mod tests {
     fn a_target_answers_a_real_handshake() {
         let (mut target, _) = Target::new(3, 1);
         let mut rng = ChaCha20Rng::seed_from_u64(4);
-        let origin = Origin {
+        let origin = crate::crypto::Origin {
             sender: NodeId(5),
             boot: BootId(5),
             counter: 0,
         };
         let (state, request) = crate::crypto::HandshakeInitiator::new(
             &mut rng,
-            target.keyring.primary(),
-            &target.bloc,
+            target.security.keyring().primary(),
+            target.security.bloc(),
             crate::crypto::Purpose::Join,
             origin,
             b"",
         );
         let mut out = Vec::new();
         let from = IpAddr::from([127, 0, 0, 5]);
-        let reply = target
+        let Inbound::Reply { reply, .. } = target
             .handle(Duration::from_secs(1), from, &request, &mut out)
             .unwrap()
-            .unwrap();
-        assert_eq!(state.finish(&reply).unwrap().keys.current.epoch, 1);
+        else {
+            panic!("expected a reply")
+        };
+        let epoch = target.security.transient().current_epoch();
+        assert_eq!(
+            Some(state.finish(&reply).unwrap().keys.current.epoch),
+            epoch
+        );
         let again = target.handle(Duration::from_secs(1), from, &request, &mut out);
         assert_eq!(again.unwrap_err(), DropReason::Replay);
     }
