@@ -241,6 +241,113 @@ fn sd_notify_ready_then_stopping() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
 }
 
+/// `crux dev --nodes 3`: three agent processes with generated configs agree (as its table says);
+/// SIGTERM stops exactly those agents, and `crux dev` exits 0.
+#[test]
+#[allow(clippy::disallowed_methods)] // the test's deadline reads the clock
+fn crux_dev_runs_a_local_flock_and_stops_what_it_started() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    /// Stops `crux dev` (and, should it have died, its agents by pid file) whatever happens.
+    struct Dev {
+        child: std::process::Child,
+        dir: tempfile::TempDir,
+    }
+    impl Dev {
+        fn agent_pids(&self) -> Vec<i32> {
+            (1..=3)
+                .filter_map(|k| {
+                    let p = self.dir.path().join(format!("node{k}/agent.pid"));
+                    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+                })
+                .collect()
+        }
+    }
+    impl Drop for Dev {
+        fn drop(&mut self) {
+            if matches!(self.child.try_wait(), Ok(None)) {
+                for pid in self.agent_pids() {
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+    use nix::sys::signal::{kill as nix_kill, Signal};
+    fn kill(pid: i32, sig: Signal) -> nix::Result<()> {
+        nix_kill(nix::unistd::Pid::from_raw(pid), sig)
+    }
+
+    let dir = tempfile::Builder::new()
+        .prefix("crux-e2e-dev-")
+        .tempdir()
+        .unwrap();
+    let mut cmd = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CRUX_") {
+            cmd.env_remove(key);
+        }
+    }
+    let child = cmd
+        .args(["dev", "--nodes", "3", "--plain", "--dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut dev = Dev { child, dir };
+    let stdout = dev.child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + CONVERGE;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let done = line.starts_with("agreement: 3 ready agent(s) agree");
+                seen.push(line);
+                if done {
+                    break;
+                }
+            }
+            Err(_) => panic!("crux dev did not show agreement:\n{}", seen.join("\n")),
+        }
+    }
+    let pids = dev.agent_pids();
+    assert_eq!(pids.len(), 3);
+    for k in 1..=3 {
+        let node = dev.dir.path().join(format!("node{k}"));
+        assert!(node.join("crux.toml").exists() && node.join("keyring").exists());
+    }
+    kill(dev.child.id() as i32, Signal::SIGTERM).unwrap();
+    let status = crux_tests::cluster::wait_for(Duration::from_secs(20), || {
+        dev.child
+            .try_wait()
+            .unwrap()
+            .ok_or_else(|| "crux dev still running".to_string())
+    })
+    .expect("crux dev exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    for pid in pids {
+        assert!(
+            kill(pid, Signal::SIGCONT).is_err(),
+            "agent {pid} still running"
+        );
+    }
+    assert!(dev.agent_pids().is_empty(), "pid files removed");
+}
+
 /// A minimal HTTP/1.1 GET (the test needs no HTTP client library for two endpoints).
 fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
