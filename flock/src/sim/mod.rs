@@ -1161,3 +1161,212 @@ impl World {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sim(n: usize) -> Sim {
+        let mut cfg = SimConfig::new(n, 9, Preset::Lan);
+        cfg.net.latency = Duration::from_millis(1);
+        cfg.net.jitter = Duration::from_millis(1);
+        let mut sim = Sim::new(cfg).expect("valid");
+        for i in 0..n {
+            sim.start(i);
+        }
+        sim
+    }
+
+    fn datagram(sim: &Sim, to: usize) -> Transmit {
+        Transmit {
+            to: sim.addr(to),
+            kind: TransmitKind::Datagram,
+            payload: vec![0; 100],
+        }
+    }
+
+    /// Pops every queued datagram for `to`, in arrival order; returns due times and payloads.
+    fn queued(sim: &mut Sim, to: usize) -> Vec<(Duration, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut keep = Vec::new();
+        while let Some((at, ev)) = sim.w.queue.pop_until(Duration::MAX) {
+            match ev {
+                Ev::Datagram { to: t, payload, .. } if t as usize == to => out.push((at, payload)),
+                ev => keep.push((at, ev)),
+            }
+        }
+        for (at, ev) in keep {
+            sim.w.queue.push(at, ev);
+        }
+        out
+    }
+
+    fn queued_datagrams(sim: &mut Sim, to: usize) -> Vec<Duration> {
+        queued(sim, to).into_iter().map(|(at, _)| at).collect()
+    }
+
+    #[test]
+    fn addresses_are_distinct_loopback_slots_of_the_space() {
+        let s = sim(50);
+        let mut addrs: Vec<_> = (0..50).map(|i| s.addr(i)).collect();
+        addrs.sort();
+        addrs.dedup();
+        assert_eq!(addrs.len(), 50);
+        for (i, a) in addrs.iter().enumerate() {
+            assert!(a.ip().is_loopback(), "{a}");
+            assert!(s.config().space.contains(*a, 7700));
+            assert_eq!(s.w.node_at(*a).map(|n| s.addr(n as usize)), Some(*a), "{i}");
+        }
+        assert_eq!(s.config().space.size(7700), space_for(50) as u128);
+    }
+
+    #[test]
+    fn datagrams_arrive_within_latency_and_jitter_and_out_of_order() {
+        let mut s = sim(2);
+        let _ = queued(&mut s, 1);
+        for i in 0..1000u32 {
+            let t = Transmit {
+                to: s.addr(1),
+                kind: TransmitKind::Datagram,
+                payload: i.to_le_bytes().to_vec(),
+            };
+            s.w.route(0, t);
+        }
+        let arrivals = queued(&mut s, 1);
+        assert_eq!(arrivals.len(), 1000);
+        let (lo, hi) = (Duration::from_millis(1), Duration::from_millis(2));
+        assert!(arrivals.iter().all(|(t, _)| (lo..=hi).contains(t)));
+        let order: Vec<u32> = arrivals
+            .iter()
+            .map(|(_, p)| u32::from_le_bytes(p[..4].try_into().expect("4 bytes")))
+            .collect();
+        assert!(
+            order.windows(2).any(|w| w[1] < w[0]),
+            "jitter reorders datagrams"
+        );
+    }
+
+    #[test]
+    fn loss_and_duplication_follow_their_probabilities() {
+        let mut s = sim(2);
+        s.net_mut().loss = 0.3;
+        s.net_mut().duplicate = 0.1;
+        let _ = queued_datagrams(&mut s, 1);
+        for _ in 0..10_000 {
+            let t = datagram(&s, 1);
+            s.w.route(0, t);
+        }
+        let m = s.metrics().clone();
+        assert!(
+            (2_700..3_300).contains(&m.datagrams_lost),
+            "{}",
+            m.datagrams_lost
+        );
+        assert!(
+            (500..900).contains(&m.datagrams_duplicated),
+            "{}",
+            m.datagrams_duplicated
+        );
+        let delivered = queued_datagrams(&mut s, 1).len() as u64;
+        assert_eq!(
+            delivered,
+            10_000 - m.datagrams_lost + m.datagrams_duplicated
+        );
+    }
+
+    #[test]
+    fn partitions_and_blocks_stop_datagrams() {
+        let mut s = sim(3);
+        let _ = queued_datagrams(&mut s, 1);
+        s.partition(&[vec![1]]);
+        let t = datagram(&s, 1);
+        s.w.route(0, t);
+        assert!(queued_datagrams(&mut s, 1).is_empty());
+        s.heal();
+        s.block(0, 1);
+        let t = datagram(&s, 1);
+        s.w.route(0, t);
+        assert!(queued_datagrams(&mut s, 1).is_empty());
+        assert!(s.reachable(1, 0) && !s.reachable(0, 1));
+        s.heal();
+        let t = datagram(&s, 1);
+        s.w.route(0, t);
+        assert_eq!(queued_datagrams(&mut s, 1).len(), 1);
+    }
+
+    #[test]
+    fn traffic_to_a_crashed_node_vanishes_even_after_it_restarts() {
+        let mut s = sim(2);
+        let t = datagram(&s, 1);
+        s.w.route(0, t);
+        s.crash(0); // nobody else sends anything
+        s.restart(1);
+        s.run_for(Duration::from_millis(5));
+        // The datagram was addressed to node 1's previous life: dropped, never handed to the core.
+        let stats = s.flock(1).expect("runs").stats();
+        assert_eq!(stats.datagrams_in, 0);
+    }
+
+    #[test]
+    fn a_stream_to_a_crashed_node_fails_after_the_connect_timeout() {
+        let mut s = sim(2);
+        s.crash(1);
+        let t = Transmit {
+            to: s.addr(1),
+            kind: TransmitKind::Stream,
+            payload: vec![1; 10],
+        };
+        let now = s.now();
+        s.w.route(0, t);
+        let mut failed_at = None;
+        while let Some((at, ev)) = s.w.queue.pop_until(Duration::MAX) {
+            if let Ev::StreamFailed { node: 0, to, .. } = ev {
+                assert_eq!(to, s.addr(1));
+                failed_at = Some(at);
+            }
+        }
+        assert_eq!(failed_at, Some(now + s.net_config().connect_timeout));
+    }
+
+    #[test]
+    fn stream_delivery_takes_latency_and_transfer_time() {
+        let mut s = sim(2);
+        s.net_mut().jitter = Duration::ZERO;
+        s.net_mut().bandwidth_bytes_per_s = 1_000_000;
+        let t = Transmit {
+            to: s.addr(1),
+            kind: TransmitKind::Stream,
+            payload: vec![1; 10_000],
+        };
+        let now = s.now();
+        s.w.route(0, t);
+        let mut arrived = None;
+        while let Some((at, ev)) = s.w.queue.pop_until(Duration::MAX) {
+            if let Ev::StreamRequest { to: 1, from: 0, .. } = ev {
+                arrived = Some(at);
+            }
+        }
+        // Connect round trip, one way, and 10 kB at 1 MB/s.
+        assert_eq!(arrived, Some(now + Duration::from_millis(3 + 10)));
+    }
+
+    #[test]
+    fn restart_keeps_the_id_and_raises_the_boot() {
+        let mut s = sim(2);
+        let (id, boot) = (s.node_id(0), s.boot(0));
+        s.restart(0);
+        assert_eq!(s.node_id(0), id);
+        assert!(s.boot(0) > boot);
+        assert_eq!(s.flock(0).map(|f| f.identity().boot), Some(s.boot(0)));
+    }
+
+    #[test]
+    fn no_agreement_before_every_scheduled_start() {
+        let mut s = Sim::new(SimConfig::new(3, 1, Preset::Lan)).expect("valid");
+        s.start(0);
+        s.start_at(1, Duration::from_secs(5));
+        s.start_at(2, Duration::from_secs(5));
+        s.run_until(Duration::from_secs(2));
+        assert!(!s.agreement(true).agreed);
+    }
+}
