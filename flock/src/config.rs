@@ -127,7 +127,7 @@ impl Timing {
     /// uses. We probe twice as often (500 ms) with a 200 ms timeout — datacenter RTTs are well under
     /// 1 ms — and use a suspicion multiplier of 3, which halves Serf's detection time of a dead
     /// node; Lifeguard's confirmation-driven timeout keeps false positives away (checked in
-    /// `crux sim` at 5 % loss). Leader beats every 250 ms and a 1.5 s beat timeout give a new
+    /// `crux sim` at 5 % loss). Leader beats every 500 ms and a 2 s beat timeout give a new
     /// leader within a few seconds of a crash.
     pub fn lan() -> Timing {
         Timing {
@@ -141,11 +141,11 @@ impl Timing {
             awareness_max: 8,
             gossip_interval: Duration::from_millis(200),
             gossip_fanout: 3,
-            retransmit_mult: 4,
+            retransmit_mult: 3,
             push_pull_interval: Duration::from_secs(30),
             push_pull_fast_interval: Duration::from_millis(500),
-            leader_beat_interval: Duration::from_millis(250),
-            leader_timeout: Duration::from_millis(1500),
+            leader_beat_interval: Duration::from_millis(500),
+            leader_timeout: Duration::from_millis(2000),
             settle: Duration::from_millis(500),
             election_rank_step: Duration::from_millis(500),
             dead_probe_interval: Duration::from_secs(2),

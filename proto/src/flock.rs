@@ -244,6 +244,8 @@ pub enum Message {
         target: Option<NodeId>,
         /// The sender's own entry, so an unknown recipient can add it at once.
         me: MemberInfo,
+        /// Digest of the sender's live membership (see [`Message::Ack::digest`]).
+        digest: u64,
         /// Piggybacked updates.
         updates: Vec<Update>,
     },
@@ -253,6 +255,9 @@ pub enum Message {
         seq: u32,
         /// The node that answers.
         me: MemberInfo,
+        /// Order-independent digest of the sender's set of live members (XOR of a hash of each
+        /// live member's id and boot). Two nodes whose digests keep differing push-pull.
+        digest: u64,
         /// Piggybacked updates.
         updates: Vec<Update>,
     },
@@ -343,8 +348,7 @@ pub enum DecodeError {
     Trailing(usize),
 }
 
-fn config<const LIMIT: usize>(
-) -> impl bincode::config::Config {
+fn config<const LIMIT: usize>() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<LIMIT>()
 }
 
@@ -373,7 +377,10 @@ pub fn update_len(update: &Update) -> usize {
 /// Decodes a message body, rejecting trailing bytes.
 pub fn decode_message(bytes: &[u8]) -> Result<Message, DecodeError> {
     if bytes.len() > MAX_DATAGRAM_BYTES {
-        return Err(DecodeError::TooLarge { len: bytes.len(), limit: MAX_DATAGRAM_BYTES });
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            limit: MAX_DATAGRAM_BYTES,
+        });
     }
     let (msg, used) = bincode::decode_from_slice(bytes, config::<MAX_DATAGRAM_BYTES>())
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
@@ -391,7 +398,10 @@ pub fn encode_frame(frame: &StreamFrame) -> Vec<u8> {
 /// Decodes a stream frame, rejecting trailing bytes.
 pub fn decode_frame(bytes: &[u8]) -> Result<StreamFrame, DecodeError> {
     if bytes.len() > MAX_STREAM_BYTES {
-        return Err(DecodeError::TooLarge { len: bytes.len(), limit: MAX_STREAM_BYTES });
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            limit: MAX_STREAM_BYTES,
+        });
     }
     let (frame, used) = bincode::decode_from_slice(bytes, config::<MAX_STREAM_BYTES>())
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
@@ -423,37 +433,57 @@ mod tests {
     }
 
     fn arb_member() -> impl Strategy<Value = MemberInfo> {
-        (any::<u64>(), any::<u64>(), arb_addr(), any::<u64>(), arb_state()).prop_map(
-            |(id, boot, addr, incarnation, state)| MemberInfo {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            arb_addr(),
+            any::<u64>(),
+            arb_state(),
+        )
+            .prop_map(|(id, boot, addr, incarnation, state)| MemberInfo {
                 id: NodeId(id),
                 boot: BootId(boot),
                 addr,
                 incarnation,
                 state,
-            },
-        )
+            })
     }
 
     fn arb_claim() -> impl Strategy<Value = LeaderClaim> {
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u64>()).prop_map(
-            |(l, b, term, solo, beat)| LeaderClaim {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<u64>(),
+        )
+            .prop_map(|(l, b, term, solo, beat)| LeaderClaim {
                 leader: NodeId(l),
                 boot: BootId(b),
                 term,
                 solo,
                 beat,
-            },
-        )
+            })
     }
 
     fn arb_update() -> impl Strategy<Value = Update> {
         prop_oneof![
             arb_member().prop_map(|member| Update::Alive { member }),
             (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(i, b, n, f)| {
-                Update::Suspect { id: NodeId(i), boot: BootId(b), incarnation: n, from: NodeId(f) }
+                Update::Suspect {
+                    id: NodeId(i),
+                    boot: BootId(b),
+                    incarnation: n,
+                    from: NodeId(f),
+                }
             }),
             (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(i, b, n, f)| {
-                Update::Dead { id: NodeId(i), boot: BootId(b), incarnation: n, from: NodeId(f) }
+                Update::Dead {
+                    id: NodeId(i),
+                    boot: BootId(b),
+                    incarnation: n,
+                    from: NodeId(f),
+                }
             }),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(i, b, n)| Update::Left {
                 id: NodeId(i),
@@ -467,11 +497,28 @@ mod tests {
     fn arb_message() -> impl Strategy<Value = Message> {
         let updates = || proptest::collection::vec(arb_update(), 0..8);
         prop_oneof![
-            (any::<u32>(), proptest::option::of(any::<u64>()), arb_member(), updates()).prop_map(
-                |(seq, t, me, updates)| Message::Ping { seq, target: t.map(NodeId), me, updates }
+            (
+                any::<u32>(),
+                proptest::option::of(any::<u64>()),
+                arb_member(),
+                any::<u64>(),
+                updates()
+            )
+                .prop_map(|(seq, t, me, digest, updates)| Message::Ping {
+                    seq,
+                    target: t.map(NodeId),
+                    me,
+                    digest,
+                    updates
+                }),
+            (any::<u32>(), arb_member(), any::<u64>(), updates()).prop_map(
+                |(seq, me, digest, updates)| Message::Ack {
+                    seq,
+                    me,
+                    digest,
+                    updates
+                }
             ),
-            (any::<u32>(), arb_member(), updates())
-                .prop_map(|(seq, me, updates)| Message::Ack { seq, me, updates }),
             (any::<u32>(), any::<u64>(), arb_addr(), updates()).prop_map(
                 |(seq, t, target_addr, updates)| Message::PingReq {
                     seq,
@@ -481,7 +528,11 @@ mod tests {
                 }
             ),
             (any::<u32>(), any::<u64>(), updates()).prop_map(|(seq, t, updates)| {
-                Message::IndirectPing { seq, target: NodeId(t), updates }
+                Message::IndirectPing {
+                    seq,
+                    target: NodeId(t),
+                    updates,
+                }
             }),
             any::<u32>().prop_map(|seq| Message::Nack { seq }),
             updates().prop_map(|updates| Message::Gossip { updates }),
@@ -491,12 +542,14 @@ mod tests {
                 proptest::collection::vec(arb_member(), 0..8),
                 proptest::option::of(arb_claim())
             )
-                .prop_map(|(reply, join, members, leader)| Message::PushPull(PushPull {
-                    reply,
-                    join,
-                    members,
-                    leader
-                })),
+                .prop_map(|(reply, join, members, leader)| Message::PushPull(
+                    PushPull {
+                        reply,
+                        join,
+                        members,
+                        leader
+                    }
+                )),
         ]
     }
 
@@ -560,7 +613,12 @@ mod tests {
                 state: MemberState::Alive,
             })
             .collect();
-        let frame = StreamFrame::PushPull(PushPull { reply: true, join: false, members, leader: None });
+        let frame = StreamFrame::PushPull(PushPull {
+            reply: true,
+            join: false,
+            members,
+            leader: None,
+        });
         let bytes = encode_frame(&frame);
         assert_eq!(decode_frame(&bytes).unwrap(), frame);
     }

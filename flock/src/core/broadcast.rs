@@ -4,7 +4,9 @@
 //! among equals), a newer update about the same subject replaces the older one, and an update is
 //! dropped after `retransmit_mult × ceil(log10(N + 1))` transmissions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use super::FastMap;
 
 use crux_proto::flock::{update_len, NodeId, Update};
 
@@ -28,13 +30,20 @@ fn subject_of(update: &Update) -> Subject {
     }
 }
 
+/// Most updates queued at once.
+pub(crate) const QUEUE_MAX: usize = 4096;
+/// No update encodes in fewer bytes than this.
+const MIN_UPDATE_BYTES: usize = 8;
+/// Updates too large for the remaining room skipped before giving up on filling it.
+const MAX_MISSES: usize = 8;
+
 /// Order key: fewest transmissions first, then newest first.
 type Slot = (u32, std::cmp::Reverse<u64>);
 
 #[derive(Default)]
 pub(crate) struct Broadcasts {
     queue: BTreeMap<Slot, (Subject, Update, usize)>,
-    by_subject: HashMap<Subject, Slot>,
+    by_subject: FastMap<Subject, Slot>,
     next_order: u64,
 }
 
@@ -50,6 +59,23 @@ impl Broadcasts {
         let len = update_len(&update);
         self.queue.insert(slot, (subject, update, len));
         self.by_subject.insert(subject, slot);
+        // Bounded, as Serf's MaxQueueDepth: past the bound, drop what was sent the most (the
+        // periodic push-pull still carries it).
+        while self.queue.len() > QUEUE_MAX {
+            if let Some((_, (subject, _, _))) = self.queue.pop_last() {
+                self.by_subject.remove(&subject);
+            }
+        }
+    }
+
+    /// Whether anything worth a gossip round of its own is queued: anything but a leader beat
+    /// that was already sent once (beats spread push-style by one round at each node, then ride
+    /// along on other datagrams; the next beat supersedes them anyway).
+    pub(crate) fn has_news(&self) -> bool {
+        match self.by_subject.get(&Subject::Leader) {
+            Some(slot) if slot.0 >= 1 => self.queue.len() > 1,
+            _ => !self.queue.is_empty(),
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -66,10 +92,12 @@ impl Broadcasts {
     pub(crate) fn take(&mut self, mut budget: usize, limit: u32) -> Vec<Update> {
         let mut taken = Vec::new();
         let mut slots = Vec::new();
+        let mut misses = 0;
         for (slot, (_, update, len)) in self.queue.iter() {
             if *len > budget {
-                // A smaller update further on may still fit; stop only when nothing can.
-                if budget < 8 {
+                // A smaller update further on may still fit, but do not scan a long queue for it.
+                misses += 1;
+                if budget < MIN_UPDATE_BYTES || misses >= MAX_MISSES {
                     break;
                 }
                 continue;

@@ -1,6 +1,6 @@
 //! A set of node ids with O(1) insert, remove and uniform random choice.
 
-use std::collections::HashMap;
+use super::FastMap;
 
 use crux_proto::flock::NodeId;
 use rand::Rng;
@@ -8,7 +8,7 @@ use rand::Rng;
 #[derive(Default, Debug)]
 pub(crate) struct IdSet {
     ids: Vec<NodeId>,
-    index: HashMap<NodeId, usize>,
+    index: FastMap<NodeId, usize>,
 }
 
 impl IdSet {

@@ -1,7 +1,7 @@
 //! [`Flock`]: discovery, SWIM/Lifeguard membership and leader election in one state machine.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tracing::{debug, trace};
 
 use super::broadcast::Broadcasts;
 use super::idset::IdSet;
+use super::FastMap;
 use super::{
     is_live, Command, DropReason, Event, Identity, LeaderView, Member, Outbox, Stats, Transmit,
     TransmitKind,
@@ -32,8 +33,8 @@ const CONFIRMATIONS_MAX: usize = 64;
 const ELECTION_TICKS_PER_SETTLE: u32 = 4;
 /// Push-pull stays fast for this many fast intervals after an exchange that taught us members.
 const FAST_PUSH_PULL_ROUNDS: u32 = 4;
-/// A push-pull that teaches at least this many new members keeps push-pull fast.
-const FAST_PUSH_PULL_NEW_MEMBERS: usize = 2;
+/// A push-pull whose two views differ by at least this many members keeps push-pull fast.
+const FAST_PUSH_PULL_DIFF: usize = 2;
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Timer {
@@ -87,16 +88,16 @@ pub struct Flock {
     self_member: Member,
     rng: ChaCha8Rng,
     bloc_tag: u32,
-    members: HashMap<NodeId, Entry>,
-    by_addr: HashMap<SocketAddr, NodeId>,
+    members: FastMap<NodeId, Entry>,
+    by_addr: FastMap<SocketAddr, NodeId>,
     /// Live members other than this node.
     live: IdSet,
     /// Dead (not left) members, probed at a low rate.
     dead: IdSet,
     probe_order: Vec<NodeId>,
     probe_next: usize,
-    probes: HashMap<u32, Probe>,
-    relays: HashMap<u32, Relay>,
+    probes: FastMap<u32, Probe>,
+    relays: FastMap<u32, Relay>,
     seq: u32,
     timers: BinaryHeap<Reverse<(Duration, u64, Timer)>>,
     timer_order: u64,
@@ -108,10 +109,17 @@ pub struct Flock {
     last_change: Duration,
     rank_cache: Option<(Duration, usize)>,
     fast_push_pull_until: Duration,
+    /// XOR of [`member_hash`] over the live members, this node included.
+    digest: u64,
+    live_hash: FastMap<NodeId, u64>,
+    /// Since when the digests peers show us differ from ours.
+    digest_mismatch_since: Option<Duration>,
+    last_digest_push_pull: Option<Duration>,
     discovery_round: u64,
     awareness: u32,
     leaving: bool,
     left: bool,
+    refute_pending: bool,
     counter: u64,
     stats: Stats,
     out: Outbox,
@@ -142,14 +150,14 @@ impl Flock {
             me: identity,
             self_member,
             rng: ChaCha8Rng::seed_from_u64(seed),
-            members: HashMap::new(),
-            by_addr: HashMap::new(),
+            members: FastMap::default(),
+            by_addr: FastMap::default(),
             live: IdSet::default(),
             dead: IdSet::default(),
             probe_order: Vec::new(),
             probe_next: 0,
-            probes: HashMap::new(),
-            relays: HashMap::new(),
+            probes: FastMap::default(),
+            relays: FastMap::default(),
             seq: 0,
             timers: BinaryHeap::new(),
             timer_order: 0,
@@ -161,10 +169,15 @@ impl Flock {
             last_change: now,
             rank_cache: None,
             fast_push_pull_until: Duration::ZERO,
+            digest: member_hash(identity.id, identity.boot),
+            live_hash: FastMap::default(),
+            digest_mismatch_since: None,
+            last_digest_push_pull: None,
             discovery_round: 0,
             awareness: 0,
             leaving: false,
             left: false,
+            refute_pending: false,
             counter: 0,
             stats: Stats::default(),
             out: Outbox::default(),
@@ -342,6 +355,8 @@ impl Flock {
         let (sender, pp) = pp;
         let reply = !pp.reply;
         self.on_push_pull(now, sender, pp);
+        // Our reply carries our current entry: that answers any stale suspicion of us.
+        self.refute_pending = false;
         if reply && !self.left {
             let frame = StreamFrame::PushPull(self.build_push_pull(true, false));
             let body = encode_frame(&frame);
@@ -357,7 +372,9 @@ impl Flock {
     /// The reply to a stream request this node made to `from`.
     pub fn handle_stream_reply(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
         if let Some((sender, pp)) = self.open_stream(from, bytes) {
+            self.refute_pending = false;
             self.on_push_pull(now, sender, pp);
+            self.answer_refutation(from);
         }
     }
 
@@ -623,7 +640,23 @@ impl Flock {
         let Some(entry) = self.members.get(&target) else {
             return;
         };
-        let addr = entry.member.info.addr;
+        let info = entry.member.info;
+        let addr = info.addr;
+        if info.state == MemberState::Suspect {
+            // Lifeguard's buddy system: tell a suspect directly, so it can refute in time.
+            let suspect = Update::Suspect {
+                id: info.id,
+                boot: info.boot,
+                incarnation: info.incarnation,
+                from: self.me.id,
+            };
+            self.send(
+                addr,
+                &Message::Gossip {
+                    updates: vec![suspect],
+                },
+            );
+        }
         let seq = self.next_seq();
         self.stats.probes += 1;
         self.probes.insert(
@@ -640,6 +673,7 @@ impl Flock {
             seq,
             target: Some(target),
             me: self.my_info(),
+            digest: self.digest,
             updates: Vec::new(),
         };
         self.send_with_updates(addr, msg);
@@ -720,6 +754,7 @@ impl Flock {
             seq,
             target,
             me: self.my_info(),
+            digest: self.digest,
             updates: Vec::new(),
         };
         self.send_with_updates(addr, msg);
@@ -765,7 +800,7 @@ impl Flock {
     // ----- gossip and push-pull ------------------------------------------------------------
 
     fn gossip_round(&mut self) {
-        if self.broadcasts.is_empty() {
+        if !self.broadcasts.has_news() {
             return;
         }
         let targets = self
@@ -836,28 +871,27 @@ impl Flock {
         });
     }
 
-    fn on_push_pull(&mut self, now: Duration, sender: NodeId, pp: PushPull) {
+    fn on_push_pull(&mut self, now: Duration, _sender: NodeId, pp: PushPull) {
         let known_before = self.members.len();
         for info in &pp.members {
             match info.state {
-                MemberState::Alive => self.apply_alive(now, *info),
-                // As memberlist: a remote view of death only makes us suspect.
+                MemberState::Alive => self.apply_alive_from(now, *info, false),
+                // As memberlist: a remote view of death only makes us suspect, and the
+                // suspicion counts as ours (not as an independent confirmation by the sender).
                 MemberState::Suspect | MemberState::Dead => {
-                    if info.id == self.me.id {
-                        self.apply_suspect(now, info.id, info.boot, info.incarnation, sender);
-                    } else {
-                        // Learn the entry first if it is new, then suspect.
-                        if !self.members.contains_key(&info.id) {
-                            self.apply_alive(
-                                now,
-                                MemberInfo {
-                                    state: MemberState::Alive,
-                                    ..*info
-                                },
-                            );
-                        }
-                        self.apply_suspect(now, info.id, info.boot, info.incarnation, sender);
+                    if info.id != self.me.id && !self.members.contains_key(&info.id) {
+                        // A member new to us: learn it, but do not take over a suspicion we
+                        // have no evidence of (the view may be stale; its owner's timers and
+                        // the gossip about it decide).
+                        let alive = MemberInfo {
+                            state: MemberState::Alive,
+                            ..*info
+                        };
+                        self.apply_alive_from(now, alive, false);
+                        continue;
                     }
+                    let me = self.me.id;
+                    self.apply_suspect(now, info.id, info.boot, info.incarnation, me);
                 }
                 MemberState::Left => {
                     if !self.members.contains_key(&info.id) && info.id != self.me.id {
@@ -870,8 +904,11 @@ impl Flock {
         if let Some(claim) = pp.leader {
             self.apply_claim(now, claim);
         }
+        // Adaptive anti-entropy: while two views still differ (one side taught the other a
+        // member), keep push-pulling fast; once they agree, fall back to the scaled period.
         let learned = self.members.len().saturating_sub(known_before);
-        if learned >= FAST_PUSH_PULL_NEW_MEMBERS {
+        let they_lack = (self.members.len() + 1).saturating_sub(pp.members.len());
+        if learned + they_lack >= FAST_PUSH_PULL_DIFF {
             self.fast_push_pull_until =
                 now + self.config.timing.push_pull_fast_interval * FAST_PUSH_PULL_ROUNDS;
         }
@@ -880,6 +917,12 @@ impl Flock {
     // ----- messages ------------------------------------------------------------------------
 
     fn on_message(&mut self, now: Duration, from: SocketAddr, header: Header, msg: Message) {
+        self.refute_pending = false;
+        self.dispatch(now, from, header, msg);
+        self.answer_refutation(from);
+    }
+
+    fn dispatch(&mut self, now: Duration, from: SocketAddr, header: Header, msg: Message) {
         let sender = header.sender;
         // A member we hold dead or left is talking to us: push-pull so both sides learn
         // (partition heal, false death).
@@ -889,17 +932,22 @@ impl Flock {
                 seq,
                 target: _,
                 me,
+                digest,
                 updates,
             } => {
                 let unknown = !self.members.contains_key(&me.id);
                 self.apply_sender(now, from, header, me);
                 self.apply_updates(now, &updates);
+                if !unknown && me.id == sender {
+                    self.compare_digest(now, from, digest);
+                }
                 if self.leaving {
                     return;
                 }
                 let ack = Message::Ack {
                     seq,
                     me: self.my_info(),
+                    digest: self.digest,
                     updates: Vec::new(),
                 };
                 self.send_with_updates(from, ack);
@@ -907,14 +955,23 @@ impl Flock {
                     trace!(peer = %me.id, "discovered by a ping");
                 }
             }
-            Message::Ack { seq, me, updates } => {
+            Message::Ack {
+                seq,
+                me,
+                digest,
+                updates,
+            } => {
                 let unknown = !self.members.contains_key(&me.id);
                 self.apply_sender(now, from, header, me);
                 self.apply_updates(now, &updates);
+                if !unknown && me.id == sender {
+                    self.compare_digest(now, from, digest);
+                }
                 if let Some(relay) = self.relays.remove(&seq) {
                     let fwd = Message::Ack {
                         seq: relay.seq,
                         me,
+                        digest,
                         updates: Vec::new(),
                     };
                     self.send_with_updates(relay.requester, fwd);
@@ -963,6 +1020,7 @@ impl Flock {
                     let ack = Message::Ack {
                         seq,
                         me: self.my_info(),
+                        digest: self.digest,
                         updates: Vec::new(),
                     };
                     self.send_with_updates(from, ack);
@@ -997,6 +1055,27 @@ impl Flock {
             MemberInfo { addr: from, ..me }
         };
         self.apply_alive(now, info);
+    }
+
+    /// Digest anti-entropy: when the live-membership digests of the peers we hear from keep
+    /// differing from ours for longer than gossip needs to spread news, push-pull with one of them.
+    /// This repairs what gossip missed without waiting for the (N-scaled) periodic push-pull.
+    fn compare_digest(&mut self, now: Duration, from: SocketAddr, theirs: u64) {
+        if theirs == self.digest {
+            self.digest_mismatch_since = None;
+            return;
+        }
+        let t = &self.config.timing;
+        let grace = t.push_pull_fast_interval * FAST_PUSH_PULL_ROUNDS;
+        let since = *self.digest_mismatch_since.get_or_insert(now);
+        let rested = self
+            .last_digest_push_pull
+            .is_none_or(|last| now >= last + grace);
+        if now >= since + grace && rested && !self.leaving {
+            self.digest_mismatch_since = None;
+            self.last_digest_push_pull = Some(now);
+            self.start_push_pull(from, false);
+        }
     }
 
     fn heal_if_dead(&mut self, now: Duration, from: SocketAddr, sender: NodeId, boot: BootId) {
@@ -1059,6 +1138,16 @@ impl Flock {
     }
 
     fn set_live(&mut self, id: NodeId, state: MemberState) {
+        if let Some(old) = self.live_hash.remove(&id) {
+            self.digest ^= old;
+        }
+        if is_live(state) {
+            if let Some(e) = self.members.get(&id) {
+                let h = member_hash(id, e.member.info.boot);
+                self.digest ^= h;
+                self.live_hash.insert(id, h);
+            }
+        }
         match state {
             MemberState::Alive | MemberState::Suspect => {
                 self.live.insert(id);
@@ -1076,6 +1165,12 @@ impl Flock {
     }
 
     fn apply_alive(&mut self, now: Duration, info: MemberInfo) {
+        self.apply_alive_from(now, info, true);
+    }
+
+    /// `gossip`: whether to spread the news (not when it came by push-pull: anti-entropy already
+    /// carries it, and re-gossiping a whole member table costs N × retransmits per node).
+    fn apply_alive_from(&mut self, now: Duration, info: MemberInfo, gossip: bool) {
         if info.id == self.me.id {
             return; // only we speak for ourselves
         }
@@ -1100,7 +1195,9 @@ impl Flock {
             self.set_live(info.id, MemberState::Alive);
             self.insert_probe_order(info.id);
             self.membership_changed(now);
-            self.broadcasts.push(Update::Alive { member: info });
+            if gossip {
+                self.broadcasts.push(Update::Alive { member: info });
+            }
             self.out.events.push_back(Event::MemberJoined(info));
             return;
         };
@@ -1116,7 +1213,9 @@ impl Flock {
         entry.suspicion = None;
         self.set_addr(info.id, Some(old.addr), info.addr);
         self.set_live(info.id, MemberState::Alive);
-        self.broadcasts.push(Update::Alive { member: info });
+        if gossip {
+            self.broadcasts.push(Update::Alive { member: info });
+        }
         if restarted || !was_live {
             self.membership_changed(now);
             self.out.events.push_back(Event::MemberJoined(info));
@@ -1139,12 +1238,28 @@ impl Flock {
         }
         if incarnation >= self.self_member.info.incarnation {
             self.self_member.info.incarnation = incarnation + 1;
+            self.stats.refutations += 1;
+            self.awareness = (self.awareness + 1).min(self.config.timing.awareness_max);
+            self.broadcasts.push(Update::Alive {
+                member: self.self_member.info,
+            });
         }
-        self.stats.refutations += 1;
-        self.awareness = (self.awareness + 1).min(self.config.timing.awareness_max);
-        self.broadcasts.push(Update::Alive {
-            member: self.self_member.info,
-        });
+        // Whoever told us also hears the refutation directly (see `answer_refutation`).
+        self.refute_pending = true;
+    }
+
+    /// Sends our current entry straight back to a peer that holds a stale suspicion of us, so
+    /// that it does not depend on gossip (which may have died out) to learn the refutation.
+    fn answer_refutation(&mut self, to: SocketAddr) {
+        if std::mem::take(&mut self.refute_pending) && !self.leaving {
+            let me = self.self_member.info;
+            self.send(
+                to,
+                &Message::Gossip {
+                    updates: vec![Update::Alive { member: me }],
+                },
+            );
+        }
     }
 
     fn apply_suspect(&mut self, now: Duration, id: NodeId, boot: BootId, inc: u64, from: NodeId) {
@@ -1180,12 +1295,22 @@ impl Flock {
                 });
                 let timeout = suspicion_timeout(&self.config, live_n, is_leader, 0);
                 self.schedule(now + timeout, Timer::Suspicion { id, token });
-                self.broadcasts.push(Update::Suspect {
+                let update = Update::Suspect {
                     id,
                     boot,
                     incarnation: inc,
                     from,
-                });
+                };
+                self.broadcasts.push(update);
+                if from == self.me.id {
+                    // Buddy system: our own suspicion goes to the suspect at once.
+                    self.send(
+                        info.addr,
+                        &Message::Gossip {
+                            updates: vec![update],
+                        },
+                    );
+                }
                 self.out.events.push_back(Event::MemberSuspect(info));
             }
             MemberState::Suspect => {
@@ -1501,6 +1626,14 @@ impl Flock {
         let beat = self.config.timing.leader_beat_interval;
         self.schedule(now + beat, Timer::Beat { term });
     }
+}
+
+/// Hash of one live member for the membership digest (splitmix64 of id and boot).
+fn member_hash(id: NodeId, boot: BootId) -> u64 {
+    let mut z = id.0 ^ boot.0.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn reap_period(t: &crate::config::Timing) -> Duration {

@@ -79,6 +79,7 @@ fn ping_from_unknown_node_is_acked_and_adds_it() {
         seq: 42,
         target: None,
         me,
+        digest: 0,
         updates: vec![],
     };
     f.handle_datagram(
@@ -94,7 +95,9 @@ fn ping_from_unknown_node_is_acked_and_adds_it() {
     let (header, body) = Header::parse(&tx[0].payload).unwrap();
     assert_eq!(header.sender, NodeId(2000));
     match decode_message(body).unwrap() {
-        Message::Ack { seq, me, updates } => {
+        Message::Ack {
+            seq, me, updates, ..
+        } => {
             assert_eq!(seq, 42);
             assert_eq!(me.id, NodeId(2000));
             // The new member is news to gossip.
@@ -119,6 +122,7 @@ fn hostile_datagrams_are_dropped_counted_and_unanswered() {
         seq: 1,
         target: None,
         me: peer_info(7, addr(9)),
+        digest: 0,
         updates: vec![],
     };
     f.handle_datagram(now, addr(9), &datagram(7, "other-bloc", &ping));
