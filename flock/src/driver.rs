@@ -495,6 +495,105 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{BootId, Config, MemberState, NodeId, Preset};
+    use std::net::{IpAddr, Ipv4Addr};
+
+    /// Binds UDP and TCP on one free port of `ip`.
+    async fn bind(ip: IpAddr) -> (UdpSocket, TcpListener) {
+        for _ in 0..50 {
+            let udp = UdpSocket::bind(SocketAddr::new(ip, 0)).await.unwrap();
+            let port = udp.local_addr().unwrap().port();
+            if let Ok(tcp) = TcpListener::bind(SocketAddr::new(ip, port)).await {
+                return (udp, tcp);
+            }
+        }
+        panic!("no free port on {ip}");
+    }
+
+    /// Three drivers on real loopback sockets find each other through the address space, agree
+    /// on one leader, and a shutdown leaves gracefully: the others see the node `left`.
+    #[tokio::test]
+    async fn drivers_converge_and_leave_over_loopback() {
+        let block = 10 + (std::process::id() % 200) as u8;
+        let ips: Vec<IpAddr> = (2..5)
+            .map(|d| IpAddr::V4(Ipv4Addr::new(127, block, 251, d)))
+            .collect();
+        // One port for all: the first node's, if free on the others.
+        let (udp0, tcp0) = bind(ips[0]).await;
+        let port = udp0.local_addr().unwrap().port();
+        let mut sockets = vec![(udp0, tcp0)];
+        for ip in &ips[1..] {
+            let a = SocketAddr::new(*ip, port);
+            sockets.push((
+                UdpSocket::bind(a).await.unwrap(),
+                TcpListener::bind(a).await.unwrap(),
+            ));
+        }
+        let space = [format!("{}-{}", ips[0], ips[2])];
+        let start = Instant::now();
+        let mut handles = Vec::new();
+        let mut tasks = Vec::new();
+        let mut stops = Vec::new();
+        for (i, (udp, tcp)) in sockets.into_iter().enumerate() {
+            let mut config =
+                Config::new(format!("driver-test-{}", std::process::id()), Preset::Local);
+            config.space = crate::AddressSpace::parse(&space, &[] as &[String]).unwrap();
+            let identity = Identity {
+                id: NodeId(100 + i as u64),
+                boot: BootId(1),
+                addr: udp.local_addr().unwrap(),
+            };
+            let flock = Flock::new(config, identity, i as u64, start.elapsed()).unwrap();
+            let (driver, handle) = Driver::new(flock, udp, tcp, start, DriverConfig::default());
+            let stop = CancellationToken::new();
+            tasks.push(tokio::spawn(driver.run(stop.clone())));
+            handles.push(handle);
+            stops.push(stop);
+        }
+        let agreed = |handles: &[DriverHandle], n: usize| {
+            let snaps: Vec<_> = handles.iter().map(|h| h.snapshot()).collect();
+            let leader = snaps[0].leader.map(|l| l.id);
+            leader.is_some()
+                && snaps
+                    .iter()
+                    .all(|s| s.live == n && s.leader.map(|l| l.id) == leader)
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut w = handles[0].watch();
+        while !agreed(&handles, 3) {
+            assert!(
+                Instant::now() < deadline,
+                "no agreement: {:?}",
+                handles[0].snapshot()
+            );
+            let _ = tokio::time::timeout(Duration::from_millis(100), w.changed()).await;
+        }
+
+        // Node 2 (id 102) shuts down: it leaves, and the others mark it left.
+        stops[2].cancel();
+        let exit = tasks.pop().unwrap().await.unwrap();
+        assert_eq!(exit, Exit::Left);
+        let left = |h: &DriverHandle| {
+            h.snapshot()
+                .members
+                .iter()
+                .any(|m| m.info.id == NodeId(102) && m.info.state == MemberState::Left)
+        };
+        while !(left(&handles[0]) && left(&handles[1])) {
+            assert!(
+                Instant::now() < deadline,
+                "leave not seen: {:?}",
+                handles[0].snapshot()
+            );
+            let _ = tokio::time::timeout(Duration::from_millis(100), w.changed()).await;
+        }
+        for s in &stops[..2] {
+            s.cancel();
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_refuse_oversized_lengths() {
