@@ -280,7 +280,11 @@ async fn run(args: &DevArgs) -> anyhow::Result<i32> {
         let (table, summary) = render(&nodes, &views);
         if tty {
             print!("\x1b[H\x1b[2J");
-            println!("crux dev: {} in {}   (Ctrl-C stops)", n, dir.display());
+            println!(
+                "crux dev: {n} agent(s), files in {}   (Ctrl-C stops them)",
+                dir.display()
+            );
+            println!("try: crux members --socket {}", nodes[0].socket.display());
             println!("{table}\n{summary}");
         } else {
             let text = format!("{table}\n{summary}");
