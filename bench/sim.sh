@@ -42,7 +42,8 @@ run() {
 
 # field NAME KEY : one key of a kept report.
 field() {
-    jq -r ".$2 // \"-\"" "$OUT/sim-$1.json"
+    jq -r ".$2 | if type == \"number\" then (. * 100 | round / 100) else (. // \"-\") end" \
+        "$OUT/sim-$1.json"
 }
 
 # check NAME KEY OP LIMIT : prints "ok" or "MISSED" for KEY OP LIMIT.
