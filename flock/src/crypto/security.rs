@@ -5,6 +5,42 @@
 //! [`open_datagram`](Security::open_datagram) / [`open_frame`](Security::open_frame) for
 //! everything it receives, [`start_handshake`](Security::start_handshake) to join or ask for the
 //! key again, and, on the leader, [`rotate_if_due`](Security::rotate_if_due).
+//!
+//! ```
+//! use std::net::IpAddr;
+//! use std::time::Duration;
+//! use crux_flock::crypto::{Inbound, Keyring, Purpose, SecretKey, Security, SecurityConfig};
+//! use crux_flock::{BootId, NodeId};
+//! use rand::SeedableRng;
+//!
+//! let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7); // the core's seeded RNG
+//! let secondary = SecretKey::generate(&mut rng);
+//! let config = SecurityConfig::new("my-bloc", 1400);
+//! let mut leader = Security::new(&config, Keyring::new(secondary.clone()), NodeId(1), BootId(1));
+//! let mut joiner = Security::new(&config, Keyring::new(secondary), NodeId(2), BootId(1));
+//! let now = Duration::from_secs(1);
+//! let (leader_ip, joiner_ip) = (IpAddr::from([127, 0, 0, 2]), IpAddr::from([127, 0, 0, 3]));
+//! let mut body = Vec::new();
+//!
+//! // Alone, the leader makes the first transient key (and spreads nothing: nobody to tell).
+//! leader.rotate_if_due(now, &mut rng).unwrap();
+//! // A node without a key probes with a join request ...
+//! let request = joiner.start_handshake(now, Purpose::Join, b"", &mut rng);
+//! // ... any member answers it (the reply goes back to the request's source address) ...
+//! let Ok(Inbound::Reply { reply, .. }) =
+//!     leader.open_datagram(now, joiner_ip, &request, b"", &mut rng, &mut body)
+//! else { unreachable!() };
+//! // ... and the reply brings the transient key.
+//! let joined = joiner.open_datagram(now, leader_ip, &reply, b"", &mut rng, &mut body);
+//! assert!(matches!(joined, Ok(Inbound::Joined { .. })));
+//!
+//! // From now on every message is sealed and opened with the transient key.
+//! let mut datagram = Vec::new();
+//! joiner.seal(now, b"encoded flock message", &mut rng, &mut datagram).unwrap();
+//! let got = leader.open_datagram(now, joiner_ip, &datagram, b"", &mut rng, &mut body);
+//! assert!(matches!(got, Ok(Inbound::Flock(_))));
+//! assert_eq!(body, b"encoded flock message");
+//! ```
 
 use std::net::IpAddr;
 use std::time::Duration;
