@@ -35,7 +35,8 @@ pub struct JsonArg {
 pub async fn connect(path: &Path) -> anyhow::Result<ReeveClient<Channel>> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => anyhow!(
-            "no agent socket at {} (is `crux agent` running? use --socket or CRUX_SOCKET)",
+            "no agent socket at {} (is `crux agent` running? It opens the socket once it is in \
+             a flock. Use --socket or CRUX_SOCKET to name another)",
             path.display()
         ),
         _ => anyhow!("cannot reach agent socket {}: {e}", path.display()),

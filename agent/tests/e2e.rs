@@ -348,6 +348,29 @@ fn crux_dev_runs_a_local_flock_and_stops_what_it_started() {
     assert!(dev.agent_pids().is_empty(), "pid files removed");
 }
 
+/// Readiness waits for the bootstrap: an agent that cannot finish step 1 (alone, with a settle
+/// period of an hour it never claims leadership) answers 503 on /ready naming the step, reports
+/// `crux_ready 0`, and the CLI fails with a non-zero exit.
+#[test]
+fn not_ready_until_the_bootstrap_is_done() {
+    let mut c = Cluster::new(BIN, 8, 1, PRESET);
+    c.append_config(1, "[timing]\nsettle = \"1h\"\n");
+    c.start(1);
+    let http = c.agent(1).http;
+    let body = c.wait_for("HTTP to answer", CONVERGE, || {
+        http_get(http, "/ready").map_err(|e| e.to_string())
+    });
+    assert!(body.starts_with("HTTP/1.1 503"), "{body}");
+    assert!(body.contains("not ready: bootstrap step flock"), "{body}");
+    let metrics = http_get(http, "/metrics").unwrap();
+    assert!(metrics.contains("crux_ready 0"), "{metrics}");
+    let out = c.cli(1, &["members"]);
+    assert!(!out.status.success());
+    assert!(!out.stderr.is_empty());
+    // It still shuts down cleanly.
+    assert!(c.sigterm(1, Duration::from_secs(15)).success());
+}
+
 /// A minimal HTTP/1.1 GET (the test needs no HTTP client library for two endpoints).
 fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};

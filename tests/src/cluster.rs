@@ -162,6 +162,14 @@ impl Cluster {
         }
     }
 
+    /// Appends TOML text to node k's config (e.g. a `[timing]` table).
+    pub fn append_config(&self, k: usize, text: &str) {
+        let path = self.agents[k - 1].config();
+        let mut config = std::fs::read_to_string(&path).expect("read config");
+        config.push_str(text);
+        std::fs::write(&path, config).expect("write config");
+    }
+
     /// The agent of node k (1-based).
     pub fn agent(&self, k: usize) -> &Agent {
         &self.agents[k - 1]
