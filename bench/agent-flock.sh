@@ -62,7 +62,7 @@ preset = "$PRESET"
 socket = "$d/reeve.sock"
 grpc_port = $((PORT + 1))
 http_port = 0
-log_level = "warn"
+log_level = "info"
 EOF
         "$CRUX_BIN" agent --config "$d/crux.toml" </dev/null >"$d/agent.log" 2>&1 &
         PIDS+=($!)
@@ -90,6 +90,20 @@ agreed() {
     LEADER=${first#*|}
 }
 
+# last_change: the latest membership or leader change logged by any agent of this run, in epoch
+# seconds (agents log them at info with UTC timestamps). Once all agree nothing changes, so this
+# is when the flock converged, without the polling delay.
+last_change() {
+    local latest=0 ts
+    for k in $(seq "$N"); do
+        ts=$(grep -E 'member joined|leader changed' "$DIR/$MODE/node$k/agent.log" | tail -1 | cut -d' ' -f1)
+        [[ -n $ts ]] || continue
+        ts=$(date -d "$ts" +%s.%N)
+        if (($(echo "$ts > $latest" | bc -l))); then latest=$ts; fi
+    done
+    echo "$latest"
+}
+
 wait_agreement() {
     local t0=$1
     until agreed; do
@@ -105,8 +119,13 @@ echo "crux bench: $N agents, preset $PRESET, $NET.2-$NET.$((N + 1)) port $PORT, 
 for MODE in seeds discovery; do
     t0=$(now)
     start_flock "$MODE"
+    t_spawned=$(now)
     wait_agreement "$t0"
-    printf '%-44s %6s s (leader %s)\n' "converge, $MODE:" "$(elapsed "$t0")" "$LEADER"
+    polled=$(elapsed "$t0")
+    logged=$(echo "$(last_change) - $t0" | bc -l | xargs printf '%.2f')
+    after_last=$(echo "$(last_change) - $t_spawned" | bc -l | xargs printf '%.2f')
+    printf '%-44s %6s s (last change logged at %s s, %s s after the last agent was spawned)\n' \
+        "converge, $MODE:" "$polled" "$logged" "$after_last"
     if [[ $MODE == seeds ]]; then
         cleanup
     fi
