@@ -226,6 +226,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         "flock bound (node-to-node gRPC comes with the registry)"
     );
 
+    if settings.flock.space.ranges.is_empty() && settings.flock.seeds.is_empty() {
+        warn!("space and seeds are both empty: this node looks for no one and can only be found");
+    }
+
     let servers = CancellationToken::new();
     let state = AgentState::new(handle.clone(), settings.clone(), keyring, start);
     let steps = Steps {

@@ -192,7 +192,7 @@ async fn run(args: &DevArgs) -> anyhow::Result<i32> {
     // Generate every config first: a bad one stops us before anything runs.
     let mut configs = Vec::with_capacity(n);
     for k in 1..=n {
-        let http = free_tcp_port(node_ip(k), &[port, port + 1])?;
+        let http = free_tcp_port(node_ip(k), &[port, port.saturating_add(1)])?;
         let raw = node_config(&dir, k, n, port, http, &bloc, args);
         raw.validate()
             .map_err(|e| anyhow::anyhow!("generated config of node{k}: {e}"))?;
