@@ -510,57 +510,79 @@ mod tests {
         panic!("no free port on {ip}");
     }
 
-    /// Three drivers on real loopback sockets find each other through the address space, agree
-    /// on one leader, and a shutdown leaves gracefully: the others see the node `left`.
-    #[tokio::test]
-    async fn drivers_converge_and_leave_over_loopback() {
+    /// `n` drivers on `127.<block>.<subnet>.2…` sharing one port, each in its own task.
+    struct TestFlock {
+        handles: Vec<DriverHandle>,
+        tasks: Vec<tokio::task::JoinHandle<Exit>>,
+        stops: Vec<CancellationToken>,
+    }
+
+    async fn test_flock(subnet: u8, n: usize, mtu: usize) -> TestFlock {
         let block = 10 + (std::process::id() % 200) as u8;
-        let ips: Vec<IpAddr> = (2..5)
-            .map(|d| IpAddr::V4(Ipv4Addr::new(127, block, 251, d)))
+        let ips: Vec<IpAddr> = (0..n)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, block, subnet, 2 + i as u8)))
             .collect();
-        // One port for all: the first node's, if free on the others.
-        let (udp0, tcp0) = bind(ips[0]).await;
-        let port = udp0.local_addr().unwrap().port();
-        let mut sockets = vec![(udp0, tcp0)];
-        for ip in &ips[1..] {
-            let a = SocketAddr::new(*ip, port);
-            sockets.push((
-                UdpSocket::bind(a).await.unwrap(),
-                TcpListener::bind(a).await.unwrap(),
-            ));
-        }
-        let space = [format!("{}-{}", ips[0], ips[2])];
+        // One port for all: the first node's, if free on the others (else try another).
+        let sockets = 'found: {
+            for _ in 0..20 {
+                let (udp0, tcp0) = bind(ips[0]).await;
+                let port = udp0.local_addr().unwrap().port();
+                let mut sockets = vec![(udp0, tcp0)];
+                for ip in &ips[1..] {
+                    let a = SocketAddr::new(*ip, port);
+                    match (UdpSocket::bind(a).await, TcpListener::bind(a).await) {
+                        (Ok(u), Ok(t)) => sockets.push((u, t)),
+                        _ => break,
+                    }
+                }
+                if sockets.len() == n {
+                    break 'found sockets;
+                }
+            }
+            panic!("no port free on all of {ips:?}");
+        };
+        let space = [format!("{}-{}", ips[0], ips[n - 1])];
         let start = Instant::now();
-        let mut handles = Vec::new();
-        let mut tasks = Vec::new();
-        let mut stops = Vec::new();
+        let mut f = TestFlock {
+            handles: Vec::new(),
+            tasks: Vec::new(),
+            stops: Vec::new(),
+        };
         for (i, (udp, tcp)) in sockets.into_iter().enumerate() {
-            let mut config =
-                Config::new(format!("driver-test-{}", std::process::id()), Preset::Local);
+            let bloc = format!("driver-test-{}-{subnet}", std::process::id());
+            let mut config = Config::new(bloc, Preset::Local);
+            config.mtu = mtu;
             config.space = crate::AddressSpace::parse(&space, &[] as &[String]).unwrap();
+            // Full-width ids, as real nodes have (they size the push-pull state).
             let identity = Identity {
-                id: NodeId(100 + i as u64),
-                boot: BootId(1),
+                id: NodeId(0x9e37_79b9_7f4a_7c15 ^ (100 + i as u64)),
+                boot: BootId(0x01a2_0090_0000_0000 + i as u64),
                 addr: udp.local_addr().unwrap(),
             };
             let flock = Flock::new(config, identity, i as u64, start.elapsed()).unwrap();
             let (driver, handle) = Driver::new(flock, udp, tcp, start, DriverConfig::default());
             let stop = CancellationToken::new();
-            tasks.push(tokio::spawn(driver.run(stop.clone())));
-            handles.push(handle);
-            stops.push(stop);
+            f.tasks.push(tokio::spawn(driver.run(stop.clone())));
+            f.handles.push(handle);
+            f.stops.push(stop);
         }
-        let agreed = |handles: &[DriverHandle], n: usize| {
-            let snaps: Vec<_> = handles.iter().map(|h| h.snapshot()).collect();
-            let leader = snaps[0].leader.map(|l| l.id);
-            leader.is_some()
-                && snaps
-                    .iter()
-                    .all(|s| s.live == n && s.leader.map(|l| l.id) == leader)
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        f
+    }
+
+    /// Every handle sees `n` live members and the same leader.
+    fn agreed(handles: &[DriverHandle], n: usize) -> bool {
+        let snaps: Vec<_> = handles.iter().map(|h| h.snapshot()).collect();
+        let leader = snaps[0].leader.map(|l| l.id);
+        leader.is_some()
+            && snaps
+                .iter()
+                .all(|s| s.live == n && s.leader.map(|l| l.id) == leader)
+    }
+
+    async fn wait_agreed(handles: &[DriverHandle], n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
         let mut w = handles[0].watch();
-        while !agreed(&handles, 3) {
+        while !agreed(handles, n) {
             assert!(
                 Instant::now() < deadline,
                 "no agreement: {:?}",
@@ -568,16 +590,52 @@ mod tests {
             );
             let _ = tokio::time::timeout(Duration::from_millis(100), w.changed()).await;
         }
+    }
 
-        // Node 2 (id 102) shuts down: it leaves, and the others mark it left.
+    /// Push-pull state larger than one datagram (24 members at the smallest MTU) travels over
+    /// TCP stream frames, and the flock still converges.
+    #[tokio::test]
+    async fn large_push_pull_goes_over_tcp_streams() {
+        let n = 24;
+        let f = test_flock(252, n, crux_proto::flock::MIN_MTU).await;
+        wait_agreed(&f.handles, n).await;
+        let (mut out, mut inn) = (0, 0);
+        for h in &f.handles {
+            let s = h.snapshot().stats.clone();
+            out += s.streams_out;
+            inn += s.streams_in;
+        }
+        assert!(out > 0 && inn > 0, "no stream frames: out {out}, in {inn}");
+        for s in &f.stops {
+            s.cancel();
+        }
+        for t in f.tasks {
+            t.await.unwrap();
+        }
+    }
+
+    /// Three drivers on real loopback sockets find each other through the address space, agree
+    /// on one leader, and a shutdown leaves gracefully: the others see the node `left`.
+    #[tokio::test]
+    async fn drivers_converge_and_leave_over_loopback() {
+        let TestFlock {
+            handles,
+            mut tasks,
+            stops,
+        } = test_flock(251, 3, 1400).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        wait_agreed(&handles, 3).await;
+        let mut w = handles[0].watch();
+
+        // Node 2 shuts down: it leaves, and the others mark it left.
         stops[2].cancel();
         let exit = tasks.pop().unwrap().await.unwrap();
         assert_eq!(exit, Exit::Left);
         let left = |h: &DriverHandle| {
-            h.snapshot()
-                .members
-                .iter()
-                .any(|m| m.info.id == NodeId(102) && m.info.state == MemberState::Left)
+            h.snapshot().members.iter().any(|m| {
+                m.info.id == NodeId(0x9e37_79b9_7f4a_7c15 ^ 102)
+                    && m.info.state == MemberState::Left
+            })
         };
         while !(left(&handles[0]) && left(&handles[1])) {
             assert!(
