@@ -219,6 +219,8 @@ pub struct Report {
     pub bytes_per_node_per_s: f64,
     /// Messages (datagrams and stream frames) sent per running node per second over the window.
     pub msgs_per_node_per_s: f64,
+    /// The part of `bytes_per_node_per_s` that went over streams (push-pull of large states).
+    pub stream_bytes_per_node_per_s: f64,
     /// Bytes per second of the node that sent most over the window (the leader's load shows here).
     pub max_bytes_per_node_per_s: f64,
     /// Length of the steady-state window, in simulated seconds.
@@ -299,8 +301,10 @@ impl Report {
             (
                 "traffic (steady)",
                 format!(
-                    "{:.0} B/node/s, {:.1} msg/node/s, max {:.0} B/s ({:.1} s after {:.1} s)",
+                    "{:.0} B/node/s ({:.0} on streams), {:.1} msg/node/s, max {:.0} B/s \
+                     ({:.1} s after {:.1} s)",
                     self.bytes_per_node_per_s,
+                    self.stream_bytes_per_node_per_s,
                     self.msgs_per_node_per_s,
                     self.max_bytes_per_node_per_s,
                     self.window_s,
@@ -336,6 +340,7 @@ impl Report {
 #[derive(Default)]
 struct Traffic {
     bytes_per_node_per_s: f64,
+    stream_bytes_per_node_per_s: f64,
     msgs_per_node_per_s: f64,
     max_bytes_per_node_per_s: f64,
     secs: f64,
@@ -430,6 +435,7 @@ impl Run<'_> {
         Traffic {
             bytes_per_node_per_s: bytes as f64 / nodes as f64 / secs,
             msgs_per_node_per_s: msgs as f64 / nodes as f64 / secs,
+            stream_bytes_per_node_per_s: 0.0,
             max_bytes_per_node_per_s: max as f64 / secs,
             secs,
         }
@@ -461,13 +467,17 @@ impl Run<'_> {
             None => self.cfg.window,
         };
         let before = self.sent();
+        let stream_before = self.sim.metrics().stream_bytes;
         let start = self.now();
         self.watch(start + len, &mut agreed);
         let secs = (self.now() - start).as_secs_f64();
-        (
-            warmup,
-            self.traffic(&before, secs, self.sim.running_count()),
-        )
+        let nodes = self.sim.running_count();
+        let mut t = self.traffic(&before, secs, nodes);
+        if secs > 0.0 && nodes > 0 {
+            let stream = self.sim.metrics().stream_bytes - stream_before;
+            t.stream_bytes_per_node_per_s = stream as f64 / nodes as f64 / secs;
+        }
+        (warmup, t)
     }
 
     fn churn(&mut self) {
@@ -629,6 +639,7 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim) -> Report {
         leaders_before_heal,
         bytes_per_node_per_s: steady.bytes_per_node_per_s,
         msgs_per_node_per_s: steady.msgs_per_node_per_s,
+        stream_bytes_per_node_per_s: steady.stream_bytes_per_node_per_s,
         max_bytes_per_node_per_s: steady.max_bytes_per_node_per_s,
         window_s: steady.secs,
         warmup_s: secs(warmup),
