@@ -269,11 +269,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         Exit::LeaveTimedOut => warn!("leave not confirmed within {:?}", settings.leave_timeout),
     }
     servers.cancel();
+    // Open client connections get a moment to finish; a stuck one does not hold the exit.
+    let drain = Duration::from_secs(2);
     if let Some(t) = grpc_task {
-        let _ = t.await;
+        let _ = tokio::time::timeout(drain, t).await;
     }
     if let Some(t) = http_task {
-        let _ = t.await;
+        let _ = tokio::time::timeout(drain, t).await;
     }
     let _ = std::fs::remove_file(&settings.socket);
     info!(uptime = ?start.elapsed(), "crux agent stopped");
