@@ -254,7 +254,10 @@ pub struct Report {
     pub sim_s: f64,
     /// Events the simulator handled.
     pub events: u64,
-    /// The phase that did not reach agreement before its deadline, if any.
+    /// The phase that did not reach agreement before its deadline (or `duration`), if any:
+    /// `boot` (initial agreement), `split` (partition-heal: the halves apart), `settle` (no
+    /// single leader to kill, or no time left before the trigger), `after-crash`, `after-heal`
+    /// or `after-churn`.
     pub failed_phase: Option<String>,
     /// Hash of the whole run (events and transmitted bytes), hex.
     pub trace_hash: String,
@@ -604,7 +607,12 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim) -> Report {
         }
     }
     if failed_phase.is_none() && agreement.0.is_none() {
-        failed_phase = Some("trigger");
+        failed_phase = Some(match cfg.scenario {
+            Scenario::ColdBoot => "boot",
+            Scenario::KillLeader => "after-crash",
+            Scenario::PartitionHeal => "after-heal",
+            Scenario::Churn => "after-churn",
+        });
     }
     if agreement.0.is_some() {
         r.sim.watch_terms(true);
