@@ -200,6 +200,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let tcp = TcpListener::bind(settings.bind)
         .await
         .with_context(|| format!("binding flock TCP {} (push-pull streams)", settings.bind))?;
+    // Every listener is bound before the node shows itself to the flock: a port in use fails
+    // the start without a join-then-vanish.
+    let http_listener = match settings.http {
+        Some(http) => Some(
+            TcpListener::bind(http)
+                .await
+                .with_context(|| format!("binding HTTP {http}"))?,
+        ),
+        None => None,
+    };
     let identity = Identity { id, boot, addr };
     let clock = tokio::time::Instant::now();
     let flock = Flock::new(
@@ -237,10 +247,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         start,
     };
     let mut http_task = None;
-    if let Some(http) = settings.http {
-        let listener = TcpListener::bind(http)
-            .await
-            .with_context(|| format!("binding HTTP {http}"))?;
+    if let (Some(http), Some(listener)) = (settings.http, http_listener) {
         info!(%http, "HTTP /metrics and /ready listening");
         http_task = Some(tokio::spawn(crate::http::serve(
             listener,
