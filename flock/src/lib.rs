@@ -35,7 +35,8 @@ pub mod driver;
 
 pub use crate::config::{AddressSpace, Config, ConfigError, Preset, Timing};
 pub use crate::core::{
-    Command, DropReason, Event, Flock, Identity, LeaderView, Member, Stats, Transmit, TransmitKind,
+    Command, DropReason, Event, Flock, Identity, LeaderView, Member, SecurityTiming, Stats,
+    Transmit, TransmitKind, TRANSIENT_KEYS_MAX,
 };
 pub use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId};
 

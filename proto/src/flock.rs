@@ -230,6 +230,23 @@ pub enum Update {
     },
     /// A leader claim or beat.
     Leader(LeaderClaim),
+    /// A transient key of the flock led by `leader` (a rotation, or a merge spreading the
+    /// winning flock's key). Only ever sent sealed under a transient key.
+    Key {
+        /// The leader that made the key.
+        leader: NodeId,
+        /// Its epoch (the header key id of datagrams sealed under it).
+        epoch: u32,
+        /// The key.
+        key: [u8; 32],
+    },
+    /// A secondary-keyring change (install / use / remove), spread to every member.
+    Keyring {
+        /// Operation code: 0 install, 1 use, 2 remove.
+        op: u8,
+        /// The secondary key it is about.
+        key: [u8; 32],
+    },
 }
 
 /// Body of a flock datagram.
@@ -491,6 +508,14 @@ mod tests {
                 incarnation: n
             }),
             arb_claim().prop_map(Update::Leader),
+            (any::<u64>(), any::<u32>(), any::<[u8; 32]>()).prop_map(|(l, epoch, key)| {
+                Update::Key {
+                    leader: NodeId(l),
+                    epoch,
+                    key,
+                }
+            }),
+            (any::<u8>(), any::<[u8; 32]>()).prop_map(|(op, key)| Update::Keyring { op, key }),
         ]
     }
 

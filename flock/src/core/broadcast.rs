@@ -15,8 +15,7 @@ use crux_proto::flock::{update_len, NodeId, Update};
 pub(crate) enum Subject {
     Member(NodeId),
     Leader,
-    /// Security messages (key announcements) use their own subjects.
-    #[allow(dead_code)]
+    /// Security messages (key announcements, keyring changes) use their own subjects.
     Other(u64),
 }
 
@@ -27,6 +26,14 @@ fn subject_of(update: &Update) -> Subject {
             Subject::Member(*id)
         }
         Update::Leader(_) => Subject::Leader,
+        Update::Key { epoch, .. } => Subject::Other(*epoch as u64),
+        Update::Keyring { op, key } => {
+            let mut h = *op as u64;
+            for chunk in key.chunks(8) {
+                h = h.rotate_left(17) ^ u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            }
+            Subject::Other(h | 1 << 63)
+        }
     }
 }
 

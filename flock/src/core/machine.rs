@@ -16,12 +16,14 @@ use tracing::{debug, trace};
 
 use super::broadcast::Broadcasts;
 use super::idset::IdSet;
+use super::secure::{decode_claim, encode_claim, Opened as SecOpened, Sec, SecurityTiming};
 use super::FastMap;
 use super::{
     is_live, Command, DropReason, Event, Identity, LeaderView, Member, Outbox, Stats, Transmit,
     TransmitKind,
 };
 use crate::config::{bloc_tag, Config, ConfigError, PUSH_PULL_SCALE_MEMBERS};
+use crate::crypto::{Joined, Keyring, KeyringOp, Purpose, SecretKey};
 
 /// Bytes reserved in every datagram for the security envelope (nonce + tag).
 pub(crate) const ENVELOPE_OVERHEAD: usize = 24 + 16;
@@ -75,6 +77,17 @@ struct Probe {
     leader_check: bool,
 }
 
+/// What [`Flock::open`] found.
+enum Opened {
+    Flock(Header, Vec<u8>),
+    Request {
+        request: Header,
+        context: Vec<u8>,
+        reply: Vec<u8>,
+    },
+    Joined(Joined),
+}
+
 struct Relay {
     requester: SocketAddr,
     seq: u32,
@@ -120,13 +133,67 @@ pub struct Flock {
     leaving: bool,
     left: bool,
     refute_pending: bool,
+    /// Security state (None: plain datagrams, for tests of the protocol alone).
+    sec: Option<Sec>,
+    /// A member sealed under a key we do not hold (ask for keys at the next check).
+    key_hint: bool,
+    /// Key epoch each peer address last sealed with.
+    peer_epoch: FastMap<SocketAddr, u32>,
+    /// Time of the input being handled.
+    now: Duration,
     counter: u64,
     stats: Stats,
     out: Outbox,
 }
 
 impl Flock {
-    /// A node that knows nobody yet. It starts probing at once.
+    /// A node with security on: every datagram sealed, discovery by join handshake under the
+    /// keyring's primary key, transient keys rotated by the leader. `rng_seed` must come from a
+    /// cryptographically secure source (the agent draws it from the OS); the simulator derives it
+    /// from its seed.
+    pub fn new_secure(
+        config: Config,
+        identity: Identity,
+        keyring: Keyring,
+        security: SecurityTiming,
+        rng_seed: [u8; 32],
+        now: Duration,
+    ) -> Result<Flock, ConfigError> {
+        let mut flock = Flock::new(config, identity, 0, now)?;
+        flock.rng = ChaCha8Rng::from_seed(rng_seed);
+        flock.sec = Some(Sec::new(
+            &flock.config.bloc,
+            flock.config.mtu,
+            keyring,
+            security,
+            identity.id,
+            identity.boot,
+        ));
+        Ok(flock)
+    }
+
+    /// Whether datagrams are sealed (a node built with [`Flock::new_secure`]).
+    pub fn is_secure(&self) -> bool {
+        self.sec.is_some()
+    }
+
+    /// The transient key epoch this node seals with (None: no key yet, or security off).
+    pub fn key_epoch(&self) -> Option<u32> {
+        self.sec.as_ref()?.own_epoch(self.now)
+    }
+
+    /// Transient key epochs held, oldest first.
+    pub fn key_epochs(&self) -> Vec<u32> {
+        self.sec.as_ref().map(|s| s.epochs()).unwrap_or_default()
+    }
+
+    /// The secondary keyring (None with security off).
+    pub fn keyring(&self) -> Option<&Keyring> {
+        self.sec.as_ref().map(|s| &s.keyring)
+    }
+
+    /// A node that knows nobody yet, sending plain (unsealed) datagrams: for tests of the protocol
+    /// alone. Agents use [`Flock::new_secure`]. It starts probing at once.
     pub fn new(
         config: Config,
         identity: Identity,
@@ -178,6 +245,10 @@ impl Flock {
             leaving: false,
             left: false,
             refute_pending: false,
+            sec: None,
+            key_hint: false,
+            peer_epoch: FastMap::default(),
+            now,
             counter: 0,
             stats: Stats::default(),
             out: Outbox::default(),
@@ -288,6 +359,7 @@ impl Flock {
 
     /// A command from the application.
     pub fn handle_command(&mut self, now: Duration, cmd: Command) {
+        self.now = now;
         if self.left {
             return;
         }
@@ -300,11 +372,13 @@ impl Flock {
                 }
             }
             Command::Leave => self.start_leave(now),
+            Command::Keyring(op) => self.keyring_op(op, true),
         }
     }
 
     /// Runs every timer that is due.
     pub fn handle_timeout(&mut self, now: Duration) {
+        self.now = now;
         while let Some(Reverse((at, _, timer))) = self.timers.peek().copied() {
             if at > now || self.left {
                 break;
@@ -318,13 +392,30 @@ impl Flock {
     pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
         self.stats.datagrams_in += 1;
         self.stats.bytes_in += bytes.len() as u64;
+        self.now = now;
         if bytes.len() > self.config.mtu {
             self.stats.drop(DropReason::Oversized);
             return;
         }
-        let (header, body) = match self.open(bytes) {
-            Ok(v) => v,
+        let (header, body) = match self.open(from, bytes, false) {
+            Ok(Opened::Flock(header, body)) => (header, body),
+            Ok(Opened::Request {
+                request,
+                context,
+                reply,
+            }) => {
+                self.on_handshake_request(now, from, request, context, reply);
+                return;
+            }
+            Ok(Opened::Joined(joined)) => {
+                self.on_joined(now, from, joined);
+                return;
+            }
             Err(reason) => {
+                if reason == DropReason::UnknownKey && self.by_addr.contains_key(&from) {
+                    // A member seals under a key we do not hold: we probably missed a rotation.
+                    self.key_hint = true;
+                }
                 self.stats.drop(reason);
                 return;
             }
@@ -333,6 +424,7 @@ impl Flock {
             self.stats.drop(DropReason::Unexpected);
             return;
         }
+        self.note_peer_epoch(from, &header);
         let msg = match decode_message(&body) {
             Ok(m) => m,
             Err(e) => {
@@ -351,6 +443,7 @@ impl Flock {
         from: SocketAddr,
         bytes: &[u8],
     ) -> Option<Vec<u8>> {
+        self.now = now;
         let pp = self.open_stream(from, bytes)?;
         let (sender, pp) = pp;
         let reply = !pp.reply;
@@ -360,8 +453,11 @@ impl Flock {
         if reply && !self.left {
             let frame = StreamFrame::PushPull(self.build_push_pull(true, false));
             let body = encode_frame(&frame);
+            // Answer under the key the request came in (the stream's source port is not the
+            // peer's flock address, so look the sender up).
+            let to = self.member(sender).map(|m| m.info.addr).unwrap_or(from);
+            let sealed = self.seal(to, &body)?;
             self.stats.streams_out += 1;
-            let sealed = self.seal(Kind::Flock, &body);
             self.stats.stream_bytes_out += sealed.len() as u64;
             Some(sealed)
         } else {
@@ -371,6 +467,7 @@ impl Flock {
 
     /// The reply to a stream request this node made to `from`.
     pub fn handle_stream_reply(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
+        self.now = now;
         if let Some((sender, pp)) = self.open_stream(from, bytes) {
             self.refute_pending = false;
             self.on_push_pull(now, sender, pp);
@@ -385,23 +482,70 @@ impl Flock {
 
     // ----- envelope seam -------------------------------------------------------------------
 
-    fn seal(&mut self, kind: Kind, body: &[u8]) -> Vec<u8> {
+    /// Seals a body for `to`; None when this node holds no key to seal with (it must join).
+    fn seal(&mut self, to: SocketAddr, body: &[u8]) -> Option<Vec<u8>> {
         self.counter += 1;
-        let header = Header {
-            kind,
-            bloc_tag: self.bloc_tag,
-            key_id: 0,
-            sender: self.me.id,
-            boot: self.me.boot,
-            counter: self.counter,
+        let mut out = Vec::with_capacity(HEADER_BYTES + ENVELOPE_OVERHEAD + body.len());
+        let Some(sec) = self.sec.as_mut() else {
+            let header = Header {
+                kind: Kind::Flock,
+                bloc_tag: self.bloc_tag,
+                key_id: 0,
+                sender: self.me.id,
+                boot: self.me.boot,
+                counter: self.counter,
+            };
+            header.write(&mut out);
+            out.extend_from_slice(body);
+            return Some(out);
         };
-        let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
-        header.write(&mut out);
-        out.extend_from_slice(body);
-        out
+        let dest_epoch = self.peer_epoch.get(&to).copied();
+        if sec.seal(
+            self.now,
+            self.counter,
+            dest_epoch,
+            body,
+            &mut self.rng,
+            &mut out,
+        ) {
+            Some(out)
+        } else {
+            self.stats.unsealed += 1;
+            None
+        }
     }
 
-    fn open(&mut self, bytes: &[u8]) -> Result<(Header, Vec<u8>), DropReason> {
+    /// Opens a flock datagram or frame (plain mode: header checks only).
+    fn open(&mut self, from: SocketAddr, bytes: &[u8], frame: bool) -> Result<Opened, DropReason> {
+        if let Some(sec) = self.sec.as_mut() {
+            let mut out = Vec::new();
+            if frame {
+                let header = sec.open_frame(self.now, bytes, &mut out)?;
+                return Ok(Opened::Flock(header, out));
+            }
+            let context = encode_claim(self.leader.as_ref());
+            return match sec.open_datagram(
+                self.now,
+                from.ip(),
+                bytes,
+                &mut self.counter,
+                &context,
+                &mut self.rng,
+                &mut out,
+            )? {
+                SecOpened::Flock(header) => Ok(Opened::Flock(header, out)),
+                SecOpened::Request {
+                    request,
+                    context,
+                    reply,
+                } => Ok(Opened::Request {
+                    request,
+                    context,
+                    reply,
+                }),
+                SecOpened::Joined(joined) => Ok(Opened::Joined(joined)),
+            };
+        }
         let (header, rest) = Header::parse(bytes).map_err(|e| match e {
             DecodeError::Truncated => DropReason::Truncated,
             _ => DropReason::BadMagic,
@@ -415,7 +559,17 @@ impl Flock {
         if header.kind != Kind::Flock {
             return Err(DropReason::Unexpected);
         }
-        Ok((header, rest.to_vec()))
+        Ok(Opened::Flock(header, rest.to_vec()))
+    }
+
+    /// Remembers which key a peer seals with, so that we answer under the same key.
+    fn note_peer_epoch(&mut self, from: SocketAddr, header: &Header) {
+        if self.sec.is_some() {
+            if self.peer_epoch.len() >= self.config.members_max {
+                self.peer_epoch.clear();
+            }
+            self.peer_epoch.insert(from, header.key_id);
+        }
     }
 
     fn open_stream(&mut self, from: SocketAddr, bytes: &[u8]) -> Option<(NodeId, PushPull)> {
@@ -425,8 +579,12 @@ impl Flock {
             self.stats.drop(DropReason::Oversized);
             return None;
         }
-        let (header, body) = match self.open(bytes) {
-            Ok(v) => v,
+        let (header, body) = match self.open(from, bytes, true) {
+            Ok(Opened::Flock(header, body)) => (header, body),
+            Ok(_) => {
+                self.stats.drop(DropReason::Malformed);
+                return None;
+            }
             Err(reason) => {
                 self.stats.drop(reason);
                 return None;
@@ -458,7 +616,9 @@ impl Flock {
             body.len() <= self.body_budget(),
             "datagram over MTU: {msg:?}"
         );
-        let payload = self.seal(Kind::Flock, &body);
+        let Some(payload) = self.seal(to, &body) else {
+            return;
+        };
         self.stats.datagrams_out += 1;
         self.stats.bytes_out += payload.len() as u64;
         self.out.transmits.push_back(Transmit {
@@ -760,8 +920,235 @@ impl Flock {
         self.send_with_updates(addr, msg);
     }
 
+    /// Probes an address that is not a known member. With security on, that is a join
+    /// handshake (sealed under the secondary key): it works before we hold any transient key,
+    /// and it reaches flocks that formed apart under other transient keys.
     fn send_discovery_ping(&mut self, addr: SocketAddr) {
-        self.send_ping(addr, None);
+        if self.sec.is_some() {
+            self.send_handshake(addr, Purpose::Join);
+        } else {
+            self.send_ping(addr, None);
+        }
+    }
+
+    fn send_handshake(&mut self, addr: SocketAddr, purpose: Purpose) {
+        let context = encode_claim(self.leader.as_ref());
+        let now = self.now;
+        self.counter += 1;
+        let counter = self.counter;
+        let Some(sec) = self.sec.as_mut() else {
+            return;
+        };
+        let request = sec.start_handshake(now, counter, purpose, &context, &mut self.rng);
+        self.stats.handshakes_sent += 1;
+        self.stats.datagrams_out += 1;
+        self.stats.bytes_out += request.len() as u64;
+        self.out.transmits.push_back(Transmit {
+            to: addr,
+            kind: TransmitKind::Datagram,
+            payload: request,
+        });
+    }
+
+    /// We answered a handshake. A joiner from a flock that should win a merge makes us ask it
+    /// for its keys in turn, so that both sides of a merge learn each other's keys.
+    fn on_handshake_request(
+        &mut self,
+        _now: Duration,
+        from: SocketAddr,
+        request: Header,
+        context: Vec<u8>,
+        reply: Vec<u8>,
+    ) {
+        self.stats.handshakes_answered += 1;
+        self.stats.datagrams_out += 1;
+        self.stats.bytes_out += reply.len() as u64;
+        self.out.transmits.push_back(Transmit {
+            to: from,
+            kind: TransmitKind::Datagram,
+            payload: reply,
+        });
+        let theirs = decode_claim(&context);
+        let better = match (theirs, self.leader) {
+            (Some(t), Some(ours)) => t.leader != ours.leader && t.precedence() > ours.precedence(),
+            (Some(_), None) => true,
+            _ => false,
+        };
+        let idle = self.sec.as_ref().is_some_and(|s| {
+            s.pending
+                .as_ref()
+                .is_none_or(|p| self.now >= p.started + self.config.timing.probe_timeout)
+        });
+        if better && idle && !self.leaving && request.sender != self.me.id {
+            self.send_handshake(from, Purpose::Join);
+        }
+    }
+
+    /// Our handshake was answered: we hold the responder's keys now.
+    fn on_joined(&mut self, now: Duration, from: SocketAddr, joined: Joined) {
+        self.stats.joins += 1;
+        let responder = joined.header.sender;
+        let theirs = decode_claim(&joined.context);
+        let tag = theirs.map(|c| c.leader).unwrap_or(responder);
+        let current = joined.keys.current.epoch;
+        let Some(sec) = self.sec.as_mut() else {
+            return;
+        };
+        if let Some(prev) = &joined.keys.previous {
+            sec.install(prev.epoch, prev.key.clone(), tag, now);
+        }
+        let new_key = sec.install(current, joined.keys.current.key.clone(), tag, now);
+        let ours = self.leader;
+        let switch = if sec.needs_key(now) {
+            true
+        } else if sec.own_epoch(now) == Some(current) {
+            false
+        } else {
+            match (theirs, ours) {
+                (Some(t), Some(o)) => t.leader != o.leader && t.precedence() > o.precedence(),
+                (Some(_), None) => true,
+                (None, _) => false,
+            }
+        };
+        if switch {
+            sec.set_own(current);
+        }
+        if switch || new_key {
+            // Spread the key so that the rest of our flock can talk to the other side (a merge)
+            // or, after a switch, follow us to the winning flock.
+            let key = *joined.keys.current.key.as_bytes();
+            self.broadcasts.push(Update::Key {
+                leader: tag,
+                epoch: current,
+                key,
+            });
+        }
+        if self.peer_epoch.len() >= self.config.members_max {
+            self.peer_epoch.clear();
+        }
+        self.peer_epoch.insert(from, current);
+        if let Some(claim) = theirs {
+            self.max_term = self.max_term.max(claim.term);
+        }
+        if !self.leaving {
+            self.start_push_pull(from, true);
+        }
+    }
+
+    /// A member that holds no fresh key (missed rotations, partitioned, new) asks a member for
+    /// it through the handshake, at most once per probe interval.
+    fn request_key_if_needed(&mut self, now: Duration) {
+        let Some(sec) = self.sec.as_ref() else {
+            return;
+        };
+        let hinted = std::mem::take(&mut self.key_hint);
+        if !(sec.needs_key(now) || hinted) || self.live.is_empty() || self.leaving {
+            return;
+        }
+        let busy = sec
+            .pending
+            .as_ref()
+            .is_some_and(|p| now < p.started + self.config.timing.probe_interval);
+        if busy {
+            return;
+        }
+        if let Some(id) = self.live.choose(&mut self.rng) {
+            let addr = self.members[&id].member.info.addr;
+            self.stats.key_requests += 1;
+            self.send_handshake(addr, Purpose::KeyRequest);
+        }
+    }
+
+    /// Leader: rotate the transient key when due, and announce it under the current one.
+    fn rotate_if_leader(&mut self, now: Duration) {
+        if !self.leader.is_some_and(|c| c.leader == self.me.id) || self.leaving {
+            return;
+        }
+        let me = self.me.id;
+        let Some(sec) = self.sec.as_mut() else {
+            return;
+        };
+        if let Some(epoch) = sec.rotate_if_due(now, me, &mut self.rng) {
+            let key = sec.key_bytes(epoch).expect("just made");
+            self.stats.rotations += 1;
+            debug!(epoch, "transient key rotated");
+            self.broadcasts.push(Update::Key {
+                leader: me,
+                epoch,
+                key,
+            });
+            self.gossip_round();
+        }
+    }
+
+    /// A transient key spread by gossip (rotation or merge).
+    fn apply_key(&mut self, now: Duration, leader: NodeId, epoch: u32, key: [u8; 32]) {
+        let following = self.leader.map(|c| c.leader);
+        let Some(sec) = self.sec.as_mut() else {
+            return;
+        };
+        let new = sec.install(epoch, SecretKey::from_bytes(key), leader, now);
+        if !new {
+            return;
+        }
+        if following == Some(leader) || sec.needs_key(now) {
+            if let Some(newest) = sec.newest_of(leader, now) {
+                sec.set_own(newest);
+            }
+        }
+        self.broadcasts.push(Update::Key { leader, epoch, key });
+    }
+
+    /// A keyring change, from the operator (`local`) or spread by the flock.
+    fn keyring_op(&mut self, op: KeyringOp, local: bool) {
+        let Some(sec) = self.sec.as_mut() else {
+            return;
+        };
+        // "use" of a key not installed yet installs it first (gossip may reorder the steps).
+        if let KeyringOp::Use(k) = &op {
+            if !sec.keyring.contains(k) {
+                let _ = sec.keyring.apply(&KeyringOp::Install(k.clone()));
+            }
+        }
+        match sec.keyring.apply(&op) {
+            Ok(changed) => {
+                let (code, key) = match &op {
+                    KeyringOp::Install(k) => (0u8, *k.as_bytes()),
+                    KeyringOp::Use(k) => (1, *k.as_bytes()),
+                    KeyringOp::Remove(k) => (2, *k.as_bytes()),
+                };
+                if changed || local {
+                    let update = Update::Keyring { op: code, key };
+                    self.broadcasts.push(update);
+                    if local {
+                        // An operator's change goes to every live member at once (as Serf's key
+                        // queries do); gossip and the retransmissions cover losses.
+                        let targets: Vec<SocketAddr> = self
+                            .live
+                            .iter()
+                            .map(|id| self.members[&id].member.info.addr)
+                            .collect();
+                        for to in targets {
+                            self.send(
+                                to,
+                                &Message::Gossip {
+                                    updates: vec![update],
+                                },
+                            );
+                        }
+                    }
+                }
+                if changed {
+                    self.out.events.push_back(Event::KeyringChanged);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, local, "keyring change refused");
+                self.out
+                    .events
+                    .push_back(Event::KeyringRefused(e.to_string()));
+            }
+        }
     }
 
     fn discovery_round(&mut self, alone: bool) {
@@ -861,7 +1248,9 @@ impl Flock {
             unreachable!("built above")
         };
         let body = encode_frame(&StreamFrame::PushPull(pp));
-        let payload = self.seal(Kind::Flock, &body);
+        let Some(payload) = self.seal(addr, &body) else {
+            return;
+        };
         self.stats.streams_out += 1;
         self.stats.stream_bytes_out += payload.len() as u64;
         self.out.transmits.push_back(Transmit {
@@ -1117,6 +1506,17 @@ impl Flock {
                     incarnation,
                 } => self.apply_left(now, id, boot, incarnation),
                 Update::Leader(claim) => self.apply_claim(now, claim),
+                Update::Key { leader, epoch, key } => self.apply_key(now, leader, epoch, key),
+                Update::Keyring { op, key } => {
+                    let key = SecretKey::from_bytes(key);
+                    let op = match op {
+                        0 => KeyringOp::Install(key),
+                        1 => KeyringOp::Use(key),
+                        2 => KeyringOp::Remove(key),
+                        _ => continue,
+                    };
+                    self.keyring_op(op, false);
+                }
             }
         }
     }
@@ -1427,6 +1827,9 @@ impl Flock {
     }
 
     fn reap(&mut self, now: Duration) {
+        if let Some(sec) = self.sec.as_mut() {
+            sec.forget_expired(now);
+        }
         let after = self.config.timing.reap_after;
         let expired: Vec<NodeId> = self
             .members
@@ -1544,6 +1947,7 @@ impl Flock {
             _ => {
                 let was_me = self.leader.is_some_and(|c| c.leader == self.me.id);
                 self.leader = Some(claim);
+                self.follow_leader_key(now, claim.leader);
                 self.last_beat = now;
                 self.broadcasts.push(Update::Leader(claim));
                 debug!(leader = %claim.leader, term = claim.term, stepped_down = was_me, "new leader");
@@ -1566,6 +1970,8 @@ impl Flock {
     }
 
     fn check_leader(&mut self, now: Duration) {
+        self.request_key_if_needed(now);
+        self.rotate_if_leader(now);
         let t = self.config.timing.clone();
         // Leader liveness: no fresh beat for a while → probe the leader ourselves.
         if let Some(claim) = self.leader {
@@ -1604,6 +2010,21 @@ impl Flock {
         self.claim(now, solo);
     }
 
+    /// After adopting a leader: seal with its newest key if we hold one, and spread that key
+    /// with the claim (a merge: the losing side learns the winner's key this way).
+    fn follow_leader_key(&mut self, now: Duration, leader: NodeId) {
+        let Some(sec) = self.sec.as_mut() else {
+            return;
+        };
+        if let Some(epoch) = sec.newest_of(leader, now) {
+            if sec.own_epoch(now) != Some(epoch) {
+                sec.set_own(epoch);
+                let key = sec.key_bytes(epoch).expect("held");
+                self.broadcasts.push(Update::Key { leader, epoch, key });
+            }
+        }
+    }
+
     fn claim(&mut self, now: Duration, solo: bool) {
         let term = self.max_term + 1;
         self.max_term = term;
@@ -1625,6 +2046,7 @@ impl Flock {
         self.gossip_round();
         let beat = self.config.timing.leader_beat_interval;
         self.schedule(now + beat, Timer::Beat { term });
+        self.rotate_if_leader(now);
     }
 }
 

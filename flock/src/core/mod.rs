@@ -9,10 +9,12 @@ use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId};
 mod broadcast;
 mod idset;
 mod machine;
+mod secure;
 #[cfg(test)]
 mod tests;
 
 pub use machine::Flock;
+pub use secure::{SecurityTiming, TRANSIENT_KEYS_MAX};
 
 /// Who this node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +68,10 @@ pub enum Event {
     LeaderChanged(Option<LeaderView>),
     /// A graceful leave has been gossiped; the driver may close its socket.
     LeaveComplete,
+    /// The secondary keyring changed (here or spread by the flock): the agent saves it.
+    KeyringChanged,
+    /// A keyring change was refused (the reason, e.g. removing the primary key).
+    KeyringRefused(String),
 }
 
 /// Commands from the application.
@@ -75,6 +81,8 @@ pub enum Command {
     Join(Vec<SocketAddr>),
     /// Leave gracefully: announce it, then report [`Event::LeaveComplete`].
     Leave,
+    /// Change the secondary keyring here and spread the change to every member.
+    Keyring(crate::crypto::KeyringOp),
 }
 
 /// The leader as this node sees it.
@@ -202,6 +210,18 @@ pub struct Stats {
     pub refutations: u64,
     /// Leader claims this node made.
     pub claims: u64,
+    /// Handshakes (join or key requests) this node started.
+    pub handshakes_sent: u64,
+    /// Handshakes this node answered.
+    pub handshakes_answered: u64,
+    /// Handshakes of ours that were answered (keys received).
+    pub joins: u64,
+    /// Key requests (a member that missed rotations asking again).
+    pub key_requests: u64,
+    /// Transient keys this node made as leader.
+    pub rotations: u64,
+    /// Datagrams not sent for want of a key to seal them with.
+    pub unsealed: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 

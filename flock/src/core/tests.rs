@@ -169,6 +169,33 @@ fn suspicion_of_self_is_refuted_with_higher_incarnation() {
     assert_eq!(f.stats().refutations, 1);
 }
 
+fn secure_node(i: u8, space: &str, keyring: &crate::crypto::Keyring) -> Flock {
+    let id = Identity {
+        id: NodeId(i as u64 * 1000),
+        boot: crate::boot_id(1, i as u16),
+        addr: addr(i),
+    };
+    let timing = SecurityTiming {
+        rotation_min: Duration::from_secs(3),
+        rotation_max: Duration::from_secs(6),
+    };
+    let mut seed = [0u8; 32];
+    seed[0] = i;
+    Flock::new_secure(
+        config(space),
+        id,
+        keyring.clone(),
+        timing,
+        seed,
+        Duration::ZERO,
+    )
+    .unwrap()
+}
+
+fn test_keyring(b: u8) -> crate::crypto::Keyring {
+    crate::crypto::Keyring::new(crate::crypto::SecretKey::from_bytes([b; 32]))
+}
+
 /// Lossless, zero-latency network of nodes driven in virtual time.
 struct Harness {
     nodes: Vec<Option<Flock>>,
@@ -180,6 +207,17 @@ impl Harness {
         let space = format!("127.0.0.2-127.0.0.{}", n + 1);
         Harness {
             nodes: (2..n + 2).map(|i| Some(node(i, &space))).collect(),
+            now: Duration::ZERO,
+        }
+    }
+
+    fn secure(n: u8) -> Harness {
+        let space = format!("127.0.0.2-127.0.0.{}", n + 1);
+        let ring = test_keyring(7);
+        Harness {
+            nodes: (2..n + 2)
+                .map(|i| Some(secure_node(i, &space, &ring)))
+                .collect(),
             now: Duration::ZERO,
         }
     }
@@ -381,4 +419,169 @@ fn suspicion_timeout_follows_lifeguard() {
     // The leader: min 500 ms after 3 confirmations.
     assert_eq!(suspicion_timeout(&c, 1000, true, 3), t.leader_suspicion_min);
     assert!(suspicion_timeout(&c, 1000, true, 1) > t.leader_suspicion_min);
+}
+
+#[test]
+fn secure_nodes_join_by_handshake_share_one_key_and_follow_rotations() {
+    let mut h = Harness::secure(5);
+    h.run_for(Duration::from_secs(5));
+    assert_eq!(h.agreed_leader(), Some(NodeId(2000)));
+    let leader_epochs = |h: &Harness| {
+        let l = h.live().find(|f| f.identity().id == NodeId(2000)).unwrap();
+        (l.key_epoch().unwrap(), l.key_epochs())
+    };
+    let (epoch, held) = leader_epochs(&h);
+    for f in h.live() {
+        // Everyone seals with the leader's current key, or its previous one while the
+        // announcement of a rotation is on its way.
+        assert!(held.contains(&f.key_epoch().unwrap()));
+        assert!(f.key_epochs().contains(&epoch));
+        assert!(f.stats().joins >= 1 || f.stats().rotations >= 1);
+    }
+    // Several rotation periods later everyone follows the leader's newest key, and nobody died.
+    h.run_for(Duration::from_secs(30));
+    let leader = h.live().find(|f| f.identity().id == NodeId(2000)).unwrap();
+    assert!(
+        leader.stats().rotations >= 5,
+        "rotations: {}",
+        leader.stats().rotations
+    );
+    // Within a second of any rotation, everyone holds the leader's newest key.
+    let mut waited = Duration::ZERO;
+    while !h
+        .live()
+        .all(|f| f.key_epochs().contains(&leader_epochs(&h).0))
+    {
+        assert!(
+            waited < Duration::from_secs(1),
+            "a rotation did not reach everyone"
+        );
+        h.run_for(Duration::from_millis(100));
+        waited += Duration::from_millis(100);
+    }
+    let (newest, held) = leader_epochs(&h);
+    assert_ne!(newest, epoch);
+    for f in h.live() {
+        assert!(held.contains(&f.key_epoch().unwrap()));
+        assert_eq!(f.live_count(), 5);
+        assert!(f.key_epochs().len() <= 2, "{:?}", f.key_epochs());
+    }
+}
+
+#[test]
+fn secure_nodes_of_another_bloc_or_key_never_merge() {
+    let space = "127.0.0.2-127.0.0.5";
+    let ring = test_keyring(7);
+    let other = test_keyring(8);
+    let mut nodes = vec![
+        Some(secure_node(2, space, &ring)),
+        Some(secure_node(3, space, &ring)),
+        Some(secure_node(4, space, &other)),
+    ];
+    // Same secondary key but another bloc.
+    let id = Identity {
+        id: NodeId(5000),
+        boot: crate::boot_id(1, 5),
+        addr: addr(5),
+    };
+    let mut cfg = config(space);
+    cfg.bloc = "another-bloc".into();
+    nodes.push(Some(
+        Flock::new_secure(
+            cfg,
+            id,
+            ring.clone(),
+            SecurityTiming::default(),
+            [5; 32],
+            Duration::ZERO,
+        )
+        .unwrap(),
+    ));
+    let mut h = Harness {
+        nodes,
+        now: Duration::ZERO,
+    };
+    h.run_for(Duration::from_secs(10));
+    let n = |i: usize| h.nodes[i].as_ref().unwrap();
+    assert_eq!(n(0).live_count(), 2);
+    assert_eq!(n(1).live_count(), 2);
+    assert_eq!(n(2).live_count(), 1);
+    assert_eq!(n(3).live_count(), 1);
+    assert!(n(2).stats().dropped_total() > 0);
+    assert!(n(3).stats().dropped(DropReason::WrongBloc) > 0);
+}
+
+#[test]
+fn secure_flocks_formed_apart_merge_into_one_with_one_key() {
+    // Two flocks form alone (each with its own transient key), then learn of each other.
+    let space = "127.0.0.2-127.0.0.7";
+    let ring = test_keyring(7);
+    let mut a = Harness {
+        nodes: (2..5)
+            .map(|i| Some(secure_node(i, "127.0.0.2-127.0.0.4", &ring)))
+            .collect(),
+        now: Duration::ZERO,
+    };
+    let mut b = Harness {
+        nodes: (5..8)
+            .map(|i| Some(secure_node(i, "127.0.0.5-127.0.0.7", &ring)))
+            .collect(),
+        now: Duration::ZERO,
+    };
+    a.run_for(Duration::from_secs(5));
+    b.run_for(Duration::from_secs(5));
+    assert!(a.agreed_leader().is_some() && b.agreed_leader().is_some());
+    let mut h = Harness {
+        nodes: a.nodes.into_iter().chain(b.nodes).collect(),
+        now: a.now,
+    };
+    let now = h.now;
+    // Point one node of each side at the other side.
+    h.nodes[5]
+        .as_mut()
+        .unwrap()
+        .handle_command(now, Command::Join(vec![addr(2)]));
+    h.run_for(Duration::from_secs(15));
+    assert_eq!(h.agreed_leader(), Some(NodeId(2000)));
+    let epoch = h.nodes[0].as_ref().unwrap().key_epoch().unwrap();
+    let held = h.nodes[0].as_ref().unwrap().key_epochs();
+    for f in h.live() {
+        assert_eq!(f.live_count(), 6);
+        assert!(held.contains(&f.key_epoch().unwrap()));
+        assert!(f.key_epochs().contains(&epoch));
+        assert!(f.members().all(|m| m.info.state == MemberState::Alive));
+    }
+    let _ = space;
+}
+
+#[test]
+fn keyring_changes_spread_to_every_member() {
+    let mut h = Harness::secure(4);
+    h.run_for(Duration::from_secs(5));
+    let new_key = crate::crypto::SecretKey::from_bytes([9; 32]);
+    let now = h.now;
+    let op = crate::crypto::KeyringOp::Install(new_key.clone());
+    h.nodes[1]
+        .as_mut()
+        .unwrap()
+        .handle_command(now, Command::Keyring(op));
+    h.run_for(Duration::from_secs(3));
+    let op = crate::crypto::KeyringOp::Use(new_key.clone());
+    h.nodes[2]
+        .as_mut()
+        .unwrap()
+        .handle_command(h.now, Command::Keyring(op));
+    h.run_for(Duration::from_secs(3));
+    let old = test_keyring(7).primary().clone();
+    h.nodes[3].as_mut().unwrap().handle_command(
+        h.now,
+        Command::Keyring(crate::crypto::KeyringOp::Remove(old.clone())),
+    );
+    h.run_for(Duration::from_secs(3));
+    for f in h.live() {
+        let ring = f.keyring().unwrap();
+        assert_eq!(ring.primary(), &new_key);
+        assert!(!ring.contains(&old));
+        assert_eq!(f.live_count(), 4);
+    }
 }

@@ -376,6 +376,22 @@ pub fn respond<R: RngCore + CryptoRng>(
     context: &[u8],
     rng: &mut R,
 ) -> Result<Response, HandshakeError> {
+    let keys = transient.join_keys(now);
+    respond_with(keyring, bloc, request, keys.as_ref(), origin, context, rng)
+}
+
+/// [`respond`] with the transient keys to hand out given directly (`None`: this node holds no
+/// fresh key, and the answer is [`HandshakeError::NoTransientKey`] once the request checked out).
+/// The flock core keeps its own key set and answers through this.
+pub fn respond_with<R: RngCore + CryptoRng>(
+    keyring: &Keyring,
+    bloc: &Bloc,
+    request: &[u8],
+    keys: Option<&JoinKeys>,
+    origin: Origin,
+    context: &[u8],
+    rng: &mut R,
+) -> Result<Response, HandshakeError> {
     let header = check_handshake(request, REQUEST_BYTES, bloc)?;
     let (secondary, packet) = keyring
         .by_key_id(header.key_id, bloc)
@@ -391,9 +407,7 @@ pub fn respond<R: RngCore + CryptoRng>(
         1 => Purpose::KeyRequest,
         _ => return Err(OpenError::Malformed.into()),
     };
-    let keys = transient
-        .join_keys(now)
-        .ok_or(HandshakeError::NoTransientKey)?;
+    let keys = keys.ok_or(HandshakeError::NoTransientKey)?;
     let mut their = [0u8; PUBLIC_BYTES];
     their.copy_from_slice(&body[2..2 + PUBLIC_BYTES]);
     let ephemeral = StaticSecret::random_from_rng(&mut *rng);
@@ -412,7 +426,7 @@ pub fn respond<R: RngCore + CryptoRng>(
     reply_body[0] = TYPE_REPLY;
     reply_body[1..1 + PUBLIC_BYTES].copy_from_slice(public.as_bytes());
     let sealed = &mut reply_body[1 + PUBLIC_BYTES..];
-    encode_keys(&keys, &mut sealed[..KEYS_BYTES]);
+    encode_keys(keys, &mut sealed[..KEYS_BYTES]);
     put_context(context, &mut sealed[KEYS_BYTES..INNER_BYTES]);
     // The key k is used exactly once (e_r is fresh for every reply), so a fixed nonce is safe.
     let tag = key

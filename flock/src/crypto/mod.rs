@@ -120,7 +120,7 @@ pub use envelope::{
     MAX_SEALED_FRAME_BYTES, MIN_SEALED_BYTES, NONCE_BYTES, OVERHEAD, TAG_BYTES,
 };
 pub use handshake::{
-    respond, HandshakeError, HandshakeInitiator, Joined, Origin, Purpose, Response,
+    respond, respond_with, HandshakeError, HandshakeInitiator, Joined, Origin, Purpose, Response,
     MAX_CONTEXT_BYTES, REPLY_BYTES, REQUEST_BYTES,
 };
 pub use keyring::{

@@ -1,0 +1,551 @@
+//! The core's security state: the secondary keyring, the transient keys it holds, replay windows,
+//! the handshake rate limit and the handshake it waits on.
+//!
+//! Built from the primitives of [`crate::crypto`]. What the core adds is the *key set*: a node
+//! holds the transient keys of its own flock (the current one and the previous one, the leader
+//! rotating them) and, while two flocks merge, those of the other flock. Every key is tagged with
+//! the leader that made it and expires 1.5 × the longest rotation period after this node
+//! installed it. One key is this node's own sealing key (the newest key of the leader it
+//! follows); a datagram to a member that was last heard under another key we hold is sealed
+//! under that key instead, so that nodes that have not switched yet (a rotation announcement in
+//! flight, a flock merging) keep understanding each other. Opening tries exactly the one key the
+//! header's key id names.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crux_proto::flock::{BootId, Header, Kind, NodeId};
+use rand::{CryptoRng, Rng, RngCore};
+
+use crate::crypto::{
+    check, open, respond_with, seal, Bloc, HandshakeInitiator, JoinKeys, Joined, KeyAnnouncement,
+    Keyring, Origin, PacketKey, Purpose, RateLimiter, ReplayTable, SecretKey,
+    MAX_SEALED_FRAME_BYTES, REPLY_BYTES, REQUEST_BYTES,
+};
+use crate::DropReason;
+
+/// Most transient keys held at once (own flock: current and previous; a merging flock's two).
+pub const TRANSIENT_KEYS_MAX: usize = 4;
+/// Keys of one leader kept at once: its current and previous epoch.
+const KEYS_PER_LEADER: usize = 2;
+/// Replay windows kept.
+const REPLAY_SENDERS_MAX: usize = 16_384;
+/// Handshake sources rate-limited at once.
+const HANDSHAKE_SOURCES_MAX: usize = 4096;
+
+struct TransientKey {
+    epoch: u32,
+    key: SecretKey,
+    packet: PacketKey,
+    since: Duration,
+    leader: NodeId,
+}
+
+/// Security settings the core needs (from [`crate::Config::security`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecurityTiming {
+    /// Shortest period between two rotations of the transient key.
+    pub rotation_min: Duration,
+    /// Longest period; keys are accepted for 1.5 × this after they were installed.
+    pub rotation_max: Duration,
+}
+
+impl Default for SecurityTiming {
+    /// 30–60 s, as DESIGN.md.
+    fn default() -> Self {
+        SecurityTiming {
+            rotation_min: crate::crypto::ROTATION_MIN,
+            rotation_max: crate::crypto::ROTATION_MAX,
+        }
+    }
+}
+
+pub(crate) struct Pending {
+    initiator: HandshakeInitiator,
+    pub(crate) started: Duration,
+}
+
+/// What an incoming datagram turned out to be.
+pub(crate) enum Opened {
+    /// A flock datagram; the body is in the output buffer.
+    Flock(Header),
+    /// A handshake request to answer with `reply`.
+    Request {
+        request: Header,
+        context: Vec<u8>,
+        reply: Vec<u8>,
+    },
+    /// The answer to our handshake.
+    Joined(Joined),
+}
+
+pub(crate) struct Sec {
+    pub(crate) bloc: Bloc,
+    mtu: usize,
+    pub(crate) keyring: Keyring,
+    keys: Vec<TransientKey>,
+    own: Option<u32>,
+    replay: ReplayTable,
+    limiter: RateLimiter,
+    pub(crate) pending: Option<Pending>,
+    max_age: Duration,
+    timing: SecurityTiming,
+    pub(crate) next_rotation: Option<Duration>,
+    id: NodeId,
+    boot: BootId,
+}
+
+impl Sec {
+    pub(crate) fn new(
+        bloc: &str,
+        mtu: usize,
+        keyring: Keyring,
+        timing: SecurityTiming,
+        id: NodeId,
+        boot: BootId,
+    ) -> Sec {
+        Sec {
+            bloc: Bloc::new(bloc),
+            mtu,
+            keyring,
+            keys: Vec::new(),
+            own: None,
+            replay: ReplayTable::new(REPLAY_SENDERS_MAX),
+            limiter: RateLimiter::new(HANDSHAKE_SOURCES_MAX),
+            pending: None,
+            max_age: timing.rotation_max * 3 / 2,
+            timing,
+            next_rotation: None,
+            id,
+            boot,
+        }
+    }
+
+    fn fresh(&self, k: &TransientKey, now: Duration) -> bool {
+        now.saturating_sub(k.since) <= self.max_age
+    }
+
+    fn find(&self, epoch: u32) -> Option<&TransientKey> {
+        self.keys.iter().find(|k| k.epoch == epoch)
+    }
+
+    /// The epoch this node seals with by default, if it holds a fresh one.
+    pub(crate) fn own_epoch(&self, now: Duration) -> Option<u32> {
+        let e = self.own?;
+        self.find(e).filter(|k| self.fresh(k, now)).map(|k| k.epoch)
+    }
+
+    /// The leader that made our own key.
+    pub(crate) fn own_leader(&self) -> Option<NodeId> {
+        self.find(self.own?).map(|k| k.leader)
+    }
+
+    /// True when this node holds no fresh key to seal with: it must (re)join by handshake.
+    pub(crate) fn needs_key(&self, now: Duration) -> bool {
+        self.own_epoch(now).is_none()
+    }
+
+    /// Whether this node holds a fresh key of `epoch`.
+    pub(crate) fn holds(&self, epoch: u32, now: Duration) -> bool {
+        self.find(epoch).is_some_and(|k| self.fresh(k, now))
+    }
+
+    /// The newest fresh key made by `leader`.
+    pub(crate) fn newest_of(&self, leader: NodeId, now: Duration) -> Option<u32> {
+        let mut newest: Option<u32> = None;
+        for k in self
+            .keys
+            .iter()
+            .filter(|k| k.leader == leader && self.fresh(k, now))
+        {
+            if newest.is_none_or(|n| epoch_newer(k.epoch, n)) {
+                newest = Some(k.epoch);
+            }
+        }
+        newest
+    }
+
+    /// Makes `epoch` (held) this node's sealing key.
+    pub(crate) fn set_own(&mut self, epoch: u32) {
+        if let Some(leader) = self.find(epoch).map(|k| k.leader) {
+            self.own = Some(epoch);
+            self.keep_two_of(leader, epoch);
+        }
+    }
+
+    /// Keeps only the two newest epochs of `leader` (current and previous), and our own key.
+    fn keep_two_of(&mut self, leader: NodeId, epoch: u32) {
+        let own = self.own;
+        let mut of_leader: Vec<(u32, u32)> = self
+            .keys
+            .iter()
+            .filter(|k| k.leader == leader)
+            .map(|k| (k.epoch.wrapping_sub(epoch).wrapping_add(1 << 31), k.epoch))
+            .collect();
+        if of_leader.len() > KEYS_PER_LEADER {
+            of_leader.sort();
+            let drop: Vec<u32> = of_leader[..of_leader.len() - KEYS_PER_LEADER]
+                .iter()
+                .map(|x| x.1)
+                .collect();
+            self.keys
+                .retain(|k| !drop.contains(&k.epoch) || Some(k.epoch) == own);
+        }
+    }
+
+    /// Installs a key; returns false if it was already held (or conflicts with a held epoch).
+    pub(crate) fn install(
+        &mut self,
+        epoch: u32,
+        key: SecretKey,
+        leader: NodeId,
+        now: Duration,
+    ) -> bool {
+        if self.find(epoch).is_some() {
+            return false;
+        }
+        // A leader's epochs count up: one older than its newest we hold is a stale copy.
+        if self
+            .newest_of(leader, now)
+            .is_some_and(|n| epoch_newer(n, epoch))
+        {
+            return false;
+        }
+        let packet = PacketKey::transient(&key, &self.bloc);
+        self.keys.push(TransientKey {
+            epoch,
+            key,
+            packet,
+            since: now,
+            leader,
+        });
+        // Expired keys go first; then each leader keeps its two newest; then the oldest go.
+        let max_age = self.max_age;
+        let own = self.own;
+        self.keys
+            .retain(|k| now.saturating_sub(k.since) <= max_age || Some(k.epoch) == own);
+        self.keep_two_of(leader, epoch);
+        while self.keys.len() > TRANSIENT_KEYS_MAX {
+            let oldest = self
+                .keys
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| Some(k.epoch) != own && k.epoch != epoch)
+                .min_by_key(|(_, k)| k.since)
+                .map(|(i, _)| i);
+            match oldest {
+                Some(i) => {
+                    self.keys.remove(i); // SecretKey and PacketKey wipe themselves on drop
+                }
+                None => break,
+            }
+        }
+        true
+    }
+
+    /// The keys a handshake responder hands out: our own key and the one before it.
+    fn join_keys(&self, now: Duration) -> Option<JoinKeys> {
+        let own = self.find(self.own?).filter(|k| self.fresh(k, now))?;
+        let previous = self
+            .keys
+            .iter()
+            .filter(|k| k.leader == own.leader && k.epoch != own.epoch && self.fresh(k, now))
+            .max_by_key(|k| k.since)
+            .map(|k| KeyAnnouncement {
+                epoch: k.epoch,
+                key: k.key.clone(),
+            });
+        Some(JoinKeys {
+            current: KeyAnnouncement {
+                epoch: own.epoch,
+                key: own.key.clone(),
+            },
+            previous,
+        })
+    }
+
+    /// The raw key of a held epoch (to spread it to other members).
+    pub(crate) fn key_bytes(&self, epoch: u32) -> Option<[u8; 32]> {
+        self.find(epoch).map(|k| *k.key.as_bytes())
+    }
+
+    /// Seals a flock body under `dest_epoch` if we hold it fresh, else under our own key.
+    pub(crate) fn seal<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Duration,
+        counter: u64,
+        dest_epoch: Option<u32>,
+        body: &[u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let epoch = match dest_epoch.filter(|e| self.holds(*e, now)) {
+            Some(e) => e,
+            None => match self.own_epoch(now) {
+                Some(e) => e,
+                None => return false,
+            },
+        };
+        let key = &self.find(epoch).expect("held").packet;
+        let header = Header {
+            kind: Kind::Flock,
+            bloc_tag: self.bloc.tag(),
+            key_id: epoch,
+            sender: self.id,
+            boot: self.boot,
+            counter,
+        };
+        seal(key, &header, body, rng, out);
+        true
+    }
+
+    /// Opens a flock datagram or frame: one key (the header's), one decryption, replay window.
+    fn open_flock(
+        &mut self,
+        now: Duration,
+        bytes: &[u8],
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Header, DropReason> {
+        let header = check(bytes, max, self.bloc.tag()).map_err(DropReason::from)?;
+        if header.sender == self.id {
+            return Err(DropReason::FromSelf);
+        }
+        if header.kind != Kind::Flock {
+            return Err(DropReason::Malformed);
+        }
+        let key = match self.find(header.key_id) {
+            Some(k) if self.fresh(k, now) => &k.packet,
+            Some(_) => return Err(DropReason::StaleKey),
+            None => return Err(DropReason::UnknownKey),
+        };
+        if !self
+            .replay
+            .check(header.sender, header.boot, header.counter)
+        {
+            return Err(DropReason::Replay);
+        }
+        open(key, bytes, out).map_err(DropReason::from)?;
+        if !self
+            .replay
+            .accept(header.sender, header.boot, header.counter)
+        {
+            return Err(DropReason::Replay);
+        }
+        Ok(header)
+    }
+
+    /// Opens a stream frame.
+    pub(crate) fn open_frame(
+        &mut self,
+        now: Duration,
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Header, DropReason> {
+        out.clear();
+        self.open_flock(now, bytes, MAX_SEALED_FRAME_BYTES, out)
+    }
+
+    /// Opens any datagram. Handshake requests are answered (`context` goes back to the
+    /// initiator); a reply to our pending handshake completes it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn open_datagram<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Duration,
+        from: IpAddr,
+        bytes: &[u8],
+        counter: &mut u64,
+        context: &[u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<Opened, DropReason> {
+        out.clear();
+        let header = check(bytes, self.mtu, self.bloc.tag()).map_err(DropReason::from)?;
+        if header.sender == self.id {
+            return Err(DropReason::FromSelf);
+        }
+        if header.kind == Kind::Flock {
+            return self
+                .open_flock(now, bytes, self.mtu, out)
+                .map(Opened::Flock);
+        }
+        if !self.limiter.allow(from, now) {
+            return Err(DropReason::RateLimited);
+        }
+        match bytes.len() {
+            REQUEST_BYTES => {
+                let keys = self.join_keys(now);
+                let origin = Origin {
+                    sender: self.id,
+                    boot: self.boot,
+                    counter: *counter + 1,
+                };
+                let r = respond_with(
+                    &self.keyring,
+                    &self.bloc,
+                    bytes,
+                    keys.as_ref(),
+                    origin,
+                    context,
+                    rng,
+                )
+                .map_err(|e| e.drop_reason())?;
+                if !self
+                    .replay
+                    .accept(r.request.sender, r.request.boot, r.request.counter)
+                {
+                    return Err(DropReason::Replay);
+                }
+                *counter += 1;
+                Ok(Opened::Request {
+                    request: r.request,
+                    context: r.context,
+                    reply: r.reply,
+                })
+            }
+            REPLY_BYTES => {
+                let pending = self.pending.as_ref().ok_or(DropReason::Unexpected)?;
+                let joined = pending
+                    .initiator
+                    .finish(bytes)
+                    .map_err(|e| e.drop_reason())?;
+                let h = joined.header;
+                if !self.replay.accept(h.sender, h.boot, h.counter) {
+                    return Err(DropReason::Replay);
+                }
+                self.pending = None;
+                Ok(Opened::Joined(joined))
+            }
+            _ => Err(DropReason::Malformed),
+        }
+    }
+
+    /// Starts a handshake under the keyring's primary key; returns the request datagram.
+    pub(crate) fn start_handshake<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Duration,
+        counter: u64,
+        purpose: Purpose,
+        context: &[u8],
+        rng: &mut R,
+    ) -> Vec<u8> {
+        let origin = Origin {
+            sender: self.id,
+            boot: self.boot,
+            counter,
+        };
+        let (initiator, request) = HandshakeInitiator::new(
+            rng,
+            self.keyring.primary(),
+            &self.bloc,
+            purpose,
+            origin,
+            context,
+        );
+        self.pending = Some(Pending {
+            initiator,
+            started: now,
+        });
+        request
+    }
+
+    /// Leader side: a new key when the rotation is due (at once when we hold no fresh key of
+    /// our own); the next rotation is 30–60 s later, jittered.
+    pub(crate) fn rotate_if_due<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Duration,
+        me: NodeId,
+        rng: &mut R,
+    ) -> Option<u32> {
+        let own_fresh_mine = self.own_leader() == Some(me) && !self.needs_key(now);
+        let due = match self.next_rotation {
+            _ if !own_fresh_mine => true,
+            Some(at) => now >= at,
+            None => false,
+        };
+        if !due {
+            if self.next_rotation.is_none() {
+                self.next_rotation = Some(self.jittered(now, rng));
+            }
+            return None;
+        }
+        let epoch = match self.own {
+            Some(e) => e.wrapping_add(1),
+            None => rng.next_u32(),
+        };
+        let epoch = if self.find(epoch).is_some() {
+            rng.next_u32()
+        } else {
+            epoch
+        };
+        let key = SecretKey::generate(rng);
+        self.install(epoch, key, me, now);
+        self.own = Some(epoch);
+        self.next_rotation = Some(self.jittered(now, rng));
+        Some(epoch)
+    }
+
+    fn jittered<R: RngCore + CryptoRng>(&self, now: Duration, rng: &mut R) -> Duration {
+        let (lo, hi) = (
+            self.timing.rotation_min,
+            self.timing.rotation_max.max(self.timing.rotation_min),
+        );
+        let span = (hi - lo).as_millis() as u64;
+        now + lo
+            + Duration::from_millis(if span == 0 {
+                0
+            } else {
+                rng.gen_range(0..=span)
+            })
+    }
+
+    /// Epochs held (oldest first), for metrics and tests.
+    pub(crate) fn epochs(&self) -> Vec<u32> {
+        let mut v: Vec<_> = self.keys.iter().map(|k| (k.since, k.epoch)).collect();
+        v.sort();
+        v.into_iter().map(|x| x.1).collect()
+    }
+
+    pub(crate) fn forget_expired(&mut self, now: Duration) {
+        let max_age = self.max_age;
+        self.keys.retain(|k| now.saturating_sub(k.since) <= max_age);
+        if self.own.is_some_and(|e| self.find(e).is_none()) {
+            self.own = None;
+        }
+        self.limiter.prune(now);
+    }
+}
+
+/// RFC 1982 serial-number order of epochs within one leader's chain: `a` is newer than `b`.
+fn epoch_newer(a: u32, b: u32) -> bool {
+    a != b && a.wrapping_sub(b) < 1 << 31
+}
+
+/// Decodes the context a handshake carries: a leader claim (or nothing).
+pub(crate) fn decode_claim(context: &[u8]) -> Option<crux_proto::flock::LeaderClaim> {
+    if context.len() != 33 {
+        return None;
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(context[i..i + 8].try_into().expect("8 bytes"));
+    Some(crux_proto::flock::LeaderClaim {
+        leader: NodeId(u64_at(0)),
+        boot: BootId(u64_at(8)),
+        term: u64_at(16),
+        solo: context[24] != 0,
+        beat: u64_at(25),
+    })
+}
+
+/// Encodes a leader claim as handshake context (33 bytes).
+pub(crate) fn encode_claim(claim: Option<&crux_proto::flock::LeaderClaim>) -> Vec<u8> {
+    let Some(c) = claim else {
+        return Vec::new();
+    };
+    let mut v = Vec::with_capacity(33);
+    v.extend_from_slice(&c.leader.0.to_le_bytes());
+    v.extend_from_slice(&c.boot.0.to_le_bytes());
+    v.extend_from_slice(&c.term.to_le_bytes());
+    v.push(c.solo as u8);
+    v.extend_from_slice(&c.beat.to_le_bytes());
+    v
+}
