@@ -383,6 +383,8 @@ async fn log_events(handle: DriverHandle) {
             }
             Ok(Event::LeaderChanged(None)) => info!("no leader known"),
             Ok(Event::LeaveComplete) => info!("leave gossiped"),
+            #[allow(unreachable_patterns)] // events the security work adds are logged as they are
+            Ok(other) => info!(event = ?other, "flock event"),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 warn!(missed = n, "event log fell behind")
             }
