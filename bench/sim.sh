@@ -68,6 +68,7 @@ run kill-1k --scenario kill-leader --nodes 1000 --preset lan
 run heal-1k --scenario partition-heal --nodes 1000
 run cold-100-loss5 --scenario cold-boot --nodes 100 --loss 0.05
 run wall-1k-60s --scenario cold-boot --nodes 1000 --duration 60
+run churn-1k-loss2 --scenario churn --nodes 1000 --loss 0.02
 if [[ -z "${QUICK:-}" ]]; then
     run cold-10k-loss5 --scenario cold-boot --nodes 10000 --loss 0.05
 fi
@@ -105,6 +106,10 @@ if [[ -z "${QUICK:-}" ]]; then
     verdict="$(jq -en "$ratio <= 2" >/dev/null && echo ok || echo MISSED)"
     row "  ratio 10,000 / 100" "$ratio" "<= 2" "$verdict"
 fi
+row "churn 1,000 nodes 2 % loss: agreement_s after churn" "$(field churn-1k-loss2 agreement_s)" \
+    "(info)" "converged $(field churn-1k-loss2 converged)"
+row "churn 1,000 nodes 2 % loss: false deaths" "$(field churn-1k-loss2 false_positive_deaths)" \
+    "== 0" "$(check churn-1k-loss2 false_positive_deaths '==' 0)"
 if [[ -n "${SKIPPED_10K:-}" ]]; then
     row "10,000-node runs" "skipped" "" "(memory)"
 fi
