@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use crux_flock::driver::{Driver, DriverConfig, DriverHandle, Exit};
-use crux_flock::{Event, Flock, Identity};
+use crux_flock::{Event, Flock, Identity, SecurityTiming};
 use rand::RngCore;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AgentFlags, ConfigError, RawConfig, Settings};
-use crate::keys::LocalKeyring;
+use crate::keys::Keys;
 use crate::state::{AgentState, STEPS};
 
 /// Exit code of a config error.
@@ -189,10 +189,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
     let id = crate::identity::load_or_create_node_id(&settings.data_dir)?;
     let boot = crate::identity::next_boot_id(&settings.data_dir, unix_ms())?;
-    let keyring = LocalKeyring::open(settings.keyring.clone(), &settings.flock.bloc)?;
-    if keyring.len() == 0 {
-        warn!(keyring = %settings.keyring.display(), "no keyring file yet (`crux keys install`)");
-    }
+    let keyring = crate::keys::load(&settings.keyring)?;
     let addr = resolve_advertise(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
     let udp = UdpSocket::bind(settings.bind)
         .await
@@ -212,10 +209,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let identity = Identity { id, boot, addr };
     let clock = tokio::time::Instant::now();
-    let flock = Flock::new(
+    let mut rng_seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut rng_seed);
+    let flock = Flock::new_secure(
         settings.flock.clone(),
         identity,
-        rand::rngs::OsRng.next_u64(),
+        keyring.clone(),
+        SecurityTiming::default(),
+        rng_seed,
         clock.elapsed(),
     )
     .map_err(|e| anyhow::anyhow!("config field `{}`: {}", e.field, e.reason))?;
@@ -225,6 +226,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let (driver, handle) = Driver::new(flock, udp, tcp, clock, driver_config);
     tokio::spawn(log_events(handle.clone()));
+    tokio::spawn(crate::keys::save_changes(
+        handle.clone(),
+        settings.keyring.clone(),
+    ));
     let driver_task = tokio::spawn(driver.run(stop.clone()));
     info!(
         node = %id,
@@ -241,7 +246,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
 
     let servers = CancellationToken::new();
-    let state = AgentState::new(handle.clone(), settings.clone(), keyring, start);
+    let keys = Keys::new(handle.clone(), &settings.flock.bloc, keyring);
+    let state = AgentState::new(handle.clone(), settings.clone(), keys, start);
     let steps = Steps {
         state: state.clone(),
         start,

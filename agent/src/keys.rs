@@ -1,20 +1,21 @@
-//! The node's secondary keyring, as the local API and the CLI see it: a
-//! [`crux_flock::crypto::Keyring`] kept in the keyring file (mode 0600), changed by
-//! install / use / remove and saved atomically after each change.
+//! The secondary keyring, as the local API and the CLI see it.
+//!
+//! The flock core owns the keyring ([`crux_flock::crypto::Keyring`]): `install`, `use` and
+//! `remove` go to the core as [`KeyringOp`]s, which applies them and spreads them to every member
+//! (Serf's rotation: install everywhere, use, remove the old key). Every change, made here or
+//! spread by the flock, comes back through the driver's keyring watch and is saved to the keyring
+//! file (mode 0600, written atomically) by [`save_changes`].
 //!
 //! Keys are shown by id (the 8-hex-digit key id of the bloc, as in handshake headers), never as
 //! key material. `use` and `remove` take the key itself or its id.
-//!
-//! Scope today: these calls change this node's keyring file. Spreading a keyring change to every
-//! member, and the flock core sealing its handshakes with the keyring, come with the integration of
-//! the security work into the core; until then a rotation is done node by node (as `crux keys`
-//! against each node's socket).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use anyhow::{anyhow, bail};
-use crux_flock::crypto::{key_id, Bloc, Keyring, SecretKey};
+use anyhow::{anyhow, bail, Context};
+use crux_flock::crypto::{key_id, Bloc, Keyring, KeyringOp, SecretKey};
+use crux_flock::driver::DriverHandle;
+use tracing::{info, warn};
 
 /// One key of the keyring, as listed (ids only, never key material).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,77 +26,79 @@ pub struct KeyEntry {
     pub primary: bool,
 }
 
-/// The keyring file of this node.
-pub struct LocalKeyring {
-    path: PathBuf,
-    bloc: Bloc,
-    ring: Mutex<Option<Keyring>>,
-}
-
-impl std::fmt::Debug for LocalKeyring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalKeyring")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
-    }
-}
-
 /// The id of a key in a bloc, as shown.
-pub fn show_id(key: &SecretKey, bloc: &Bloc) -> String {
-    format!("{:08x}", key_id(key, bloc))
+pub fn show_id(id: u32) -> String {
+    format!("{id:08x}")
 }
 
-impl LocalKeyring {
-    /// Opens the keyring at `path` for bloc `bloc_id`. A missing file is an empty keyring (the
-    /// first key installed becomes primary and creates the file); an unreadable or malformed one
-    /// is an error.
-    pub fn open(path: PathBuf, bloc_id: &str) -> anyhow::Result<LocalKeyring> {
-        let ring = if path.exists() {
-            Some(Keyring::load(&path).map_err(|e| anyhow!("keyring: {e}"))?)
-        } else {
-            None
-        };
-        Ok(LocalKeyring {
-            path,
+/// Loads the keyring file the agent needs to start.
+pub fn load(path: &Path) -> anyhow::Result<Keyring> {
+    if !path.exists() {
+        bail!(
+            "no keyring at {}: every node of a bloc needs the same secondary key there \
+             (make one with `crux keygen`, put the same line in each node's keyring file, mode 0600)",
+            path.display()
+        );
+    }
+    Keyring::load(path).map_err(|e| anyhow!("keyring: {e}"))
+}
+
+/// The keyring side of the local API.
+pub struct Keys {
+    flock: DriverHandle,
+    bloc: Bloc,
+    /// The keyring as last published by the core (to resolve key ids to keys).
+    latest: Mutex<Keyring>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys").finish_non_exhaustive()
+    }
+}
+
+impl Keys {
+    /// The keyring API over the driver of a secure flock started with `initial`.
+    pub fn new(flock: DriverHandle, bloc_id: &str, initial: Keyring) -> Keys {
+        Keys {
+            flock,
             bloc: Bloc::new(bloc_id),
-            ring: Mutex::new(ring),
-        })
+            latest: Mutex::new(initial),
+        }
     }
 
-    /// Number of keys (0 when no keyring file exists yet).
-    pub fn len(&self) -> usize {
-        self.ring
-            .lock()
-            .expect("keyring lock")
-            .as_ref()
-            .map_or(0, |r| r.len())
+    fn refresh(&self) {
+        if let Some(ring) = self.flock.keyring_watch().borrow().clone() {
+            *self.latest.lock().expect("keyring lock") = ring;
+        }
     }
 
-    fn entries(&self, ring: &Keyring) -> Vec<KeyEntry> {
-        let primary = show_id(ring.primary(), &self.bloc);
-        ring.list()
-            .into_iter()
-            .map(|k| {
-                let id = show_id(k, &self.bloc);
-                KeyEntry {
-                    primary: id == primary,
-                    id,
-                }
+    /// The keys of this node, primary first.
+    pub fn list(&self) -> Vec<KeyEntry> {
+        self.flock
+            .snapshot()
+            .keys
+            .iter()
+            .map(|k| KeyEntry {
+                id: show_id(k.id),
+                primary: k.primary,
             })
             .collect()
     }
 
-    /// Resolves `text` (a base64 key or a key id) to an installed key.
-    fn resolve(&self, ring: &Keyring, text: &str) -> anyhow::Result<SecretKey> {
+    /// Resolves `text` (a base64 key, or the id of an installed key) to a key.
+    fn resolve(&self, text: &str) -> anyhow::Result<SecretKey> {
         let text = text.trim();
         if let Ok(key) = SecretKey::parse(text) {
             return Ok(key);
         }
+        self.refresh();
+        let ring = self.latest.lock().expect("keyring lock");
         let want = text.to_ascii_lowercase();
         let found: Vec<&SecretKey> = ring
             .list()
             .into_iter()
-            .filter(|k| show_id(k, &self.bloc) == want)
+            .filter(|k| show_id(key_id(k, &self.bloc)) == want)
             .collect();
         match found.as_slice() {
             [k] => Ok(SecretKey::from_bytes(*k.as_bytes())),
@@ -104,59 +107,48 @@ impl LocalKeyring {
         }
     }
 
-    /// The keys, primary first.
-    pub fn list(&self) -> anyhow::Result<Vec<KeyEntry>> {
-        let guard = self.ring.lock().expect("keyring lock");
-        match guard.as_ref() {
-            Some(ring) => Ok(self.entries(ring)),
-            None => bail!(
-                "no keyring at {} yet (install a key: `crux keys install $(crux keygen)`)",
-                self.path.display()
-            ),
+    async fn apply(&self, op: KeyringOp) -> anyhow::Result<Vec<KeyEntry>> {
+        match self.flock.keyring(op).await {
+            Err(_) => bail!("the agent is shutting down"),
+            Ok(Err(reason)) => bail!("{reason}"),
+            // The driver publishes the changed keyring before it replies.
+            Ok(Ok(())) => Ok(self.list()),
         }
     }
 
-    /// Adds a key; the first key of a new keyring becomes primary.
-    pub fn install(&self, text: &str) -> anyhow::Result<Vec<KeyEntry>> {
+    /// Installs a key everywhere.
+    pub async fn install(&self, text: &str) -> anyhow::Result<Vec<KeyEntry>> {
         let key = SecretKey::parse(text.trim()).map_err(|e| anyhow!("not a key: {e}"))?;
-        let mut guard = self.ring.lock().expect("keyring lock");
-        let mut ring = match guard.as_ref() {
-            Some(r) => r.clone(),
-            None => Keyring::new(SecretKey::from_bytes(*key.as_bytes())),
+        self.apply(KeyringOp::Install(key)).await
+    }
+
+    /// Makes an installed key the primary everywhere.
+    pub async fn use_key(&self, text: &str) -> anyhow::Result<Vec<KeyEntry>> {
+        let key = self.resolve(text)?;
+        self.apply(KeyringOp::Use(key)).await
+    }
+
+    /// Removes a key that is not the primary, everywhere.
+    pub async fn remove(&self, text: &str) -> anyhow::Result<Vec<KeyEntry>> {
+        let key = self.resolve(text)?;
+        self.apply(KeyringOp::Remove(key)).await
+    }
+}
+
+/// Saves every keyring the core publishes to `path`, until the driver stops.
+pub async fn save_changes(flock: DriverHandle, path: PathBuf) {
+    let mut watch = flock.keyring_watch();
+    while watch.changed().await.is_ok() {
+        let Some(ring) = watch.borrow_and_update().clone() else {
+            continue;
         };
-        ring.install(key).map_err(|e| anyhow!("{e}"))?;
-        self.commit(&mut guard, ring)
-    }
-
-    /// Makes an installed key primary.
-    pub fn use_key(&self, text: &str) -> anyhow::Result<Vec<KeyEntry>> {
-        let mut guard = self.ring.lock().expect("keyring lock");
-        let mut ring = guard
-            .clone()
-            .ok_or_else(|| anyhow!("no keyring yet: install a key"))?;
-        let key = self.resolve(&ring, text)?;
-        ring.use_key(&key).map_err(|e| anyhow!("{e}"))?;
-        self.commit(&mut guard, ring)
-    }
-
-    /// Removes an installed key that is not primary.
-    pub fn remove(&self, text: &str) -> anyhow::Result<Vec<KeyEntry>> {
-        let mut guard = self.ring.lock().expect("keyring lock");
-        let mut ring = guard
-            .clone()
-            .ok_or_else(|| anyhow!("no keyring yet: install a key"))?;
-        let key = self.resolve(&ring, text)?;
-        ring.remove(&key).map_err(|e| anyhow!("{e}"))?;
-        self.commit(&mut guard, ring)
-    }
-
-    /// Saves `ring`, then makes it current: on a failed save nothing changes.
-    fn commit(&self, guard: &mut Option<Keyring>, ring: Keyring) -> anyhow::Result<Vec<KeyEntry>> {
-        ring.save(&self.path)
-            .map_err(|e| anyhow!("saving the keyring: {e}"))?;
-        let entries = self.entries(&ring);
-        *guard = Some(ring);
-        Ok(entries)
+        let p = path.clone();
+        let saved = tokio::task::spawn_blocking(move || ring.save(&p).map(|()| ring.len())).await;
+        match saved {
+            Ok(Ok(n)) => info!(keyring = %path.display(), keys = n, "keyring saved"),
+            Ok(Err(e)) => warn!(keyring = %path.display(), error = %e, "keyring not saved"),
+            Err(e) => warn!(error = %e, "keyring save task failed"),
+        }
     }
 }
 
@@ -171,7 +163,7 @@ pub fn write_new(path: &Path, key: &str) -> anyhow::Result<()> {
     let key = SecretKey::parse(key).map_err(|e| anyhow!("not a key: {e}"))?;
     Keyring::new(key)
         .save(path)
-        .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -179,30 +171,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rotation_install_use_remove_by_key_or_id() {
+    fn keygen_output_is_a_keyring_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keyring");
-        let ring = LocalKeyring::open(path.clone(), "bloc").unwrap();
-        assert!(ring.list().is_err());
-        let (a, b) = (generate(), generate());
-        let keys = ring.install(&a).unwrap();
-        assert_eq!(keys.len(), 1);
-        assert!(keys[0].primary);
-        let keys = ring.install(&b).unwrap();
-        assert_eq!(keys.len(), 2);
-        let b_id = keys.iter().find(|k| !k.primary).unwrap().id.clone();
-        let keys = ring.use_key(&b_id).unwrap();
-        assert_eq!(keys[0].id, b_id);
-        assert!(ring.remove(&b).is_err(), "the primary cannot be removed");
-        let keys = ring.remove(&a).unwrap();
-        assert_eq!(keys.len(), 1);
-        // The file says the same, with mode 0600.
-        let again = LocalKeyring::open(path.clone(), "bloc").unwrap();
-        assert_eq!(again.list().unwrap(), keys);
+        assert!(load(&path).unwrap_err().to_string().contains("crux keygen"));
+        std::fs::write(&path, format!("{}\n", generate())).unwrap();
+        assert_eq!(load(&path).unwrap().len(), 1);
+        let other = dir.path().join("other");
+        write_new(&other, &generate()).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&other).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(ring.use_key("deadbeef").is_err());
-        assert!(ring.install("not a key").is_err());
+        assert!(write_new(&other, "not a key").is_err());
     }
 }

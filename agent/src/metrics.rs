@@ -128,72 +128,95 @@ fn render_flock(o: &mut Out, snap: &Snapshot, key_epoch: Option<u64>) {
         );
     }
     let s = &snap.stats;
-    let counters: [(&str, &str, u64); 13] = [
-        (
-            "crux_datagrams_in_total",
-            "Datagrams received.",
-            s.datagrams_in,
-        ),
-        (
-            "crux_datagrams_out_total",
-            "Datagrams sent.",
-            s.datagrams_out,
-        ),
-        (
-            "crux_datagram_bytes_in_total",
-            "Bytes of datagrams received.",
-            s.bytes_in,
-        ),
-        (
-            "crux_datagram_bytes_out_total",
-            "Bytes of datagrams sent.",
-            s.bytes_out,
-        ),
-        (
-            "crux_streams_in_total",
-            "Stream frames received.",
-            s.streams_in,
-        ),
-        (
-            "crux_streams_out_total",
-            "Stream frames sent.",
-            s.streams_out,
-        ),
-        (
-            "crux_stream_bytes_in_total",
-            "Bytes of stream frames received.",
-            s.stream_bytes_in,
-        ),
-        (
-            "crux_stream_bytes_out_total",
-            "Bytes of stream frames sent.",
-            s.stream_bytes_out,
-        ),
-        ("crux_probes_total", "Direct probes sent.", s.probes),
-        (
-            "crux_probe_failures_total",
-            "Probes that ended in suspicion.",
-            s.probe_failures,
-        ),
-        (
-            "crux_push_pulls_total",
-            "Push-pull exchanges started.",
-            s.push_pulls,
-        ),
-        (
-            "crux_refutations_total",
-            "Suspicions of this node it refuted.",
-            s.refutations,
-        ),
-        (
-            "crux_leader_claims_total",
-            "Leader claims this node made.",
-            s.claims,
-        ),
-    ];
-    for (name, help, v) in counters {
-        o.one(name, "counter", help, v);
-    }
+    let mut counter = |name: &str, help: &str, v: u64| o.one(name, "counter", help, v);
+    counter(
+        "crux_datagrams_in_total",
+        "Datagrams received.",
+        s.datagrams_in,
+    );
+    counter(
+        "crux_datagrams_out_total",
+        "Datagrams sent.",
+        s.datagrams_out,
+    );
+    counter(
+        "crux_datagram_bytes_in_total",
+        "Bytes of datagrams received.",
+        s.bytes_in,
+    );
+    counter(
+        "crux_datagram_bytes_out_total",
+        "Bytes of datagrams sent.",
+        s.bytes_out,
+    );
+    counter(
+        "crux_streams_in_total",
+        "Stream frames received.",
+        s.streams_in,
+    );
+    counter(
+        "crux_streams_out_total",
+        "Stream frames sent.",
+        s.streams_out,
+    );
+    counter(
+        "crux_stream_bytes_in_total",
+        "Stream bytes received.",
+        s.stream_bytes_in,
+    );
+    counter(
+        "crux_stream_bytes_out_total",
+        "Stream bytes sent.",
+        s.stream_bytes_out,
+    );
+    counter("crux_probes_total", "Direct probes sent.", s.probes);
+    counter(
+        "crux_probe_failures_total",
+        "Probes ending in suspicion.",
+        s.probe_failures,
+    );
+    counter(
+        "crux_push_pulls_total",
+        "Push-pull exchanges started.",
+        s.push_pulls,
+    );
+    counter(
+        "crux_refutations_total",
+        "Suspicions refuted.",
+        s.refutations,
+    );
+    counter("crux_leader_claims_total", "Leader claims made.", s.claims);
+    counter(
+        "crux_key_rotations_total",
+        "Transient keys made as leader.",
+        s.rotations,
+    );
+    counter(
+        "crux_key_requests_total",
+        "Key requests sent.",
+        s.key_requests,
+    );
+    counter("crux_joins_total", "Own handshakes answered.", s.joins);
+    counter(
+        "crux_unsealed_total",
+        "Datagrams unsent, no key.",
+        s.unsealed,
+    );
+    o.family(
+        "crux_handshakes_total",
+        "counter",
+        "Join and key-request handshakes, by side.",
+    );
+    o.value(
+        "crux_handshakes_total",
+        &[("side", "started")],
+        s.handshakes_sent,
+    );
+    o.value(
+        "crux_handshakes_total",
+        &[("side", "answered")],
+        s.handshakes_answered,
+    );
     o.family(
         "crux_dropped_total",
         "counter",
@@ -227,6 +250,8 @@ mod tests {
             live: 1,
             stats: Stats::default(),
             leaving: false,
+            key_epoch: Some(7),
+            keys: Vec::new(),
         };
         let mut o = Out(String::new());
         render_flock(&mut o, &snap, Some(7));
@@ -236,6 +261,7 @@ mod tests {
         assert!(text.contains("crux_dropped_total{reason=\"bad_magic\"} 0\n"));
         assert!(text.contains("crux_key_epoch 7\n"));
         assert!(text.contains("crux_leader_known 0\n"));
+        assert!(text.contains("crux_handshakes_total{side=\"answered\"} 0\n"));
         // Every sample line is `name{labels} value` or `name value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();

@@ -59,6 +59,11 @@ struct Service {
 }
 
 impl Service {
+    /// Live members a keyring change was sent to (this node included).
+    fn spread(&self) -> u32 {
+        self.state.flock.snapshot().live as u32
+    }
+
     fn check_ready(&self) -> Result<(), Status> {
         if self.state.is_ready() {
             Ok(())
@@ -168,25 +173,19 @@ impl Reeve for Service {
         &self,
         _req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let keys = self.state.keyring.list().map_err(keyring_status)?;
-        Ok(Response::new(pb::ListKeysResponse {
-            keys: keys_pb(keys),
-            nodes: 1,
-        }))
+        let keys = keys_pb(self.state.keys.list());
+        Ok(Response::new(pb::ListKeysResponse { keys, nodes: 1 }))
     }
 
     async fn install_key(
         &self,
         req: Request<pb::InstallKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        let keys = self
-            .state
-            .keyring
-            .install(&req.into_inner().key)
-            .map_err(keyring_status)?;
+        let r = self.state.keys.install(&req.into_inner().key).await;
+        let keys = keys_pb(r.map_err(keyring_status)?);
         Ok(Response::new(pb::KeyringResponse {
-            keys: keys_pb(keys),
-            nodes: 1,
+            keys,
+            nodes: self.spread(),
         }))
     }
 
@@ -194,14 +193,11 @@ impl Reeve for Service {
         &self,
         req: Request<pb::UseKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        let keys = self
-            .state
-            .keyring
-            .use_key(&req.into_inner().key)
-            .map_err(keyring_status)?;
+        let r = self.state.keys.use_key(&req.into_inner().key).await;
+        let keys = keys_pb(r.map_err(keyring_status)?);
         Ok(Response::new(pb::KeyringResponse {
-            keys: keys_pb(keys),
-            nodes: 1,
+            keys,
+            nodes: self.spread(),
         }))
     }
 
@@ -209,14 +205,11 @@ impl Reeve for Service {
         &self,
         req: Request<pb::RemoveKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        let keys = self
-            .state
-            .keyring
-            .remove(&req.into_inner().key)
-            .map_err(keyring_status)?;
+        let r = self.state.keys.remove(&req.into_inner().key).await;
+        let keys = keys_pb(r.map_err(keyring_status)?);
         Ok(Response::new(pb::KeyringResponse {
-            keys: keys_pb(keys),
-            nodes: 1,
+            keys,
+            nodes: self.spread(),
         }))
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crux_flock::driver::DriverHandle;
 
 use crate::config::Settings;
-use crate::keys::LocalKeyring;
+use crate::keys::Keys;
 
 /// The bootstrap steps, in DESIGN.md's order.
 pub const STEPS: [&str; 5] = ["flock", "reeve", "steward", "picket", "proctor"];
@@ -32,8 +32,8 @@ pub struct AgentState {
     pub flock: DriverHandle,
     /// The checked config.
     pub settings: Settings,
-    /// The local keyring.
-    pub keyring: LocalKeyring,
+    /// The keyring API.
+    pub keys: Keys,
     started: Instant,
     steps: Mutex<Vec<Step>>,
     ready: AtomicBool,
@@ -44,7 +44,7 @@ impl AgentState {
     pub fn new(
         flock: DriverHandle,
         settings: Settings,
-        keyring: LocalKeyring,
+        keys: Keys,
         started: Instant,
     ) -> Arc<AgentState> {
         let steps = STEPS
@@ -59,7 +59,7 @@ impl AgentState {
         Arc::new(AgentState {
             flock,
             settings,
-            keyring,
+            keys,
             started,
             steps: Mutex::new(steps),
             ready: AtomicBool::new(false),
@@ -106,9 +106,8 @@ impl AgentState {
         self.started.elapsed()
     }
 
-    /// Transient key epoch in use. The core runs without encryption until the security work is
-    /// integrated, so there is none yet.
+    /// Transient key epoch this node seals with (None until it holds one).
     pub fn key_epoch(&self) -> Option<u64> {
-        None
+        self.flock.snapshot().key_epoch.map(u64::from)
     }
 }

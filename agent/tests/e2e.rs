@@ -162,58 +162,91 @@ fn cli_without_an_agent_fails_clearly() {
     }
 }
 
-/// Serf-style rotation of the secondary key through the CLI, node by node: install the new key
-/// everywhere, use it everywhere, remove the old one everywhere. Every member stays alive in every
-/// view at every step (checked right after each command, without waiting).
+/// Serf-style rotation of the secondary key through the CLI, each step on a different node: install
+/// the new key, use it, remove the old one. Each change spreads to every member's keyring (and
+/// keyring file), and every member stays alive in every view throughout.
 #[test]
 fn keyring_rotation_through_the_cli_keeps_every_member_alive() {
     let mut c = Cluster::new(BIN, 6, 5, PRESET);
     let all = [1, 2, 3, 4, 5];
     c.start_all();
     converged(&c, &all);
-    let keygen = || {
-        let out = c.command().arg("keygen").output().unwrap();
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
-    let (old, new) = (keygen(), keygen());
-    assert_ne!(old, new);
-    let run_everywhere = |args: &[&str]| {
-        for k in all {
-            let out = c.cli(k, args);
-            assert!(
-                out.status.success(),
-                "node{k}: crux {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            c.agreement(&all)
-                .unwrap_or_else(|e| panic!("after crux {args:?} on node{k}: {e}"));
-        }
-    };
-    run_everywhere(&["keys", "install", &old]);
-    run_everywhere(&["keys", "install", &new]);
-    let new_id = {
-        let out = c.cli(1, &["keys", "list", "--json"]);
-        let keys: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(keys.len(), 2);
-        keys.iter().find(|k| k["primary"] == false).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    run_everywhere(&["keys", "use", &new_id]);
-    run_everywhere(&["keys", "remove", &old]);
-    for k in all {
+    let keys_of = |k: usize| -> Result<Vec<(String, bool)>, String> {
         let out = c.cli(k, &["keys", "list", "--json"]);
-        let keys: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(keys.len(), 1, "node{k}: {keys:?}");
-        assert_eq!(keys[0]["id"], new_id.as_str());
-        assert_eq!(keys[0]["primary"], true);
-    }
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        let v: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        Ok(v.iter()
+            .map(|k| {
+                (
+                    k["id"].as_str().unwrap_or("").to_string(),
+                    k["primary"] == true,
+                )
+            })
+            .collect())
+    };
+    let old_id = keys_of(1).unwrap()[0].0.clone();
+    let new = crux_tests::cluster::keygen(BIN.as_ref());
+    // Runs `crux ARGS` on node k, then waits until every node's keyring is `want`, checking at
+    // every poll that all five are alive everywhere.
+    let step = |k: usize, args: &[&str], want: &dyn Fn(&[(String, bool)]) -> bool| {
+        let out = c.cli(k, args);
+        assert!(
+            out.status.success(),
+            "node{k}: crux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.wait_for(
+            &format!("crux {:?} to reach every node", args[1]),
+            CONVERGE,
+            || {
+                c.agreement(&all)
+                    .unwrap_or_else(|e| panic!("after crux {args:?}: {e}"));
+                for n in all {
+                    let keys = keys_of(n)?;
+                    if !want(&keys) {
+                        return Err(format!("node{n} has {keys:?}"));
+                    }
+                }
+                Ok(())
+            },
+        );
+    };
+    step(1, &["keys", "install", &new], &|keys| keys.len() == 2);
+    let new_id = keys_of(1)
+        .unwrap()
+        .into_iter()
+        .find(|k| k.0 != old_id)
+        .unwrap()
+        .0;
+    step(2, &["keys", "use", &new_id], &|keys| {
+        keys[0] == (new_id.clone(), true)
+    });
+    step(3, &["keys", "remove", &old_id], &|keys| {
+        keys == [(new_id.clone(), true)]
+    });
+    // The keyring files follow (saved by each agent after the change): one key, the new one.
+    c.wait_for("keyring files to hold only the new key", CONVERGE, || {
+        for a in &c.agents {
+            let text = std::fs::read_to_string(a.dir.join("keyring")).map_err(|e| e.to_string())?;
+            let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+            if lines != [new.as_str()] {
+                return Err(format!(
+                    "node{} keyring file has {} key(s)",
+                    a.k,
+                    lines.len()
+                ));
+            }
+        }
+        Ok(())
+    });
     // Removing the primary is refused with a message, and a non-zero exit.
-    let out = c.cli(1, &["keys", "remove", &new]);
+    let out = c.cli(4, &["keys", "remove", &new]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("primary"));
+    c.agreement(&all).unwrap();
 }
 
 /// Under systemd (`Type=notify`) the agent says READY=1 once its bootstrap is done, and

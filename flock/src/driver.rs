@@ -32,6 +32,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace, warn};
 
+use crate::crypto::{key_id, Bloc, Keyring, KeyringOp};
 use crate::{Command, Event, Flock, Identity, LeaderView, Member, Stats, TransmitKind};
 
 /// Largest stream frame accepted or sent: the core's stream limit plus room for the envelope.
@@ -83,12 +84,38 @@ pub struct Snapshot {
     pub stats: Stats,
     /// Whether this node has started leaving.
     pub leaving: bool,
+    /// Transient key epoch this node seals with (None: no key yet, or security off).
+    pub key_epoch: Option<u32>,
+    /// The secondary keyring by key id, primary first (empty with security off).
+    pub keys: Vec<KeyId>,
+}
+
+/// A secondary key as the snapshot shows it: its id, never the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyId {
+    /// The key id of the bloc ([`key_id`]), as in handshake headers.
+    pub id: u32,
+    /// Whether it is the primary key.
+    pub primary: bool,
 }
 
 impl Snapshot {
-    fn take(flock: &Flock, now: Duration, leaving: bool) -> Snapshot {
+    fn take(flock: &Flock, bloc: &Bloc, now: Duration, leaving: bool) -> Snapshot {
         let mut members: Vec<Member> = flock.members().copied().collect();
         members.sort_by_key(|m| m.info.id);
+        let keys = flock
+            .keyring()
+            .map(|ring| {
+                ring.list()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, k)| KeyId {
+                        id: key_id(k, bloc),
+                        primary: i == 0,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         Snapshot {
             identity: *flock.identity(),
             now,
@@ -97,6 +124,8 @@ impl Snapshot {
             live: flock.live_count(),
             stats: flock.stats().clone(),
             leaving,
+            key_epoch: flock.key_epoch(),
+            keys,
         }
     }
 }
@@ -113,9 +142,17 @@ pub enum Exit {
 /// The side of the driver the rest of the agent holds.
 #[derive(Clone, Debug)]
 pub struct DriverHandle {
-    commands: mpsc::Sender<Command>,
+    requests: mpsc::Sender<Request>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     events: broadcast::Sender<Event>,
+    keyring: watch::Receiver<Option<Keyring>>,
+}
+
+/// What the handle asks of the owner task.
+#[derive(Debug)]
+enum Request {
+    Command(Command),
+    Keyring(KeyringOp, oneshot::Sender<Result<(), String>>),
 }
 
 /// The driver stopped and no longer takes commands.
@@ -126,7 +163,27 @@ pub struct Stopped;
 impl DriverHandle {
     /// Sends a command to the core.
     pub async fn command(&self, cmd: Command) -> Result<(), Stopped> {
-        self.commands.send(cmd).await.map_err(|_| Stopped)
+        self.requests
+            .send(Request::Command(cmd))
+            .await
+            .map_err(|_| Stopped)
+    }
+
+    /// Changes the secondary keyring here and spreads the change to every member
+    /// ([`Command::Keyring`]). The inner error is the core's reason for refusing the change.
+    pub async fn keyring(&self, op: KeyringOp) -> Result<Result<(), String>, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Keyring(op, tx))
+            .await
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// The current secondary keyring, updated after every change (made here or spread by the
+    /// flock): the agent saves it to its keyring file. None with security off.
+    pub fn keyring_watch(&self) -> watch::Receiver<Option<Keyring>> {
+        self.keyring.clone()
     }
 
     /// The latest snapshot.
@@ -166,9 +223,11 @@ pub struct Driver {
     tcp: TcpListener,
     config: DriverConfig,
     start: Instant,
-    commands: mpsc::Receiver<Command>,
+    requests: mpsc::Receiver<Request>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     events: broadcast::Sender<Event>,
+    keyring: watch::Sender<Option<Keyring>>,
+    bloc: Bloc,
 }
 
 impl std::fmt::Debug for Driver {
@@ -189,14 +248,18 @@ impl Driver {
         start: Instant,
         config: DriverConfig,
     ) -> (Driver, DriverHandle) {
-        let (cmd_tx, cmd_rx) = mpsc::channel(64);
+        let (req_tx, req_rx) = mpsc::channel(64);
         let now = start.elapsed();
-        let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::take(&flock, now, false)));
+        let bloc = Bloc::new(&flock.config().bloc);
+        let (snap_tx, snap_rx) =
+            watch::channel(Arc::new(Snapshot::take(&flock, &bloc, now, false)));
         let (ev_tx, _) = broadcast::channel(1024);
+        let (ring_tx, ring_rx) = watch::channel(flock.keyring().cloned());
         let handle = DriverHandle {
-            commands: cmd_tx,
+            requests: req_tx,
             snapshot: snap_rx,
             events: ev_tx.clone(),
+            keyring: ring_rx,
         };
         let driver = Driver {
             flock,
@@ -204,9 +267,11 @@ impl Driver {
             tcp,
             config,
             start,
-            commands: cmd_rx,
+            requests: req_rx,
             snapshot: snap_tx,
             events: ev_tx,
+            keyring: ring_tx,
+            bloc,
         };
         (driver, handle)
     }
@@ -219,9 +284,11 @@ impl Driver {
             tcp,
             config,
             start,
-            mut commands,
+            mut requests,
             snapshot,
             events,
+            keyring,
+            bloc,
         } = self;
         let now = || start.elapsed();
         let tasks = CancellationToken::new();
@@ -241,6 +308,8 @@ impl Driver {
             tasks: &tasks,
             changed: false,
             leave_complete: false,
+            keyring_changed: false,
+            refused: None,
         };
         let mut buf = vec![0u8; RECV_BUFFER_BYTES];
         let mut publish = tokio::time::interval(config.publish_interval);
@@ -269,8 +338,30 @@ impl Driver {
                     Err(e) => debug!(error = %e, "udp recv failed"),
                 },
                 _ = sleep_until_opt(deadline) => flock.handle_timeout(now()),
-                cmd = commands.recv(), if commands_open => match cmd {
-                    Some(cmd) => flock.handle_command(now(), cmd),
+                req = requests.recv(), if commands_open => match req {
+                    Some(Request::Command(cmd)) => flock.handle_command(now(), cmd),
+                    Some(Request::Keyring(op, reply)) => {
+                        let t = now();
+                        out.refused = None;
+                        flock.handle_command(t, Command::Keyring(op));
+                        out.drain(&mut flock, t);
+                        // Publish before replying, so the caller sees its change.
+                        if out.keyring_changed {
+                            out.keyring_changed = false;
+                            let _ = keyring.send(flock.keyring().cloned());
+                        }
+                        out.changed = false;
+                        let _ = snapshot.send(Arc::new(Snapshot::take(
+                            &flock,
+                            &bloc,
+                            t,
+                            leave_deadline.is_some(),
+                        )));
+                        let _ = reply.send(match out.refused.take() {
+                            Some(reason) => Err(reason),
+                            None => Ok(()),
+                        });
+                    }
                     None => commands_open = false,
                 },
                 Some(req) = in_rx.recv() => {
@@ -292,10 +383,15 @@ impl Driver {
                 flock.handle_timeout(t);
             }
             out.drain(&mut flock, t);
+            if out.keyring_changed {
+                out.keyring_changed = false;
+                let _ = keyring.send(flock.keyring().cloned());
+            }
             if out.changed {
                 out.changed = false;
                 let _ = snapshot.send(Arc::new(Snapshot::take(
                     &flock,
+                    &bloc,
                     now(),
                     leave_deadline.is_some(),
                 )));
@@ -304,7 +400,7 @@ impl Driver {
                 break Exit::Left;
             }
         };
-        let _ = snapshot.send(Arc::new(Snapshot::take(&flock, now(), true)));
+        let _ = snapshot.send(Arc::new(Snapshot::take(&flock, &bloc, now(), true)));
         exit
     }
 }
@@ -326,6 +422,10 @@ struct Outputs<'a> {
     tasks: &'a CancellationToken,
     changed: bool,
     leave_complete: bool,
+    /// A keyring change was applied (publish the keyring for the agent to save).
+    keyring_changed: bool,
+    /// The reason of the last refused keyring change.
+    refused: Option<String>,
 }
 
 impl Outputs<'_> {
@@ -369,8 +469,11 @@ impl Outputs<'_> {
             while let Some(ev) = flock.poll_event() {
                 any = true;
                 self.changed = true;
-                if ev == Event::LeaveComplete {
-                    self.leave_complete = true;
+                match &ev {
+                    Event::LeaveComplete => self.leave_complete = true,
+                    Event::KeyringChanged => self.keyring_changed = true,
+                    Event::KeyringRefused(reason) => self.refused = Some(reason.clone()),
+                    _ => {}
                 }
                 let _ = self.events.send(ev);
             }
@@ -496,6 +599,7 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> io::Resul
 mod tests {
     use super::*;
     use crate::{BootId, Config, MemberState, NodeId, Preset};
+    use rand_chacha::rand_core::SeedableRng;
     use std::net::{IpAddr, Ipv4Addr};
 
     /// Binds UDP and TCP on one free port of `ip`.
@@ -518,6 +622,16 @@ mod tests {
     }
 
     async fn test_flock(subnet: u8, n: usize, mtu: usize) -> TestFlock {
+        test_flock_with(subnet, n, mtu, None).await
+    }
+
+    /// As [`test_flock`]; with a keyring, every node runs with security on and that keyring.
+    async fn test_flock_with(
+        subnet: u8,
+        n: usize,
+        mtu: usize,
+        keyring: Option<&Keyring>,
+    ) -> TestFlock {
         let block = 10 + (std::process::id() % 200) as u8;
         let ips: Vec<IpAddr> = (0..n)
             .map(|i| IpAddr::V4(Ipv4Addr::new(127, block, subnet, 2 + i as u8)))
@@ -559,7 +673,18 @@ mod tests {
                 boot: BootId(0x01a2_0090_0000_0000 + i as u64),
                 addr: udp.local_addr().unwrap(),
             };
-            let flock = Flock::new(config, identity, i as u64, start.elapsed()).unwrap();
+            let flock = match keyring {
+                None => Flock::new(config, identity, i as u64, start.elapsed()).unwrap(),
+                Some(ring) => Flock::new_secure(
+                    config,
+                    identity,
+                    ring.clone(),
+                    crate::SecurityTiming::default(),
+                    [i as u8; 32],
+                    start.elapsed(),
+                )
+                .unwrap(),
+            };
             let (driver, handle) = Driver::new(flock, udp, tcp, start, DriverConfig::default());
             let stop = CancellationToken::new();
             f.tasks.push(tokio::spawn(driver.run(stop.clone())));
@@ -589,6 +714,41 @@ mod tests {
                 handles[0].snapshot()
             );
             let _ = tokio::time::timeout(Duration::from_millis(100), w.changed()).await;
+        }
+    }
+
+    /// With security on, sealed datagrams still make a flock over real sockets; a keyring change
+    /// made through one handle reaches every node's keyring watch, and a refused change comes back
+    /// with the core's reason.
+    #[tokio::test]
+    async fn secure_flock_spreads_keyring_changes() {
+        use crate::crypto::SecretKey;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let (old, new) = (SecretKey::generate(&mut rng), SecretKey::generate(&mut rng));
+        let ring = Keyring::new(SecretKey::from_bytes(*old.as_bytes()));
+        let f = test_flock_with(253, 3, 1400, Some(&ring)).await;
+        wait_agreed(&f.handles, 3).await;
+        assert!(f.handles.iter().all(|h| h.snapshot().key_epoch.is_some()));
+
+        let install = KeyringOp::Install(SecretKey::from_bytes(*new.as_bytes()));
+        assert_eq!(f.handles[0].keyring(install).await.unwrap(), Ok(()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for h in &f.handles {
+            let mut w = h.keyring_watch();
+            while w.borrow_and_update().as_ref().map(|r| r.len()) != Some(2) {
+                assert!(Instant::now() < deadline, "install did not spread");
+                let _ = tokio::time::timeout(Duration::from_millis(100), w.changed()).await;
+            }
+            assert_eq!(h.snapshot().keys.len(), 2);
+        }
+        let refused = f.handles[1].keyring(KeyringOp::Remove(old)).await.unwrap();
+        assert!(refused.is_err(), "removing the primary key must be refused");
+        wait_agreed(&f.handles, 3).await;
+        for s in &f.stops {
+            s.cancel();
+        }
+        for t in f.tasks {
+            t.await.unwrap();
         }
     }
 

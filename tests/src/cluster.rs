@@ -123,6 +123,7 @@ impl Cluster {
     /// Writes the configs of `n` agents (nothing runs yet). `test_id` (1-250) must differ between
     /// the tests of one test binary; `preset` is a timing preset name.
     pub fn new(bin: impl Into<PathBuf>, test_id: u8, n: usize, preset: &str) -> Cluster {
+        let bin: PathBuf = bin.into();
         assert!((1..=250).contains(&n));
         let block = (10 + (std::process::id() % 200) as u8, test_id);
         let dir = tempfile::Builder::new()
@@ -133,6 +134,7 @@ impl Cluster {
         let port = free_port(&ips);
         let bloc = format!("e2e-{}-{test_id}", std::process::id());
         let space = format!("{}-{}", ips[0], ips[n - 1]);
+        let key = keygen(&bin);
         let agents = (1..=n)
             .map(|k| {
                 let node_dir = dir.path().join(format!("node{k}"));
@@ -150,11 +152,12 @@ impl Cluster {
                     http_port = http.port(),
                 );
                 std::fs::write(node_dir.join("crux.toml"), config).expect("write config");
+                write_keyring(&node_dir.join("keyring"), &key);
                 Agent { k, addr, dir: node_dir, socket, http, child: None }
             })
             .collect();
         Cluster {
-            bin: bin.into(),
+            bin,
             dir: Some(dir),
             agents,
             port,
@@ -385,6 +388,27 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// A new secondary key from `crux keygen`.
+pub fn keygen(bin: &Path) -> String {
+    let out = Command::new(bin).arg("keygen").output().expect("run crux keygen");
+    assert!(out.status.success(), "crux keygen failed");
+    String::from_utf8(out.stdout).expect("utf-8 key").trim().to_string()
+}
+
+/// Writes a keyring file (one base64 key per line, mode 0600) holding `key`.
+pub fn write_keyring(path: &Path, key: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("create keyring");
+    writeln!(f, "{key}").expect("write keyring");
 }
 
 /// The clock, for deadlines (test harnesses may read it; the flock core may not).
