@@ -32,6 +32,7 @@ if [[ -z "${PORT:-}" ]]; then
 fi
 
 DIR=$(mktemp -d /tmp/crux-bench-XXXXXX)
+KEY=$("$CRUX_BIN" keygen)
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
@@ -52,6 +53,7 @@ start_flock() {
         if [[ $mode == seeds ]]; then
             if [[ $k == 1 ]]; then seeds="[\"$NET.3:$PORT\"]"; else seeds="[\"$NET.2:$PORT\"]"; fi
         fi
+        (umask 077 && echo "$KEY" >"$d/keyring")
         cat >"$d/crux.toml" <<EOF
 bloc = "bench-$$-$mode"
 data_dir = "$d"
