@@ -1069,7 +1069,9 @@ impl Flock {
             return;
         };
         if let Some(epoch) = sec.rotate_if_due(now, me, &mut self.rng) {
-            let key = sec.key_bytes(epoch).expect("just made");
+            let Some(key) = sec.key_bytes(epoch) else {
+                return;
+            };
             self.stats.rotations += 1;
             debug!(epoch, "transient key rotated");
             self.broadcasts.push(Update::Key {

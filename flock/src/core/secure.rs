@@ -469,18 +469,20 @@ impl Sec {
             }
             return None;
         }
-        let epoch = match self.own {
-            Some(e) => e.wrapping_add(1),
-            None => rng.next_u32(),
+        // Our own chain counts up from our newest key (or from the key we sealed with).
+        let mut epoch = match (self.newest_of(me, now), self.own) {
+            (Some(n), _) => n.wrapping_add(1),
+            (None, Some(e)) => e.wrapping_add(1),
+            (None, None) => rng.next_u32(),
         };
-        let epoch = if self.find(epoch).is_some() {
-            rng.next_u32()
-        } else {
-            epoch
-        };
+        while self.find(epoch).is_some() {
+            epoch = rng.next_u32();
+        }
         let key = SecretKey::generate(rng);
-        self.install(epoch, key, me, now);
-        self.own = Some(epoch);
+        if !self.install(epoch, key, me, now) {
+            return None;
+        }
+        self.set_own(epoch);
         self.next_rotation = Some(self.jittered(now, rng));
         Some(epoch)
     }
