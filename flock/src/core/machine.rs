@@ -1035,6 +1035,28 @@ impl Flock {
         }
     }
 
+    /// Seal with the newest key of the leader we follow. A member that holds none of its keys
+    /// (it followed another leader, e.g. a solo one during boot) asks the leader for them.
+    fn sync_key_to_leader(&mut self, now: Duration) {
+        let Some(claim) = self.leader else {
+            return;
+        };
+        if claim.leader == self.me.id {
+            return;
+        }
+        let Some(sec) = self.sec.as_mut() else {
+            return;
+        };
+        match sec.newest_of(claim.leader, now) {
+            Some(epoch) => {
+                if sec.own_epoch(now) != Some(epoch) {
+                    sec.set_own(epoch);
+                }
+            }
+            None => self.key_hint = true,
+        }
+    }
+
     /// A member that holds no fresh key (missed rotations, partitioned, new) asks a member for
     /// it through the handshake, at most once per probe interval.
     fn request_key_if_needed(&mut self, now: Duration) {
@@ -1052,11 +1074,22 @@ impl Flock {
         if busy {
             return;
         }
-        if let Some(id) = self.live.choose(&mut self.rng) {
+        // The leader surely holds its current key; anyone else may lag.
+        let leader = self
+            .leader
+            .map(|c| c.leader)
+            .filter(|l| self.live_index_has(*l));
+        if let Some(id) = leader.or_else(|| self.live.choose(&mut self.rng)) {
             let addr = self.members[&id].member.info.addr;
             self.stats.key_requests += 1;
             self.send_handshake(addr, Purpose::KeyRequest);
         }
+    }
+
+    fn live_index_has(&self, id: NodeId) -> bool {
+        self.members
+            .get(&id)
+            .is_some_and(|e| is_live(e.member.info.state))
     }
 
     /// Leader: rotate the transient key when due, and announce it under the current one.
@@ -1972,6 +2005,7 @@ impl Flock {
     }
 
     fn check_leader(&mut self, now: Duration) {
+        self.sync_key_to_leader(now);
         self.request_key_if_needed(now);
         self.rotate_if_leader(now);
         let t = self.config.timing.clone();
