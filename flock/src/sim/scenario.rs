@@ -111,6 +111,9 @@ pub struct ScenarioConfig {
     pub net: Option<NetConfig>,
     /// Timings; `None`: [`Timing::preset`] of `preset`.
     pub timing: Option<Timing>,
+    /// Run the nodes with security (sealed datagrams, join handshakes, key rotation) with these
+    /// rotation timings; `None`: plain datagrams.
+    pub security: Option<crate::SecurityTiming>,
     /// Nodes start at random instants of `[0, start_within)`.
     pub start_within: Duration,
     /// Longest wait for each agreement (initial, after the trigger).
@@ -149,6 +152,7 @@ impl ScenarioConfig {
             duplicate: 0.0,
             net: None,
             timing: None,
+            security: None,
             start_within: Duration::from_secs(1),
             phase_deadline: Duration::from_secs(120),
             warmup: Duration::from_secs(10),
@@ -169,6 +173,7 @@ impl ScenarioConfig {
         if let Some(t) = &self.timing {
             c.timing = t.clone();
         }
+        c.security = self.security.clone();
         c.net = match &self.net {
             Some(n) => n.clone(),
             None => NetConfig {
@@ -196,6 +201,8 @@ pub struct Report {
     pub loss: f64,
     /// Datagram duplication probability.
     pub duplicate: f64,
+    /// Whether the nodes ran with security (sealed datagrams, handshakes, key rotation).
+    pub secure: bool,
     /// At the end, every running node agrees on one leader and on the full live membership.
     pub converged: bool,
     /// Distinct leaders followed by running nodes at the end.
@@ -274,7 +281,12 @@ impl Report {
         let mut rows: Vec<(&str, String)> = vec![
             (
                 "scenario",
-                format!("{} ({} preset)", self.scenario, self.preset),
+                format!(
+                    "{} ({} preset{})",
+                    self.scenario,
+                    self.preset,
+                    if self.secure { ", secure" } else { "" }
+                ),
             ),
             (
                 "nodes",
@@ -637,6 +649,7 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim) -> Report {
         preset: cfg.preset,
         loss: r.sim.net_config().loss,
         duplicate: r.sim.net_config().duplicate,
+        secure: cfg.security.is_some(),
         converged: end.agreed,
         leaders: end.leaders.len(),
         leader: leader_view.map(|(id, _)| id.to_string()),
