@@ -63,7 +63,7 @@ seeds = $seeds
 preset = "$PRESET"
 socket = "$d/reeve.sock"
 grpc_port = $((PORT + 1))
-http_port = 0
+http_port = $((PORT + 2))
 log_level = "info"
 EOF
         "$CRUX_BIN" agent --config "$d/crux.toml" </dev/null >"$d/agent.log" 2>&1 &
@@ -106,9 +106,21 @@ last_change() {
     echo "$latest"
 }
 
+# dump_metrics: every agent's /metrics into its dir (for a slow or failed run).
+dump_metrics() {
+    for k in $(seq "$N"); do
+        curl -s "http://$NET.$((k + 1)):$((PORT + 2))/metrics" >"$DIR/$MODE/node$k/metrics.txt" || true
+    done
+}
+
 wait_agreement() {
-    local t0=$1
+    local t0=$1 dumped=0
     until agreed; do
+        if ((dumped == 0)) && (($(echo "$(now) - $t0 > 10" | bc -l))); then
+            echo "bench: slow ($MODE): metrics saved in $DIR/$MODE/nodeK/metrics.txt" >&2
+            dump_metrics
+            dumped=1
+        fi
         if (($(echo "$(now) - $t0 > $TIMEOUT_SECS" | bc -l))); then
             echo "bench: no agreement within ${TIMEOUT_SECS}s ($MODE); logs in $DIR" >&2
             exit 1
