@@ -179,6 +179,9 @@ pub struct LeaderClaim {
     pub solo: bool,
     /// Liveness counter, raised by the leader each beat interval.
     pub beat: u64,
+    /// The transient key epoch the leader seals with (0 without security): members seal with
+    /// the same key, and ask for it when they do not hold it.
+    pub epoch: u32,
 }
 
 impl LeaderClaim {
@@ -473,13 +476,15 @@ mod tests {
             any::<u64>(),
             any::<bool>(),
             any::<u64>(),
+            any::<u32>(),
         )
-            .prop_map(|(l, b, term, solo, beat)| LeaderClaim {
+            .prop_map(|(l, b, term, solo, beat, epoch)| LeaderClaim {
                 leader: NodeId(l),
                 boot: BootId(b),
                 term,
                 solo,
                 beat,
+                epoch,
             })
     }
 

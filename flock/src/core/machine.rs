@@ -738,6 +738,11 @@ impl Flock {
                 if let Some(claim) = self.leader.as_mut() {
                     if claim.leader == self.me.id && claim.term == term && !self.leaving {
                         claim.beat += 1;
+                        claim.epoch = self
+                            .sec
+                            .as_ref()
+                            .and_then(|s| s.own_epoch(now))
+                            .unwrap_or(0);
                         let claim = *claim;
                         self.broadcasts.push(Update::Leader(claim));
                         self.schedule(next, Timer::Beat { term });
@@ -994,26 +999,32 @@ impl Flock {
         let Some(sec) = self.sec.as_mut() else {
             return;
         };
+        let ours = self.leader;
+        let needs = sec.needs_key(now);
+        let own = sec.own_epoch(now);
+        let previous = joined.keys.previous.as_ref().map(|p| p.epoch);
+        let same_keys = own.is_some() && (own == Some(current) || own == previous);
+        let same_leader = matches!((theirs, ours), (Some(t), Some(o)) if t.leader == o.leader);
+        let switch = needs
+            || (!same_keys
+                && match (theirs, ours) {
+                    (Some(t), Some(o)) => t.leader != o.leader && t.precedence() > o.precedence(),
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                });
+        if !(switch || same_keys || same_leader) {
+            // Another flock that should lose a merge: it asks us in turn (our request carried
+            // our claim) and switches to our keys. Its keys are of no use to us.
+            return;
+        }
         if let Some(prev) = &joined.keys.previous {
             sec.install(prev.epoch, prev.key.clone(), tag, now);
         }
-        let new_key = sec.install(current, joined.keys.current.key.clone(), tag, now);
-        let ours = self.leader;
-        let switch = if sec.needs_key(now) {
-            true
-        } else if sec.own_epoch(now) == Some(current) {
-            false
-        } else {
-            match (theirs, ours) {
-                (Some(t), Some(o)) => t.leader != o.leader && t.precedence() > o.precedence(),
-                (Some(_), None) => true,
-                (None, _) => false,
-            }
-        };
+        sec.install(current, joined.keys.current.key.clone(), tag, now);
         if switch {
             sec.set_own(current);
         }
-        if switch || new_key {
+        if switch {
             // Spread the key so that the rest of our flock can talk to the other side (a merge)
             // or, after a switch, follow us to the winning flock.
             let key = *joined.keys.current.key.as_bytes();
@@ -1041,19 +1052,18 @@ impl Flock {
         let Some(claim) = self.leader else {
             return;
         };
-        if claim.leader == self.me.id {
+        if claim.leader == self.me.id || claim.epoch == 0 {
             return;
         }
         let Some(sec) = self.sec.as_mut() else {
             return;
         };
-        match sec.newest_of(claim.leader, now) {
-            Some(epoch) => {
-                if sec.own_epoch(now) != Some(epoch) {
-                    sec.set_own(epoch);
-                }
+        if sec.holds(claim.epoch, now) {
+            if sec.own_epoch(now) != Some(claim.epoch) {
+                sec.set_own(claim.epoch);
             }
-            None => self.key_hint = true,
+        } else {
+            self.key_hint = true;
         }
     }
 
@@ -1112,24 +1122,34 @@ impl Flock {
                 epoch,
                 key,
             });
+            if let Some(claim) = self.leader.as_mut() {
+                claim.epoch = epoch;
+                claim.beat += 1;
+                let claim = *claim;
+                self.broadcasts.push(Update::Leader(claim));
+            }
             self.gossip_round();
         }
     }
 
     /// A transient key spread by gossip (rotation or merge).
     fn apply_key(&mut self, now: Duration, leader: NodeId, epoch: u32, key: [u8; 32]) {
-        let following = self.leader.map(|c| c.leader);
+        let following = self.leader;
         let Some(sec) = self.sec.as_mut() else {
             return;
         };
-        let new = sec.install(epoch, SecretKey::from_bytes(key), leader, now);
-        if !new {
+        // Only the keys of the leader we follow matter (and any key while we hold none): keys
+        // of other leaders (solo leaders of a cold boot, a flock that lost a merge) would
+        // otherwise circulate for ever, evicted and learnt again.
+        let needs = sec.needs_key(now);
+        if following.map(|c| c.leader) != Some(leader) && !needs {
             return;
         }
-        if following == Some(leader) || sec.needs_key(now) {
-            if let Some(newest) = sec.newest_of(leader, now) {
-                sec.set_own(newest);
-            }
+        if !sec.install(epoch, SecretKey::from_bytes(key), leader, now) {
+            return;
+        }
+        if needs || following.is_some_and(|c| c.epoch == epoch) {
+            sec.set_own(epoch);
         }
         self.broadcasts.push(Update::Key { leader, epoch, key });
     }
@@ -1965,10 +1985,7 @@ impl Flock {
         match self.leader {
             Some(cur) if cur.leader == claim.leader && cur.term == claim.term => {
                 if claim.beat > cur.beat {
-                    self.leader = Some(LeaderClaim {
-                        beat: claim.beat,
-                        ..cur
-                    });
+                    self.leader = Some(claim);
                     self.last_beat = now;
                     self.broadcasts.push(Update::Leader(claim));
                 }
@@ -1982,7 +1999,7 @@ impl Flock {
             _ => {
                 let was_me = self.leader.is_some_and(|c| c.leader == self.me.id);
                 self.leader = Some(claim);
-                self.follow_leader_key(now, claim.leader);
+                self.sync_key_to_leader(now);
                 self.last_beat = now;
                 self.broadcasts.push(Update::Leader(claim));
                 debug!(leader = %claim.leader, term = claim.term, stepped_down = was_me, "new leader");
@@ -2048,19 +2065,6 @@ impl Flock {
 
     /// After adopting a leader: seal with its newest key if we hold one, and spread that key
     /// with the claim (a merge: the losing side learns the winner's key this way).
-    fn follow_leader_key(&mut self, now: Duration, leader: NodeId) {
-        let Some(sec) = self.sec.as_mut() else {
-            return;
-        };
-        if let Some(epoch) = sec.newest_of(leader, now) {
-            if sec.own_epoch(now) != Some(epoch) {
-                sec.set_own(epoch);
-                let key = sec.key_bytes(epoch).expect("held");
-                self.broadcasts.push(Update::Key { leader, epoch, key });
-            }
-        }
-    }
-
     fn claim(&mut self, now: Duration, solo: bool) {
         let term = self.max_term + 1;
         self.max_term = term;
@@ -2070,6 +2074,7 @@ impl Flock {
             term,
             solo,
             beat: 0,
+            epoch: self.key_epoch().unwrap_or(0),
         };
         debug!(term, solo, "claiming leadership");
         self.stats.claims += 1;

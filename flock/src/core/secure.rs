@@ -26,8 +26,6 @@ use crate::DropReason;
 
 /// Most transient keys held at once (own flock: current and previous; a merging flock's two).
 pub const TRANSIENT_KEYS_MAX: usize = 4;
-/// Keys of one leader kept at once: its current and previous epoch.
-const KEYS_PER_LEADER: usize = 2;
 /// Replay windows kept.
 const REPLAY_SENDERS_MAX: usize = 16_384;
 /// Handshake sources rate-limited at once.
@@ -150,50 +148,21 @@ impl Sec {
         self.find(epoch).is_some_and(|k| self.fresh(k, now))
     }
 
-    /// The newest fresh key made by `leader`.
-    pub(crate) fn newest_of(&self, leader: NodeId, now: Duration) -> Option<u32> {
-        let mut newest: Option<u32> = None;
-        for k in self
-            .keys
-            .iter()
-            .filter(|k| k.leader == leader && self.fresh(k, now))
-        {
-            if newest.is_none_or(|n| epoch_newer(k.epoch, n)) {
-                newest = Some(k.epoch);
-            }
-        }
-        newest
-    }
-
     /// Makes `epoch` (held) this node's sealing key.
+    /// Makes `epoch` (held) this node's sealing key. Of the keys of the same leader, only this
+    /// one and the one it replaces stay: members accept the current and the previous epoch.
     pub(crate) fn set_own(&mut self, epoch: u32) {
-        if let Some(leader) = self.find(epoch).map(|k| k.leader) {
-            self.own = Some(epoch);
-            self.keep_two_of(leader, epoch);
-        }
-    }
-
-    /// Keeps only the two newest epochs of `leader` (current and previous), and our own key.
-    fn keep_two_of(&mut self, leader: NodeId, epoch: u32) {
-        let own = self.own;
-        let mut of_leader: Vec<(u32, u32)> = self
-            .keys
-            .iter()
-            .filter(|k| k.leader == leader)
-            .map(|k| (k.epoch.wrapping_sub(epoch).wrapping_add(1 << 31), k.epoch))
-            .collect();
-        if of_leader.len() > KEYS_PER_LEADER {
-            of_leader.sort();
-            let drop: Vec<u32> = of_leader[..of_leader.len() - KEYS_PER_LEADER]
-                .iter()
-                .map(|x| x.1)
-                .collect();
+        let Some(leader) = self.find(epoch).map(|k| k.leader) else {
+            return;
+        };
+        let previous = self.own.replace(epoch);
+        if previous != Some(epoch) {
             self.keys
-                .retain(|k| !drop.contains(&k.epoch) || Some(k.epoch) == own);
+                .retain(|k| k.leader != leader || k.epoch == epoch || Some(k.epoch) == previous);
         }
     }
 
-    /// Installs a key; returns false if it was already held (or conflicts with a held epoch).
+    /// Installs a key; returns false if it was already held.
     pub(crate) fn install(
         &mut self,
         epoch: u32,
@@ -204,13 +173,6 @@ impl Sec {
         if self.find(epoch).is_some() {
             return false;
         }
-        // A leader's epochs count up: one older than its newest we hold is a stale copy.
-        if self
-            .newest_of(leader, now)
-            .is_some_and(|n| epoch_newer(n, epoch))
-        {
-            return false;
-        }
         let packet = PacketKey::transient(&key, &self.bloc);
         self.keys.push(TransientKey {
             epoch,
@@ -219,12 +181,12 @@ impl Sec {
             since: now,
             leader,
         });
-        // Expired keys go first; then each leader keeps its two newest; then the oldest go.
+        // Expired keys go; past the bound, the oldest go (never our own sealing key, never the
+        // key just learnt). Dropped keys wipe themselves.
         let max_age = self.max_age;
         let own = self.own;
         self.keys
             .retain(|k| now.saturating_sub(k.since) <= max_age || Some(k.epoch) == own);
-        self.keep_two_of(leader, epoch);
         while self.keys.len() > TRANSIENT_KEYS_MAX {
             let oldest = self
                 .keys
@@ -235,7 +197,7 @@ impl Sec {
                 .map(|(i, _)| i);
             match oldest {
                 Some(i) => {
-                    self.keys.remove(i); // SecretKey and PacketKey wipe themselves on drop
+                    self.keys.remove(i);
                 }
                 None => break,
             }
@@ -470,10 +432,9 @@ impl Sec {
             return None;
         }
         // Our own chain counts up from our newest key (or from the key we sealed with).
-        let mut epoch = match (self.newest_of(me, now), self.own) {
-            (Some(n), _) => n.wrapping_add(1),
-            (None, Some(e)) => e.wrapping_add(1),
-            (None, None) => rng.next_u32(),
+        let mut epoch = match self.own {
+            Some(e) => e.wrapping_add(1),
+            None => rng.next_u32(),
         };
         while self.find(epoch).is_some() {
             epoch = rng.next_u32();
@@ -518,14 +479,9 @@ impl Sec {
     }
 }
 
-/// RFC 1982 serial-number order of epochs within one leader's chain: `a` is newer than `b`.
-fn epoch_newer(a: u32, b: u32) -> bool {
-    a != b && a.wrapping_sub(b) < 1 << 31
-}
-
 /// Decodes the context a handshake carries: a leader claim (or nothing).
 pub(crate) fn decode_claim(context: &[u8]) -> Option<crux_proto::flock::LeaderClaim> {
-    if context.len() != 33 {
+    if context.len() != 37 {
         return None;
     }
     let u64_at = |i: usize| u64::from_le_bytes(context[i..i + 8].try_into().expect("8 bytes"));
@@ -535,19 +491,21 @@ pub(crate) fn decode_claim(context: &[u8]) -> Option<crux_proto::flock::LeaderCl
         term: u64_at(16),
         solo: context[24] != 0,
         beat: u64_at(25),
+        epoch: u32::from_le_bytes(context[33..37].try_into().expect("4 bytes")),
     })
 }
 
-/// Encodes a leader claim as handshake context (33 bytes).
+/// Encodes a leader claim as handshake context (37 bytes).
 pub(crate) fn encode_claim(claim: Option<&crux_proto::flock::LeaderClaim>) -> Vec<u8> {
     let Some(c) = claim else {
         return Vec::new();
     };
-    let mut v = Vec::with_capacity(33);
+    let mut v = Vec::with_capacity(37);
     v.extend_from_slice(&c.leader.0.to_le_bytes());
     v.extend_from_slice(&c.boot.0.to_le_bytes());
     v.extend_from_slice(&c.term.to_le_bytes());
     v.push(c.solo as u8);
     v.extend_from_slice(&c.beat.to_le_bytes());
+    v.extend_from_slice(&c.epoch.to_le_bytes());
     v
 }

@@ -110,9 +110,7 @@ impl SimConfig {
             net: NetConfig::preset(preset),
             seed_nodes: Vec::new(),
             log_events: false,
-            // Plain by default for now: with security on, 1,000-node runs converge but their
-            // steady traffic is ~100x too high (see the security issue's note).
-            security: None,
+            security: Some(crate::SecurityTiming::default()),
             partition_grace: Duration::from_secs(30),
         }
     }
