@@ -43,10 +43,10 @@ pub struct SimArgs {
     /// Probability that a datagram is delivered twice.
     #[arg(long, default_value_t = 0.0)]
     pub duplicate: f64,
-    /// Run the nodes with security on (sealed datagrams, join handshakes, transient-key rotation
-    /// every 30-60 s). Without it datagrams travel in clear, which measures the protocol alone.
+    /// Run the nodes without security: datagrams in clear, no join handshakes, no key rotation
+    /// (measures the membership protocol alone). By default nodes run sealed, as the agent does.
     #[arg(long)]
-    pub secure: bool,
+    pub plain: bool,
     /// Longest wait, in simulated seconds, for each agreement of the scenario.
     #[arg(long, default_value_t = 120.0)]
     pub deadline: f64,
@@ -72,7 +72,9 @@ impl SimArgs {
         cfg.preset = self.preset;
         cfg.loss = self.loss;
         cfg.duplicate = self.duplicate;
-        cfg.security = self.secure.then(crux_flock::SecurityTiming::default);
+        if self.plain {
+            cfg.security = None;
+        }
         cfg.window = seconds("window", self.window)?;
         cfg.warmup = seconds("warmup", self.warmup)?;
         cfg.phase_deadline = seconds("deadline", self.deadline)?;

@@ -221,8 +221,14 @@ fn without_wall(mut r: Report) -> Report {
 /// Reference: issue 2, item 4 — "the same seed gives the same run, bit for bit".
 #[test]
 fn replaying_a_seed_reproduces_the_run() {
-    for scenario in Scenario::ALL {
+    for (scenario, secure) in Scenario::ALL
+        .into_iter()
+        .flat_map(|s| [(s, true), (s, false)])
+    {
         let mut cfg = ScenarioConfig::new(scenario, 8, 42);
+        if !secure {
+            cfg.security = None;
+        }
         cfg.loss = 0.03;
         cfg.duplicate = 0.01;
         cfg.window = secs(2);
@@ -231,11 +237,14 @@ fn replaying_a_seed_reproduces_the_run() {
         cfg.churn_fraction = 0.2;
         let a = without_wall(scenario::run(&cfg).expect("valid"));
         let b = without_wall(scenario::run(&cfg).expect("valid"));
-        assert_eq!(a, b, "seed 42, {scenario}");
+        assert_eq!(a, b, "seed 42, {scenario}, secure {secure}");
         assert!(a.state_hash.is_some());
         cfg.seed = 43;
         let c = without_wall(scenario::run(&cfg).expect("valid"));
-        assert_ne!(a.trace_hash, c.trace_hash, "seeds 42 and 43, {scenario}");
+        assert_ne!(
+            a.trace_hash, c.trace_hash,
+            "seeds 42 and 43, {scenario}, secure {secure}"
+        );
     }
 }
 
@@ -285,7 +294,11 @@ fn secure_flock_converges_and_survives_key_rotations() {
         assert_eq!(r.false_positive_deaths, 0, "seed {seed}: {r:?}");
         if seed == 1 {
             let again = scenario::run(&cfg).expect("valid config");
-            assert_eq!(without_wall(r), without_wall(again), "seed {seed}: replay differs");
+            assert_eq!(
+                without_wall(r),
+                without_wall(again),
+                "seed {seed}: replay differs"
+            );
         }
     }
 }

@@ -140,8 +140,9 @@ pub struct ScenarioConfig {
 }
 
 impl ScenarioConfig {
-    /// A scenario with the parameters: `lan` preset, no loss, nodes started within 1 s,
-    /// 120 s per phase, a 10 s warm-up and a 10 s window, checks every 100 ms, 12 churn rounds of 1 % every 10 s.
+    /// A scenario with the parameters: `lan` preset, security on (as the agent runs), no
+    /// loss, nodes started within 1 s, 120 s per phase, a 10 s warm-up and a 10 s window, checks
+    /// every 100 ms, 12 churn rounds of 1 % every 10 s.
     pub fn new(scenario: Scenario, nodes: usize, seed: u64) -> ScenarioConfig {
         ScenarioConfig {
             scenario,
@@ -152,7 +153,7 @@ impl ScenarioConfig {
             duplicate: 0.0,
             net: None,
             timing: None,
-            security: None,
+            security: Some(crate::SecurityTiming::default()),
             start_within: Duration::from_secs(1),
             phase_deadline: Duration::from_secs(120),
             warmup: Duration::from_secs(10),
