@@ -320,8 +320,15 @@ async fn bootstrap(
             break;
         }
         tokio::select! {
+            biased;
             _ = stop.cancelled() => return Ok(None),
-            r = watch.changed() => if r.is_err() { bail!("flock driver stopped during bootstrap") },
+            r = watch.changed() => if r.is_err() {
+                // The driver ends only after a shutdown (which may have won the race to here).
+                if stop.is_cancelled() {
+                    return Ok(None);
+                }
+                bail!("flock driver stopped during bootstrap")
+            },
             _ = tokio::time::sleep(Duration::from_secs(5)) => {
                 waited += Duration::from_secs(5);
                 info!(waited = ?waited, live = snap.live, "bootstrap step 1/5 flock: waiting for a leader");

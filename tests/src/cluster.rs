@@ -331,6 +331,58 @@ impl Cluster {
         leader.ok_or_else(|| "no nodes".into())
     }
 
+    /// Checks that every node of `nodes` sees every one of them `alive` (leaders aside).
+    pub fn all_alive(&self, nodes: &[usize]) -> Result<(), String> {
+        let want: BTreeSet<String> = nodes
+            .iter()
+            .map(|k| {
+                self.node_id(*k)
+                    .ok_or_else(|| format!("node{k} has no id yet"))
+            })
+            .collect::<Result<_, _>>()?;
+        for &k in nodes {
+            let members = self.members(k)?;
+            for id in &want {
+                let state = members
+                    .iter()
+                    .find(|m| &m.id == id)
+                    .map(|m| m.state.as_str());
+                if state != Some("alive") {
+                    return Err(format!("node{k} sees {id} as {state:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until [`Cluster::agreement`] has held at every poll for `hold` (a flock that has
+    /// settled, not one caught between two merges), and returns the leader.
+    pub fn stable_agreement(&self, nodes: &[usize], hold: Duration, timeout: Duration) -> Leader {
+        let mut since: Option<(Instant, Leader)> = None;
+        self.wait_for(
+            "a stable agreement on members and one leader",
+            timeout,
+            || {
+                let l = match self.agreement(nodes) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        since = None;
+                        return Err(e);
+                    }
+                };
+                match &since {
+                    Some((t, first)) if first == &l => {
+                        if now().duration_since(*t) >= hold {
+                            return Ok(l);
+                        }
+                    }
+                    _ => since = Some((now(), l)),
+                }
+                Err("agreement not yet held long enough".into())
+            },
+        )
+    }
+
     /// Which node index has this node id.
     pub fn index_of(&self, id: &str) -> Option<usize> {
         (1..=self.agents.len()).find(|k| self.node_id(*k).as_deref() == Some(id))
@@ -392,9 +444,15 @@ impl Drop for Cluster {
 
 /// A new secondary key from `crux keygen`.
 pub fn keygen(bin: &Path) -> String {
-    let out = Command::new(bin).arg("keygen").output().expect("run crux keygen");
+    let out = Command::new(bin)
+        .arg("keygen")
+        .output()
+        .expect("run crux keygen");
     assert!(out.status.success(), "crux keygen failed");
-    String::from_utf8(out.stdout).expect("utf-8 key").trim().to_string()
+    String::from_utf8(out.stdout)
+        .expect("utf-8 key")
+        .trim()
+        .to_string()
 }
 
 /// Writes a keyring file (one base64 key per line, mode 0600) holding `key`.
