@@ -161,6 +161,9 @@ fn cli_without_an_agent_fails_clearly() {
     }
 }
 
+/// A key as `crux keys list --json` shows it: id, primary.
+type Key = (String, bool);
+
 /// Serf-style rotation of the secondary key through the CLI, each step on a different node: install
 /// the new key, use it, remove the old one. Each change spreads to every member's keyring (and
 /// keyring file), and every member stays alive in every view throughout (checked at every poll).
@@ -170,7 +173,7 @@ fn keyring_rotation_through_the_cli_keeps_every_member_alive() {
     let all = [1, 2, 3, 4, 5];
     c.start_all();
     converged(&c, &all);
-    let keys_of = |k: usize| -> Result<Vec<(String, bool)>, String> {
+    let keys_of = |k: usize| -> Result<Vec<Key>, String> {
         let out = c.cli(k, &["keys", "list", "--json"]);
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).to_string());
@@ -190,7 +193,7 @@ fn keyring_rotation_through_the_cli_keeps_every_member_alive() {
     let new = crux_tests::cluster::keygen(BIN.as_ref());
     // Runs `crux ARGS` on node k, then waits until every node's keyring is `want`, checking at
     // every poll that all five are alive everywhere.
-    let step = |k: usize, args: &[&str], want: &dyn Fn(&[(String, bool)]) -> bool| {
+    let step = |k: usize, args: &[&str], want: &dyn Fn(&[Key]) -> bool| {
         let out = c.cli(k, args);
         assert!(
             out.status.success(),
