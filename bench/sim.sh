@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Runs issue 2's target measurements with the release `crux sim` and prints the figures.
+# Nodes run with security on (as the agent does) unless a line says --plain.
 #
 #   bench/sim.sh            # everything (the 10,000-node runs take several minutes and ~GBs of RAM)
 #   QUICK=1 bench/sim.sh    # skip the 10,000-node runs
@@ -60,7 +61,7 @@ check() {
 }
 
 row() {
-    printf '%-50s %-14s %-14s %s\n' "$1" "$2" "$3" "$4"
+    printf '%-54s %-14s %-14s %s\n' "$1" "$2" "$3" "$4"
 }
 
 run cold-1k-loss5 --scenario cold-boot --nodes 1000 --loss 0.05
@@ -68,6 +69,7 @@ run kill-1k --scenario kill-leader --nodes 1000 --preset lan
 run heal-1k --scenario partition-heal --nodes 1000
 run cold-100-loss5 --scenario cold-boot --nodes 100 --loss 0.05
 run wall-1k-60s --scenario cold-boot --nodes 1000 --duration 60
+run wall-1k-60s-plain --scenario cold-boot --nodes 1000 --duration 60 --plain
 run churn-1k-loss2 --scenario churn --nodes 1000 --loss 0.02
 if [[ -z "${QUICK:-}" ]]; then
     run cold-10k-loss5 --scenario cold-boot --nodes 10000 --loss 0.05
@@ -115,6 +117,7 @@ if [[ -n "${SKIPPED_10K:-}" ]]; then
 fi
 row "1,000 nodes, 60 simulated s: wall_s" "$(field wall-1k-60s wall_s)" "<= 20" \
     "$(check wall-1k-60s wall_s '<=' 20)"
+row "  the same without security (--plain)" "$(field wall-1k-60s-plain wall_s)" "(info)" ""
 echo
 echo "converged: cold-1k=$(field cold-1k-loss5 converged) kill-1k=$(field kill-1k converged)" \
     "heal-1k=$(field heal-1k converged) cold-100=$(field cold-100-loss5 converged)" \
