@@ -405,3 +405,29 @@ async fn log_events(handle: DriverHandle) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml: &str) -> Settings {
+        RawConfig::from_toml(toml).unwrap().validate().unwrap()
+    }
+
+    #[test]
+    fn advertise_is_chosen_for_a_wildcard_bind() {
+        // Given: the kernel's route towards the first seed decides.
+        let s = settings("bloc = \"b\"\nbind = \"0.0.0.0:7700\"\nseeds = [\"127.0.0.5:7700\"]");
+        let a = resolve_advertise(&s).unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 7700, "{a}");
+        // Named: taken as is.
+        let s = settings("bloc = \"b\"\nbind = \"0.0.0.0:7700\"\nadvertise = \"10.1.2.3:7700\"");
+        assert_eq!(
+            resolve_advertise(&s).unwrap(),
+            "10.1.2.3:7700".parse().unwrap()
+        );
+        // Nowhere to look and nothing named: the error names the field.
+        let s = settings("bloc = \"b\"\nbind = \"0.0.0.0:7700\"");
+        assert_eq!(resolve_advertise(&s).unwrap_err().field, "advertise");
+    }
+}
