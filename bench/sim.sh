@@ -6,9 +6,10 @@
 #   QUICK=1 bench/sim.sh    # skip the 10,000-node runs
 #
 # Memory: every simulated node holds the full member table, so a run needs memory in N². With the
-# core of this writing that is ~650 MB at 1,000 nodes and ~2.4 GB at 2,000 (≈600 B per member entry
-# per node), so ~60 GB at 10,000. The 10,000-node run is skipped, with a message, when
-# MemAvailable is below MEM_10K_GB (default 60); set MEM_10K_GB lower once the core slims down.
+# core of this writing that is ~1.0 GB at 1,000 nodes and ~3.2 GB at 2,000 with security (~650 MB
+# and ~2.4 GB plain; 600-800 B per member entry per node), so 60-80 GB at 10,000. The
+# 10,000-node run is skipped, with a message, when MemAvailable is below MEM_10K_GB (default 80);
+# set MEM_10K_GB lower once the core slims down.
 #   SEED=7 bench/sim.sh     # another seed (default 1)
 #   CRUX_BIN=path bench/sim.sh   # use this binary instead of building target/release/crux
 #
@@ -20,7 +21,7 @@ SEED="${SEED:-1}"
 OUT=target/sim-bench
 mkdir -p "$OUT"
 
-MEM_10K_GB="${MEM_10K_GB:-60}"
+MEM_10K_GB="${MEM_10K_GB:-80}"
 avail_gb=$(( $(awk '/MemAvailable/ {print $2}' /proc/meminfo) / 1024 / 1024 ))
 if [[ -z "${QUICK:-}" && "$avail_gb" -lt "$MEM_10K_GB" ]]; then
     echo "skipping the 10,000-node runs: ${avail_gb} GB available, about ${MEM_10K_GB} GB needed" >&2
