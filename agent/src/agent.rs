@@ -396,6 +396,8 @@ async fn log_events(handle: DriverHandle) {
             }
             Ok(Event::LeaderChanged(None)) => info!("no leader known"),
             Ok(Event::LeaveComplete) => info!("leave gossiped"),
+            Ok(Event::KeyringChanged) => info!("keyring changed"),
+            Ok(Event::KeyringRefused(reason)) => warn!(%reason, "keyring change refused"),
             #[allow(unreachable_patterns)] // events the security work adds are logged as they are
             Ok(other) => info!(event = ?other, "flock event"),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
