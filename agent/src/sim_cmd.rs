@@ -3,9 +3,11 @@
 //!
 //! The simulation itself lives in `crux_flock::sim`; this is its command-line front end.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use crux_flock::sim::scenario::Progress;
 use crux_flock::sim::{scenario, Scenario, ScenarioConfig};
 use crux_flock::Preset;
 
@@ -89,10 +91,24 @@ impl SimArgs {
     }
 }
 
-/// Runs `crux sim`: prints a short table, or with `--json` exactly one JSON object.
+/// Runs `crux sim`: prints a short table, or with `--json` exactly one JSON object. On a terminal,
+/// a progress line on stderr shows the phase and the simulated time while it runs.
 pub fn run(args: &SimArgs) -> anyhow::Result<()> {
     let cfg = args.scenario_config()?;
-    let report = scenario::run(&cfg).context("simulation config")?;
+    let report = if std::io::stderr().is_terminal() {
+        let mut show = |p: &Progress| {
+            eprint!(
+                "\r\x1b[K{}: {:.0} s simulated, {} nodes running, {} events",
+                p.phase, p.sim_s, p.running, p.events
+            );
+        };
+        let report = scenario::run_with_progress(&cfg, &mut show);
+        eprint!("\r\x1b[K");
+        report
+    } else {
+        scenario::run(&cfg)
+    };
+    let report = report.context("simulation config")?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

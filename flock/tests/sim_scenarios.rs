@@ -302,3 +302,24 @@ fn secure_flock_converges_and_survives_key_rotations() {
         }
     }
 }
+
+/// `crux sim` shows progress on long runs: the callback sees every phase, in order, with time
+/// going forward.
+#[test]
+fn progress_reports_phases_in_order() {
+    let mut cfg = ScenarioConfig::new(Scenario::KillLeader, 6, 5);
+    cfg.warmup = secs(2);
+    cfg.window = secs(2);
+    let mut seen: Vec<(&'static str, f64)> = Vec::new();
+    let r = scenario::run_with_progress(&cfg, &mut |p| seen.push((p.phase, p.sim_s)))
+        .expect("valid config");
+    assert!(r.converged, "{r:?}");
+    assert!(seen.windows(2).all(|w| w[0].1 < w[1].1), "{seen:?}");
+    let mut phases: Vec<&str> = seen.iter().map(|(p, _)| *p).collect();
+    phases.dedup();
+    assert_eq!(
+        phases,
+        ["boot", "settle", "after-crash", "warm-up", "window"],
+        "{seen:?}"
+    );
+}

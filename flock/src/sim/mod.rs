@@ -716,7 +716,14 @@ impl Sim {
                 let ring = crate::crypto::Keyring::new(crate::crypto::SecretKey::from_bytes(
                     SIM_SECONDARY_KEY,
                 ));
-                Flock::new_secure(self.config.clone(), identity, ring, timing.clone(), rng_seed, now)
+                Flock::new_secure(
+                    self.config.clone(),
+                    identity,
+                    ring,
+                    timing.clone(),
+                    rng_seed,
+                    now,
+                )
             }
             None => Flock::new(self.config.clone(), identity, seed, now),
         }

@@ -362,9 +362,27 @@ struct Traffic {
     secs: f64,
 }
 
+/// Where a running scenario is, reported about once per simulated second to
+/// [`run_with_progress`]'s callback.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    /// Phase: `boot`, `split`, `settle`, `after-crash`, `after-heal`, `churn`, `after-churn`,
+    /// `warm-up` or `window`.
+    pub phase: &'static str,
+    /// Simulated seconds so far.
+    pub sim_s: f64,
+    /// Running nodes.
+    pub running: usize,
+    /// Events handled so far.
+    pub events: u64,
+}
+
 struct Run<'a> {
     cfg: &'a ScenarioConfig,
     sim: Sim,
+    progress: &'a mut dyn FnMut(&Progress),
+    phase: &'static str,
+    next_progress: Duration,
     end_at: Option<Duration>,
     /// Full (O(N²)) checks are always made in flocks up to this size.
     full_always: bool,
@@ -389,7 +407,26 @@ impl Run<'_> {
 
     fn run_for(&mut self, d: Duration) {
         let at = self.cut(self.now() + d);
-        self.sim.run_until(at);
+        while self.now() < at {
+            let step = (self.now() + Duration::from_secs(1)).min(at);
+            self.sim.run_until(step);
+            self.tick();
+        }
+    }
+
+    /// Reports progress if a simulated second has passed since the last report.
+    fn tick(&mut self) {
+        if self.now() < self.next_progress {
+            return;
+        }
+        self.next_progress = self.now() + Duration::from_secs(1);
+        let p = Progress {
+            phase: self.phase,
+            sim_s: secs(self.now()),
+            running: self.sim.running_count(),
+            events: self.sim.metrics().events,
+        };
+        (self.progress)(&p);
     }
 
     /// Whether the running nodes agree (O(N) check, then the full one).
@@ -430,6 +467,7 @@ impl Run<'_> {
             }
             let next = (self.now() + self.cfg.cadence).min(deadline);
             self.sim.run_until(next);
+            self.tick();
         }
     }
 
@@ -462,6 +500,7 @@ impl Run<'_> {
         while self.now() < end {
             let next = (self.now() + self.cfg.cadence).min(end);
             self.sim.run_until(next);
+            self.tick();
             let now_agreed = self.sim.agreement(false).agreed;
             if *agreed && !now_agreed {
                 self.flaps += 1;
@@ -474,6 +513,7 @@ impl Run<'_> {
     /// window's traffic.
     fn window(&mut self) -> (Duration, Traffic) {
         let mut agreed = self.sim.agreement(false).agreed;
+        self.phase = "warm-up";
         let warm_start = self.now();
         let warm_end = self.cut(warm_start + self.cfg.warmup);
         self.watch(warm_end, &mut agreed);
@@ -482,6 +522,7 @@ impl Run<'_> {
             Some(e) => e.saturating_sub(self.now()),
             None => self.cfg.window,
         };
+        self.phase = "window";
         let before = self.sent();
         let stream_before = self.sim.metrics().stream_bytes;
         let start = self.now();
@@ -534,23 +575,38 @@ fn secs(d: Duration) -> f64 {
 }
 
 /// Runs a scenario and reports what it measured.
+pub fn run(cfg: &ScenarioConfig) -> Result<Report, crate::ConfigError> {
+    run_with_progress(cfg, &mut |_| {})
+}
+
+/// [`run`], calling `progress` about once per simulated second (large flocks take minutes).
 ///
 /// Reads the wall clock once before and once after, for [`Report::wall_s`]; nothing in the
 /// simulation depends on it.
 #[allow(clippy::disallowed_methods)]
-pub fn run(cfg: &ScenarioConfig) -> Result<Report, crate::ConfigError> {
+pub fn run_with_progress(
+    cfg: &ScenarioConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, crate::ConfigError> {
     let started = std::time::Instant::now();
     let sim = Sim::new(cfg.sim_config())?;
-    let mut report = run_sim(cfg, sim);
+    let mut report = run_sim(cfg, sim, progress);
     report.wall_s = started.elapsed().as_secs_f64();
     Ok(report)
 }
 
-fn run_sim(cfg: &ScenarioConfig, sim: Sim) -> Report {
+fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) -> Report {
     let n = sim.len();
     let mut r = Run {
         cfg,
         sim,
+        progress,
+        phase: if cfg.scenario == Scenario::PartitionHeal {
+            "split"
+        } else {
+            "boot"
+        },
+        next_progress: Duration::ZERO,
         end_at: cfg.duration,
         full_always: n <= 300,
         next_full: Duration::ZERO,
@@ -587,12 +643,14 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim) -> Report {
         Scenario::KillLeader => {
             initial = first.0;
             r.sim.watch_terms(true);
+            r.phase = "settle";
             r.run_for(cfg.settle);
             let a = r.sim.agreement(false);
             let leader = a.leaders.iter().next().and_then(|&id| r.sim.index_of(id));
             match leader {
                 Some(l) if a.leader_agreed && !r.out_of_time() => {
                     r.sim.crash(l);
+                    r.phase = "after-crash";
                     trigger = r.now();
                     agreement = r.until_agreed(trigger + cfg.phase_deadline);
                 }
@@ -602,11 +660,13 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim) -> Report {
         Scenario::PartitionHeal => {
             initial = first.0;
             leaders_before_heal = Some(r.sim.agreement(false).leaders.len());
+            r.phase = "settle";
             r.run_for(cfg.settle);
             if r.out_of_time() {
                 failed_phase = Some("settle");
             } else {
                 r.sim.heal();
+                r.phase = "after-heal";
                 trigger = r.now();
                 agreement = r.until_agreed(trigger + cfg.phase_deadline);
             }
@@ -614,7 +674,9 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim) -> Report {
         Scenario::Churn => {
             initial = first.0;
             r.sim.watch_terms(true);
+            r.phase = "churn";
             r.churn();
+            r.phase = "after-churn";
             trigger = r.now();
             agreement = r.until_agreed(trigger + cfg.phase_deadline);
         }
