@@ -74,9 +74,10 @@ fn run_seed_in(seed: u64, mode: Mode) -> Result<(u64, u64), String> {
 
     sim.start_all_within(secs(1));
     if sim.run_until_agreed(secs(40), CHECK_EVERY).is_none() {
+        let agreement = sim.agreement(false);
+        let log = leader_log(&sim);
         return Err(format!(
-            "{ctx}: no agreement after cold boot: {:?}",
-            sim.agreement(false)
+            "{ctx}: no agreement after cold boot: {agreement:?}{log}"
         ));
     }
     sim.watch_terms(true);
@@ -91,6 +92,18 @@ fn run_seed_in(seed: u64, mode: Mode) -> Result<(u64, u64), String> {
 fn leader_log(sim: &Sim) -> String {
     let since = sim.now().saturating_sub(secs(20));
     let mut out = String::new();
+    if sim.event_log().is_empty() {
+        return out;
+    }
+    for i in 0..sim.len() {
+        let Some(f) = sim.flock(i) else { continue };
+        let leader = f.leader().map(|l| (l.id, l.term));
+        let live = f.live_count();
+        out += &format!(
+            "\n  now: node {i} ({}) follows {leader:?}, sees {live} live",
+            sim.node_id(i)
+        );
+    }
     for e in sim.event_log().iter().filter(|e| e.at >= since) {
         if let Event::LeaderChanged(v) = &e.event {
             let v = v.map(|v| (v.id, v.term));
