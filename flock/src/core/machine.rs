@@ -45,6 +45,7 @@ enum Timer {
     IndirectTimeout { seq: u32 },
     RelayTimeout { seq: u32 },
     Suspicion { id: NodeId, token: u64 },
+    SuspectProbe { id: NodeId, token: u64 },
     Gossip,
     PushPull,
     Discovery,
@@ -56,6 +57,8 @@ enum Timer {
 }
 
 struct Suspicion {
+    /// Token of the suspicion when it started (confirmations change `token`, not this).
+    started_token: u64,
     started: Duration,
     confirmations: Vec<NodeId>,
     token: u64,
@@ -137,6 +140,8 @@ pub struct Flock {
     sec: Option<Sec>,
     /// A member sealed under a key we do not hold (ask for keys at the next check).
     key_hint: bool,
+    /// Members we could not read lately, and when we last asked them for their keys.
+    unreadable: FastMap<SocketAddr, Duration>,
     /// Key epoch each peer address last sealed with.
     peer_epoch: FastMap<SocketAddr, u32>,
     /// Time of the input being handled.
@@ -247,6 +252,7 @@ impl Flock {
             refute_pending: false,
             sec: None,
             key_hint: false,
+            unreadable: FastMap::default(),
             peer_epoch: FastMap::default(),
             now,
             counter: 0,
@@ -412,9 +418,16 @@ impl Flock {
                 return;
             }
             Err(reason) => {
-                if reason == DropReason::UnknownKey && self.by_addr.contains_key(&from) {
-                    // A member seals under a key we do not hold: we probably missed a rotation.
+                let unreadable = matches!(
+                    reason,
+                    DropReason::UnknownKey | DropReason::AuthFailed | DropReason::StaleKey
+                );
+                if unreadable && self.by_addr.contains_key(&from) {
+                    // A member is alive but seals under keys we do not hold: we missed a
+                    // rotation, or it lives in another flock's keys (two flocks merging). A
+                    // handshake with it settles which keys both sides use.
                     self.key_hint = true;
+                    self.handshake_unreadable(now, from);
                 }
                 self.stats.drop(reason);
                 return;
@@ -690,6 +703,22 @@ impl Flock {
                 }
             }
             Timer::Suspicion { id, token } => self.on_suspicion_timeout(now, id, token),
+            Timer::SuspectProbe { id, token } => {
+                // While our own suspicion runs, keep probing the suspect (each probe carries the
+                // suspicion to it: Lifeguard's buddy system), so that it can refute even if the
+                // gossip of the suspicion never reached it (it was cut off when it started).
+                let current = self.members.get(&id).is_some_and(|e| {
+                    e.member.info.state == MemberState::Suspect
+                        && e.suspicion
+                            .as_ref()
+                            .is_some_and(|s| s.started_token == token)
+                });
+                if current && !self.leaving {
+                    self.start_probe(now, id, false);
+                    let next = now + self.scaled(t.probe_interval);
+                    self.schedule(next, Timer::SuspectProbe { id, token });
+                }
+            }
             Timer::Gossip => {
                 let next = now + t.gossip_interval;
                 self.schedule(next, Timer::Gossip);
@@ -1002,8 +1031,15 @@ impl Flock {
         let ours = self.leader;
         let needs = sec.needs_key(now);
         let own = sec.own_epoch(now);
-        let previous = joined.keys.previous.as_ref().map(|p| p.epoch);
-        let same_keys = own.is_some() && (own == Some(current) || own == previous);
+        // The same keys, by their bytes (epochs of flocks that split may coincide).
+        let same_keys = own.is_some_and(|o| {
+            (o == current && sec.holds_key(current, &joined.keys.current.key))
+                || joined
+                    .keys
+                    .previous
+                    .as_ref()
+                    .is_some_and(|p| o == p.epoch && sec.holds_key(p.epoch, &p.key))
+        });
         let same_leader = matches!((theirs, ours), (Some(t), Some(o)) if t.leader == o.leader);
         let switch = needs
             || (!same_keys
@@ -1017,10 +1053,16 @@ impl Flock {
             // our claim) and switches to our keys. Its keys are of no use to us.
             return;
         }
-        if let Some(prev) = &joined.keys.previous {
-            sec.install(prev.epoch, prev.key.clone(), tag, now);
+        if !same_keys {
+            if let Some(prev) = &joined.keys.previous {
+                sec.install(prev.epoch, prev.key.clone(), tag, now);
+            }
+            sec.install(current, joined.keys.current.key.clone(), tag, now);
+            if same_leader {
+                // Our leader's keys, newer than ours: we had missed its rotation.
+                sec.set_own(current);
+            }
         }
-        sec.install(current, joined.keys.current.key.clone(), tag, now);
         if switch {
             sec.set_own(current);
         }
@@ -1065,6 +1107,25 @@ impl Flock {
         } else {
             self.key_hint = true;
         }
+    }
+
+    /// Handshake with a member whose datagrams we cannot open, at most once per probe interval
+    /// per address.
+    fn handshake_unreadable(&mut self, now: Duration, from: SocketAddr) {
+        let period = self.config.timing.probe_interval;
+        if self
+            .unreadable
+            .get(&from)
+            .is_some_and(|t| now < *t + period)
+            || self.leaving
+        {
+            return;
+        }
+        if self.unreadable.len() >= 1024 {
+            self.unreadable.clear();
+        }
+        self.unreadable.insert(from, now);
+        self.send_handshake(from, Purpose::Join);
     }
 
     /// A member that holds no fresh key (missed rotations, partitioned, new) asks a member for
@@ -1233,9 +1294,15 @@ impl Flock {
         let Some(addr) = self.config.space.nth(i, port) else {
             return;
         };
-        if addr == self.me.addr || self.by_addr.contains_key(&addr) {
-            return; // known already: nothing to discover there
+        let live_there = self
+            .by_addr
+            .get(&addr)
+            .is_some_and(|id| self.live_index_has(*id));
+        if addr == self.me.addr || live_there {
+            return; // a live member: nothing to discover there
         }
+        // Unknown, or a member we hold dead: it may live on in another flock (with security on,
+        // under other keys, which only a handshake gets across).
         self.send_discovery_ping(addr);
     }
 
@@ -1744,6 +1811,7 @@ impl Flock {
                 };
                 entry.member = Member { info, since: now };
                 entry.suspicion = Some(Suspicion {
+                    started_token: token,
                     started: now,
                     confirmations: vec![from],
                     token,
@@ -1758,13 +1826,16 @@ impl Flock {
                 };
                 self.broadcasts.push(update);
                 if from == self.me.id {
-                    // Buddy system: our own suspicion goes to the suspect at once.
+                    // Buddy system: our own suspicion goes to the suspect at once, and with every
+                    // probe of it while the suspicion runs.
                     self.send(
                         info.addr,
                         &Message::Gossip {
                             updates: vec![update],
                         },
                     );
+                    let next = now + self.scaled(self.config.timing.probe_interval);
+                    self.schedule(next, Timer::SuspectProbe { id, token });
                 }
                 self.out.events.push_back(Event::MemberSuspect(info));
             }
@@ -2060,13 +2131,17 @@ impl Flock {
         {
             return; // already our solo claim
         }
-        self.claim(now, solo);
+        self.claim(now, solo, rank);
     }
 
     /// After adopting a leader: seal with its newest key if we hold one, and spread that key
     /// with the claim (a merge: the losing side learns the winner's key this way).
-    fn claim(&mut self, now: Duration, solo: bool) {
-        let term = self.max_term + 1;
+    /// Claims leadership. The term is the highest seen plus one plus our rank among the
+    /// candidates: a lower-ranked candidate that claims before the better one's claim reached it
+    /// (the news of the old leader's death reaches members at different times) claims another
+    /// term, so two leaders never share a term; the higher term wins and the other steps down.
+    fn claim(&mut self, now: Duration, solo: bool, rank: usize) {
+        let term = self.max_term + 1 + rank.min(1000) as u64;
         self.max_term = term;
         let claim = LeaderClaim {
             leader: self.me.id,
@@ -2087,6 +2162,9 @@ impl Flock {
         self.gossip_round();
         let beat = self.config.timing.leader_beat_interval;
         self.schedule(now + beat, Timer::Beat { term });
+        if let Some(sec) = self.sec.as_mut() {
+            sec.next_rotation = None; // the first rotation of this term comes 30-60 s from now
+        }
         self.rotate_if_leader(now);
     }
 }

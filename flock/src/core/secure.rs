@@ -133,14 +133,14 @@ impl Sec {
         self.find(e).filter(|k| self.fresh(k, now)).map(|k| k.epoch)
     }
 
-    /// The leader that made our own key.
-    pub(crate) fn own_leader(&self) -> Option<NodeId> {
-        self.find(self.own?).map(|k| k.leader)
-    }
-
     /// True when this node holds no fresh key to seal with: it must (re)join by handshake.
     pub(crate) fn needs_key(&self, now: Duration) -> bool {
         self.own_epoch(now).is_none()
+    }
+
+    /// Whether this node holds `epoch` with exactly these key bytes.
+    pub(crate) fn holds_key(&self, epoch: u32, key: &SecretKey) -> bool {
+        self.find(epoch).is_some_and(|k| &k.key == key)
     }
 
     /// Whether this node holds a fresh key of `epoch`.
@@ -148,17 +148,17 @@ impl Sec {
         self.find(epoch).is_some_and(|k| self.fresh(k, now))
     }
 
-    /// Makes `epoch` (held) this node's sealing key.
-    /// Makes `epoch` (held) this node's sealing key. Of the keys of the same leader, only this
-    /// one and the one it replaces stay: members accept the current and the previous epoch.
+    /// Makes `epoch` (held) this node's sealing key. Only this key and the one it replaces stay:
+    /// members accept the current and the previous epoch (in a merge: the winning flock's key
+    /// and the former one, for the members that have not switched yet).
     pub(crate) fn set_own(&mut self, epoch: u32) {
-        let Some(leader) = self.find(epoch).map(|k| k.leader) else {
+        if self.find(epoch).is_none() {
             return;
-        };
+        }
         let previous = self.own.replace(epoch);
         if previous != Some(epoch) {
             self.keys
-                .retain(|k| k.leader != leader || k.epoch == epoch || Some(k.epoch) == previous);
+                .retain(|k| k.epoch == epoch || Some(k.epoch) == previous);
         }
     }
 
@@ -419,24 +419,24 @@ impl Sec {
         me: NodeId,
         rng: &mut R,
     ) -> Option<u32> {
-        let own_fresh_mine = self.own_leader() == Some(me) && !self.needs_key(now);
+        // A new leader keeps the key it inherited (every member holds it) until its first
+        // rotation is due; only a leader without a fresh key makes one at once.
         let due = match self.next_rotation {
-            _ if !own_fresh_mine => true,
+            _ if self.needs_key(now) => true,
             Some(at) => now >= at,
             None => false,
         };
+        let _ = me;
         if !due {
             if self.next_rotation.is_none() {
                 self.next_rotation = Some(self.jittered(now, rng));
             }
             return None;
         }
-        // Our own chain counts up from our newest key (or from the key we sealed with).
-        let mut epoch = match self.own {
-            Some(e) => e.wrapping_add(1),
-            None => rng.next_u32(),
-        };
-        while self.find(epoch).is_some() {
+        // Random epochs: two leaders that rotate apart (a partition) never make two different
+        // keys under one epoch, which members could not tell apart.
+        let mut epoch = rng.next_u32();
+        while epoch == 0 || self.find(epoch).is_some() {
             epoch = rng.next_u32();
         }
         let key = SecretKey::generate(rng);
