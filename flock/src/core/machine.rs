@@ -27,6 +27,8 @@ use crate::crypto::{Joined, Keyring, KeyringOp, Purpose, SecretKey};
 
 /// Bytes reserved in every datagram for the security envelope (nonce + tag).
 pub(crate) const ENVELOPE_OVERHEAD: usize = 24 + 16;
+/// Unanswered key requests after which a node says it is shut out (and every as many after).
+const SHUT_OUT_REQUESTS: u32 = 10;
 /// Most indirect probes this node relays at once (bounds work a peer can ask of us).
 const RELAYS_MAX: usize = 1024;
 /// Most distinct suspecters remembered per suspicion.
@@ -140,6 +142,8 @@ pub struct Flock {
     sec: Option<Sec>,
     /// A member sealed under a key we do not hold (ask for keys at the next check).
     key_hint: bool,
+    /// Key requests sent since a handshake of ours was last answered.
+    unanswered_key_requests: u32,
     /// Members we could not read lately, and when we last asked them for their keys.
     unreadable: FastMap<SocketAddr, Duration>,
     /// Key epoch each peer address last sealed with.
@@ -252,6 +256,7 @@ impl Flock {
             refute_pending: false,
             sec: None,
             key_hint: false,
+            unanswered_key_requests: 0,
             unreadable: FastMap::default(),
             peer_epoch: FastMap::default(),
             now,
@@ -1021,6 +1026,7 @@ impl Flock {
     /// Our handshake was answered: we hold the responder's keys now.
     fn on_joined(&mut self, now: Duration, from: SocketAddr, joined: Joined) {
         self.stats.joins += 1;
+        self.unanswered_key_requests = 0;
         let responder = joined.header.sender;
         let theirs = decode_claim(&joined.context);
         let tag = theirs.map(|c| c.leader).unwrap_or(responder);
@@ -1153,7 +1159,16 @@ impl Flock {
         if let Some(id) = leader.or_else(|| self.live.choose(&mut self.rng)) {
             let addr = self.members[&id].member.info.addr;
             self.stats.key_requests += 1;
+            self.unanswered_key_requests += 1;
             self.send_handshake(addr, Purpose::KeyRequest);
+            if self.unanswered_key_requests % SHUT_OUT_REQUESTS == 0 {
+                // Members are there but none answers: our secondary keys are not in their
+                // keyring any more (removed while we were away), or they are another bloc's.
+                tracing::warn!(
+                    requests = self.unanswered_key_requests,
+                    "shut out of the flock: no member accepts our secondary key (removed from the flock's keyring?); install a key the flock holds"
+                );
+            }
         }
     }
 

@@ -89,6 +89,8 @@ pub(crate) struct Sec {
     max_age: Duration,
     timing: SecurityTiming,
     pub(crate) next_rotation: Option<Duration>,
+    /// Which keyring key our handshakes use (index into the list, primary first).
+    handshake_key: usize,
     id: NodeId,
     boot: BootId,
 }
@@ -114,6 +116,7 @@ impl Sec {
             max_age: timing.rotation_max * 3 / 2,
             timing,
             next_rotation: None,
+            handshake_key: 0,
             id,
             boot,
         }
@@ -396,14 +399,16 @@ impl Sec {
             boot: self.boot,
             counter,
         };
-        let (initiator, request) = HandshakeInitiator::new(
-            rng,
-            self.keyring.primary(),
-            &self.bloc,
-            purpose,
-            origin,
-            context,
-        );
+        // The primary key first; while handshakes go unanswered, the other installed keys in
+        // turn (a node whose primary was removed from the flock's ring while it was away still
+        // gets in with another key the flock holds).
+        if self.pending.is_some() {
+            self.handshake_key = self.handshake_key.wrapping_add(1);
+        }
+        let keys = self.keyring.list();
+        let secondary = keys[self.handshake_key % keys.len()];
+        let (initiator, request) =
+            HandshakeInitiator::new(rng, secondary, &self.bloc, purpose, origin, context);
         self.pending = Some(Pending {
             initiator,
             started: now,

@@ -585,3 +585,58 @@ fn keyring_changes_spread_to_every_member() {
         assert_eq!(f.live_count(), 4);
     }
 }
+
+#[test]
+fn a_node_whose_secondary_key_was_removed_cannot_rejoin() {
+    // Three nodes rotate their secondary key while a fourth is away with only the old key.
+    let space = "127.0.0.2-127.0.0.5";
+    let old = test_keyring(7);
+    let mut h = Harness {
+        nodes: (2..5).map(|i| Some(secure_node(i, space, &old))).collect(),
+        now: Duration::ZERO,
+    };
+    h.run_for(Duration::from_secs(5));
+    let new_key = crate::crypto::SecretKey::from_bytes([9; 32]);
+    let now = h.now;
+    let n0 = h.nodes[0].as_mut().unwrap();
+    n0.handle_command(
+        now,
+        Command::Keyring(crate::crypto::KeyringOp::Install(new_key.clone())),
+    );
+    n0.handle_command(
+        now,
+        Command::Keyring(crate::crypto::KeyringOp::Use(new_key.clone())),
+    );
+    h.run_for(Duration::from_secs(2));
+    let n0 = h.nodes[0].as_mut().unwrap();
+    n0.handle_command(
+        h.now,
+        Command::Keyring(crate::crypto::KeyringOp::Remove(old.primary().clone())),
+    );
+    h.run_for(Duration::from_secs(2));
+    for f in h.live() {
+        assert_eq!(f.keyring().unwrap().len(), 1);
+    }
+    // The latecomer holds only the removed key: every handshake it sends is dropped unanswered.
+    h.nodes.push(Some(secure_node(5, space, &old)));
+    h.run_for(Duration::from_secs(10));
+    let late = h.nodes[3].as_ref().unwrap();
+    assert_eq!(late.live_count(), 1);
+    assert!(late.stats().handshakes_sent > 0);
+    assert_eq!(late.stats().joins, 0);
+    for f in h.nodes[..3].iter().flatten() {
+        assert_eq!(f.live_count(), 3);
+        assert!(f.stats().dropped(DropReason::UnknownKey) > 0);
+    }
+    // A latecomer that holds the new key (among others) gets in.
+    let ring = {
+        let mut r = test_keyring(7);
+        r.install(new_key.clone()).unwrap();
+        r
+    };
+    h.nodes[3] = Some(secure_node(5, space, &ring));
+    h.run_for(Duration::from_secs(10));
+    for f in h.live() {
+        assert_eq!(f.live_count(), 4, "{}", f.identity().id);
+    }
+}
