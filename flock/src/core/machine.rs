@@ -1161,7 +1161,10 @@ impl Flock {
             self.stats.key_requests += 1;
             self.unanswered_key_requests += 1;
             self.send_handshake(addr, Purpose::KeyRequest);
-            if self.unanswered_key_requests % SHUT_OUT_REQUESTS == 0 {
+            if self
+                .unanswered_key_requests
+                .is_multiple_of(SHUT_OUT_REQUESTS)
+            {
                 // Members are there but none answers: our secondary keys are not in their
                 // keyring any more (removed while we were away), or they are another bloc's.
                 tracing::warn!(
@@ -1180,7 +1183,7 @@ impl Flock {
 
     /// Leader: rotate the transient key when due, and announce it under the current one.
     fn rotate_if_leader(&mut self, now: Duration) {
-        if !self.leader.is_some_and(|c| c.leader == self.me.id) || self.leaving {
+        if self.leader.is_none_or(|c| c.leader != self.me.id) || self.leaving {
             return;
         }
         let me = self.me.id;
