@@ -23,7 +23,10 @@ pub struct SimArgs {
     /// Seed of the run: the same seed gives the same run, bit for bit.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// What to simulate: cold-boot, kill-leader, partition-heal or churn.
+    /// What to simulate: cold-boot, kill-leader, partition-heal, churn or rotation (5 simulated
+    /// minutes of transient-key rotations every 6-12 s, a secondary-keyring rotation and one node
+    /// partitioned for 5 rotation periods; reports rotations, membership_losses,
+    /// rejoin_after_heal_s and keyring_rotated).
     #[arg(long, default_value = "cold-boot")]
     pub scenario: Scenario,
     /// Print one JSON object instead of a table.
@@ -69,6 +72,9 @@ impl SimArgs {
         }
         if !(0.0..=1.0).contains(&self.duplicate) {
             bail!("--duplicate {} must be in [0, 1]", self.duplicate);
+        }
+        if self.plain && self.scenario == Scenario::Rotation {
+            bail!("--scenario rotation rotates keys: it cannot run --plain");
         }
         let mut cfg = ScenarioConfig::new(self.scenario, self.nodes, self.seed);
         cfg.preset = self.preset;
@@ -150,6 +156,30 @@ mod tests {
         assert_eq!(cfg.loss, 0.05);
         assert_eq!(cfg.seed, 7);
         assert!(Cli::try_parse_from(["crux", "--scenario", "nope"]).is_err());
+    }
+
+    #[test]
+    fn parses_the_rotation_scenario() {
+        let cli = Cli::try_parse_from([
+            "crux",
+            "--nodes",
+            "1000",
+            "--scenario",
+            "rotation",
+            "--loss",
+            "0.05",
+            "--json",
+        ])
+        .expect("parses");
+        assert_eq!(cli.sim.scenario, Scenario::Rotation);
+        let cfg = cli.sim.scenario_config().expect("valid");
+        assert_eq!(
+            cfg.security,
+            Some(crux_flock::sim::scenario::ROTATION_SCENARIO_TIMING)
+        );
+        let cli =
+            Cli::try_parse_from(["crux", "--scenario", "rotation", "--plain"]).expect("parses");
+        assert!(cli.sim.scenario_config().is_err());
     }
 
     #[test]

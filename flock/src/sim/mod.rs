@@ -30,8 +30,8 @@
 //! Addresses: node slot `i` of the address space is `127.1.0.1 + i` on one shared port
 //! ([`SimConfig::port`]). Nothing is ever sent on a real network.
 //!
-//! The scenarios of `crux sim` (cold boot, kill the leader, partition and heal, churn) are in
-//! [`scenario`].
+//! The scenarios of `crux sim` (cold boot, kill the leader, partition and heal, churn, key
+//! rotation) are in [`scenario`].
 
 mod net;
 mod queue;
@@ -64,6 +64,9 @@ const SPIN_LIMIT: u32 = 64;
 
 /// The secondary key every simulated node holds.
 const SIM_SECONDARY_KEY: [u8; 32] = *b"crux simulator secondary key 32b";
+
+/// Most entries kept in [`Metrics::live_deaths`].
+pub const LIVE_DEATHS_MAX: usize = 100_000;
 
 /// What a simulation is made of.
 #[derive(Clone, Debug)]
@@ -155,6 +158,13 @@ pub struct Metrics {
     pub partition_dead: BTreeSet<NodeId>,
     /// `MemberSuspect` events about a running node at its current boot.
     pub live_suspicions: u64,
+    /// `MemberDead` events about a running node at its current boot declared by a node that
+    /// reaches it and is reached by it at that instant (no partition or block between them,
+    /// whatever happened before), in order: (virtual time, observer index, subject index). At
+    /// most [`LIVE_DEATHS_MAX`] are kept; [`Metrics::live_deaths_total`] counts them all.
+    pub live_deaths: Vec<(Duration, u32, u32)>,
+    /// All the events [`Metrics::live_deaths`] describes, kept or not.
+    pub live_deaths_total: u64,
     /// `LeaderChanged` events.
     pub leader_changes: u64,
     /// While terms are watched ([`Sim::watch_terms`]): for each term, the leaders some node other
@@ -1112,6 +1122,12 @@ impl World {
                 if let Some(&x) = self.id_index.get(&info.id) {
                     let xn = &self.nodes[x as usize];
                     if xn.running && xn.boot == info.boot {
+                        if self.reachable(i as u32, x) && self.reachable(x, i as u32) {
+                            self.metrics.live_deaths_total += 1;
+                            if self.metrics.live_deaths.len() < LIVE_DEATHS_MAX {
+                                self.metrics.live_deaths.push((self.now, i as u32, x));
+                            }
+                        }
                         if self.recently_cut(i as u32) || self.recently_cut(x) {
                             self.metrics.partition_dead.insert(info.id);
                         } else {

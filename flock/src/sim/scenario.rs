@@ -16,6 +16,53 @@
 //!   then [`ScenarioConfig::churn_fraction`] of the running nodes are picked: each crashes (and
 //!   stays down for a round) or restarts at once, with even odds. The trigger is the return of
 //!   the last crashed nodes.
+//! * [`Scenario::Rotation`]: security on, with the short rotation period of
+//!   [`ROTATION_SCENARIO_TIMING`] (a new transient key every 6–12 s instead of 30–60 s, so that
+//!   a partition of 5 rotation periods fits in the 5 simulated minutes). Once the flock agrees
+//!   and a warm-up ([`ScenarioConfig::warmup`], 10 s: joins and the first leader hand-over of
+//!   the cold boot settle) has passed (time T), the run goes on for
+//!   [`ScenarioConfig::rotation_run`] (5 min) of automatic rotations, with:
+//!   - a secondary-keyring rotation, one step every [`ScenarioConfig::keyring_step`] (20 s): at
+//!     T + 20 s a new key is `install`ed on one random node, at T + 40 s it is `use`d on another,
+//!     at T + 60 s the old key is `remove`d on a third (each spreads through the flock);
+//!   - at T + 80 s one random node that does not lead is partitioned away for
+//!     [`ScenarioConfig::partition_periods`] (5) × `rotation_max` (12 s), i.e. 60 s, then healed
+//!     (the trigger). With longer rotation periods the run is stretched to end at least one
+//!     `keyring_step` after the heal.
+//!
+//!   It reports:
+//!   - `rotations`: transient-key epochs that, at some check (every [`ScenarioConfig::cadence`]),
+//!     every running node sealed with ([`crate::Flock::key_epoch`]) — the partitioned node left
+//!     out from the partition until the agreement after the heal — the epoch at T not counted.
+//!     That is rotations *completed*, adopted by the whole flock.
+//!     `rotations_made` is the other count: [`crate::Stats::rotations`] summed over the nodes,
+//!     from T to the end (it includes the keys the partitioned node makes as its own leader).
+//!   - `membership_losses` = `membership_loss_deaths` + `membership_loss_views`, from T on:
+//!     * `membership_loss_deaths`: `MemberDead` events (one per observer and declaration, see
+//!       [`super::Metrics::live_deaths`]) about a running node at its current boot, declared by
+//!       a node that reached it both ways at that instant, except those by or about the
+//!       partitioned node from the partition until the later of the agreement after the heal
+//!       and the heal plus the longest Lifeguard suspicion timeout (the partition's doing);
+//!     * `membership_loss_views`: episodes in which a running node's live view
+//!       ([`crate::Flock::live_count`]: alive and suspect members, itself included) stayed below
+//!       the number of running nodes of its partition group for longer than the shortest
+//!       Lifeguard suspicion timeout, `probe_interval × suspicion_mult × max(1, log10 N)` (4.5 s
+//!       at 1,000 nodes, `lan`), checked every `cadence`; from the partition until the agreement
+//!       after the heal the partitioned node is not counted, neither as a viewer nor in the
+//!       others' expected count.
+//!
+//!     A death may show under both; the target is 0 for each.
+//!   - `rejoin_after_heal_s`: simulated seconds from the heal to the first check at which every
+//!     other running node holds the partitioned node as `Alive` at its current boot, and it
+//!     follows the leader every running node follows and seals with that leader's epoch
+//!     ([`crate::Flock::key_epoch`] equal on both). `agreement_s` (full agreement) and
+//!     `leader_agreement_s` are also measured from the heal.
+//!   - `keyring_rotated`: at the end every running node's keyring has the new key as primary
+//!     and no longer holds the old one.
+//!
+//!   Traffic (`bytes_per_node_per_s`, …) is measured over the whole 5 minutes from T, key
+//!   management and the partition included; `flaps` counts the losses of the O(N)
+//!   agreement outside the partition (from the partition to the agreement after the heal).
 //!
 //! **Agreement** ([`Sim::agreement`]) holds when every running node sees exactly the running
 //! nodes (of its partition side) as alive or suspect, at their current boot ids, and all follow
@@ -55,15 +102,19 @@ pub enum Scenario {
     PartitionHeal,
     /// 1 % of the nodes crash or restart every 10 s for 2 minutes.
     Churn,
+    /// 5 minutes of transient-key rotations, a secondary-keyring rotation and a node partitioned
+    /// for 5 rotation periods.
+    Rotation,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::ColdBoot,
         Scenario::KillLeader,
         Scenario::PartitionHeal,
         Scenario::Churn,
+        Scenario::Rotation,
     ];
 
     /// The name used on the command line and in JSON.
@@ -73,6 +124,7 @@ impl Scenario {
             Scenario::KillLeader => "kill-leader",
             Scenario::PartitionHeal => "partition-heal",
             Scenario::Churn => "churn",
+            Scenario::Rotation => "rotation",
         }
     }
 }
@@ -87,10 +139,17 @@ impl FromStr for Scenario {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Scenario::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| {
-            format!("unknown scenario {s:?} (expected cold-boot, kill-leader, partition-heal or churn)")
+            format!("unknown scenario {s:?} (expected cold-boot, kill-leader, partition-heal, churn or rotation)")
         })
     }
 }
+
+/// Rotation timings of [`Scenario::Rotation`]: a new transient key every 6–12 s (the agent's
+/// default is 30–60 s), so that a partition of 5 rotation periods fits in 5 simulated minutes.
+pub const ROTATION_SCENARIO_TIMING: crate::SecurityTiming = crate::SecurityTiming {
+    rotation_min: Duration::from_secs(6),
+    rotation_max: Duration::from_secs(12),
+};
 
 /// Parameters of a scenario run.
 #[derive(Clone, Debug)]
@@ -137,12 +196,21 @@ pub struct ScenarioConfig {
     pub churn_fraction: f64,
     /// Compute [`Report::state_hash`] (O(N² log N); off by default above 2,000 nodes).
     pub state_hash: bool,
+    /// Rotation: how long the run goes on after the initial agreement.
+    pub rotation_run: Duration,
+    /// Rotation: time between the initial agreement and the keyring `install`, between the
+    /// keyring steps, and between the `remove` and the partition.
+    pub keyring_step: Duration,
+    /// Rotation: the partition lasts this many times `rotation_max`.
+    pub partition_periods: u32,
 }
 
 impl ScenarioConfig {
     /// A scenario with the parameters: `lan` preset, security on (as the agent runs), no
     /// loss, nodes started within 1 s, 120 s per phase, a 10 s warm-up and a 10 s window, checks
-    /// every 100 ms, 12 churn rounds of 1 % every 10 s.
+    /// every 100 ms, 12 churn rounds of 1 % every 10 s. [`Scenario::Rotation`] runs with the
+    /// rotation timings of [`ROTATION_SCENARIO_TIMING`], for 5 minutes, keyring steps 20 s apart
+    /// and a partition of 5 rotation periods.
     pub fn new(scenario: Scenario, nodes: usize, seed: u64) -> ScenarioConfig {
         ScenarioConfig {
             scenario,
@@ -153,7 +221,11 @@ impl ScenarioConfig {
             duplicate: 0.0,
             net: None,
             timing: None,
-            security: Some(crate::SecurityTiming::default()),
+            security: Some(if scenario == Scenario::Rotation {
+                ROTATION_SCENARIO_TIMING
+            } else {
+                crate::SecurityTiming::default()
+            }),
             start_within: Duration::from_secs(1),
             phase_deadline: Duration::from_secs(120),
             warmup: Duration::from_secs(10),
@@ -165,6 +237,9 @@ impl ScenarioConfig {
             churn_every: Duration::from_secs(10),
             churn_fraction: 0.01,
             state_hash: nodes <= 2000,
+            rotation_run: Duration::from_secs(300),
+            keyring_step: Duration::from_secs(20),
+            partition_periods: 5,
         }
     }
 
@@ -271,6 +346,25 @@ pub struct Report {
     pub trace_hash: String,
     /// Hash of every node's final state, hex (when computed).
     pub state_hash: Option<String>,
+    /// Rotation: transient keys adopted by every running node (see the [module docs](self)).
+    pub rotations: Option<u64>,
+    /// Rotation: transient keys made, [`crate::Stats::rotations`] summed over the nodes.
+    pub rotations_made: Option<u64>,
+    /// Rotation: `membership_loss_deaths` + `membership_loss_views` (0 is the target).
+    pub membership_losses: Option<u64>,
+    /// Rotation: deaths declared about running nodes that the observer could reach.
+    pub membership_loss_deaths: Option<u64>,
+    /// Rotation: times a running node's live view stayed short for longer than a suspicion
+    /// timeout.
+    pub membership_loss_views: Option<u64>,
+    /// Rotation: how long the one node was partitioned away, in simulated seconds.
+    pub partition_s: Option<f64>,
+    /// Rotation: simulated seconds from the heal until the partitioned node was back in the
+    /// flock (seen alive by all, following the leader, holding its key epoch); None: never.
+    pub rejoin_after_heal_s: Option<f64>,
+    /// Rotation: every running node ends with the new secondary key as primary and without the
+    /// old one.
+    pub keyring_rotated: Option<bool>,
     /// Wall-clock seconds the run took.
     pub wall_s: f64,
 }
@@ -338,6 +432,34 @@ impl Report {
             ("term conflicts", self.term_conflicts.to_string()),
             ("flaps", self.flaps.to_string()),
         ]);
+        if let Some(rot) = self.rotations {
+            rows.push((
+                "rotations",
+                format!(
+                    "{rot} adopted by all ({} made)",
+                    self.rotations_made.unwrap_or(0)
+                ),
+            ));
+        }
+        if let Some(l) = self.membership_losses {
+            rows.push((
+                "membership losses",
+                format!(
+                    "{l} ({} deaths, {} short views)",
+                    self.membership_loss_deaths.unwrap_or(0),
+                    self.membership_loss_views.unwrap_or(0)
+                ),
+            ));
+        }
+        if let Some(p) = self.partition_s {
+            rows.push((
+                "rejoin after heal",
+                format!("{} (partitioned {p:.0} s)", opt(self.rejoin_after_heal_s)),
+            ));
+        }
+        if let Some(k) = self.keyring_rotated {
+            rows.push(("keyring rotated", if k { "yes" } else { "NO" }.into()));
+        }
         if let Some(p) = &self.failed_phase {
             rows.push(("failed phase", p.clone()));
         }
@@ -367,7 +489,7 @@ struct Traffic {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Progress {
     /// Phase: `boot`, `split`, `settle`, `after-crash`, `after-heal`, `churn`, `after-churn`,
-    /// `warm-up` or `window`.
+    /// `rotation`, `partitioned`, `warm-up` or `window`.
     pub phase: &'static str,
     /// Simulated seconds so far.
     pub sim_s: f64,
@@ -570,6 +692,322 @@ impl Run<'_> {
     }
 }
 
+/// What [`Run::rotation`] measured.
+#[derive(Default)]
+struct RotationOutcome {
+    rotations: u64,
+    rotations_made: u64,
+    loss_deaths: u64,
+    loss_views: u64,
+    partition: Duration,
+    heal: Option<Duration>,
+    rejoin: Option<Duration>,
+    agreement: (Option<Duration>, Option<Duration>),
+    keyring_rotated: bool,
+    traffic: Traffic,
+}
+
+/// A step of the rotation scenario.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Step {
+    Install,
+    Use,
+    Remove,
+    Partition,
+    Heal,
+}
+
+impl Run<'_> {
+    /// Index of the leader every running node follows, if one.
+    fn common_leader(&self) -> Option<usize> {
+        let a = self.sim.agreement(false);
+        if !a.leader_agreed || a.leaders.len() != 1 {
+            return None;
+        }
+        a.leaders
+            .iter()
+            .next()
+            .and_then(|&id| self.sim.index_of(id))
+    }
+
+    /// Whether the partitioned node `v` is back: every other running node holds it `Alive` at
+    /// its current boot, and it follows the common leader and seals with the leader's epoch.
+    fn rejoined(&self, v: usize) -> bool {
+        let Some(l) = self.common_leader() else {
+            return false;
+        };
+        let (Some(fv), Some(fl)) = (self.sim.flock(v), self.sim.flock(l)) else {
+            return false;
+        };
+        if fl.key_epoch().is_none() || fv.key_epoch() != fl.key_epoch() {
+            return false;
+        }
+        let (id, boot) = (self.sim.node_id(v), self.sim.boot(v));
+        (0..self.sim.len()).filter(|&j| j != v).all(|j| {
+            self.sim.flock(j).is_none_or(|f| {
+                f.member(id).is_some_and(|m| {
+                    m.info.boot == boot && m.info.state == crate::MemberState::Alive
+                })
+            })
+        })
+    }
+
+    /// The epoch every running node but `left_out` seals with, if they share one.
+    fn common_epoch(&self, left_out: Option<usize>) -> Option<u32> {
+        let mut common = None;
+        for i in (0..self.sim.len()).filter(|&i| Some(i) != left_out) {
+            let Some(f) = self.sim.flock(i) else { continue };
+            let e = f.key_epoch()?;
+            match common {
+                None => common = Some(e),
+                Some(c) if c != e => return None,
+                Some(_) => {}
+            }
+        }
+        common
+    }
+
+    /// Counts the running nodes (but `left_out`) whose live view has been below the running
+    /// nodes of their group (`left_out` not counted) for longer than `limit`, once per episode.
+    fn short_views(
+        &self,
+        left_out: Option<usize>,
+        limit: Duration,
+        below_since: &mut [Option<Duration>],
+        counted: &mut [bool],
+    ) -> u64 {
+        let n = self.sim.len();
+        let mut per_group: std::collections::BTreeMap<u16, usize> = Default::default();
+        for i in (0..n).filter(|&i| self.sim.is_running(i) && Some(i) != left_out) {
+            *per_group.entry(self.sim.group(i)).or_default() += 1;
+        }
+        let now = self.now();
+        let mut episodes = 0;
+        for i in 0..n {
+            let short = Some(i) != left_out
+                && self.sim.flock(i).is_some_and(|f| {
+                    f.live_count() < per_group.get(&self.sim.group(i)).copied().unwrap_or(0)
+                });
+            if !short {
+                below_since[i] = None;
+                counted[i] = false;
+                continue;
+            }
+            let since = *below_since[i].get_or_insert(now);
+            if !counted[i] && now - since > limit {
+                counted[i] = true;
+                episodes += 1;
+            }
+        }
+        episodes
+    }
+
+    /// The rotation scenario after the initial agreement (see the [module docs](self)).
+    fn rotation(&mut self) -> (Duration, RotationOutcome) {
+        let cfg = self.cfg;
+        // Joins and the first leader hand-over of a cold boot settle first.
+        self.phase = "warm-up";
+        let warm_start = self.now();
+        self.run_for(cfg.warmup);
+        let warmup = self.now() - warm_start;
+        let n = self.sim.len();
+        let t = &self.sim.config().timing;
+        let susp_min = t
+            .probe_interval
+            .mul_f64(t.suspicion_mult as f64 * (n as f64).log10().max(1.0));
+        let susp_max = susp_min * t.suspicion_max_mult;
+        let period = cfg
+            .security
+            .as_ref()
+            .map_or(Duration::from_secs(60), |s| s.rotation_max);
+        let start = self.now();
+        let step = cfg.keyring_step;
+        let part_at = start + step * 4;
+        let partition = period * cfg.partition_periods;
+        let heal_at = part_at + partition;
+        let end = self.cut((start + cfg.rotation_run).max(heal_at + step));
+        let mut plan = vec![
+            (start + step, Step::Install),
+            (start + step * 2, Step::Use),
+            (start + step * 3, Step::Remove),
+            (part_at, Step::Partition),
+            (heal_at, Step::Heal),
+        ];
+        plan.reverse();
+
+        let old_key = self
+            .sim
+            .flock(0)
+            .and_then(|f| f.keyring())
+            .map(|k| k.primary().clone());
+        let new_key = crate::crypto::SecretKey::from_bytes(self.sim.rng().gen());
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(self.sim.rng());
+        let before = self.sent();
+        let stream_before = self.sim.metrics().stream_bytes;
+        let made_before: u64 = (0..n)
+            .filter_map(|i| self.sim.flock(i))
+            .map(|f| f.stats().rotations)
+            .sum();
+        let deaths_from = self.sim.metrics().live_deaths.len();
+        let deaths_total_from = self.sim.metrics().live_deaths_total;
+
+        let mut out = RotationOutcome {
+            partition,
+            ..RotationOutcome::default()
+        };
+        let mut victim: Option<usize> = None;
+        let mut part_started: Option<Duration> = None;
+        // The partitioned node is left out of every count until the agreement after the heal.
+        let mut excused = false;
+        let mut epochs: std::collections::BTreeSet<u32> = std::collections::BTreeSet::new();
+        let mut below_since: Vec<Option<Duration>> = vec![None; n];
+        let mut below_counted = vec![false; n];
+        let mut agreed = self.sim.agreement(false).agreed;
+        let mut first = true;
+        self.phase = "rotation";
+        self.sim.watch_terms(true);
+        self.full_backoff = Duration::from_millis(500);
+        self.next_full = Duration::ZERO;
+        loop {
+            // Steps due now.
+            while plan.last().is_some_and(|(at, _)| *at <= self.now()) {
+                let (_, s) = plan.pop().expect("checked");
+                match s {
+                    Step::Install | Step::Use | Step::Remove => {
+                        let k = match s {
+                            Step::Install => 0,
+                            Step::Use => 1,
+                            _ => 2,
+                        };
+                        let node = order[k % n];
+                        let op = match s {
+                            Step::Install => crate::crypto::KeyringOp::Install(new_key.clone()),
+                            Step::Use => crate::crypto::KeyringOp::Use(new_key.clone()),
+                            _ => match &old_key {
+                                Some(old) => crate::crypto::KeyringOp::Remove(old.clone()),
+                                None => continue,
+                            },
+                        };
+                        self.sim.command(node, crate::Command::Keyring(op));
+                    }
+                    Step::Partition => {
+                        let leader = self.common_leader();
+                        let candidates: Vec<usize> = (0..n)
+                            .filter(|&i| self.sim.is_running(i) && Some(i) != leader)
+                            .collect();
+                        if let Some(&v) = candidates.choose(self.sim.rng()) {
+                            victim = Some(v);
+                            excused = true;
+                            part_started = Some(self.now());
+                            self.sim.watch_terms(false);
+                            self.sim.partition(&[vec![v]]);
+                            self.phase = "partitioned";
+                        }
+                    }
+                    Step::Heal => {
+                        if victim.is_some() {
+                            self.sim.heal();
+                            out.heal = Some(self.now());
+                            self.phase = "after-heal";
+                            self.full_backoff = Duration::from_millis(500);
+                            self.next_full = Duration::ZERO;
+                        }
+                    }
+                }
+            }
+            if !first {
+                let left_out = victim.filter(|_| excused);
+                if let Some(e) = self.common_epoch(left_out) {
+                    if epochs.insert(e) {
+                        out.rotations += 1;
+                    }
+                }
+                out.loss_views +=
+                    self.short_views(left_out, susp_min, &mut below_since, &mut below_counted);
+            }
+            // Rejoin and agreement after the heal.
+            if let (Some(v), Some(_)) = (victim, out.heal) {
+                if out.rejoin.is_none() && self.rejoined(v) {
+                    out.rejoin = Some(self.now());
+                }
+                if out.agreement.0.is_none() {
+                    let (full, leader_agreed) = self.check();
+                    if leader_agreed && out.agreement.1.is_none() {
+                        out.agreement.1 = Some(self.now());
+                    }
+                    if full {
+                        out.agreement.0 = Some(self.now());
+                        excused = false;
+                        below_since.iter_mut().for_each(|b| *b = None);
+                        self.sim.watch_terms(true);
+                        self.phase = "rotation";
+                    }
+                }
+            }
+            let now_agreed = self.sim.agreement(false).agreed;
+            if !excused && agreed && !now_agreed {
+                self.flaps += 1;
+            }
+            agreed = now_agreed;
+            if first {
+                // The epoch in force at the start is not a rotation of this run.
+                epochs.extend((0..n).filter_map(|i| self.sim.flock(i)?.key_epoch()));
+                first = false;
+            }
+            if self.now() >= end {
+                break;
+            }
+            let mut next = (self.now() + self.cfg.cadence).min(end);
+            if let Some((at, _)) = plan.last() {
+                next = next.min(*at);
+            }
+            self.sim.run_until(next);
+            self.tick();
+        }
+        let made_after: u64 = (0..n)
+            .filter_map(|i| self.sim.flock(i))
+            .map(|f| f.stats().rotations)
+            .sum();
+        out.rotations_made = made_after.saturating_sub(made_before);
+        // Deaths of reachable, running nodes since the start, less the partition's.
+        let m = self.sim.metrics();
+        let excuse_until = out
+            .heal
+            .map(|h| (h + susp_max).max(out.agreement.0.unwrap_or(Duration::MAX)));
+        let excused_death = |at: Duration, a: u32, b: u32| match (victim, part_started) {
+            (Some(v), Some(p)) => {
+                (a as usize == v || b as usize == v)
+                    && at >= p
+                    && excuse_until.is_none_or(|u| at <= u)
+            }
+            _ => false,
+        };
+        let kept = m.live_deaths[deaths_from.min(m.live_deaths.len())..]
+            .iter()
+            .filter(|&&(at, a, b)| !excused_death(at, a, b))
+            .count() as u64;
+        let unkept = (m.live_deaths_total - deaths_total_from)
+            .saturating_sub((m.live_deaths.len() - deaths_from.min(m.live_deaths.len())) as u64);
+        out.loss_deaths = kept + unkept;
+        out.keyring_rotated = old_key.is_some()
+            && (0..n).filter_map(|i| self.sim.flock(i)).all(|f| {
+                f.keyring().is_some_and(|k| {
+                    k.primary().as_bytes() == new_key.as_bytes()
+                        && old_key.as_ref().is_some_and(|o| !k.contains(o))
+                })
+            });
+        let span = secs(self.now() - start);
+        let nodes = self.sim.running_count();
+        out.traffic = self.traffic(&before, span, nodes);
+        if span > 0.0 && nodes > 0 {
+            let stream = self.sim.metrics().stream_bytes - stream_before;
+            out.traffic.stream_bytes_per_node_per_s = stream as f64 / nodes as f64 / span;
+        }
+        (warmup, out)
+    }
+}
+
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -619,6 +1057,8 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) 
     let mut agreement = (None, None);
     let mut initial = None;
     let mut leaders_before_heal = None;
+    let mut rotation: Option<RotationOutcome> = None;
+    let mut rotation_warmup = Duration::ZERO;
 
     if cfg.scenario == Scenario::PartitionHeal {
         let mut order: Vec<usize> = (0..n).collect();
@@ -680,6 +1120,16 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) 
             trigger = r.now();
             agreement = r.until_agreed(trigger + cfg.phase_deadline);
         }
+        Scenario::Rotation => {
+            initial = first.0;
+            let (w, o) = r.rotation();
+            rotation_warmup = w;
+            if let Some(h) = o.heal {
+                trigger = h;
+            }
+            agreement = o.agreement;
+            rotation = Some(o);
+        }
     }
     if failed_phase.is_none() && agreement.0.is_none() {
         failed_phase = Some(match cfg.scenario {
@@ -687,12 +1137,16 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) 
             Scenario::KillLeader => "after-crash",
             Scenario::PartitionHeal => "after-heal",
             Scenario::Churn => "after-churn",
+            Scenario::Rotation => "after-heal",
         });
     }
     if agreement.0.is_some() {
         r.sim.watch_terms(true);
     }
-    let (warmup, steady) = r.window();
+    let (warmup, steady) = match rotation.as_mut() {
+        Some(o) => (rotation_warmup, std::mem::take(&mut o.traffic)),
+        None => r.window(),
+    };
     let end = r.sim.agreement(true);
     let single = end.leaders.len() == 1 && end.leader_agreed;
     let leader_view = if single {
@@ -744,6 +1198,16 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) 
         state_hash: cfg
             .state_hash
             .then(|| format!("{:016x}", r.sim.state_hash())),
+        rotations: rotation.as_ref().map(|o| o.rotations),
+        rotations_made: rotation.as_ref().map(|o| o.rotations_made),
+        membership_losses: rotation.as_ref().map(|o| o.loss_deaths + o.loss_views),
+        membership_loss_deaths: rotation.as_ref().map(|o| o.loss_deaths),
+        membership_loss_views: rotation.as_ref().map(|o| o.loss_views),
+        partition_s: rotation.as_ref().map(|o| secs(o.partition)),
+        rejoin_after_heal_s: rotation
+            .as_ref()
+            .and_then(|o| Some(secs(o.rejoin? - o.heal?))),
+        keyring_rotated: rotation.as_ref().map(|o| o.keyring_rotated),
         wall_s: 0.0,
     }
 }
