@@ -740,3 +740,85 @@ fn a_replayed_join_request_that_came_before_the_first_key_gets_no_reply() {
         early.len()
     );
 }
+
+/// Forged datagrams that carry a member's own source address (UDP sources are not
+/// authenticated) and fail to open (`UnknownKey`, `AuthFailed`) are not answered, but the core
+/// takes them for a member it cannot read and runs a join handshake with that member, at most once
+/// per probe interval per address (`handshake_unreadable`), plus a key request at its next check.
+/// This test bounds that reflection and checks that membership, leader and keys stay those of an
+/// untouched twin. The rest of the flock keeps running and answers those handshakes.
+#[test]
+fn forged_datagrams_from_members_addresses_change_nothing() {
+    let _serial = serial();
+    let n: u64 = 100_000;
+    let (mut net, t) = converged();
+    let mut twin = Net::new();
+    twin.advance_to(CONVERGE);
+    let before = snapshot(&net.nodes[t]);
+    let members: Vec<SocketAddr> = net
+        .nodes
+        .iter()
+        .map(|f| f.identity().addr)
+        .filter(|a| *a != net.nodes[t].identity().addr)
+        .collect();
+    let recorded: Vec<Vec<u8>> = net.recorded.iter().cloned().collect();
+    let mut attacker = Attacker::new(0x5900f, &net.nodes[t], recorded, Vec::new());
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let start = net.now;
+    let step = ATTACK_SPAN / n as u32;
+    let s0 = net.nodes[t].stats().clone();
+    let mut datagram = Vec::new();
+    let mut reflected: BTreeMap<SocketAddr, u64> = BTreeMap::new();
+    for i in 0..n {
+        let now = start + step * i as u32;
+        net.advance_to(now);
+        let kind = attacker.next_into(&mut datagram);
+        let from = members[rng.gen_range(0..members.len())];
+        let target = &mut net.nodes[t];
+        let d0 = target.stats().dropped_total();
+        target.handle_datagram(now, from, &datagram);
+        assert_eq!(
+            target.stats().dropped_total(),
+            d0 + 1,
+            "{kind:?} not dropped"
+        );
+        // Whatever this provoked goes out through the network, to real members only.
+        let mut sent = Vec::new();
+        while let Some(tx) = target.poll_transmit() {
+            sent.push(tx);
+        }
+        let me = target.identity().addr;
+        for tx in sent {
+            assert!(members.contains(&tx.to), "{kind:?}: transmit to {}", tx.to);
+            *reflected.entry(tx.to).or_default() += 1;
+            if let Some(j) = net.index_of(tx.to) {
+                net.nodes[j].handle_datagram(now, me, &tx.payload);
+            }
+        }
+        net.flush();
+    }
+    let end = start + ATTACK_SPAN;
+    net.advance_to(end);
+    twin.advance_to(end);
+    let s1 = net.nodes[t].stats();
+    let handshakes = s1.handshakes_sent - s0.handshakes_sent;
+    let twin_handshakes = twin.nodes[t].stats().handshakes_sent - s0.handshakes_sent;
+    println!(
+        "{n} forged datagrams from members' addresses: {handshakes} handshakes sent by the target \
+         ({twin_handshakes} by its twin), {} key requests, immediate transmits by address {reflected:?}",
+        s1.key_requests - s0.key_requests
+    );
+    let probe = net.nodes[t].config().timing.probe_interval;
+    let periods = (ATTACK_SPAN.as_nanos() / probe.as_nanos()) as u64 + 1;
+    assert!(
+        handshakes <= twin_handshakes + 2 * periods * members.len() as u64,
+        "{handshakes} handshakes in {periods} probe intervals"
+    );
+    let after = snapshot(&net.nodes[t]);
+    assert_eq!(
+        after,
+        snapshot(&twin.nodes[t]),
+        "attacked target vs. its twin"
+    );
+    assert_eq!(after, before);
+}
