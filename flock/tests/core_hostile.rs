@@ -518,7 +518,7 @@ fn a_flood_of_hostile_datagrams_changes_nothing_and_gets_no_reply() {
     let mut table: BTreeMap<DropReason, u64> = BTreeMap::new();
     let mut kinds: BTreeMap<Kind2, u64> = BTreeMap::new();
     let mut by_kind_reason: BTreeMap<(Kind2, DropReason), u64> = BTreeMap::new();
-    let (mut bytes, mut warm_rss) = (0u64, None);
+    let (mut bytes, mut warm_rss, start_rss) = (0u64, None, rss());
     let datagrams_in = net.nodes[t].stats().datagrams_in;
     #[allow(clippy::disallowed_methods)] // the test reports its wall time
     let wall = Instant::now();
@@ -598,7 +598,9 @@ fn a_flood_of_hostile_datagrams_changes_nothing_and_gets_no_reply() {
     }
     if let (Some((warm, _)), Some((now_rss, peak))) = (warm_rss, end_rss) {
         println!(
-            "RSS {:.1} MB after the first tenth, {:.1} MB at the end, peak (VmHWM) {:.1} MB",
+            "RSS {:.1} MB before the attack, {:.1} MB after its first tenth, {:.1} MB at the end; \
+             peak (VmHWM) {:.1} MB",
+            start_rss.map_or(0.0, |(r, _)| r as f64 / 1e6),
             warm as f64 / 1e6,
             now_rss as f64 / 1e6,
             peak as f64 / 1e6
