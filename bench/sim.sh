@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs issue 2's target measurements with the release `crux sim` and prints the figures.
+# Runs issue 2's target measurements, and issue 3's key-rotation run (item 7), with the release
+# `crux sim` and prints the figures.
 # Nodes run with security on (as the agent does) unless a line says --plain.
 #
 #   bench/sim.sh            # everything (the 10,000-node runs take several minutes and ~GBs of RAM)
@@ -72,6 +73,9 @@ run cold-100-loss5 --scenario cold-boot --nodes 100 --loss 0.05
 run wall-1k-60s --scenario cold-boot --nodes 1000 --duration 60
 run wall-1k-60s-plain --scenario cold-boot --nodes 1000 --duration 60 --plain
 run churn-1k-loss2 --scenario churn --nodes 1000 --loss 0.02
+# 5 simulated minutes of transient-key rotations (every 6-12 s in this scenario), a keyring
+# install/use/remove and one node partitioned for 5 rotation periods (60 s).
+run rotation-1k-loss5 --scenario rotation --nodes 1000 --loss 0.05
 if [[ -z "${QUICK:-}" ]]; then
     run cold-10k-loss5 --scenario cold-boot --nodes 10000 --loss 0.05
 fi
@@ -113,6 +117,20 @@ row "churn 1,000 nodes 2 % loss: agreement_s after churn" "$(field churn-1k-loss
     "(info)" "converged $(field churn-1k-loss2 converged)"
 row "churn 1,000 nodes 2 % loss: false deaths" "$(field churn-1k-loss2 false_positive_deaths)" \
     "== 0" "$(check churn-1k-loss2 false_positive_deaths '==' 0)"
+row "rotation 1,000 nodes 5 % loss: membership_losses" \
+    "$(field rotation-1k-loss5 membership_losses)" "== 0" \
+    "$(check rotation-1k-loss5 membership_losses '==' 0)"
+losses_split="$(field rotation-1k-loss5 membership_loss_deaths)"
+losses_split="$losses_split / $(field rotation-1k-loss5 membership_loss_views)"
+row "  deaths / short views" "$losses_split" "(info)" ""
+row "rotation 1,000 nodes 5 % loss: rejoin_after_heal_s" \
+    "$(field rotation-1k-loss5 rejoin_after_heal_s)" "<= 2" \
+    "$(check rotation-1k-loss5 rejoin_after_heal_s '<=' 2)"
+row "rotation 1,000 nodes 5 % loss: rotations (made)" \
+    "$(field rotation-1k-loss5 rotations) ($(field rotation-1k-loss5 rotations_made))" "(info)" ""
+keyring_rotated="$(jq -r '.keyring_rotated' "$OUT/sim-rotation-1k-loss5.json")"
+row "rotation 1,000 nodes 5 % loss: keyring_rotated" "$keyring_rotated" "true" \
+    "$([[ "$keyring_rotated" == true ]] && echo ok || echo MISSED)"
 if [[ -n "${SKIPPED_10K:-}" ]]; then
     row "10,000-node runs" "skipped" "" "(memory)"
 fi
@@ -122,5 +140,6 @@ row "  the same without security (--plain)" "$(field wall-1k-60s-plain wall_s)" 
 echo
 echo "converged: cold-1k=$(field cold-1k-loss5 converged) kill-1k=$(field kill-1k converged)" \
     "heal-1k=$(field heal-1k converged) cold-100=$(field cold-100-loss5 converged)" \
+    "rotation-1k=$(field rotation-1k-loss5 converged)" \
     "$([[ -z "${QUICK:-}" ]] && echo "cold-10k=$(field cold-10k-loss5 converged)")"
 echo "reports: $OUT/sim-*.json"
