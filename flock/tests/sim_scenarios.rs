@@ -235,6 +235,9 @@ fn replaying_a_seed_reproduces_the_run() {
         cfg.warmup = secs(1);
         cfg.churn_rounds = 2;
         cfg.churn_fraction = 0.2;
+        cfg.rotation_run = secs(30);
+        cfg.keyring_step = secs(5);
+        cfg.partition_periods = 1;
         let a = without_wall(scenario::run(&cfg).expect("valid"));
         let b = without_wall(scenario::run(&cfg).expect("valid"));
         assert_eq!(a, b, "seed 42, {scenario}, secure {secure}");
