@@ -707,14 +707,11 @@ fn arbitrary_bytes_never_panic_nor_get_a_reply() {
     assert_eq!(snapshot(&target.borrow()), before);
 }
 
-/// Core bug found by this file (not fixed here): a join request that authenticates but arrives
-/// while the node holds no transient key yet is dropped as `Unexpected` *before* it enters the
-/// replay window (`Sec::open_datagram`: `respond_with` fails with `NoTransientKey` ahead of
-/// `replay.accept`). Anyone who recorded it can replay it once the node has a key, from any
-/// source address, and gets a 263-byte reply (and a replay window, `handshakes_answered` + 1).
-/// Ignored until the core is fixed; run with `--ignored`.
+/// A join request that authenticates while the node holds no transient key yet cannot be
+/// answered, but its counter must still enter the replay window: once the node has a key, a
+/// replay of that recorded request (from any source address) gets no answer. (Found by this file;
+/// `Sec::open_datagram` now checks such requests against throw-away keys.)
 #[test]
-#[ignore = "core bug: join requests seen before the first key are replayable"]
 fn a_replayed_join_request_that_came_before_the_first_key_gets_no_reply() {
     let _serial = serial();
     let (mut net, t) = converged();

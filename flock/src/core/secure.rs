@@ -91,6 +91,9 @@ pub(crate) struct Sec {
     pub(crate) next_rotation: Option<Duration>,
     /// Which keyring key our handshakes use (index into the list, primary first).
     handshake_key: usize,
+    /// Randomness for replies that are never sent (checking early join requests): kept apart
+    /// so that it does not shift the node's own random choices.
+    scratch_rng: rand_chacha::ChaCha8Rng,
     id: NodeId,
     boot: BootId,
 }
@@ -117,6 +120,7 @@ impl Sec {
             timing,
             next_rotation: None,
             handshake_key: 0,
+            scratch_rng: rand::SeedableRng::seed_from_u64(id.0 ^ boot.0.rotate_left(17)),
             id,
             boot,
         }
@@ -339,27 +343,54 @@ impl Sec {
         }
         match bytes.len() {
             REQUEST_BYTES => {
-                let keys = self.join_keys(now);
+                // Without a key of our own we cannot answer, but the request is still checked
+                // (against throw-away keys) so that its counter enters the replay window: a
+                // recorded early request replayed later must not get an answer.
+                let answerable = self.join_keys(now);
                 let origin = Origin {
                     sender: self.id,
                     boot: self.boot,
                     counter: *counter + 1,
                 };
-                let r = respond_with(
-                    &self.keyring,
-                    &self.bloc,
-                    bytes,
-                    keys.as_ref(),
-                    origin,
-                    context,
-                    rng,
-                )
+                let r = match &answerable {
+                    Some(keys) => respond_with(
+                        &self.keyring,
+                        &self.bloc,
+                        bytes,
+                        Some(keys),
+                        origin,
+                        context,
+                        rng,
+                    ),
+                    None => {
+                        // A throw-away key and RNG: nothing of this reply is ever sent.
+                        let dummy = JoinKeys {
+                            current: KeyAnnouncement {
+                                epoch: 0,
+                                key: SecretKey::from_bytes([0; 32]),
+                            },
+                            previous: None,
+                        };
+                        respond_with(
+                            &self.keyring,
+                            &self.bloc,
+                            bytes,
+                            Some(&dummy),
+                            origin,
+                            context,
+                            &mut self.scratch_rng,
+                        )
+                    }
+                }
                 .map_err(|e| e.drop_reason())?;
                 if !self
                     .replay
                     .accept(r.request.sender, r.request.boot, r.request.counter)
                 {
                     return Err(DropReason::Replay);
+                }
+                if answerable.is_none() {
+                    return Err(DropReason::Unexpected);
                 }
                 *counter += 1;
                 Ok(Opened::Request {

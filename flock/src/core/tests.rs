@@ -543,6 +543,14 @@ fn secure_flocks_formed_apart_merge_into_one_with_one_key() {
         .handle_command(now, Command::Join(vec![addr(2)]));
     h.run_for(Duration::from_secs(15));
     assert_eq!(h.agreed_leader(), Some(NodeId(2000)));
+    // Within a second (a rotation may be on its way), everyone seals with the leader's key.
+    let leader_epoch = |h: &Harness| h.nodes[0].as_ref().unwrap().key_epoch();
+    let mut waited = Duration::ZERO;
+    while !h.live().all(|f| f.key_epoch() == leader_epoch(&h)) {
+        assert!(waited < Duration::from_secs(1), "the flocks kept two keys");
+        h.run_for(Duration::from_millis(100));
+        waited += Duration::from_millis(100);
+    }
     let epoch = h.nodes[0].as_ref().unwrap().key_epoch().unwrap();
     let held = h.nodes[0].as_ref().unwrap().key_epochs();
     for f in h.live() {
