@@ -1901,32 +1901,21 @@ impl Flock {
             }
             return;
         }
-        let Some(entry) = self.members.get_mut(&id) else {
-            return;
-        };
-        let info = entry.member.info;
-        if boot != info.boot || inc < info.incarnation || !is_live(info.state) {
-            return;
-        }
-        let info = MemberInfo {
-            state: MemberState::Dead,
-            incarnation: inc,
-            ..info
-        };
-        entry.member = Member { info, since: now };
-        entry.suspicion = None;
-        self.set_live(id, MemberState::Dead);
-        self.membership_changed(now);
-        self.broadcasts.push(Update::Dead {
+        let update = Update::Dead {
             id,
             boot,
             incarnation: inc,
             from,
-        });
-        self.out.events.push_back(Event::MemberDead(info));
-        if self.leader.is_some_and(|c| c.leader == id) {
-            self.lose_leader(now);
-        }
+        };
+        self.retire(
+            now,
+            id,
+            boot,
+            inc,
+            MemberState::Dead,
+            update,
+            Event::MemberDead,
+        );
     }
 
     fn apply_left(&mut self, now: Duration, id: NodeId, boot: BootId, inc: u64) {
@@ -1936,28 +1925,58 @@ impl Flock {
             }
             return;
         }
+        let update = Update::Left {
+            id,
+            boot,
+            incarnation: inc,
+        };
+        self.retire(
+            now,
+            id,
+            boot,
+            inc,
+            MemberState::Left,
+            update,
+            Event::MemberLeft,
+        );
+    }
+
+    /// A member stops being live: declared dead (only from alive or suspect) or gone (left, from
+    /// any other state), at incarnation `inc` or later of the same boot. Spreads `update` and
+    /// reports the event; a leader that goes loses its leadership.
+    #[allow(clippy::too_many_arguments)]
+    fn retire(
+        &mut self,
+        now: Duration,
+        id: NodeId,
+        boot: BootId,
+        inc: u64,
+        state: MemberState,
+        update: Update,
+        event: fn(MemberInfo) -> Event,
+    ) {
         let Some(entry) = self.members.get_mut(&id) else {
             return;
         };
         let info = entry.member.info;
-        if boot != info.boot || inc < info.incarnation || info.state == MemberState::Left {
+        let from_ok = match state {
+            MemberState::Dead => is_live(info.state),
+            _ => info.state != state,
+        };
+        if boot != info.boot || inc < info.incarnation || !from_ok {
             return;
         }
         let info = MemberInfo {
-            state: MemberState::Left,
+            state,
             incarnation: inc,
             ..info
         };
         entry.member = Member { info, since: now };
         entry.suspicion = None;
-        self.set_live(id, MemberState::Left);
+        self.set_live(id, state);
         self.membership_changed(now);
-        self.broadcasts.push(Update::Left {
-            id,
-            boot,
-            incarnation: inc,
-        });
-        self.out.events.push_back(Event::MemberLeft(info));
+        self.broadcasts.push(update);
+        self.out.events.push_back(event(info));
         if self.leader.is_some_and(|c| c.leader == id) {
             self.lose_leader(now);
         }
