@@ -365,6 +365,10 @@ pub struct Report {
     /// Rotation: every running node ends with the new secondary key as primary and without the
     /// old one.
     pub keyring_rotated: Option<bool>,
+    /// Rotation: running nodes whose primary secondary key is not the new key at the end.
+    pub keyring_old_primary: Option<usize>,
+    /// Rotation: running nodes that still hold the old secondary key at the end.
+    pub keyring_old_held: Option<usize>,
     /// Wall-clock seconds the run took.
     pub wall_s: f64,
 }
@@ -458,7 +462,18 @@ impl Report {
             ));
         }
         if let Some(k) = self.keyring_rotated {
-            rows.push(("keyring rotated", if k { "yes" } else { "NO" }.into()));
+            rows.push((
+                "keyring rotated",
+                if k {
+                    "yes".into()
+                } else {
+                    format!(
+                        "NO ({} nodes with the old primary, {} holding the old key)",
+                        self.keyring_old_primary.unwrap_or(0),
+                        self.keyring_old_held.unwrap_or(0)
+                    )
+                },
+            ));
         }
         if let Some(p) = &self.failed_phase {
             rows.push(("failed phase", p.clone()));
@@ -704,6 +719,8 @@ struct RotationOutcome {
     rejoin: Option<Duration>,
     agreement: (Option<Duration>, Option<Duration>),
     keyring_rotated: bool,
+    keyring_old_primary: usize,
+    keyring_old_held: usize,
     traffic: Traffic,
 }
 
@@ -990,6 +1007,15 @@ impl Run<'_> {
         let unkept = (m.live_deaths_total - deaths_total_from)
             .saturating_sub((m.live_deaths.len() - deaths_from.min(m.live_deaths.len())) as u64);
         out.loss_deaths = kept + unkept;
+        for f in (0..n).filter_map(|i| self.sim.flock(i)) {
+            let Some(k) = f.keyring() else { continue };
+            if k.primary().as_bytes() != new_key.as_bytes() {
+                out.keyring_old_primary += 1;
+            }
+            if old_key.as_ref().is_some_and(|o| k.contains(o)) {
+                out.keyring_old_held += 1;
+            }
+        }
         out.keyring_rotated = old_key.is_some()
             && (0..n).filter_map(|i| self.sim.flock(i)).all(|f| {
                 f.keyring().is_some_and(|k| {
@@ -1208,6 +1234,8 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) 
             .as_ref()
             .and_then(|o| Some(secs(o.rejoin? - o.heal?))),
         keyring_rotated: rotation.as_ref().map(|o| o.keyring_rotated),
+        keyring_old_primary: rotation.as_ref().map(|o| o.keyring_old_primary),
+        keyring_old_held: rotation.as_ref().map(|o| o.keyring_old_held),
         wall_s: 0.0,
     }
 }
