@@ -52,6 +52,14 @@ pub struct SimArgs {
     /// (measures the membership protocol alone). By default nodes run sealed, as the agent does.
     #[arg(long)]
     pub plain: bool,
+    /// Shortest period, in simulated seconds, between two transient-key rotations (default: 30,
+    /// or 6 in the rotation scenario).
+    #[arg(long)]
+    pub rotation_min: Option<f64>,
+    /// Longest period between two rotations (default: 60, or 12 in the rotation scenario, whose
+    /// partition lasts 5 times this).
+    #[arg(long)]
+    pub rotation_max: Option<f64>,
     /// Longest wait, in simulated seconds, for each agreement of the scenario.
     #[arg(long, default_value_t = 120.0)]
     pub deadline: f64,
@@ -82,6 +90,17 @@ impl SimArgs {
         cfg.duplicate = self.duplicate;
         if self.plain {
             cfg.security = None;
+        }
+        if let Some(sec) = cfg.security.as_mut() {
+            if let Some(s) = self.rotation_min {
+                sec.rotation_min = seconds("rotation-min", s)?;
+            }
+            if let Some(s) = self.rotation_max {
+                sec.rotation_max = seconds("rotation-max", s)?;
+            }
+            if sec.rotation_min.is_zero() || sec.rotation_min > sec.rotation_max {
+                bail!("--rotation-min must be above zero and at most --rotation-max");
+            }
         }
         cfg.window = seconds("window", self.window)?;
         cfg.warmup = seconds("warmup", self.warmup)?;
