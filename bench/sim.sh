@@ -76,6 +76,9 @@ run churn-1k-loss2 --scenario churn --nodes 1000 --loss 0.02
 # 5 simulated minutes of transient-key rotations (every 6-12 s in this scenario), a keyring
 # install/use/remove and one node partitioned for 5 rotation periods (60 s).
 run rotation-1k-loss5 --scenario rotation --nodes 1000 --loss 0.05
+# The same with the agent's rotation period (30-60 s; the partition then lasts 300 s).
+run rotation-1k-loss5-slow --scenario rotation --nodes 1000 --loss 0.05 \
+    --rotation-min 30 --rotation-max 60
 if [[ -z "${QUICK:-}" ]]; then
     run cold-10k-loss5 --scenario cold-boot --nodes 10000 --loss 0.05
 fi
@@ -131,6 +134,12 @@ row "rotation 1,000 nodes 5 % loss: rotations (made)" \
 keyring_rotated="$(jq -r '.keyring_rotated' "$OUT/sim-rotation-1k-loss5.json")"
 row "rotation 1,000 nodes 5 % loss: keyring_rotated" "$keyring_rotated" "true" \
     "$([[ "$keyring_rotated" == true ]] && echo ok || echo MISSED)"
+row "  the same, rotations every 30-60 s: membership_losses" \
+    "$(field rotation-1k-loss5-slow membership_losses)" "== 0" \
+    "$(check rotation-1k-loss5-slow membership_losses '==' 0)"
+row "  the same, rotations every 30-60 s: rejoin_after_heal_s" \
+    "$(field rotation-1k-loss5-slow rejoin_after_heal_s)" "<= 2" \
+    "$(check rotation-1k-loss5-slow rejoin_after_heal_s '<=' 2)"
 if [[ -n "${SKIPPED_10K:-}" ]]; then
     row "10,000-node runs" "skipped" "" "(memory)"
 fi
