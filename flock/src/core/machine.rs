@@ -1064,10 +1064,8 @@ impl Flock {
                 sec.install(prev.epoch, prev.key.clone(), tag, now);
             }
             sec.install(current, joined.keys.current.key.clone(), tag, now);
-            if same_leader {
-                // Our leader's keys, newer than ours: we had missed its rotation.
-                sec.set_own(current);
-            }
+            // Same leader: which of its keys to seal with is the claim's to say
+            // (sync_key_to_leader), never an answer from a member that may lag behind it.
         }
         if switch {
             sec.set_own(current);
@@ -1143,6 +1141,9 @@ impl Flock {
         let hinted = std::mem::take(&mut self.key_hint);
         if !(sec.needs_key(now) || hinted) || self.live.is_empty() || self.leaving {
             return;
+        }
+        if self.leader.is_some_and(|c| c.leader == self.me.id) {
+            return; // the leader makes keys; it never asks for them
         }
         let busy = sec
             .pending
