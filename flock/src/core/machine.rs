@@ -1452,6 +1452,26 @@ impl Flock {
         self.answer_refutation(from);
     }
 
+    /// What a ping or an ack tells about its sender and the flock: the sender's own entry, the
+    /// piggybacked updates, and its membership digest. Returns whether the sender was unknown.
+    fn take_peer_news(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        header: Header,
+        me: MemberInfo,
+        digest: u64,
+        updates: &[Update],
+    ) -> bool {
+        let unknown = !self.members.contains_key(&me.id);
+        self.apply_sender(now, from, header, me);
+        self.apply_updates(now, updates);
+        if !unknown && me.id == header.sender {
+            self.compare_digest(now, from, digest);
+        }
+        unknown
+    }
+
     fn dispatch(&mut self, now: Duration, from: SocketAddr, header: Header, msg: Message) {
         let sender = header.sender;
         // A member we hold dead or left is talking to us: push-pull so both sides learn
@@ -1465,12 +1485,7 @@ impl Flock {
                 digest,
                 updates,
             } => {
-                let unknown = !self.members.contains_key(&me.id);
-                self.apply_sender(now, from, header, me);
-                self.apply_updates(now, &updates);
-                if !unknown && me.id == sender {
-                    self.compare_digest(now, from, digest);
-                }
+                let unknown = self.take_peer_news(now, from, header, me, digest, &updates);
                 if self.leaving {
                     return;
                 }
@@ -1491,12 +1506,7 @@ impl Flock {
                 digest,
                 updates,
             } => {
-                let unknown = !self.members.contains_key(&me.id);
-                self.apply_sender(now, from, header, me);
-                self.apply_updates(now, &updates);
-                if !unknown && me.id == sender {
-                    self.compare_digest(now, from, digest);
-                }
+                let unknown = self.take_peer_news(now, from, header, me, digest, &updates);
                 if let Some(relay) = self.relays.remove(&seq) {
                     let fwd = Message::Ack {
                         seq: relay.seq,
