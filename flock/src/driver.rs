@@ -101,7 +101,7 @@ pub struct KeyId {
 
 impl Snapshot {
     fn take(flock: &Flock, bloc: &Bloc, now: Duration, leaving: bool) -> Snapshot {
-        let mut members: Vec<Member> = flock.members().copied().collect();
+        let mut members: Vec<Member> = flock.members().collect();
         members.sort_by_key(|m| m.info.id);
         let keys = flock
             .keyring()

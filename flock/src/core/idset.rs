@@ -32,18 +32,6 @@ impl IdSet {
         true
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.ids.iter().copied()
-    }
-
     /// A uniformly random member.
     pub(crate) fn choose(&self, rng: &mut impl Rng) -> Option<NodeId> {
         if self.ids.is_empty() {
@@ -52,33 +40,38 @@ impl IdSet {
             Some(self.ids[rng.gen_range(0..self.ids.len())])
         }
     }
+}
 
-    /// Up to `k` distinct random members, none of them in `exclude`.
-    pub(crate) fn sample(&self, k: usize, exclude: &[NodeId], rng: &mut impl Rng) -> Vec<NodeId> {
-        let mut out = Vec::with_capacity(k);
-        if self.ids.is_empty() || k == 0 {
-            return out;
-        }
-        let available = self.ids.len().saturating_sub(exclude.len());
-        if available <= k {
-            // Few members: take all eligible ones, in random order.
-            out.extend(self.ids.iter().copied().filter(|id| !exclude.contains(id)));
-            for i in (1..out.len()).rev() {
-                out.swap(i, rng.gen_range(0..=i));
-            }
-            out.truncate(k);
-            return out;
-        }
-        let mut attempts = 0;
-        while out.len() < k && attempts < 8 * k + 16 {
-            attempts += 1;
-            let id = self.ids[rng.gen_range(0..self.ids.len())];
-            if !exclude.contains(&id) && !out.contains(&id) {
-                out.push(id);
-            }
-        }
-        out
+/// Up to `k` distinct random ids of `ids`, none of them in `exclude`.
+pub(crate) fn sample(
+    ids: &[NodeId],
+    k: usize,
+    exclude: &[NodeId],
+    rng: &mut impl Rng,
+) -> Vec<NodeId> {
+    let mut out = Vec::with_capacity(k);
+    if ids.is_empty() || k == 0 {
+        return out;
     }
+    let available = ids.len().saturating_sub(exclude.len());
+    if available <= k {
+        // Few members: take all eligible ones, in random order.
+        out.extend(ids.iter().copied().filter(|id| !exclude.contains(id)));
+        for i in (1..out.len()).rev() {
+            out.swap(i, rng.gen_range(0..=i));
+        }
+        out.truncate(k);
+        return out;
+    }
+    let mut attempts = 0;
+    while out.len() < k && attempts < 8 * k + 16 {
+        attempts += 1;
+        let id = ids[rng.gen_range(0..ids.len())];
+        if !exclude.contains(&id) && !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -95,12 +88,12 @@ mod tests {
         assert!(!s.insert(NodeId(3)));
         assert!(s.remove(NodeId(3)));
         assert!(!s.remove(NodeId(3)));
-        assert_eq!(s.len(), 9);
+        assert_eq!(s.ids.len(), 9);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        let got = s.sample(4, &[NodeId(0)], &mut rng);
+        let got = sample(&s.ids, 4, &[NodeId(0)], &mut rng);
         assert_eq!(got.len(), 4);
         assert!(!got.contains(&NodeId(0)) && !got.contains(&NodeId(3)));
-        let all = s.sample(20, &[NodeId(0)], &mut rng);
+        let all = sample(&s.ids, 20, &[NodeId(0)], &mut rng);
         assert_eq!(all.len(), 8);
     }
 }

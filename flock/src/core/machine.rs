@@ -15,8 +15,8 @@ use rand_chacha::ChaCha8Rng;
 use tracing::{debug, trace};
 
 use super::broadcast::Broadcasts;
-use super::idset::IdSet;
 use super::secure::{decode_claim, encode_claim, Opened as SecOpened, Sec, SecurityTiming};
+use super::table::{addr_key, member_hash, Table};
 use super::FastMap;
 use super::{
     is_live, Command, DropReason, Event, Identity, LeaderView, Member, Outbox, Stats, Transmit,
@@ -66,13 +66,6 @@ struct Suspicion {
     token: u64,
 }
 
-struct Entry {
-    member: Member,
-    suspicion: Option<Suspicion>,
-    /// Last time we push-pulled with this member because it spoke to us while we held it dead.
-    last_heal: Option<Duration>,
-}
-
 struct Probe {
     target: NodeId,
     sent: Duration,
@@ -106,12 +99,12 @@ pub struct Flock {
     self_member: Member,
     rng: ChaCha8Rng,
     bloc_tag: u32,
-    members: FastMap<NodeId, Entry>,
-    by_addr: FastMap<SocketAddr, NodeId>,
-    /// Live members other than this node.
-    live: IdSet,
-    /// Dead (not left) members, probed at a low rate.
-    dead: IdSet,
+    /// Every other member, with the live and dead sets and the live digest derived from them.
+    members: Table,
+    /// Suspicions running, by suspect.
+    suspicions: FastMap<NodeId, Suspicion>,
+    /// Last time we push-pulled with a member because it spoke to us while we held it dead.
+    last_heal: FastMap<NodeId, Duration>,
     probe_order: Vec<NodeId>,
     probe_next: usize,
     probes: FastMap<u32, Probe>,
@@ -127,9 +120,6 @@ pub struct Flock {
     last_change: Duration,
     rank_cache: Option<(Duration, usize)>,
     fast_push_pull_until: Duration,
-    /// XOR of [`member_hash`] over the live members, this node included.
-    digest: u64,
-    live_hash: FastMap<NodeId, u64>,
     /// Since when the digests peers show us differ from ours.
     digest_mismatch_since: Option<Duration>,
     last_digest_push_pull: Option<Duration>,
@@ -146,8 +136,8 @@ pub struct Flock {
     unanswered_key_requests: u32,
     /// Members we could not read lately, and when we last asked them for their keys.
     unreadable: FastMap<SocketAddr, Duration>,
-    /// Key epoch each peer address last sealed with.
-    peer_epoch: FastMap<SocketAddr, u32>,
+    /// Key epoch each peer address ([`addr_key`]) last sealed with.
+    peer_epoch: FastMap<u64, u32>,
     /// Time of the input being handled.
     now: Duration,
     counter: u64,
@@ -226,10 +216,9 @@ impl Flock {
             me: identity,
             self_member,
             rng: ChaCha8Rng::seed_from_u64(seed),
-            members: FastMap::default(),
-            by_addr: FastMap::default(),
-            live: IdSet::default(),
-            dead: IdSet::default(),
+            members: Table::default(),
+            suspicions: FastMap::default(),
+            last_heal: FastMap::default(),
             probe_order: Vec::new(),
             probe_next: 0,
             probes: FastMap::default(),
@@ -245,8 +234,6 @@ impl Flock {
             last_change: now,
             rank_cache: None,
             fast_push_pull_until: Duration::ZERO,
-            digest: member_hash(identity.id, identity.boot),
-            live_hash: FastMap::default(),
             digest_mismatch_since: None,
             last_digest_push_pull: None,
             discovery_round: 0,
@@ -287,16 +274,16 @@ impl Flock {
     // ----- queries -------------------------------------------------------------------------
 
     /// Every member this node knows of, itself included.
-    pub fn members(&self) -> impl Iterator<Item = &Member> + '_ {
-        std::iter::once(&self.self_member).chain(self.members.values().map(|e| &e.member))
+    pub fn members(&self) -> impl Iterator<Item = Member> + '_ {
+        std::iter::once(self.self_member).chain(self.members.iter())
     }
 
     /// One member (this node included).
-    pub fn member(&self, id: NodeId) -> Option<&Member> {
+    pub fn member(&self, id: NodeId) -> Option<Member> {
         if id == self.me.id {
-            Some(&self.self_member)
+            Some(self.self_member)
         } else {
-            self.members.get(&id).map(|e| &e.member)
+            self.members.get(id)
         }
     }
 
@@ -323,7 +310,7 @@ impl Flock {
 
     /// Live members (alive or suspect), this node included.
     pub fn live_count(&self) -> usize {
-        self.live.len() + 1
+        self.members.live_len() + 1
     }
 
     /// Counters.
@@ -427,7 +414,7 @@ impl Flock {
                     reason,
                     DropReason::UnknownKey | DropReason::AuthFailed | DropReason::StaleKey
                 );
-                if unreadable && self.by_addr.contains_key(&from) {
+                if unreadable && self.members.id_at(&from).is_some() {
                     // A member is alive but seals under keys we do not hold: we missed a
                     // rotation, or it lives in another flock's keys (two flocks merging). A
                     // handshake with it settles which keys both sides use.
@@ -517,7 +504,7 @@ impl Flock {
             out.extend_from_slice(body);
             return Some(out);
         };
-        let dest_epoch = self.peer_epoch.get(&to).copied();
+        let dest_epoch = self.peer_epoch.get(&addr_key(&to)).copied();
         if sec.seal(
             self.now,
             self.counter,
@@ -586,7 +573,7 @@ impl Flock {
             if self.peer_epoch.len() >= self.config.members_max {
                 self.peer_epoch.clear();
             }
-            self.peer_epoch.insert(from, header.key_id);
+            self.peer_epoch.insert(addr_key(&from), header.key_id);
         }
     }
 
@@ -712,12 +699,11 @@ impl Flock {
                 // While our own suspicion runs, keep probing the suspect (each probe carries the
                 // suspicion to it: Lifeguard's buddy system), so that it can refute even if the
                 // gossip of the suspicion never reached it (it was cut off when it started).
-                let current = self.members.get(&id).is_some_and(|e| {
-                    e.member.info.state == MemberState::Suspect
-                        && e.suspicion
-                            .as_ref()
-                            .is_some_and(|s| s.started_token == token)
-                });
+                let current = self.members.state(id) == Some(MemberState::Suspect)
+                    && self
+                        .suspicions
+                        .get(&id)
+                        .is_some_and(|s| s.started_token == token);
                 if current && !self.leaving {
                     self.start_probe(now, id, false);
                     let next = now + self.scaled(t.probe_interval);
@@ -733,14 +719,14 @@ impl Flock {
                 let next = now + self.push_pull_interval(now);
                 self.schedule(next, Timer::PushPull);
                 if !self.leaving {
-                    if let Some(id) = self.live.choose(&mut self.rng) {
-                        let addr = self.members[&id].member.info.addr;
+                    if let Some(id) = self.members.choose_live(&mut self.rng) {
+                        let addr = self.addr(id);
                         self.start_push_pull(addr, false);
                     }
                 }
             }
             Timer::Discovery => {
-                let alone = self.live.is_empty();
+                let alone = self.members.live_len() == 0;
                 let next = now
                     + if alone {
                         t.discovery_interval_alone
@@ -756,8 +742,8 @@ impl Flock {
                 let next = now + t.dead_probe_interval;
                 self.schedule(next, Timer::DeadProbe);
                 if !self.leaving {
-                    if let Some(id) = self.dead.choose(&mut self.rng) {
-                        let addr = self.members[&id].member.info.addr;
+                    if let Some(id) = self.members.choose_dead(&mut self.rng) {
+                        let addr = self.addr(id);
                         self.send_ping(addr, Some(id));
                     }
                 }
@@ -813,16 +799,12 @@ impl Flock {
             while self.probe_next < self.probe_order.len() {
                 let id = self.probe_order[self.probe_next];
                 self.probe_next += 1;
-                if self
-                    .members
-                    .get(&id)
-                    .is_some_and(|e| is_live(e.member.info.state))
-                {
+                if self.members.is_live(id) {
                     return Some(id);
                 }
             }
             // A new round over a fresh shuffle of the live members.
-            self.probe_order = self.live.iter().collect();
+            self.probe_order = self.members.live_ids().collect();
             for i in (1..self.probe_order.len()).rev() {
                 let j = self.rng.gen_range(0..=i);
                 self.probe_order.swap(i, j);
@@ -836,10 +818,9 @@ impl Flock {
     }
 
     fn start_probe(&mut self, now: Duration, target: NodeId, leader_check: bool) {
-        let Some(entry) = self.members.get(&target) else {
+        let Some(info) = self.members.info(target) else {
             return;
         };
-        let info = entry.member.info;
         let addr = info.addr;
         if info.state == MemberState::Suspect {
             // Lifeguard's buddy system: tell a suspect directly, so it can refute in time.
@@ -872,7 +853,7 @@ impl Flock {
             seq,
             target: Some(target),
             me: self.my_info(),
-            digest: self.digest,
+            digest: self.digest(),
             updates: Vec::new(),
         };
         self.send_with_updates(addr, msg);
@@ -886,15 +867,14 @@ impl Flock {
         };
         let target = probe.target;
         let sent = probe.sent;
-        let Some(entry) = self.members.get(&target) else {
+        let Some(target_addr) = self.members.addr(target) else {
             self.probes.remove(&seq);
             return;
         };
-        let target_addr = entry.member.info.addr;
         let k = self.config.timing.indirect_probes;
-        let relays = self.live.sample(k, &[target], &mut self.rng);
+        let relays = self.members.sample_live(k, &[target], &mut self.rng);
         for relay in &relays {
-            let addr = self.members[relay].member.info.addr;
+            let addr = self.addr(*relay);
             let msg = Message::PingReq {
                 seq,
                 target,
@@ -921,10 +901,9 @@ impl Flock {
         if missed > 0 {
             self.awareness = (self.awareness + missed.min(1)).min(self.config.timing.awareness_max);
         }
-        let Some(entry) = self.members.get(&probe.target) else {
+        let Some(info) = self.members.info(probe.target) else {
             return;
         };
-        let info = entry.member.info;
         if !is_live(info.state) {
             return;
         }
@@ -953,7 +932,7 @@ impl Flock {
             seq,
             target,
             me: self.my_info(),
-            digest: self.digest,
+            digest: self.digest(),
             updates: Vec::new(),
         };
         self.send_with_updates(addr, msg);
@@ -1083,7 +1062,7 @@ impl Flock {
         if self.peer_epoch.len() >= self.config.members_max {
             self.peer_epoch.clear();
         }
-        self.peer_epoch.insert(from, current);
+        self.peer_epoch.insert(addr_key(&from), current);
         if let Some(claim) = theirs {
             self.max_term = self.max_term.max(claim.term);
         }
@@ -1139,7 +1118,7 @@ impl Flock {
             return;
         };
         let hinted = std::mem::take(&mut self.key_hint);
-        if !(sec.needs_key(now) || hinted) || self.live.is_empty() || self.leaving {
+        if !(sec.needs_key(now) || hinted) || self.members.live_len() == 0 || self.leaving {
             return;
         }
         if self.leader.is_some_and(|c| c.leader == self.me.id) {
@@ -1156,9 +1135,9 @@ impl Flock {
         let leader = self
             .leader
             .map(|c| c.leader)
-            .filter(|l| self.live_index_has(*l));
-        if let Some(id) = leader.or_else(|| self.live.choose(&mut self.rng)) {
-            let addr = self.members[&id].member.info.addr;
+            .filter(|l| self.members.is_live(*l));
+        if let Some(id) = leader.or_else(|| self.members.choose_live(&mut self.rng)) {
+            let addr = self.addr(id);
             self.stats.key_requests += 1;
             self.unanswered_key_requests += 1;
             self.send_handshake(addr, Purpose::KeyRequest);
@@ -1176,10 +1155,14 @@ impl Flock {
         }
     }
 
-    fn live_index_has(&self, id: NodeId) -> bool {
-        self.members
-            .get(&id)
-            .is_some_and(|e| is_live(e.member.info.state))
+    /// The address of a member of the table.
+    fn addr(&self, id: NodeId) -> SocketAddr {
+        self.members.addr(id).expect("a member of the table")
+    }
+
+    /// The live-membership digest: XOR of [`member_hash`] over the live members and this node.
+    fn digest(&self) -> u64 {
+        member_hash(self.me.id, self.me.boot) ^ self.members.digest()
     }
 
     /// Leader: rotate the transient key when due, and announce it under the current one.
@@ -1258,11 +1241,8 @@ impl Flock {
                     if local {
                         // An operator's change goes to every live member at once (as Serf's key
                         // queries do); gossip and the retransmissions cover losses.
-                        let targets: Vec<SocketAddr> = self
-                            .live
-                            .iter()
-                            .map(|id| self.members[&id].member.info.addr)
-                            .collect();
+                        let targets: Vec<SocketAddr> =
+                            self.members.live_ids().map(|id| self.addr(id)).collect();
                         for to in targets {
                             self.send(
                                 to,
@@ -1314,9 +1294,9 @@ impl Flock {
             return;
         };
         let live_there = self
-            .by_addr
-            .get(&addr)
-            .is_some_and(|id| self.live_index_has(*id));
+            .members
+            .id_at(&addr)
+            .is_some_and(|id| self.members.is_live(id));
         if addr == self.me.addr || live_there {
             return; // a live member: nothing to discover there
         }
@@ -1331,14 +1311,14 @@ impl Flock {
         if !self.broadcasts.has_news() {
             return;
         }
-        let targets = self
-            .live
-            .sample(self.config.timing.gossip_fanout, &[], &mut self.rng);
+        let targets =
+            self.members
+                .sample_live(self.config.timing.gossip_fanout, &[], &mut self.rng);
         for id in targets {
             if self.broadcasts.is_empty() {
                 break;
             }
-            let addr = self.members[&id].member.info.addr;
+            let addr = self.addr(id);
             self.send_with_updates(
                 addr,
                 Message::Gossip {
@@ -1409,7 +1389,7 @@ impl Flock {
                 // As memberlist: a remote view of death only makes us suspect, and the
                 // suspicion counts as ours (not as an independent confirmation by the sender).
                 MemberState::Suspect | MemberState::Dead => {
-                    if info.id != self.me.id && !self.members.contains_key(&info.id) {
+                    if info.id != self.me.id && !self.members.contains(info.id) {
                         // A member new to us: learn it, but do not take over a suspicion we
                         // have no evidence of (the view may be stale; its owner's timers and
                         // the gossip about it decide).
@@ -1424,7 +1404,7 @@ impl Flock {
                     self.apply_suspect(now, info.id, info.boot, info.incarnation, me);
                 }
                 MemberState::Left => {
-                    if !self.members.contains_key(&info.id) && info.id != self.me.id {
+                    if !self.members.contains(info.id) && info.id != self.me.id {
                         continue; // nothing to learn about a node we never knew that left
                     }
                     self.apply_left(now, info.id, info.boot, info.incarnation);
@@ -1463,7 +1443,7 @@ impl Flock {
         digest: u64,
         updates: &[Update],
     ) -> bool {
-        let unknown = !self.members.contains_key(&me.id);
+        let unknown = !self.members.contains(me.id);
         self.apply_sender(now, from, header, me);
         self.apply_updates(now, updates);
         if !unknown && me.id == header.sender {
@@ -1492,11 +1472,11 @@ impl Flock {
                 let ack = Message::Ack {
                     seq,
                     me: self.my_info(),
-                    digest: self.digest,
+                    digest: self.digest(),
                     updates: Vec::new(),
                 };
                 self.send_with_updates(from, ack);
-                if unknown && self.members.contains_key(&me.id) {
+                if unknown && self.members.contains(me.id) {
                     trace!(peer = %me.id, "discovered by a ping");
                 }
             }
@@ -1518,7 +1498,7 @@ impl Flock {
                 } else {
                     self.on_probe_ack(now, seq, me.id);
                 }
-                if unknown && self.members.contains_key(&me.id) && !self.leaving {
+                if unknown && self.members.contains(me.id) && !self.leaving {
                     // We found a node we did not know: join with it.
                     self.start_push_pull(from, true);
                 }
@@ -1560,7 +1540,7 @@ impl Flock {
                     let ack = Message::Ack {
                         seq,
                         me: self.my_info(),
-                        digest: self.digest,
+                        digest: self.digest(),
                         updates: Vec::new(),
                     };
                     self.send_with_updates(from, ack);
@@ -1589,7 +1569,7 @@ impl Flock {
             return; // only a node's own claim about itself counts here
         }
         // Trust the address we actually heard from for a node's first appearance.
-        let info = if self.members.contains_key(&me.id) {
+        let info = if self.members.contains(me.id) {
             me
         } else {
             MemberInfo { addr: from, ..me }
@@ -1601,7 +1581,7 @@ impl Flock {
     /// differing from ours for longer than gossip needs to spread news, push-pull with one of them.
     /// This repairs what gossip missed without waiting for the (N-scaled) periodic push-pull.
     fn compare_digest(&mut self, now: Duration, from: SocketAddr, theirs: u64) {
-        if theirs == self.digest {
+        if theirs == self.digest() {
             self.digest_mismatch_since = None;
             return;
         }
@@ -1619,17 +1599,21 @@ impl Flock {
     }
 
     fn heal_if_dead(&mut self, now: Duration, from: SocketAddr, sender: NodeId, boot: BootId) {
-        let Some(entry) = self.members.get_mut(&sender) else {
+        let Some(info) = self.members.info(sender) else {
             return;
         };
-        if entry.member.info.boot != boot || is_live(entry.member.info.state) {
+        if info.boot != boot || is_live(info.state) {
             return;
         }
         let period = self.config.timing.dead_probe_interval;
-        if entry.last_heal.is_some_and(|t| now < t + period) {
+        if self
+            .last_heal
+            .get(&sender)
+            .is_some_and(|t| now < *t + period)
+        {
             return;
         }
-        entry.last_heal = Some(now);
+        self.last_heal.insert(sender, now);
         if !self.leaving {
             self.start_push_pull(from, false);
         }
@@ -1674,45 +1658,9 @@ impl Flock {
 
     // ----- membership rules ----------------------------------------------------------------
 
-    fn set_addr(&mut self, id: NodeId, old: Option<SocketAddr>, new: SocketAddr) {
-        if let Some(old) = old {
-            if old != new && self.by_addr.get(&old) == Some(&id) {
-                self.by_addr.remove(&old);
-            }
-        }
-        self.by_addr.insert(new, id);
-    }
-
     fn membership_changed(&mut self, now: Duration) {
         self.last_change = now;
         self.rank_cache = None;
-    }
-
-    fn set_live(&mut self, id: NodeId, state: MemberState) {
-        if let Some(old) = self.live_hash.remove(&id) {
-            self.digest ^= old;
-        }
-        if is_live(state) {
-            if let Some(e) = self.members.get(&id) {
-                let h = member_hash(id, e.member.info.boot);
-                self.digest ^= h;
-                self.live_hash.insert(id, h);
-            }
-        }
-        match state {
-            MemberState::Alive | MemberState::Suspect => {
-                self.live.insert(id);
-                self.dead.remove(id);
-            }
-            MemberState::Dead => {
-                self.live.remove(id);
-                self.dead.insert(id);
-            }
-            MemberState::Left => {
-                self.live.remove(id);
-                self.dead.remove(id);
-            }
-        }
     }
 
     fn apply_alive(&mut self, now: Duration, info: MemberInfo) {
@@ -1729,21 +1677,12 @@ impl Flock {
             state: MemberState::Alive,
             ..info
         };
-        let Some(entry) = self.members.get_mut(&info.id) else {
+        let Some(old) = self.members.info(info.id) else {
             if self.members.len() + 1 >= self.config.members_max {
                 self.stats.drop(DropReason::TableFull);
                 return;
             }
-            self.members.insert(
-                info.id,
-                Entry {
-                    member: Member { info, since: now },
-                    suspicion: None,
-                    last_heal: None,
-                },
-            );
-            self.set_addr(info.id, None, info.addr);
-            self.set_live(info.id, MemberState::Alive);
+            self.members.set(info, now);
             self.insert_probe_order(info.id);
             self.membership_changed(now);
             if gossip {
@@ -1752,7 +1691,6 @@ impl Flock {
             self.out.events.push_back(Event::MemberJoined(info));
             return;
         };
-        let old = entry.member.info;
         let newer =
             info.boot > old.boot || (info.boot == old.boot && info.incarnation > old.incarnation);
         if !newer {
@@ -1760,10 +1698,8 @@ impl Flock {
         }
         let restarted = info.boot > old.boot;
         let was_live = is_live(old.state);
-        entry.member = Member { info, since: now };
-        entry.suspicion = None;
-        self.set_addr(info.id, Some(old.addr), info.addr);
-        self.set_live(info.id, MemberState::Alive);
+        self.members.set(info, now);
+        self.suspicions.remove(&info.id);
         if gossip {
             self.broadcasts.push(Update::Alive { member: info });
         }
@@ -1822,10 +1758,9 @@ impl Flock {
         }
         let live_n = self.live_count();
         let is_leader = self.leader.is_some_and(|c| c.leader == id);
-        let Some(entry) = self.members.get_mut(&id) else {
+        let Some(info) = self.members.info(id) else {
             return;
         };
-        let info = entry.member.info;
         if boot != info.boot || inc < info.incarnation {
             return;
         }
@@ -1838,13 +1773,16 @@ impl Flock {
                     incarnation: inc,
                     ..info
                 };
-                entry.member = Member { info, since: now };
-                entry.suspicion = Some(Suspicion {
-                    started_token: token,
-                    started: now,
-                    confirmations: vec![from],
-                    token,
-                });
+                self.members.set(info, now);
+                self.suspicions.insert(
+                    id,
+                    Suspicion {
+                        started_token: token,
+                        started: now,
+                        confirmations: vec![from],
+                        token,
+                    },
+                );
                 let timeout = suspicion_timeout(&self.config, live_n, is_leader, 0);
                 self.schedule(now + timeout, Timer::Suspicion { id, token });
                 let update = Update::Suspect {
@@ -1869,7 +1807,7 @@ impl Flock {
                 self.out.events.push_back(Event::MemberSuspect(info));
             }
             MemberState::Suspect => {
-                let Some(s) = entry.suspicion.as_mut() else {
+                let Some(s) = self.suspicions.get_mut(&id) else {
                     return;
                 };
                 if s.confirmations.contains(&from) || s.confirmations.len() >= CONFIRMATIONS_MAX {
@@ -1894,13 +1832,12 @@ impl Flock {
     }
 
     fn on_suspicion_timeout(&mut self, now: Duration, id: NodeId, token: u64) {
-        let Some(entry) = self.members.get(&id) else {
-            return;
-        };
-        if entry.suspicion.as_ref().is_none_or(|s| s.token != token) {
+        if self.suspicions.get(&id).is_none_or(|s| s.token != token) {
             return;
         }
-        let info = entry.member.info;
+        let Some(info) = self.members.info(id) else {
+            return;
+        };
         debug!(member = %id, "suspicion timed out: dead");
         self.apply_dead(now, id, info.boot, info.incarnation, self.me.id);
     }
@@ -1966,10 +1903,9 @@ impl Flock {
         update: Update,
         event: fn(MemberInfo) -> Event,
     ) {
-        let Some(entry) = self.members.get_mut(&id) else {
+        let Some(info) = self.members.info(id) else {
             return;
         };
-        let info = entry.member.info;
         let from_ok = match state {
             MemberState::Dead => is_live(info.state),
             _ => info.state != state,
@@ -1982,9 +1918,8 @@ impl Flock {
             incarnation: inc,
             ..info
         };
-        entry.member = Member { info, since: now };
-        entry.suspicion = None;
-        self.set_live(id, state);
+        self.members.set(info, now);
+        self.suspicions.remove(&id);
         self.membership_changed(now);
         self.broadcasts.push(update);
         self.out.events.push_back(event(info));
@@ -1994,10 +1929,13 @@ impl Flock {
     }
 
     fn insert_probe_order(&mut self, id: NodeId) {
-        // As memberlist: new members go to a random place in the rest of this round.
+        // As memberlist: new members go to a random place in the rest of this round (swapped
+        // there, so that a cold boot's N joins cost O(N), not O(N²)).
         let lo = self.probe_next.min(self.probe_order.len());
         let at = self.rng.gen_range(lo..=self.probe_order.len());
-        self.probe_order.insert(at, id);
+        self.probe_order.push(id);
+        let last = self.probe_order.len() - 1;
+        self.probe_order.swap(at, last);
     }
 
     fn reap(&mut self, now: Duration) {
@@ -2007,17 +1945,14 @@ impl Flock {
         let after = self.config.timing.reap_after;
         let expired: Vec<NodeId> = self
             .members
-            .values()
-            .filter(|e| !is_live(e.member.info.state) && now >= e.member.since + after)
-            .map(|e| e.member.info.id)
+            .iter()
+            .filter(|m| !is_live(m.info.state) && now >= m.since + after)
+            .map(|m| m.info.id)
             .collect();
         for id in expired {
-            let entry = self.members.remove(&id).expect("listed");
-            self.live.remove(id);
-            self.dead.remove(id);
-            if self.by_addr.get(&entry.member.info.addr) == Some(&id) {
-                self.by_addr.remove(&entry.member.info.addr);
-            }
+            self.members.remove(id);
+            self.suspicions.remove(&id);
+            self.last_heal.remove(&id);
             self.out.events.push_back(Event::MemberReaped(id));
         }
     }
@@ -2044,9 +1979,9 @@ impl Flock {
         }
         // Tell a few members at once, then keep gossiping until the leave had time to spread.
         let fanout = self.config.timing.gossip_fanout * 2;
-        let targets = self.live.sample(fanout, &[], &mut self.rng);
+        let targets = self.members.sample_live(fanout, &[], &mut self.rng);
         for id in targets {
-            let addr = self.members[&id].member.info.addr;
+            let addr = self.addr(id);
             let msg = Message::Gossip {
                 updates: vec![Update::Left {
                     id: me.id,
@@ -2056,7 +1991,7 @@ impl Flock {
             };
             self.send(addr, &msg);
         }
-        let done = if self.live.is_empty() {
+        let done = if self.members.live_len() == 0 {
             now
         } else {
             now + self.config.timing.leave_propagation
@@ -2089,8 +2024,8 @@ impl Flock {
             return claim.boot == self.me.boot && !self.leaving;
         }
         self.members
-            .get(&claim.leader)
-            .is_some_and(|e| e.member.info.boot == claim.boot && is_live(e.member.info.state))
+            .info(claim.leader)
+            .is_some_and(|m| m.boot == claim.boot && is_live(m.state))
     }
 
     fn apply_claim(&mut self, now: Duration, claim: LeaderClaim) {
@@ -2135,7 +2070,7 @@ impl Flock {
             }
         }
         let me = self.me.id;
-        let rank = self.live.iter().filter(|id| *id < me).count();
+        let rank = self.members.live_ids().filter(|id| *id < me).count();
         self.rank_cache = Some((self.last_change, rank));
         rank
     }
@@ -2215,14 +2150,6 @@ impl Flock {
         }
         self.rotate_if_leader(now);
     }
-}
-
-/// Hash of one live member for the membership digest (splitmix64 of id and boot).
-fn member_hash(id: NodeId, boot: BootId) -> u64 {
-    let mut z = id.0 ^ boot.0.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 fn reap_period(t: &crate::config::Timing) -> Duration {

@@ -10,6 +10,7 @@ mod broadcast;
 mod idset;
 mod machine;
 mod secure;
+mod table;
 #[cfg(test)]
 mod tests;
 

@@ -371,6 +371,9 @@ pub struct Report {
     pub keyring_old_held: Option<usize>,
     /// Wall-clock seconds the run took.
     pub wall_s: f64,
+    /// Peak resident memory of the process at the end of the run, in MiB (Linux; None
+    /// elsewhere). The simulator holds every node's member table at once.
+    pub peak_rss_mb: Option<f64>,
 }
 
 impl Report {
@@ -481,8 +484,12 @@ impl Report {
         rows.push((
             "simulated",
             format!(
-                "{:.1} s, {} events, {:.2} s wall",
-                self.sim_s, self.events, self.wall_s
+                "{:.1} s, {} events, {:.2} s wall, peak memory {}",
+                self.sim_s,
+                self.events,
+                self.wall_s,
+                self.peak_rss_mb
+                    .map_or_else(|| "-".to_string(), |m| format!("{m:.0} MiB"))
             ),
         ));
         rows.iter().map(|(k, v)| format!("{k:<20} {v}\n")).collect()
@@ -1056,7 +1063,22 @@ pub fn run_with_progress(
     let sim = Sim::new(cfg.sim_config())?;
     let mut report = run_sim(cfg, sim, progress);
     report.wall_s = started.elapsed().as_secs_f64();
+    report.peak_rss_mb = peak_rss_mb();
     Ok(report)
+}
+
+/// The process's peak resident set size (VmHWM), in MiB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) -> Report {
@@ -1237,5 +1259,6 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) 
         keyring_old_primary: rotation.as_ref().map(|o| o.keyring_old_primary),
         keyring_old_held: rotation.as_ref().map(|o| o.keyring_old_held),
         wall_s: 0.0,
+        peak_rss_mb: None,
     }
 }
