@@ -46,6 +46,7 @@ use crux_flock::crypto::{
     key_id, Bloc, HandshakeInitiator, Keyring, Origin, Purpose, SecretKey, REPLY_BYTES,
     REQUEST_BYTES,
 };
+use crux_flock::sim::scenario::process_memory;
 use crux_flock::{
     BootId, DropReason, Flock, Identity, LeaderView, MemberInfo, NodeId, SecurityTiming, Transmit,
     TransmitKind,
@@ -433,22 +434,6 @@ fn source(rng: &mut ChaCha20Rng) -> SocketAddr {
     SocketAddr::new(IpAddr::from([127, 0, 0, host]), rng.gen_range(1..=u16::MAX))
 }
 
-/// Resident and peak resident set size in bytes (Linux), if readable.
-fn rss() -> Option<(u64, u64)> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hwm_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some((pages * 4096, hwm_kb * 1024))
-}
-
 fn datagram_count() -> u64 {
     match std::env::var("CRUX_HOSTILE_DATAGRAMS") {
         Ok(n) => n.parse().expect("CRUX_HOSTILE_DATAGRAMS: a number"),
@@ -518,13 +503,13 @@ fn a_flood_of_hostile_datagrams_changes_nothing_and_gets_no_reply() {
     let mut table: BTreeMap<DropReason, u64> = BTreeMap::new();
     let mut kinds: BTreeMap<Kind2, u64> = BTreeMap::new();
     let mut by_kind_reason: BTreeMap<(Kind2, DropReason), u64> = BTreeMap::new();
-    let (mut bytes, mut warm_rss, start_rss) = (0u64, None, rss());
+    let (mut bytes, mut warm_rss, start_rss) = (0u64, None, process_memory());
     let datagrams_in = net.nodes[t].stats().datagrams_in;
     #[allow(clippy::disallowed_methods)] // the test reports its wall time
     let wall = Instant::now();
     for i in 0..n {
         if i == n / 10 {
-            warm_rss = rss();
+            warm_rss = process_memory();
         }
         let now = start + step * i as u32;
         net.advance_to(now);
@@ -560,7 +545,7 @@ fn a_flood_of_hostile_datagrams_changes_nothing_and_gets_no_reply() {
     let end = start + ATTACK_SPAN;
     net.advance_to(end);
     let elapsed = wall.elapsed();
-    let end_rss = rss();
+    let end_rss = process_memory();
     twin.advance_to(end);
 
     let after = snapshot(&net.nodes[t]);

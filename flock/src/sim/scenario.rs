@@ -1063,14 +1063,17 @@ pub fn run_with_progress(
     let sim = Sim::new(cfg.sim_config())?;
     let mut report = run_sim(cfg, sim, progress);
     report.wall_s = started.elapsed().as_secs_f64();
-    report.peak_rss_mb = peak_rss_mb();
+    report.peak_rss_mb = process_memory().map(|(_, peak)| peak as f64 / (1 << 20) as f64);
     Ok(report)
 }
 
-/// The process's peak resident set size (VmHWM), in MiB.
-fn peak_rss_mb() -> Option<f64> {
+/// The process's resident and peak resident set sizes in bytes (Linux `/proc/self`; None
+/// elsewhere): what benchmarks and memory-bound tests report.
+pub fn process_memory() -> Option<(u64, u64)> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
+    let hwm_kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))?
         .trim()
@@ -1078,7 +1081,7 @@ fn peak_rss_mb() -> Option<f64> {
         .trim()
         .parse()
         .ok()?;
-    Some(kb / 1024.0)
+    Some((pages * 4096, hwm_kb * 1024))
 }
 
 fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) -> Report {
