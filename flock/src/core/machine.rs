@@ -35,6 +35,8 @@ const RELAYS_MAX: usize = 1024;
 const CONFIRMATIONS_MAX: usize = 64;
 /// How often the election and leader-liveness checks run, as a fraction of `settle`.
 const ELECTION_TICKS_PER_SETTLE: u32 = 4;
+/// Room kept in the output queues once drained.
+const OUTBOX_KEEP: usize = 64;
 /// Push-pull stays fast for this many fast intervals after an exchange that taught us members.
 const FAST_PUSH_PULL_ROUNDS: u32 = 4;
 /// A push-pull whose two views differ by at least this many members keeps push-pull fast.
@@ -337,12 +339,22 @@ impl Flock {
 
     /// Next thing to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.out.transmits.pop_front()
+        let t = self.out.transmits.pop_front();
+        if t.is_none() {
+            self.out.transmits.shrink_to(OUTBOX_KEEP);
+        }
+        t
     }
 
     /// Next event.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.out.events.pop_front()
+        let e = self.out.events.pop_front();
+        if e.is_none() {
+            // A push-pull that teaches N members emits N events at once: do not keep room for
+            // N events ever after (the simulator holds every node's queues).
+            self.out.events.shrink_to(OUTBOX_KEEP);
+        }
+        e
     }
 
     /// When [`Flock::handle_timeout`] must next be called.
