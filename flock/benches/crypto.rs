@@ -4,18 +4,26 @@
 //! * a full join handshake: request, response, finish (µs);
 //! * the hostile-input run: 1,000,000 datagrams (random bytes, truncations, bit flips of valid
 //!   datagrams, replays, wrong bloc, wrong key, unknown epochs, oversized, junk handshakes)
-//!   through header parse + open + replay check + handshake rate limit, with wall time, drops by
-//!   reason and peak memory. `CRUX_BENCH_HOSTILE=<count>` changes the count.
+//!   through a lone secure node's whole receive path ([`Flock::handle_datagram`]: header parse,
+//!   open, replay check, handshake rate limit), with wall time, drops by reason and peak memory.
+//!   `CRUX_BENCH_HOSTILE=<count>` changes the count. (`tests/core_hostile.rs` checks the same
+//!   path under attack in a running flock.)
 
+use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crux_flock::config::{AddressSpace, Config, Preset};
+use crux_flock::crypto::hostile::{insider_join, HostileTraffic};
 use crux_flock::crypto::{
-    hostile, max_plaintext, open, respond, seal, Bloc, HandshakeInitiator, Keyring, Origin,
-    PacketKey, Purpose, SecretKey, TransientKeys, ROTATION_MAX,
+    max_plaintext, open, respond, seal, Bloc, HandshakeInitiator, Keyring, Origin, PacketKey,
+    Purpose, SecretKey, TransientKeys, ROTATION_MAX,
 };
-use crux_flock::{BootId, NodeId};
-use crux_proto::flock::{Header, Kind, DEFAULT_MTU};
+use crux_flock::{BootId, DropReason, Flock, Identity, NodeId, SecurityTiming};
+use crux_proto::flock::{
+    encode_message, Header, Kind, MemberInfo, MemberState, Message, DEFAULT_MTU,
+};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -124,35 +132,125 @@ fn handshake(n: u32) {
     );
 }
 
+/// Source addresses of the hostile run: few enough that the handshake rate limit bites.
+const SOURCES: u64 = 64;
+
+/// A lone secure node that made its own transient key, the traffic against it, and when its
+/// clock stands. The traffic replays, truncates and bit-flips 16 pings of a peer (an insider that
+/// joined by handshake) that the node has already accepted.
+fn hostile_setup(seed: u64) -> (Flock, HostileTraffic, Duration) {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let secondary = SecretKey::generate(&mut rng);
+    let addr = SocketAddr::from(([127, 0, 0, 1], 7700));
+    let mut config = Config::new("hostile-target", Preset::Lan);
+    config.space = AddressSpace::parse(&["127.0.0.1"], &[]).expect("space");
+    let identity = Identity {
+        id: NodeId(1),
+        boot: BootId(1),
+        addr,
+    };
+    let (keyring, timing) = (Keyring::new(secondary.clone()), SecurityTiming::default());
+    let mut target = Flock::new_secure(config, identity, keyring, timing, [7; 32], Duration::ZERO)
+        .expect("target");
+    let mut now = Duration::ZERO;
+    while target.key_epoch().is_none() {
+        now = target.poll_timeout().expect("a timer");
+        target.handle_timeout(now);
+        while target.poll_transmit().is_some() {}
+    }
+    let peer = SocketAddr::from(([127, 0, 0, 2], 7700));
+    let join = insider_join(&mut target, now, peer, &secondary, &mut rng).expect("answered");
+    let bloc = Bloc::new("hostile-target");
+    let key = PacketKey::transient(&join.key.key, &bloc);
+    let me = MemberInfo {
+        id: NodeId(0xfeed),
+        boot: BootId(1),
+        addr: peer,
+        incarnation: 0,
+        state: MemberState::Alive,
+    };
+    let mut recorded = Vec::new();
+    for counter in 1..=16 {
+        let header = Header {
+            kind: Kind::Flock,
+            bloc_tag: bloc.tag(),
+            key_id: join.key.epoch,
+            sender: me.id,
+            boot: me.boot,
+            counter,
+        };
+        let ping = Message::Ping {
+            seq: counter as u32,
+            target: None,
+            me,
+            digest: 0,
+            updates: vec![],
+        };
+        let (mut body, mut d) = (Vec::new(), Vec::new());
+        encode_message(&ping, &mut body);
+        seal(&key, &header, &body, &mut rng, &mut d);
+        let dropped = target.stats().dropped_total();
+        target.handle_datagram(now, peer, &d);
+        assert_eq!(target.stats().dropped_total(), dropped, "a valid ping");
+        recorded.push(d);
+    }
+    while target.poll_transmit().is_some() {}
+    while target.poll_event().is_some() {}
+    let traffic = HostileTraffic::new(seed ^ 0x5eed, &bloc, join.key.epoch, DEFAULT_MTU, recorded);
+    (target, traffic, now)
+}
+
 fn hostile_run(n: u64) {
-    let (report, wall) = time(|| hostile::run(0xbad, n));
-    let (_, mut traffic) = hostile::setup(0xbad);
-    let mut d = Vec::new();
-    let ((), generation) = time(|| {
-        for _ in 0..n {
-            traffic.next_into(&mut d);
-            black_box(&d);
+    let (mut target, mut traffic, start) = hostile_setup(0xbad);
+    let before = target.stats().clone();
+    let mut attacks = BTreeMap::new();
+    let (mut datagram, mut bytes, mut replies) = (Vec::new(), 0u64, 0u64);
+    let ((), wall) = time(|| {
+        for i in 0..n {
+            let attack = traffic.next_into(&mut datagram);
+            *attacks.entry(attack).or_insert(0u64) += 1;
+            bytes += datagram.len() as u64;
+            let host = (i.wrapping_mul(0x9E37_79B9) % SOURCES) as u32;
+            let from = SocketAddr::new(IpAddr::from((0x7f00_0100u32 | host).to_be_bytes()), 9);
+            let now = start + Duration::from_micros(i);
+            target.handle_datagram(now, from, &datagram);
+            while target.poll_transmit().is_some() {
+                replies += 1;
+            }
         }
     });
-    assert_eq!(report.accepted, 0, "a hostile datagram was accepted");
-    assert_eq!(report.replies, 0, "a hostile datagram was answered");
-    assert_eq!(report.drops.values().sum::<u64>(), n);
+    let (_, mut traffic, _) = hostile_setup(0xbad);
+    let ((), generation) = time(|| {
+        for _ in 0..n {
+            traffic.next_into(&mut datagram);
+            black_box(&datagram);
+        }
+    });
+    assert_eq!(
+        target.poll_event(),
+        None,
+        "a hostile datagram raised an event"
+    );
+    let after = target.stats();
+    let dropped = after.dropped_total() - before.dropped_total();
+    assert_eq!(dropped, n, "a hostile datagram was accepted");
+    assert_eq!(replies, 0, "a hostile datagram was answered");
     println!(
         "hostile run: {} datagrams ({:.1} MB) in {:.2} s ({:.0} ns per datagram, generation included); \
          accepted 0, replies 0",
         n,
-        report.bytes as f64 / 1e6,
+        bytes as f64 / 1e6,
         wall.as_secs_f64(),
         wall.as_nanos() as f64 / n as f64
     );
-    let drops: Vec<String> = report
-        .drops
+    let drops: Vec<String> = DropReason::ALL
         .iter()
+        .map(|&r| (r, after.dropped(r) - before.dropped(r)))
+        .filter(|&(_, c)| c > 0)
         .map(|(r, c)| format!("{}={}", r.as_str(), c))
         .collect();
     println!("  drops by reason: {}", drops.join(" "));
-    let attacks: Vec<String> = report
-        .attacks
+    let attacks: Vec<String> = attacks
         .iter()
         .map(|(a, c)| format!("{}={}", a.as_str(), c))
         .collect();

@@ -19,7 +19,8 @@
 //!
 //! Checks: no panic; after each hostile datagram the target has queued no transmit and no event
 //! (so nothing at all goes to the attackers) and exactly one drop counter went up by one (the
-//! drops-by-reason table then sums to the number of hostile datagrams: none is accepted); at the
+//! drops-by-reason table then sums to the number of hostile datagrams: none is accepted); every
+//! attack of [`HostileTraffic`] gets its share and every check of the receive path drops some; at the
 //! end the target's members (ids, boots, addresses, incarnations, states), leader (id, term) and
 //! key epochs equal both its own snapshot from before the attack (the 10 s span ends before the
 //! first rotation can be due) and those of a **twin** flock that ran the same 15 s without the
@@ -32,7 +33,10 @@
 //! variant is needed; `CRUX_HOSTILE_DATAGRAMS=<n>` changes it.
 //!
 //! A property test (small case count) also feeds arbitrary bytes, and arbitrary bytes behind a
-//! valid header prefix, to a converged node: no panic, no transmit, no event, one drop each.
+//! valid header prefix, to a converged node: no panic, no transmit, no event, one drop each. And
+//! genuine datagrams and frames that authenticate but must not be taken (the node's own, replayed
+//! handshakes and frames, a reply nobody asked for, frames larger than a datagram) are dropped for
+//! the right reason.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -41,10 +45,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crux_flock::config::{AddressSpace, Config, Preset};
-use crux_flock::crypto::hostile::{Attack, HostileTraffic};
+use crux_flock::crypto::hostile::{insider_join, Attack, HostileTraffic};
 use crux_flock::crypto::{
-    key_id, Bloc, HandshakeInitiator, Keyring, Origin, Purpose, SecretKey, REPLY_BYTES,
-    REQUEST_BYTES,
+    key_id, seal, Bloc, HandshakeInitiator, Keyring, Origin, PacketKey, Purpose, SecretKey,
+    REPLY_BYTES, REQUEST_BYTES,
 };
 use crux_flock::sim::scenario::process_memory;
 use crux_flock::{
@@ -622,14 +626,29 @@ fn a_flood_of_hostile_datagrams_changes_nothing_and_gets_no_reply() {
         DropReason::Truncated,
         DropReason::BadMagic,
         DropReason::WrongBloc,
+        // Handshakes of neither size.
+        DropReason::Malformed,
         DropReason::UnknownKey,
         DropReason::AuthFailed,
         DropReason::Replay,
         DropReason::RateLimited,
+        // Replies while no handshake of the target's is pending.
+        DropReason::Unexpected,
     ] {
         assert!(
             table.contains_key(&reason),
             "no {reason:?} drops: {table:?}"
+        );
+    }
+    let traffic: u64 = kinds
+        .iter()
+        .filter(|(k, _)| matches!(k, Kind2::Traffic(_)))
+        .map(|(_, c)| c)
+        .sum();
+    for attack in Attack::ALL {
+        assert!(
+            kinds[&Kind2::Traffic(attack)] >= traffic / 10,
+            "{attack:?}: {kinds:?}"
         );
     }
 }
@@ -805,4 +824,94 @@ fn forged_datagrams_from_members_addresses_change_nothing() {
         "attacked target vs. its twin"
     );
     assert_eq!(after, before);
+}
+
+/// Feeds `f` one input with `feed`: it must be dropped for `reason` (that counter alone goes up by
+/// one) and answered with nothing.
+fn dropped_as(f: &mut Flock, reason: DropReason, what: &str, feed: impl FnOnce(&mut Flock)) {
+    let mut want = drops(f);
+    want[DropReason::ALL
+        .iter()
+        .position(|r| *r == reason)
+        .expect("listed")] += 1;
+    feed(f);
+    assert_eq!(f.poll_transmit(), None, "{what}: answered");
+    assert_eq!(drops(f), want, "{what}: not dropped as {reason:?} alone");
+}
+
+/// Genuine datagrams and frames that authenticate but must not be taken. An insider (a holder of
+/// the secondary key, who can join like any member) gets the leader's answer to a join request and
+/// its transient key; then the leader drops that request again (`Replay`, no second reply), its own
+/// reply looped back (`FromSelf`), a handshake of neither size (`Malformed`), and a sealed frame
+/// larger than a datagram as a datagram (`Oversized`); it opens that frame on a stream (its body
+/// is no push-pull: `Malformed`) and drops it again (`Replay`), and drops a handshake sent as a
+/// frame (`Malformed`); a member with no handshake pending drops the leader's reply
+/// (`Unexpected`).
+#[test]
+fn authentic_input_that_must_not_be_taken_is_dropped_for_its_reason() {
+    let _serial = serial();
+    let (mut net, t) = converged();
+    let now = net.now + Duration::from_millis(1);
+    let from = |host: u8| SocketAddr::new(IpAddr::from([127, 0, 0, host]), 9);
+    let mut rng = ChaCha20Rng::seed_from_u64(0x1a51de);
+    let target = &mut net.nodes[t];
+    let answered = target.stats().handshakes_answered;
+    let join = insider_join(target, now, from(FIRST_SOURCE), &secondary(), &mut rng)
+        .expect("the leader answers a join request");
+    assert_eq!(target.stats().handshakes_answered, answered + 1);
+    assert!(join.reply.len() <= join.request.len(), "no amplification");
+    assert_eq!(target.key_epoch(), Some(join.key.epoch));
+
+    dropped_as(target, DropReason::Replay, "request again", |f| {
+        f.handle_datagram(now, from(FIRST_SOURCE + 1), &join.request)
+    });
+    dropped_as(target, DropReason::FromSelf, "own reply", |f| {
+        f.handle_datagram(now, from(FIRST_SOURCE + 2), &join.reply)
+    });
+    dropped_as(
+        target,
+        DropReason::Malformed,
+        "handshake of 200 bytes",
+        |f| f.handle_datagram(now, from(FIRST_SOURCE + 3), &join.request[..200]),
+    );
+
+    let bloc = Bloc::new(BLOC);
+    let header = Header {
+        kind: Kind::Flock,
+        bloc_tag: bloc.tag(),
+        key_id: join.key.epoch,
+        sender: NodeId(0xf00d),
+        boot: BootId(1),
+        counter: 1,
+    };
+    let mut frame = Vec::new();
+    let key = PacketKey::transient(&join.key.key, &bloc);
+    seal(&key, &header, &[0x5a; 100_000], &mut rng, &mut frame);
+    dropped_as(target, DropReason::Oversized, "frame as a datagram", |f| {
+        f.handle_datagram(now, from(FIRST_SOURCE + 4), &frame)
+    });
+    dropped_as(
+        target,
+        DropReason::Malformed,
+        "frame of no push-pull",
+        |f| assert_eq!(f.handle_stream(now, from(FIRST_SOURCE + 4), &frame), None),
+    );
+    dropped_as(target, DropReason::Replay, "frame again", |f| {
+        assert_eq!(f.handle_stream(now, from(FIRST_SOURCE + 4), &frame), None)
+    });
+    dropped_as(target, DropReason::Malformed, "handshake as a frame", |f| {
+        assert_eq!(
+            f.handle_stream(now, from(FIRST_SOURCE + 5), &join.request),
+            None
+        )
+    });
+
+    let leader = target.identity().addr;
+    let member = &mut net.nodes[(t + 1) % NODES as usize];
+    dropped_as(
+        member,
+        DropReason::Unexpected,
+        "reply nobody waits for",
+        |f| f.handle_datagram(now, leader, &join.reply),
+    );
 }

@@ -1,20 +1,47 @@
 //! The handshake decoders: `respond` (a request) and `HandshakeInitiator::finish` (a reply) never
-//! panic on arbitrary bytes and never accept them; nor does `Security::open_datagram`, the whole
-//! receive path, with a handshake pending.
+//! panic on arbitrary bytes and never accept them; nor does a secure node's whole receive path
+//! (`Flock::handle_datagram`, `Flock::handle_stream`), whether it waits on its join handshake or
+//! holds a key of its own: the input is dropped, counted once, and answered with nothing.
 #![no_main]
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use crux_flock::config::{AddressSpace, Config, Preset};
 use crux_flock::crypto::{
-    respond, Bloc, HandshakeInitiator, Keyring, Origin, Purpose, SecretKey, Security,
-    SecurityConfig, TransientKeys, ROTATION_MAX,
+    respond, Bloc, HandshakeInitiator, Keyring, Origin, Purpose, SecretKey, TransientKeys,
+    ROTATION_MAX,
 };
-use crux_flock::{BootId, NodeId};
-use crux_proto::flock::DEFAULT_MTU;
+use crux_flock::{BootId, Flock, Identity, NodeId, SecurityTiming};
 use libfuzzer_sys::fuzz_target;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
+
+/// A secure node of bloc "fuzz" at 127.0.0.`i`, probing the addresses of `space`.
+fn node(i: u8, space: &str, keyring: &Keyring) -> Flock {
+    let mut config = Config::new("fuzz", Preset::Lan);
+    config.space = AddressSpace::parse(&[space], &[]).expect("space");
+    let identity = Identity {
+        id: NodeId(i as u64),
+        boot: BootId(i as u64),
+        addr: SocketAddr::from(([127, 0, 0, i], 7700)),
+    };
+    let timing = SecurityTiming::default();
+    Flock::new_secure(config, identity, keyring.clone(), timing, [i; 32], Duration::ZERO)
+        .expect("node")
+}
+
+/// Runs `f`'s timers until `done` holds; returns the time then, with its output drained.
+fn run_until(f: &mut Flock, done: impl Fn(&Flock) -> bool) -> Duration {
+    let mut now = Duration::ZERO;
+    while !done(f) {
+        now = f.poll_timeout().expect("a timer");
+        f.handle_timeout(now);
+    }
+    while f.poll_transmit().is_some() {}
+    while f.poll_event().is_some() {}
+    now
+}
 
 fuzz_target!(|data: &[u8]| {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
@@ -37,14 +64,19 @@ fuzz_target!(|data: &[u8]| {
         HandshakeInitiator::new(&mut rng, &secondary, &bloc, Purpose::Join, origin, b"");
     assert!(state.finish(data).is_err());
 
-    let config = SecurityConfig::new("fuzz", DEFAULT_MTU);
-    let mut node = Security::new(&config, keyring, NodeId(2), BootId(2));
-    node.rotate_if_due(now, &mut rng);
-    node.start_handshake(now, Purpose::KeyRequest, b"", &mut rng);
-    let mut out = Vec::new();
-    let from = IpAddr::from([127, 0, 0, 9]);
-    assert!(node
-        .open_datagram(now, from, data, b"", &mut rng, &mut out)
-        .is_err());
-    assert!(node.open_frame(now, data, &mut out).is_err());
+    // One node waits on the join handshake it sent to its neighbour; a lone one made a key.
+    let mut joining = node(2, "127.0.0.2-127.0.0.3", &keyring);
+    let joining_now = run_until(&mut joining, |f| f.stats().handshakes_sent > 0);
+    let mut alone = node(4, "127.0.0.4", &keyring);
+    let alone_now = run_until(&mut alone, |f| f.key_epoch().is_some());
+    let from = SocketAddr::from(([127, 0, 0, 9], 9));
+    for (f, now) in [(&mut joining, joining_now), (&mut alone, alone_now)] {
+        let dropped = f.stats().dropped_total();
+        f.handle_datagram(now, from, data);
+        assert_eq!(f.stats().dropped_total(), dropped + 1);
+        assert!(f.handle_stream(now, from, data).is_none());
+        assert_eq!(f.stats().dropped_total(), dropped + 2);
+        assert!(f.poll_transmit().is_none());
+        assert!(f.poll_event().is_none());
+    }
 });

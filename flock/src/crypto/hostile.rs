@@ -4,24 +4,25 @@
 //! accepted) into an endless stream of datagrams none of which may be accepted: random bytes,
 //! truncations and bit flips of the recorded ones, exact replays, another bloc's datagrams, the
 //! right epoch under the wrong key, unknown epochs, oversized datagrams and junk handshakes.
+//! [`insider_join`] gets the transient key of a running [`Flock`] the way a holder of the secondary
+//! key could, to seal such valid datagrams. `tests/core_hostile.rs` and the `crypto` benchmark
+//! feed the traffic to [`Flock::handle_datagram`].
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crux_proto::flock::{
-    BootId, Header, Kind, NodeId, DEFAULT_MTU, HEADER_BYTES, MAGIC, MAX_DATAGRAM_BYTES, VERSION,
+    BootId, Header, Kind, NodeId, HEADER_BYTES, MAGIC, MAX_DATAGRAM_BYTES, VERSION,
 };
 
 use super::envelope::{max_plaintext, seal, MIN_SEALED_BYTES};
-use super::handshake::REQUEST_BYTES;
-use super::keyring::Keyring;
+use super::handshake::{HandshakeInitiator, Origin, Purpose, REQUEST_BYTES};
 use super::keys::{Bloc, PacketKey, SecretKey};
-use super::security::{Inbound, Security, SecurityConfig};
-use crate::DropReason;
+use super::transient::KeyAnnouncement;
+use crate::Flock;
 
 /// One kind of hostile datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -231,136 +232,54 @@ enum Which {
     Wrong,
 }
 
-/// A node under attack: its [`Security`] state (the whole receive path the core runs) and the
-/// RNG it answers handshakes with.
+/// A join handshake with a node, made as any holder of the secondary key could make it (the
+/// threat model's insider): what was sent, what came back, and the transient key it brought.
 #[derive(Debug)]
-pub struct Target {
-    /// The node's security state (node id 1, boot 1).
-    pub security: Security,
-    rng: ChaCha20Rng,
+pub struct InsiderJoin {
+    /// The join request sent.
+    pub request: Vec<u8>,
+    /// The node's reply.
+    pub reply: Vec<u8>,
+    /// The node's current transient key, from the reply: seals datagrams the node accepts.
+    pub key: KeyAnnouncement,
 }
 
-/// What a hostile run saw.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostileReport {
-    /// Datagrams fed.
-    pub datagrams: u64,
-    /// Bytes fed.
-    pub bytes: u64,
-    /// Datagrams that were accepted (must stay 0).
-    pub accepted: u64,
-    /// Replies the node would have sent (must stay 0).
-    pub replies: u64,
-    /// Drops by reason.
-    pub drops: BTreeMap<DropReason, u64>,
-    /// Datagrams fed, by attack.
-    pub attacks: BTreeMap<Attack, u64>,
-    /// Replay windows held at the end (bounded; only authenticated senders get one).
-    pub replay_windows: usize,
-    /// Sources in the rate limiter at the end (bounded).
-    pub limiter_sources: usize,
-}
-
-impl Target {
-    /// A node of bloc `"hostile-target"`, MTU [`DEFAULT_MTU`], holding a transient key made at
-    /// time 0, tables bounded at 1,024 entries. Returns it with `n_recorded` valid datagrams from
-    /// a peer that it has already accepted (material for replays, truncations and bit flips).
-    pub fn new(seed: u64, n_recorded: usize) -> (Target, Vec<Vec<u8>>) {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let mut config = SecurityConfig::new("hostile-target", DEFAULT_MTU);
-        config.max_senders = 1024;
-        config.max_sources = 1024;
-        let keyring = Keyring::new(SecretKey::generate(&mut rng));
-        let mut security = Security::new(&config, keyring, NodeId(1), BootId(1));
-        security
-            .rotate_if_due(Duration::ZERO, &mut rng)
-            .expect("a first key");
-        let mut recorded = Vec::new();
-        let mut out = Vec::new();
-        for c in 0..n_recorded.max(1) as u64 {
-            let (epoch, key) = security
-                .transient()
-                .sealing_key(Duration::ZERO)
-                .expect("a key");
-            let header = Header {
-                kind: Kind::Flock,
-                bloc_tag: security.bloc().tag(),
-                key_id: epoch,
-                sender: NodeId(0xfeed),
-                boot: BootId(1),
-                counter: c,
-            };
-            let len = rng.gen_range(0..=256);
-            let mut body = vec![0u8; len];
-            rng.fill_bytes(&mut body);
-            let mut d = Vec::new();
-            seal(key, &header, &body, &mut rng, &mut d);
-            recorded.push(d);
-        }
-        let mut target = Target { security, rng };
-        for d in &recorded {
-            target
-                .handle(Duration::ZERO, IpAddr::from([127, 0, 0, 2]), d, &mut out)
-                .expect("valid");
-        }
-        (target, recorded)
-    }
-
-    /// Handles one datagram from `from` at `now` ([`Security::open_datagram`]).
-    pub fn handle(
-        &mut self,
-        now: Duration,
-        from: IpAddr,
-        bytes: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<Inbound, DropReason> {
-        self.security
-            .open_datagram(now, from, bytes, b"", &mut self.rng, out)
-    }
-}
-
-/// The target and the traffic a [`run`] with this seed uses (to time the generation alone).
-pub fn setup(seed: u64) -> (Target, HostileTraffic) {
-    let (target, recorded) = Target::new(seed, 16);
-    let security = &target.security;
-    let epoch = security.transient().current_epoch().expect("installed");
-    let traffic = HostileTraffic::new(seed ^ 0x5eed, security.bloc(), epoch, DEFAULT_MTU, recorded);
-    (target, traffic)
-}
-
-/// Source addresses of a hostile [`run`]: few enough that the handshake rate limit bites.
-pub const SOURCES: u64 = 64;
-
-/// Feeds `n` hostile datagrams (seeded by `seed`) to a fresh [`Target`], from [`SOURCES`] source
-/// addresses in 127.0.0.0/8 (values only: nothing is sent), one microsecond apart, and reports.
-pub fn run(seed: u64, n: u64) -> HostileReport {
-    let (mut target, mut traffic) = setup(seed);
-    let mut report = HostileReport::default();
-    let (mut datagram, mut out) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let attack = traffic.next_into(&mut datagram);
-        *report.attacks.entry(attack).or_default() += 1;
-        report.datagrams += 1;
-        report.bytes += datagram.len() as u64;
-        let source = (i.wrapping_mul(0x9E37_79B9) % SOURCES) as u32;
-        let from = IpAddr::from((0x7f00_0000u32 | source).to_be_bytes());
-        let now = Duration::from_secs(1) + Duration::from_micros(i);
-        match target.handle(now, from, &datagram, &mut out) {
-            Ok(Inbound::Reply { .. }) => report.replies += 1,
-            Ok(_) => report.accepted += 1,
-            Err(reason) => *report.drops.entry(reason).or_default() += 1,
-        }
-    }
-    report.replay_windows = target.security.replay().len();
-    report.limiter_sources = target.security.limiter().len();
-    report
+/// Sends `target` a join request under `secondary` from `from` at `now` (a sender id, boot and
+/// counter drawn from `rng`), takes the one transmit that answers it, and finishes the handshake.
+/// None when the target does not answer (it holds no key yet, or rate-limits `from`) or its reply
+/// does not open. Tests and benchmarks use the key to seal valid datagrams for the target.
+pub fn insider_join(
+    target: &mut Flock,
+    now: Duration,
+    from: SocketAddr,
+    secondary: &SecretKey,
+    rng: &mut ChaCha20Rng,
+) -> Option<InsiderJoin> {
+    let bloc = Bloc::new(&target.config().bloc);
+    let origin = Origin {
+        sender: NodeId(rng.next_u64()),
+        boot: BootId(rng.next_u64()),
+        counter: rng.next_u64(),
+    };
+    let (initiator, request) =
+        HandshakeInitiator::new(rng, secondary, &bloc, Purpose::Join, origin, b"");
+    target.handle_datagram(now, from, &request);
+    let reply = target.poll_transmit().filter(|t| t.to == from)?.payload;
+    let joined = initiator.finish(&reply).ok()?;
+    Some(InsiderJoin {
+        request,
+        reply,
+        key: joined.keys.current,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crypto::{receive, ReplayTable, TransientKeys, ROTATION_MAX};
-    use std::time::Duration;
+    use crate::DropReason;
+    use crux_proto::flock::Header;
+    use std::collections::{BTreeMap, BTreeSet};
 
     #[test]
     fn nothing_hostile_is_accepted_and_every_attack_appears() {
@@ -389,12 +308,14 @@ mod tests {
             );
             recorded.push(d);
         }
+        let n = 5000;
         let mut t = HostileTraffic::new(1, &bloc, 3, 1400, recorded);
-        let mut seen = std::collections::BTreeSet::new();
+        let mut attacks: BTreeMap<Attack, u64> = BTreeMap::new();
+        let mut drops = BTreeSet::new();
         let mut d = Vec::new();
-        for _ in 0..5000 {
+        for _ in 0..n {
             let attack = t.next_into(&mut d);
-            seen.insert(attack);
+            *attacks.entry(attack).or_default() += 1;
             let now = Duration::from_secs(2);
             match receive::receive(&d, 1400, bloc.tag(), &keys, &mut replay, now, &mut out) {
                 Ok(receive::Received::Handshake(_)) => {
@@ -404,10 +325,28 @@ mod tests {
                     ))
                 }
                 Ok(r) => panic!("{attack:?} accepted: {r:?}"),
-                Err(_) => {}
+                Err(e) => {
+                    drops.insert(e.drop_reason());
+                }
             }
         }
-        assert_eq!(seen.len(), Attack::ALL.len());
+        assert_eq!(attacks.len(), Attack::ALL.len());
+        for attack in Attack::ALL {
+            assert!(attacks[&attack] >= n / 10, "{attack:?}: {attacks:?}");
+        }
+        // Every check of the primitives' receive path drops some (handshakes are handed back).
+        for reason in [
+            DropReason::Oversized,
+            DropReason::Truncated,
+            DropReason::BadMagic,
+            DropReason::WrongBloc,
+            DropReason::UnknownKey,
+            DropReason::StaleKey,
+            DropReason::AuthFailed,
+            DropReason::Replay,
+        ] {
+            assert!(drops.contains(&reason), "no {reason:?}: {drops:?}");
+        }
         assert_eq!(replay.len(), 1, "no window for forged senders");
         let again: Vec<u8> = {
             let mut t2 = HostileTraffic::new(1, &bloc, 3, 1400, t.recorded.clone());
@@ -419,63 +358,5 @@ mod tests {
         let mut d3 = Vec::new();
         t3.next_into(&mut d3);
         assert_eq!(again, d3, "deterministic");
-    }
-
-    #[test]
-    fn a_hostile_run_accepts_nothing_and_counts_every_drop() {
-        let report = run(7, 20_000);
-        assert_eq!(report.datagrams, 20_000);
-        assert_eq!((report.accepted, report.replies), (0, 0));
-        assert_eq!(report.drops.values().sum::<u64>(), 20_000);
-        for reason in [
-            DropReason::Oversized,
-            DropReason::Truncated,
-            DropReason::BadMagic,
-            DropReason::WrongBloc,
-            DropReason::UnknownKey,
-            DropReason::AuthFailed,
-            DropReason::Replay,
-            DropReason::RateLimited,
-        ] {
-            assert!(
-                report.drops.get(&reason).copied().unwrap_or(0) > 0,
-                "{reason:?}: {report:?}"
-            );
-        }
-        assert_eq!(run(7, 2_000), run(7, 2_000), "deterministic");
-    }
-
-    #[test]
-    fn a_target_answers_a_real_handshake() {
-        let (mut target, _) = Target::new(3, 1);
-        let mut rng = ChaCha20Rng::seed_from_u64(4);
-        let origin = crate::crypto::Origin {
-            sender: NodeId(5),
-            boot: BootId(5),
-            counter: 0,
-        };
-        let (state, request) = crate::crypto::HandshakeInitiator::new(
-            &mut rng,
-            target.security.keyring().primary(),
-            target.security.bloc(),
-            crate::crypto::Purpose::Join,
-            origin,
-            b"",
-        );
-        let mut out = Vec::new();
-        let from = IpAddr::from([127, 0, 0, 5]);
-        let Inbound::Reply { reply, .. } = target
-            .handle(Duration::from_secs(1), from, &request, &mut out)
-            .unwrap()
-        else {
-            panic!("expected a reply")
-        };
-        let epoch = target.security.transient().current_epoch();
-        assert_eq!(
-            Some(state.finish(&reply).unwrap().keys.current.epoch),
-            epoch
-        );
-        let again = target.handle(Duration::from_secs(1), from, &request, &mut out);
-        assert_eq!(again.unwrap_err(), DropReason::Replay);
     }
 }

@@ -43,10 +43,12 @@
 //! 7. body decoding ([`decode_drop_reason`] for its errors).
 //!
 //! [`receive()`] does steps 1, 2, 4, 5 and 6 for flock datagrams and hands handshake datagrams back
-//! after step 2. [`Security`] holds one node's whole state (keyring, transient keys, replay
-//! table, rate limiter, counter, pending handshake, rotation schedule) and does all of it, one
-//! call per input: this is what the flock core embeds. [`hostile::HostileTraffic`] makes deterministic hostile input for tests and
-//! benchmarks of this path.
+//! after step 2. The flock core holds one node's whole state (keyring, the transient keys of its
+//! flock, replay table, rate limiter, counter, pending handshake, rotation schedule) and does all
+//! of it for each datagram given to [`Flock::handle_datagram`](crate::Flock::handle_datagram),
+//! counting every drop by reason in [`Flock::stats`](crate::Flock::stats).
+//! [`hostile::HostileTraffic`] makes deterministic hostile input for tests and benchmarks of
+//! this path.
 //!
 //! Every failure maps to a [`DropReason`](crate::DropReason) ([`OpenError::drop_reason`],
 //! [`HandshakeError::drop_reason`]): the datagram is dropped, counted, and never answered.
@@ -112,7 +114,6 @@ pub mod keys;
 pub mod ratelimit;
 pub mod receive;
 pub mod replay;
-pub mod security;
 pub mod transient;
 
 pub use envelope::{
@@ -130,9 +131,6 @@ pub use keys::{key_id, Bloc, KeyParseError, PacketKey, SecretKey, KEY_BYTES};
 pub use ratelimit::{RateLimiter, HANDSHAKES_PER_SECOND, HANDSHAKE_BURST};
 pub use receive::{receive, Received};
 pub use replay::{ReplayTable, ReplayWindow, REPLAY_WINDOW};
-pub use security::{
-    Inbound, NoKey, Security, SecurityConfig, DEFAULT_MAX_SENDERS, DEFAULT_MAX_SOURCES,
-};
 pub use transient::{
     next_rotation, Installed, JoinKeys, KeyAnnouncement, TransientKeys, ANNOUNCEMENT_BYTES,
     ROTATION_MAX, ROTATION_MIN, SWITCH_DELAY,
