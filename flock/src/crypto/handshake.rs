@@ -486,26 +486,47 @@ mod tests {
         }
     }
 
+    impl World {
+        /// Node 1 starts a handshake under the world's secondary key.
+        fn initiate(&mut self, purpose: Purpose, context: &[u8]) -> (HandshakeInitiator, Vec<u8>) {
+            HandshakeInitiator::new(
+                &mut self.rng,
+                &self.secondary,
+                &self.bloc,
+                purpose,
+                origin(1),
+                context,
+            )
+        }
+
+        /// Node 2 answers `request` at `now` with the world's keyring and transient keys.
+        fn respond_at(
+            &mut self,
+            request: &[u8],
+            now: Duration,
+            context: &[u8],
+        ) -> Result<Response, HandshakeError> {
+            respond(
+                &self.keyring,
+                &self.bloc,
+                request,
+                &self.transient,
+                now,
+                origin(2),
+                context,
+                &mut self.rng,
+            )
+        }
+
+        /// [`respond_at`](Self::respond_at) at [`NOW`], with no context.
+        fn respond(&mut self, request: &[u8]) -> Result<Response, HandshakeError> {
+            self.respond_at(request, NOW, b"")
+        }
+    }
+
     fn exchange(w: &mut World) -> (HandshakeInitiator, Vec<u8>, Response) {
-        let (state, request) = HandshakeInitiator::new(
-            &mut w.rng,
-            &w.secondary,
-            &w.bloc,
-            Purpose::Join,
-            origin(1),
-            b"",
-        );
-        let resp = respond(
-            &w.keyring,
-            &w.bloc,
-            &request,
-            &w.transient,
-            NOW,
-            origin(2),
-            b"",
-            &mut w.rng,
-        )
-        .unwrap();
+        let (state, request) = w.initiate(Purpose::Join, b"");
+        let resp = w.respond(&request).unwrap();
         (state, request, resp)
     }
 
@@ -556,25 +577,8 @@ mod tests {
     #[test]
     fn key_request_uses_the_same_exchange() {
         let mut w = world();
-        let (state, request) = HandshakeInitiator::new(
-            &mut w.rng,
-            &w.secondary,
-            &w.bloc,
-            Purpose::KeyRequest,
-            origin(1),
-            b"",
-        );
-        let resp = respond(
-            &w.keyring,
-            &w.bloc,
-            &request,
-            &w.transient,
-            NOW,
-            origin(2),
-            b"",
-            &mut w.rng,
-        )
-        .unwrap();
+        let (state, request) = w.initiate(Purpose::KeyRequest, b"");
+        let resp = w.respond(&request).unwrap();
         assert_eq!(resp.purpose, Purpose::KeyRequest);
         assert_eq!(state.finish(&resp.reply).unwrap().keys.current.epoch, 77);
     }
@@ -586,17 +590,7 @@ mod tests {
         w.keyring.install(other.clone()).unwrap();
         let (state, request) =
             HandshakeInitiator::new(&mut w.rng, &other, &w.bloc, Purpose::Join, origin(1), b"");
-        let resp = respond(
-            &w.keyring,
-            &w.bloc,
-            &request,
-            &w.transient,
-            NOW,
-            origin(2),
-            b"",
-            &mut w.rng,
-        )
-        .unwrap();
+        let resp = w.respond(&request).unwrap();
         assert_eq!(resp.request.key_id, key_id(&other, &w.bloc));
         assert_eq!(state.finish(&resp.reply).unwrap().keys.current.epoch, 77);
     }
@@ -607,17 +601,7 @@ mod tests {
         let wrong = SecretKey::generate(&mut w.rng);
         let (_, request) =
             HandshakeInitiator::new(&mut w.rng, &wrong, &w.bloc, Purpose::Join, origin(1), b"");
-        let err = respond(
-            &w.keyring,
-            &w.bloc,
-            &request,
-            &w.transient,
-            NOW,
-            origin(2),
-            b"",
-            &mut w.rng,
-        )
-        .unwrap_err();
+        let err = w.respond(&request).unwrap_err();
         assert_eq!(
             err,
             HandshakeError::Open(OpenError::UnknownKey(key_id(&wrong, &w.bloc)))
@@ -626,17 +610,7 @@ mod tests {
         // Forge the right key id onto a request sealed under the wrong key: one attempt, fails.
         let mut forged = request.clone();
         forged[8..12].copy_from_slice(&key_id(&w.secondary, &w.bloc).to_le_bytes());
-        let err = respond(
-            &w.keyring,
-            &w.bloc,
-            &forged,
-            &w.transient,
-            NOW,
-            origin(2),
-            b"",
-            &mut w.rng,
-        )
-        .unwrap_err();
+        let err = w.respond(&forged).unwrap_err();
         assert_eq!(err.drop_reason(), DropReason::AuthFailed);
         // And the initiator rejects a reply sealed under another secondary key.
         let (state, _) =
@@ -661,33 +635,13 @@ mod tests {
             origin(1),
             b"",
         );
-        let err = respond(
-            &w.keyring,
-            &w.bloc,
-            &request,
-            &w.transient,
-            NOW,
-            origin(2),
-            b"",
-            &mut w.rng,
-        )
-        .unwrap_err();
+        let err = w.respond(&request).unwrap_err();
         assert_eq!(err, HandshakeError::Open(OpenError::WrongBloc(other.tag())));
         // With the tag and key id forged to ours, the derived keys still differ.
         let mut forged = request.clone();
         forged[4..8].copy_from_slice(&w.bloc.tag().to_le_bytes());
         forged[8..12].copy_from_slice(&key_id(&w.secondary, &w.bloc).to_le_bytes());
-        let err = respond(
-            &w.keyring,
-            &w.bloc,
-            &forged,
-            &w.transient,
-            NOW,
-            origin(2),
-            b"",
-            &mut w.rng,
-        )
-        .unwrap_err();
+        let err = w.respond(&forged).unwrap_err();
         assert_eq!(err.drop_reason(), DropReason::AuthFailed);
     }
 
@@ -698,16 +652,7 @@ mod tests {
         for i in 0..request.len() {
             let mut bad = request.clone();
             bad[i] ^= 0x40;
-            let r = respond(
-                &w.keyring,
-                &w.bloc,
-                &bad,
-                &w.transient,
-                NOW,
-                origin(2),
-                b"",
-                &mut w.rng,
-            );
+            let r = w.respond(&bad);
             assert!(r.is_err(), "request byte {i}");
         }
         for i in 0..resp.reply.len() {
@@ -715,29 +660,10 @@ mod tests {
             bad[i] ^= 0x40;
             assert!(state.finish(&bad).is_err(), "reply byte {i}");
         }
-        assert!(respond(
-            &w.keyring,
-            &w.bloc,
-            &request[..200],
-            &w.transient,
-            NOW,
-            origin(2),
-            b"",
-            &mut w.rng
-        )
-        .is_err());
+        assert!(w.respond(&request[..200]).is_err());
         let mut long = request.clone();
         long.push(0);
-        let err = respond(
-            &w.keyring,
-            &w.bloc,
-            &long,
-            &w.transient,
-            NOW,
-            origin(2),
-            b"",
-            &mut w.rng,
-        );
+        let err = w.respond(&long);
         assert_eq!(err.unwrap_err().drop_reason(), DropReason::Oversized);
         assert_eq!(
             state.finish(&request).unwrap_err().drop_reason(),
@@ -756,25 +682,8 @@ mod tests {
             .transient
             .rotate(NOW + Duration::from_secs(30), &mut w.rng);
         let later = NOW + Duration::from_secs(31);
-        let (state, request) = HandshakeInitiator::new(
-            &mut w.rng,
-            &w.secondary,
-            &w.bloc,
-            Purpose::Join,
-            origin(1),
-            b"",
-        );
-        let resp = respond(
-            &w.keyring,
-            &w.bloc,
-            &request,
-            &w.transient,
-            later,
-            origin(2),
-            b"",
-            &mut w.rng,
-        )
-        .unwrap();
+        let (state, request) = w.initiate(Purpose::Join, b"");
+        let resp = w.respond_at(&request, later, b"").unwrap();
         assert!(resp.reply.len() <= request.len());
         let keys = state.finish(&resp.reply).unwrap().keys;
         assert_eq!(keys.current, new);
@@ -789,25 +698,8 @@ mod tests {
     fn contexts_travel_both_ways() {
         let mut w = world();
         let long = [7u8; MAX_CONTEXT_BYTES];
-        let (state, request) = HandshakeInitiator::new(
-            &mut w.rng,
-            &w.secondary,
-            &w.bloc,
-            Purpose::KeyRequest,
-            origin(1),
-            b"claim of the initiator",
-        );
-        let resp = respond(
-            &w.keyring,
-            &w.bloc,
-            &request,
-            &w.transient,
-            NOW,
-            origin(2),
-            &long,
-            &mut w.rng,
-        )
-        .unwrap();
+        let (state, request) = w.initiate(Purpose::KeyRequest, b"claim of the initiator");
+        let resp = w.respond_at(&request, NOW, &long).unwrap();
         assert_eq!(resp.context, b"claim of the initiator");
         assert_eq!(resp.reply.len(), REPLY_BYTES);
         let joined = state.finish(&resp.reply).unwrap();
@@ -820,14 +712,7 @@ mod tests {
     fn an_oversized_context_is_a_programming_error() {
         let mut w = world();
         let ctx = [0u8; MAX_CONTEXT_BYTES + 1];
-        let _ = HandshakeInitiator::new(
-            &mut w.rng,
-            &w.secondary,
-            &w.bloc,
-            Purpose::Join,
-            origin(1),
-            &ctx,
-        );
+        let _ = w.initiate(Purpose::Join, &ctx);
     }
 
     #[test]
@@ -846,16 +731,7 @@ mod tests {
             }
             let mut d = Vec::new();
             seal(&packet, &h, &body, &mut w.rng, &mut d);
-            let err = respond(
-                &w.keyring,
-                &w.bloc,
-                &d,
-                &w.transient,
-                NOW,
-                origin(2),
-                b"",
-                &mut w.rng,
-            );
+            let err = w.respond(&d);
             assert_eq!(err.unwrap_err(), HandshakeError::Open(OpenError::Malformed));
         }
     }
@@ -874,14 +750,7 @@ mod tests {
     #[test]
     fn responder_without_a_fresh_key_does_not_answer() {
         let mut w = world();
-        let (_, request) = HandshakeInitiator::new(
-            &mut w.rng,
-            &w.secondary,
-            &w.bloc,
-            Purpose::Join,
-            origin(1),
-            b"",
-        );
+        let (_, request) = w.initiate(Purpose::Join, b"");
         let empty = TransientKeys::new(w.bloc.clone(), ROTATION_MAX);
         let err = respond(
             &w.keyring,
@@ -895,16 +764,7 @@ mod tests {
         );
         assert_eq!(err.unwrap_err(), HandshakeError::NoTransientKey);
         let late = NOW + Duration::from_secs(91);
-        let err = respond(
-            &w.keyring,
-            &w.bloc,
-            &request,
-            &w.transient,
-            late,
-            origin(2),
-            b"",
-            &mut w.rng,
-        );
+        let err = w.respond_at(&request, late, b"");
         assert_eq!(err.unwrap_err().drop_reason(), DropReason::Unexpected);
     }
 
@@ -916,16 +776,7 @@ mod tests {
         h.kind = Kind::Flock;
         let mut d = Vec::new();
         seal(&packet, &h, &[0; REQUEST_BODY_BYTES], &mut w.rng, &mut d);
-        let err = respond(
-            &w.keyring,
-            &w.bloc,
-            &d,
-            &w.transient,
-            NOW,
-            origin(2),
-            b"",
-            &mut w.rng,
-        );
+        let err = w.respond(&d);
         assert_eq!(err.unwrap_err(), HandshakeError::Open(OpenError::Malformed));
     }
 
@@ -1004,26 +855,10 @@ mod tests {
         body[0] = TYPE_REQUEST;
         let mut d = Vec::new();
         seal(&packet, &h, &body, &mut w.rng, &mut d);
-        let err = respond(
-            &w.keyring,
-            &w.bloc,
-            &d,
-            &w.transient,
-            NOW,
-            origin(2),
-            b"",
-            &mut w.rng,
-        );
+        let err = w.respond(&d);
         assert_eq!(err.unwrap_err(), HandshakeError::Open(OpenError::Malformed));
         // A reply with a zero responder key is refused by the initiator.
-        let (state, _) = HandshakeInitiator::new(
-            &mut w.rng,
-            &w.secondary,
-            &w.bloc,
-            Purpose::Join,
-            origin(1),
-            b"",
-        );
+        let (state, _) = w.initiate(Purpose::Join, b"");
         let mut rbody = [0u8; REPLY_BODY_BYTES];
         rbody[0] = TYPE_REPLY;
         let mut r = Vec::new();
