@@ -64,6 +64,17 @@ impl Service {
         self.state.flock.snapshot().live as u32
     }
 
+    /// The answer to a keyring change: the keyring after it, and the members it spreads to.
+    fn keyring_changed(
+        &self,
+        r: anyhow::Result<Vec<KeyEntry>>,
+    ) -> Result<Response<pb::KeyringResponse>, Status> {
+        Ok(Response::new(pb::KeyringResponse {
+            keys: keys_pb(r.map_err(keyring_status)?),
+            nodes: self.spread(),
+        }))
+    }
+
     fn check_ready(&self) -> Result<(), Status> {
         if self.state.is_ready() {
             Ok(())
@@ -181,35 +192,20 @@ impl Reeve for Service {
         &self,
         req: Request<pb::InstallKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        let r = self.state.keys.install(&req.into_inner().key).await;
-        let keys = keys_pb(r.map_err(keyring_status)?);
-        Ok(Response::new(pb::KeyringResponse {
-            keys,
-            nodes: self.spread(),
-        }))
+        self.keyring_changed(self.state.keys.install(&req.into_inner().key).await)
     }
 
     async fn use_key(
         &self,
         req: Request<pb::UseKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        let r = self.state.keys.use_key(&req.into_inner().key).await;
-        let keys = keys_pb(r.map_err(keyring_status)?);
-        Ok(Response::new(pb::KeyringResponse {
-            keys,
-            nodes: self.spread(),
-        }))
+        self.keyring_changed(self.state.keys.use_key(&req.into_inner().key).await)
     }
 
     async fn remove_key(
         &self,
         req: Request<pb::RemoveKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        let r = self.state.keys.remove(&req.into_inner().key).await;
-        let keys = keys_pb(r.map_err(keyring_status)?);
-        Ok(Response::new(pb::KeyringResponse {
-            keys,
-            nodes: self.spread(),
-        }))
+        self.keyring_changed(self.state.keys.remove(&req.into_inner().key).await)
     }
 }

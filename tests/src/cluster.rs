@@ -293,16 +293,21 @@ impl Cluster {
         Some(text.trim().to_string())
     }
 
-    /// Checks that every node of `nodes` is ready, sees exactly `nodes` as its live members (all
-    /// `alive`), and follows one leader among them. Returns that leader.
-    pub fn agreement(&self, nodes: &[usize]) -> Result<Leader, String> {
-        let want: BTreeSet<String> = nodes
+    /// The node ids of `nodes`; an error names the first that has none yet.
+    fn node_ids(&self, nodes: &[usize]) -> Result<BTreeSet<String>, String> {
+        nodes
             .iter()
             .map(|k| {
                 self.node_id(*k)
                     .ok_or_else(|| format!("node{k} has no id yet"))
             })
-            .collect::<Result<_, _>>()?;
+            .collect()
+    }
+
+    /// Checks that every node of `nodes` is ready, sees exactly `nodes` as its live members (all
+    /// `alive`), and follows one leader among them. Returns that leader.
+    pub fn agreement(&self, nodes: &[usize]) -> Result<Leader, String> {
+        let want = self.node_ids(nodes)?;
         let mut leader: Option<Leader> = None;
         for &k in nodes {
             let members = self.members(k)?;
@@ -333,13 +338,7 @@ impl Cluster {
 
     /// Checks that every node of `nodes` sees every one of them `alive` (leaders aside).
     pub fn all_alive(&self, nodes: &[usize]) -> Result<(), String> {
-        let want: BTreeSet<String> = nodes
-            .iter()
-            .map(|k| {
-                self.node_id(*k)
-                    .ok_or_else(|| format!("node{k} has no id yet"))
-            })
-            .collect::<Result<_, _>>()?;
+        let want = self.node_ids(nodes)?;
         for &k in nodes {
             let members = self.members(k)?;
             for id in &want {
