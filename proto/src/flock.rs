@@ -330,11 +330,26 @@ pub struct PushPull {
     pub leader: Option<LeaderClaim>,
 }
 
-/// A frame exchanged over a stream (push-pull that does not fit a datagram).
+/// A frame exchanged over a stream: push-pull that does not fit a datagram, and the reliable
+/// probe a node sends beside its indirect probes when a direct ping went unanswered (as
+/// memberlist's TCP ping: a datagram lost on the way does not make a live member suspect).
 #[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
 pub enum StreamFrame {
     /// Full-state exchange.
     PushPull(PushPull),
+    /// "Are you alive?" over a stream, for the probe `seq` of the sender.
+    Probe {
+        /// Sequence number of the sender's probe.
+        seq: u32,
+    },
+    /// The answer to [`StreamFrame::Probe`], with the responder's own entry (which refutes any
+    /// suspicion of it the prober holds).
+    ProbeAck {
+        /// Sequence number of the probe answered.
+        seq: u32,
+        /// The responder's own entry.
+        me: MemberInfo,
+    },
 }
 
 /// Why bytes could not be decoded. Always comes from the network; decoding changes no state.
@@ -651,5 +666,18 @@ mod tests {
         });
         let bytes = encode_frame(&frame);
         assert_eq!(decode_frame(&bytes).unwrap(), frame);
+        let me = MemberInfo {
+            id: NodeId(9),
+            boot: BootId(3),
+            addr: SocketAddr::from(([127, 0, 0, 9], 7700)),
+            incarnation: 4,
+            state: MemberState::Alive,
+        };
+        for frame in [
+            StreamFrame::Probe { seq: 77 },
+            StreamFrame::ProbeAck { seq: 77, me },
+        ] {
+            assert_eq!(decode_frame(&encode_frame(&frame)).unwrap(), frame);
+        }
     }
 }

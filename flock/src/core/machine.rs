@@ -461,40 +461,59 @@ impl Flock {
         bytes: &[u8],
     ) -> Option<Vec<u8>> {
         self.now = now;
-        let pp = self.open_stream(from, bytes)?;
-        let (sender, pp) = pp;
-        let reply = !pp.reply;
-        self.on_push_pull(now, sender, pp);
+        let (header, frame) = self.open_stream(from, bytes)?;
+        let sender = header.sender;
+        let answer = match frame {
+            StreamFrame::PushPull(pp) => {
+                let reply = !pp.reply;
+                self.on_push_pull(now, sender, pp);
+                reply.then(|| StreamFrame::PushPull(self.build_push_pull(true, false)))
+            }
+            StreamFrame::Probe { seq } => Some(StreamFrame::ProbeAck {
+                seq,
+                me: self.my_info(),
+            }),
+            StreamFrame::ProbeAck { .. } => {
+                self.stats.drop(DropReason::Unexpected);
+                return None;
+            }
+        };
         // Our reply carries our current entry: that answers any stale suspicion of us.
         self.refute_pending = false;
-        if reply && !self.left {
-            let frame = StreamFrame::PushPull(self.build_push_pull(true, false));
-            let body = encode_frame(&frame);
-            // Answer under the key the request came in (the stream's source port is not the
-            // peer's flock address, so look the sender up).
-            let to = self.member(sender).map(|m| m.info.addr).unwrap_or(from);
-            let sealed = self.seal(to, &body)?;
-            self.stats.streams_out += 1;
-            self.stats.stream_bytes_out += sealed.len() as u64;
-            Some(sealed)
-        } else {
-            None
-        }
+        let frame = answer.filter(|_| !self.left)?;
+        let body = encode_frame(&frame);
+        // Answer under the key the request came in (the stream's source port is not the peer's
+        // flock address, so look the sender up).
+        let to = self.member(sender).map(|m| m.info.addr).unwrap_or(from);
+        let sealed = self.seal(to, &body)?;
+        self.stats.streams_out += 1;
+        self.stats.stream_bytes_out += sealed.len() as u64;
+        Some(sealed)
     }
 
     /// The reply to a stream request this node made to `from`.
     pub fn handle_stream_reply(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
         self.now = now;
-        if let Some((sender, pp)) = self.open_stream(from, bytes) {
-            self.refute_pending = false;
-            self.on_push_pull(now, sender, pp);
-            self.answer_refutation(from);
+        let Some((header, frame)) = self.open_stream(from, bytes) else {
+            return;
+        };
+        match frame {
+            StreamFrame::PushPull(pp) => {
+                self.refute_pending = false;
+                self.on_push_pull(now, header.sender, pp);
+                self.answer_refutation(from);
+            }
+            StreamFrame::ProbeAck { seq, me } => {
+                self.apply_sender(now, from, header, me);
+                self.on_probe_ack(now, seq, header.sender);
+            }
+            StreamFrame::Probe { .. } => self.stats.drop(DropReason::Unexpected),
         }
     }
 
     /// A stream request to `to` failed (connect refused, timeout, reset).
     pub fn handle_stream_failed(&mut self, _now: Duration, to: SocketAddr) {
-        debug!(%to, "push-pull stream failed");
+        debug!(%to, "stream failed");
     }
 
     // ----- envelope seam -------------------------------------------------------------------
@@ -589,7 +608,7 @@ impl Flock {
         }
     }
 
-    fn open_stream(&mut self, from: SocketAddr, bytes: &[u8]) -> Option<(NodeId, PushPull)> {
+    fn open_stream(&mut self, from: SocketAddr, bytes: &[u8]) -> Option<(Header, StreamFrame)> {
         self.stats.streams_in += 1;
         self.stats.stream_bytes_in += bytes.len() as u64;
         if bytes.len() > MAX_STREAM_BYTES + HEADER_BYTES + ENVELOPE_OVERHEAD {
@@ -612,7 +631,7 @@ impl Flock {
             return None;
         }
         match decode_frame(&body) {
-            Ok(StreamFrame::PushPull(pp)) => Some((header.sender, pp)),
+            Ok(frame) => Some((header, frame)),
             Err(e) => {
                 trace!(%from, error = %e, "malformed stream frame");
                 self.stats.drop(DropReason::Malformed);
@@ -898,6 +917,10 @@ impl Flock {
         if let Some(probe) = self.probes.get_mut(&seq) {
             probe.nacks_expected = relays.len() as u32;
         }
+        // And over a stream, as memberlist's TCP ping: a reliable transport does not lose the
+        // probe or its answer, so loss alone does not make a live member suspect (and the flock
+        // does not then spread the suspicion and its refutation to every member).
+        self.send_frame(target_addr, &StreamFrame::Probe { seq });
         let t = &self.config.timing;
         let end = sent + self.scaled(t.probe_interval.max(t.probe_timeout * 2));
         let at = end.max(now + self.scaled(t.probe_timeout));
@@ -1380,7 +1403,12 @@ impl Flock {
         let Message::PushPull(pp) = msg else {
             unreachable!("built above")
         };
-        let body = encode_frame(&StreamFrame::PushPull(pp));
+        self.send_frame(addr, &StreamFrame::PushPull(pp));
+    }
+
+    /// Opens a stream to `addr` with `frame` as its request.
+    fn send_frame(&mut self, addr: SocketAddr, frame: &StreamFrame) {
+        let body = encode_frame(frame);
         let Some(payload) = self.seal(addr, &body) else {
             return;
         };

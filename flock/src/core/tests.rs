@@ -169,15 +169,25 @@ fn suspicion_of_self_is_refuted_with_higher_incarnation() {
     assert_eq!(f.stats().refutations, 1);
 }
 
+/// A secure node that rotates its transient key every 3–6 s (when it leads).
 fn secure_node(i: u8, space: &str, keyring: &crate::crypto::Keyring) -> Flock {
+    let timing = SecurityTiming {
+        rotation_min: Duration::from_secs(3),
+        rotation_max: Duration::from_secs(6),
+    };
+    secure_node_timed(i, space, keyring, timing)
+}
+
+fn secure_node_timed(
+    i: u8,
+    space: &str,
+    keyring: &crate::crypto::Keyring,
+    timing: SecurityTiming,
+) -> Flock {
     let id = Identity {
         id: NodeId(i as u64 * 1000),
         boot: crate::boot_id(1, i as u16),
         addr: addr(i),
-    };
-    let timing = SecurityTiming {
-        rotation_min: Duration::from_secs(3),
-        rotation_max: Duration::from_secs(6),
     };
     let mut seed = [0u8; 32];
     seed[0] = i;
@@ -200,14 +210,25 @@ fn test_keyring(b: u8) -> crate::crypto::Keyring {
 struct Harness {
     nodes: Vec<Option<Flock>>,
     now: Duration,
+    /// Datagrams between these two addresses (either way) are lost; streams still pass.
+    datagram_cut: Option<(SocketAddr, SocketAddr)>,
 }
 
 impl Harness {
+    fn of(nodes: Vec<Option<Flock>>) -> Harness {
+        Harness {
+            nodes,
+            now: Duration::ZERO,
+            datagram_cut: None,
+        }
+    }
+
     fn new(n: u8) -> Harness {
         let space = format!("127.0.0.2-127.0.0.{}", n + 1);
         Harness {
             nodes: (2..n + 2).map(|i| Some(node(i, &space))).collect(),
             now: Duration::ZERO,
+            datagram_cut: None,
         }
     }
 
@@ -219,6 +240,7 @@ impl Harness {
                 .map(|i| Some(secure_node(i, &space, &ring)))
                 .collect(),
             now: Duration::ZERO,
+            datagram_cut: None,
         }
     }
 
@@ -244,7 +266,11 @@ impl Harness {
                 continue;
             };
             let now = self.now;
+            let cut = self
+                .datagram_cut
+                .is_some_and(|(a, b)| (from, t.to) == (a, b) || (from, t.to) == (b, a));
             match t.kind {
+                TransmitKind::Datagram if cut => {}
                 TransmitKind::Datagram => self.nodes[i]
                     .as_mut()
                     .unwrap()
@@ -317,6 +343,48 @@ fn five_nodes_discover_each_other_and_elect_the_lowest_id() {
     for f in h.live() {
         assert!(f.leader().unwrap().term >= 1);
         assert!(f.members().all(|m| m.info.state == MemberState::Alive));
+    }
+}
+
+/// Issue 2 (SWIM probes, "suspicion ... refutation"): a member whose datagrams are lost but
+/// which answers over a stream stays alive: the prober probes over a stream beside its indirect
+/// probes (memberlist's TCP ping), so loss alone does not make it suspect. (With security,
+/// for less than a key rotation period: transient keys are announced in datagrams.)
+#[test]
+fn a_member_that_answers_over_a_stream_is_not_suspected() {
+    for secure in [false, true] {
+        let space = "127.0.0.2-127.0.0.3";
+        let ring = test_keyring(7);
+        let mut h = if secure {
+            Harness::of(
+                (2..4)
+                    .map(|i| {
+                        Some(secure_node_timed(
+                            i,
+                            space,
+                            &ring,
+                            SecurityTiming::default(),
+                        ))
+                    })
+                    .collect(),
+            )
+        } else {
+            Harness::new(2)
+        };
+        h.run_for(Duration::from_secs(5));
+        assert!(h.agreed_leader().is_some(), "secure {secure}");
+        let a = h.nodes[0].as_ref().unwrap().identity().addr;
+        let b = h.nodes[1].as_ref().unwrap().identity().addr;
+        h.datagram_cut = Some((a, b));
+        h.run_for(Duration::from_secs(20));
+        for f in h.live() {
+            assert!(
+                f.members().all(|m| m.info.state == MemberState::Alive),
+                "secure {secure}: {:?}",
+                f.members().collect::<Vec<_>>()
+            );
+            assert_eq!(f.live_count(), 2, "secure {secure}");
+        }
     }
 }
 
@@ -500,6 +568,7 @@ fn secure_nodes_of_another_bloc_or_key_never_merge() {
     let mut h = Harness {
         nodes,
         now: Duration::ZERO,
+        datagram_cut: None,
     };
     h.run_for(Duration::from_secs(10));
     let n = |i: usize| h.nodes[i].as_ref().unwrap();
@@ -521,12 +590,14 @@ fn secure_flocks_formed_apart_merge_into_one_with_one_key() {
             .map(|i| Some(secure_node(i, "127.0.0.2-127.0.0.4", &ring)))
             .collect(),
         now: Duration::ZERO,
+        datagram_cut: None,
     };
     let mut b = Harness {
         nodes: (5..8)
             .map(|i| Some(secure_node(i, "127.0.0.5-127.0.0.7", &ring)))
             .collect(),
         now: Duration::ZERO,
+        datagram_cut: None,
     };
     a.run_for(Duration::from_secs(5));
     b.run_for(Duration::from_secs(5));
@@ -534,6 +605,7 @@ fn secure_flocks_formed_apart_merge_into_one_with_one_key() {
     let mut h = Harness {
         nodes: a.nodes.into_iter().chain(b.nodes).collect(),
         now: a.now,
+        datagram_cut: None,
     };
     let now = h.now;
     // Point one node of each side at the other side.
@@ -602,6 +674,7 @@ fn a_node_whose_secondary_key_was_removed_cannot_rejoin() {
     let mut h = Harness {
         nodes: (2..5).map(|i| Some(secure_node(i, space, &old))).collect(),
         now: Duration::ZERO,
+        datagram_cut: None,
     };
     h.run_for(Duration::from_secs(5));
     let new_key = crate::crypto::SecretKey::from_bytes([9; 32]);
