@@ -41,9 +41,9 @@ rows=()
 # row NAME IMPL FILE : one table row from a JSON report.
 row() {
     local label="$1" impl="$2" file="$3"
-    rows+=("$(jq -r --arg label "$label" --arg impl "$impl" '
+    rows+=("$(jq -r --arg name "$label" --arg impl "$impl" '
         def f(x): if x == null then "-" else (x * 100 | round / 100 | tostring) end;
-        [$label, (.nodes|tostring), ((.loss * 100 | round | tostring) + "%"), $impl,
+        [$name, (.nodes|tostring), ((.loss * 100 | round | tostring) + "%"), $impl,
          (if .converged then "yes" else "NO" end),
          f(.agreement_s), (.bytes_per_node_per_s | round | tostring),
          f(.msgs_per_node_per_s), (.false_positive_deaths | tostring),
