@@ -442,6 +442,7 @@ impl Flock {
             return;
         }
         self.note_peer_epoch(from, &header);
+        self.follow_newer_key(now, &header);
         let msg = match decode_message(&body) {
             Ok(m) => m,
             Err(e) => {
@@ -605,6 +606,16 @@ impl Flock {
                 self.peer_epoch.clear();
             }
             self.peer_epoch.insert(addr_key(&from), header.key_id);
+        }
+    }
+
+    /// A member sealed under a key of our leader newer than ours: the leader switched to it.
+    fn follow_newer_key(&mut self, now: Duration, header: &Header) {
+        let Some(claim) = self.leader.filter(|c| c.leader != self.me.id) else {
+            return;
+        };
+        if let Some(sec) = self.sec.as_mut() {
+            sec.follow_newer(header.key_id, claim.leader, now);
         }
     }
 
@@ -1073,14 +1084,17 @@ impl Flock {
             // our claim) and switches to our keys. Its keys are of no use to us.
             return;
         }
-        if !same_keys {
-            if let Some(prev) = &joined.keys.previous {
-                sec.install(prev.epoch, prev.key.clone(), tag, now);
-            }
-            sec.install(current, joined.keys.current.key.clone(), tag, now);
-            // Same leader: which of its keys to seal with is the claim's to say
-            // (sync_key_to_leader), never an answer from a member that may lag behind it.
+        // Whatever we lack of the two keys (a key we hold, or held and dropped, is left alone):
+        // the same flock's responder may be a rotation ahead of us (our key is its previous one).
+        if let Some(prev) = &joined.keys.previous {
+            sec.install(prev.epoch, prev.key.clone(), tag, now, false);
         }
+        let wanted = switch || [theirs, ours].iter().flatten().any(|c| c.epoch == current);
+        sec.install(current, joined.keys.current.key.clone(), tag, now, wanted);
+        // Same leader: which of its keys to seal with is the claim's to say
+        // (sync_key_to_leader), never an answer from a member that may lag behind it; the
+        // responder's claim is as good as a beat of it (we may have missed the one that named
+        // the key we were missing).
         if switch {
             sec.set_own(current);
         }
@@ -1100,6 +1114,10 @@ impl Flock {
         self.peer_epoch.insert(addr_key(&from), current);
         if let Some(claim) = theirs {
             self.max_term = self.max_term.max(claim.term);
+            if same_leader {
+                self.apply_claim(now, claim);
+                self.sync_key_to_leader(now);
+            }
         }
         if !self.leaving {
             self.start_push_pull(from, true);
@@ -1119,9 +1137,7 @@ impl Flock {
             return;
         };
         if sec.holds(claim.epoch, now) {
-            if sec.own_epoch(now) != Some(claim.epoch) {
-                sec.set_own(claim.epoch);
-            }
+            sec.follow_claim(claim.epoch, claim.leader, now);
         } else {
             self.key_hint = true;
         }
@@ -1209,23 +1225,26 @@ impl Flock {
         let Some(sec) = self.sec.as_mut() else {
             return;
         };
-        if let Some(epoch) = sec.rotate_if_due(now, me, &mut self.rng) {
-            let Some(key) = sec.key_bytes(epoch) else {
-                return;
-            };
+        let r = sec.rotate_if_due(now, me, &mut self.rng);
+        if let Some((epoch, key)) = r.announced.and_then(|e| Some((e, sec.key_bytes(e)?))) {
             self.stats.rotations += 1;
-            debug!(epoch, "transient key rotated");
+            debug!(epoch, "transient key made");
             self.broadcasts.push(Update::Key {
                 leader: me,
                 epoch,
                 key,
             });
+        }
+        if let Some(epoch) = r.switched {
+            debug!(epoch, "sealing with the new transient key");
             if let Some(claim) = self.leader.as_mut() {
                 claim.epoch = epoch;
                 claim.beat += 1;
                 let claim = *claim;
                 self.broadcasts.push(Update::Leader(claim));
             }
+        }
+        if r.announced.is_some() || r.switched.is_some() {
             self.gossip_round();
         }
     }
@@ -1243,7 +1262,8 @@ impl Flock {
         if following.map(|c| c.leader) != Some(leader) && !needs {
             return;
         }
-        if !sec.install(epoch, SecretKey::from_bytes(key), leader, now) {
+        let wanted = needs || following.is_some_and(|c| c.epoch == epoch);
+        if !sec.install(epoch, SecretKey::from_bytes(key), leader, now, wanted) {
             return;
         }
         if needs || following.is_some_and(|c| c.epoch == epoch) {
@@ -2187,6 +2207,7 @@ impl Flock {
         self.schedule(now + beat, Timer::Beat { term });
         if let Some(sec) = self.sec.as_mut() {
             sec.next_rotation = None; // the first rotation of this term comes 30-60 s from now
+            sec.pending_switch = None;
         }
         self.rotate_if_leader(now);
     }

@@ -5,11 +5,18 @@
 //! holds the transient keys of its own flock (the current one and the previous one, the leader
 //! rotating them) and, while two flocks merge, those of the other flock. Every key is tagged with
 //! the leader that made it and expires 1.5 × the longest rotation period after this node
-//! installed it. One key is this node's own sealing key (the newest key of the leader it
-//! follows); a datagram to a member that was last heard under another key we hold is sealed
-//! under that key instead, so that nodes that have not switched yet (a rotation announcement in
-//! flight, a flock merging) keep understanding each other. Opening tries exactly the one key the
-//! header's key id names.
+//! installed it. One key is this node's own sealing key (the key the claim of the leader it
+//! follows names). Opening tries exactly the one key the header's key id names.
+//!
+//! Rotation is make-before-break: the leader announces a new key a third of the shortest
+//! rotation period ([`SecurityTiming::switch_delay`]) before it seals with it and names it in its
+//! claim, so that the key has reached (nearly) every member before anyone needs it; members then
+//! switch as the claim reaches them, and keep accepting the key they switched from. A node seals
+//! to a peer under the peer's own key only when that key is another leader's (two flocks
+//! merging) or newer than ours (we lag behind); an older key of our leader that a peer was last
+//! heard under says nothing about what the peer holds *now* (probes reach a given peer only every
+//! N probe intervals), so those peers get our own key. Keys once dropped are never taken back
+//! (a late or re-gossiped announcement of an old key would otherwise restart its life).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -28,6 +35,8 @@ use crate::DropReason;
 pub const TRANSIENT_KEYS_MAX: usize = 4;
 /// Replay windows kept.
 const REPLAY_SENDERS_MAX: usize = 16_384;
+/// Epochs remembered as dropped (never installed again).
+const RETIRED_MAX: usize = 64;
 /// Handshake sources rate-limited at once.
 const HANDSHAKE_SOURCES_MAX: usize = 4096;
 
@@ -48,6 +57,15 @@ pub struct SecurityTiming {
     pub rotation_max: Duration,
 }
 
+impl SecurityTiming {
+    /// How long the leader announces a new key before it seals with it (and names it in its
+    /// claim): a third of the shortest rotation period (10 s with the agent's 30–60 s), the time
+    /// gossip needs to bring the key to every member.
+    pub fn switch_delay(&self) -> Duration {
+        self.rotation_min / 3
+    }
+}
+
 impl Default for SecurityTiming {
     /// 30–60 s, as DESIGN.md.
     fn default() -> Self {
@@ -56,6 +74,15 @@ impl Default for SecurityTiming {
             rotation_max: crate::crypto::ROTATION_MAX,
         }
     }
+}
+
+/// What [`Sec::rotate_if_due`] did.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rotation {
+    /// A new key was made: announce it.
+    pub(crate) announced: Option<u32>,
+    /// The leader now seals with this key: name it in the claim.
+    pub(crate) switched: Option<u32>,
 }
 
 pub(crate) struct Pending {
@@ -89,6 +116,10 @@ pub(crate) struct Sec {
     max_age: Duration,
     timing: SecurityTiming,
     pub(crate) next_rotation: Option<Duration>,
+    /// Leader side: a key announced and not sealed with yet, and when to switch to it.
+    pub(crate) pending_switch: Option<(Duration, u32)>,
+    /// Epochs dropped lately, newest last: never installed again.
+    retired: std::collections::VecDeque<u32>,
     /// Which keyring key our handshakes use (index into the list, primary first).
     handshake_key: usize,
     /// Randomness for replies that are never sent (checking early join requests): kept apart
@@ -119,6 +150,8 @@ impl Sec {
             max_age: timing.rotation_max * 3 / 2,
             timing,
             next_rotation: None,
+            pending_switch: None,
+            retired: std::collections::VecDeque::new(),
             handshake_key: 0,
             scratch_rng: rand::SeedableRng::seed_from_u64(id.0 ^ boot.0.rotate_left(17)),
             id,
@@ -155,30 +188,61 @@ impl Sec {
         self.find(epoch).is_some_and(|k| self.fresh(k, now))
     }
 
-    /// Makes `epoch` (held) this node's sealing key. Only this key and the one it replaces stay:
-    /// members accept the current and the previous epoch (in a merge: the winning flock's key
-    /// and the former one, for the members that have not switched yet).
+    /// Makes `epoch` (held) this node's sealing key. This key, the one it replaces and keys
+    /// learnt after it (announced ahead of their use) stay: members accept the current and the
+    /// previous epoch (in a merge: the winning flock's key and the former one, for the members
+    /// that have not switched yet).
     pub(crate) fn set_own(&mut self, epoch: u32) {
-        if self.find(epoch).is_none() {
+        let Some(since) = self.find(epoch).map(|k| k.since) else {
             return;
-        }
+        };
         let previous = self.own.replace(epoch);
         if previous != Some(epoch) {
-            self.keys
-                .retain(|k| k.epoch == epoch || Some(k.epoch) == previous);
+            self.keep(|k| k.epoch == epoch || Some(k.epoch) == previous || k.since >= since);
         }
     }
 
-    /// Installs a key; returns false if it was already held.
+    /// Keeps the keys `f` accepts; the others are wiped and retired.
+    fn keep(&mut self, f: impl Fn(&TransientKey) -> bool) {
+        let mut i = 0;
+        while i < self.keys.len() {
+            if f(&self.keys[i]) {
+                i += 1;
+            } else {
+                let k = self.keys.remove(i);
+                self.retire(k.epoch);
+            }
+        }
+    }
+
+    fn retire(&mut self, epoch: u32) {
+        if !self.retired.contains(&epoch) {
+            if self.retired.len() >= RETIRED_MAX {
+                self.retired.pop_front();
+            }
+            self.retired.push_back(epoch);
+        }
+    }
+
+    /// Installs a key; returns false if it was already held, or held before and dropped —
+    /// unless `wanted`: the key our leader's claim names, or the one a handshake answer brings
+    /// us when we need one (a key dropped while we lagged, or evicted by other flocks' keys).
     pub(crate) fn install(
         &mut self,
         epoch: u32,
         key: SecretKey,
         leader: NodeId,
         now: Duration,
+        wanted: bool,
     ) -> bool {
         if self.find(epoch).is_some() {
             return false;
+        }
+        if let Some(i) = self.retired.iter().position(|e| *e == epoch) {
+            if !wanted {
+                return false;
+            }
+            self.retired.remove(i);
         }
         let packet = PacketKey::transient(&key, &self.bloc);
         self.keys.push(TransientKey {
@@ -192,8 +256,7 @@ impl Sec {
         // key just learnt). Dropped keys wipe themselves.
         let max_age = self.max_age;
         let own = self.own;
-        self.keys
-            .retain(|k| now.saturating_sub(k.since) <= max_age || Some(k.epoch) == own);
+        self.keep(|k| now.saturating_sub(k.since) <= max_age || Some(k.epoch) == own);
         while self.keys.len() > TRANSIENT_KEYS_MAX {
             let oldest = self
                 .keys
@@ -204,7 +267,8 @@ impl Sec {
                 .map(|(i, _)| i);
             match oldest {
                 Some(i) => {
-                    self.keys.remove(i);
+                    let k = self.keys.remove(i);
+                    self.retire(k.epoch);
                 }
                 None => break,
             }
@@ -212,14 +276,21 @@ impl Sec {
         true
     }
 
-    /// The keys a handshake responder hands out: our own key and the one before it.
+    /// The keys a handshake responder hands out: our own key and, as the second one, the key
+    /// our leader announced next if we hold it (the asker needs it within seconds), else the
+    /// one before ours.
     fn join_keys(&self, now: Duration) -> Option<JoinKeys> {
         let own = self.find(self.own?).filter(|k| self.fresh(k, now))?;
-        let previous = self
-            .keys
-            .iter()
-            .filter(|k| k.leader == own.leader && k.epoch != own.epoch && self.fresh(k, now))
-            .max_by_key(|k| k.since)
+        let others = || {
+            self.keys
+                .iter()
+                .filter(|k| k.leader == own.leader && k.epoch != own.epoch && self.fresh(k, now))
+        };
+        let next = others()
+            .filter(|k| k.since >= own.since)
+            .max_by_key(|k| k.since);
+        let previous = next
+            .or_else(|| others().max_by_key(|k| k.since))
             .map(|k| KeyAnnouncement {
                 epoch: k.epoch,
                 key: k.key.clone(),
@@ -238,7 +309,56 @@ impl Sec {
         self.find(epoch).map(|k| *k.key.as_bytes())
     }
 
-    /// Seals a flock body under `dest_epoch` if we hold it fresh, else under our own key.
+    /// Whether a peer last heard under `epoch` should get that key rather than ours: a fresh key
+    /// of another leader (a flock merging) or one learnt after ours (we lag behind the peer).
+    fn peer_key_better(&self, epoch: u32, now: Duration) -> bool {
+        let Some(k) = self.find(epoch).filter(|k| self.fresh(k, now)) else {
+            return false;
+        };
+        match self.own.and_then(|e| self.find(e)) {
+            Some(own) => k.leader != own.leader || k.since > own.since,
+            None => true,
+        }
+    }
+
+    /// A datagram from a member came under `epoch`, a key of `leader` (the leader we follow)
+    /// learnt after our own sealing key: the leader switched to it and we missed the claim that
+    /// said so. Seal with it too. Returns whether we switched.
+    pub(crate) fn follow_newer(&mut self, epoch: u32, leader: NodeId, now: Duration) -> bool {
+        let newer = match (self.find(epoch), self.own.and_then(|e| self.find(e))) {
+            (Some(k), Some(own)) => {
+                k.leader == leader
+                    && own.leader == leader
+                    && k.since > own.since
+                    && self.fresh(k, now)
+            }
+            _ => false,
+        };
+        if newer {
+            self.set_own(epoch);
+        }
+        newer
+    }
+
+    /// Seals with `epoch` (held), the key the claim of `leader` names, unless we already seal
+    /// with a key of that leader learnt after it ([`Sec::follow_newer`] ran ahead of the claim).
+    pub(crate) fn follow_claim(&mut self, epoch: u32, leader: NodeId, now: Duration) {
+        if self.own_epoch(now) == Some(epoch) {
+            return;
+        }
+        let ahead = match (self.find(epoch), self.own.and_then(|e| self.find(e))) {
+            (Some(k), Some(own)) => {
+                own.leader == leader && k.leader == leader && own.since > k.since
+            }
+            _ => false,
+        };
+        if !ahead || self.needs_key(now) {
+            self.set_own(epoch);
+        }
+    }
+
+    /// Seals a flock body under our own key, or under `dest_epoch` (the key the peer was last
+    /// heard under) when [`Sec::peer_key_better`].
     pub(crate) fn seal<R: RngCore + CryptoRng>(
         &mut self,
         now: Duration,
@@ -248,7 +368,7 @@ impl Sec {
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> bool {
-        let epoch = match dest_epoch.filter(|e| self.holds(*e, now)) {
+        let epoch = match dest_epoch.filter(|e| self.peer_key_better(*e, now)) {
             Some(e) => e,
             None => match self.own_epoch(now) {
                 Some(e) => e,
@@ -447,41 +567,69 @@ impl Sec {
         request
     }
 
-    /// Leader side: a new key when the rotation is due (at once when we hold no fresh key of
-    /// our own); the next rotation is 30–60 s later, jittered.
+    /// Leader side: announces a new key when the rotation is due (the next rotation is 30–60 s
+    /// later, jittered), and switches to it [`SecurityTiming::switch_delay`] later. A leader
+    /// without a fresh key of its own makes one and switches at once.
     pub(crate) fn rotate_if_due<R: RngCore + CryptoRng>(
         &mut self,
         now: Duration,
         me: NodeId,
         rng: &mut R,
-    ) -> Option<u32> {
-        // A new leader keeps the key it inherited (every member holds it) until its first
-        // rotation is due; only a leader without a fresh key makes one at once.
-        let due = match self.next_rotation {
-            _ if self.needs_key(now) => true,
-            Some(at) => now >= at,
-            None => false,
-        };
-        let _ = me;
-        if !due {
-            if self.next_rotation.is_none() {
+    ) -> Rotation {
+        let mut r = Rotation::default();
+        if self.needs_key(now) {
+            self.pending_switch = None;
+            if let Some(epoch) = self.make_key(now, me, rng) {
+                self.set_own(epoch);
                 self.next_rotation = Some(self.jittered(now, rng));
+                r.announced = Some(epoch);
+                r.switched = Some(epoch);
             }
-            return None;
+            return r;
         }
-        // Random epochs: two leaders that rotate apart (a partition) never make two different
-        // keys under one epoch, which members could not tell apart.
+        if let Some((at, epoch)) = self.pending_switch {
+            if now >= at {
+                self.pending_switch = None;
+                if self.holds(epoch, now) {
+                    self.set_own(epoch);
+                    r.switched = Some(epoch);
+                }
+            }
+            return r;
+        }
+        // A new leader keeps the key it inherited (every member holds it) until its first
+        // rotation is due.
+        match self.next_rotation {
+            Some(at) if now >= at => {}
+            Some(_) => return r,
+            None => {
+                self.next_rotation = Some(self.jittered(now, rng));
+                return r;
+            }
+        }
+        if let Some(epoch) = self.make_key(now, me, rng) {
+            self.pending_switch = Some((now + self.timing.switch_delay(), epoch));
+            self.next_rotation = Some(self.jittered(now, rng));
+            r.announced = Some(epoch);
+        }
+        r
+    }
+
+    /// Makes and installs a fresh key under a random epoch: two leaders that rotate apart (a
+    /// partition) never make two different keys under one epoch, which members could not tell
+    /// apart.
+    fn make_key<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Duration,
+        me: NodeId,
+        rng: &mut R,
+    ) -> Option<u32> {
         let mut epoch = rng.next_u32();
-        while epoch == 0 || self.find(epoch).is_some() {
+        while epoch == 0 || self.find(epoch).is_some() || self.retired.contains(&epoch) {
             epoch = rng.next_u32();
         }
         let key = SecretKey::generate(rng);
-        if !self.install(epoch, key, me, now) {
-            return None;
-        }
-        self.set_own(epoch);
-        self.next_rotation = Some(self.jittered(now, rng));
-        Some(epoch)
+        self.install(epoch, key, me, now, false).then_some(epoch)
     }
 
     fn jittered<R: RngCore + CryptoRng>(&self, now: Duration, rng: &mut R) -> Duration {
@@ -507,7 +655,7 @@ impl Sec {
 
     pub(crate) fn forget_expired(&mut self, now: Duration) {
         let max_age = self.max_age;
-        self.keys.retain(|k| now.saturating_sub(k.since) <= max_age);
+        self.keep(|k| now.saturating_sub(k.since) <= max_age);
         if self.own.is_some_and(|e| self.find(e).is_none()) {
             self.own = None;
         }

@@ -251,6 +251,11 @@ impl Harness {
     }
 
     fn flush(&mut self) {
+        self.flush_cut(None);
+    }
+
+    /// Delivers everything queued; datagrams to or from `cut` are lost.
+    fn flush_cut(&mut self, cut: Option<SocketAddr>) {
         let mut queue: VecDeque<(SocketAddr, Transmit)> = VecDeque::new();
         loop {
             for f in self.nodes.iter_mut().flatten() {
@@ -265,6 +270,9 @@ impl Harness {
             let Some(i) = self.index_of(t.to) else {
                 continue;
             };
+            if cut.is_some_and(|c| c == from || c == t.to) {
+                continue;
+            }
             let now = self.now;
             let cut = self
                 .datagram_cut
@@ -294,27 +302,32 @@ impl Harness {
     fn run_for(&mut self, d: Duration) {
         let end = self.now + d;
         self.flush();
-        loop {
-            let next = self
-                .nodes
-                .iter()
-                .flatten()
-                .filter_map(|f| f.poll_timeout())
-                .min();
-            let Some(next) = next else { break };
-            if next > end {
-                break;
-            }
-            self.now = self.now.max(next);
-            let now = self.now;
-            for f in self.nodes.iter_mut().flatten() {
-                if f.poll_timeout().is_some_and(|t| t <= now) {
-                    f.handle_timeout(now);
-                }
-            }
+        while self.advance(end) {
             self.flush();
         }
         self.now = end;
+    }
+
+    /// Runs the timers of the next deadline up to `end` (what they send stays queued until a
+    /// flush); false when none is due by then.
+    fn advance(&mut self, end: Duration) -> bool {
+        let next = self
+            .nodes
+            .iter()
+            .flatten()
+            .filter_map(|f| f.poll_timeout())
+            .min();
+        let Some(next) = next.filter(|n| *n <= end) else {
+            return false;
+        };
+        self.now = self.now.max(next);
+        let now = self.now;
+        for f in self.nodes.iter_mut().flatten() {
+            if f.poll_timeout().is_some_and(|t| t <= now) {
+                f.handle_timeout(now);
+            }
+        }
+        true
     }
 
     fn live(&self) -> impl Iterator<Item = &Flock> {
@@ -719,5 +732,112 @@ fn a_node_whose_secondary_key_was_removed_cannot_rejoin() {
     h.run_for(Duration::from_secs(10));
     for f in h.live() {
         assert_eq!(f.live_count(), 4, "{}", f.identity().id);
+    }
+}
+
+/// Reference: issue 3, "transient keys" — rotations are make-before-break: the leader announces
+/// a new key ahead of sealing with it, so that whatever key anyone seals with, every member
+/// already holds it.
+#[test]
+fn a_new_key_is_announced_before_anyone_seals_with_it() {
+    let mut h = Harness::secure(5);
+    h.run_for(Duration::from_secs(5));
+    assert_eq!(h.agreed_leader(), Some(NodeId(2000)));
+    let l = h.nodes[0].as_ref().unwrap();
+    let rotations_before = l.stats().rotations;
+    // A key announced before we look was counted before.
+    let pending = l
+        .key_epochs()
+        .last()
+        .copied()
+        .filter(|e| Some(*e) != l.key_epoch());
+    // Keys the leader held before it sealed with them.
+    let mut announced_ahead = std::collections::BTreeSet::new();
+    let end = h.now + Duration::from_secs(30);
+    while h.advance(end) {
+        h.flush();
+        for f in h.live() {
+            let e = f.key_epoch().expect("a key");
+            for g in h.live() {
+                assert!(
+                    g.key_epochs().contains(&e),
+                    "{} seals with {e}, which {} does not hold ({:?})",
+                    f.identity().id,
+                    g.identity().id,
+                    g.key_epochs()
+                );
+            }
+        }
+        let leader = h.live().find(|f| f.identity().id == NodeId(2000)).unwrap();
+        let own = leader.key_epoch().unwrap();
+        let newest = leader.key_epochs().last().copied();
+        if let Some(newest) = newest.filter(|e| *e != own && Some(*e) != pending) {
+            announced_ahead.insert(newest);
+        }
+    }
+    let leader = h.live().find(|f| f.identity().id == NodeId(2000)).unwrap();
+    let rotations = leader.stats().rotations - rotations_before;
+    assert!(rotations >= 4, "{:?}", leader.stats());
+    assert_eq!(announced_ahead.len() as u64, rotations);
+    for f in h.live() {
+        assert_eq!(f.live_count(), 5);
+    }
+}
+
+/// Reference: issue 3 — "a member that missed rotations rejoins through the handshake by
+/// itself": a member cut off while a key is announced and switched to asks for it, and the
+/// answer brings it the new key even though its own key is still the flock's previous one.
+#[test]
+fn a_member_that_missed_a_rotation_gets_the_key_by_handshake() {
+    let mut h = Harness::secure(5);
+    h.run_for(Duration::from_secs(5));
+    assert_eq!(h.agreed_leader(), Some(NodeId(2000)));
+    let leader = |h: &Harness| -> (u32, Vec<u32>) {
+        let l = h.live().find(|f| f.identity().id == NodeId(2000)).unwrap();
+        (l.key_epoch().unwrap(), l.key_epochs())
+    };
+    let away = addr(5);
+    let away_index = h.index_of(away).unwrap();
+    // Cut the member off just as the leader announces its next key (no key pending before).
+    let end = h.now + Duration::from_secs(10);
+    while leader(&h).1.last() != Some(&leader(&h).0) && h.advance(end) {
+        h.flush();
+    }
+    let (before, held_before) = leader(&h);
+    assert_eq!(held_before.last(), Some(&before));
+    let mut cut = false;
+    while h.advance(end) {
+        if leader(&h).1.iter().any(|e| !held_before.contains(e)) {
+            cut = true;
+            break;
+        }
+        h.flush();
+    }
+    assert!(cut, "no rotation within 10 s");
+    h.flush_cut(Some(away));
+    // It stays away until the leader seals with the new key and a beat has named it.
+    let end = h.now + Duration::from_secs(3);
+    while leader(&h).0 == before && h.advance(end) {
+        h.flush_cut(Some(away));
+    }
+    let (new, _) = leader(&h);
+    assert_ne!(new, before, "the leader did not switch");
+    let end = h.now + Duration::from_millis(600);
+    while h.advance(end) {
+        h.flush_cut(Some(away));
+    }
+    let f = h.nodes[away_index].as_ref().unwrap();
+    assert!(!f.key_epochs().contains(&new), "{:?}", f.key_epochs());
+    assert_eq!(f.key_epoch(), Some(before));
+    let joins = f.stats().joins;
+    // Back: within a second it seals with the leader's key, got through a handshake.
+    h.run_for(Duration::from_secs(1));
+    let f = h.nodes[away_index].as_ref().unwrap();
+    assert_eq!(f.key_epoch(), Some(leader(&h).0), "{:?}", f.key_epochs());
+    assert!(f.stats().joins > joins);
+    h.run_for(Duration::from_secs(10));
+    for f in h.live() {
+        assert_eq!(f.live_count(), 5, "{}", f.identity().id);
+        assert!(f.members().all(|m| m.info.state == MemberState::Alive));
     }
 }
