@@ -182,6 +182,10 @@ pub struct LeaderClaim {
     /// The transient key epoch the leader seals with (0 without security): members seal with
     /// the same key, and ask for it when they do not hold it.
     pub epoch: u32,
+    /// The version of the leader's secondary keyring ([`KeyringState::version`]; 0 without
+    /// security or before any change): a member whose ring is at another version repairs it by
+    /// push-pull.
+    pub ring: u64,
 }
 
 impl LeaderClaim {
@@ -249,6 +253,8 @@ pub enum Update {
         op: u8,
         /// The secondary key it is about.
         key: [u8; 32],
+        /// The keyring version this change makes ([`KeyringState::version`]).
+        version: u64,
     },
 }
 
@@ -328,6 +334,23 @@ pub struct PushPull {
     pub members: Vec<MemberInfo>,
     /// The leader the sender follows, if any.
     pub leader: Option<LeaderClaim>,
+    /// The sender's secondary keyring (None without security): its version and digest always,
+    /// its keys only in an answer to a sender whose ring is behind.
+    pub ring: Option<KeyringState>,
+}
+
+/// A secondary keyring as push-pull carries it (sealed under the transient key, like the
+/// keyring changes gossip carries), so that a member that missed a change learns the ring.
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
+pub struct KeyringState {
+    /// Raised by every install / use / remove (the node where the operator ran it picks one
+    /// above every version it knows; the others take the version the change carries). Of two
+    /// rings, the higher version wins; at equal versions, the higher digest.
+    pub version: u64,
+    /// A digest of the keys and which one is primary.
+    pub digest: u64,
+    /// The keys, primary first (empty unless the receiver is behind). At most 16.
+    pub keys: Vec<[u8; 32]>,
 }
 
 /// A frame exchanged over a stream: push-pull that does not fit a datagram, and the reliable
@@ -492,14 +515,16 @@ mod tests {
             any::<bool>(),
             any::<u64>(),
             any::<u32>(),
+            any::<u64>(),
         )
-            .prop_map(|(l, b, term, solo, beat, epoch)| LeaderClaim {
+            .prop_map(|(l, b, term, solo, beat, epoch, ring)| LeaderClaim {
                 leader: NodeId(l),
                 boot: BootId(b),
                 term,
                 solo,
                 beat,
                 epoch,
+                ring,
             })
     }
 
@@ -535,7 +560,8 @@ mod tests {
                     key,
                 }
             }),
-            (any::<u8>(), any::<[u8; 32]>()).prop_map(|(op, key)| Update::Keyring { op, key }),
+            (any::<u8>(), any::<[u8; 32]>(), any::<u64>())
+                .prop_map(|(op, key, version)| Update::Keyring { op, key, version }),
         ]
     }
 
@@ -585,14 +611,24 @@ mod tests {
                 any::<bool>(),
                 any::<bool>(),
                 proptest::collection::vec(arb_member(), 0..8),
-                proptest::option::of(arb_claim())
+                proptest::option::of(arb_claim()),
+                proptest::option::of((
+                    any::<u64>(),
+                    any::<u64>(),
+                    proptest::collection::vec(any::<[u8; 32]>(), 0..3)
+                ))
             )
-                .prop_map(|(reply, join, members, leader)| Message::PushPull(
+                .prop_map(|(reply, join, members, leader, ring)| Message::PushPull(
                     PushPull {
                         reply,
                         join,
                         members,
-                        leader
+                        leader,
+                        ring: ring.map(|(version, digest, keys)| KeyringState {
+                            version,
+                            digest,
+                            keys
+                        }),
                     }
                 )),
         ]
@@ -663,6 +699,7 @@ mod tests {
             join: false,
             members,
             leader: None,
+            ring: None,
         });
         let bytes = encode_frame(&frame);
         assert_eq!(decode_frame(&bytes).unwrap(), frame);

@@ -27,7 +27,7 @@ fn subject_of(update: &Update) -> Subject {
         }
         Update::Leader(_) => Subject::Leader,
         Update::Key { epoch, .. } => Subject::Other(*epoch as u64),
-        Update::Keyring { op, key } => {
+        Update::Keyring { op, key, .. } => {
             let mut h = *op as u64;
             for chunk in key.chunks(8) {
                 h = h.rotate_left(17) ^ u64::from_le_bytes(chunk.try_into().expect("8 bytes"));

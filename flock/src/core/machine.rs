@@ -382,7 +382,7 @@ impl Flock {
                 }
             }
             Command::Leave => self.start_leave(now),
-            Command::Keyring(op) => self.keyring_op(op, true),
+            Command::Keyring(op) => self.keyring_op(op, true, 0),
         }
     }
 
@@ -467,8 +467,9 @@ impl Flock {
         let answer = match frame {
             StreamFrame::PushPull(pp) => {
                 let reply = !pp.reply;
+                let ring_keys = self.ring_keys_for(pp.ring.as_ref());
                 self.on_push_pull(now, sender, pp);
-                reply.then(|| StreamFrame::PushPull(self.build_push_pull(true, false)))
+                reply.then(|| StreamFrame::PushPull(self.build_push_pull(true, false, ring_keys)))
             }
             StreamFrame::Probe { seq } => Some(StreamFrame::ProbeAck {
                 seq,
@@ -805,6 +806,7 @@ impl Flock {
                             .as_ref()
                             .and_then(|s| s.own_epoch(now))
                             .unwrap_or(0);
+                        claim.ring = self.sec.as_ref().map_or(0, |s| s.ring_version);
                         let claim = *claim;
                         self.broadcasts.push(Update::Leader(claim));
                         self.schedule(next, Timer::Beat { term });
@@ -1115,7 +1117,9 @@ impl Flock {
         if let Some(claim) = theirs {
             self.max_term = self.max_term.max(claim.term);
             if same_leader {
-                self.apply_claim(now, claim);
+                // The handshake does not carry the keyring version: keep the one we know.
+                let ring = ours.map_or(0, |o| o.ring);
+                self.apply_claim(now, LeaderClaim { ring, ..claim });
                 self.sync_key_to_leader(now);
             }
         }
@@ -1273,10 +1277,14 @@ impl Flock {
     }
 
     /// A keyring change, from the operator (`local`) or spread by the flock.
-    fn keyring_op(&mut self, op: KeyringOp, local: bool) {
+    /// `version`: the ring version a spread change makes (ignored for the operator's own).
+    fn keyring_op(&mut self, op: KeyringOp, local: bool, version: u64) {
         let Some(sec) = self.sec.as_mut() else {
             return;
         };
+        if !local && !sec.ring_change_is_news(version) {
+            return; // already in our ring, or undone by a later change we hold
+        }
         // "use" of a key not installed yet installs it first (gossip may reorder the steps).
         if let KeyringOp::Use(k) = &op {
             if !sec.keyring.contains(k) {
@@ -1290,8 +1298,20 @@ impl Flock {
                     KeyringOp::Use(k) => (1, *k.as_bytes()),
                     KeyringOp::Remove(k) => (2, *k.as_bytes()),
                 };
+                let version = match (local, changed) {
+                    (true, true) => sec.next_ring_version(),
+                    (true, false) => sec.ring_version,
+                    (false, _) => {
+                        sec.ring_changed_to(version);
+                        version
+                    }
+                };
                 if changed || local {
-                    let update = Update::Keyring { op: code, key };
+                    let update = Update::Keyring {
+                        op: code,
+                        key,
+                        version,
+                    };
                     self.broadcasts.push(update);
                     if local {
                         // An operator's change goes to every live member at once (as Serf's key
@@ -1397,19 +1417,21 @@ impl Flock {
         base.mul_f64(jitter)
     }
 
-    fn build_push_pull(&self, reply: bool, join: bool) -> PushPull {
+    /// `ring_keys`: the peer's keyring is behind ours (answer with our keys).
+    fn build_push_pull(&self, reply: bool, join: bool, ring_keys: bool) -> PushPull {
         let members = self.members().map(|m| m.info).collect();
         PushPull {
             reply,
             join,
             members,
             leader: self.leader,
+            ring: self.sec.as_ref().map(|s| s.ring_state(ring_keys)),
         }
     }
 
     fn start_push_pull(&mut self, addr: SocketAddr, join: bool) {
         self.stats.push_pulls += 1;
-        let pp = self.build_push_pull(false, join);
+        let pp = self.build_push_pull(false, join, false);
         self.send_push_pull(addr, pp);
     }
 
@@ -1441,7 +1463,7 @@ impl Flock {
         });
     }
 
-    fn on_push_pull(&mut self, now: Duration, _sender: NodeId, pp: PushPull) {
+    fn on_push_pull(&mut self, now: Duration, sender: NodeId, pp: PushPull) {
         let known_before = self.members.len();
         for info in &pp.members {
             match info.state {
@@ -1474,6 +1496,9 @@ impl Flock {
         if let Some(claim) = pp.leader {
             self.apply_claim(now, claim);
         }
+        if let Some(ring) = &pp.ring {
+            self.repair_ring_from(sender, ring, pp.reply);
+        }
         // Adaptive anti-entropy: while two views still differ (one side taught the other a
         // member), keep push-pulling fast; once they agree, fall back to the scaled period.
         let learned = self.members.len().saturating_sub(known_before);
@@ -1481,6 +1506,59 @@ impl Flock {
         if learned + they_lack >= FAST_PUSH_PULL_DIFF {
             self.fast_push_pull_until =
                 now + self.config.timing.push_pull_fast_interval * FAST_PUSH_PULL_ROUNDS;
+        }
+    }
+
+    /// Whether a push-pull answer to a peer whose ring is `theirs` carries our keys (it is
+    /// behind us).
+    fn ring_keys_for(&self, theirs: Option<&crux_proto::flock::KeyringState>) -> bool {
+        match (self.sec.as_ref(), theirs) {
+            (Some(sec), Some(theirs)) => sec.ring_ahead_of(theirs),
+            _ => false,
+        }
+    }
+
+    /// A peer's keyring came with a push-pull: take it if it wins over ours and carries its
+    /// keys; if it wins without them (a request from a peer ahead of us), ask that peer back.
+    fn repair_ring_from(
+        &mut self,
+        sender: NodeId,
+        theirs: &crux_proto::flock::KeyringState,
+        reply: bool,
+    ) {
+        let Some(sec) = self.sec.as_mut() else {
+            return;
+        };
+        if !sec.ring_behind(theirs) {
+            return;
+        }
+        if !theirs.keys.is_empty() {
+            if sec.adopt_ring(theirs) {
+                debug!(version = theirs.version, "keyring repaired from a peer");
+                self.out.events.push_back(Event::KeyringChanged);
+            }
+        } else if !reply && !self.leaving {
+            if let Some(addr) = self.member(sender).map(|m| m.info.addr) {
+                self.start_push_pull(addr, false);
+            }
+        }
+    }
+
+    /// Member side: push-pull with the leader when its claim names another keyring version.
+    fn repair_ring_with_leader(&mut self, now: Duration) {
+        let Some(claim) = self.leader.filter(|c| c.leader != self.me.id) else {
+            return;
+        };
+        let Some(addr) = self.member(claim.leader).map(|m| m.info.addr) else {
+            return;
+        };
+        let grace = self.config.timing.probe_interval * 4;
+        let push_odds = 3.0 / self.live_count() as f64;
+        let Some(sec) = self.sec.as_mut() else {
+            return;
+        };
+        if sec.ring_repair_due(now, claim.ring, grace, push_odds, &mut self.rng) && !self.leaving {
+            self.start_push_pull(addr, false);
         }
     }
 
@@ -1614,9 +1692,10 @@ impl Flock {
             Message::Gossip { updates } => self.apply_updates(now, &updates),
             Message::PushPull(pp) => {
                 let answer = !pp.reply;
+                let ring_keys = self.ring_keys_for(pp.ring.as_ref());
                 self.on_push_pull(now, sender, pp);
                 if answer && !self.leaving {
-                    let reply = self.build_push_pull(true, false);
+                    let reply = self.build_push_pull(true, false, ring_keys);
                     self.send_push_pull(from, reply);
                 }
             }
@@ -1702,7 +1781,7 @@ impl Flock {
                 } => self.apply_left(now, id, boot, incarnation),
                 Update::Leader(claim) => self.apply_claim(now, claim),
                 Update::Key { leader, epoch, key } => self.apply_key(now, leader, epoch, key),
-                Update::Keyring { op, key } => {
+                Update::Keyring { op, key, version } => {
                     let key = SecretKey::from_bytes(key);
                     let op = match op {
                         0 => KeyringOp::Install(key),
@@ -1710,7 +1789,7 @@ impl Flock {
                         2 => KeyringOp::Remove(key),
                         _ => continue,
                     };
-                    self.keyring_op(op, false);
+                    self.keyring_op(op, false, version);
                 }
             }
         }
@@ -2139,6 +2218,7 @@ impl Flock {
         self.sync_key_to_leader(now);
         self.request_key_if_needed(now);
         self.rotate_if_leader(now);
+        self.repair_ring_with_leader(now);
         let t = self.config.timing.clone();
         // Leader liveness: no fresh beat for a while → probe the leader ourselves.
         if let Some(claim) = self.leader {
@@ -2193,6 +2273,7 @@ impl Flock {
             solo,
             beat: 0,
             epoch: self.key_epoch().unwrap_or(0),
+            ring: self.sec.as_ref().map_or(0, |s| s.ring_version),
         };
         debug!(term, solo, "claiming leadership");
         self.stats.claims += 1;

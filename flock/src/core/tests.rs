@@ -841,3 +841,61 @@ fn a_member_that_missed_a_rotation_gets_the_key_by_handshake() {
         assert!(f.members().all(|m| m.info.state == MemberState::Alive));
     }
 }
+
+/// Reference: issue 3, "secondary keyring" — a keyring change spreads to every member, and a
+/// member that missed it (cut off while the operator ran install, use and remove, until the
+/// gossip of the changes died out) still ends with the same ring, repaired by push-pull against
+/// the leader's keyring version. Both ways: a member behind the leader, and a leader behind its
+/// members.
+#[test]
+fn a_node_that_missed_a_keyring_change_ends_with_the_same_ring() {
+    for away_id in [NodeId(4000), NodeId(2000)] {
+        let mut h = Harness::secure(5);
+        h.run_for(Duration::from_secs(5));
+        assert_eq!(h.agreed_leader(), Some(NodeId(2000)));
+        let away_index = h
+            .nodes
+            .iter()
+            .position(|n| n.as_ref().unwrap().identity().id == away_id)
+            .unwrap();
+        let away = h.nodes[away_index].as_ref().unwrap().identity().addr;
+        let operator = (away_index + 1) % 5;
+        let old = test_keyring(7).primary().clone();
+        let new_key = crate::crypto::SecretKey::from_bytes([9; 32]);
+        let now = h.now;
+        let n = h.nodes[operator].as_mut().unwrap();
+        for op in [
+            crate::crypto::KeyringOp::Install(new_key.clone()),
+            crate::crypto::KeyringOp::Use(new_key.clone()),
+            crate::crypto::KeyringOp::Remove(old.clone()),
+        ] {
+            n.handle_command(now, Command::Keyring(op));
+        }
+        // Cut off for a second: the changes go out to everyone else and their gossip dies out.
+        let end = h.now + Duration::from_secs(1);
+        h.flush_cut(Some(away));
+        while h.advance(end) {
+            h.flush_cut(Some(away));
+        }
+        h.now = end;
+        let f = h.nodes[away_index].as_ref().unwrap();
+        assert_eq!(
+            f.keyring().unwrap().primary(),
+            &old,
+            "{away_id}: not cut off"
+        );
+        for g in h.live().filter(|g| g.identity().id != away_id) {
+            assert_eq!(g.keyring().unwrap().list(), [&new_key]);
+        }
+        h.run_for(Duration::from_secs(6));
+        for g in h.live() {
+            assert_eq!(
+                g.keyring().unwrap().list(),
+                [&new_key],
+                "{away_id}: {} kept another ring",
+                g.identity().id
+            );
+            assert_eq!(g.live_count(), 5);
+        }
+    }
+}
