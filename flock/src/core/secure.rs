@@ -12,10 +12,10 @@
 //! rotation period ([`SecurityTiming::switch_delay`]) before it seals with it and names it in its
 //! claim, so that the key has reached (nearly) every member before anyone needs it; members then
 //! switch as the claim reaches them, and keep accepting the key they switched from. A node seals
-//! to a peer under the peer's own key only when that key is another leader's (two flocks
-//! merging) or newer than ours (we lag behind); an older key of our leader that a peer was last
-//! heard under says nothing about what the peer holds *now* (probes reach a given peer only every
-//! N probe intervals), so those peers get our own key. Keys once dropped are never taken back
+//! to a peer under the peer's own key only when we learnt that key after ours (two flocks
+//! merging, or we lag behind); an older key a peer was last heard under, whichever leader made
+//! it, says nothing about what the peer holds *now* (probes reach a given peer only every N
+//! probe intervals), so those peers get our own key. Keys once dropped are never taken back
 //! (a late or re-gossiped announcement of an old key would otherwise restart its life).
 
 use std::net::IpAddr;
@@ -322,14 +322,17 @@ impl Sec {
         self.find(epoch).map(|k| *k.key.as_bytes())
     }
 
-    /// Whether a peer last heard under `epoch` should get that key rather than ours: a fresh key
-    /// of another leader (a flock merging) or one learnt after ours (we lag behind the peer).
+    /// Whether a peer last heard under `epoch` should get that key rather than ours: a key learnt
+    /// after ours (a flock merging: the other flock's key a handshake just brought; or we lag
+    /// behind the peer). Any key older than ours, whichever leader made it, may be gone from the
+    /// peer by now (a key of a solo leader of the cold boot, last heard from that peer a minute
+    /// ago, is).
     fn peer_key_better(&self, epoch: u32, now: Duration) -> bool {
         let Some(k) = self.find(epoch).filter(|k| self.fresh(k, now)) else {
             return false;
         };
         match self.own.and_then(|e| self.find(e)) {
-            Some(own) => k.leader != own.leader || k.since > own.since,
+            Some(own) => k.since > own.since,
             None => true,
         }
     }
