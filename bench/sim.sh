@@ -3,7 +3,7 @@
 # `crux sim` and prints the figures.
 # Nodes run with security on (as the agent does) unless a line says --plain.
 #
-#   bench/sim.sh            # everything (the 10,000-node run takes about half an hour and 17 GB)
+#   bench/sim.sh            # everything (the 10,000-node run takes 30-45 minutes and 17 GB)
 #   QUICK=1 bench/sim.sh    # skip the 10,000-node run
 #
 # Memory: every simulated node holds the full member table, so a run needs memory in N²: about
@@ -73,7 +73,10 @@ run cold-1k-loss5 --scenario cold-boot --nodes 1000 --loss 0.05
 run kill-1k --scenario kill-leader --nodes 1000 --preset lan
 run heal-1k --scenario partition-heal --nodes 1000
 run cold-100-loss5 --scenario cold-boot --nodes 100 --loss 0.05
-run cold-100-loss5-plain --scenario cold-boot --nodes 100 --loss 0.05 --plain
+# Steady-state traffic is compared over the same window (40-120 s) at 100 and 10,000 nodes: at
+# 10,000 nodes the boot's push-pulls and join gossip die down about 40 s after agreement.
+run cold-100-loss5-plain --scenario cold-boot --nodes 100 --loss 0.05 --plain \
+    --duration 120 --warmup 40
 run wall-1k-60s --scenario cold-boot --nodes 1000 --duration 60
 run wall-1k-60s-plain --scenario cold-boot --nodes 1000 --duration 60 --plain
 run churn-1k-loss2 --scenario churn --nodes 1000 --loss 0.02
@@ -84,7 +87,8 @@ run rotation-1k-loss5 --scenario rotation --nodes 1000 --loss 0.05
 run rotation-1k-loss5-slow --scenario rotation --nodes 1000 --loss 0.05 \
     --rotation-min 30 --rotation-max 60
 if [[ -z "${QUICK:-}" ]]; then
-    run cold-10k-loss5 --scenario cold-boot --nodes 10000 --loss 0.05 --plain
+    run cold-10k-loss5 --scenario cold-boot --nodes 10000 --loss 0.05 --plain \
+        --duration 120 --warmup 40
 fi
 
 echo
