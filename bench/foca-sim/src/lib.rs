@@ -818,52 +818,37 @@ impl Sim {
     }
 
     fn deliver(&mut self, ev: Ev) {
-        let (i, res) = match ev {
+        let (node, life, tag) = match &ev {
             Ev::Start { node } => {
                 self.w.starts_pending -= 1;
-                self.start(node as usize);
+                self.start(*node as usize);
                 return;
             }
-            Ev::Datagram { to, life, payload } => {
-                let i = to as usize;
-                if self.w.life[i] != life {
-                    return;
-                }
-                self.w.trace = mix(
-                    mix(self.w.trace, 0xd0 << 32 | i as u64),
-                    self.w.now.as_nanos() as u64,
-                );
-                let Some(f) = self.nodes[i].as_mut() else {
-                    return;
-                };
-                let mut rt = Rt {
-                    w: &mut self.w,
-                    node: i,
-                };
-                (i, f.handle_data(&payload, &mut rt))
-            }
-            Ev::Timer { node, life, timer } => {
-                let i = node as usize;
-                if self.w.life[i] != life {
-                    return;
-                }
-                self.w.trace = mix(
-                    mix(self.w.trace, 0x70 << 32 | i as u64),
-                    self.w.now.as_nanos() as u64,
-                );
-                let Some(f) = self.nodes[i].as_mut() else {
-                    return;
-                };
-                let mut rt = Rt {
-                    w: &mut self.w,
-                    node: i,
-                };
-                (i, f.handle_timer(timer, &mut rt))
-            }
+            Ev::Datagram { to, life, .. } => (*to, *life, 0xd0),
+            Ev::Timer { node, life, .. } => (*node, *life, 0x70),
+        };
+        let i = node as usize;
+        if self.w.life[i] != life {
+            return;
+        }
+        self.w.trace = mix(
+            mix(self.w.trace, tag << 32 | i as u64),
+            self.w.now.as_nanos() as u64,
+        );
+        let Some(f) = self.nodes[i].as_mut() else {
+            return;
+        };
+        let mut rt = Rt {
+            w: &mut self.w,
+            node: i,
         };
         // foca's errors are benign here (data from a stale identity, a full queue…): an agent
         // logs them and goes on, as foca's example does.
-        let _ = (i, res);
+        let _ = match ev {
+            Ev::Datagram { payload, .. } => f.handle_data(&payload, &mut rt),
+            Ev::Timer { timer, .. } => f.handle_timer(timer, &mut rt),
+            Ev::Start { .. } => unreachable!("handled above"),
+        };
     }
 
     /// Whether every running node sees exactly the running nodes of its group as active
