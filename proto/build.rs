@@ -8,7 +8,10 @@ fn main() {
 
 #[cfg(feature = "grpc")]
 fn grpc() {
-    const FILES: &[&str] = &["proto/crux/reeve/v1/reeve.proto"];
+    const FILES: &[&str] = &[
+        "proto/crux/steward/v1/steward.proto",
+        "proto/crux/reeve/v1/reeve.proto",
+    ];
     for f in FILES {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -1,7 +1,8 @@
 //! gRPC services (feature `grpc`), generated from `proto/crux/**/*.proto` at build time.
 //!
 //! * [`reeve::v1`]: the local API each agent serves on its Unix socket (members, leader, status,
-//!   keyring; the registry calls join it later).
+//!   keyring, and the service registry: register, heartbeat, lookup, watch).
+//! * [`steward::v1`]: the node-to-node registry API the leader serves on the node gRPC port.
 #![cfg(feature = "grpc")]
 
 /// The reeve API.
@@ -10,5 +11,14 @@ pub mod reeve {
     pub mod v1 {
         #![allow(missing_docs, clippy::all, clippy::pedantic)]
         tonic::include_proto!("crux.reeve.v1");
+    }
+}
+
+/// The steward API.
+pub mod steward {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("crux.steward.v1");
     }
 }

@@ -1,0 +1,394 @@
+//! The steward as a gRPC service on the node port: one [`Steward`] while this node leads, none
+//! otherwise; every call admitted only from a live flock member's address.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crux_proto::grpc::steward::v1::{
+    self as pb, steward_server, Ack, FlockId, ReeveBatch, StewardUpdate, TableChanges,
+};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::registry::Registry;
+use crate::select::{best_first, horde_or_default};
+use crate::table::Change;
+
+/// Instances per message of a snapshot sent in parts.
+pub const SNAPSHOT_CHUNK: usize = 2000;
+/// Largest message either side accepts (a batch of a reeve with many instances).
+pub const MESSAGE_MAX: usize = 16 << 20;
+
+/// Tunables of a steward.
+#[derive(Clone, Debug)]
+pub struct StewardConfig {
+    /// How long an instance past valid-until stays (as `unknown`) before it is removed.
+    pub grace: Duration,
+    /// How often validity is checked.
+    pub expiry_tick: Duration,
+    /// How long an instance seeded from the previous steward's table is kept unless its reeve
+    /// re-registers it.
+    pub seed_valid: Duration,
+}
+
+impl Default for StewardConfig {
+    fn default() -> Self {
+        StewardConfig {
+            grace: Duration::from_secs(60),
+            expiry_tick: Duration::from_millis(100),
+            seed_valid: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A running steward.
+#[derive(Debug)]
+pub struct Steward {
+    registry: Mutex<Registry>,
+    flock_id: FlockId,
+    netid: String,
+    stop: CancellationToken,
+}
+
+impl Steward {
+    /// A steward for the flock `flock_id`, reached at `netid`, seeded with the replica this node
+    /// holds. Starts its expiry task; [`Steward::stop`] ends it and every link.
+    pub fn start(
+        flock_id: FlockId,
+        netid: String,
+        config: &StewardConfig,
+        seed: Vec<pb::Instance>,
+    ) -> Arc<Steward> {
+        let mut registry = Registry::new(config.grace);
+        let seeded = seed.len();
+        registry.seed(seed, Instant::now(), config.seed_valid);
+        let steward = Arc::new(Steward {
+            registry: Mutex::new(registry),
+            flock_id,
+            netid,
+            stop: CancellationToken::new(),
+        });
+        info!(
+            leader = %steward.flock_id.leader,
+            term = steward.flock_id.term,
+            seeded,
+            "steward started"
+        );
+        tokio::spawn(steward.clone().expire_loop(config.expiry_tick));
+        steward
+    }
+
+    /// Stops the steward: its links close, and the reeves look for the next one.
+    pub fn stop(&self) {
+        if !self.stop.is_cancelled() {
+            info!(term = self.flock_id.term, "steward stopped");
+        }
+        self.stop.cancel();
+    }
+
+    /// Its FlockID.
+    pub fn flock_id(&self) -> &FlockId {
+        &self.flock_id
+    }
+
+    /// Instances in the table.
+    pub fn len(&self) -> usize {
+        self.lock().table().len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn expire_loop(self: Arc<Self>, tick: Duration) {
+        let mut every = tokio::time::interval(tick);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = every.tick() => {
+                    if let Some(c) = self.lock().expire(Instant::now()) {
+                        debug!(revision = c.revision, unknown = c.put.len(), removed = c.remove.len(), "expiry");
+                    }
+                }
+            }
+        }
+    }
+
+    fn ack(&self, seq: u64, unknown_ids: Vec<String>) -> StewardUpdate {
+        StewardUpdate {
+            kind: Some(pb::steward_update::Kind::Ack(Ack {
+                seq,
+                flock_id: Some(self.flock_id.clone()),
+                steward: self.netid.clone(),
+                unknown_ids,
+            })),
+        }
+    }
+
+    /// Serves one reeve's link until it closes or the steward stops.
+    async fn link(
+        self: Arc<Self>,
+        node: String,
+        first: ReeveBatch,
+        mut incoming: Streaming<ReeveBatch>,
+        tx: mpsc::Sender<Result<StewardUpdate, Status>>,
+    ) {
+        let resume = match &first.resume_flock {
+            Some(f) if *f == self.flock_id => Some(first.resume_revision),
+            _ => None,
+        };
+        let seq = first.seq;
+        // The first batch (the reeve's whole set) goes in before the snapshot is cut, so the
+        // reeve never sees its own instances vanish and come back.
+        let (applied, mut sub, initial) = {
+            let mut reg = self.lock();
+            let applied = reg.apply(Instant::now(), &node, first);
+            let sub = reg.table().subscribe();
+            let initial = initial_changes(&reg, resume);
+            (applied, sub, initial)
+        };
+        if !applied.refused.is_empty() {
+            warn!(%node, refused = ?applied.refused, "refused records of a reeve");
+        }
+        let mut last = initial.last().map(|c| c.revision).unwrap_or(0);
+        if tx
+            .send(Ok(self.ack(seq, applied.unknown_ids)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        for c in initial {
+            if !send_change(&tx, &c).await {
+                return;
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("steward stopped: leadership moved"))).await;
+                    return;
+                }
+                _ = tx.closed() => return,
+                msg = incoming.message() => match msg {
+                    Ok(Some(batch)) => {
+                        if batch.node != node {
+                            let _ = tx.send(Err(Status::permission_denied("batch names another node"))).await;
+                            return;
+                        }
+                        let seq = batch.seq;
+                        let applied = self.lock().apply(Instant::now(), &node, batch);
+                        if !applied.refused.is_empty() {
+                            warn!(%node, refused = ?applied.refused, "refused records of a reeve");
+                        }
+                        if tx.send(Ok(self.ack(seq, applied.unknown_ids))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        debug!(%node, error = %e, "reeve link ended");
+                        return;
+                    }
+                },
+                change = sub.recv() => match change {
+                    Ok(c) => {
+                        if c.revision <= last {
+                            continue;
+                        }
+                        last = c.revision;
+                        if !send_change(&tx, &c).await {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Too slow for the live feed: catch up from the log, or whole.
+                        let (fresh, catch_up) = {
+                            let reg = self.lock();
+                            (reg.table().subscribe(), initial_changes(&reg, Some(last)))
+                        };
+                        sub = fresh;
+                        for c in catch_up {
+                            last = c.revision;
+                            if !send_change(&tx, &c).await {
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+}
+
+/// What a new link needs first: the changes since `resume` if the log holds them, else the
+/// whole table.
+fn initial_changes(reg: &Registry, resume: Option<u64>) -> Vec<Arc<Change>> {
+    if let Some(changes) = resume.and_then(|r| reg.table().since(r)) {
+        return changes;
+    }
+    vec![Arc::new(reg.table().snapshot())]
+}
+
+/// Sends one change (a large snapshot in parts). False when the reeve is gone.
+async fn send_change(tx: &mpsc::Sender<Result<StewardUpdate, Status>>, c: &Change) -> bool {
+    let remove: Vec<String> = c.remove.iter().map(|i| i.id.clone()).collect();
+    let chunks: Vec<&[pb::Instance]> = if c.put.is_empty() {
+        vec![&[]]
+    } else {
+        c.put.chunks(SNAPSHOT_CHUNK).collect()
+    };
+    let n = chunks.len();
+    for (k, chunk) in chunks.into_iter().enumerate() {
+        let last = k + 1 == n;
+        let msg = TableChanges {
+            snapshot: c.snapshot,
+            put: chunk.to_vec(),
+            remove: if last { remove.clone() } else { Vec::new() },
+            revision: c.revision,
+            more: !last,
+        };
+        let update = StewardUpdate {
+            kind: Some(pb::steward_update::Kind::Changes(msg)),
+        };
+        if tx.send(Ok(update)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Which flock members a remote address belongs to: their node ids (16 hex digits), none for an
+/// address that is not a live member's.
+pub type Admit = Arc<dyn Fn(IpAddr) -> Vec<String> + Send + Sync>;
+
+/// The node gRPC service: the steward when this node runs one.
+#[derive(Clone)]
+pub struct StewardService {
+    current: watch::Receiver<Option<Arc<Steward>>>,
+    admit: Admit,
+}
+
+impl StewardService {
+    /// Serves whatever steward `current` holds; `admit` decides who may call.
+    pub fn new(current: watch::Receiver<Option<Arc<Steward>>>, admit: Admit) -> StewardService {
+        StewardService { current, admit }
+    }
+
+    /// The tonic server for it.
+    pub fn into_server(self) -> steward_server::StewardServer<StewardService> {
+        steward_server::StewardServer::new(self)
+            .max_decoding_message_size(MESSAGE_MAX)
+            .max_encoding_message_size(MESSAGE_MAX)
+    }
+
+    fn admitted<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
+        let Some(peer) = req.remote_addr() else {
+            return Err(Status::permission_denied("caller address unknown"));
+        };
+        let nodes = (self.admit)(peer.ip());
+        if nodes.is_empty() {
+            debug!(%peer, "refused a node call from an address that is not a live member");
+            return Err(Status::permission_denied(format!(
+                "{} is not a live member of this flock",
+                peer.ip()
+            )));
+        }
+        Ok(nodes)
+    }
+
+    fn steward(&self) -> Result<Arc<Steward>, Status> {
+        match &*self.current.borrow() {
+            Some(s) if !s.stop.is_cancelled() => Ok(s.clone()),
+            _ => Err(Status::failed_precondition(
+                "this node is not the steward (it does not lead the flock)",
+            )),
+        }
+    }
+}
+
+impl std::fmt::Debug for StewardService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StewardService").finish_non_exhaustive()
+    }
+}
+
+type LinkStream = ReceiverStream<Result<StewardUpdate, Status>>;
+
+#[tonic::async_trait]
+impl steward_server::Steward for StewardService {
+    type LinkStream = LinkStream;
+
+    async fn link(
+        &self,
+        req: Request<Streaming<ReeveBatch>>,
+    ) -> Result<Response<Self::LinkStream>, Status> {
+        let nodes = self.admitted(&req)?;
+        let steward = self.steward()?;
+        let mut incoming = req.into_inner();
+        let first = match incoming.message().await? {
+            Some(b) => b,
+            None => return Err(Status::invalid_argument("empty link")),
+        };
+        if !nodes.contains(&first.node) {
+            return Err(Status::permission_denied(format!(
+                "node {} does not live at the caller's address",
+                first.node
+            )));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(steward.link(first.node.clone(), first, incoming, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn table(
+        &self,
+        req: Request<pb::TableRequest>,
+    ) -> Result<Response<pb::TableResponse>, Status> {
+        self.admitted(&req)?;
+        let steward = self.steward()?;
+        let req = req.into_inner();
+        let reg = steward.lock();
+        let now = Instant::now();
+        let mut instances: Vec<pb::Instance> = reg
+            .table()
+            .iter()
+            .filter(|i| req.horde.is_empty() || i.horde == horde_or_default(&req.horde))
+            .filter(|i| req.api.is_empty() || i.api == req.api)
+            .cloned()
+            .map(|mut i| {
+                i.valid_for_ms = reg.valid_for(&i.id, now).as_millis() as u64;
+                i
+            })
+            .collect();
+        instances.sort_by(|a, b| {
+            a.horde
+                .cmp(&b.horde)
+                .then_with(|| a.api.cmp(&b.api))
+                .then_with(|| best_first(a, b))
+        });
+        Ok(Response::new(pb::TableResponse {
+            instances,
+            revision: reg.table().revision(),
+            flock_id: Some(steward.flock_id.clone()),
+        }))
+    }
+}
+
+/// The steward's NetID for a leader at `leader_flock_addr`: its IP and the node gRPC port (the
+/// same port on every node of a bloc).
+pub fn netid(leader_flock_addr: SocketAddr, grpc_port: u16) -> SocketAddr {
+    SocketAddr::new(leader_flock_addr.ip(), grpc_port)
+}
