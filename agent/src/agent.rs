@@ -4,10 +4,12 @@
 //!
 //! 1. **flock**: node identity and keyring from the data dir, UDP (and TCP for streams) bound,
 //!    the address space probed, a flock joined or formed, a leader known.
-//! 2. **reeve**: the local socket (gRPC) opened. (The heartbeater and registry come with the
-//!    registry work.)
-//! 3. **steward**, 4. **picket**, 5. **proctor/dean**: present as steps; their services land with
-//!    their own issues.
+//! 2. **reeve**: the heartbeater, the replica of the registry and the link to the steward start;
+//!    the local socket (gRPC) opens. Registrations are accepted at once.
+//! 3. **steward**: the node gRPC port serves the steward while this node leads (started and
+//!    stopped as leadership moves), admitting only live members.
+//! 4. **picket**, 5. **proctor/dean**: present as steps; their services land with their own
+//!    issues.
 //!
 //! Ready (sd_notify `READY=1`, HTTP `/ready` → 200) only after step 5.
 
@@ -25,6 +27,8 @@ use tracing::{info, warn};
 
 use crate::config::{AgentFlags, ConfigError, RawConfig, Settings};
 use crate::keys::Keys;
+use crux_reeve::{Reeve, ReeveConfig, Target};
+use crux_steward::StewardConfig;
 use crate::state::{AgentState, STEPS};
 
 /// Exit code of a config error.
@@ -199,6 +203,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("binding flock TCP {} (push-pull streams)", settings.bind))?;
     // Every listener is bound before the node shows itself to the flock: a port in use fails
     // the start without a join-then-vanish.
+    let grpc_addr = SocketAddr::new(settings.bind.ip(), settings.grpc_port);
+    let grpc_listener = TcpListener::bind(grpc_addr)
+        .await
+        .with_context(|| format!("binding node gRPC {grpc_addr}"))?;
     let http_listener = match settings.http {
         Some(http) => Some(
             TcpListener::bind(http)
@@ -237,8 +245,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         %addr,
         bind = %settings.bind,
         preset = %settings.preset,
-        grpc_port = settings.grpc_port,
-        "flock bound (node-to-node gRPC comes with the registry)"
+        grpc = %grpc_addr,
+        "flock bound"
     );
 
     if settings.flock.space.ranges.is_empty() && settings.flock.seeds.is_empty() {
@@ -247,7 +255,17 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let servers = CancellationToken::new();
     let keys = Keys::new(handle.clone(), &settings.flock.bloc, keyring);
-    let state = AgentState::new(handle.clone(), settings.clone(), keys, start);
+    let reeve = Reeve::new(
+        ReeveConfig {
+            node: id.to_string(),
+            boot: boot.0,
+            local_ip: Some(addr.ip()),
+            heartbeat_interval: settings.registry.heartbeat_interval,
+            grace: settings.registry.grace,
+        },
+        steward_target(&handle, settings.grpc_port, stop.clone()),
+    );
+    let state = AgentState::new(handle.clone(), settings.clone(), keys, reeve, start);
     let steps = Steps {
         state: state.clone(),
         start,
@@ -262,10 +280,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         )));
     }
 
-    let outcome = bootstrap(&steps, &handle, &settings, began, &servers, &stop).await;
-    let grpc_task = match outcome {
-        Ok(Some(task)) => Some(task),
-        Ok(None) => None,
+    let listeners = Listeners { grpc: grpc_listener };
+    let outcome = bootstrap(&steps, &handle, &settings, began, listeners, &servers, &stop).await;
+    let tasks = match outcome {
+        Ok(Some(tasks)) => tasks,
+        Ok(None) => Vec::new(),
         Err(e) => {
             stop.cancel();
             let _ = driver_task.await;
@@ -284,7 +303,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     servers.cancel();
     // Open client connections get a moment to finish; a stuck one does not hold the exit.
     let drain = Duration::from_secs(2);
-    if let Some(t) = grpc_task {
+    for t in tasks {
         let _ = tokio::time::timeout(drain, t).await;
     }
     if let Some(t) = http_task {
@@ -295,7 +314,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-type GrpcTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+type ServerTask = tokio::task::JoinHandle<()>;
+
+/// Listeners bound before the node joins, served from their bootstrap step on.
+struct Listeners {
+    grpc: TcpListener,
+}
 
 /// Steps 1 (the wait for a flock) to 5. `Ok(None)`: a signal came first.
 async fn bootstrap(
@@ -303,9 +327,10 @@ async fn bootstrap(
     handle: &DriverHandle,
     settings: &Settings,
     began: Instant,
+    listeners: Listeners,
     servers: &CancellationToken,
     stop: &CancellationToken,
-) -> anyhow::Result<Option<GrpcTask>> {
+) -> anyhow::Result<Option<Vec<ServerTask>>> {
     // Step 1 ends once this node is in a flock with a known leader (its own, if alone).
     let mut watch = handle.watch();
     let mut waited = Duration::ZERO;
@@ -336,26 +361,67 @@ async fn bootstrap(
         }
     }
 
-    // Step 2: the local socket.
+    // Step 2: the heartbeater and the registry replica, linked to the steward; the local socket.
     let began = now_instant();
-    let listener = crate::rpc::bind(&settings.socket).await?;
-    let grpc = tokio::spawn(crate::rpc::serve(
-        listener,
-        steps.state.clone(),
+    let reeve = steps.state.reeve.clone();
+    let mut tasks: Vec<ServerTask> = Vec::new();
+    tasks.push(tokio::spawn(crux_reeve::link::run(
+        reeve.clone(),
         servers.clone(),
-    ));
+    )));
+    let listener = crate::rpc::bind(&settings.socket).await?;
+    let local = crate::rpc::serve(listener, steps.state.clone(), servers.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = local.await {
+            warn!(error = %e, "local API server ended");
+        }
+    }));
     steps.done(
         2,
         began,
         &format!(
-            "local API on {} (mode 0660); heartbeater and registry calls come with the registry",
-            settings.socket.display()
+            "local API on {} (mode 0660); registry replica and steward link running, \
+             heartbeat interval {:?}",
+            settings.socket.display(),
+            settings.registry.heartbeat_interval
         ),
     );
 
-    // Steps 3-5: their services land with their own issues.
+    // Step 3: the node gRPC port, and the steward while this node leads.
+    let began = now_instant();
+    let (current_tx, current_rx) = tokio::sync::watch::channel(None);
+    let snap = handle.snapshot();
+    let netid = SocketAddr::new(snap.identity.addr.ip(), settings.grpc_port);
+    tokio::spawn(crate::steward::supervise(
+        handle.clone(),
+        netid,
+        reeve,
+        StewardConfig {
+            grace: settings.registry.grace,
+            seed_valid: settings.registry.heartbeat_interval * 5,
+            ..StewardConfig::default()
+        },
+        current_tx,
+        servers.clone(),
+    ));
+    let node_server = crate::steward::serve(listeners.grpc, handle.clone(), current_rx, servers.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = node_server.await {
+            warn!(error = %e, "node gRPC server ended");
+        }
+    }));
+    let leads = snap.leader.map(|l| l.id) == Some(snap.identity.id);
+    steps.done(
+        3,
+        began,
+        &format!(
+            "node gRPC on {netid}; the steward runs on the leader ({})",
+            if leads { "this node, now" } else { "another node, now" }
+        ),
+    );
+
+    // Steps 4-5: their services land with their own issues.
     let later = [
-        (3, "steward: comes with the registry (runs on the leader)"),
         (
             4,
             "picket: comes with the service runner (no built-in services yet)",
@@ -365,7 +431,7 @@ async fn bootstrap(
     for (n, detail) in later {
         let began = now_instant();
         if stop.is_cancelled() {
-            return Ok(Some(grpc));
+            return Ok(Some(tasks));
         }
         steps.done(n, began, detail);
     }
@@ -375,7 +441,40 @@ async fn bootstrap(
         elapsed_ms = steps.start.elapsed().as_millis() as u64,
         "ready"
     );
-    Ok(Some(grpc))
+    Ok(Some(tasks))
+}
+
+/// The steward the reeve should link to, following the flock's leader: its id, term and NetID
+/// (the leader's IP and the node gRPC port, the same on every node of a bloc).
+fn steward_target(
+    handle: &DriverHandle,
+    grpc_port: u16,
+    stop: CancellationToken,
+) -> tokio::sync::watch::Receiver<Option<Target>> {
+    let of = move |snap: &crux_flock::driver::Snapshot| {
+        snap.leader.map(|l| Target {
+            leader: l.id.to_string(),
+            term: l.term,
+            steward: crux_steward::server::netid(l.addr, grpc_port),
+        })
+    };
+    let mut flock = handle.watch();
+    let (tx, rx) = tokio::sync::watch::channel(of(&flock.borrow_and_update()));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = flock.changed() => if r.is_err() { return },
+            }
+            let t = of(&flock.borrow_and_update());
+            tx.send_if_modified(|old| {
+                let changed = *old != t;
+                *old = t;
+                changed
+            });
+        }
+    });
+    rx
 }
 
 /// Logs membership and leader changes at info.

@@ -344,3 +344,223 @@ pub fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> an
         .context("starting the runtime")?
         .block_on(f)
 }
+
+/// One instance as `crux lookup --json` and `crux services --json` print it.
+#[derive(Debug, Serialize)]
+pub struct InstanceJson {
+    /// Instance id.
+    pub id: String,
+    /// API served.
+    pub api: String,
+    /// Instance name.
+    pub inst: String,
+    /// NetID, host:port.
+    pub addr: String,
+    /// Horde.
+    pub horde: String,
+    /// Node id it registered on.
+    pub node: String,
+    /// starting, running, stopping or unknown.
+    pub state: String,
+    /// healthy, degraded or unhealthy.
+    pub health: String,
+    /// Running and healthy.
+    pub live: bool,
+    /// Metadata.
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Registry revision of its last change.
+    pub revision: u64,
+}
+
+/// Lower-case run state name.
+pub fn run_state_name(s: i32) -> &'static str {
+    use crux_proto::grpc::steward::v1::RunState;
+    match RunState::try_from(s) {
+        Ok(RunState::Starting) => "starting",
+        Ok(RunState::Running) => "running",
+        Ok(RunState::Stopping) => "stopping",
+        Ok(RunState::Unknown) => "unknown",
+        _ => "unspecified",
+    }
+}
+
+/// Lower-case health name.
+pub fn health_name(h: i32) -> &'static str {
+    use crux_proto::grpc::steward::v1::Health;
+    match Health::try_from(h) {
+        Ok(Health::Healthy) => "healthy",
+        Ok(Health::Degraded) => "degraded",
+        Ok(Health::Unhealthy) => "unhealthy",
+        _ => "unspecified",
+    }
+}
+
+fn instance_json(i: &crux_proto::grpc::steward::v1::Instance) -> InstanceJson {
+    InstanceJson {
+        id: i.id.clone(),
+        api: i.api.clone(),
+        inst: i.inst.clone(),
+        addr: i.addr.clone(),
+        horde: i.horde.clone(),
+        node: i.node.clone(),
+        state: run_state_name(i.state).into(),
+        health: health_name(i.health).into(),
+        live: crux_steward::select::is_live(i),
+        metadata: i.metadata.clone().into_iter().collect(),
+        revision: i.revision,
+    }
+}
+
+fn print_instances(
+    list: &[crux_proto::grpc::steward::v1::Instance],
+    json: bool,
+    linked: bool,
+) -> anyhow::Result<()> {
+    let rows: Vec<InstanceJson> = list.iter().map(instance_json).collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let mut t = table(&[
+        "HORDE", "API", "INST", "ADDRESS", "NODE", "STATE", "HEALTH", "ID",
+    ]);
+    for r in &rows {
+        t.add_row(vec![
+            r.horde.clone(),
+            r.api.clone(),
+            r.inst.clone(),
+            r.addr.clone(),
+            r.node.clone(),
+            r.state.clone(),
+            r.health.clone(),
+            r.id.clone(),
+        ]);
+    }
+    println!("{t}");
+    if !linked {
+        println!("(no steward reachable right now: this is the node's last copy of the registry)");
+    }
+    Ok(())
+}
+
+/// `crux services`.
+pub async fn services(socket: &Path, horde: &str, api: &str, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let r = c
+        .services(pb::ServicesRequest {
+            horde: horde.to_string(),
+            api: api.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_instances(&r.instances, json, r.linked)
+}
+
+/// `crux lookup`: exit 1 (an error) when nothing matches.
+pub async fn lookup(socket: &Path, selector: &str, horde: &str, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let r = c
+        .lookup(pb::LookupRequest {
+            selector: selector.to_string(),
+            horde: horde.to_string(),
+            live_only: false,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if r.instances.is_empty() {
+        return Err(anyhow!(
+            "no instance matches {selector:?} in horde {:?}",
+            crux_steward::select::horde_or_default(horde)
+        ));
+    }
+    print_instances(&r.instances, json, r.linked)
+}
+
+/// `crux watch`: prints a snapshot, then each change, one JSON object per line with `--json`;
+/// reconnects (resuming from the last revision) if the agent goes away and comes back.
+pub async fn watch(socket: &Path, selector: &str, horde: &str, json: bool) -> anyhow::Result<()> {
+    let mut from = 0;
+    let mut first = true;
+    loop {
+        let mut c = match connect(socket).await {
+            Ok(c) => c,
+            Err(e) if first => return Err(e),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let stream = c
+            .watch(pb::WatchRequest {
+                selector: selector.to_string(),
+                horde: horde.to_string(),
+                from_revision: from,
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(e) if first || e.code() == tonic::Code::InvalidArgument => {
+                return Err(status_error(e))
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        first = false;
+        while let Ok(Some(ev)) = stream.message().await {
+            from = ev.revision;
+            print_event(&ev, json)?;
+        }
+        eprintln!("crux watch: the agent closed the stream; reconnecting");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn print_event(ev: &pb::WatchEvent, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = serde_json::json!({
+            "revision": ev.revision,
+            "snapshot": ev.snapshot,
+            "put": ev.put.iter().map(instance_json).collect::<Vec<_>>(),
+            "remove": ev.remove.iter().map(instance_json).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        if ev.snapshot {
+            writeln!(
+                out,
+                "revision {}: snapshot of {} instance(s)",
+                ev.revision,
+                ev.put.len()
+            )?;
+        }
+        for i in &ev.put {
+            writeln!(
+                out,
+                "revision {}: {} {} {} at {} on {} ({}, {})",
+                ev.revision,
+                if ev.snapshot { "=" } else { "+" },
+                i.horde,
+                i.inst,
+                i.addr,
+                i.node,
+                run_state_name(i.state),
+                health_name(i.health)
+            )?;
+        }
+        for i in &ev.remove {
+            writeln!(
+                out,
+                "revision {}: - {} {} at {} on {}",
+                ev.revision, i.horde, i.inst, i.addr, i.node
+            )?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

@@ -107,6 +107,29 @@ impl TimingOverrides {
     }
 }
 
+/// The registry's tunables (`[registry]` table; durations are humantime strings).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// The heartbeat interval services are asked to keep, and at which each reeve forwards the
+    /// validity of its instances to the steward.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How long an instance past its valid-until time stays listed (as `unknown`) before it is
+    /// removed. At least 1 minute in production; shorter values are for tests.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            heartbeat_interval: Duration::from_secs(1),
+            grace: Duration::from_secs(60),
+        }
+    }
+}
+
 /// The config as written: every source (file, environment, flags) fills this, unchecked.
 /// Field docs are the config reference (README.md "Config reference" mirrors them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -154,6 +177,8 @@ pub struct RawConfig {
     /// How long a shutdown waits for the leave to be gossiped.
     #[serde(with = "humantime_serde")]
     pub leave_timeout: Duration,
+    /// Service registry tunables.
+    pub registry: RegistryConfig,
 }
 
 impl Default for RawConfig {
@@ -177,6 +202,7 @@ impl Default for RawConfig {
             http_addr: None,
             log_level: "info".into(),
             leave_timeout: DEFAULT_LEAVE_TIMEOUT,
+            registry: RegistryConfig::default(),
         }
     }
 }
@@ -254,6 +280,8 @@ pub struct Settings {
     pub log_level: String,
     /// Leave wait bound.
     pub leave_timeout: Duration,
+    /// Registry tunables.
+    pub registry: RegistryConfig,
 }
 
 impl RawConfig {
@@ -467,6 +495,16 @@ impl RawConfig {
         if self.leave_timeout.is_zero() {
             return err("leave_timeout", "must be greater than zero");
         }
+        let hb = self.registry.heartbeat_interval;
+        if hb < Duration::from_millis(10) || hb > Duration::from_secs(60) {
+            return err(
+                "registry.heartbeat_interval",
+                "must be between 10ms and 60s",
+            );
+        }
+        if self.registry.grace.is_zero() {
+            return err("registry.grace", "must be greater than zero");
+        }
         Ok(Settings {
             keyring: self
                 .keyring
@@ -482,6 +520,7 @@ impl RawConfig {
             http,
             log_level: self.log_level.clone(),
             leave_timeout: self.leave_timeout,
+            registry: self.registry.clone(),
         })
     }
 

@@ -17,6 +17,7 @@ mod metrics;
 mod rpc;
 mod sim_cmd;
 mod state;
+mod steward;
 
 /// Crux: a node agent that finds its peers, agrees on one flock with one leader, and runs the
 /// flock's services.
@@ -61,6 +62,47 @@ enum Cmd {
         #[command(subcommand)]
         cmd: client::KeysCmd,
     },
+    /// List the registered service instances (from this node's replica of the registry).
+    Services {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        /// Only this horde.
+        #[arg(long, default_value = "")]
+        horde: String,
+        /// Only this api.
+        #[arg(long, default_value = "")]
+        api: String,
+        #[command(flatten)]
+        json: client::JsonArg,
+    },
+    /// The instances a selector picks, best first (an api, or an exact inst; `api:NAME`,
+    /// `inst:NAME` say which). Exit 1 when nothing matches.
+    Lookup {
+        /// The selector.
+        selector: String,
+        #[command(flatten)]
+        socket: client::SocketArg,
+        /// Horde (default: `default`).
+        #[arg(long, default_value = "")]
+        horde: String,
+        #[command(flatten)]
+        json: client::JsonArg,
+    },
+    /// Print the instances a selector picks, then every change as it comes (empty selector:
+    /// all of the horde).
+    Watch {
+        /// The selector.
+        #[arg(default_value = "")]
+        selector: String,
+        #[command(flatten)]
+        socket: client::SocketArg,
+        /// Horde (default: `default`).
+        #[arg(long, default_value = "")]
+        horde: String,
+        /// One JSON object per event.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a new random secondary key (base64) for `crux keys install` or a keyring file.
     Keygen,
     /// Run the deterministic flock simulator.
@@ -84,6 +126,25 @@ fn main() -> ExitCode {
         Cmd::Keys { socket, cmd } => {
             client::block_on(client::keys(&socket.socket, cmd)).map(|()| 0)
         }
+        Cmd::Services {
+            socket,
+            horde,
+            api,
+            json,
+        } => client::block_on(client::services(&socket.socket, horde, api, json.json)).map(|()| 0),
+        Cmd::Lookup {
+            selector,
+            socket,
+            horde,
+            json,
+        } => client::block_on(client::lookup(&socket.socket, selector, horde, json.json))
+            .map(|()| 0),
+        Cmd::Watch {
+            selector,
+            socket,
+            horde,
+            json,
+        } => client::block_on(client::watch(&socket.socket, selector, horde, *json)).map(|()| 0),
         Cmd::Keygen => {
             println!("{}", keys::generate());
             Ok(0)

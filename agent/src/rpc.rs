@@ -202,6 +202,52 @@ impl Reeve for Service {
         self.keyring_changed(self.state.keys.use_key(&req.into_inner().key).await)
     }
 
+    type HeartbeatStream = crux_reeve::HeartbeatStream;
+    type WatchStream = crux_reeve::WatchStream;
+
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.state.reeve.register(req.into_inner()).map(Response::new)
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        Ok(self.state.reeve.heartbeat(req.into_inner()))
+    }
+
+    async fn deregister(
+        &self,
+        req: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.state.reeve.deregister(&req.into_inner())?;
+        Ok(Response::new(pb::DeregisterResponse {}))
+    }
+
+    async fn lookup(
+        &self,
+        req: Request<pb::LookupRequest>,
+    ) -> Result<Response<pb::LookupResponse>, Status> {
+        self.state.reeve.lookup(&req.into_inner()).map(Response::new)
+    }
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.state.reeve.watch(req.into_inner()).map(Response::new)
+    }
+
+    async fn services(
+        &self,
+        req: Request<pb::ServicesRequest>,
+    ) -> Result<Response<pb::ServicesResponse>, Status> {
+        Ok(Response::new(self.state.reeve.services(&req.into_inner())))
+    }
+
     async fn remove_key(
         &self,
         req: Request<pb::RemoveKeyRequest>,

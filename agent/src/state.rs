@@ -34,6 +34,8 @@ pub struct AgentState {
     pub settings: Settings,
     /// The keyring API.
     pub keys: Keys,
+    /// The registry agent of this node.
+    pub reeve: Arc<crux_reeve::Reeve>,
     started: Instant,
     steps: Mutex<Vec<Step>>,
     ready: AtomicBool,
@@ -45,6 +47,7 @@ impl AgentState {
         flock: DriverHandle,
         settings: Settings,
         keys: Keys,
+        reeve: Arc<crux_reeve::Reeve>,
         started: Instant,
     ) -> Arc<AgentState> {
         let steps = STEPS
@@ -60,6 +63,7 @@ impl AgentState {
             flock,
             settings,
             keys,
+            reeve,
             started,
             steps: Mutex::new(steps),
             ready: AtomicBool::new(false),

@@ -1,0 +1,104 @@
+//! The agent's side of the steward: runs one while this node leads (a new one for each term it
+//! leads), and serves the node gRPC port, admitting only live flock members.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crux_flock::driver::DriverHandle;
+use crux_flock::MemberState;
+use crux_proto::grpc::steward::v1::FlockId;
+use crux_reeve::Reeve;
+use crux_steward::{Admit, Steward, StewardConfig, StewardService};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+/// Starts a steward when this node becomes the leader and stops it when it no longer is;
+/// `current` holds the running one. A new steward starts from this node's replica of the
+/// registry, so it answers whole at once; the reeves then send it everything they hold.
+pub async fn supervise(
+    handle: DriverHandle,
+    netid: SocketAddr,
+    reeve: Arc<Reeve>,
+    config: StewardConfig,
+    current: watch::Sender<Option<Arc<Steward>>>,
+    stop: CancellationToken,
+) {
+    let mut flock = handle.watch();
+    let mut running: Option<(u64, Arc<Steward>)> = None;
+    loop {
+        let lead = {
+            let snap = flock.borrow_and_update();
+            snap.leader
+                .filter(|l| l.id == snap.identity.id && !snap.leaving)
+                .map(|l| (l.id, l.term))
+        };
+        match (lead, &running) {
+            (Some((_, term)), Some((t, _))) if *t == term => {}
+            (Some((me, term)), _) => {
+                if let Some((_, old)) = running.take() {
+                    old.stop();
+                }
+                let s = Steward::start(
+                    FlockId {
+                        leader: me.to_string(),
+                        term,
+                    },
+                    netid.to_string(),
+                    &config,
+                    reeve.replica(),
+                );
+                current.send_replace(Some(s.clone()));
+                running = Some((term, s));
+            }
+            (None, Some(_)) => {
+                if let Some((_, old)) = running.take() {
+                    old.stop();
+                }
+                current.send_replace(None);
+            }
+            (None, None) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            r = flock.changed() => if r.is_err() { break },
+        }
+    }
+    if let Some((_, s)) = running {
+        s.stop();
+    }
+    current.send_replace(None);
+}
+
+/// The node ids of the live members (alive or suspect) at `ip`.
+pub fn members_at(handle: &DriverHandle, ip: IpAddr) -> Vec<String> {
+    handle
+        .snapshot()
+        .members
+        .iter()
+        .filter(|m| matches!(m.info.state, MemberState::Alive | MemberState::Suspect))
+        .filter(|m| m.info.addr.ip() == ip)
+        .map(|m| m.info.id.to_string())
+        .collect()
+}
+
+/// Serves the node gRPC port until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    handle: DriverHandle,
+    current: watch::Receiver<Option<Arc<Steward>>>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let admit: Admit = Arc::new(move |ip| members_at(&handle, ip));
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(3)))
+        .add_service(StewardService::new(current, admit).into_server())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await
+}
