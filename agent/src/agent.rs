@@ -27,9 +27,9 @@ use tracing::{info, warn};
 
 use crate::config::{AgentFlags, ConfigError, RawConfig, Settings};
 use crate::keys::Keys;
+use crate::state::{AgentState, STEPS};
 use crux_reeve::{Reeve, ReeveConfig, Target};
 use crux_steward::StewardConfig;
-use crate::state::{AgentState, STEPS};
 
 /// Exit code of a config error.
 pub const EXIT_CONFIG: i32 = 2;
@@ -280,8 +280,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         )));
     }
 
-    let listeners = Listeners { grpc: grpc_listener };
-    let outcome = bootstrap(&steps, &handle, &settings, began, listeners, &servers, &stop).await;
+    let listeners = Listeners {
+        grpc: grpc_listener,
+    };
+    let outcome = bootstrap(
+        &steps, &handle, &settings, began, listeners, &servers, &stop,
+    )
+    .await;
     let tasks = match outcome {
         Ok(Some(tasks)) => tasks,
         Ok(None) => Vec::new(),
@@ -404,7 +409,8 @@ async fn bootstrap(
         current_tx,
         servers.clone(),
     ));
-    let node_server = crate::steward::serve(listeners.grpc, handle.clone(), current_rx, servers.clone());
+    let node_server =
+        crate::steward::serve(listeners.grpc, handle.clone(), current_rx, servers.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = node_server.await {
             warn!(error = %e, "node gRPC server ended");
@@ -416,7 +422,11 @@ async fn bootstrap(
         began,
         &format!(
             "node gRPC on {netid}; the steward runs on the leader ({})",
-            if leads { "this node, now" } else { "another node, now" }
+            if leads {
+                "this node, now"
+            } else {
+                "another node, now"
+            }
         ),
     );
 

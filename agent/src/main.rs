@@ -14,6 +14,7 @@ mod http;
 mod identity;
 mod keys;
 mod metrics;
+mod register;
 mod rpc;
 mod sim_cmd;
 mod state;
@@ -103,6 +104,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run COMMAND and keep it registered while it runs and its check passes; deregister it when
+    /// it exits, and exit with its status.
+    Register(Box<register::RegisterArgs>),
     /// Print a new random secondary key (base64) for `crux keys install` or a keyring file.
     Keygen,
     /// Run the deterministic flock simulator.
@@ -137,14 +141,16 @@ fn main() -> ExitCode {
             socket,
             horde,
             json,
-        } => client::block_on(client::lookup(&socket.socket, selector, horde, json.json))
-            .map(|()| 0),
+        } => {
+            client::block_on(client::lookup(&socket.socket, selector, horde, json.json)).map(|()| 0)
+        }
         Cmd::Watch {
             selector,
             socket,
             horde,
             json,
         } => client::block_on(client::watch(&socket.socket, selector, horde, *json)).map(|()| 0),
+        Cmd::Register(args) => register::main(args),
         Cmd::Keygen => {
             println!("{}", keys::generate());
             Ok(0)

@@ -209,7 +209,10 @@ impl Reeve for Service {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.state.reeve.register(req.into_inner()).map(Response::new)
+        self.state
+            .reeve
+            .register(req.into_inner())
+            .map(Response::new)
     }
 
     async fn heartbeat(
@@ -231,7 +234,10 @@ impl Reeve for Service {
         &self,
         req: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::LookupResponse>, Status> {
-        self.state.reeve.lookup(&req.into_inner()).map(Response::new)
+        self.state
+            .reeve
+            .lookup(&req.into_inner())
+            .map(Response::new)
     }
 
     async fn watch(

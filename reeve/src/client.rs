@@ -77,6 +77,7 @@ pub struct Registration {
     acks: watch::Receiver<Option<rpb::HeartbeatAck>>,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
+    interval: Duration,
 }
 
 impl Registration {
@@ -103,6 +104,7 @@ impl Registration {
         let (report_tx, report_rx) = watch::channel(report);
         let (id_tx, id_rx) = watch::channel(Some((first.id.clone(), first.token.clone())));
         let (ack_tx, ack_rx) = watch::channel(None);
+        let interval = Duration::from_millis(first.heartbeat_interval_ms.max(10));
         let stop = CancellationToken::new();
         let task = tokio::spawn(keep_alive(
             socket.clone(),
@@ -120,7 +122,13 @@ impl Registration {
             acks: ack_rx,
             stop,
             task: Some(task),
+            interval,
         })
+    }
+
+    /// The heartbeat interval the agent asked for.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.interval
     }
 
     /// The instance id (a new one after a re-registration).

@@ -108,16 +108,22 @@ async fn link_once(
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let mut targets = reeve.target_watch();
-    let channel = node_channel(target.steward, reeve.config().local_ip, Duration::from_secs(2))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let channel = node_channel(
+        target.steward,
+        reeve.config().local_ip,
+        Duration::from_secs(2),
+    )
+    .await
+    .map_err(|e| format!("connect: {e}"))?;
     let mut client = StewardClient::new(channel)
         .max_decoding_message_size(MESSAGE_MAX)
         .max_encoding_message_size(MESSAGE_MAX);
     let (tx, rx) = mpsc::channel::<ReeveBatch>(16);
     let first = reeve.full_batch();
     let sent = first.put.len();
-    tx.send(first).await.map_err(|_| "link closed".to_string())?;
+    tx.send(first)
+        .await
+        .map_err(|_| "link closed".to_string())?;
     let mut inbound = client
         .link(ReceiverStream::new(rx))
         .await

@@ -618,7 +618,8 @@ impl Reeve {
 pub type HeartbeatStream =
     Pin<Box<dyn Stream<Item = Result<rpb::HeartbeatAck, Status>> + Send + 'static>>;
 /// The stream `Watch` answers with.
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<rpb::WatchEvent, Status>> + Send + 'static>>;
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<rpb::WatchEvent, Status>> + Send + 'static>>;
 
 struct Filter {
     sel: Selector,
