@@ -444,16 +444,28 @@ fn print_instances(
 }
 
 /// `crux services`.
-pub async fn services(socket: &Path, horde: &str, api: &str, json: bool) -> anyhow::Result<()> {
+pub async fn services(
+    socket: &Path,
+    horde: &str,
+    api: &str,
+    steward: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
     let r = c
         .services(pb::ServicesRequest {
             horde: horde.to_string(),
             api: api.to_string(),
+            steward,
         })
         .await
         .map_err(status_error)?
         .into_inner();
+    if steward && !json {
+        if let Some(f) = &r.flock_id {
+            println!("steward of leader {} term {}:", f.leader, f.term);
+        }
+    }
     print_instances(&r.instances, json, r.linked)
 }
 

@@ -73,6 +73,9 @@ enum Cmd {
         /// Only this api.
         #[arg(long, default_value = "")]
         api: String,
+        /// Ask the steward for its own table instead of reading this node's replica.
+        #[arg(long)]
+        steward: bool,
         #[command(flatten)]
         json: client::JsonArg,
     },
@@ -134,8 +137,16 @@ fn main() -> ExitCode {
             socket,
             horde,
             api,
+            steward,
             json,
-        } => client::block_on(client::services(&socket.socket, horde, api, json.json)).map(|()| 0),
+        } => client::block_on(client::services(
+            &socket.socket,
+            horde,
+            api,
+            *steward,
+            json.json,
+        ))
+        .map(|()| 0),
         Cmd::Lookup {
             selector,
             socket,

@@ -251,7 +251,16 @@ impl Reeve for Service {
         &self,
         req: Request<pb::ServicesRequest>,
     ) -> Result<Response<pb::ServicesResponse>, Status> {
-        Ok(Response::new(self.state.reeve.services(&req.into_inner())))
+        let req = req.into_inner();
+        if req.steward {
+            return self
+                .state
+                .reeve
+                .steward_services(&req)
+                .await
+                .map(Response::new);
+        }
+        Ok(Response::new(self.state.reeve.services(&req)))
     }
 
     async fn remove_key(

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use crux_proto::grpc::reeve::v1 as rpb;
 use crux_proto::grpc::steward::v1::{
-    Beat, FlockId, Health, Instance, ReeveBatch, RunState, TableChanges,
+    self as spb, Beat, FlockId, Health, Instance, ReeveBatch, RunState, TableChanges,
 };
 use crux_steward::select::{check_name, horde_or_default, select, Selector};
 use crux_steward::table::{Change, Table};
@@ -544,7 +544,42 @@ impl Reeve {
             instances,
             revision: g.replica.revision(),
             linked: self.status.borrow().flock_id.is_some(),
+            flock_id: None,
         }
+    }
+
+    /// `Services` with `steward`: the steward's own table, asked over the node port.
+    pub async fn steward_services(
+        &self,
+        req: &rpb::ServicesRequest,
+    ) -> Result<rpb::ServicesResponse, Status> {
+        let Some(target) = self.target.borrow().clone() else {
+            return Err(Status::unavailable("no leader known, so no steward"));
+        };
+        let channel =
+            crate::link::node_channel(target.steward, self.config.local_ip, Duration::from_secs(2))
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!(
+                        "cannot reach the steward at {}: {e}",
+                        target.steward
+                    ))
+                })?;
+        let mut c = spb::steward_client::StewardClient::new(channel)
+            .max_decoding_message_size(crux_steward::server::MESSAGE_MAX);
+        let t = c
+            .table(spb::TableRequest {
+                horde: req.horde.clone(),
+                api: req.api.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok(rpb::ServicesResponse {
+            instances: t.instances,
+            revision: t.revision,
+            linked: true,
+            flock_id: t.flock_id,
+        })
     }
 
     /// `Watch`: a snapshot (or the changes since `from_revision`), then changes as they come.
