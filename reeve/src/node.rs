@@ -743,3 +743,144 @@ async fn watch_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    fn reeve() -> Arc<Reeve> {
+        let (_tx, rx) = watch::channel(None);
+        Reeve::new(
+            ReeveConfig {
+                node: "00000000000000aa".into(),
+                boot: 7,
+                local_ip: None,
+                heartbeat_interval: Duration::from_secs(1),
+                grace: Duration::from_secs(60),
+            },
+            rx,
+        )
+    }
+
+    fn req(inst: &str) -> rpb::RegisterRequest {
+        rpb::RegisterRequest {
+            api: "galumph2".into(),
+            inst: inst.into(),
+            addr: "127.0.0.1:9".into(),
+            state: RunState::Running as i32,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_registration_is_seen_locally_at_once_and_needs_its_token() {
+        let r = reeve();
+        let reg = r.register(req("galumph2_9")).unwrap();
+        assert_eq!(reg.token.len(), 32);
+        let got = r
+            .lookup(&rpb::LookupRequest {
+                selector: "galumph2".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(got.instances.len(), 1);
+        assert!(!got.linked, "no steward yet");
+        let mut wrong = reg.token.clone();
+        wrong[0] ^= 1;
+        let e = r
+            .deregister(&rpb::DeregisterRequest {
+                id: reg.id.clone(),
+                token: wrong,
+            })
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        let e = r
+            .beat(&rpb::HeartbeatRequest {
+                id: reg.id.clone(),
+                token: vec![0; 31],
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        // A bad name changes nothing.
+        let mut bad = req("x y");
+        bad.api = "galumph2".into();
+        assert_eq!(
+            r.register(bad).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        r.deregister(&rpb::DeregisterRequest {
+            id: reg.id,
+            token: reg.token,
+        })
+        .unwrap();
+        assert_eq!(r.replica_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_watcher_gets_a_snapshot_then_changes_and_resumes_from_its_revision() {
+        let r = reeve();
+        let a = r.register(req("galumph2_1")).unwrap();
+        let mut w = r
+            .watch(rpb::WatchRequest {
+                selector: "galumph2".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let first = w.next().await.unwrap().unwrap();
+        assert!(first.snapshot);
+        assert_eq!(first.put.len(), 1);
+        r.register(req("galumph2_2")).unwrap();
+        let second = w.next().await.unwrap().unwrap();
+        assert!(!second.snapshot);
+        assert_eq!(second.put[0].inst, "galumph2_2");
+        // Gone while nobody watched; a watcher resuming from `second` sees just that.
+        drop(w);
+        r.deregister(&rpb::DeregisterRequest {
+            id: a.id,
+            token: a.token,
+        })
+        .unwrap();
+        let mut w = r
+            .watch(rpb::WatchRequest {
+                selector: "galumph2".into(),
+                from_revision: second.revision,
+                ..Default::default()
+            })
+            .unwrap();
+        let resumed = w.next().await.unwrap().unwrap();
+        assert!(!resumed.snapshot);
+        assert!(resumed.put.is_empty());
+        assert_eq!(resumed.remove[0].inst, "galumph2_1");
+        assert!(resumed.revision > second.revision);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_heartbeater_marks_a_silent_instance_unknown_then_forgets_it() {
+        let r = reeve();
+        let reg = r.register(req("galumph2_1")).unwrap();
+        tokio::time::advance(Duration::from_millis(2900)).await;
+        r.check_expiry();
+        assert_eq!(r.replica()[0].state, RunState::Running as i32);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        r.check_expiry();
+        assert_eq!(r.replica()[0].state, RunState::Unknown as i32);
+        // A heartbeat brings it back.
+        r.beat(&rpb::HeartbeatRequest {
+            id: reg.id.clone(),
+            token: reg.token.clone(),
+            state: RunState::Running as i32,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(r.replica()[0].state, RunState::Running as i32);
+        tokio::time::advance(Duration::from_secs(3 + 60)).await;
+        r.check_expiry();
+        assert_eq!(r.replica()[0].state, RunState::Unknown as i32);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        r.check_expiry();
+        assert_eq!(r.replica_len(), 0);
+        assert_eq!(r.local_len(), 0);
+    }
+}
