@@ -372,29 +372,6 @@ pub struct InstanceJson {
     pub revision: u64,
 }
 
-/// Lower-case run state name.
-pub fn run_state_name(s: i32) -> &'static str {
-    use crux_proto::grpc::steward::v1::RunState;
-    match RunState::try_from(s) {
-        Ok(RunState::Starting) => "starting",
-        Ok(RunState::Running) => "running",
-        Ok(RunState::Stopping) => "stopping",
-        Ok(RunState::Unknown) => "unknown",
-        _ => "unspecified",
-    }
-}
-
-/// Lower-case health name.
-pub fn health_name(h: i32) -> &'static str {
-    use crux_proto::grpc::steward::v1::Health;
-    match Health::try_from(h) {
-        Ok(Health::Healthy) => "healthy",
-        Ok(Health::Degraded) => "degraded",
-        Ok(Health::Unhealthy) => "unhealthy",
-        _ => "unspecified",
-    }
-}
-
 fn instance_json(i: &crux_proto::grpc::steward::v1::Instance) -> InstanceJson {
     InstanceJson {
         id: i.id.clone(),
@@ -403,8 +380,8 @@ fn instance_json(i: &crux_proto::grpc::steward::v1::Instance) -> InstanceJson {
         addr: i.addr.clone(),
         horde: i.horde.clone(),
         node: i.node.clone(),
-        state: run_state_name(i.state).into(),
-        health: health_name(i.health).into(),
+        state: crux_steward::select::state_name(i.state).into(),
+        health: crux_steward::select::health_name(i.health).into(),
         live: crux_steward::select::is_live(i),
         metadata: i.metadata.clone().into_iter().collect(),
         revision: i.revision,
@@ -561,8 +538,8 @@ fn print_event(ev: &pb::WatchEvent, json: bool) -> anyhow::Result<()> {
                 i.inst,
                 i.addr,
                 i.node,
-                run_state_name(i.state),
-                health_name(i.health)
+                crux_steward::select::state_name(i.state),
+                crux_steward::select::health_name(i.health)
             )?;
         }
         for i in &ev.remove {

@@ -19,7 +19,7 @@ use crux_proto::grpc::reeve::v1 as rpb;
 use crux_proto::grpc::steward::v1::{
     self as spb, Beat, FlockId, Health, Instance, ReeveBatch, RunState, TableChanges,
 };
-use crux_steward::select::{check_name, horde_or_default, select, Selector};
+use crux_steward::select::{check_name, horde_or_default, select, state_name, Selector};
 use crux_steward::table::{Change, Table};
 use rand::RngCore;
 use subtle::ConstantTimeEq;
@@ -107,16 +107,6 @@ pub struct Reeve {
 
 fn invalid(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
-}
-
-fn state_name(s: i32) -> &'static str {
-    match RunState::try_from(s) {
-        Ok(RunState::Starting) => "starting",
-        Ok(RunState::Running) => "running",
-        Ok(RunState::Stopping) => "stopping",
-        Ok(RunState::Unknown) => "unknown",
-        _ => "unspecified",
-    }
 }
 
 /// A state a service may report (`unknown` is the registry's verdict, not a service's).

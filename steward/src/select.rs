@@ -100,6 +100,27 @@ impl Selector {
     }
 }
 
+/// Lower-case name of a run state (`starting`, `running`, `stopping`, `unknown`).
+pub fn state_name(s: i32) -> &'static str {
+    match RunState::try_from(s) {
+        Ok(RunState::Starting) => "starting",
+        Ok(RunState::Running) => "running",
+        Ok(RunState::Stopping) => "stopping",
+        Ok(RunState::Unknown) => "unknown",
+        _ => "unspecified",
+    }
+}
+
+/// Lower-case name of a health (`healthy`, `degraded`, `unhealthy`).
+pub fn health_name(h: i32) -> &'static str {
+    match Health::try_from(h) {
+        Ok(Health::Healthy) => "healthy",
+        Ok(Health::Degraded) => "degraded",
+        Ok(Health::Unhealthy) => "unhealthy",
+        _ => "unspecified",
+    }
+}
+
 /// Live: running and healthy.
 pub fn is_live(i: &Instance) -> bool {
     i.state == RunState::Running as i32 && i.health == Health::Healthy as i32
