@@ -11,6 +11,7 @@ fn grpc() {
     const FILES: &[&str] = &[
         "proto/crux/steward/v1/steward.proto",
         "proto/crux/reeve/v1/reeve.proto",
+        "proto/crux/pastiche/v1/pastiche.proto",
     ];
     for f in FILES {
         println!("cargo:rerun-if-changed={f}");

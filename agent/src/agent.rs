@@ -262,6 +262,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             local_ip: Some(addr.ip()),
             heartbeat_interval: settings.registry.heartbeat_interval,
             grace: settings.registry.grace,
+            netid: SocketAddr::new(addr.ip(), settings.grpc_port).to_string(),
         },
         steward_target(&handle, settings.grpc_port, stop.clone()),
     );

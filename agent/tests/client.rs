@@ -32,6 +32,13 @@ impl steward_server::Steward for Numbered {
         Err(Status::unimplemented("not a steward"))
     }
 
+    async fn holders(
+        &self,
+        _: Request<spb::HoldersRequest>,
+    ) -> Result<Response<spb::HoldersResponse>, Status> {
+        Err(Status::unimplemented("not a steward"))
+    }
+
     async fn table(
         &self,
         _: Request<spb::TableRequest>,

@@ -3,6 +3,7 @@
 //! * [`reeve::v1`]: the local API each agent serves on its Unix socket (members, leader, status,
 //!   keyring, and the service registry: register, heartbeat, lookup, watch).
 //! * [`steward::v1`]: the node-to-node registry API the leader serves on the node gRPC port.
+//! * [`pastiche::v1`]: the content-addressed cache: pieces between nodes, and the local API.
 #![cfg(feature = "grpc")]
 
 /// The reeve API.
@@ -20,5 +21,14 @@ pub mod steward {
     pub mod v1 {
         #![allow(missing_docs, clippy::all, clippy::pedantic)]
         tonic::include_proto!("crux.steward.v1");
+    }
+}
+
+/// The pastiche API.
+pub mod pastiche {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("crux.pastiche.v1");
     }
 }

@@ -43,6 +43,8 @@ pub struct ReeveConfig {
     pub heartbeat_interval: Duration,
     /// How long a local instance past valid-until is kept (as `unknown`) before it is forgotten.
     pub grace: Duration,
+    /// This node's gRPC NetID (where its pastiche serves pieces), told to the steward.
+    pub netid: String,
 }
 
 impl ReeveConfig {
@@ -92,6 +94,10 @@ struct Inner {
     /// Parts of a change that comes in several messages.
     partial: Option<TableChanges>,
     seq: u64,
+    /// Pastiche blobs this node holds, and changes not yet told to the steward.
+    holds: HashSet<String>,
+    pending_holds: Vec<String>,
+    pending_unholds: Vec<String>,
 }
 
 /// The reeve.
@@ -218,6 +224,8 @@ impl Reeve {
             Some((f, r)) => (Some(f.clone()), *r),
             None => (None, 0),
         };
+        g.pending_holds.clear();
+        g.pending_unholds.clear();
         ReeveBatch {
             seq: g.seq,
             node: self.config.node.clone(),
@@ -227,6 +235,9 @@ impl Reeve {
             remove: Vec::new(),
             resume_flock,
             resume_revision,
+            netid: self.config.netid.clone(),
+            holds: g.holds.iter().cloned().collect(),
+            unholds: Vec::new(),
         }
     }
 
@@ -260,7 +271,14 @@ impl Reeve {
         } else {
             Vec::new()
         };
-        if put.is_empty() && remove.is_empty() && beats.is_empty() {
+        let holds = std::mem::take(&mut g.pending_holds);
+        let unholds = std::mem::take(&mut g.pending_unholds);
+        if put.is_empty()
+            && remove.is_empty()
+            && beats.is_empty()
+            && holds.is_empty()
+            && unholds.is_empty()
+        {
             return None;
         }
         g.seq += 1;
@@ -273,6 +291,9 @@ impl Reeve {
             remove,
             resume_flock: None,
             resume_revision: 0,
+            netid: String::new(),
+            holds,
+            unholds,
         })
     }
 
@@ -352,6 +373,61 @@ impl Reeve {
         if changed {
             self.dirty.notify_one();
         }
+    }
+
+    // ---- the pastiche tracker ---------------------------------------------------------------
+
+    /// Tells the steward (in the next batch) that this node holds `digest`, whole or in part.
+    pub fn hold(&self, digest: &str) {
+        let mut g = self.lock();
+        if g.holds.insert(digest.to_string()) {
+            g.pending_unholds.retain(|d| d != digest);
+            g.pending_holds.push(digest.to_string());
+            drop(g);
+            self.dirty.notify_one();
+        }
+    }
+
+    /// Tells the steward that this node no longer holds `digest`.
+    pub fn unhold(&self, digest: &str) {
+        let mut g = self.lock();
+        if g.holds.remove(digest) {
+            g.pending_holds.retain(|d| d != digest);
+            g.pending_unholds.push(digest.to_string());
+            drop(g);
+            self.dirty.notify_one();
+        }
+    }
+
+    /// Asks the steward which nodes hold `digest`: (node id, node gRPC NetID).
+    pub async fn holders(&self, digest: &str) -> Result<Vec<(String, String)>, Status> {
+        let mut c = self.steward_client().await?;
+        let r = c
+            .holders(spb::HoldersRequest {
+                digest: digest.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(r.holders.into_iter().map(|h| (h.node, h.netid)).collect())
+    }
+
+    async fn steward_client(
+        &self,
+    ) -> Result<spb::steward_client::StewardClient<tonic::transport::Channel>, Status> {
+        let Some(target) = self.target.borrow().clone() else {
+            return Err(Status::unavailable("no leader known, so no steward"));
+        };
+        let channel =
+            crate::link::node_channel(target.steward, self.config.local_ip, Duration::from_secs(2))
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!(
+                        "cannot reach the steward at {}: {e}",
+                        target.steward
+                    ))
+                })?;
+        Ok(spb::steward_client::StewardClient::new(channel)
+            .max_decoding_message_size(crux_steward::server::MESSAGE_MAX))
     }
 
     // ---- the local API ----------------------------------------------------------------------
@@ -543,20 +619,7 @@ impl Reeve {
         &self,
         req: &rpb::ServicesRequest,
     ) -> Result<rpb::ServicesResponse, Status> {
-        let Some(target) = self.target.borrow().clone() else {
-            return Err(Status::unavailable("no leader known, so no steward"));
-        };
-        let channel =
-            crate::link::node_channel(target.steward, self.config.local_ip, Duration::from_secs(2))
-                .await
-                .map_err(|e| {
-                    Status::unavailable(format!(
-                        "cannot reach the steward at {}: {e}",
-                        target.steward
-                    ))
-                })?;
-        let mut c = spb::steward_client::StewardClient::new(channel)
-            .max_decoding_message_size(crux_steward::server::MESSAGE_MAX);
+        let mut c = self.steward_client().await?;
         let t = c
             .table(spb::TableRequest {
                 horde: req.horde.clone(),
@@ -748,6 +811,7 @@ mod tests {
                 local_ip: None,
                 heartbeat_interval: Duration::from_secs(1),
                 grace: Duration::from_secs(60),
+                netid: "127.0.0.1:7701".into(),
             },
             rx,
         )

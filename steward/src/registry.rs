@@ -44,6 +44,12 @@ pub struct Registry {
     table: Table,
     meta: HashMap<String, Meta>,
     grace: Duration,
+    /// Pastiche tracker: digest → nodes holding it (whole or in part).
+    holders: HashMap<String, HashSet<String>>,
+    /// node → digests it holds.
+    holds: HashMap<String, HashSet<String>>,
+    /// node → its node gRPC NetID.
+    netids: HashMap<String, String>,
 }
 
 fn valid_for(ms: u64) -> Duration {
@@ -96,6 +102,9 @@ impl Registry {
             table: Table::new(),
             meta: HashMap::new(),
             grace,
+            holders: HashMap::new(),
+            holds: HashMap::new(),
+            netids: HashMap::new(),
         }
     }
 
@@ -125,6 +134,7 @@ impl Registry {
     /// Applies one batch from the reeve of `node` (already checked to be the sender).
     pub fn apply(&mut self, now: Instant, node: &str, batch: ReeveBatch) -> Applied {
         let mut applied = Applied::default();
+        self.apply_holds(node, &batch);
         let mut put = Vec::with_capacity(batch.put.len() + batch.beats.len());
         let mut seen = HashSet::new();
         for raw in batch.put {
@@ -194,6 +204,64 @@ impl Registry {
         }
         applied.change = self.table.commit(put, &remove);
         applied
+    }
+
+    fn apply_holds(&mut self, node: &str, batch: &ReeveBatch) {
+        if !batch.netid.is_empty() && batch.netid.len() <= 256 {
+            self.netids.insert(node.to_string(), batch.netid.clone());
+        }
+        if batch.full {
+            self.forget_holdings(node);
+        }
+        let ok = |d: &String| !d.is_empty() && d.len() <= 128;
+        for d in batch.holds.iter().filter(|d| ok(d)) {
+            self.holders
+                .entry(d.clone())
+                .or_default()
+                .insert(node.to_string());
+            self.holds
+                .entry(node.to_string())
+                .or_default()
+                .insert(d.clone());
+        }
+        for d in &batch.unholds {
+            if let Some(set) = self.holders.get_mut(d) {
+                set.remove(node);
+                if set.is_empty() {
+                    self.holders.remove(d);
+                }
+            }
+            if let Some(set) = self.holds.get_mut(node) {
+                set.remove(d);
+            }
+        }
+    }
+
+    /// Forgets what `node` holds (its link closed: what it holds is told again when it links).
+    pub fn forget_holdings(&mut self, node: &str) {
+        if let Some(digests) = self.holds.remove(node) {
+            for d in digests {
+                if let Some(set) = self.holders.get_mut(&d) {
+                    set.remove(node);
+                    if set.is_empty() {
+                        self.holders.remove(&d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The nodes holding `digest` and their NetIDs, in node order.
+    pub fn holders(&self, digest: &str) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .holders
+            .get(digest)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| self.netids.get(n).map(|a| (n.clone(), a.clone())))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Marks instances past valid-until `unknown` and removes those unknown for longer than the
@@ -352,6 +420,40 @@ mod tests {
         );
         assert_eq!(a.refused.len(), 1);
         assert_eq!(r.table().get("2").unwrap().node, "n1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_tracker_knows_who_holds_what_until_the_link_closes() {
+        let mut r = Registry::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let held = |netid: &str, holds: &[&str], unholds: &[&str], full: bool| ReeveBatch {
+            netid: netid.into(),
+            holds: holds.iter().map(|s| s.to_string()).collect(),
+            unholds: unholds.iter().map(|s| s.to_string()).collect(),
+            full,
+            ..Default::default()
+        };
+        r.apply(
+            t0,
+            "n1",
+            held("10.0.0.1:7701", &["sha256:a", "sha256:b"], &[], true),
+        );
+        r.apply(t0, "n2", held("10.0.0.2:7701", &["sha256:a"], &[], true));
+        assert_eq!(
+            r.holders("sha256:a"),
+            [
+                ("n1".to_string(), "10.0.0.1:7701".to_string()),
+                ("n2".to_string(), "10.0.0.2:7701".to_string())
+            ]
+        );
+        r.apply(t0, "n1", held("", &[], &["sha256:a"], false));
+        assert_eq!(r.holders("sha256:a").len(), 1);
+        // A full batch replaces the node's set.
+        r.apply(t0, "n1", held("", &["sha256:c"], &[], true));
+        assert!(r.holders("sha256:b").is_empty());
+        r.forget_holdings("n2");
+        assert!(r.holders("sha256:a").is_empty());
+        assert_eq!(r.holders("sha256:c").len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -50,6 +50,9 @@ impl Default for StewardConfig {
 #[derive(Debug)]
 pub struct Steward {
     registry: Mutex<Registry>,
+    /// Per node, the number of its newest link (what a node holds is forgotten when its newest
+    /// link closes).
+    links: Mutex<std::collections::HashMap<String, u64>>,
     flock_id: FlockId,
     netid: String,
     stop: CancellationToken,
@@ -69,6 +72,7 @@ impl Steward {
         registry.seed(seed, Instant::now(), config.seed_valid);
         let steward = Arc::new(Steward {
             registry: Mutex::new(registry),
+            links: Mutex::new(std::collections::HashMap::new()),
             flock_id,
             netid,
             stop: CancellationToken::new(),
@@ -136,8 +140,35 @@ impl Steward {
         }
     }
 
-    /// Serves one reeve's link until it closes or the steward stops.
+    /// Serves one reeve's link, then forgets what its node holds unless a newer link of the same
+    /// node has taken over.
     async fn link(
+        self: Arc<Self>,
+        node: String,
+        first: ReeveBatch,
+        incoming: Streaming<ReeveBatch>,
+        tx: mpsc::Sender<Result<StewardUpdate, Status>>,
+    ) {
+        let generation = {
+            let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+            let g = links.entry(node.clone()).or_insert(0);
+            *g += 1;
+            *g
+        };
+        self.clone()
+            .serve_link(node.clone(), first, incoming, tx)
+            .await;
+        let newest = {
+            let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+            links.get(&node).copied() == Some(generation)
+        };
+        if newest {
+            self.lock().forget_holdings(&node);
+        }
+    }
+
+    /// Serves one reeve's link until it closes or the steward stops.
+    async fn serve_link(
         self: Arc<Self>,
         node: String,
         first: ReeveBatch,
@@ -351,6 +382,22 @@ impl steward_server::Steward for StewardService {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(steward.link(first.node.clone(), first, incoming, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn holders(
+        &self,
+        req: Request<pb::HoldersRequest>,
+    ) -> Result<Response<pb::HoldersResponse>, Status> {
+        self.admitted(&req)?;
+        let steward = self.steward()?;
+        let digest = req.into_inner().digest;
+        let holders = steward
+            .lock()
+            .holders(&digest)
+            .into_iter()
+            .map(|(node, netid)| pb::Holder { node, netid })
+            .collect();
+        Ok(Response::new(pb::HoldersResponse { holders }))
     }
 
     async fn table(
