@@ -194,6 +194,18 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let id = crate::identity::load_or_create_node_id(&settings.data_dir)?;
     let boot = crate::identity::next_boot_id(&settings.data_dir, unix_ms())?;
     let keyring = crate::keys::load(&settings.keyring)?;
+    let pastiche_store = {
+        let (dir, max) = (settings.pastiche_dir.clone(), settings.pastiche_max);
+        tokio::task::spawn_blocking(move || crux_pastiche::store::Store::open(&dir, max))
+            .await
+            .context("opening the pastiche store")?
+            .with_context(|| {
+                format!(
+                    "opening the pastiche store {}",
+                    settings.pastiche_dir.display()
+                )
+            })?
+    };
     let addr = resolve_advertise(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
     let udp = UdpSocket::bind(settings.bind)
         .await
@@ -283,6 +295,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let listeners = Listeners {
         grpc: grpc_listener,
+        pastiche: pastiche_store,
     };
     let outcome = bootstrap(
         &steps, &handle, &settings, began, listeners, &servers, &stop,
@@ -325,6 +338,7 @@ type ServerTask = tokio::task::JoinHandle<()>;
 /// Listeners bound before the node joins, served from their bootstrap step on.
 struct Listeners {
     grpc: TcpListener,
+    pastiche: crux_pastiche::store::Store,
 }
 
 /// Steps 1 (the wait for a flock) to 5. `Ok(None)`: a signal came first.
@@ -375,8 +389,12 @@ async fn bootstrap(
         reeve.clone(),
         servers.clone(),
     )));
+    let store = listeners.pastiche.clone();
+    let puller = crux_pastiche::pull::Puller::new(store.clone(), reeve.clone());
+    let cache =
+        crux_pastiche::cache::CacheService::new(store.clone(), puller.clone(), reeve.clone());
     let listener = crate::rpc::bind(&settings.socket).await?;
-    let local = crate::rpc::serve(listener, steps.state.clone(), servers.clone());
+    let local = crate::rpc::serve(listener, steps.state.clone(), cache, servers.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = local.await {
             warn!(error = %e, "local API server ended");
@@ -401,7 +419,7 @@ async fn bootstrap(
     tokio::spawn(crate::steward::supervise(
         handle.clone(),
         netid,
-        reeve,
+        reeve.clone(),
         StewardConfig {
             grace: settings.registry.grace,
             seed_valid: settings.registry.heartbeat_interval * 5,
@@ -410,8 +428,19 @@ async fn bootstrap(
         current_tx,
         servers.clone(),
     ));
+    let admit = crate::steward::admit(handle.clone());
+    let peer = crux_pastiche::serve::PeerService::new(
+        store.clone(),
+        admit.clone(),
+        settings.pastiche_corrupt,
+    );
+    if settings.pastiche_corrupt {
+        warn!(
+            "pastiche.corrupt_serving_for_tests is set: every piece this node serves is corrupted"
+        );
+    }
     let node_server =
-        crate::steward::serve(listeners.grpc, handle.clone(), current_rx, servers.clone());
+        crate::steward::serve(listeners.grpc, admit, current_rx, peer, servers.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = node_server.await {
             warn!(error = %e, "node gRPC server ended");
@@ -431,14 +460,34 @@ async fn bootstrap(
         ),
     );
 
-    // Steps 4-5: their services land with their own issues.
-    let later = [
-        (
-            4,
-            "picket: comes with the service runner (no built-in services yet)",
+    // Step 4: built-in services (picket's runner comes with its issue): pastiche.
+    let began = now_instant();
+    tokio::spawn(crux_pastiche::cache::announce(
+        store.clone(),
+        puller,
+        reeve.clone(),
+        Duration::from_secs(1),
+        servers.clone(),
+    ));
+    crate::pastiche::register_builtin(
+        &reeve,
+        netid,
+        settings.registry.heartbeat_interval,
+        servers.clone(),
+    )?;
+    steps.done(
+        4,
+        began,
+        &format!(
+            "built-in pastiche1 registered ({} of {} bytes used in {}); the plugin runner comes with picket",
+            store.used_bytes(),
+            store.max_bytes(),
+            settings.pastiche_dir.display()
         ),
-        (5, "proctor/dean: come with placement"),
-    ];
+    );
+
+    // Step 5: lands with its own issue.
+    let later = [(5, "proctor/dean: come with placement")];
     for (n, detail) in later {
         let began = now_instant();
         if stop.is_cancelled() {

@@ -553,3 +553,14 @@ fn print_event(ev: &pb::WatchEvent, json: bool) -> anyhow::Result<()> {
     out.flush()?;
     Ok(())
 }
+
+/// Runs a client future that returns an exit code on a small runtime.
+pub fn block_on_code<F: std::future::Future<Output = anyhow::Result<i32>>>(
+    f: F,
+) -> anyhow::Result<i32> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(f)
+}

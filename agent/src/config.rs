@@ -130,6 +130,64 @@ impl Default for RegistryConfig {
     }
 }
 
+/// Pastiche, the node's content-addressed cache (`[pastiche]` table).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PasticheConfig {
+    /// Where blobs are kept. Default: `<data_dir>/pastiche`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Most bytes of blobs kept (least recently used evicted first; pinned never): a number of
+    /// bytes, or with a unit: `512MiB`, `10GiB`, `1TB`.
+    pub max_size: String,
+    /// Test hook: every piece this node serves to others has a byte flipped. Never set it in
+    /// production.
+    pub corrupt_serving_for_tests: bool,
+}
+
+impl Default for PasticheConfig {
+    fn default() -> Self {
+        PasticheConfig {
+            dir: None,
+            max_size: "10GiB".into(),
+            corrupt_serving_for_tests: false,
+        }
+    }
+}
+
+/// Parses a size: bytes, or a number with `KB`/`MB`/`GB`/`TB` (powers of 1000) or
+/// `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        u => {
+            return Err(format!(
+                "{text:?}: unknown unit {u:?} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 512MiB or 10GiB"))?;
+    if !(n.is_finite() && n >= 0.0) {
+        return Err(format!("{text:?} is not a size"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
 /// The config as written: every source (file, environment, flags) fills this, unchecked.
 /// Field docs are the config reference (README.md "Config reference" mirrors them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -179,6 +237,8 @@ pub struct RawConfig {
     pub leave_timeout: Duration,
     /// Service registry tunables.
     pub registry: RegistryConfig,
+    /// Pastiche (content-addressed cache).
+    pub pastiche: PasticheConfig,
 }
 
 impl Default for RawConfig {
@@ -203,6 +263,7 @@ impl Default for RawConfig {
             log_level: "info".into(),
             leave_timeout: DEFAULT_LEAVE_TIMEOUT,
             registry: RegistryConfig::default(),
+            pastiche: PasticheConfig::default(),
         }
     }
 }
@@ -282,6 +343,12 @@ pub struct Settings {
     pub leave_timeout: Duration,
     /// Registry tunables.
     pub registry: RegistryConfig,
+    /// Pastiche dir.
+    pub pastiche_dir: PathBuf,
+    /// Pastiche size bound, bytes.
+    pub pastiche_max: u64,
+    /// Pastiche test hook (see [`PasticheConfig::corrupt_serving_for_tests`]).
+    pub pastiche_corrupt: bool,
 }
 
 impl RawConfig {
@@ -505,6 +572,11 @@ impl RawConfig {
         if self.registry.grace.is_zero() {
             return err("registry.grace", "must be greater than zero");
         }
+        let pastiche_max =
+            parse_size(&self.pastiche.max_size).or_else(|e| err("pastiche.max_size", e))?;
+        if pastiche_max == 0 {
+            return err("pastiche.max_size", "must be greater than zero");
+        }
         Ok(Settings {
             keyring: self
                 .keyring
@@ -521,6 +593,13 @@ impl RawConfig {
             log_level: self.log_level.clone(),
             leave_timeout: self.leave_timeout,
             registry: self.registry.clone(),
+            pastiche_dir: self
+                .pastiche
+                .dir
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("pastiche")),
+            pastiche_max,
+            pastiche_corrupt: self.pastiche.corrupt_serving_for_tests,
         })
     }
 
@@ -600,6 +679,16 @@ mod tests {
         assert_eq!(s.flock.seeds.len(), 2);
         assert_eq!(s.preset, Preset::Wan);
         assert_eq!(s.advertise, Some("127.0.0.2:9000".parse().unwrap()));
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("10 GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5 parsecs").unwrap_err().contains("unit"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod http;
 mod identity;
 mod keys;
 mod metrics;
+mod pastiche;
 mod register;
 mod rpc;
 mod sim_cmd;
@@ -110,6 +111,13 @@ enum Cmd {
     /// Run COMMAND and keep it registered while it runs and its check passes; deregister it when
     /// it exits, and exit with its status.
     Register(Box<register::RegisterArgs>),
+    /// Pastiche, the node's content-addressed cache: put, get, ls, rm, pin, unpin, verify.
+    Pastiche {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(subcommand)]
+        cmd: pastiche::PasticheCmd,
+    },
     /// Print a new random secondary key (base64) for `crux keys install` or a keyring file.
     Keygen,
     /// Run the deterministic flock simulator.
@@ -162,6 +170,7 @@ fn main() -> ExitCode {
             json,
         } => client::block_on(client::watch(&socket.socket, selector, horde, *json)).map(|()| 0),
         Cmd::Register(args) => register::main(args),
+        Cmd::Pastiche { socket, cmd } => client::block_on_code(pastiche::run(&socket.socket, cmd)),
         Cmd::Keygen => {
             println!("{}", keys::generate());
             Ok(0)

@@ -39,14 +39,16 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the reeve API on `listener` until `shutdown` is cancelled.
+/// Serves the reeve API and pastiche's cache API on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: UnixListener,
     state: Arc<AgentState>,
+    cache: crux_pastiche::cache::CacheService,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(ReeveServer::new(Service { state }))
+        .add_service(cache.into_server())
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener),
             shutdown.cancelled_owned(),

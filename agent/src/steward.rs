@@ -83,19 +83,25 @@ pub fn members_at(handle: &DriverHandle, ip: IpAddr) -> Vec<String> {
         .collect()
 }
 
-/// Serves the node gRPC port until `shutdown`.
+/// Who may make node calls: the live members, by address.
+pub fn admit(handle: DriverHandle) -> Admit {
+    Arc::new(move |ip| members_at(&handle, ip))
+}
+
+/// Serves the node gRPC port (the steward, and pastiche's pieces) until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    handle: DriverHandle,
+    admit: Admit,
     current: watch::Receiver<Option<Arc<Steward>>>,
+    pastiche: crux_pastiche::serve::PeerService,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let admit: Admit = Arc::new(move |ip| members_at(&handle, ip));
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(3)))
         .add_service(StewardService::new(current, admit).into_server())
+        .add_service(pastiche.into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await
 }

@@ -399,6 +399,29 @@ impl Reeve {
         }
     }
 
+    /// Makes the set of blobs told to the steward equal to `now` (what the node's cache holds,
+    /// after evictions and removals).
+    pub fn set_holds(&self, now: &HashSet<String>) {
+        let mut g = self.lock();
+        let gone: Vec<String> = g.holds.difference(now).cloned().collect();
+        let new: Vec<String> = now.difference(&g.holds).cloned().collect();
+        if gone.is_empty() && new.is_empty() {
+            return;
+        }
+        for d in gone {
+            g.holds.remove(&d);
+            g.pending_holds.retain(|x| *x != d);
+            g.pending_unholds.push(d);
+        }
+        for d in new {
+            g.holds.insert(d.clone());
+            g.pending_unholds.retain(|x| *x != d);
+            g.pending_holds.push(d);
+        }
+        drop(g);
+        self.dirty.notify_one();
+    }
+
     /// Asks the steward which nodes hold `digest`: (node id, node gRPC NetID).
     pub async fn holders(&self, digest: &str) -> Result<Vec<(String, String)>, Status> {
         let mut c = self.steward_client().await?;

@@ -301,6 +301,22 @@ async fn send_change(tx: &mpsc::Sender<Result<StewardUpdate, Status>>, c: &Chang
     true
 }
 
+/// The node ids a node call comes from; PERMISSION_DENIED unless its address is a live member's.
+pub fn admitted<T>(admit: &Admit, req: &Request<T>) -> Result<Vec<String>, Status> {
+    let Some(peer) = req.remote_addr() else {
+        return Err(Status::permission_denied("caller address unknown"));
+    };
+    let nodes = admit(peer.ip());
+    if nodes.is_empty() {
+        debug!(%peer, "refused a node call from an address that is not a live member");
+        return Err(Status::permission_denied(format!(
+            "{} is not a live member of this flock",
+            peer.ip()
+        )));
+    }
+    Ok(nodes)
+}
+
 /// Which flock members a remote address belongs to: their node ids (16 hex digits), none for an
 /// address that is not a live member's.
 pub type Admit = Arc<dyn Fn(IpAddr) -> Vec<String> + Send + Sync>;
@@ -326,18 +342,7 @@ impl StewardService {
     }
 
     fn admitted<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
-        let Some(peer) = req.remote_addr() else {
-            return Err(Status::permission_denied("caller address unknown"));
-        };
-        let nodes = (self.admit)(peer.ip());
-        if nodes.is_empty() {
-            debug!(%peer, "refused a node call from an address that is not a live member");
-            return Err(Status::permission_denied(format!(
-                "{} is not a live member of this flock",
-                peer.ip()
-            )));
-        }
-        Ok(nodes)
+        admitted(&self.admit, req)
     }
 
     fn steward(&self) -> Result<Arc<Steward>, Status> {
