@@ -32,6 +32,9 @@ use crate::store::{Pull, Store, StoreError};
 pub const PARALLEL: usize = 8;
 /// Requests in flight at once to one holder.
 pub const PER_HOLDER: usize = 2;
+/// Pieces started per round: after that many, the holders and what they have are asked again
+/// (other pullers of the same blob gain pieces all the time).
+pub const ROUND_PIECES: usize = PARALLEL;
 
 /// Why a pull failed.
 #[derive(Debug, thiserror::Error)]
@@ -209,8 +212,16 @@ impl Puller {
         let mut known = HashMap::new();
         let mut dropped: HashSet<String> = HashSet::new();
         let mut report = PullReport::default();
-        // The manifest: from the first holder that gives one that checks.
-        let holders = self.holders(digest, &mut known, &dropped).await?;
+        // The manifest: from the first holder that gives one that checks. A blob put a moment
+        // ago elsewhere may not have reached the tracker yet: ask again for a little while.
+        let mut holders = self.holders(digest, &mut known, &dropped).await?;
+        for _ in 0..10 {
+            if !holders.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            holders = self.holders(digest, &mut known, &dropped).await?;
+        }
         let mut manifest = None;
         for (node, client) in &holders {
             let mut c = client.clone();
@@ -286,7 +297,8 @@ impl Puller {
     }
 
     /// One round: refresh holders and what they have, then fetch up to [`PARALLEL`] pieces at a
-    /// time until each missing piece has been tried once. Returns the pieces written.
+    /// time, starting at most [`ROUND_PIECES`] (each missing piece tried at most once). Returns the
+    /// pieces written.
     async fn round(
         &self,
         digest: Digest,
@@ -333,10 +345,11 @@ impl Puller {
             order.into_iter().map(|(_, i)| i).collect();
         let mut tasks: JoinSet<(usize, u32, Result<(), String>, bool)> = JoinSet::new();
         let mut written = 0;
+        let mut started = 0;
         loop {
             // Start what can start.
             let mut deferred = Vec::new();
-            while tasks.len() < PARALLEL {
+            while tasks.len() < PARALLEL && started < ROUND_PIECES {
                 let Some(i) = queue.pop_front() else { break };
                 let pick = holders
                     .iter()
@@ -348,6 +361,7 @@ impl Puller {
                     continue;
                 };
                 holders[k].in_flight += 1;
+                started += 1;
                 let mut client = holders[k].client.clone();
                 let pull = pull.clone();
                 tasks.spawn(async move {
