@@ -118,7 +118,7 @@ fn put_on_one_node_get_on_another() {
     assert_eq!(got.size, p.size);
     assert!(same_bytes(&file, &out), "bytes differ");
     assert_eq!(got.sources.values().sum::<u32>(), 3, "3 pieces of 4 MiB");
-    assert_eq!(listed(&c, 3), [p.digest.clone()]);
+    assert_eq!(listed(&c, 3), std::slice::from_ref(&p.digest));
 
     // Errors: a malformed digest, an unknown one. Non-zero exit, a message, no output file.
     let missing = c.dir().join("missing.out");
