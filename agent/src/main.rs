@@ -20,6 +20,8 @@ mod rpc;
 mod sim_cmd;
 mod state;
 mod steward;
+#[allow(dead_code)] // wired into the agent with the store
+mod voters;
 
 /// Crux: a node agent that finds its peers, agrees on one flock with one leader, and runs the
 /// flock's services.
