@@ -408,19 +408,26 @@ fn pull_bench(
     let tcp_out = root.join("tcp-copy.out");
     let mut tcp_runs = Vec::new();
     let mut pull_runs = Vec::new();
-    println!("\n| run | TCP copy s | TCP MB/s | pastiche pull s | pastiche MB/s | ratio |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "\n| run | TCP copy s | TCP MB/s | TCP CPU s | pastiche pull s | pastiche MB/s | \
+         CPU s node1 (serves) | CPU s node2 (pulls) | ratio |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for run in 1..=args.repeats {
         // The baseline copies node 1's blob file itself: the same bytes, from the same disk.
+        let cpu0 = node::cpu(None);
         let (t, n) = tcp::copy(&blob, &tcp_out)?;
+        let tcp_cpu = node::cpu(None).saturating_sub(cpu0);
         std::fs::remove_file(&tcp_out)?;
         ensure!(n == size, "the TCP copy moved {n} bytes, want {size}");
+        let (a0, b0) = (node::cpu_of(&c, [1]), node::cpu_of(&c, [2]));
         let p = rt.block_on(node::get_when_held(
             &c.agent(2).socket,
             &digest,
             &ids,
             Duration::from_secs(30),
         ))?;
+        let (a1, b1) = (node::cpu_of(&c, [1]), node::cpu_of(&c, [2]));
         check_pulled(&p, size)?;
         ensure!(
             p.sources.keys().all(|k| *k == 1),
@@ -429,11 +436,14 @@ fn pull_bench(
         );
         node::rm(&c, 2, &digest)?;
         println!(
-            "| {run} | {} | {:.0} | {} | {:.0} | {:.2} |",
+            "| {run} | {} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} |",
             secs(t),
             mbps(size, t),
+            secs(tcp_cpu),
             secs(p.took),
             mbps(size, p.took),
+            secs(a1.saturating_sub(a0)),
+            secs(b1.saturating_sub(b0)),
             t.as_secs_f64() / p.took.as_secs_f64()
         );
         tcp_runs.push(t);
@@ -441,7 +451,7 @@ fn pull_bench(
     }
     let (t, p) = (median(tcp_runs), median(pull_runs));
     println!(
-        "| median | {} | {:.0} | {} | {:.0} | **{:.2}** |",
+        "| median | {} | {:.0} | | {} | {:.0} | | | **{:.2}** |",
         secs(t),
         mbps(size, t),
         secs(p),
@@ -450,7 +460,8 @@ fn pull_bench(
     );
     println!(
         "\nratio = pastiche MB/s / TCP MB/s (goal ≥ 0.8). The pull includes the steward lookup, \
-         SHA-256 of every piece and of the whole blob, the pull journal and its fsyncs."
+         SHA-256 of every piece and of the whole blob, the pull journal and its fsyncs. \
+         CPU s: user + system time of the process(es) during the measurement (TCP: both ends)."
     );
 
     // The user's view, once: `crux pastiche get -o FILE` (pull, then copy out, fsync, rename).
@@ -502,20 +513,25 @@ fn swarm_bench(
     println!("put on node1: {digest} ({pieces} pieces)\n");
 
     let mut singles = Vec::new();
+    let mut single_cpu = Vec::new();
     for _ in 0..args.repeats {
+        let cpu0 = node::cpu_of(&c, 1..=n);
         let p = rt.block_on(node::get_when_held(
             &c.agent(2).socket,
             &digest,
             &ids,
             Duration::from_secs(30),
         ))?;
+        single_cpu.push(node::cpu_of(&c, 1..=n).saturating_sub(cpu0));
         check_pulled(&p, size)?;
         node::rm(&c, 2, &digest)?;
         singles.push(p.took);
     }
 
     let mut swarms: Vec<(Duration, Vec<Done>)> = Vec::new();
+    let mut swarm_cpu = Vec::new();
     for _ in 0..args.repeats {
+        let cpu0 = node::cpu_of(&c, 1..=n);
         let start = now();
         let got: Vec<anyhow::Result<Done>> = rt.block_on(async {
             let mut tasks = tokio::task::JoinSet::new();
@@ -536,6 +552,7 @@ fn swarm_bench(
         });
         let mut got = got.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
         let all = now().duration_since(start);
+        swarm_cpu.push(node::cpu_of(&c, 1..=n).saturating_sub(cpu0));
         got.sort_by_key(|(k, _, _)| *k);
         for (k, p, _) in &got {
             check_pulled(p, size).with_context(|| format!("node{k}"))?;
@@ -550,27 +567,41 @@ fn swarm_bench(
         swarms.push((all, got));
     }
 
-    println!("| run | one pull (node2) s | all {n} hold s | ratio |");
-    println!("|---:|---:|---:|---:|");
+    println!(
+        "| run | one pull (node2) s | its CPU s (all agents) | all {n} hold s | their CPU s \
+         (all agents) | ratio |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
     for (i, (single, (all, _))) in singles.iter().zip(&swarms).enumerate() {
         println!(
-            "| {} | {} | {} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {:.2} |",
             i + 1,
             secs(*single),
+            secs(single_cpu[i]),
             secs(*all),
+            secs(swarm_cpu[i]),
             all.as_secs_f64() / single.as_secs_f64()
         );
     }
     let single = median(singles.clone());
     let all = median(swarms.iter().map(|(a, _)| *a).collect());
     println!(
-        "| median | {} ({:.0} MB/s) | {} | **{:.2}** |",
+        "| median | {} ({:.0} MB/s) | | {} | | **{:.2}** |",
         secs(single),
         mbps(size, single),
         secs(all),
         all.as_secs_f64() / single.as_secs_f64()
     );
-    println!("\nratio = time until all {n} hold it / one pull (goal ≤ 2).\n");
+    let cores = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
+    let per_cpu = median(swarm_cpu.clone()).as_secs_f64() / cores as f64;
+    println!(
+        "\nratio = time until all {n} hold it / one pull (goal ≤ 2). CPU s: user + system time \
+         of all {n} agents during the measurement; the median swarm's CPU over {cores} cores \
+         is {per_cpu:.2} s, a floor for its duration on this machine ({:.2} × one pull).\n",
+        per_cpu / single.as_secs_f64()
+    );
 
     // Sources of the median swarm run.
     let mut order: Vec<usize> = (0..swarms.len()).collect();

@@ -166,3 +166,34 @@ pub fn node_ids(c: &Cluster) -> anyhow::Result<BTreeMap<String, usize>> {
     })
     .map_err(|e| anyhow!(e))
 }
+
+/// CPU time (user + system, all threads) a process has used so far, from `/proc/<pid>/stat`;
+/// `pid` `None`: this process.
+pub fn cpu(pid: Option<u32>) -> Duration {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command (which may hold spaces) in parentheses: state is field 3, utime
+    // and stime fields 14 and 15, in clock ticks.
+    let after = text.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let ticks: u64 = f.iter().sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|h| *h > 0)
+        .unwrap_or(100) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// Total CPU time of the agents `nodes` of `c`.
+pub fn cpu_of(c: &Cluster, nodes: impl IntoIterator<Item = usize>) -> Duration {
+    nodes.into_iter().map(|k| cpu(c.agent(k).pid())).sum()
+}
