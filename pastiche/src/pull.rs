@@ -254,31 +254,8 @@ impl Puller {
         let n = manifest.piece_count();
         report.resumed = n - pull.missing().len() as u32;
         info!(%digest, size = manifest.size, pieces = n, resumed = report.resumed, "pull started");
-        let mut idle_rounds = 0;
-        loop {
-            let missing = pull.missing();
-            if missing.is_empty() {
-                break;
-            }
-            let round = self.round(
-                digest,
-                &pull,
-                &missing,
-                &mut known,
-                &mut dropped,
-                &mut report,
-            );
-            match round.await? {
-                0 => {
-                    idle_rounds += 1;
-                    if idle_rounds >= 20 {
-                        return Err(PullError::NoHolder(digest));
-                    }
-                    tokio::time::sleep(Duration::from_millis(100 * idle_rounds)).await;
-                }
-                _ => idle_rounds = 0,
-            }
-        }
+        self.transfer(digest, &pull, &mut known, &mut dropped, &mut report)
+            .await?;
         let pull = Arc::try_unwrap(pull).map_err(|_| {
             StoreError::Io(std::io::Error::other("a piece writer outlived its round"))
         })?;
@@ -296,143 +273,197 @@ impl Puller {
         }
     }
 
-    /// One round: refresh holders and what they have, then fetch up to [`PARALLEL`] pieces at a
-    /// time, starting at most [`ROUND_PIECES`] (each missing piece tried at most once). Returns the
-    /// pieces written.
-    async fn round(
+    /// Fetches every missing piece. Up to [`PARALLEL`] requests stay in flight all the time;
+    /// after every [`ROUND_PIECES`] pieces done, the holders and what they have are asked again
+    /// (the pipeline keeps running meanwhile), and the pieces still to start are ordered again,
+    /// rarest first.
+    async fn transfer(
         &self,
         digest: Digest,
         pull: &Arc<Pull>,
-        missing: &[u32],
         known: &mut HashMap<String, PasticheClient<Channel>>,
         dropped: &mut HashSet<String>,
         report: &mut PullReport,
-    ) -> Result<usize, PullError> {
+    ) -> Result<(), PullError> {
+        type Done = (String, u32, Result<(), String>, bool);
         let n = pull.manifest().piece_count();
-        let mut holders: Vec<Holder> = Vec::new();
-        for (node, client) in self.holders(digest, known, dropped).await? {
-            let mut c = client.clone();
-            let have = c
-                .have(pb::HaveRequest {
-                    digest: digest.to_string(),
+        let mut tasks: JoinSet<Done> = JoinSet::new();
+        let mut in_flight: HashSet<u32> = HashSet::new();
+        let mut per_holder: HashMap<String, usize> = HashMap::new();
+        // Pieces that failed from a holder: not asked of it again during this pull.
+        let mut failed_from: HashSet<(String, u32)> = HashSet::new();
+        let mut idle = 0u64;
+        loop {
+            // Refresh: who holds what.
+            let mut holders: Vec<Holder> = Vec::new();
+            for (node, client) in self.holders(digest, known, dropped).await? {
+                let mut c = client.clone();
+                let have = c
+                    .have(pb::HaveRequest {
+                        digest: digest.to_string(),
+                    })
+                    .await;
+                if let Ok(h) = have {
+                    let h = h.into_inner();
+                    if h.pieces == n {
+                        holders.push(Holder {
+                            in_flight: per_holder.get(&node).copied().unwrap_or(0),
+                            node,
+                            client,
+                            have: bits(&h.bitmap, n),
+                            whole: h.whole,
+                        });
+                    }
+                }
+            }
+            let missing: Vec<u32> = pull
+                .missing()
+                .into_iter()
+                .filter(|i| !in_flight.contains(i))
+                .collect();
+            if missing.is_empty() && tasks.is_empty() {
+                return Ok(());
+            }
+            // Rarest first; ties in random order so that pullers spread out.
+            let mut order: Vec<(usize, u32)> = missing
+                .iter()
+                .map(|&i| {
+                    let count = holders
+                        .iter()
+                        .filter(|h| {
+                            h.have[i as usize] && !failed_from.contains(&(h.node.clone(), i))
+                        })
+                        .count();
+                    (count, i)
                 })
-                .await;
-            if let Ok(h) = have {
-                let h = h.into_inner();
-                if h.pieces == n {
-                    holders.push(Holder {
-                        node,
-                        client,
-                        have: bits(&h.bitmap, n),
-                        whole: h.whole,
-                        in_flight: 0,
+                .filter(|(count, _)| *count > 0)
+                .collect();
+            order.shuffle(&mut rand::rngs::OsRng);
+            order.sort_by_key(|(count, _)| *count);
+            let mut queue: std::collections::VecDeque<u32> =
+                order.into_iter().map(|(_, i)| i).collect();
+            if queue.is_empty() && tasks.is_empty() {
+                // Nothing can be fetched now: wait for holders, a bounded number of times.
+                idle += 1;
+                if idle > 20 {
+                    return Err(PullError::NoHolder(digest));
+                }
+                failed_from.clear();
+                tokio::time::sleep(Duration::from_millis(100 * idle)).await;
+                continue;
+            }
+            idle = 0;
+            // A holder may take more requests when there are few holders.
+            let cap = (PARALLEL / holders.len().max(1)).max(PER_HOLDER);
+            let mut done_this_round = 0;
+            loop {
+                // Fill the pipeline.
+                let mut deferred = Vec::new();
+                while tasks.len() < PARALLEL {
+                    let Some(i) = queue.pop_front() else { break };
+                    let pick = holders
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, h)| {
+                            h.have[i as usize]
+                                && h.in_flight < cap
+                                && !dropped.contains(&h.node)
+                                && !failed_from.contains(&(h.node.clone(), i))
+                        })
+                        .min_by_key(|(_, h)| (h.in_flight, h.whole));
+                    let Some((k, _)) = pick else {
+                        deferred.push(i);
+                        continue;
+                    };
+                    holders[k].in_flight += 1;
+                    let node = holders[k].node.clone();
+                    *per_holder.entry(node.clone()).or_default() += 1;
+                    in_flight.insert(i);
+                    let mut client = holders[k].client.clone();
+                    let pull = pull.clone();
+                    tasks.spawn(async move {
+                        let r = client
+                            .pieces(pb::PiecesRequest {
+                                digest: digest.to_string(),
+                                indexes: vec![i],
+                            })
+                            .await;
+                        let data = match r {
+                            Ok(s) => {
+                                let mut s = s.into_inner();
+                                match s.message().await {
+                                    Ok(Some(p)) if p.index == i => p.data,
+                                    Ok(_) => return (node, i, Err("no piece".into()), false),
+                                    Err(e) => {
+                                        return (node, i, Err(e.message().to_string()), false)
+                                    }
+                                }
+                            }
+                            Err(e) => return (node, i, Err(e.message().to_string()), false),
+                        };
+                        let w =
+                            tokio::task::spawn_blocking(move || pull.write_piece(i, &data)).await;
+                        match w {
+                            Ok(Ok(())) => (node, i, Ok(()), false),
+                            Ok(Err(StoreError::PieceMismatch { .. })) => (
+                                node,
+                                i,
+                                Err("piece does not match the manifest".into()),
+                                true,
+                            ),
+                            Ok(Err(e)) => (node, i, Err(e.to_string()), false),
+                            Err(e) => (node, i, Err(e.to_string()), false),
+                        }
                     });
                 }
-            }
-        }
-        // Rarest first; ties in random order so that pullers spread out.
-        let mut order: Vec<(usize, u32)> = missing
-            .iter()
-            .map(|&i| {
-                let count = holders.iter().filter(|h| h.have[i as usize]).count();
-                (count, i)
-            })
-            .filter(|(count, _)| *count > 0)
-            .collect();
-        order.shuffle(&mut rand::rngs::OsRng);
-        order.sort_by_key(|(count, _)| *count);
-        let mut queue: std::collections::VecDeque<u32> =
-            order.into_iter().map(|(_, i)| i).collect();
-        let mut tasks: JoinSet<(usize, u32, Result<(), String>, bool)> = JoinSet::new();
-        let mut written = 0;
-        let mut started = 0;
-        loop {
-            // Start what can start.
-            let mut deferred = Vec::new();
-            while tasks.len() < PARALLEL && started < ROUND_PIECES {
-                let Some(i) = queue.pop_front() else { break };
-                let pick = holders
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, h)| h.have[i as usize] && h.in_flight < PER_HOLDER)
-                    .min_by_key(|(_, h)| (h.in_flight, h.whole));
-                let Some((k, _)) = pick else {
-                    deferred.push(i);
-                    continue;
+                for i in deferred.into_iter().rev() {
+                    queue.push_front(i);
+                }
+                if done_this_round >= ROUND_PIECES && !queue.is_empty() {
+                    break; // refresh with the pipeline still full
+                }
+                let Some(done) = tasks.join_next().await else {
+                    break;
                 };
-                holders[k].in_flight += 1;
-                started += 1;
-                let mut client = holders[k].client.clone();
-                let pull = pull.clone();
-                tasks.spawn(async move {
-                    let r = client
-                        .pieces(pb::PiecesRequest {
-                            digest: digest.to_string(),
-                            indexes: vec![i],
-                        })
-                        .await;
-                    let data = match r {
-                        Ok(s) => {
-                            let mut s = s.into_inner();
-                            match s.message().await {
-                                Ok(Some(p)) if p.index == i => p.data,
-                                Ok(_) => return (k, i, Err("no piece".into()), false),
-                                Err(e) => return (k, i, Err(e.message().to_string()), false),
-                            }
+                let (node, i, result, bad) = match done {
+                    Ok(d) => d,
+                    Err(e) => {
+                        return Err(StoreError::Io(std::io::Error::other(e.to_string())).into());
+                    }
+                };
+                done_this_round += 1;
+                in_flight.remove(&i);
+                if let Some(c) = per_holder.get_mut(&node) {
+                    *c = c.saturating_sub(1);
+                }
+                if let Some(h) = holders.iter_mut().find(|h| h.node == node) {
+                    h.in_flight = h.in_flight.saturating_sub(1);
+                }
+                match result {
+                    Ok(()) => {
+                        *report.sources.entry(node).or_default() += 1;
+                    }
+                    Err(why) => {
+                        debug!(%digest, piece = i, holder = %node, %why, "piece failed");
+                        if bad {
+                            warn!(%digest, piece = i, holder = %node, "holder sent bad bytes; dropped");
+                            dropped.insert(node.clone());
                         }
-                        Err(e) => return (k, i, Err(e.message().to_string()), false),
-                    };
-                    let w = tokio::task::spawn_blocking(move || pull.write_piece(i, &data)).await;
-                    match w {
-                        Ok(Ok(())) => (k, i, Ok(()), false),
-                        Ok(Err(StoreError::PieceMismatch { .. })) => {
-                            (k, i, Err("piece does not match the manifest".into()), true)
+                        failed_from.insert((node, i));
+                        let again = holders.iter().any(|h| {
+                            h.have[i as usize]
+                                && !dropped.contains(&h.node)
+                                && !failed_from.contains(&(h.node.clone(), i))
+                        });
+                        if again {
+                            queue.push_back(i);
                         }
-                        Ok(Err(e)) => (k, i, Err(e.to_string()), false),
-                        Err(e) => (k, i, Err(e.to_string()), false),
-                    }
-                });
-            }
-            for i in deferred.into_iter().rev() {
-                queue.push_front(i);
-            }
-            let Some(done) = tasks.join_next().await else {
-                break;
-            };
-            let (k, i, result, bad) = match done {
-                Ok(d) => d,
-                Err(e) => {
-                    return Err(StoreError::Io(std::io::Error::other(e.to_string())).into());
-                }
-            };
-            holders[k].in_flight -= 1;
-            match result {
-                Ok(()) => {
-                    written += 1;
-                    *report.sources.entry(holders[k].node.clone()).or_default() += 1;
-                }
-                Err(why) => {
-                    debug!(%digest, piece = i, holder = %holders[k].node, %why, "piece failed");
-                    if bad {
-                        warn!(%digest, piece = i, holder = %holders[k].node, "holder sent bad bytes; dropped");
-                        dropped.insert(holders[k].node.clone());
-                    }
-                    // Not from this holder again this round.
-                    holders[k].have[i as usize] = false;
-                    if holders
-                        .iter()
-                        .any(|h| h.have[i as usize] && !dropped.contains(&h.node))
-                    {
-                        queue.push_back(i);
                     }
                 }
-            }
-            if bad {
-                for h in holders.iter_mut().filter(|h| dropped.contains(&h.node)) {
-                    h.have.iter_mut().for_each(|x| *x = false);
+                if queue.is_empty() && tasks.is_empty() {
+                    break;
                 }
             }
         }
-        Ok(written)
     }
 }

@@ -34,6 +34,10 @@ pub async fn node_channel(
         .expect("a socket address is a valid URI")
         .connect_timeout(timeout)
         .tcp_nodelay(true)
+        // Pastiche pieces are 4 MiB: HTTP/2's default 64 KiB windows would stall each one on
+        // flow-control round trips.
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(3))
         .keep_alive_while_idle(true);
