@@ -389,7 +389,7 @@ mod tests {
         let mut e = entry("h", "a", "1");
         e.function = "other".into();
         d.apply(&Command::MusterAdd(e.clone()));
-        let q = |h: Option<&str>, a: Option<&str>, i: Option<&str>| match d.query(
+        let q = |d: &Data, h: Option<&str>, a: Option<&str>, i: Option<&str>| match d.query(
             &Query::MusterSearch {
                 horde: h.map(Into::into),
                 api: a.map(Into::into),
@@ -399,10 +399,10 @@ mod tests {
             QueryResult::Muster(v) => v,
             other => panic!("{other:?}"),
         };
-        assert_eq!(q(None, None, None).len(), 3);
-        assert_eq!(q(Some("h"), None, None).len(), 2);
-        assert_eq!(q(None, None, Some("1")).len(), 2);
-        assert_eq!(q(Some("h"), Some("a"), Some("1")), vec![e]);
+        assert_eq!(q(&d, None, None, None).len(), 3);
+        assert_eq!(q(&d, Some("h"), None, None).len(), 2);
+        assert_eq!(q(&d, None, None, Some("1")).len(), 2);
+        assert_eq!(q(&d, Some("h"), Some("a"), Some("1")), vec![e]);
         let rm = Command::MusterRemove {
             horde: "h".into(),
             api: "a".into(),
@@ -410,7 +410,7 @@ mod tests {
         };
         assert_eq!(d.apply(&rm).0, Applied::Removed(true));
         assert_eq!(d.apply(&rm).0, Applied::Removed(false));
-        assert_eq!(q(None, None, None).len(), 2);
+        assert_eq!(q(&d, None, None, None).len(), 2);
     }
 
     #[test]
