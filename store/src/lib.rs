@@ -39,11 +39,11 @@ mod service;
 mod storage;
 mod types;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crux_proto::grpc::store::v1::{store_client::StoreClient, RaftMessage, StatusRequest};
@@ -109,7 +109,11 @@ impl StoreConfig {
 /// What can go wrong.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    /// No Raft leader with a majority of voters could be reached: nothing was accepted.
+    /// No Raft leader with a majority of voters could be reached: the request was refused. One
+    /// case is less clear-cut: when this node leads, appended the write and then could not get a
+    /// majority to confirm it within the time allowed, the entry stays in its log and is applied
+    /// only if this node regains a majority before another leader is elected (a new leader
+    /// discards it); the message says so ("not confirmed").
     #[error("no quorum: {0}")]
     NoQuorum(String),
     /// A write was sent to the leader but no answer came: it may or may not have been applied
@@ -153,7 +157,7 @@ pub struct StoreStatus {
     pub leader: Option<Member>,
     /// The current term.
     pub term: u64,
-    /// The voters (of the last configuration: during a joint change, of the newer half).
+    /// The voters (during a joint membership change, those of both configurations).
     pub voters: Vec<Member>,
     /// The learners (replicated to, not voting).
     pub learners: Vec<Member>,
@@ -201,7 +205,7 @@ struct Inner {
     raft: Raft<TypeConfig>,
     shared: Arc<storage::Shared>,
     config: StoreConfig,
-    clients: Mutex<HashMap<SocketAddr, StoreClient<Channel>>>,
+    pool: network::Pool,
 }
 
 /// One node's store: its Raft node, state machine and client for forwarding. Cheap to clone.
@@ -262,8 +266,9 @@ impl Store {
         }
         .validate()
         .map_err(|e| StoreError::Invalid(format!("raft timing: {e}")))?;
+        let pool = network::Pool::new(config.local_ip);
         let net = network::Net {
-            local_ip: config.local_ip,
+            pool: pool.clone(),
             backoff: config.heartbeat * 2,
         };
         let raft = Raft::new(config.node, Arc::new(raft_config), net, logs, sm)
@@ -275,7 +280,7 @@ impl Store {
                 raft,
                 shared,
                 config,
-                clients: Mutex::new(HashMap::new()),
+                pool,
             }),
         })
     }
@@ -443,7 +448,7 @@ impl Store {
         if let Err(e) = self.inner.raft.shutdown().await {
             debug!(%e, "raft shutdown");
         }
-        self.inner.clients.lock().expect("clients lock").clear();
+        self.inner.pool.clear();
     }
 
     async fn client(
@@ -451,20 +456,20 @@ impl Store {
         addr: SocketAddr,
         timeout: Duration,
     ) -> Result<StoreClient<Channel>, String> {
-        if let Some(c) = self.inner.clients.lock().expect("clients lock").get(&addr) {
-            return Ok(c.clone());
-        }
-        let c = network::connect(addr, self.inner.config.local_ip, timeout).await?;
-        self.inner
-            .clients
-            .lock()
-            .expect("clients lock")
-            .insert(addr, c.clone());
-        Ok(c)
+        self.inner.pool.get(addr, timeout).await
     }
 
     /// Runs `req` on the leader, wherever it is, within `budget`.
     async fn call(&self, req: Forwarded, budget: Duration) -> Result<Answer, StoreError> {
+        {
+            let m = self.inner.raft.metrics().borrow().clone();
+            if m.state == ServerState::Shutdown || m.running_state.is_err() {
+                return Err(StoreError::Raft(match m.running_state {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "the store is shut down".into(),
+                }));
+            }
+        }
         let deadline = Instant::now() + budget;
         let mut hint: Option<Member> = None;
         let mut why = String::from("no leader known");
@@ -563,19 +568,13 @@ impl Store {
         // The callee has its own deadline (op_timeout); give it a little more.
         let wait = left + Duration::from_millis(500);
         let r = tokio::time::timeout(wait, client.forward(msg)).await;
-        let drop_client = || {
-            self.inner
-                .clients
-                .lock()
-                .expect("clients lock")
-                .remove(&addr);
-        };
+        let drop_client = || self.inner.pool.forget(addr);
         match r {
             Err(_) => Err(Fail::NoAnswer(format!("{addr}: no answer within {wait:?}"))),
             Ok(Err(s)) => {
                 drop_client();
                 let text = format!("{addr}: {}: {}", s.code(), s.message());
-                if s.code() == tonic::Code::Unavailable && s.message().contains("connect") {
+                if never_sent(&s) {
                     Err(Fail::NotSent(text))
                 } else if s.code() == tonic::Code::PermissionDenied {
                     Err(Fail::Error(StoreError::NoQuorum(text)))
@@ -621,9 +620,10 @@ impl Store {
             if m.state != ServerState::Leader {
                 return Err(self.not_leader());
             }
-            // A leader that has not heard from a majority for an election timeout is most likely
-            // cut off: refuse at once rather than append what cannot commit.
-            let stale = self.inner.config.election_timeout.1.as_millis() as u64;
+            // A leader that has not heard from a majority for the shortest election timeout is
+            // most likely cut off (its followers may be electing another): refuse at once rather
+            // than append what may never commit.
+            let stale = self.inner.config.election_timeout.0.as_millis() as u64;
             if m.millis_since_quorum_ack.is_some_and(|t| t > stale) {
                 return Err(Fail::Error(StoreError::NoQuorum(format!(
                     "this node leads but has not heard from a majority of voters for {} ms",
@@ -635,7 +635,12 @@ impl Store {
         match req {
             Forwarded::Write(cmd) => {
                 match tokio::time::timeout(left, raft.client_write(cmd.clone())).await {
-                    Err(_) => Err(self.no_quorum("the write was", deadline, start)),
+                    Err(_) => Err(self.no_quorum(
+                        "the write (appended to this leader's log, applied only if it regains a \
+                         majority before another leader is elected) was",
+                        deadline,
+                        start,
+                    )),
                     Ok(Ok(r)) => Ok(Answer::Applied(r.data)),
                     Ok(Err(e)) => Err(write_error(e)),
                 }
@@ -718,6 +723,23 @@ impl Store {
         }
         Ok(Answer::Done)
     }
+}
+
+/// Whether a failed call certainly never reached the callee (no connection could be made).
+fn never_sent(s: &tonic::Status) -> bool {
+    if s.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut text = s.message().to_lowercase();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        text.push(' ');
+        text.push_str(&e.to_string().to_lowercase());
+        source = e.source();
+    }
+    ["refused", "tcp connect", "trying to connect"]
+        .iter()
+        .any(|w| text.contains(w))
 }
 
 fn forward_hint(id: Option<u64>, node: Option<BasicNode>) -> Option<Member> {

@@ -1,8 +1,10 @@
 //! Raft's network: openraft's RPCs as JSON inside the `crux.store.v1.Store` gRPC service, over
 //! connections made from this node's own address (so the callee can check it is a flock member).
 
+use std::collections::HashMap;
 use std::error::Error;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crux_proto::grpc::store::v1::{store_client::StoreClient, RaftMessage};
@@ -40,9 +42,53 @@ pub(crate) async fn connect(
         .max_encoding_message_size(MESSAGE_MAX))
 }
 
+/// Connections to other stores, shared by replication, openraft's leadership checks (which ask
+/// for a new client each time and allow it only a heartbeat interval) and forwarding.
+#[derive(Clone)]
+pub(crate) struct Pool {
+    local_ip: Option<IpAddr>,
+    clients: Arc<Mutex<HashMap<SocketAddr, StoreClient<Channel>>>>,
+}
+
+impl Pool {
+    pub(crate) fn new(local_ip: Option<IpAddr>) -> Pool {
+        Pool {
+            local_ip,
+            clients: Arc::default(),
+        }
+    }
+
+    /// A client for `addr`: the pooled one, or a new connection.
+    pub(crate) async fn get(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<StoreClient<Channel>, String> {
+        if let Some(c) = self.clients.lock().expect("pool lock").get(&addr) {
+            return Ok(c.clone());
+        }
+        let c = connect(addr, self.local_ip, timeout).await?;
+        self.clients
+            .lock()
+            .expect("pool lock")
+            .insert(addr, c.clone());
+        Ok(c)
+    }
+
+    /// Forgets the connection to `addr` (after a failure).
+    pub(crate) fn forget(&self, addr: SocketAddr) {
+        self.clients.lock().expect("pool lock").remove(&addr);
+    }
+
+    /// Forgets every connection.
+    pub(crate) fn clear(&self) {
+        self.clients.lock().expect("pool lock").clear();
+    }
+}
+
 /// Makes one [`Peer`] per replication target.
 pub(crate) struct Net {
-    pub(crate) local_ip: Option<IpAddr>,
+    pub(crate) pool: Pool,
     pub(crate) backoff: Duration,
 }
 
@@ -54,21 +100,19 @@ impl RaftNetworkFactory<TypeConfig> for Net {
             target,
             addr: node.addr.parse().ok(),
             raw: node.addr.clone(),
-            local_ip: self.local_ip,
+            pool: self.pool.clone(),
             backoff: self.backoff,
-            client: None,
         }
     }
 }
 
-/// The connection to one Raft peer, made on first use and dropped on failure.
+/// The connection to one Raft peer (pooled; made on first use and forgotten on failure).
 pub(crate) struct Peer {
     target: u64,
     addr: Option<SocketAddr>,
     raw: String,
-    local_ip: Option<IpAddr>,
+    pool: Pool,
     backoff: Duration,
-    client: Option<StoreClient<Channel>>,
 }
 
 enum Kind {
@@ -94,16 +138,11 @@ impl Peer {
                 self.target, self.raw
             )))));
         };
-        let mut client = match &self.client {
-            Some(c) => c.clone(),
-            None => {
-                let c = connect(addr, self.local_ip, ttl)
-                    .await
-                    .map_err(|e| RPCError::Unreachable(Unreachable::new(&Fail(e))))?;
-                self.client = Some(c.clone());
-                c
-            }
-        };
+        let mut client = self
+            .pool
+            .get(addr, ttl)
+            .await
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&Fail(e))))?;
         let call = async {
             match kind {
                 Kind::Append => client.append_entries(msg).await,
@@ -114,7 +153,7 @@ impl Peer {
         let reply = match tokio::time::timeout(ttl, call).await {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) => {
-                self.client = None;
+                self.pool.forget(addr);
                 let fail = Fail(format!("{addr}: {}: {}", status.code(), status.message()));
                 return Err(if status.code() == tonic::Code::Unavailable {
                     RPCError::Unreachable(Unreachable::new(&fail))

@@ -269,8 +269,11 @@ async fn three_nodes_forward_cas_batch() {
         );
         // And, once applied there, local (possibly stale) reads too.
         let idx = c.nodes[l].store.status().last_log_index.unwrap();
-        c.applied(c.nodes.iter().position(|x| x.id == n.store.node()).unwrap(), idx)
-            .await;
+        c.applied(
+            c.nodes.iter().position(|x| x.id == n.store.node()).unwrap(),
+            idx,
+        )
+        .await;
         let QueryResult::Muster(local) = n.store.local(all_muster()) else {
             panic!()
         };
@@ -288,7 +291,9 @@ async fn three_nodes_forward_cas_batch() {
         );
     }
     assert!(matches!(&seen[0], Change::MusterAdded(e) if e.api == "echo" && e.inst == "0"));
-    assert!(matches!(&seen[4], Change::DocPut { key, generation, .. } if key == "intent" && *generation == g1));
+    assert!(
+        matches!(&seen[4], Change::DocPut { key, generation, .. } if key == "intent" && *generation == g1)
+    );
 
     // Compare-and-swap.
     assert_eq!(
@@ -357,7 +362,10 @@ async fn three_nodes_forward_cas_batch() {
         api: "echo".into(),
         inst: "9".into(),
     };
-    assert_eq!(follower.write(rm.clone()).await.unwrap(), Applied::Removed(true));
+    assert_eq!(
+        follower.write(rm.clone()).await.unwrap(),
+        Applied::Removed(true)
+    );
     assert_eq!(follower.write(rm).await.unwrap(), Applied::Removed(false));
 
     // Status: the leader reports the voters and their lag.
@@ -414,7 +422,13 @@ async fn restart_keeps_everything() {
         );
     }
     // Generations go on growing after a restart.
-    let g2 = generation(&c.nodes[l].store.write(put("doc", "new", Some(g))).await.unwrap());
+    let g2 = generation(
+        &c.nodes[l]
+            .store
+            .write(put("doc", "new", Some(g)))
+            .await
+            .unwrap(),
+    );
     assert!(g2 > g);
 }
 
@@ -440,7 +454,13 @@ async fn leader_loss_elects_a_new_leader() {
             .await
         {
             Ok(_) => break,
-            Err(e) => assert!(Instant::now() < deadline, "no write after the leader loss: {e}"),
+            Err(e) => {
+                eprintln!("while electing: {e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "no write after the leader loss: {e}"
+                )
+            }
         }
     }
     let took = killed.elapsed();
@@ -467,6 +487,12 @@ async fn set_voters_replaces_a_voter() {
             .await
             .unwrap();
     }
+    // The log before the last snapshot is gone: node 3 catches up from a snapshot.
+    c.nodes[l]
+        .store
+        .wait_for(WAIT, "purged", |m| m.purged.is_some())
+        .await
+        .unwrap();
     // Replace a non-leader voter with node 3, asked on a node that is not the leader.
     let gone = (l + 1) % 3;
     let ask = (l + 2) % 3;
@@ -508,8 +534,13 @@ async fn set_voters_replaces_a_voter() {
     let l2 = c.leader(&rest).await;
     let voters = c.voters(keep);
     let t = Instant::now();
-    let r = tokio::time::timeout(Duration::from_secs(5), c.nodes[l2].store.set_voters(voters)).await;
-    assert!(r.is_ok(), "set_voters with the same voters hung ({:?})", t.elapsed());
+    let r =
+        tokio::time::timeout(Duration::from_secs(5), c.nodes[l2].store.set_voters(voters)).await;
+    assert!(
+        r.is_ok(),
+        "set_voters with the same voters hung ({:?})",
+        t.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -569,7 +600,7 @@ async fn refused_callers_get_permission_denied() {
         data: Vec::new(),
     };
     let denied = |r: Result<_, tonic::Status>| {
-        let s = r.err().expect("refused");
+        let s = r.expect_err("refused");
         assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
     };
     denied(client.append_entries(msg()).await.map(|_| ()));
@@ -592,4 +623,24 @@ async fn refused_callers_get_permission_denied() {
     let r = other.store.remote_status(n.netid).await;
     assert!(r.is_err());
     n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_voter_grows_to_three_and_shutdown_is_clear() {
+    let mut c = Cluster::new(3, 1, 1000).await;
+    c.nodes[0]
+        .store
+        .write(put("k", "v", Some(0)))
+        .await
+        .unwrap();
+    // Not a voter yet: a node outside the group has no leader to forward to.
+    let r = c.nodes[1].store.write(put("k", "w", None)).await;
+    assert!(matches!(r, Err(StoreError::NotInitialized)), "{r:?}");
+    c.nodes[0].store.set_voters(c.voters(0..3)).await.unwrap();
+    c.leader(&[0, 1, 2]).await;
+    c.nodes[2].store.write(put("k", "w", None)).await.unwrap();
+    assert_eq!(c.nodes[0].store.status().voters.len(), 3);
+    c.nodes[1].stop().await;
+    let r = c.nodes[1].store.write(put("k", "x", None)).await;
+    assert!(matches!(r, Err(StoreError::Raft(_))), "{r:?}");
 }
