@@ -448,3 +448,90 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, SmStore, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, SmStore), SE> {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let db = open_db(&dir.path().join("store.redb"), Duration::from_secs(1))
+                .await
+                .expect("db");
+            let sm = SmStore::open(db.clone(), 0).expect("state machine");
+            Ok((dir, LogStore::new(db), sm))
+        }
+    }
+
+    /// openraft's own conformance suite for log stores and state machines.
+    #[test]
+    fn openraft_suite() {
+        Suite::test_all(Builder).unwrap();
+    }
+
+    /// The log, vote, committed index and snapshot survive a reopen.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reopen_recovers() {
+        use openraft::storage::RaftLogStorageExt;
+        use openraft::CommittedLeaderId;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let log_id = |t, i| LogId::new(CommittedLeaderId::new(t, 1), i);
+        let entry = |t, i, cmd| Entry::<TypeConfig> {
+            log_id: log_id(t, i),
+            payload: EntryPayload::Normal(cmd),
+        };
+        let put = |k: &str| crate::Command::DocPut {
+            key: k.into(),
+            value: "v".into(),
+            if_generation: None,
+        };
+        {
+            let db = open_db(&path, Duration::from_secs(1)).await.unwrap();
+            let mut logs = LogStore::new(db.clone());
+            let mut sm = SmStore::open(db, 1).unwrap();
+            logs.save_vote(&Vote::new(3, 1)).await.unwrap();
+            logs.blocking_append(vec![
+                entry(1, 1, put("a")),
+                entry(1, 2, put("b")),
+                entry(1, 3, put("c")),
+            ])
+            .await
+            .unwrap();
+            logs.truncate(log_id(1, 3)).await.unwrap();
+            let e12 = logs.try_get_log_entries(1..3).await.unwrap();
+            assert_eq!(e12.len(), 2);
+            sm.apply(e12).await.unwrap();
+            let mut b = sm.get_snapshot_builder().await;
+            b.build_snapshot().await.unwrap();
+            logs.purge(log_id(1, 1)).await.unwrap();
+            logs.save_committed(Some(log_id(1, 2))).await.unwrap();
+            // Make the non-durable committed index durable, as the next append would.
+            logs.save_vote(&Vote::new(3, 1)).await.unwrap();
+        }
+        let db = open_db(&path, Duration::from_secs(5)).await.unwrap();
+        let mut logs = LogStore::new(db.clone());
+        let mut sm = SmStore::open(db, 1).unwrap();
+        assert_eq!(logs.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
+        assert_eq!(logs.read_committed().await.unwrap(), Some(log_id(1, 2)));
+        let st = logs.get_log_state().await.unwrap();
+        assert_eq!(st.last_purged_log_id, Some(log_id(1, 1)));
+        assert_eq!(st.last_log_id, Some(log_id(1, 2)));
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 2)));
+        assert!(sm.get_current_snapshot().await.unwrap().is_some());
+        let st = sm.shared.state.read().unwrap();
+        assert_eq!(
+            st.data.query(&crate::Query::DocList {
+                prefix: String::new()
+            }),
+            crate::QueryResult::Docs(vec![
+                ("a".into(), "v".into(), 1),
+                ("b".into(), "v".into(), 2)
+            ])
+        );
+    }
+}
