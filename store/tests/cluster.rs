@@ -644,3 +644,53 @@ async fn one_voter_grows_to_three_and_shutdown_is_clear() {
     let r = c.nodes[1].store.write(put("k", "x", None)).await;
     assert!(matches!(r, Err(StoreError::Raft(_))), "{r:?}");
 }
+
+/// Write latency and throughput through a non-leader (run with `--ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement, not a check"]
+async fn write_latency_through_a_follower() {
+    let c = Cluster::new(3, 3, 1000).await;
+    let l = c.leader(&[0, 1, 2]).await;
+    let follower = c.nodes[(l + 1) % 3].store.clone();
+    let mut took = Vec::new();
+    let start = Instant::now();
+    for i in 0..500 {
+        let t = Instant::now();
+        follower
+            .write(Command::MusterAdd(entry("h", "a", &i.to_string())))
+            .await
+            .unwrap();
+        took.push(t.elapsed());
+    }
+    let total = start.elapsed();
+    took.sort();
+    eprintln!(
+        "sequential: p50 {:?} p99 {:?}, {:.0} writes/s",
+        took[took.len() / 2],
+        took[took.len() * 99 / 100],
+        took.len() as f64 / total.as_secs_f64()
+    );
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let s = follower.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..100 {
+                s.write(Command::MusterAdd(entry(
+                    "c",
+                    &w.to_string(),
+                    &i.to_string(),
+                )))
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eprintln!(
+        "16 concurrent writers: {:.0} writes/s",
+        1600.0 / start.elapsed().as_secs_f64()
+    );
+}
