@@ -645,21 +645,34 @@ impl Store {
                     Ok(Err(e)) => Err(write_error(e)),
                 }
             }
-            Forwarded::Read(q) => {
+            Forwarded::Read(q) => loop {
+                // openraft confirms leadership with one round of heartbeats, each allowed only a
+                // heartbeat interval: a slow round is not a lost majority, so try again until the
+                // deadline.
+                let left = deadline.saturating_duration_since(Instant::now());
                 match tokio::time::timeout(left, raft.ensure_linearizable()).await {
-                    Err(_) => Err(self.no_quorum("the read was", deadline, start)),
-                    Ok(Ok(_)) => Ok(Answer::Read(self.local(q.clone()))),
+                    Err(_) => return Err(self.no_quorum("the read was", deadline, start)),
+                    Ok(Ok(_)) => return Ok(Answer::Read(self.local(q.clone()))),
                     Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                        Err(Fail::NotLeader(forward_hint(f.leader_id, f.leader_node)))
+                        return Err(Fail::NotLeader(forward_hint(f.leader_id, f.leader_node)))
                     }
                     Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
-                        Err(Fail::Error(StoreError::NoQuorum(e.to_string())))
+                        let pause = self.inner.config.heartbeat;
+                        if Instant::now() + pause >= deadline {
+                            return Err(Fail::Error(StoreError::NoQuorum(format!(
+                                "the read was not confirmed by a majority of voters within \
+                                 {:?}: {e}",
+                                deadline.saturating_duration_since(start)
+                            ))));
+                        }
+                        debug!(%e, "leadership not confirmed, trying again");
+                        tokio::time::sleep(pause).await;
                     }
                     Ok(Err(RaftError::Fatal(e))) => {
-                        Err(Fail::Error(StoreError::Raft(e.to_string())))
+                        return Err(Fail::Error(StoreError::Raft(e.to_string())))
                     }
                 }
-            }
+            },
             Forwarded::AddLearner(id, netid) => {
                 let r = tokio::time::timeout(left, raft.add_learner(*id, node(*netid), true)).await;
                 match r {
