@@ -12,6 +12,7 @@ fn grpc() {
         "proto/crux/steward/v1/steward.proto",
         "proto/crux/reeve/v1/reeve.proto",
         "proto/crux/pastiche/v1/pastiche.proto",
+        "proto/crux/store/v1/store.proto",
     ];
     for f in FILES {
         println!("cargo:rerun-if-changed={f}");

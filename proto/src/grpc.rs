@@ -4,6 +4,7 @@
 //!   keyring, and the service registry: register, heartbeat, lookup, watch).
 //! * [`steward::v1`]: the node-to-node registry API the leader serves on the node gRPC port.
 //! * [`pastiche::v1`]: the content-addressed cache: pieces between nodes, and the local API.
+//! * [`store::v1`]: the Raft-replicated store between nodes (Raft RPCs, forwarding, status).
 #![cfg(feature = "grpc")]
 
 /// The reeve API.
@@ -30,5 +31,14 @@ pub mod pastiche {
     pub mod v1 {
         #![allow(missing_docs, clippy::all, clippy::pedantic)]
         tonic::include_proto!("crux.pastiche.v1");
+    }
+}
+
+/// The store API.
+pub mod store {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("crux.store.v1");
     }
 }

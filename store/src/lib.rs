@@ -1,1 +1,783 @@
-//! Store: durable operator data (muster, intent) replicated by Raft among voters the flock picks. Filled in by the store issue.
+//! Store: durable operator data (muster entries and generic documents with compare-and-swap),
+//! replicated by Raft among the voters the flock picks.
+//!
+//! Consensus is [`openraft`] (the 0.9 line, storage v2). Each node runs one Raft node whose id is
+//! its flock node id and whose address is its NetID (`ip:grpc_port`); the Raft RPCs travel in the
+//! `crux.store.v1.Store` gRPC service on the node gRPC port ([`Store::service`]), admitted only
+//! from live flock members. A write or consistent read made on any node is forwarded to the Raft
+//! leader over the same service ([`Store::write`], [`Store::read`]); a node that cannot reach a
+//! leader (cut off from a majority of voters) answers [`StoreError::NoQuorum`] within
+//! [`StoreConfig::op_timeout`] or so, and never accepts a write silently.
+//!
+//! # Storage
+//!
+//! The Raft log, the vote, the committed index and the latest snapshot live in one
+//! [`redb`](https://docs.rs/redb) database, `store.redb` in the store's directory. redb is a
+//! well-kept, pure-Rust embedded key-value store with ACID transactions, copy-on-write B-trees and
+//! checksummed commits: a transaction committed with the default durability is fsynced before
+//! `commit()` returns, and a torn write at a crash leaves the previous commit intact. That is
+//! exactly what Raft needs (openraft is told a log append is durable, through `LogFlushed`, only
+//! after the commit returned; a vote likewise), without writing and testing our own file format,
+//! recovery scan and compaction. A hand-rolled append-only file would be smaller but would need its
+//! own torn-tail detection, truncation (Raft truncates conflicting suffixes) and purge, each a
+//! place for data-losing bugs. The committed index is written without its own fsync (the next log
+//! append or vote carries it; losing it only means fewer entries are re-applied at open).
+//!
+//! The state machine is in memory (operator data is small) and rebuilt on open from the latest
+//! snapshot; openraft then re-applies the committed log after it. Snapshots are built every
+//! [`StoreConfig::snapshot_every`] log entries and stored durably in the same database before the
+//! log before them is purged.
+//!
+//! # Documents
+//!
+//! A document's generation is a store-wide revision: every document write takes the next one, so
+//! generations only grow and are never reused (deleting and re-creating a document cannot fool a
+//! compare-and-swap). 0 means absent.
+
+mod network;
+mod service;
+mod storage;
+mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crux_proto::grpc::store::v1::{store_client::StoreClient, RaftMessage, StatusRequest};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Raft, RaftMetrics, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tracing::{debug, info};
+
+pub use service::{StoreServer, StoreService};
+pub use types::{Applied, Change, Command, MusterEntry, Query, QueryResult};
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for the store.
+    pub(crate) TypeConfig:
+        D = Command,
+        R = Applied,
+);
+
+/// How long to wait for a catching-up learner or a membership change.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a store is set up.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Where the database lives (created if missing).
+    pub dir: PathBuf,
+    /// This node's Raft id: its flock node id.
+    pub node: u64,
+    /// This node's NetID (`ip:grpc_port`), where the other nodes reach its store service.
+    pub netid: SocketAddr,
+    /// The address outgoing connections are made from (so the callee can check membership).
+    pub local_ip: Option<IpAddr>,
+    /// The leader's heartbeat interval.
+    pub heartbeat: Duration,
+    /// A follower starts an election after a random time in this range without a heartbeat.
+    pub election_timeout: (Duration, Duration),
+    /// How long a write or consistent read may take before it fails ([`StoreError::NoQuorum`]).
+    pub op_timeout: Duration,
+    /// A snapshot is built every this many log entries (and the log before it is purged, keeping
+    /// this many entries for followers that are a little behind).
+    pub snapshot_every: u64,
+}
+
+impl StoreConfig {
+    /// The defaults: heartbeat 100 ms, elections after 300–600 ms, operations time out after 3 s,
+    /// a snapshot every 1000 entries.
+    pub fn new(dir: PathBuf, node: u64, netid: SocketAddr) -> StoreConfig {
+        StoreConfig {
+            dir,
+            node,
+            netid,
+            local_ip: None,
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
+            op_timeout: Duration::from_secs(3),
+            snapshot_every: 1000,
+        }
+    }
+}
+
+/// What can go wrong.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// No Raft leader with a majority of voters could be reached: the request was refused. One
+    /// case is less clear-cut: when this node leads, appended the write and then could not get a
+    /// majority to confirm it within the time allowed, the entry stays in its log and is applied
+    /// only if this node regains a majority before another leader is elected (a new leader
+    /// discards it); the message says so ("not confirmed").
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
+    /// A write was sent to the leader but no answer came: it may or may not have been applied
+    /// (read it back to know).
+    #[error("write not confirmed: {0}")]
+    Unconfirmed(String),
+    /// The Raft group has no members yet ([`Store::initialize`] was never called anywhere).
+    #[error("the store is not initialized")]
+    NotInitialized,
+    /// A membership change failed.
+    #[error("membership change: {0}")]
+    Membership(String),
+    /// The database could not be opened or written.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// Raft stopped (shut down, or a fatal storage error).
+    #[error("raft: {0}")]
+    Raft(String),
+    /// A bad argument (e.g. an empty voter set).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A Raft member: flock node id and NetID.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The flock node id.
+    pub id: u64,
+    /// Where its store service is.
+    pub netid: SocketAddr,
+}
+
+/// This node's view of the Raft group.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// This node's id.
+    pub node: u64,
+    /// This node's role: `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: String,
+    /// The leader this node knows of.
+    pub leader: Option<Member>,
+    /// The current term.
+    pub term: u64,
+    /// The voters (during a joint membership change, those of both configurations).
+    pub voters: Vec<Member>,
+    /// The learners (replicated to, not voting).
+    pub learners: Vec<Member>,
+    /// The index of the last entry this node's state machine applied.
+    pub last_applied: Option<u64>,
+    /// The index of the last entry in this node's log.
+    pub last_log_index: Option<u64>,
+    /// On the leader only: for each voter and learner, how many entries it lacks
+    /// (`last_log_index` minus its matched index).
+    pub lag: Option<BTreeMap<u64, u64>>,
+    /// On the leader only: milliseconds since a majority last acknowledged it.
+    pub millis_since_quorum_ack: Option<u64>,
+}
+
+/// A request a node forwards to the leader.
+#[derive(Serialize, Deserialize, Debug)]
+pub(crate) enum Forwarded {
+    Write(Command),
+    Read(Query),
+    SetVoters(BTreeMap<u64, SocketAddr>),
+    AddLearner(u64, SocketAddr),
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub(crate) enum Answer {
+    Applied(Applied),
+    Read(QueryResult),
+    Done,
+}
+
+/// Why one attempt failed.
+#[derive(Serialize, Deserialize, Debug)]
+pub(crate) enum Fail {
+    /// The callee is not the leader; its idea of who is.
+    NotLeader(Option<Member>),
+    /// The request never reached the callee.
+    NotSent(String),
+    /// The request may have reached the callee, but no answer came.
+    NoAnswer(String),
+    /// A definite answer.
+    Error(StoreError),
+}
+
+struct Inner {
+    raft: Raft<TypeConfig>,
+    shared: Arc<storage::Shared>,
+    config: StoreConfig,
+    pool: network::Pool,
+}
+
+/// One node's store: its Raft node, state machine and client for forwarding. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+fn members(m: &RaftMetrics<u64, BasicNode>, ids: impl Iterator<Item = u64>) -> Vec<Member> {
+    let membership = m.membership_config.membership();
+    ids.filter_map(|id| {
+        let netid = membership.get_node(&id)?.addr.parse().ok()?;
+        Some(Member { id, netid })
+    })
+    .collect()
+}
+
+fn leader_of(m: &RaftMetrics<u64, BasicNode>) -> Option<Member> {
+    let id = m.current_leader?;
+    let netid = m
+        .membership_config
+        .membership()
+        .get_node(&id)?
+        .addr
+        .parse()
+        .ok()?;
+    Some(Member { id, netid })
+}
+
+fn node(addr: SocketAddr) -> BasicNode {
+    BasicNode {
+        addr: addr.to_string(),
+    }
+}
+
+impl Store {
+    /// Opens the store in `config.dir` (recovering vote, log and the latest snapshot) and starts
+    /// its Raft node. It serves nothing until [`Store::service`] is added to the node gRPC server.
+    pub async fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(&config.dir)
+            .map_err(|e| StoreError::Storage(format!("{}: {e}", config.dir.display())))?;
+        let db = storage::open_db(&config.dir.join("store.redb"), Duration::from_secs(5))
+            .await
+            .map_err(StoreError::Storage)?;
+        let logs = storage::LogStore::new(db.clone());
+        let sm = storage::SmStore::open(db, config.node).map_err(StoreError::Storage)?;
+        let shared = sm.shared();
+        let ms = |d: Duration| d.as_millis() as u64;
+        let raft_config = openraft::Config {
+            cluster_name: "crux-store".into(),
+            heartbeat_interval: ms(config.heartbeat).max(1),
+            election_timeout_min: ms(config.election_timeout.0),
+            election_timeout_max: ms(config.election_timeout.1),
+            install_snapshot_timeout: ms(config.election_timeout.1).max(1000),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every.max(1)),
+            max_in_snapshot_log_to_keep: config.snapshot_every,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StoreError::Invalid(format!("raft timing: {e}")))?;
+        let pool = network::Pool::new(config.local_ip);
+        let net = network::Net {
+            pool: pool.clone(),
+            backoff: config.heartbeat * 2,
+        };
+        let raft = Raft::new(config.node, Arc::new(raft_config), net, logs, sm)
+            .await
+            .map_err(|e| StoreError::Raft(e.to_string()))?;
+        info!(node = format!("{:016x}", config.node), dir = %config.dir.display(), "store opened");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                raft,
+                shared,
+                config,
+                pool,
+            }),
+        })
+    }
+
+    /// The gRPC service to add to the node gRPC server: Raft RPCs, forwarded requests and status,
+    /// each refused (PERMISSION_DENIED) unless `admit` knows the caller's address.
+    pub fn service(&self, admit: crux_steward::server::Admit) -> StoreServer {
+        StoreService::server(self.clone(), admit)
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> u64 {
+        self.inner.config.node
+    }
+
+    /// Starts the Raft group with `voters` (which must include this node). Ok without doing
+    /// anything if this node already has Raft state (the group was started before).
+    pub async fn initialize(&self, voters: BTreeMap<u64, SocketAddr>) -> Result<(), StoreError> {
+        if voters.is_empty() {
+            return Err(StoreError::Invalid("no voters".into()));
+        }
+        let nodes: BTreeMap<u64, BasicNode> =
+            voters.into_iter().map(|(id, a)| (id, node(a))).collect();
+        match self.inner.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(RaftError::APIError(e)) => Err(StoreError::Membership(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(StoreError::Raft(e.to_string())),
+        }
+    }
+
+    /// Makes exactly `voters` the voters: on the leader (forwarded there otherwise), adds the
+    /// missing ones as learners and waits until they caught up, then changes the membership.
+    /// Voters dropped are removed from the group (not kept as learners); other learners stay.
+    pub async fn set_voters(&self, voters: BTreeMap<u64, SocketAddr>) -> Result<(), StoreError> {
+        if voters.is_empty() {
+            return Err(StoreError::Invalid("no voters".into()));
+        }
+        self.call(Forwarded::SetVoters(voters), MEMBERSHIP_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
+    /// Adds `id` at `netid` as a learner (on the leader, forwarded there otherwise) and waits
+    /// until it caught up.
+    pub async fn add_learner(&self, id: u64, netid: SocketAddr) -> Result<(), StoreError> {
+        self.call(Forwarded::AddLearner(id, netid), MEMBERSHIP_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
+    /// Applies `cmd` through the Raft leader (this node or, forwarded, another) and returns its
+    /// answer once it is committed and applied on the leader.
+    pub async fn write(&self, cmd: Command) -> Result<Applied, StoreError> {
+        match self
+            .call(Forwarded::Write(cmd), self.inner.config.op_timeout)
+            .await?
+        {
+            Answer::Applied(a) => Ok(a),
+            other => Err(StoreError::Raft(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// A consistent (linearizable) read: answered by the leader after it confirmed with a majority
+    /// that it still leads.
+    pub async fn read(&self, q: Query) -> Result<QueryResult, StoreError> {
+        match self
+            .call(Forwarded::Read(q), self.inner.config.op_timeout)
+            .await?
+        {
+            Answer::Read(r) => Ok(r),
+            other => Err(StoreError::Raft(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// A read of this node's state machine: immediate, possibly stale.
+    pub fn local(&self, q: Query) -> QueryResult {
+        self.inner
+            .shared
+            .state
+            .read()
+            .expect("state lock")
+            .data
+            .query(&q)
+    }
+
+    /// What this node's state machine applies from now on. A receiver that lags (more than 1024
+    /// changes behind) gets `RecvError::Lagged` and should re-read; [`Change::Reset`] likewise.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.inner.shared.changes.subscribe()
+    }
+
+    /// This node's view of the group.
+    pub fn status(&self) -> StoreStatus {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let learners: Vec<u64> = membership.learner_ids().collect();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower if !voters.contains(&m.id) => "learner",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let last = m.last_log_index.unwrap_or(0);
+        let lag = m.replication.as_ref().map(|r| {
+            r.iter()
+                .map(|(id, matched)| (*id, last.saturating_sub(matched.map_or(0, |l| l.index))))
+                .collect()
+        });
+        StoreStatus {
+            node: m.id,
+            role: role.into(),
+            leader: leader_of(&m),
+            term: m.current_term,
+            voters: members(&m, voters.iter().copied()),
+            learners: members(&m, learners.into_iter()),
+            last_applied: m.last_applied.map(|l| l.index),
+            last_log_index: m.last_log_index,
+            lag,
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
+        }
+    }
+
+    /// Asks the store at `netid` for its status.
+    pub async fn remote_status(&self, netid: SocketAddr) -> Result<StoreStatus, StoreError> {
+        let timeout = self.inner.config.op_timeout;
+        let mut client = self
+            .client(netid, timeout)
+            .await
+            .map_err(StoreError::NoQuorum)?;
+        let r = tokio::time::timeout(timeout, client.status(StatusRequest {}))
+            .await
+            .map_err(|_| StoreError::NoQuorum(format!("{netid}: no answer within {timeout:?}")))?
+            .map_err(|s| StoreError::NoQuorum(format!("{netid}: {}: {}", s.code(), s.message())))?;
+        serde_json::from_slice(&r.into_inner().json)
+            .map_err(|e| StoreError::Raft(format!("{netid}: bad status: {e}")))
+    }
+
+    /// The Raft metrics (for tests and diagnostics).
+    pub fn metrics(&self) -> tokio::sync::watch::Receiver<RaftMetrics<u64, BasicNode>> {
+        self.inner.raft.metrics()
+    }
+
+    /// Waits up to `timeout` until `f` holds for this node's Raft metrics.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&RaftMetrics<u64, BasicNode>) -> bool + Send,
+    ) -> Result<RaftMetrics<u64, BasicNode>, StoreError> {
+        self.inner
+            .raft
+            .wait(Some(timeout))
+            .metrics(f, what)
+            .await
+            .map_err(|e| StoreError::NoQuorum(format!("waiting for {what}: {e}")))
+    }
+
+    /// Stops the Raft node. The store answers nothing afterwards; drop every clone (and the
+    /// server serving [`Store::service`]) to release the database.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            debug!(%e, "raft shutdown");
+        }
+        self.inner.pool.clear();
+    }
+
+    async fn client(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<StoreClient<Channel>, String> {
+        self.inner.pool.get(addr, timeout).await
+    }
+
+    /// Runs `req` on the leader, wherever it is, within `budget`.
+    async fn call(&self, req: Forwarded, budget: Duration) -> Result<Answer, StoreError> {
+        {
+            let m = self.inner.raft.metrics().borrow().clone();
+            if m.state == ServerState::Shutdown || m.running_state.is_err() {
+                return Err(StoreError::Raft(match m.running_state {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "the store is shut down".into(),
+                }));
+            }
+        }
+        let deadline = Instant::now() + budget;
+        let mut hint: Option<Member> = None;
+        let mut why = String::from("no leader known");
+        let write = matches!(req, Forwarded::Write(_));
+        loop {
+            let leader = match hint.take() {
+                Some(l) => Some(l),
+                None => self.wait_leader(None, deadline).await,
+            };
+            let Some(leader) = leader else { break };
+            let r = if leader.id == self.inner.config.node {
+                self.exec(&req, deadline).await
+            } else {
+                self.forward(leader.netid, &req, deadline).await
+            };
+            match r {
+                Ok(a) => return Ok(a),
+                Err(Fail::Error(e)) => return Err(e),
+                Err(Fail::NotLeader(h)) => {
+                    why = format!("node {:016x} no longer leads", leader.id);
+                    hint = h.filter(|h| h.id != leader.id);
+                    if hint.is_none() {
+                        self.wait_leader(Some(leader.id), deadline).await;
+                    }
+                }
+                Err(Fail::NotSent(e)) => {
+                    why = e;
+                    self.wait_leader(
+                        Some(leader.id),
+                        deadline.min(Instant::now() + self.inner.config.election_timeout.1),
+                    )
+                    .await;
+                }
+                Err(Fail::NoAnswer(e)) if write => {
+                    return Err(StoreError::Unconfirmed(format!(
+                        "the leader {:016x} at {} did not answer: {e}",
+                        leader.id, leader.netid
+                    )))
+                }
+                Err(Fail::NoAnswer(e)) => why = e,
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        if self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .next()
+            .is_none()
+        {
+            return Err(StoreError::NotInitialized);
+        }
+        Err(StoreError::NoQuorum(format!(
+            "no Raft leader with a majority of voters answered within {budget:?} \
+             (last: {why}); this node may be cut off from the voters; nothing was accepted"
+        )))
+    }
+
+    /// Waits until a leader other than `not` is known, or `deadline`.
+    async fn wait_leader(&self, not: Option<u64>, deadline: Instant) -> Option<Member> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = self
+            .inner
+            .raft
+            .wait(Some(left))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| Some(l) != not) && leader_of(m).is_some(),
+                "a leader",
+            )
+            .await
+            .ok()?;
+        leader_of(&m)
+    }
+
+    async fn forward(
+        &self,
+        addr: SocketAddr,
+        req: &Forwarded,
+        deadline: Instant,
+    ) -> Result<Answer, Fail> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut client = self
+            .client(addr, left.min(Duration::from_secs(1)))
+            .await
+            .map_err(Fail::NotSent)?;
+        let msg = RaftMessage {
+            json: serde_json::to_vec(req).expect("requests serialize"),
+            data: Vec::new(),
+        };
+        // The callee has its own deadline (op_timeout); give it a little more.
+        let wait = left + Duration::from_millis(500);
+        let r = tokio::time::timeout(wait, client.forward(msg)).await;
+        let drop_client = || self.inner.pool.forget(addr);
+        match r {
+            Err(_) => Err(Fail::NoAnswer(format!("{addr}: no answer within {wait:?}"))),
+            Ok(Err(s)) => {
+                drop_client();
+                let text = format!("{addr}: {}: {}", s.code(), s.message());
+                if never_sent(&s) {
+                    Err(Fail::NotSent(text))
+                } else if s.code() == tonic::Code::PermissionDenied {
+                    Err(Fail::Error(StoreError::NoQuorum(text)))
+                } else {
+                    Err(Fail::NoAnswer(text))
+                }
+            }
+            Ok(Ok(reply)) => {
+                serde_json::from_slice::<Result<Answer, Fail>>(&reply.into_inner().json)
+                    .map_err(|e| Fail::NoAnswer(format!("{addr}: bad answer: {e}")))?
+            }
+        }
+    }
+
+    /// Serves a request forwarded by another node: runs it here if this node leads, never
+    /// forwards it further.
+    pub(crate) async fn serve_forwarded(&self, req: Forwarded) -> Result<Answer, Fail> {
+        let budget = match req {
+            Forwarded::Write(_) | Forwarded::Read(_) => self.inner.config.op_timeout,
+            _ => MEMBERSHIP_TIMEOUT,
+        };
+        self.exec(&req, Instant::now() + budget).await
+    }
+
+    fn not_leader(&self) -> Fail {
+        Fail::NotLeader(leader_of(&self.inner.raft.metrics().borrow()))
+    }
+
+    fn no_quorum(&self, what: &str, deadline: Instant, start: Instant) -> Fail {
+        Fail::Error(StoreError::NoQuorum(format!(
+            "{what} not confirmed by a majority of voters within {:?}: this node leads but cannot \
+             reach them",
+            deadline.saturating_duration_since(start)
+        )))
+    }
+
+    /// Runs `req` on this node, which must be the leader.
+    async fn exec(&self, req: &Forwarded, deadline: Instant) -> Result<Answer, Fail> {
+        let start = Instant::now();
+        let raft = &self.inner.raft;
+        {
+            let m = raft.metrics().borrow().clone();
+            if m.state != ServerState::Leader {
+                return Err(self.not_leader());
+            }
+            // A leader that has not heard from a majority for the shortest election timeout is
+            // most likely cut off (its followers may be electing another): refuse at once rather
+            // than append what may never commit.
+            let stale = self.inner.config.election_timeout.0.as_millis() as u64;
+            if m.millis_since_quorum_ack.is_some_and(|t| t > stale) {
+                return Err(Fail::Error(StoreError::NoQuorum(format!(
+                    "this node leads but has not heard from a majority of voters for {} ms",
+                    m.millis_since_quorum_ack.unwrap_or(0)
+                ))));
+            }
+        }
+        let left = deadline.saturating_duration_since(start);
+        match req {
+            Forwarded::Write(cmd) => {
+                match tokio::time::timeout(left, raft.client_write(cmd.clone())).await {
+                    Err(_) => Err(self.no_quorum(
+                        "the write (appended to this leader's log, applied only if it regains a \
+                         majority before another leader is elected) was",
+                        deadline,
+                        start,
+                    )),
+                    Ok(Ok(r)) => Ok(Answer::Applied(r.data)),
+                    Ok(Err(e)) => Err(write_error(e)),
+                }
+            }
+            Forwarded::Read(q) => loop {
+                // openraft confirms leadership with one round of heartbeats, each allowed only a
+                // heartbeat interval: a slow round is not a lost majority, so try again until the
+                // deadline.
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, raft.ensure_linearizable()).await {
+                    Err(_) => return Err(self.no_quorum("the read was", deadline, start)),
+                    Ok(Ok(_)) => return Ok(Answer::Read(self.local(q.clone()))),
+                    Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                        return Err(Fail::NotLeader(forward_hint(f.leader_id, f.leader_node)))
+                    }
+                    Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                        let pause = self.inner.config.heartbeat;
+                        if Instant::now() + pause >= deadline {
+                            return Err(Fail::Error(StoreError::NoQuorum(format!(
+                                "the read was not confirmed by a majority of voters within \
+                                 {:?}: {e}",
+                                deadline.saturating_duration_since(start)
+                            ))));
+                        }
+                        debug!(%e, "leadership not confirmed, trying again");
+                        tokio::time::sleep(pause).await;
+                    }
+                    Ok(Err(RaftError::Fatal(e))) => {
+                        return Err(Fail::Error(StoreError::Raft(e.to_string())))
+                    }
+                }
+            },
+            Forwarded::AddLearner(id, netid) => {
+                let r = tokio::time::timeout(left, raft.add_learner(*id, node(*netid), true)).await;
+                match r {
+                    Err(_) => Err(Fail::Error(StoreError::Membership(format!(
+                        "learner {id:016x} at {netid} did not catch up within {left:?}"
+                    )))),
+                    Ok(Ok(_)) => Ok(Answer::Done),
+                    Ok(Err(e)) => Err(write_error(e)),
+                }
+            }
+            Forwarded::SetVoters(voters) => {
+                tokio::time::timeout(left, self.set_voters_here(voters))
+                    .await
+                    .map_err(|_| {
+                        Fail::Error(StoreError::Membership(format!(
+                            "the voter change did not finish within {left:?}"
+                        )))
+                    })?
+            }
+        }
+    }
+
+    async fn set_voters_here(&self, voters: &BTreeMap<u64, SocketAddr>) -> Result<Answer, Fail> {
+        let raft = &self.inner.raft;
+        let membership = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        // Members whose address changed.
+        let moved: BTreeMap<u64, BasicNode> = voters
+            .iter()
+            .filter(|(id, a)| {
+                membership
+                    .get_node(id)
+                    .is_some_and(|n| n.addr != a.to_string())
+            })
+            .map(|(id, a)| (*id, node(*a)))
+            .collect();
+        if !moved.is_empty() {
+            raft.change_membership(ChangeMembers::SetNodes(moved), true)
+                .await
+                .map_err(write_error)?;
+        }
+        for (id, a) in voters {
+            if membership.get_node(id).is_none() {
+                info!(id = format!("{id:016x}"), netid = %a, "adding a learner");
+                raft.add_learner(*id, node(*a), true)
+                    .await
+                    .map_err(write_error)?;
+            }
+        }
+        let want: BTreeSet<u64> = voters.keys().copied().collect();
+        let have: BTreeSet<u64> = membership.voter_ids().collect();
+        if want != have || membership.get_joint_config().len() > 1 {
+            info!(?want, ?have, "changing the voters");
+            raft.change_membership(want, false)
+                .await
+                .map_err(write_error)?;
+        }
+        Ok(Answer::Done)
+    }
+}
+
+/// Whether a failed call certainly never reached the callee (no connection could be made).
+fn never_sent(s: &tonic::Status) -> bool {
+    if s.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut text = s.message().to_lowercase();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        text.push(' ');
+        text.push_str(&e.to_string().to_lowercase());
+        source = e.source();
+    }
+    ["refused", "tcp connect", "trying to connect"]
+        .iter()
+        .any(|w| text.contains(w))
+}
+
+fn forward_hint(id: Option<u64>, node: Option<BasicNode>) -> Option<Member> {
+    Some(Member {
+        id: id?,
+        netid: node?.addr.parse().ok()?,
+    })
+}
+
+fn write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Fail {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            Fail::NotLeader(forward_hint(f.leader_id, f.leader_node))
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            Fail::Error(StoreError::Membership(e.to_string()))
+        }
+        RaftError::Fatal(e) => Fail::Error(StoreError::Raft(e.to_string())),
+    }
+}
+
+/// Milliseconds since the Unix epoch (for [`MusterEntry::timestamp_ms`]).
+#[allow(clippy::disallowed_methods)]
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,80 @@
+//! The node gRPC service: openraft's RPCs, forwarded requests and status, each admitted only from
+//! a live flock member's address.
+
+use crux_proto::grpc::store::v1::{store_server, RaftMessage, StatusRequest};
+use crux_steward::server::{admitted, Admit, MESSAGE_MAX};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::{de::DeserializeOwned, Serialize};
+use tonic::{Request, Response, Status};
+
+use crate::{Store, TypeConfig};
+
+/// The tonic server type [`Store::service`] returns.
+pub type StoreServer = store_server::StoreServer<StoreService>;
+
+/// Serves one [`Store`] on the node gRPC port.
+#[derive(Clone)]
+pub struct StoreService {
+    store: Store,
+    admit: Admit,
+}
+
+impl StoreService {
+    pub(crate) fn server(store: Store, admit: Admit) -> StoreServer {
+        store_server::StoreServer::new(StoreService { store, admit })
+            .max_decoding_message_size(MESSAGE_MAX)
+            .max_encoding_message_size(MESSAGE_MAX)
+    }
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("bad message: {e}")))
+}
+
+fn reply<T: Serialize>(v: &T) -> Result<Response<RaftMessage>, Status> {
+    let json = serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftMessage {
+        json,
+        data: Vec::new(),
+    }))
+}
+
+#[tonic::async_trait]
+impl store_server::Store for StoreService {
+    async fn append_entries(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        admitted(&self.admit, &req)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.get_ref().json)?;
+        reply(&self.store.inner.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        admitted(&self.admit, &req)?;
+        let rpc: VoteRequest<u64> = decode(&req.get_ref().json)?;
+        reply(&self.store.inner.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        admitted(&self.admit, &req)?;
+        let msg = req.into_inner();
+        let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(&msg.json)?;
+        rpc.data = msg.data;
+        reply(&self.store.inner.raft.install_snapshot(rpc).await)
+    }
+
+    async fn forward(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        admitted(&self.admit, &req)?;
+        let fwd = decode(&req.get_ref().json)?;
+        reply(&self.store.serve_forwarded(fwd).await)
+    }
+
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<RaftMessage>, Status> {
+        admitted(&self.admit, &req)?;
+        reply(&self.store.status())
+    }
+}
