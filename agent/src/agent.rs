@@ -227,6 +227,17 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let store = {
+        let mut c = crux_store::StoreConfig::new(
+            settings.data_dir.join("store"),
+            id.0,
+            SocketAddr::new(addr.ip(), settings.grpc_port),
+        );
+        c.local_ip = Some(addr.ip());
+        crux_store::Store::open(c)
+            .await
+            .map_err(|e| anyhow::anyhow!("opening the durable store: {e}"))?
+    };
     let identity = Identity { id, boot, addr };
     let clock = tokio::time::Instant::now();
     let mut rng_seed = [0u8; 32];
@@ -278,7 +289,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         steward_target(&handle, settings.grpc_port, stop.clone()),
     );
-    let state = AgentState::new(handle.clone(), settings.clone(), keys, reeve, start);
+    let state = AgentState::new(
+        handle.clone(),
+        settings.clone(),
+        keys,
+        reeve,
+        store.clone(),
+        start,
+    );
     let steps = Steps {
         state: state.clone(),
         start,
@@ -325,6 +343,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     for t in tasks {
         let _ = tokio::time::timeout(drain, t).await;
     }
+    store.shutdown().await;
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(drain, t).await;
     }
@@ -439,8 +458,31 @@ async fn bootstrap(
             "pastiche.corrupt_serving_for_tests is set: every piece this node serves is corrupted"
         );
     }
-    let node_server =
-        crate::steward::serve(listeners.grpc, admit, current_rx, peer, servers.clone());
+    let durable = steps.state.store.clone();
+    tokio::spawn(crate::store::supervise(
+        handle.clone(),
+        durable.clone(),
+        settings.grpc_port,
+        settings.store_voter_grace,
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+        servers.clone(),
+    ));
+    tokio::spawn(crate::store::follow_leader(
+        handle.clone(),
+        durable.clone(),
+        settings.grpc_port,
+        Duration::from_secs(1),
+        servers.clone(),
+    ));
+    let node_server = crate::steward::serve(
+        listeners.grpc,
+        admit.clone(),
+        current_rx,
+        peer,
+        durable.service(admit),
+        servers.clone(),
+    );
     tasks.push(tokio::spawn(async move {
         if let Err(e) = node_server.await {
             warn!(error = %e, "node gRPC server ended");

@@ -188,6 +188,23 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
+/// The durable store (`[store]` table).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// How long the flock must hold a voter dead before another member replaces it.
+    #[serde(with = "humantime_serde")]
+    pub voter_grace: Duration,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            voter_grace: Duration::from_secs(60),
+        }
+    }
+}
+
 /// The config as written: every source (file, environment, flags) fills this, unchecked.
 /// Field docs are the config reference (README.md "Config reference" mirrors them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -239,6 +256,8 @@ pub struct RawConfig {
     pub registry: RegistryConfig,
     /// Pastiche (content-addressed cache).
     pub pastiche: PasticheConfig,
+    /// The durable store.
+    pub store: StoreSection,
 }
 
 impl Default for RawConfig {
@@ -264,6 +283,7 @@ impl Default for RawConfig {
             leave_timeout: DEFAULT_LEAVE_TIMEOUT,
             registry: RegistryConfig::default(),
             pastiche: PasticheConfig::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -349,6 +369,8 @@ pub struct Settings {
     pub pastiche_max: u64,
     /// Pastiche test hook (see [`PasticheConfig::corrupt_serving_for_tests`]).
     pub pastiche_corrupt: bool,
+    /// Store voter grace.
+    pub store_voter_grace: Duration,
 }
 
 impl RawConfig {
@@ -600,6 +622,7 @@ impl RawConfig {
                 .unwrap_or_else(|| self.data_dir.join("pastiche")),
             pastiche_max,
             pastiche_corrupt: self.pastiche.corrupt_serving_for_tests,
+            store_voter_grace: self.store.voter_grace,
         })
     }
 

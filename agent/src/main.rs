@@ -20,7 +20,8 @@ mod rpc;
 mod sim_cmd;
 mod state;
 mod steward;
-#[allow(dead_code)] // wired into the agent with the store
+mod store;
+mod store_cli;
 mod voters;
 
 /// Crux: a node agent that finds its peers, agrees on one flock with one leader, and runs the
@@ -120,6 +121,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: pastiche::PasticheCmd,
     },
+    /// Muster: the runnable functions of the flock (durable): add, search, rm.
+    Muster {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(subcommand)]
+        cmd: store_cli::MusterCmd,
+    },
+    /// The durable store (Raft among the voters the flock picks): status.
+    Store {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(subcommand)]
+        cmd: store_cli::StoreCmd,
+    },
     /// Print a new random secondary key (base64) for `crux keys install` or a keyring file.
     Keygen,
     /// Run the deterministic flock simulator.
@@ -172,6 +187,10 @@ fn main() -> ExitCode {
             json,
         } => client::block_on(client::watch(&socket.socket, selector, horde, *json)).map(|()| 0),
         Cmd::Register(args) => register::main(args),
+        Cmd::Muster { socket, cmd } => {
+            client::block_on_code(store_cli::muster(&socket.socket, cmd))
+        }
+        Cmd::Store { socket, cmd } => client::block_on_code(store_cli::store(&socket.socket, cmd)),
         Cmd::Pastiche { socket, cmd } => client::block_on_code(pastiche::run(&socket.socket, cmd)),
         Cmd::Keygen => {
             println!("{}", keys::generate());

@@ -265,6 +265,61 @@ impl Reeve for Service {
         Ok(Response::new(self.state.reeve.services(&req)))
     }
 
+    async fn muster_add(
+        &self,
+        req: Request<pb::MusterAddRequest>,
+    ) -> Result<Response<pb::MusterAddResponse>, Status> {
+        crate::store::muster_add(&self.state.store, req.into_inner()).await?;
+        Ok(Response::new(pb::MusterAddResponse {}))
+    }
+
+    async fn muster_search(
+        &self,
+        req: Request<pb::MusterSearchRequest>,
+    ) -> Result<Response<pb::MusterSearchResponse>, Status> {
+        let entries = crate::store::muster_search(&self.state.store, req.into_inner()).await?;
+        Ok(Response::new(pb::MusterSearchResponse { entries }))
+    }
+
+    async fn muster_remove(
+        &self,
+        req: Request<pb::MusterRemoveRequest>,
+    ) -> Result<Response<pb::MusterRemoveResponse>, Status> {
+        let removed = crate::store::muster_remove(&self.state.store, req.into_inner()).await?;
+        Ok(Response::new(pb::MusterRemoveResponse { removed }))
+    }
+
+    async fn doc_get(
+        &self,
+        req: Request<pb::DocGetRequest>,
+    ) -> Result<Response<pb::DocGetResponse>, Status> {
+        crate::store::doc_get(&self.state.store, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn doc_put(
+        &self,
+        req: Request<pb::DocPutRequest>,
+    ) -> Result<Response<pb::DocPutResponse>, Status> {
+        crate::store::doc_put(&self.state.store, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn store_status(
+        &self,
+        _req: Request<pb::StoreStatusRequest>,
+    ) -> Result<Response<pb::StoreStatusResponse>, Status> {
+        crate::store::store_status(
+            &self.state.store,
+            &self.state.flock,
+            self.state.settings.grpc_port,
+        )
+        .await
+        .map(Response::new)
+    }
+
     async fn remove_key(
         &self,
         req: Request<pb::RemoveKeyRequest>,

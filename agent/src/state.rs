@@ -36,6 +36,8 @@ pub struct AgentState {
     pub keys: Keys,
     /// The registry agent of this node.
     pub reeve: Arc<crux_reeve::Reeve>,
+    /// The durable store (Raft).
+    pub store: crux_store::Store,
     started: Instant,
     steps: Mutex<Vec<Step>>,
     ready: AtomicBool,
@@ -48,6 +50,7 @@ impl AgentState {
         settings: Settings,
         keys: Keys,
         reeve: Arc<crux_reeve::Reeve>,
+        store: crux_store::Store,
         started: Instant,
     ) -> Arc<AgentState> {
         let steps = STEPS
@@ -64,6 +67,7 @@ impl AgentState {
             settings,
             keys,
             reeve,
+            store,
             started,
             steps: Mutex::new(steps),
             ready: AtomicBool::new(false),

@@ -88,12 +88,13 @@ pub fn admit(handle: DriverHandle) -> Admit {
     Arc::new(move |ip| members_at(&handle, ip))
 }
 
-/// Serves the node gRPC port (the steward, and pastiche's pieces) until `shutdown`.
+/// Serves the node gRPC port (the steward, pastiche's pieces, the store's Raft) until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     admit: Admit,
     current: watch::Receiver<Option<Arc<Steward>>>,
     pastiche: crux_pastiche::serve::PeerService,
+    store: crux_store::StoreServer,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
@@ -106,6 +107,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(3)))
         .add_service(StewardService::new(current, admit).into_server())
         .add_service(pastiche.into_server())
+        .add_service(store)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await
 }

@@ -206,6 +206,8 @@ struct Inner {
     shared: Arc<storage::Shared>,
     config: StoreConfig,
     pool: network::Pool,
+    /// For a node outside the group (it knows no voters): the leader as learned from others.
+    outside_leader: std::sync::Mutex<Option<Member>>,
 }
 
 /// One node's store: its Raft node, state machine and client for forwarding. Cheap to clone.
@@ -281,6 +283,7 @@ impl Store {
                 shared,
                 config,
                 pool,
+                outside_leader: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -459,6 +462,38 @@ impl Store {
         self.inner.pool.get(addr, timeout).await
     }
 
+    /// Tells a node that is not in the group (it knows no voters) where the leader is, as learned
+    /// from the nodes that are: its requests go there. Ignored by members of the group.
+    pub fn set_outside_leader(&self, leader: Option<Member>) {
+        *self
+            .inner
+            .outside_leader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = leader;
+    }
+
+    /// The outside leader, while this node knows no voters of its own.
+    fn outside_leader(&self) -> Option<Member> {
+        let no_voters = self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .next()
+            .is_none();
+        if !no_voters {
+            return None;
+        }
+        *self
+            .inner
+            .outside_leader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs `req` on the leader, wherever it is, within `budget`.
     async fn call(&self, req: Forwarded, budget: Duration) -> Result<Answer, StoreError> {
         {
@@ -477,7 +512,10 @@ impl Store {
         loop {
             let leader = match hint.take() {
                 Some(l) => Some(l),
-                None => self.wait_leader(None, deadline).await,
+                None => match self.outside_leader() {
+                    Some(l) => Some(l),
+                    None => self.wait_leader(None, deadline).await,
+                },
             };
             let Some(leader) = leader else { break };
             let r = if leader.id == self.inner.config.node {

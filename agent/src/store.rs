@@ -1,0 +1,380 @@
+//! The durable store in the agent: opened at start, served on the node gRPC port, its voters
+//! chosen by the flock leader ([`crate::voters`]), and the local API's muster, document and
+//! status calls.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crux_flock::driver::DriverHandle;
+use crux_flock::MemberState;
+use crux_proto::grpc::reeve::v1 as pb;
+use crux_store::{
+    Applied, Command, MusterEntry, Query, QueryResult, Store, StoreError, StoreStatus,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use crate::voters::{choose, Seen};
+
+/// A store error as a gRPC status.
+pub fn status(e: StoreError) -> Status {
+    match e {
+        StoreError::NoQuorum(_) | StoreError::NotInitialized | StoreError::Raft(_) => {
+            Status::unavailable(e.to_string())
+        }
+        StoreError::Unconfirmed(_) => Status::deadline_exceeded(e.to_string()),
+        StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// The NetID of node `id` (its flock IP and the node gRPC port), if the flock knows it.
+fn netid_of(handle: &DriverHandle, id: u64, grpc_port: u16) -> Option<SocketAddr> {
+    handle
+        .snapshot()
+        .members
+        .iter()
+        .find(|m| m.info.id.0 == id)
+        .map(|m| SocketAddr::new(m.info.addr.ip(), grpc_port))
+}
+
+/// The flock address of node `id`.
+fn flock_addr_of(handle: &DriverHandle, id: u64) -> Option<SocketAddr> {
+    handle
+        .snapshot()
+        .members
+        .iter()
+        .find(|m| m.info.id.0 == id)
+        .map(|m| m.info.addr)
+}
+
+/// The voters the group has, as this node knows them, or as a live member that is in the group
+/// knows them (a node outside the group sees none). Empty: no group anywhere it could ask.
+async fn known_voters(store: &Store, handle: &DriverHandle, grpc_port: u16) -> BTreeSet<u64> {
+    let mine: BTreeSet<u64> = store.status().voters.iter().map(|m| m.id).collect();
+    if !mine.is_empty() {
+        return mine;
+    }
+    let snap = handle.snapshot();
+    for m in snap.members.iter().filter(|m| {
+        m.info.id != snap.identity.id
+            && matches!(m.info.state, MemberState::Alive | MemberState::Suspect)
+    }) {
+        let netid = SocketAddr::new(m.info.addr.ip(), grpc_port);
+        let asked = tokio::time::timeout(Duration::from_secs(1), store.remote_status(netid)).await;
+        if let Ok(Ok(s)) = asked {
+            if !s.voters.is_empty() {
+                return s.voters.iter().map(|m| m.id).collect();
+            }
+        }
+    }
+    BTreeSet::new()
+}
+
+/// On every node: while this node is outside the Raft group (it knows no voters), learns the
+/// leader from the members that are in it, so that its writes and reads are forwarded there.
+pub async fn follow_leader(
+    handle: DriverHandle,
+    store: Store,
+    grpc_port: u16,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !store.status().voters.is_empty() {
+            continue;
+        }
+        let snap = handle.snapshot();
+        let mut leader = None;
+        for m in snap.members.iter().filter(|m| {
+            m.info.id != snap.identity.id
+                && matches!(m.info.state, MemberState::Alive | MemberState::Suspect)
+        }) {
+            let netid = SocketAddr::new(m.info.addr.ip(), grpc_port);
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(500), store.remote_status(netid)).await
+            {
+                if let Some(l) = s.leader.filter(|_| !s.voters.is_empty()) {
+                    leader = Some(l);
+                    break;
+                }
+            }
+        }
+        store.set_outside_leader(leader);
+    }
+}
+
+/// On the flock leader: initializes the Raft group, and keeps its voters as
+/// [`crate::voters::choose`] says, every `every`, until `stop`.
+///
+/// A group is initialized only by a leader whose leadership and member count have held for
+/// `settle`, and only when no live member knows of a group: at a cold boot every node leads a
+/// flock of one for a moment, and each would otherwise make a group of its own.
+pub async fn supervise(
+    handle: DriverHandle,
+    store: Store,
+    grpc_port: u16,
+    grace: Duration,
+    every: Duration,
+    settle: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // (term, live members) and since when they have held.
+    let mut steady: Option<((u64, usize), tokio::time::Instant)> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let snap = handle.snapshot();
+        let leads = snap.leader.map(|l| l.id) == Some(snap.identity.id);
+        if !leads || snap.leaving {
+            steady = None;
+            continue;
+        }
+        let shape = (snap.leader.map(|l| l.term).unwrap_or(0), snap.live);
+        let settled = match steady {
+            Some((s, since)) if s == shape => since.elapsed() >= settle,
+            _ => {
+                steady = Some((shape, tokio::time::Instant::now()));
+                false
+            }
+        };
+        let nodes: BTreeMap<u64, Seen> = snap
+            .members
+            .iter()
+            .map(|m| {
+                let seen = match m.info.state {
+                    MemberState::Alive | MemberState::Suspect => Seen::Live,
+                    MemberState::Dead | MemberState::Left => {
+                        Seen::Gone(snap.now.saturating_sub(m.since))
+                    }
+                };
+                (m.info.id.0, seen)
+            })
+            .collect();
+        let current = known_voters(&store, &handle, grpc_port).await;
+        let want = choose(&current, &nodes, grace);
+        if want == current {
+            continue;
+        }
+        let Some(addrs) = want
+            .iter()
+            .map(|id| netid_of(&handle, *id, grpc_port).map(|a| (*id, a)))
+            .collect::<Option<BTreeMap<u64, SocketAddr>>>()
+        else {
+            continue;
+        };
+        let r = if current.is_empty() {
+            if !settled {
+                continue;
+            }
+            info!(voters = ?want, "initializing the store");
+            store.initialize(addrs).await
+        } else {
+            info!(from = ?current, to = ?want, "changing the store's voters");
+            store.set_voters(addrs).await
+        };
+        match r {
+            Ok(()) => info!(voters = ?want, "store voters set"),
+            Err(e) => warn!(error = %e, "store voters not changed; will retry"),
+        }
+    }
+}
+
+fn entry_pb(e: MusterEntry) -> pb::MusterEntry {
+    pb::MusterEntry {
+        horde: e.horde,
+        api: e.api,
+        inst: e.inst,
+        filename: e.filename,
+        function: e.function,
+        timestamp_ms: e.timestamp_ms,
+    }
+}
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+fn check(what: &str, v: &str) -> Result<(), Status> {
+    crux_steward::select::check_name(what, v).map_err(|e| Status::invalid_argument(e.0))
+}
+
+/// `MusterAdd`.
+pub async fn muster_add(store: &Store, req: pb::MusterAddRequest) -> Result<(), Status> {
+    let e = req
+        .entry
+        .ok_or_else(|| Status::invalid_argument("entry missing"))?;
+    let horde = crux_steward::select::horde_or_default(&e.horde).to_string();
+    check("horde", &horde)?;
+    check("api", &e.api)?;
+    check("inst", &e.inst)?;
+    e.filename
+        .parse::<crux_pastiche::digest::Digest>()
+        .map_err(|err| Status::invalid_argument(format!("file: {err}")))?;
+    if e.function.is_empty() || e.function.len() > 256 {
+        return Err(Status::invalid_argument("function must be 1-256 bytes"));
+    }
+    let entry = MusterEntry {
+        horde,
+        api: e.api,
+        inst: e.inst,
+        filename: e.filename,
+        function: e.function,
+        timestamp_ms: crux_store::now_ms(),
+    };
+    store
+        .write(Command::MusterAdd(entry))
+        .await
+        .map_err(status)?;
+    Ok(())
+}
+
+/// `MusterSearch` (a consistent read).
+pub async fn muster_search(
+    store: &Store,
+    req: pb::MusterSearchRequest,
+) -> Result<Vec<pb::MusterEntry>, Status> {
+    let q = Query::MusterSearch {
+        horde: opt(&req.horde),
+        api: opt(&req.api),
+        inst: opt(&req.inst),
+    };
+    match store.read(q).await.map_err(status)? {
+        QueryResult::Muster(v) => Ok(v.into_iter().map(entry_pb).collect()),
+        other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// `MusterRemove`.
+pub async fn muster_remove(store: &Store, req: pb::MusterRemoveRequest) -> Result<bool, Status> {
+    let cmd = Command::MusterRemove {
+        horde: crux_steward::select::horde_or_default(&req.horde).to_string(),
+        api: req.api,
+        inst: req.inst,
+    };
+    match store.write(cmd).await.map_err(status)? {
+        Applied::Removed(r) => Ok(r),
+        other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// `DocGet` (a consistent read).
+pub async fn doc_get(store: &Store, req: pb::DocGetRequest) -> Result<pb::DocGetResponse, Status> {
+    match store
+        .read(Query::DocGet { key: req.key })
+        .await
+        .map_err(status)?
+    {
+        QueryResult::Doc(Some((value, generation))) => Ok(pb::DocGetResponse {
+            found: true,
+            value,
+            generation,
+        }),
+        QueryResult::Doc(None) => Ok(pb::DocGetResponse::default()),
+        other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// `DocPut` (compare-and-swap unless `unconditional`).
+pub async fn doc_put(store: &Store, req: pb::DocPutRequest) -> Result<pb::DocPutResponse, Status> {
+    if req.key.is_empty() || req.key.len() > 512 {
+        return Err(Status::invalid_argument("key must be 1-512 bytes"));
+    }
+    let cmd = Command::DocPut {
+        key: req.key,
+        value: req.value,
+        if_generation: (!req.unconditional).then_some(req.if_generation),
+    };
+    match store.write(cmd).await.map_err(status)? {
+        Applied::Doc { generation, .. } => Ok(pb::DocPutResponse {
+            written: true,
+            generation,
+        }),
+        Applied::Conflict { current, .. } => Ok(pb::DocPutResponse {
+            written: false,
+            generation: current,
+        }),
+        other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// `StoreStatus`: this node's view, or the Raft leader's when this node is outside the group or
+/// knows no leader.
+pub async fn store_status(
+    store: &Store,
+    handle: &DriverHandle,
+    grpc_port: u16,
+) -> Result<pb::StoreStatusResponse, Status> {
+    let me = store.status();
+    let voter = me.voters.iter().any(|m| m.id == me.node);
+    let mut view: StoreStatus = me;
+    // Ask the leader for its view (it alone knows the lag).
+    let leader = match view.leader {
+        Some(l) => Some(l),
+        None => {
+            let vs = known_voters(store, handle, grpc_port).await;
+            let mut found = None;
+            for id in vs {
+                if let Some(n) = netid_of(handle, id, grpc_port) {
+                    if let Ok(Ok(s)) =
+                        tokio::time::timeout(Duration::from_secs(1), store.remote_status(n)).await
+                    {
+                        if let Some(l) = s.leader {
+                            found = Some(l);
+                            break;
+                        }
+                    }
+                }
+            }
+            found
+        }
+    };
+    if let Some(l) = leader {
+        if l.id != view.node {
+            match tokio::time::timeout(Duration::from_secs(2), store.remote_status(l.netid)).await {
+                Ok(Ok(s)) => view = s,
+                other => debug!(?other, "the store leader did not answer its status"),
+            }
+        }
+    }
+    let lag = view.lag.clone().unwrap_or_default();
+    let addr = |id: u64| {
+        flock_addr_of(handle, id)
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    };
+    Ok(pb::StoreStatusResponse {
+        leader_addr: view.leader.map(|l| addr(l.id)).unwrap_or_default(),
+        leader_id: view
+            .leader
+            .map(|l| format!("{:016x}", l.id))
+            .unwrap_or_default(),
+        term: view.term,
+        initialized: !view.voters.is_empty(),
+        voters: view
+            .voters
+            .iter()
+            .map(|m| pb::StoreVoter {
+                id: format!("{:016x}", m.id),
+                addr: addr(m.id),
+                lag: lag.get(&m.id).copied(),
+            })
+            .collect(),
+        last_applied: view.last_applied.unwrap_or(0),
+        last_log: view.last_log_index.unwrap_or(0),
+        voter,
+        role: view.role,
+    })
+}
