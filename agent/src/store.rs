@@ -166,6 +166,9 @@ pub async fn supervise(
         let current = known_voters(&store, &handle, grpc_port).await;
         let want = choose(&current, &nodes, grace);
         if want == current {
+            if !current.is_empty() {
+                add_learners(&store, &handle, grpc_port, &nodes).await;
+            }
             continue;
         }
         let Some(addrs) = want
@@ -188,6 +191,48 @@ pub async fn supervise(
         match r {
             Ok(()) => info!(voters = ?want, "store voters set"),
             Err(e) => warn!(error = %e, "store voters not changed; will retry"),
+        }
+    }
+}
+
+/// Makes every live member that is not a voter a learner: it then holds the data (local reads)
+/// and knows the leader, and a voter that was replaced while it was down learns that it no
+/// longer votes instead of calling elections nobody answers.
+async fn add_learners(
+    store: &Store,
+    handle: &DriverHandle,
+    grpc_port: u16,
+    nodes: &BTreeMap<u64, Seen>,
+) {
+    // The group as its leader knows it.
+    let mut view = store.status();
+    if let Some(l) = view.leader.filter(|l| l.id != view.node) {
+        match tokio::time::timeout(Duration::from_secs(1), store.remote_status(l.netid)).await {
+            Ok(Ok(s)) => view = s,
+            _ => return,
+        }
+    }
+    if view.voters.is_empty() || view.leader.is_none() {
+        return;
+    }
+    let known: BTreeSet<u64> = view
+        .voters
+        .iter()
+        .chain(view.learners.iter())
+        .map(|m| m.id)
+        .collect();
+    for (id, seen) in nodes {
+        if *seen != Seen::Live || known.contains(id) {
+            continue;
+        }
+        let Some(netid) = netid_of(handle, *id, grpc_port) else {
+            continue;
+        };
+        match store.add_learner(*id, netid).await {
+            Ok(()) => info!(node = format!("{id:016x}"), "store learner added"),
+            Err(e) => {
+                debug!(node = format!("{id:016x}"), error = %e, "store learner not added yet")
+            }
         }
     }
 }

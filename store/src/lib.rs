@@ -472,10 +472,9 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner()) = leader;
     }
 
-    /// The outside leader, while this node knows no voters of its own.
-    fn outside_leader(&self) -> Option<Member> {
-        let no_voters = self
-            .inner
+    /// Whether this node knows no voters (it is outside the group, or there is none yet).
+    fn knows_no_voters(&self) -> bool {
+        self.inner
             .raft
             .metrics()
             .borrow()
@@ -483,8 +482,12 @@ impl Store {
             .membership()
             .voter_ids()
             .next()
-            .is_none();
-        if !no_voters {
+            .is_none()
+    }
+
+    /// The outside leader, while this node knows no voters of its own.
+    fn outside_leader(&self) -> Option<Member> {
+        if !self.knows_no_voters() {
             return None;
         }
         *self
@@ -514,6 +517,14 @@ impl Store {
                 Some(l) => Some(l),
                 None => match self.outside_leader() {
                     Some(l) => Some(l),
+                    // Outside the group, a leader is learned from others: look again shortly.
+                    None if self.knows_no_voters() => {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                     None => self.wait_leader(None, deadline).await,
                 },
             };

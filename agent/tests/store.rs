@@ -1,0 +1,199 @@
+//! End-to-end tests of the durable store (issue 7) with real `crux agent` processes on loopback:
+//! a muster entry added on one node is found on every node; kill -9 of the Raft leader keeps the
+//! entry and new writes succeed within 10 s; a voter killed for longer than the grace period is
+//! replaced; a restart of every agent keeps every entry.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use crux_tests::cluster::Cluster;
+use serde::Deserialize;
+
+const BIN: &str = env!("CARGO_BIN_EXE_crux");
+const PRESET: &str = "local";
+const CONVERGE: Duration = Duration::from_secs(30);
+const GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)]
+struct Status {
+    leader_addr: String,
+    leader_id: String,
+    term: u64,
+    voters: Vec<String>,
+    voter_ids: Vec<String>,
+    last_applied: u64,
+    initialized: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)]
+struct Entry {
+    horde: String,
+    api: String,
+    inst: String,
+    filename: String,
+    function: String,
+}
+
+#[allow(clippy::disallowed_methods)]
+fn now() -> Instant {
+    Instant::now()
+}
+
+fn digest() -> String {
+    format!("sha256:{}", "cd".repeat(32))
+}
+
+fn status(c: &Cluster, k: usize) -> Result<Status, String> {
+    let out = c.cli(k, &["store", "status", "--json"]);
+    if !out.status.success() {
+        return Err(format!(
+            "node{k}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("node{k}: {e}"))
+}
+
+fn add(c: &Cluster, k: usize, inst: &str) -> Result<(), String> {
+    let d = digest();
+    let out = c.cli(
+        k,
+        &[
+            "muster",
+            "add",
+            "--api",
+            "galumph2",
+            "--inst",
+            inst,
+            "--file",
+            &d,
+            "--function",
+            inst,
+        ],
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "node{k}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn search(c: &Cluster, k: usize) -> Result<BTreeSet<String>, String> {
+    let out = c.cli(k, &["muster", "search", "--api", "galumph2", "--json"]);
+    if !out.status.success() {
+        return Err(format!(
+            "node{k}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let v: Vec<Entry> = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok(v.into_iter().map(|e| e.inst).collect())
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// Three voters among five nodes, entries seen everywhere, the Raft leader's kill -9, a voter's
+/// replacement after the grace period, and a restart of all five.
+#[test]
+fn muster_survives_leader_loss_voter_loss_and_a_full_restart() {
+    let mut c = Cluster::new(BIN, 1, 5, PRESET);
+    for k in 1..=5 {
+        c.append_config(
+            k,
+            &format!("[store]\nvoter_grace = \"{}s\"\n", GRACE.as_secs()),
+        );
+    }
+    c.start_all();
+    let all = [1, 2, 3, 4, 5];
+    c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
+    let st = c.wait_for("three voters", CONVERGE, || {
+        let s = status(&c, 1)?;
+        if s.voters.len() == 3 && !s.leader_addr.is_empty() {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+
+    // Added on one node (a non-voter if there is one), found on every node.
+    let outsider = (1..=5)
+        .find(|k| !st.voter_ids.contains(&c.node_id(*k).unwrap()))
+        .expect("two non-voters");
+    add(&c, outsider, "galumph2_1").expect("add");
+    for k in all {
+        assert_eq!(
+            search(&c, k).expect("search"),
+            set(&["galumph2_1"]),
+            "node{k}"
+        );
+    }
+
+    // kill -9 of the Raft leader: the entry is still there and a new write succeeds within 10 s.
+    let leader = c
+        .index_of(&st.leader_id)
+        .expect("the Raft leader is one of ours");
+    c.kill9(leader);
+    let killed = now();
+    let rest: Vec<usize> = all.iter().copied().filter(|k| *k != leader).collect();
+    let asker = rest[0];
+    c.wait_for(
+        "a write after the leader's loss",
+        Duration::from_secs(10),
+        || add(&c, asker, "galumph2_2"),
+    );
+    let took = killed.elapsed();
+    eprintln!("first successful write {took:?} after the Raft leader's kill -9");
+    assert!(took <= Duration::from_secs(10));
+    for &k in &rest {
+        assert_eq!(
+            search(&c, k).expect("search"),
+            set(&["galumph2_1", "galumph2_2"]),
+            "node{k}"
+        );
+    }
+
+    // The killed voter is replaced by a live member once the flock has held it dead for the
+    // grace period.
+    let dead_id = st.leader_id.clone();
+    let replaced = c.wait_for("the dead voter replaced", CONVERGE, || {
+        let s = status(&c, asker)?;
+        if s.voter_ids.len() == 3 && !s.voter_ids.contains(&dead_id) {
+            Ok(s)
+        } else {
+            Err(format!("voters {:?}", s.voter_ids))
+        }
+    });
+    for id in &replaced.voter_ids {
+        assert!(
+            c.index_of(id).is_some_and(|k| k != leader),
+            "{id} is a live node"
+        );
+    }
+
+    // The old leader comes back; then every agent is restarted: all entries are still there.
+    c.start(leader);
+    c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
+    add(&c, leader, "galumph2_3").expect("add through the returned node");
+    for k in all {
+        c.kill9(k);
+    }
+    c.start_all();
+    c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
+    let want = set(&["galumph2_1", "galumph2_2", "galumph2_3"]);
+    c.wait_for("every entry after a restart of all five", CONVERGE, || {
+        for k in all {
+            let got = search(&c, k)?;
+            if got != want {
+                return Err(format!("node{k}: {got:?}"));
+            }
+        }
+        Ok(())
+    });
+}
