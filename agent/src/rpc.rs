@@ -206,6 +206,17 @@ impl Reeve for Service {
 
     type HeartbeatStream = crux_reeve::HeartbeatStream;
     type WatchStream = crux_reeve::WatchStream;
+    type DocWatchStream = crate::store::DocStream;
+
+    async fn doc_watch(
+        &self,
+        req: Request<pb::DocWatchRequest>,
+    ) -> Result<Response<Self::DocWatchStream>, Status> {
+        Ok(Response::new(crate::store::doc_watch(
+            &self.state.store,
+            req.into_inner(),
+        )))
+    }
 
     async fn register(
         &self,

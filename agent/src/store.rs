@@ -423,3 +423,86 @@ pub async fn store_status(
         role: view.role,
     })
 }
+
+/// The stream `DocWatch` answers with.
+pub type DocStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::DocEvent, Status>> + Send + 'static>,
+>;
+
+fn listing(store: &Store, prefix: &str) -> Vec<pb::DocEvent> {
+    let docs = match store.local(Query::DocList {
+        prefix: prefix.to_string(),
+    }) {
+        QueryResult::Docs(d) => d,
+        _ => Vec::new(),
+    };
+    let mut out: Vec<pb::DocEvent> = docs
+        .into_iter()
+        .map(|(key, value, generation)| pb::DocEvent {
+            key,
+            value,
+            generation,
+            ..Default::default()
+        })
+        .collect();
+    match out.first_mut() {
+        Some(first) => first.reset = true,
+        None => out.push(pb::DocEvent {
+            reset: true,
+            ..Default::default()
+        }),
+    }
+    out
+}
+
+/// `DocWatch`: the documents under `prefix` in this node's copy, then each change.
+pub fn doc_watch(store: &Store, req: pb::DocWatchRequest) -> DocStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut changes = store.changes();
+    let store = store.clone();
+    tokio::spawn(async move {
+        let prefix = req.prefix;
+        for e in listing(&store, &prefix) {
+            if tx.send(Ok(e)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let c = tokio::select! {
+                _ = tx.closed() => return,
+                c = changes.recv() => c,
+            };
+            let events = match c {
+                Ok(crux_store::Change::DocPut {
+                    key,
+                    value,
+                    generation,
+                }) if key.starts_with(&prefix) => vec![pb::DocEvent {
+                    key,
+                    value,
+                    generation,
+                    ..Default::default()
+                }],
+                Ok(crux_store::Change::DocDeleted { key }) if key.starts_with(&prefix) => {
+                    vec![pb::DocEvent {
+                        key,
+                        deleted: true,
+                        ..Default::default()
+                    }]
+                }
+                Ok(crux_store::Change::Reset)
+                | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    listing(&store, &prefix)
+                }
+                Ok(_) => Vec::new(),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            for e in events {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

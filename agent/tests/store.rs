@@ -135,6 +135,9 @@ fn muster_survives_leader_loss_voter_loss_and_a_full_restart() {
         );
     }
 
+    // Documents: compare-and-swap on the generation, and a watch on another node sees the write.
+    docs_cas_and_watch(&c, outsider, if outsider == 1 { 2 } else { 1 });
+
     // kill -9 of the Raft leader: the entry is still there and a new write succeeds within 10 s.
     let leader = c
         .index_of(&st.leader_id)
@@ -195,5 +198,79 @@ fn muster_survives_leader_loss_voter_loss_and_a_full_restart() {
             }
         }
         Ok(())
+    });
+}
+
+fn docs_cas_and_watch(c: &Cluster, writer: usize, watcher: usize) {
+    use crux_proto::grpc::reeve::v1 as pb;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = |k: usize| {
+            let socket = c.agent(k).socket.clone();
+            async move {
+                let ch = crux_reeve::client::socket_channel(&socket, Duration::from_secs(5))
+                    .await
+                    .expect("socket");
+                pb::reeve_client::ReeveClient::new(ch)
+            }
+        };
+        let mut w = client(writer).await;
+        let mut watch = client(watcher)
+            .await
+            .doc_watch(pb::DocWatchRequest {
+                prefix: "intent/".into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = watch.message().await.expect("watch").expect("event");
+        assert!(first.reset, "a watch starts with a listing: {first:?}");
+        let put = |value: &str, gen: u64| pb::DocPutRequest {
+            key: "intent/galumph2".into(),
+            value: value.into(),
+            if_generation: gen,
+            unconditional: false,
+        };
+        let a = w.doc_put(put("v1", 0)).await.expect("put").into_inner();
+        assert!(a.written, "created: {a:?}");
+        let stale = w.doc_put(put("v1b", 0)).await.expect("put").into_inner();
+        assert!(!stale.written, "only if absent");
+        assert_eq!(stale.generation, a.generation);
+        let b = w
+            .doc_put(put("v2", a.generation))
+            .await
+            .expect("put")
+            .into_inner();
+        assert!(b.written && b.generation > a.generation, "{b:?}");
+        let lost = w
+            .doc_put(put("v3", a.generation))
+            .await
+            .expect("put")
+            .into_inner();
+        assert!(!lost.written, "a stale generation loses");
+        let got = w
+            .doc_get(pb::DocGetRequest {
+                key: "intent/galumph2".into(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!((got.value.as_str(), got.generation), ("v2", b.generation));
+        // The watcher on another node saw v1 then v2.
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let e = tokio::time::timeout(Duration::from_secs(10), watch.message())
+                .await
+                .expect("a watch event in time")
+                .expect("watch")
+                .expect("event");
+            if e.key == "intent/galumph2" {
+                seen.push(e.value);
+            }
+        }
+        assert_eq!(seen, ["v1", "v2"]);
     });
 }
