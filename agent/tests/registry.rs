@@ -233,7 +233,10 @@ fn registry_on_five_nodes() {
                     .map_err(|e| format!("connect: {e}"))?;
             let mut client = crux_proto::grpc::steward::v1::steward_client::StewardClient::new(ch);
             client
-                .table(crux_proto::grpc::steward::v1::TableRequest::default())
+                .table(crux_proto::grpc::steward::v1::TableRequest {
+                    api: "galumph2".into(),
+                    ..Default::default()
+                })
                 .await
                 .map(|r| r.into_inner().instances.len())
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
