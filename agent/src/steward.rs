@@ -108,6 +108,22 @@ pub async fn serve(
         .add_service(StewardService::new(current, admit).into_server())
         .add_service(pastiche.into_server())
         .add_service(store)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(no_delay(listener), shutdown.cancelled_owned())
         .await
+}
+
+/// The accepted connections of `listener` with Nagle's algorithm off. (The server builder's
+/// `tcp_nodelay` applies only to listeners it binds itself; without this, small messages such as
+/// registry changes wait up to 40 ms for the peer's delayed ACK.)
+fn no_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        Ok(conn)
+    })
 }
