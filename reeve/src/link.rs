@@ -98,7 +98,8 @@ pub async fn run(reeve: Arc<Reeve>, shutdown: CancellationToken) {
             }
         }
         reeve.set_status(LinkStatus::default());
-        if shutdown.is_cancelled() {
+        // The flock's view of the steward is gone (the agent is stopping): do not relink.
+        if shutdown.is_cancelled() || targets.has_changed().is_err() {
             break;
         }
     }

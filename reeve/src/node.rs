@@ -246,7 +246,7 @@ impl Reeve {
     pub(crate) fn next_batch(&self, beats: bool) -> Option<ReeveBatch> {
         let now = Instant::now();
         let mut g = self.lock();
-        let ids: Vec<String> = g.pending_put.drain().collect();
+        let ids: HashSet<String> = g.pending_put.drain().collect();
         let put: Vec<Instance> = ids
             .iter()
             .filter_map(|id| g.locals.get(id))
@@ -260,7 +260,7 @@ impl Reeve {
         let beats: Vec<Beat> = if beats {
             g.locals
                 .iter()
-                .filter(|(id, l)| !l.expired && !ids.contains(id))
+                .filter(|(id, l)| !l.expired && !ids.contains(*id))
                 .map(|(id, l)| Beat {
                     id: id.clone(),
                     state: l.record.state,
