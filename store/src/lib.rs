@@ -564,17 +564,7 @@ impl Store {
                 break;
             }
         }
-        if self
-            .inner
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .next()
-            .is_none()
-        {
+        if self.knows_no_voters() {
             return Err(StoreError::NotInitialized);
         }
         Err(StoreError::NoQuorum(format!(
