@@ -605,7 +605,8 @@ impl Reeve {
             return Err(invalid("selector must not be empty"));
         }
         let g = self.lock();
-        let instances = select(g.replica.iter(), &sel, &req.horde, req.live_only);
+        let candidates: Vec<&Instance> = g.replica.candidates(&sel, &req.horde).collect();
+        let instances = select(candidates.into_iter(), &sel, &req.horde, req.live_only);
         Ok(rpb::LookupResponse {
             instances,
             revision: g.replica.revision(),

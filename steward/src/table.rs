@@ -36,6 +36,9 @@ impl Change {
 #[derive(Debug)]
 pub struct Table {
     map: HashMap<String, Instance>,
+    /// Ids by (horde, api) and by (horde, inst), so that a lookup reads only what it selects.
+    by_api: HashMap<(String, String), std::collections::HashSet<String>>,
+    by_inst: HashMap<(String, String), std::collections::HashSet<String>>,
     revision: u64,
     log: VecDeque<Arc<Change>>,
     log_len: usize,
@@ -66,6 +69,8 @@ impl Table {
     pub fn new() -> Table {
         Table {
             map: HashMap::new(),
+            by_api: HashMap::new(),
+            by_inst: HashMap::new(),
             revision: 0,
             log: VecDeque::new(),
             log_len: 0,
@@ -151,16 +156,70 @@ impl Table {
             }
             i.revision = next;
             i.valid_for_ms = 0;
-            self.map.insert(i.id.clone(), i.clone());
+            if let Some(old) = self.map.insert(i.id.clone(), i.clone()) {
+                self.unindex(&old);
+            }
+            self.index(&i);
             change.put.push(i);
         }
         for id in remove {
             if let Some(old) = self.map.remove(id) {
+                self.unindex(&old);
                 change.put.retain(|p| &p.id != id);
                 change.remove.push(old);
             }
         }
         self.publish(change)
+    }
+
+    fn index(&mut self, i: &Instance) {
+        for (map, name) in [(&mut self.by_api, &i.api), (&mut self.by_inst, &i.inst)] {
+            map.entry((i.horde.clone(), name.clone()))
+                .or_default()
+                .insert(i.id.clone());
+        }
+    }
+
+    fn unindex(&mut self, i: &Instance) {
+        for (map, name) in [(&mut self.by_api, &i.api), (&mut self.by_inst, &i.inst)] {
+            let key = (i.horde.clone(), name.clone());
+            if let Some(set) = map.get_mut(&key) {
+                set.remove(&i.id);
+                if set.is_empty() {
+                    map.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The instances `selector` can pick in `horde` (a superset of its matches, read from the
+    /// indexes; every instance of the horde for [`crate::Selector::All`]).
+    pub fn candidates<'a>(
+        &'a self,
+        selector: &crate::Selector,
+        horde: &str,
+    ) -> Box<dyn Iterator<Item = &'a Instance> + 'a> {
+        use crate::Selector;
+        let horde = crate::select::horde_or_default(horde).to_string();
+        let ids = |map: &'a HashMap<(String, String), std::collections::HashSet<String>>,
+                   name: &str| {
+            map.get(&(horde.clone(), name.to_string()))
+                .into_iter()
+                .flatten()
+                .filter_map(|id| self.map.get(id))
+        };
+        match selector {
+            Selector::Api(a) => Box::new(ids(&self.by_api, a)),
+            Selector::Inst(n) => Box::new(ids(&self.by_inst, n)),
+            Selector::Name(n) => {
+                if self.by_inst.contains_key(&(horde.clone(), n.clone())) {
+                    Box::new(ids(&self.by_inst, n))
+                } else {
+                    Box::new(ids(&self.by_api, n))
+                }
+            }
+            Selector::All => Box::new(self.map.values().filter(move |i| i.horde == horde)),
+        }
     }
 
     /// Makes the table equal to `instances` (a snapshot from elsewhere), as one change set of the
@@ -248,6 +307,31 @@ mod tests {
         }
         assert!(t.since(1).is_none());
         assert!(t.since(t.revision() - 5).is_some());
+    }
+
+    #[test]
+    fn the_indexes_follow_every_change() {
+        use crate::Selector;
+        let mut t = Table::new();
+        t.commit(vec![inst("1", "x:1"), inst("2", "x:2")], &[]);
+        let ids = |t: &Table, s: &str| {
+            let mut v: Vec<String> = t
+                .candidates(&Selector::parse(s).unwrap(), "")
+                .map(|i| i.id.clone())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(&t, "a"), ["1", "2"]);
+        assert_eq!(ids(&t, "a_2"), ["2"]);
+        assert_eq!(ids(&t, "inst:a_1"), ["1"]);
+        t.commit(vec![], &["1".into()]);
+        assert_eq!(ids(&t, "api:a"), ["2"]);
+        t.replace_all(vec![inst("3", "x:3")]);
+        assert_eq!(ids(&t, "a"), ["3"]);
+        assert!(ids(&t, "a_2").is_empty());
+        assert!(t.candidates(&Selector::All, "other").next().is_none());
+        assert_eq!(t.candidates(&Selector::All, "").count(), 1);
     }
 
     #[test]
