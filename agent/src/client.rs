@@ -33,6 +33,13 @@ pub struct JsonArg {
 
 /// Connects to the agent's socket, with errors a person can act on.
 pub async fn connect(path: &Path) -> anyhow::Result<ReeveClient<Channel>> {
+    Ok(ReeveClient::new(channel(path, Some(CALL_TIMEOUT)).await?))
+}
+
+/// A channel to the agent's socket, with errors a person can act on. `request_timeout` bounds
+/// each call until its answer starts (None for calls that may rightly take long, such as a
+/// pastiche get that pulls a large blob first).
+pub async fn channel(path: &Path, request_timeout: Option<Duration>) -> anyhow::Result<Channel> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => anyhow!(
             "no agent socket at {} (is `crux agent` running? It opens the socket once it is in \
@@ -46,9 +53,11 @@ pub async fn connect(path: &Path) -> anyhow::Result<ReeveClient<Channel>> {
         return Err(anyhow!("{} is not a socket", path.display()));
     }
     let owned = path.to_path_buf();
-    let channel = Endpoint::from_static("http://crux.local")
-        .connect_timeout(CALL_TIMEOUT)
-        .timeout(CALL_TIMEOUT)
+    let mut endpoint = Endpoint::from_static("http://crux.local").connect_timeout(CALL_TIMEOUT);
+    if let Some(t) = request_timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let p = owned.clone();
             async move { tokio::net::UnixStream::connect(p).await.map(TokioIo::new) }
@@ -69,8 +78,7 @@ pub async fn connect(path: &Path) -> anyhow::Result<ReeveClient<Channel>> {
                 ),
                 _ => anyhow!("cannot connect to agent socket {}: {e}", path.display()),
             }
-        })?;
-    Ok(ReeveClient::new(channel))
+        })
 }
 
 /// A gRPC error as a message for people.

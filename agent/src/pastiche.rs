@@ -103,11 +103,8 @@ pub enum PasticheCmd {
 }
 
 async fn cache(socket: &Path) -> anyhow::Result<CacheClient<tonic::transport::Channel>> {
-    let c = crate::client::connect(socket).await?;
-    drop(c);
-    let ch = crux_reeve::client::socket_channel(socket, crate::client::CALL_TIMEOUT)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    // No per-call timeout: a get answers once its pull is done, however long that takes.
+    let ch = crate::client::channel(socket, None).await?;
     Ok(CacheClient::new(ch)
         .max_decoding_message_size(crux_pastiche::serve::MESSAGE_MAX)
         .max_encoding_message_size(crux_pastiche::serve::MESSAGE_MAX))

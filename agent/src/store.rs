@@ -30,17 +30,7 @@ pub fn status(e: StoreError) -> Status {
     }
 }
 
-/// The NetID of node `id` (its flock IP and the node gRPC port), if the flock knows it.
-fn netid_of(handle: &DriverHandle, id: u64, grpc_port: u16) -> Option<SocketAddr> {
-    handle
-        .snapshot()
-        .members
-        .iter()
-        .find(|m| m.info.id.0 == id)
-        .map(|m| SocketAddr::new(m.info.addr.ip(), grpc_port))
-}
-
-/// The flock address of node `id`.
+/// The flock address of node `id`, if the flock knows it.
 fn flock_addr_of(handle: &DriverHandle, id: u64) -> Option<SocketAddr> {
     handle
         .snapshot()
@@ -50,6 +40,35 @@ fn flock_addr_of(handle: &DriverHandle, id: u64) -> Option<SocketAddr> {
         .map(|m| m.info.addr)
 }
 
+/// The NetID of node `id`: its flock IP and the node gRPC port.
+fn netid_of(handle: &DriverHandle, id: u64, grpc_port: u16) -> Option<SocketAddr> {
+    flock_addr_of(handle, id).map(|a| SocketAddr::new(a.ip(), grpc_port))
+}
+
+/// The store status of the first other live member that is in a Raft group (it knows voters)
+/// and that `want` accepts, each asked with `timeout`.
+async fn ask_members(
+    store: &Store,
+    handle: &DriverHandle,
+    grpc_port: u16,
+    timeout: Duration,
+    want: impl Fn(&StoreStatus) -> bool,
+) -> Option<StoreStatus> {
+    let snap = handle.snapshot();
+    for m in snap.members.iter().filter(|m| {
+        m.info.id != snap.identity.id
+            && matches!(m.info.state, MemberState::Alive | MemberState::Suspect)
+    }) {
+        let netid = SocketAddr::new(m.info.addr.ip(), grpc_port);
+        if let Ok(Ok(s)) = tokio::time::timeout(timeout, store.remote_status(netid)).await {
+            if !s.voters.is_empty() && want(&s) {
+                return Some(s);
+            }
+        }
+    }
+    None
+}
+
 /// The voters the group has, as this node knows them, or as a live member that is in the group
 /// knows them (a node outside the group sees none). Empty: no group anywhere it could ask.
 async fn known_voters(store: &Store, handle: &DriverHandle, grpc_port: u16) -> BTreeSet<u64> {
@@ -57,20 +76,10 @@ async fn known_voters(store: &Store, handle: &DriverHandle, grpc_port: u16) -> B
     if !mine.is_empty() {
         return mine;
     }
-    let snap = handle.snapshot();
-    for m in snap.members.iter().filter(|m| {
-        m.info.id != snap.identity.id
-            && matches!(m.info.state, MemberState::Alive | MemberState::Suspect)
-    }) {
-        let netid = SocketAddr::new(m.info.addr.ip(), grpc_port);
-        let asked = tokio::time::timeout(Duration::from_secs(1), store.remote_status(netid)).await;
-        if let Ok(Ok(s)) = asked {
-            if !s.voters.is_empty() {
-                return s.voters.iter().map(|m| m.id).collect();
-            }
-        }
-    }
-    BTreeSet::new()
+    ask_members(store, handle, grpc_port, Duration::from_secs(1), |_| true)
+        .await
+        .map(|s| s.voters.iter().map(|m| m.id).collect())
+        .unwrap_or_default()
 }
 
 /// On every node: while this node is outside the Raft group (it knows no voters), learns the
@@ -92,22 +101,15 @@ pub async fn follow_leader(
         if !store.status().voters.is_empty() {
             continue;
         }
-        let snap = handle.snapshot();
-        let mut leader = None;
-        for m in snap.members.iter().filter(|m| {
-            m.info.id != snap.identity.id
-                && matches!(m.info.state, MemberState::Alive | MemberState::Suspect)
-        }) {
-            let netid = SocketAddr::new(m.info.addr.ip(), grpc_port);
-            if let Ok(Ok(s)) =
-                tokio::time::timeout(Duration::from_millis(500), store.remote_status(netid)).await
-            {
-                if let Some(l) = s.leader.filter(|_| !s.voters.is_empty()) {
-                    leader = Some(l);
-                    break;
-                }
-            }
-        }
+        let leader = ask_members(
+            &store,
+            &handle,
+            grpc_port,
+            Duration::from_millis(500),
+            |s| s.leader.is_some(),
+        )
+        .await
+        .and_then(|s| s.leader);
         store.set_outside_leader(leader);
     }
 }
