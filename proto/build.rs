@@ -13,6 +13,8 @@ fn grpc() {
         "proto/crux/reeve/v1/reeve.proto",
         "proto/crux/pastiche/v1/pastiche.proto",
         "proto/crux/store/v1/store.proto",
+        "proto/crux/plugin/v1/plugin.proto",
+        "proto/crux/proctor/v1/proctor.proto",
     ];
     for f in FILES {
         println!("cargo:rerun-if-changed={f}");

@@ -5,6 +5,8 @@
 //! * [`steward::v1`]: the node-to-node registry API the leader serves on the node gRPC port.
 //! * [`pastiche::v1`]: the content-addressed cache: pieces between nodes, and the local API.
 //! * [`store::v1`]: the Raft-replicated store between nodes (Raft RPCs, forwarding, status).
+//! * [`plugin::v1`]: what a plugin process serves to picket (Shutdown, next to grpc.health.v1).
+//! * [`proctor::v1`]: placement: dean sync, proctor status, and the local placement API.
 #![cfg(feature = "grpc")]
 
 /// The reeve API.
@@ -40,5 +42,23 @@ pub mod store {
     pub mod v1 {
         #![allow(missing_docs, clippy::all, clippy::pedantic)]
         tonic::include_proto!("crux.store.v1");
+    }
+}
+
+/// The plugin control API.
+pub mod plugin {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("crux.plugin.v1");
+    }
+}
+
+/// The placement API.
+pub mod proctor {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("crux.proctor.v1");
     }
 }
