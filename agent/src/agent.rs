@@ -8,8 +8,10 @@
 //!    the local socket (gRPC) opens. Registrations are accepted at once.
 //! 3. **steward**: the node gRPC port serves the steward while this node leads (started and
 //!    stopped as leadership moves), admitting only live members.
-//! 4. **picket**, 5. **proctor/dean**: present as steps; their services land with their own
-//!    issues.
+//! 4. **picket**: re-adopts the plugins a previous agent left running; the built-in services
+//!    (pastiche1) start.
+//! 5. **proctor/dean**: the dean on every node carries out its assignment; the proctor runs on the
+//!    flock leader (started and stopped as leadership moves).
 //!
 //! Ready (sd_notify `READY=1`, HTTP `/ready` → 200) only after step 5.
 
@@ -319,9 +321,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         &steps, &handle, &settings, began, listeners, &servers, &stop,
     )
     .await;
-    let tasks = match outcome {
-        Ok(Some(tasks)) => tasks,
-        Ok(None) => Vec::new(),
+    let (tasks, picket) = match outcome {
+        Ok(Some(up)) => (up.tasks, up.picket),
+        Ok(None) => (Vec::new(), None),
         Err(e) => {
             stop.cancel();
             let _ = driver_task.await;
@@ -338,6 +340,17 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         Exit::LeaveTimedOut => warn!("leave not confirmed within {:?}", settings.leave_timeout),
     }
     servers.cancel();
+    if let Some(p) = picket {
+        if settings.picket.stop_children_on_exit {
+            info!("stopping the plugins (picket.stop_children_on_exit)");
+            p.stop_all().await;
+        } else if !p.units().is_empty() {
+            info!(
+                plugins = p.units().len(),
+                "plugins keep running; the next agent start re-adopts them"
+            );
+        }
+    }
     // Open client connections get a moment to finish; a stuck one does not hold the exit.
     let drain = Duration::from_secs(2);
     for t in tasks {
@@ -354,6 +367,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
 type ServerTask = tokio::task::JoinHandle<()>;
 
+/// What bootstrap brought up.
+struct Up {
+    tasks: Vec<ServerTask>,
+    picket: Option<crux_picket::runner::Picket>,
+}
+
 /// Listeners bound before the node joins, served from their bootstrap step on.
 struct Listeners {
     grpc: TcpListener,
@@ -361,6 +380,7 @@ struct Listeners {
 }
 
 /// Steps 1 (the wait for a flock) to 5. `Ok(None)`: a signal came first.
+#[allow(clippy::too_many_lines)]
 async fn bootstrap(
     steps: &Steps,
     handle: &DriverHandle,
@@ -369,7 +389,7 @@ async fn bootstrap(
     listeners: Listeners,
     servers: &CancellationToken,
     stop: &CancellationToken,
-) -> anyhow::Result<Option<Vec<ServerTask>>> {
+) -> anyhow::Result<Option<Up>> {
     // Step 1 ends once this node is in a flock with a known leader (its own, if alone).
     let mut watch = handle.watch();
     let mut waited = Duration::ZERO;
@@ -413,7 +433,14 @@ async fn bootstrap(
     let cache =
         crux_pastiche::cache::CacheService::new(store.clone(), puller.clone(), reeve.clone());
     let listener = crate::rpc::bind(&settings.socket).await?;
-    let local = crate::rpc::serve(listener, steps.state.clone(), cache, servers.clone());
+    let (placement_tx, placement_rx) = tokio::sync::watch::channel(None);
+    let local = crate::rpc::serve(
+        listener,
+        steps.state.clone(),
+        cache,
+        placement_rx,
+        servers.clone(),
+    );
     tasks.push(tokio::spawn(async move {
         if let Err(e) = local.await {
             warn!(error = %e, "local API server ended");
@@ -475,12 +502,15 @@ async fn bootstrap(
         Duration::from_secs(1),
         servers.clone(),
     ));
+    let (dean_tx, dean_rx) = tokio::sync::watch::channel(None);
+    let (status_tx, status_rx) = tokio::sync::watch::channel(None);
     let node_server = crate::steward::serve(
         listeners.grpc,
         admit.clone(),
         current_rx,
         peer,
-        durable.service(admit),
+        durable.service(admit.clone()),
+        crate::proctor::PlacementNode::new(dean_rx, status_rx.clone(), admit),
         servers.clone(),
     );
     tasks.push(tokio::spawn(async move {
@@ -502,16 +532,31 @@ async fn bootstrap(
         ),
     );
 
-    // Step 4: built-in services (picket's runner comes with its issue): pastiche.
+    // Step 4: picket: re-adopts the plugins a previous agent left running; the built-ins.
     let began = now_instant();
+    let picket_dir = settings.data_dir.join("picket");
+    let picket = crux_picket::runner::Picket::open(crux_picket::runner::PicketConfig {
+        dir: picket_dir.clone(),
+        reeve_socket: settings.socket.clone(),
+        node_ip: netid.ip(),
+        grace: settings.picket.stop_grace,
+        handshake_timeout: Duration::from_secs(10),
+        backoff_min: settings.picket.backoff,
+        backoff_max: Duration::from_secs(30),
+        crash_loop: settings.picket.crash_loop,
+        stable: Duration::from_secs(10),
+    })
+    .await
+    .with_context(|| format!("opening picket in {}", picket_dir.display()))?;
+    let adopted = picket.units().len();
     tokio::spawn(crux_pastiche::cache::announce(
         store.clone(),
-        puller,
+        puller.clone(),
         reeve.clone(),
         Duration::from_secs(1),
         servers.clone(),
     ));
-    crate::pastiche::register_builtin(
+    let builtins = crate::pastiche::start_builtin(
         &reeve,
         netid,
         settings.registry.heartbeat_interval,
@@ -521,29 +566,58 @@ async fn bootstrap(
         4,
         began,
         &format!(
-            "built-in pastiche1 registered ({} of {} bytes used in {}); the plugin runner comes with picket",
+            "{adopted} plugin(s) re-adopted; built-in pastiche1 running ({} of {} bytes used in {})",
             store.used_bytes(),
             store.max_bytes(),
             settings.pastiche_dir.display()
         ),
     );
 
-    // Step 5: lands with its own issue.
-    let later = [(5, "proctor/dean: come with placement")];
-    for (n, detail) in later {
-        let began = now_instant();
-        if stop.is_cancelled() {
-            return Ok(Some(tasks));
-        }
-        steps.done(n, began, detail);
+    // Step 5: the dean here, the proctor while this node leads.
+    let began = now_instant();
+    if stop.is_cancelled() {
+        return Ok(Some(Up {
+            tasks,
+            picket: Some(picket),
+        }));
     }
+    let dean = crate::dean::Dean::new(crate::dean::DeanParts {
+        node: snap.identity.id.to_string(),
+        attributes: crate::dean::attributes(netid.ip(), &settings.node_attributes),
+        picket: picket.clone(),
+        pastiche: store.clone(),
+        puller,
+        store: durable.clone(),
+        dir: picket_dir,
+        failed_hold: settings.picket.failed_hold,
+    })?;
+    dean_tx.send_replace(Some(dean.clone()));
+    tokio::spawn(dean.clone().run(servers.clone()));
+    tokio::spawn(crate::proctor::supervise(
+        handle.clone(),
+        durable.clone(),
+        dean.clone(),
+        settings.grpc_port,
+        status_tx,
+        servers.clone(),
+    ));
+    placement_tx.send_replace(Some(crate::placement::PlacementLocal::new(
+        steps.state.clone(),
+        dean,
+        status_rx,
+        builtins,
+    )));
+    steps.done(5, began, "dean running; the proctor runs on the leader");
     steps.state.set_ready();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(
         elapsed_ms = steps.start.elapsed().as_millis() as u64,
         "ready"
     );
-    Ok(Some(tasks))
+    Ok(Some(Up {
+        tasks,
+        picket: Some(picket),
+    }))
 }
 
 /// The steward the reeve should link to, following the flock's leader: its id, term and NetID

@@ -125,7 +125,8 @@ pub fn state_name(s: i32) -> &'static str {
     }
 }
 
-fn table(header: &[&str]) -> Table {
+/// A table in the CLI's style.
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_header(header.to_vec());

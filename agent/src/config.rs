@@ -205,6 +205,50 @@ impl Default for StoreSection {
     }
 }
 
+/// This node (`[node]` table).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Attributes placement expressions test (`[node.attributes]`: `rack = "r7"`, `ssd = true`,
+    /// `mem_gb = 64`): strings, numbers and booleans. They add to (and may replace) the built-ins
+    /// `host` (this node's flock IP), `os`, `arch`, `cpus` and `mem_gb`.
+    pub attributes: std::collections::BTreeMap<String, toml::Value>,
+}
+
+/// Picket, the service runner (`[picket]` table).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PicketSection {
+    /// How long a plugin has to exit after its Shutdown call and SIGTERM before its process group
+    /// gets SIGKILL.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// Consecutive quick exits after which a plugin is reported failed and not restarted.
+    pub crash_loop: u32,
+    /// Shortest restart back-off (it doubles up to 30 s).
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+    /// How long a node leaves a unit that failed there before trying it again (doubling on each
+    /// new failure, up to 10 minutes); placement prefers other nodes meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub failed_hold: Duration,
+    /// Stop the plugins when the agent stops. Off by default: plugins keep serving across an
+    /// agent restart, which re-adopts them.
+    pub stop_children_on_exit: bool,
+}
+
+impl Default for PicketSection {
+    fn default() -> Self {
+        PicketSection {
+            stop_grace: Duration::from_secs(5),
+            crash_loop: 5,
+            backoff: Duration::from_millis(500),
+            failed_hold: Duration::from_secs(60),
+            stop_children_on_exit: false,
+        }
+    }
+}
+
 /// The config as written: every source (file, environment, flags) fills this, unchecked.
 /// Field docs are the config reference (README.md "Config reference" mirrors them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -258,6 +302,10 @@ pub struct RawConfig {
     pub pastiche: PasticheConfig,
     /// The durable store.
     pub store: StoreSection,
+    /// This node's attributes.
+    pub node: NodeSection,
+    /// The service runner.
+    pub picket: PicketSection,
 }
 
 impl Default for RawConfig {
@@ -284,6 +332,8 @@ impl Default for RawConfig {
             registry: RegistryConfig::default(),
             pastiche: PasticheConfig::default(),
             store: StoreSection::default(),
+            node: NodeSection::default(),
+            picket: PicketSection::default(),
         }
     }
 }
@@ -371,6 +421,10 @@ pub struct Settings {
     pub pastiche_corrupt: bool,
     /// Store voter grace.
     pub store_voter_grace: Duration,
+    /// Node attributes from the config (the built-ins are added at start).
+    pub node_attributes: std::collections::BTreeMap<String, toml::Value>,
+    /// Service runner tunables.
+    pub picket: PicketSection,
 }
 
 impl RawConfig {
@@ -599,6 +653,44 @@ impl RawConfig {
         if pastiche_max == 0 {
             return err("pastiche.max_size", "must be greater than zero");
         }
+        for (k, v) in &self.node.attributes {
+            let field = format!("node.attributes.{k}");
+            if k.is_empty()
+                || !k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                || !k
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            {
+                return err(
+                    field,
+                    "an attribute name starts with a letter or `_` and has only letters, digits, `_`, `.` and `-`",
+                );
+            }
+            match v {
+                toml::Value::String(_)
+                | toml::Value::Integer(_)
+                | toml::Value::Float(_)
+                | toml::Value::Boolean(_) => {}
+                other => {
+                    return err(
+                        field,
+                        format!(
+                            "must be a string, a number or a boolean, not a {}",
+                            other.type_str()
+                        ),
+                    )
+                }
+            }
+        }
+        if self.picket.crash_loop == 0 {
+            return err("picket.crash_loop", "must be at least 1");
+        }
+        if self.picket.backoff.is_zero() {
+            return err("picket.backoff", "must be greater than zero");
+        }
+        if self.picket.stop_grace.is_zero() {
+            return err("picket.stop_grace", "must be greater than zero");
+        }
         Ok(Settings {
             keyring: self
                 .keyring
@@ -623,6 +715,8 @@ impl RawConfig {
             pastiche_max,
             pastiche_corrupt: self.pastiche.corrupt_serving_for_tests,
             store_voter_grace: self.store.voter_grace,
+            node_attributes: self.node.attributes.clone(),
+            picket: self.picket.clone(),
         })
     }
 
@@ -766,5 +860,22 @@ mod tests {
             ..RawConfig::default()
         };
         assert_eq!(RawConfig::from_toml(&raw.to_toml()).unwrap(), raw);
+    }
+
+    #[test]
+    fn node_attributes_are_checked() {
+        let ok = "bloc = \"b\"\n[node.attributes]\nrack = \"r7\"\nssd = true\nmem_gb = 64\n";
+        let s = RawConfig::from_toml(ok).unwrap().validate().unwrap();
+        assert_eq!(s.node_attributes.len(), 3);
+        let bad = "bloc = \"b\"\n[node.attributes]\nzones = [\"a\"]\n";
+        let e = RawConfig::from_toml(bad).unwrap().validate().unwrap_err();
+        assert_eq!(e.field, "node.attributes.zones");
+        assert!(e.reason.contains("array"), "{e}");
+        let bad = "bloc = \"b\"\n[node.attributes]\n\"9lives\" = 1\n";
+        let e = RawConfig::from_toml(bad).unwrap().validate().unwrap_err();
+        assert_eq!(e.field, "node.attributes.9lives");
+        let bad = "bloc = \"b\"\n[picket]\ncrash_loop = 0\n";
+        let e = RawConfig::from_toml(bad).unwrap().validate().unwrap_err();
+        assert_eq!(e.field, "picket.crash_loop");
     }
 }

@@ -9,12 +9,15 @@ use clap::{Parser, Subcommand};
 mod agent;
 mod client;
 mod config;
+mod dean;
 mod dev;
 mod http;
 mod identity;
 mod keys;
 mod metrics;
 mod pastiche;
+mod placement;
+mod proctor;
 mod register;
 mod rpc;
 mod sim_cmd;
@@ -136,6 +139,20 @@ enum Cmd {
         cmd: store_cli::StoreCmd,
     },
     /// Print a new random secondary key (base64) for `crux keys install` or a keyring file.
+    /// Placement: apply an intent, see what it would change, and how far it is done.
+    Proctor {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(subcommand)]
+        cmd: placement::ProctorCmd,
+    },
+    /// The service runner on this node.
+    Picket {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(subcommand)]
+        cmd: placement::PicketCmd,
+    },
     Keygen,
     /// Run the deterministic flock simulator.
     Sim(sim_cmd::SimArgs),
@@ -192,6 +209,10 @@ fn main() -> ExitCode {
         }
         Cmd::Store { socket, cmd } => client::block_on_code(store_cli::store(&socket.socket, cmd)),
         Cmd::Pastiche { socket, cmd } => client::block_on_code(pastiche::run(&socket.socket, cmd)),
+        Cmd::Proctor { socket, cmd } => {
+            client::block_on_code(placement::proctor(&socket.socket, cmd))
+        }
+        Cmd::Picket { socket, cmd } => client::block_on_code(placement::picket(&socket.socket, cmd)),
         Cmd::Keygen => {
             println!("{}", keys::generate());
             Ok(0)

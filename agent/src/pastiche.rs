@@ -55,6 +55,23 @@ pub fn register_builtin(
     Ok(())
 }
 
+/// Starts the built-in pastiche1 service; returns it as `crux picket ps` lists it.
+pub fn start_builtin(
+    reeve: &Arc<Reeve>,
+    netid: SocketAddr,
+    interval: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<Vec<crate::placement::BuiltinProc>> {
+    register_builtin(reeve, netid, interval, stop)?;
+    Ok(vec![crate::placement::BuiltinProc {
+        name: "pastiche".into(),
+        api: "pastiche1".into(),
+        inst: format!("pastiche1_{}", reeve.config().node),
+        addr: netid.to_string(),
+        since_ms: crux_store::now_ms(),
+    }])
+}
+
 /// `crux pastiche ...`.
 #[derive(Debug, clap::Subcommand)]
 pub enum PasticheCmd {

@@ -39,16 +39,18 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the reeve API and pastiche's cache API on `listener` until `shutdown` is cancelled.
+/// Serves the reeve API, pastiche's cache API and placement (once step 5 made it) on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: UnixListener,
     state: Arc<AgentState>,
     cache: crux_pastiche::cache::CacheService,
+    placement: tokio::sync::watch::Receiver<Option<crate::placement::PlacementLocal>>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(ReeveServer::new(Service { state }))
         .add_service(cache.into_server())
+        .add_service(crate::placement::Later::new(placement).into_server())
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener),
             shutdown.cancelled_owned(),

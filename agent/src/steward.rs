@@ -88,15 +88,18 @@ pub fn admit(handle: DriverHandle) -> Admit {
     Arc::new(move |ip| members_at(&handle, ip))
 }
 
-/// Serves the node gRPC port (the steward, pastiche's pieces, the store's Raft) until `shutdown`.
+/// Serves the node gRPC port (the steward, pastiche's pieces, the store's Raft, the deans and
+/// the proctor) until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     admit: Admit,
     current: watch::Receiver<Option<Arc<Steward>>>,
     pastiche: crux_pastiche::serve::PeerService,
     store: crux_store::StoreServer,
+    placement: crate::proctor::PlacementNode,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    let (dean, proctor) = placement.servers();
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // Room for 4 MiB pastiche pieces without flow-control stalls.
@@ -108,6 +111,8 @@ pub async fn serve(
         .add_service(StewardService::new(current, admit).into_server())
         .add_service(pastiche.into_server())
         .add_service(store)
+        .add_service(dean)
+        .add_service(proctor)
         .serve_with_incoming_shutdown(no_delay(listener), shutdown.cancelled_owned())
         .await
 }

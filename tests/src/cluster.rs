@@ -231,6 +231,13 @@ impl Cluster {
         }
     }
 
+    /// `kill -9` of node k's agent and of the plugin process groups its picket recorded, as when
+    /// the machine dies.
+    pub fn kill_node(&mut self, k: usize) {
+        self.kill9(k);
+        kill_plugins(&self.agents[k - 1].dir);
+    }
+
     /// SIGTERM to node k; waits (up to `timeout`) for it to exit and returns its status.
     pub fn sigterm(&mut self, k: usize, timeout: Duration) -> ExitStatus {
         let mut c = self.agents[k - 1].child.take().expect("node is running");
@@ -425,6 +432,39 @@ impl Cluster {
     }
 }
 
+/// The start time (`/proc/<pid>/stat` field 22) of process `pid`.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// SIGKILL to the process groups of the plugins recorded in `<node_dir>/picket/children.json`
+/// that are still the processes the node started (same pid and start time).
+fn kill_plugins(node_dir: &Path) {
+    let Ok(text) = std::fs::read_to_string(node_dir.join("picket").join("children.json")) else {
+        return;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return;
+    };
+    for child in v["children"].as_array().into_iter().flatten() {
+        let (Some(pid), Some(pgid), Some(start)) = (
+            child["pid"].as_u64(),
+            child["pgid"].as_u64(),
+            child["start_time"].as_u64(),
+        ) else {
+            continue;
+        };
+        if start_time(pid as u32) == Some(start) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for a in &mut self.agents {
@@ -432,6 +472,7 @@ impl Drop for Cluster {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+            kill_plugins(&a.dir);
         }
         if std::thread::panicking() {
             if let Some(dir) = self.dir.take() {

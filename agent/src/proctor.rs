@@ -1,0 +1,409 @@
+//! The proctor: on the flock leader, turns the intent in the durable store into assignments for
+//! every node's dean, level-triggered. Each round it reads the intent (a consistent read: a
+//! cut-off leader acts on nothing newer than it may), reconciles it with what the deans last
+//! reported ([`crux_proctor::reconcile`]: stable, deterministic, stateless, so a new leader
+//! carries on from the same generation with what the deans run), and sends every live node its
+//! whole assignment tagged with the leader's term. A round runs at once when the intent changes
+//! and otherwise every [`ROUND`]. Nodes that do not answer keep their last report until the
+//! flock declares them dead; their units are then placed elsewhere.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crux_flock::driver::DriverHandle;
+use crux_flock::MemberState;
+use crux_proctor::{Intent, Node, Observed, Plan, UnitState};
+use crux_proto::grpc::proctor::v1 as pb;
+use crux_store::{Change, Query, QueryResult, Store};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::dean::{unit_from_pb, unit_pb, value_of, Dean};
+
+/// The store document that holds the intent.
+pub const INTENT_KEY: &str = "proctor/intent";
+
+/// How often the proctor reconciles without a change.
+pub const ROUND: Duration = Duration::from_millis(500);
+
+/// How long a dean call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The intent stored, and its generation (0: none stored).
+pub async fn read_intent(store: &Store) -> anyhow::Result<(Intent, u64)> {
+    match store.read(Query::DocGet {
+        key: INTENT_KEY.into(),
+    }) .await
+    {
+        Ok(QueryResult::Doc(Some((json, generation)))) => {
+            let intent = Intent::from_json(&json)
+                .map_err(|e| anyhow::anyhow!("the stored intent does not parse: {e}"))?;
+            Ok((intent, generation))
+        }
+        Ok(QueryResult::Doc(None)) => Ok((Intent::default(), 0)),
+        Ok(other) => anyhow::bail!("unexpected answer to an intent read: {other:?}"),
+        Err(e) => anyhow::bail!("reading the intent: {e}"),
+    }
+}
+
+/// A dean's report as the reconciler reads it.
+fn observed(r: &pb::SyncResponse) -> Observed {
+    Observed {
+        node: r.node.clone(),
+        units: r
+            .units
+            .iter()
+            .filter_map(|u| {
+                let state = match u.state.as_str() {
+                    "healthy" => UnitState::Healthy,
+                    "failed" => UnitState::Failed,
+                    "stopping" => UnitState::Stopping,
+                    _ => UnitState::Pending,
+                };
+                u.unit.clone().map(|x| (unit_from_pb(x), state))
+            })
+            .collect(),
+    }
+}
+
+fn node_of(r: &pb::SyncResponse) -> Node {
+    Node {
+        id: r.node.clone(),
+        attrs: r
+            .attributes
+            .iter()
+            .filter_map(|(k, v)| value_of(v).map(|v| (k.clone(), v)))
+            .collect(),
+    }
+}
+
+/// The status the proctor publishes.
+fn status_pb(plan: &Plan, generation: u64, leader: &str, term: u64) -> pb::StatusResponse {
+    pb::StatusResponse {
+        generation,
+        services: plan
+            .status
+            .iter()
+            .map(|s| pb::ServiceStatus {
+                horde: s.horde.clone(),
+                api: s.api.clone(),
+                inst: s.inst.clone(),
+                state: s.state.to_string(),
+                desired: s.desired,
+                running: s.running,
+                nodes: s.nodes.clone(),
+                message: s.message.clone(),
+            })
+            .collect(),
+        leader: leader.to_string(),
+        term,
+    }
+}
+
+/// Runs a proctor whenever this node leads the flock (a new one for each term), until `stop`.
+/// `status` carries the running proctor's doneness (None while this node runs none).
+pub async fn supervise(
+    handle: DriverHandle,
+    store: Store,
+    dean: Arc<Dean>,
+    grpc_port: u16,
+    status: watch::Sender<Option<pb::StatusResponse>>,
+    stop: CancellationToken,
+) {
+    let mut flock = handle.watch();
+    loop {
+        let lead = {
+            let snap = flock.borrow_and_update();
+            snap.leader
+                .filter(|l| l.id == snap.identity.id && !snap.leaving)
+                .map(|l| (l.id.to_string(), l.term))
+        };
+        if let Some((me, term)) = lead {
+            info!(term, "proctor starting");
+            let term_over = CancellationToken::new();
+            let watcher = {
+                let mut flock = handle.watch();
+                let over = term_over.clone();
+                let me = me.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let still = {
+                            let snap = flock.borrow_and_update();
+                            snap.leader.is_some_and(|l| {
+                                l.id.to_string() == me && l.term == term && !snap.leaving
+                            })
+                        };
+                        if !still {
+                            over.cancel();
+                            return;
+                        }
+                        if flock.changed().await.is_err() {
+                            over.cancel();
+                            return;
+                        }
+                    }
+                })
+            };
+            let run = Term {
+                handle: handle.clone(),
+                store: store.clone(),
+                dean: dean.clone(),
+                grpc_port,
+                me,
+                term,
+                status: status.clone(),
+                channels: HashMap::new(),
+                reports: BTreeMap::new(),
+            };
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = run.run(term_over.clone()) => {}
+            }
+            term_over.cancel();
+            watcher.abort();
+            status.send_replace(None);
+            info!(term, "proctor stopped");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = flock.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// One term's proctor.
+struct Term {
+    handle: DriverHandle,
+    store: Store,
+    dean: Arc<Dean>,
+    grpc_port: u16,
+    me: String,
+    term: u64,
+    status: watch::Sender<Option<pb::StatusResponse>>,
+    channels: HashMap<SocketAddr, Channel>,
+    /// The last report of each node, by node id.
+    reports: BTreeMap<String, pb::SyncResponse>,
+}
+
+impl Term {
+    async fn run(mut self, over: CancellationToken) {
+        let mut changes = self.store.changes();
+        let mut first = true;
+        let mut refused = false;
+        while !over.is_cancelled() && !refused {
+            let live = self.live();
+            self.reports.retain(|id, _| live.iter().any(|(n, _)| n == id));
+            let intent = match read_intent(&self.store).await {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    debug!(error = %e, "proctor: intent unreadable this round");
+                    None
+                }
+            };
+            if first || intent.is_none() {
+                // A new proctor learns what the deans run before it assigns anything.
+                refused |= self.round(&live, None, 0).await;
+                first = intent.is_none();
+            }
+            if let Some((intent, generation)) = intent {
+                let nodes: Vec<Node> = self.reports.values().map(node_of).collect();
+                let obs: Vec<Observed> = self.reports.values().map(observed).collect();
+                let plan = crux_proctor::reconcile(&intent, &nodes, &obs);
+                refused |= self.round(&live, Some(&plan), generation).await;
+                // The status from the reports this round brought back.
+                let nodes: Vec<Node> = self.reports.values().map(node_of).collect();
+                let obs: Vec<Observed> = self.reports.values().map(observed).collect();
+                let after = crux_proctor::reconcile(&intent, &nodes, &obs);
+                self.status.send_replace(Some(status_pb(
+                    &after, generation, &self.me, self.term,
+                )));
+            }
+            tokio::select! {
+                _ = over.cancelled() => {}
+                _ = tokio::time::sleep(ROUND) => {}
+                c = changes.recv() => {
+                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = c {
+                        tokio::time::sleep(ROUND).await;
+                    }
+                }
+            }
+        }
+        if refused {
+            warn!(
+                term = self.term,
+                "a dean has seen a newer term: this proctor stops"
+            );
+        }
+    }
+
+    /// Live members: node id and node gRPC NetID.
+    fn live(&self) -> Vec<(String, SocketAddr)> {
+        let snap = self.handle.snapshot();
+        snap.members
+            .iter()
+            .filter(|m| matches!(m.info.state, MemberState::Alive | MemberState::Suspect))
+            .map(|m| {
+                (
+                    m.info.id.to_string(),
+                    SocketAddr::new(m.info.addr.ip(), self.grpc_port),
+                )
+            })
+            .collect()
+    }
+
+    /// Syncs every live node (observe only when `plan` is None); records their reports. True
+    /// when a dean refused the term.
+    async fn round(
+        &mut self,
+        live: &[(String, SocketAddr)],
+        plan: Option<&Plan>,
+        generation: u64,
+    ) -> bool {
+        let local_ip: IpAddr = self.handle.snapshot().identity.addr.ip();
+        let mut calls = JoinSet::new();
+        for (id, netid) in live {
+            let assign: Vec<pb::Unit> = plan
+                .and_then(|p| p.assign.get(id))
+                .map(|s| s.iter().map(unit_pb).collect())
+                .unwrap_or_default();
+            let req = pb::SyncRequest {
+                leader: self.me.clone(),
+                term: self.term,
+                generation,
+                observe_only: plan.is_none(),
+                assign,
+            };
+            if *id == self.me {
+                let r = self.dean.sync(req);
+                calls.spawn(async move { r });
+                continue;
+            }
+            let channel = match self.channels.get(netid) {
+                Some(c) => c.clone(),
+                None => {
+                    match crux_reeve::link::node_channel(*netid, Some(local_ip), CALL_TIMEOUT)
+                        .await
+                    {
+                        Ok(c) => {
+                            self.channels.insert(*netid, c.clone());
+                            c
+                        }
+                        Err(e) => {
+                            debug!(node = %id, %netid, error = %e, "dean unreachable");
+                            continue;
+                        }
+                    }
+                }
+            };
+            calls.spawn(async move {
+                let mut c = pb::dean_client::DeanClient::new(channel);
+                let mut r = Request::new(req);
+                r.set_timeout(CALL_TIMEOUT);
+                c.sync(r).await.map(Response::into_inner)
+            });
+        }
+        let mut refused = false;
+        while let Some(r) = calls.join_next().await {
+            match r {
+                Ok(Ok(report)) => {
+                    self.reports.insert(report.node.clone(), report);
+                }
+                Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                    warn!(error = %s.message(), "dean refused the assignment");
+                    refused = true;
+                }
+                Ok(Err(s)) => debug!(error = %s, "dean call failed"),
+                Err(e) => debug!(error = %e, "dean call task failed"),
+            }
+        }
+        refused
+    }
+}
+
+/// The node gRPC services of placement: every node's dean, and the leader's proctor status.
+#[derive(Clone)]
+pub struct PlacementNode {
+    dean: watch::Receiver<Option<Arc<Dean>>>,
+    status: watch::Receiver<Option<pb::StatusResponse>>,
+    admit: crux_steward::server::Admit,
+}
+
+impl PlacementNode {
+    /// The two services for the node gRPC server.
+    pub fn servers(
+        self,
+    ) -> (
+        pb::dean_server::DeanServer<PlacementNode>,
+        pb::proctor_server::ProctorServer<PlacementNode>,
+    ) {
+        (
+            pb::dean_server::DeanServer::new(self.clone()),
+            pb::proctor_server::ProctorServer::new(self),
+        )
+    }
+
+    /// Serves the dean (once step 5 made it) and the proctor status in `status`, to live
+    /// members only.
+    pub fn new(
+        dean: watch::Receiver<Option<Arc<Dean>>>,
+        status: watch::Receiver<Option<pb::StatusResponse>>,
+        admit: crux_steward::server::Admit,
+    ) -> PlacementNode {
+        PlacementNode {
+            dean,
+            status,
+            admit,
+        }
+    }
+
+    fn admitted<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let ip = req.remote_addr().map(|a| a.ip());
+        match ip {
+            Some(ip) if !(self.admit)(ip).is_empty() => Ok(()),
+            _ => Err(Status::permission_denied(
+                "placement calls are taken only from live flock members",
+            )),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::dean_server::Dean for PlacementNode {
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<pb::SyncResponse>, Status> {
+        self.admitted(&req)?;
+        let dean = self.dean.borrow().clone();
+        match dean {
+            Some(d) => d.sync(req.into_inner()).map(Response::new),
+            None => Err(Status::unavailable("this node's dean is not up yet")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::proctor_server::Proctor for PlacementNode {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.admitted(&req)?;
+        local_status(&self.status).map(Response::new)
+    }
+}
+
+/// The status of the proctor running here, if one runs.
+pub fn local_status(
+    status: &watch::Receiver<Option<pb::StatusResponse>>,
+) -> Result<pb::StatusResponse, Status> {
+    status.borrow().clone().ok_or_else(|| {
+        Status::unavailable("no proctor runs on this node (it is not the flock leader, or the proctor has not finished its first round)")
+    })
+}
