@@ -222,38 +222,31 @@ pub fn reconcile(intent: &Intent, nodes: &[Node], observed: &[Observed]) -> Plan
             }
             *per_spread.entry(spread_key(p, live[id])).or_default() += 1;
         }
-        let mut candidates: Vec<&str> = live
+        // (node id, its distinct value, its spread value), computed once.
+        let mut candidates: Vec<(&str, Option<String>, Option<String>)> = live
             .iter()
             .filter(|(id, n)| {
                 !svc.assigned.contains(id)
                     && state_of(id, &svc.unit) != Some(UnitState::Failed)
                     && p.eligible(&n.attrs)
-                    && distinct_key(p, n).is_some()
             })
-            .map(|(&id, _)| id)
+            .filter_map(|(&id, n)| Some((id, distinct_key(p, n)?, spread_key(p, n))))
             .collect();
         while (svc.assigned.len() as u64) < u64::from(p.count) {
             let best = candidates
                 .iter()
                 .enumerate()
-                .filter(|(_, id)| match distinct_key(p, live[**id]) {
-                    Some(Some(k)) => !taken.contains(&k),
-                    _ => true,
-                })
-                .min_by_key(|(_, id)| {
-                    let spread = per_spread
-                        .get(&spread_key(p, live[**id]))
-                        .copied()
-                        .unwrap_or(0);
-                    (spread, load[**id], **id)
+                .filter(|(_, (_, d, _))| d.as_ref().is_none_or(|k| !taken.contains(k)))
+                .min_by_key(|(_, (id, _, sp))| {
+                    (per_spread.get(sp).copied().unwrap_or(0), load[id], *id)
                 })
                 .map(|(i, _)| i);
             let Some(i) = best else { break };
-            let id = candidates.swap_remove(i);
-            if let Some(Some(k)) = distinct_key(p, live[id]) {
+            let (id, d, sp) = candidates.swap_remove(i);
+            if let Some(k) = d {
                 taken.insert(k);
             }
-            *per_spread.entry(spread_key(p, live[id])).or_default() += 1;
+            *per_spread.entry(sp).or_default() += 1;
             *load.get_mut(id).expect("live") += 1;
             svc.assigned.push(id);
         }
@@ -341,7 +334,12 @@ fn doneness(
         return (Doneness::Converged, format!("{running}/{count} healthy"));
     }
     if svc.assigned.len() < count {
-        let excluded = live.len() - svc.assigned.len() - failed.len();
+        // Neither assigned nor failed: excluded by `where` or `distinct` (the fill took every
+        // other candidate).
+        let excluded = live
+            .keys()
+            .filter(|id| !svc.assigned.contains(id) && !failed.contains(id))
+            .count();
         let mut why = Vec::new();
         if !failed.is_empty() {
             why.push(format!(
