@@ -370,10 +370,19 @@ mod tests {
         assert_eq!(read(&v), Err(EnvError::Missing(ENV_API)));
         let mut v = vars();
         v.insert(ENV_NODE_IP, "node1".into());
-        assert!(matches!(read(&v), Err(EnvError::Invalid { var: ENV_NODE_IP, .. })));
+        assert!(matches!(
+            read(&v),
+            Err(EnvError::Invalid {
+                var: ENV_NODE_IP,
+                ..
+            })
+        ));
         let mut v = vars();
         v.insert(ENV_TOKEN, "xyz".into());
-        assert!(matches!(read(&v), Err(EnvError::Invalid { var: ENV_TOKEN, .. })));
+        assert!(matches!(
+            read(&v),
+            Err(EnvError::Invalid { var: ENV_TOKEN, .. })
+        ));
         let mut v = vars();
         v.insert(ENV_REEVE_SOCKET, String::new());
         assert_eq!(read(&v).unwrap().reeve_socket, PathBuf::new());

@@ -102,6 +102,9 @@ mod tests {
         assert!(!dir.path().join("children.json.tmp").exists());
         std::fs::write(dir.path().join(FILE), "{nope").unwrap();
         let e = load(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("children.json is not a picket records file"), "{e}");
+        assert!(
+            e.contains("children.json is not a picket records file"),
+            "{e}"
+        );
     }
 }

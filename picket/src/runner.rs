@@ -683,7 +683,9 @@ async fn run_once(
         )),
         Ok(Err(e)) => Err(format!("reading the handshake: {e}")),
         Ok(Ok(None)) => Err("stdout closed before the handshake".into()),
-        Ok(Ok(Some(line))) => parse_handshake(&line).map_err(|e| format!("bad handshake {line:?}: {e}")),
+        Ok(Ok(Some(line))) => {
+            parse_handshake(&line).map_err(|e| format!("bad handshake {line:?}: {e}"))
+        }
     };
     let (version, socket) = match hs {
         Ok(v) => v,
@@ -884,8 +886,9 @@ async fn check(chan: &mut Option<Channel>, socket: &Path) -> Result<ServingStatu
             *chan = None;
             Err(format!("health check: {}", s.message()))
         }
-        Ok(Ok(r)) => Ok(ServingStatus::try_from(r.into_inner().status)
-            .unwrap_or(ServingStatus::Unknown)),
+        Ok(Ok(r)) => {
+            Ok(ServingStatus::try_from(r.into_inner().status).unwrap_or(ServingStatus::Unknown))
+        }
     }
 }
 
@@ -910,7 +913,11 @@ async fn stop_sequence(sh: &Shared, run: &mut Running) -> StopOutcome {
         proc::signal_group(run.pgid, Signal::SIGKILL);
         return StopOutcome::Terminated;
     }
-    warn!(pid = run.pgid, grace_ms = cfg.grace.as_millis() as u64, "plugin still running after the grace period; SIGKILL to its group");
+    warn!(
+        pid = run.pgid,
+        grace_ms = cfg.grace.as_millis() as u64,
+        "plugin still running after the grace period; SIGKILL to its group"
+    );
     proc::signal_group(run.pgid, Signal::SIGKILL);
     run.exited().await;
     StopOutcome::Killed
@@ -977,7 +984,11 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("crash_loop"));
         let mut c = ok.clone();
         c.backoff_max = Duration::from_millis(1);
-        assert!(c.validate().unwrap_err().to_string().contains("backoff_max"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("backoff_max"));
         let mut c = ok;
         c.handshake_timeout = Duration::ZERO;
         assert!(c

@@ -123,7 +123,14 @@ mod tests {
         assert_eq!(version_of("galumph2_3").unwrap(), "2.3");
         assert_eq!(version_of("galumph2").unwrap(), "2");
         assert_eq!(version_of("galumph10_0_1").unwrap(), "10.0.1");
-        for bad in ["galumph", "galumph2_", "galumph_3", "ntp2_3", "galumph2x", "crash"] {
+        for bad in [
+            "galumph",
+            "galumph2_",
+            "galumph_3",
+            "ntp2_3",
+            "galumph2x",
+            "crash",
+        ] {
             let e = version_of(bad).unwrap_err();
             assert!(e.contains(bad), "{e}");
         }
@@ -147,13 +154,23 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         let big = "x".repeat(VALUE_MAX + 1);
         assert!(t.register(reg("c", &big)).await.is_err());
-        let tab = t.table(Request::new(pb::TableReq {})).await.unwrap().into_inner();
+        let tab = t
+            .table(Request::new(pb::TableReq {}))
+            .await
+            .unwrap()
+            .into_inner();
         let got: Vec<(String, String)> = tab
             .instances
             .into_iter()
             .map(|i| (i.name, i.value))
             .collect();
-        assert_eq!(got, vec![("a".into(), "2".into()), ("b".into(), "3".into())]);
-        assert_eq!((tab.inst.as_str(), tab.version.as_str()), ("galumph2_3", "2.3"));
+        assert_eq!(
+            got,
+            vec![("a".into(), "2".into()), ("b".into(), "3".into())]
+        );
+        assert_eq!(
+            (tab.inst.as_str(), tab.version.as_str()),
+            ("galumph2_3", "2.3")
+        );
     }
 }

@@ -171,7 +171,10 @@ async fn serve(env: PluginEnv, version: String) -> anyhow::Result<()> {
         let r = crux_reeve::client::Registration::start(&env.reeve_socket, req)
             .await
             .with_context(|| {
-                format!("registering with the reeve at {}", env.reeve_socket.display())
+                format!(
+                    "registering with the reeve at {}",
+                    env.reeve_socket.display()
+                )
             })?;
         Some(r)
     };
@@ -180,7 +183,10 @@ async fn serve(env: PluginEnv, version: String) -> anyhow::Result<()> {
     let why = shutdown.await;
     match why {
         ShutdownReason::Rpc { grace } => {
-            info!(grace_ms = grace.as_millis() as u64, "shutdown requested by picket")
+            info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutdown requested by picket"
+            )
         }
         other => info!(signal = ?other, "shutdown on a signal"),
     }
@@ -203,14 +209,11 @@ async fn call(socket: PathBuf, selector: String, horde: String, what: Call) -> a
         .await
         .with_context(|| format!("looking up {selector}"))?;
     let mut current = follow.current();
-    let inst = tokio::time::timeout(
-        Duration::from_secs(5),
-        current.wait_for(|c| c.is_some()),
-    )
-    .await
-    .ok()
-    .and_then(|r| r.ok().and_then(|c| c.clone()))
-    .with_context(|| format!("no live instance of {selector} within 5 s"))?;
+    let inst = tokio::time::timeout(Duration::from_secs(5), current.wait_for(|c| c.is_some()))
+        .await
+        .ok()
+        .and_then(|r| r.ok().and_then(|c| c.clone()))
+        .with_context(|| format!("no live instance of {selector} within 5 s"))?;
     let mut client = GalumphClient::new(follow.channel());
     match what {
         Call::Register { name, value } => {
@@ -229,10 +232,7 @@ async fn call(socket: PathBuf, selector: String, horde: String, what: Call) -> a
             );
         }
         Call::Table => {
-            let t = client
-                .table(galumph::pb::TableReq {})
-                .await?
-                .into_inner();
+            let t = client.table(galumph::pb::TableReq {}).await?.into_inner();
             println!("{} (version {}) on {}", t.inst, t.version, t.node);
             for i in t.instances {
                 println!("{}\t{}", i.name, i.value);

@@ -31,28 +31,52 @@ fn no<T>() -> Result<Response<T>, Status> {
 
 #[tonic::async_trait]
 impl reeve_server::Reeve for Svc {
-    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         no()
     }
-    async fn members(&self, _: Request<pb::MembersRequest>) -> Result<Response<pb::MembersResponse>, Status> {
+    async fn members(
+        &self,
+        _: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
         no()
     }
-    async fn leader(&self, _: Request<pb::LeaderRequest>) -> Result<Response<pb::LeaderResponse>, Status> {
+    async fn leader(
+        &self,
+        _: Request<pb::LeaderRequest>,
+    ) -> Result<Response<pb::LeaderResponse>, Status> {
         no()
     }
-    async fn list_keys(&self, _: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+    async fn list_keys(
+        &self,
+        _: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
         no()
     }
-    async fn install_key(&self, _: Request<pb::InstallKeyRequest>) -> Result<Response<pb::KeyringResponse>, Status> {
+    async fn install_key(
+        &self,
+        _: Request<pb::InstallKeyRequest>,
+    ) -> Result<Response<pb::KeyringResponse>, Status> {
         no()
     }
-    async fn use_key(&self, _: Request<pb::UseKeyRequest>) -> Result<Response<pb::KeyringResponse>, Status> {
+    async fn use_key(
+        &self,
+        _: Request<pb::UseKeyRequest>,
+    ) -> Result<Response<pb::KeyringResponse>, Status> {
         no()
     }
-    async fn remove_key(&self, _: Request<pb::RemoveKeyRequest>) -> Result<Response<pb::KeyringResponse>, Status> {
+    async fn remove_key(
+        &self,
+        _: Request<pb::RemoveKeyRequest>,
+    ) -> Result<Response<pb::KeyringResponse>, Status> {
         no()
     }
-    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         self.0.register(req.into_inner()).map(Response::new)
     }
     type HeartbeatStream = crux_reeve::HeartbeatStream;
@@ -62,42 +86,75 @@ impl reeve_server::Reeve for Svc {
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         Ok(self.0.heartbeat(req.into_inner()))
     }
-    async fn deregister(&self, req: Request<pb::DeregisterRequest>) -> Result<Response<pb::DeregisterResponse>, Status> {
+    async fn deregister(
+        &self,
+        req: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
         self.0.deregister(&req.into_inner())?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }
-    async fn lookup(&self, req: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
+    async fn lookup(
+        &self,
+        req: Request<pb::LookupRequest>,
+    ) -> Result<Response<pb::LookupResponse>, Status> {
         self.0.lookup(&req.into_inner()).map(Response::new)
     }
     type WatchStream = crux_reeve::WatchStream;
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         self.0.watch(req.into_inner()).map(Response::new)
     }
-    async fn services(&self, req: Request<pb::ServicesRequest>) -> Result<Response<pb::ServicesResponse>, Status> {
+    async fn services(
+        &self,
+        req: Request<pb::ServicesRequest>,
+    ) -> Result<Response<pb::ServicesResponse>, Status> {
         Ok(Response::new(self.0.services(&req.into_inner())))
     }
-    async fn muster_add(&self, _: Request<pb::MusterAddRequest>) -> Result<Response<pb::MusterAddResponse>, Status> {
+    async fn muster_add(
+        &self,
+        _: Request<pb::MusterAddRequest>,
+    ) -> Result<Response<pb::MusterAddResponse>, Status> {
         no()
     }
-    async fn muster_search(&self, _: Request<pb::MusterSearchRequest>) -> Result<Response<pb::MusterSearchResponse>, Status> {
+    async fn muster_search(
+        &self,
+        _: Request<pb::MusterSearchRequest>,
+    ) -> Result<Response<pb::MusterSearchResponse>, Status> {
         no()
     }
-    async fn muster_remove(&self, _: Request<pb::MusterRemoveRequest>) -> Result<Response<pb::MusterRemoveResponse>, Status> {
+    async fn muster_remove(
+        &self,
+        _: Request<pb::MusterRemoveRequest>,
+    ) -> Result<Response<pb::MusterRemoveResponse>, Status> {
         no()
     }
-    async fn doc_get(&self, _: Request<pb::DocGetRequest>) -> Result<Response<pb::DocGetResponse>, Status> {
+    async fn doc_get(
+        &self,
+        _: Request<pb::DocGetRequest>,
+    ) -> Result<Response<pb::DocGetResponse>, Status> {
         no()
     }
-    async fn doc_put(&self, _: Request<pb::DocPutRequest>) -> Result<Response<pb::DocPutResponse>, Status> {
+    async fn doc_put(
+        &self,
+        _: Request<pb::DocPutRequest>,
+    ) -> Result<Response<pb::DocPutResponse>, Status> {
         no()
     }
     type DocWatchStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<pb::DocEvent, Status>> + Send + 'static>,
     >;
-    async fn doc_watch(&self, _: Request<pb::DocWatchRequest>) -> Result<Response<Self::DocWatchStream>, Status> {
+    async fn doc_watch(
+        &self,
+        _: Request<pb::DocWatchRequest>,
+    ) -> Result<Response<Self::DocWatchStream>, Status> {
         no()
     }
-    async fn store_status(&self, _: Request<pb::StoreStatusRequest>) -> Result<Response<pb::StoreStatusResponse>, Status> {
+    async fn store_status(
+        &self,
+        _: Request<pb::StoreStatusRequest>,
+    ) -> Result<Response<pb::StoreStatusResponse>, Status> {
         no()
     }
 }
@@ -160,20 +217,27 @@ pub struct Reaper {
 impl Reaper {
     pub fn new(picket_dir: &Path) -> Reaper {
         Reaper {
-            marker: format!("CRUX_PLUGIN_SOCKET_DIR={}", picket_dir.join("sock").display())
-                .into_bytes(),
+            marker: format!(
+                "CRUX_PLUGIN_SOCKET_DIR={}",
+                picket_dir.join("sock").display()
+            )
+            .into_bytes(),
         }
     }
 
     /// The pids whose environment carries the marker.
     pub fn pids(&self) -> Vec<i32> {
         let mut out = Vec::new();
-        let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return out;
+        };
         for e in rd.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
-            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                continue;
+            };
             if env.split(|b| *b == 0).any(|v| v == self.marker.as_slice()) {
                 out.push(pid);
             }
