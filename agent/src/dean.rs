@@ -157,14 +157,7 @@ pub fn attributes(
 
 /// Parses an attribute's TOML text (`"linux"`, `8`, `true`) into a placement value.
 pub fn value_of(text: &str) -> Option<crux_proctor::Value> {
-    let t: toml::Table = toml::from_str(&format!("v = {text}")).ok()?;
-    match t.get("v")? {
-        toml::Value::String(s) => Some(crux_proctor::Value::Str(s.clone())),
-        toml::Value::Integer(i) => Some(crux_proctor::Value::Num(*i as f64)),
-        toml::Value::Float(f) => Some(crux_proctor::Value::Num(*f)),
-        toml::Value::Boolean(b) => Some(crux_proctor::Value::Bool(*b)),
-        _ => None,
-    }
+    crux_proctor::Value::from_toml_text(text).ok()
 }
 
 /// What the dean is built from.
@@ -227,11 +220,6 @@ impl Dean {
     /// The node's pastiche store.
     pub fn pastiche(&self) -> &crux_pastiche::store::Store {
         &self.pastiche
-    }
-
-    /// This node's attributes as TOML text.
-    pub fn attributes(&self) -> &BTreeMap<String, String> {
-        &self.attributes
     }
 
     /// The proctor's call: takes the assignment (unless `observe_only`) and reports.

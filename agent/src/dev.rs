@@ -149,6 +149,11 @@ pub fn node_config(
         grpc_port: if port == u16::MAX { port - 1 } else { port + 1 },
         http_port,
         log_level: args.log_level.clone(),
+        // A dev flock leaves nothing running behind its Ctrl-C.
+        picket: crate::config::PicketSection {
+            stop_children_on_exit: true,
+            ..Default::default()
+        },
         ..RawConfig::default()
     }
 }

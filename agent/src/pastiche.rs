@@ -8,65 +8,42 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use crux_proto::grpc::pastiche::v1::{self as pb, cache_client::CacheClient};
-use crux_proto::grpc::reeve::v1 as rpb;
-use crux_proto::grpc::steward::v1::{Health, RunState};
 use crux_reeve::Reeve;
 use tokio_util::sync::CancellationToken;
 
-/// Registers this node's pastiche as the built-in service `pastiche1` (inst `pastiche1_<node>`,
-/// at the node gRPC NetID) and keeps it alive with heartbeats every `interval` until `stop`.
-pub fn register_builtin(
-    reeve: &Arc<Reeve>,
-    netid: SocketAddr,
-    interval: Duration,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let reg = reeve
-        .register(rpb::RegisterRequest {
-            api: "pastiche1".into(),
-            inst: format!("pastiche1_{}", reeve.config().node),
-            addr: netid.to_string(),
-            state: RunState::Running as i32,
-            health: Health::Healthy as i32,
-            ..Default::default()
-        })
-        .map_err(|s| anyhow!("registering pastiche1: {}", s.message()))?;
-    let reeve = reeve.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let beat = rpb::HeartbeatRequest {
-                id: reg.id.clone(),
-                token: reg.token.clone(),
-                state: RunState::Running as i32,
-                health: Health::Healthy as i32,
-                valid_for_ms: 0,
-            };
-            if let Err(e) = reeve.beat(&beat) {
-                tracing::warn!(error = %e, "pastiche1 heartbeat refused");
-                return;
-            }
-        }
-    });
-    Ok(())
-}
-
-/// Starts the built-in pastiche1 service; returns it as `crux picket ps` lists it.
+/// Starts the built-in pastiche1 service through picket (registered as `pastiche1`, inst
+/// `pastiche1_<node>`, at the node gRPC NetID, kept alive every `interval` until `stop`); returns
+/// it as `crux picket ps` lists it.
 pub fn start_builtin(
     reeve: &Arc<Reeve>,
     netid: SocketAddr,
     interval: Duration,
     stop: CancellationToken,
 ) -> anyhow::Result<Vec<crate::placement::BuiltinProc>> {
-    register_builtin(reeve, netid, interval, stop)?;
+    let inst = format!("pastiche1_{}", reeve.config().node);
+    let point = crux_picket::builtin::Fservice {
+        api: "pastiche1".into(),
+        inst: inst.clone(),
+        netid: netid.to_string(),
+        healthy: true,
+    };
+    crux_picket::builtin::run_builtin(
+        Box::new(crux_picket::builtin::Static::new(
+            "pastiche",
+            vec![point],
+            interval,
+        )),
+        reeve.clone(),
+        crux_picket::builtin::Network {
+            node_ip: netid.ip(),
+            node: reeve.config().node.clone(),
+        },
+        stop,
+    );
     Ok(vec![crate::placement::BuiltinProc {
         name: "pastiche".into(),
         api: "pastiche1".into(),
-        inst: format!("pastiche1_{}", reeve.config().node),
+        inst,
         addr: netid.to_string(),
         since_ms: crux_store::now_ms(),
     }])

@@ -16,7 +16,7 @@ use crux_flock::driver::DriverHandle;
 use crux_flock::MemberState;
 use crux_proctor::{Intent, Node, Observed, Plan, UnitState};
 use crux_proto::grpc::proctor::v1 as pb;
-use crux_store::{Change, Query, QueryResult, Store};
+use crux_store::{Query, QueryResult, Store};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
