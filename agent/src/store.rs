@@ -99,6 +99,7 @@ pub async fn follow_leader(
             _ = tick.tick() => {}
         }
         if !store.status().voters.is_empty() {
+            store.clear_join_only();
             continue;
         }
         let leader = ask_members(
@@ -182,6 +183,13 @@ pub async fn supervise(
         };
         let r = if current.is_empty() {
             if !settled {
+                continue;
+            }
+            if store.join_only() {
+                debug!(
+                    "no store group found yet; this node's store was discarded, so it waits \
+                        to join one rather than start one"
+                );
                 continue;
             }
             info!(voters = ?want, "initializing the store");

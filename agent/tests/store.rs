@@ -274,3 +274,228 @@ fn docs_cas_and_watch(c: &Cluster, writer: usize, watcher: usize) {
         assert_eq!(seen, ["v1", "v2"]);
     });
 }
+
+/// The partition test hook's file for node k (`[store] partition_file_for_tests`).
+fn cut_file(c: &Cluster, k: usize) -> std::path::PathBuf {
+    c.agent(k).dir.join("store-cut")
+}
+
+fn cut(c: &Cluster, k: usize) {
+    std::fs::write(cut_file(c, k), b"cut\n").expect("write the cut file");
+}
+
+fn heal(c: &Cluster, k: usize) {
+    std::fs::remove_file(cut_file(c, k)).expect("remove the cut file");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn reeve(
+    c: &Cluster,
+    k: usize,
+) -> crux_proto::grpc::reeve::v1::reeve_client::ReeveClient<tonic::transport::Channel> {
+    let ch = crux_reeve::client::socket_channel(&c.agent(k).socket, Duration::from_secs(5))
+        .await
+        .expect("socket");
+    crux_proto::grpc::reeve::v1::reeve_client::ReeveClient::new(ch)
+}
+
+/// Puts document `key` = `value` (unconditionally) through node k.
+fn put_doc(c: &Cluster, k: usize, key: &str, value: &str) -> Result<(), String> {
+    use crux_proto::grpc::reeve::v1 as pb;
+    runtime().block_on(async {
+        let r = reeve(c, k)
+            .await
+            .doc_put(pb::DocPutRequest {
+                key: key.into(),
+                value: value.into(),
+                if_generation: 0,
+                unconditional: true,
+            })
+            .await
+            .map_err(|s| format!("node{k}: {}", s.message()))?
+            .into_inner();
+        if r.written {
+            Ok(())
+        } else {
+            Err(format!("node{k}: not written: {r:?}"))
+        }
+    })
+}
+
+/// Waits until node k's own copy of the store (not the leader's: a `DocWatch` lists the local
+/// state machine, then its changes) holds document `key` = `value`.
+fn wait_local_doc(c: &Cluster, k: usize, key: &str, value: &str) {
+    use crux_proto::grpc::reeve::v1 as pb;
+    let found = runtime().block_on(async {
+        let mut watch = reeve(c, k)
+            .await
+            .doc_watch(pb::DocWatchRequest { prefix: key.into() })
+            .await
+            .expect("watch")
+            .into_inner();
+        tokio::time::timeout(CONVERGE, async {
+            loop {
+                match watch.message().await {
+                    Ok(Some(e)) if e.key == key && e.value == value && !e.deleted => return true,
+                    Ok(Some(_)) => {}
+                    _ => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    });
+    assert!(
+        found,
+        "node{k}'s own copy never held {key} = {value}\n{}",
+        c.logs(40)
+    );
+}
+
+/// A write on a node whose store traffic is cut fails with the "no quorum" error (the CLI exits
+/// non-zero), and how long it took to fail.
+fn refused(c: &Cluster, k: usize, inst: &str) -> Duration {
+    let started = now();
+    let r = add(c, k, inst);
+    let took = started.elapsed();
+    let err = r.expect_err("a write on a cut-off node must fail");
+    assert!(err.contains("no quorum"), "node{k}: {err}");
+    took
+}
+
+/// Issue 7, "a node partitioned away from the voter majority refuses writes and, after the heal,
+/// sees every write the majority accepted": first a voter that follows, then the Raft leader
+/// itself (the majority elects another leader and goes on).
+#[test]
+fn a_cut_off_node_refuses_writes_and_sees_the_majoritys_after_the_heal() {
+    let mut c = Cluster::new(BIN, 2, 5, PRESET);
+    for k in 1..=5 {
+        // A long grace: the cut-off voter (alive in the flock) must stay a voter.
+        c.append_config(
+            k,
+            &format!(
+                "[store]\nvoter_grace = \"600s\"\npartition_file_for_tests = {:?}\n",
+                cut_file(&c, k).display().to_string()
+            ),
+        );
+    }
+    c.start_all();
+    let all = [1, 2, 3, 4, 5];
+    c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
+    let st = c.wait_for("three voters and a leader", CONVERGE, || {
+        let s = status(&c, 1)?;
+        if s.voters.len() == 3 && !s.leader_addr.is_empty() {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    let mut want = set(&["before"]);
+    c.wait_for("a first write", CONVERGE, || add(&c, 1, "before"));
+
+    // 1. A voter that is not the Raft leader.
+    let leader = c.index_of(&st.leader_id).expect("the leader is ours");
+    let follower = st
+        .voter_ids
+        .iter()
+        .filter_map(|id| c.index_of(id))
+        .find(|k| *k != leader)
+        .expect("a voter that follows");
+    cut(&c, follower);
+    let took = refused(&c, follower, "on_the_cut_follower");
+    eprintln!("a write on a cut-off follower voter failed after {took:?}");
+    let err = search(&c, follower).expect_err("a consistent read on a cut-off node fails");
+    assert!(err.contains("no quorum"), "{err}");
+    let majority: Vec<usize> = all.iter().copied().filter(|k| *k != follower).collect();
+    for (n, k) in majority.iter().enumerate() {
+        let inst = format!("majority_a{n}");
+        c.wait_for("a write on the majority", CONVERGE, || add(&c, *k, &inst));
+        want.insert(inst);
+    }
+    c.wait_for("a document on the majority", CONVERGE, || {
+        put_doc(&c, majority[0], "cut/a", "while the follower was cut")
+    });
+    heal(&c, follower);
+    c.wait_for("the healed follower sees every write", CONVERGE, || {
+        let got = search(&c, follower)?;
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
+    wait_local_doc(&c, follower, "cut/a", "while the follower was cut");
+
+    // 2. The Raft leader itself.
+    let st = c.wait_for("a leader after the heal", CONVERGE, || {
+        let s = status(&c, follower)?;
+        if s.leader_id.is_empty() {
+            Err(format!("{s:?}"))
+        } else {
+            Ok(s)
+        }
+    });
+    let old = c.index_of(&st.leader_id).expect("the leader is ours");
+    cut(&c, old);
+    let cut_at = now();
+    let took = refused(&c, old, "on_the_cut_leader");
+    eprintln!("a write on the cut-off Raft leader failed after {took:?}");
+    let rest: Vec<usize> = all.iter().copied().filter(|k| *k != old).collect();
+    c.wait_for(
+        "a write on the majority after the leader's cut",
+        CONVERGE,
+        || add(&c, rest[0], "majority_b0"),
+    );
+    eprintln!(
+        "the majority accepted a write {:?} after its Raft leader was cut off",
+        cut_at.elapsed()
+    );
+    want.insert("majority_b0".into());
+    let new = status(&c, rest[0]).expect("status");
+    assert_ne!(
+        new.leader_id, st.leader_id,
+        "the majority elected another leader"
+    );
+    assert!(new.term > st.term, "in a later term: {new:?} after {st:?}");
+    for (n, k) in rest.iter().enumerate().skip(1) {
+        let inst = format!("majority_b{n}");
+        c.wait_for("a write on the majority", CONVERGE, || add(&c, *k, &inst));
+        want.insert(inst);
+    }
+    c.wait_for("a document on the majority", CONVERGE, || {
+        put_doc(&c, rest[1], "cut/b", "while the leader was cut")
+    });
+    // The old leader still refuses while cut off (it may still believe it leads).
+    refused(&c, old, "still_cut");
+    heal(&c, old);
+    c.wait_for("the healed old leader sees every write", CONVERGE, || {
+        let got = search(&c, old)?;
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
+    wait_local_doc(&c, old, "cut/b", "while the leader was cut");
+    // And it takes writes again.
+    c.wait_for("a write through the healed node", CONVERGE, || {
+        add(&c, old, "after_heal")
+    });
+    want.insert("after_heal".into());
+    for k in all {
+        c.wait_for("every node sees every write", CONVERGE, || {
+            let got = search(&c, k)?;
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("node{k}: {got:?}"))
+            }
+        });
+    }
+}
