@@ -499,3 +499,143 @@ fn a_cut_off_node_refuses_writes_and_sees_the_majoritys_after_the_heal() {
         });
     }
 }
+
+/// `crux store recover ARGS --config <node k's config> --json`.
+fn recover_cli(c: &Cluster, k: usize, args: &[&str]) -> serde_json::Value {
+    let out = c
+        .command()
+        .args(["store", "recover", "--json", "--config"])
+        .arg(c.agent(k).config())
+        .args(args)
+        .output()
+        .expect("run crux store recover");
+    assert!(
+        out.status.success(),
+        "node{k}: crux store recover {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("recover JSON")
+}
+
+/// Issue 7, "`crux store recover` for the case where a voter majority is gone for good": two of
+/// the three voters are killed for good and the other nodes stopped; the survivor voter is
+/// recovered, the two other survivors (learners) are discarded; started again, the survivor
+/// leads alone, every entry is there, the flock leader grows the voters back to three from the
+/// live members, and new writes succeed.
+#[test]
+fn recover_rebuilds_the_group_from_a_survivor_after_a_lost_majority() {
+    let mut c = Cluster::new(BIN, 3, 5, PRESET);
+    for k in 1..=5 {
+        c.append_config(k, "[store]\nvoter_grace = \"600s\"\n");
+    }
+    c.start_all();
+    let all = [1, 2, 3, 4, 5];
+    c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
+    let st = c.wait_for("three voters and a leader", CONVERGE, || {
+        let s = status(&c, 1)?;
+        if s.voters.len() == 3 && !s.leader_addr.is_empty() {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    let voters: Vec<usize> = st
+        .voter_ids
+        .iter()
+        .map(|id| c.index_of(id).expect("a voter of ours"))
+        .collect();
+    let others: Vec<usize> = all
+        .iter()
+        .copied()
+        .filter(|k| !voters.contains(k))
+        .collect();
+    let want = set(&["r1", "r2", "r3"]);
+    for (n, inst) in want.iter().enumerate() {
+        c.wait_for("a write", CONVERGE, || add(&c, all[n], inst));
+    }
+    c.wait_for("a document", CONVERGE, || {
+        put_doc(&c, 1, "recover/doc", "kept")
+    });
+    // Every node holds everything in its own copy (the non-voters are learners).
+    for k in all {
+        wait_local_doc(&c, k, "recover/doc", "kept");
+    }
+
+    // A majority of the voters is gone for good; the rest is stopped.
+    let (lost, survivor) = (&voters[..2], voters[2]);
+    for &k in lost {
+        c.kill9(k);
+    }
+    for &k in others.iter().chain([survivor].iter()) {
+        // Its exit status does not matter here, only that it stopped.
+        let _ = c.sigterm(k, CONVERGE);
+    }
+    let ids: Vec<String> = (1..=5).map(|k| c.node_id(k).expect("node id")).collect();
+    let id = |k: usize| ids[k - 1].clone();
+    let dry = recover_cli(&c, survivor, &["--dry-run"]);
+    assert_eq!(dry["recovered"], false);
+    let kept = recover_cli(&c, survivor, &[]);
+    assert_eq!(kept["recovered"], true);
+    assert_eq!(kept["last_log_index"], dry["last_log_index"]);
+    assert_eq!(kept["muster_entries"], 3, "{kept}");
+    assert_eq!(kept["documents"][0][0], "recover/doc", "{kept}");
+    let dropped: BTreeSet<String> = kept["dropped"]
+        .as_array()
+        .expect("dropped")
+        .iter()
+        .map(|m| format!("{:016x}", m["id"].as_u64().expect("id")))
+        .collect();
+    for &k in lost {
+        assert!(dropped.contains(&id(k)), "{} dropped: {kept}", id(k));
+    }
+    for &k in &others {
+        let d = recover_cli(&c, k, &["--discard"]);
+        assert_eq!(d["discarded"], true, "{d}");
+    }
+
+    // The survivor first: it leads a group of one.
+    c.start(survivor);
+    c.wait_for("the survivor leads alone", CONVERGE, || {
+        let s = status(&c, survivor)?;
+        if s.leader_id == id(survivor) && s.voter_ids == vec![id(survivor)] {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    // Then the discarded survivors: the voters grow back to three live members.
+    for &k in &others {
+        c.start(k);
+    }
+    let live: Vec<usize> = [survivor]
+        .into_iter()
+        .chain(others.iter().copied())
+        .collect();
+    c.stable_agreement(&live, Duration::from_secs(1), CONVERGE);
+    let grown: BTreeSet<String> = live.iter().map(|k| id(*k)).collect();
+    c.wait_for("three voters again", CONVERGE, || {
+        let s = status(&c, others[0])?;
+        let have: BTreeSet<String> = s.voter_ids.iter().cloned().collect();
+        if have == grown && !s.leader_id.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    let mut want = want;
+    c.wait_for("a write after the recovery", CONVERGE, || {
+        add(&c, others[1], "after")
+    });
+    want.insert("after".into());
+    for &k in &live {
+        c.wait_for("every entry on every live node", CONVERGE, || {
+            let got = search(&c, k)?;
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("node{k}: {got:?}"))
+            }
+        });
+        wait_local_doc(&c, k, "recover/doc", "kept");
+    }
+}
