@@ -185,6 +185,7 @@ pub(crate) enum Forwarded {
     Read(Query),
     SetVoters(BTreeMap<u64, SocketAddr>),
     AddLearner(u64, SocketAddr),
+    RemoveLearners(BTreeSet<u64>),
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -366,6 +367,14 @@ impl Store {
     /// until it caught up.
     pub async fn add_learner(&self, id: u64, netid: SocketAddr) -> Result<(), StoreError> {
         self.call(Forwarded::AddLearner(id, netid), MEMBERSHIP_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes the learners `ids` from the group (on the leader, forwarded there otherwise). Ids
+    /// that are not learners are ignored (a voter is never removed this way).
+    pub async fn remove_learners(&self, ids: BTreeSet<u64>) -> Result<(), StoreError> {
+        self.call(Forwarded::RemoveLearners(ids), MEMBERSHIP_TIMEOUT)
             .await
             .map(|_| ())
     }
@@ -752,6 +761,32 @@ impl Store {
                 match r {
                     Err(_) => Err(Fail::Error(StoreError::Membership(format!(
                         "learner {id:016x} at {netid} did not catch up within {left:?}"
+                    )))),
+                    Ok(Ok(_)) => Ok(Answer::Done),
+                    Ok(Err(e)) => Err(write_error(e)),
+                }
+            }
+            Forwarded::RemoveLearners(ids) => {
+                let learners: BTreeSet<u64> = raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .learner_ids()
+                    .filter(|id| ids.contains(id))
+                    .collect();
+                if learners.is_empty() {
+                    return Ok(Answer::Done);
+                }
+                info!(?learners, "removing learners");
+                let r = tokio::time::timeout(
+                    left,
+                    raft.change_membership(ChangeMembers::RemoveNodes(learners), false),
+                )
+                .await;
+                match r {
+                    Err(_) => Err(Fail::Error(StoreError::Membership(format!(
+                        "removing learners did not finish within {left:?}"
                     )))),
                     Ok(Ok(_)) => Ok(Answer::Done),
                     Ok(Err(e)) => Err(write_error(e)),
