@@ -236,6 +236,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             SocketAddr::new(addr.ip(), settings.grpc_port),
         );
         c.local_ip = Some(addr.ip());
+        if let Some(f) = &settings.store_partition_file {
+            warn!(
+                file = %f.display(),
+                "store.partition_file_for_tests is set: while that file exists, this node's store \
+                 traffic is cut"
+            );
+            c.partition_file = Some(f.clone());
+        }
         crux_store::Store::open(c)
             .await
             .map_err(|e| anyhow::anyhow!("opening the durable store: {e}"))?

@@ -195,12 +195,18 @@ pub struct StoreSection {
     /// How long the flock must hold a voter dead before another member replaces it.
     #[serde(with = "humantime_serde")]
     pub voter_grace: Duration,
+    /// Test hook: while this file exists, the node's store drops all its node-to-node traffic
+    /// (Raft and forwarded requests, sent and received), as if cut off. Never set it in
+    /// production.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition_file_for_tests: Option<PathBuf>,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
             voter_grace: Duration::from_secs(60),
+            partition_file_for_tests: None,
         }
     }
 }
@@ -425,6 +431,8 @@ pub struct Settings {
     pub node_attributes: std::collections::BTreeMap<String, toml::Value>,
     /// Service runner tunables.
     pub picket: PicketSection,
+    /// Store test hook (see [`StoreSection::partition_file_for_tests`]).
+    pub store_partition_file: Option<PathBuf>,
 }
 
 impl RawConfig {
@@ -717,6 +725,7 @@ impl RawConfig {
             store_voter_grace: self.store.voter_grace,
             node_attributes: self.node.attributes.clone(),
             picket: self.picket.clone(),
+            store_partition_file: self.store.partition_file_for_tests.clone(),
         })
     }
 

@@ -16,7 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{debug, info, warn};
 
-use crate::voters::{choose, Seen};
+use crate::voters::{choose, plan_learners, Seen};
+
+/// Most learners the store's group has. Learners hold a copy (local reads) but the Raft leader
+/// replicates every entry to each: in a flock of hundreds, the members beyond this many stay plain
+/// clients, which forward their requests to the leader (see [`follow_leader`]).
+pub const LEARNERS_MAX: usize = 8;
 
 /// A store error as a gRPC status.
 pub fn status(e: StoreError) -> Status {
@@ -99,6 +104,7 @@ pub async fn follow_leader(
             _ = tick.tick() => {}
         }
         if !store.status().voters.is_empty() {
+            store.clear_join_only();
             continue;
         }
         let leader = ask_members(
@@ -169,7 +175,7 @@ pub async fn supervise(
         let want = choose(&current, &nodes, grace);
         if want == current {
             if !current.is_empty() {
-                add_learners(&store, &handle, grpc_port, &nodes).await;
+                add_learners(&store, &handle, grpc_port, &nodes, grace).await;
             }
             continue;
         }
@@ -182,6 +188,13 @@ pub async fn supervise(
         };
         let r = if current.is_empty() {
             if !settled {
+                continue;
+            }
+            if store.join_only() {
+                debug!(
+                    "no store group found yet; this node's store was discarded, so it waits \
+                        to join one rather than start one"
+                );
                 continue;
             }
             info!(voters = ?want, "initializing the store");
@@ -197,14 +210,16 @@ pub async fn supervise(
     }
 }
 
-/// Makes every live member that is not a voter a learner: it then holds the data (local reads)
-/// and knows the leader, and a voter that was replaced while it was down learns that it no
-/// longer votes instead of calling elections nobody answers.
+/// Makes live members that are not voters learners, up to [`LEARNERS_MAX`] in node id order: they
+/// then hold the data (local reads) and know the leader, and a voter that was replaced while it
+/// was down learns that it no longer votes instead of calling elections nobody answers. Learners
+/// the flock has held gone for longer than `grace` are removed first, making room.
 async fn add_learners(
     store: &Store,
     handle: &DriverHandle,
     grpc_port: u16,
     nodes: &BTreeMap<u64, Seen>,
+    grace: Duration,
 ) {
     // The group as its leader knows it.
     let mut view = store.status();
@@ -217,16 +232,17 @@ async fn add_learners(
     if view.voters.is_empty() || view.leader.is_none() {
         return;
     }
-    let known: BTreeSet<u64> = view
-        .voters
-        .iter()
-        .chain(view.learners.iter())
-        .map(|m| m.id)
-        .collect();
-    for (id, seen) in nodes {
-        if *seen != Seen::Live || known.contains(id) {
-            continue;
+    let voters: BTreeSet<u64> = view.voters.iter().map(|m| m.id).collect();
+    let learners: BTreeSet<u64> = view.learners.iter().map(|m| m.id).collect();
+    let (gone, add) = plan_learners(&voters, &learners, nodes, grace, LEARNERS_MAX);
+    if !gone.is_empty() {
+        match store.remove_learners(gone.clone()).await {
+            Ok(()) => info!(?gone, "store learners gone for good removed"),
+            Err(e) => debug!(error = %e, "store learners not removed yet"),
         }
+        return;
+    }
+    for id in &add {
         let Some(netid) = netid_of(handle, *id, grpc_port) else {
             continue;
         };

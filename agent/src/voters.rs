@@ -69,6 +69,38 @@ pub fn choose(
     next
 }
 
+/// Which learners to remove (the flock has held them gone for at least `grace`, or forgot them)
+/// and which live members to add as learners, in node id order, so that the group has at most
+/// `max` learners. Nothing is added while some are to be removed (a membership change at a time).
+pub fn plan_learners(
+    voters: &BTreeSet<u64>,
+    learners: &BTreeSet<u64>,
+    nodes: &BTreeMap<u64, Seen>,
+    grace: Duration,
+    max: usize,
+) -> (BTreeSet<u64>, Vec<u64>) {
+    let remove: BTreeSet<u64> = learners
+        .iter()
+        .copied()
+        .filter(|id| match nodes.get(id) {
+            Some(Seen::Gone(d)) => *d >= grace,
+            Some(Seen::Live) => false,
+            None => true,
+        })
+        .collect();
+    if !remove.is_empty() {
+        return (remove, Vec::new());
+    }
+    let room = max.saturating_sub(learners.len());
+    let add = nodes
+        .iter()
+        .filter(|(id, s)| **s == Seen::Live && !voters.contains(id) && !learners.contains(id))
+        .map(|(id, _)| *id)
+        .take(room)
+        .collect();
+    (remove, add)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +159,42 @@ mod tests {
         assert_eq!(choose(&cur, &lost, GRACE), cur);
         let all_gone = flock(&[4, 5, 6], &[(1, 600), (2, 600), (3, 600)]);
         assert_eq!(choose(&cur, &all_gone, GRACE), cur);
+    }
+
+    #[test]
+    fn learners_are_capped_and_the_gone_ones_removed_first() {
+        let voters = set(&[1, 2, 3]);
+        let hundred: Vec<u64> = (1..=100).collect();
+        let nodes = flock(&hundred, &[]);
+        let (remove, add) = plan_learners(&voters, &set(&[]), &nodes, GRACE, 8);
+        assert!(remove.is_empty());
+        assert_eq!(
+            add,
+            vec![4, 5, 6, 7, 8, 9, 10, 11],
+            "8 learners, in id order"
+        );
+        let full = set(&[4, 5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(
+            plan_learners(&voters, &full, &nodes, GRACE, 8).1,
+            Vec::<u64>::new()
+        );
+        // Learner 5 gone briefly: kept; gone for good (or forgotten): removed before any add.
+        let brief = flock(&[1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12], &[(5, 10)]);
+        assert_eq!(
+            plan_learners(&voters, &full, &brief, GRACE, 8),
+            (set(&[]), vec![])
+        );
+        let long = flock(&[1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12], &[(5, 61)]);
+        assert_eq!(
+            plan_learners(&voters, &full, &long, GRACE, 8),
+            (set(&[5]), vec![])
+        );
+        let mut without5 = full.clone();
+        without5.remove(&5);
+        assert_eq!(
+            plan_learners(&voters, &without5, &long, GRACE, 8),
+            (set(&[]), vec![12])
+        );
     }
 
     proptest! {

@@ -274,3 +274,368 @@ fn docs_cas_and_watch(c: &Cluster, writer: usize, watcher: usize) {
         assert_eq!(seen, ["v1", "v2"]);
     });
 }
+
+/// The partition test hook's file for node k (`[store] partition_file_for_tests`).
+fn cut_file(c: &Cluster, k: usize) -> std::path::PathBuf {
+    c.agent(k).dir.join("store-cut")
+}
+
+fn cut(c: &Cluster, k: usize) {
+    std::fs::write(cut_file(c, k), b"cut\n").expect("write the cut file");
+}
+
+fn heal(c: &Cluster, k: usize) {
+    std::fs::remove_file(cut_file(c, k)).expect("remove the cut file");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn reeve(
+    c: &Cluster,
+    k: usize,
+) -> crux_proto::grpc::reeve::v1::reeve_client::ReeveClient<tonic::transport::Channel> {
+    let ch = crux_reeve::client::socket_channel(&c.agent(k).socket, Duration::from_secs(5))
+        .await
+        .expect("socket");
+    crux_proto::grpc::reeve::v1::reeve_client::ReeveClient::new(ch)
+}
+
+/// Puts document `key` = `value` (unconditionally) through node k.
+fn put_doc(c: &Cluster, k: usize, key: &str, value: &str) -> Result<(), String> {
+    use crux_proto::grpc::reeve::v1 as pb;
+    runtime().block_on(async {
+        let r = reeve(c, k)
+            .await
+            .doc_put(pb::DocPutRequest {
+                key: key.into(),
+                value: value.into(),
+                if_generation: 0,
+                unconditional: true,
+            })
+            .await
+            .map_err(|s| format!("node{k}: {}", s.message()))?
+            .into_inner();
+        if r.written {
+            Ok(())
+        } else {
+            Err(format!("node{k}: not written: {r:?}"))
+        }
+    })
+}
+
+/// Waits until node k's own copy of the store (not the leader's: a `DocWatch` lists the local
+/// state machine, then its changes) holds document `key` = `value`.
+fn wait_local_doc(c: &Cluster, k: usize, key: &str, value: &str) {
+    use crux_proto::grpc::reeve::v1 as pb;
+    let found = runtime().block_on(async {
+        let mut watch = reeve(c, k)
+            .await
+            .doc_watch(pb::DocWatchRequest { prefix: key.into() })
+            .await
+            .expect("watch")
+            .into_inner();
+        tokio::time::timeout(CONVERGE, async {
+            loop {
+                match watch.message().await {
+                    Ok(Some(e)) if e.key == key && e.value == value && !e.deleted => return true,
+                    Ok(Some(_)) => {}
+                    _ => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    });
+    assert!(
+        found,
+        "node{k}'s own copy never held {key} = {value}\n{}",
+        c.logs(40)
+    );
+}
+
+/// A write on a node whose store traffic is cut fails with the "no quorum" error (the CLI exits
+/// non-zero), and how long it took to fail.
+fn refused(c: &Cluster, k: usize, inst: &str) -> Duration {
+    let started = now();
+    let r = add(c, k, inst);
+    let took = started.elapsed();
+    let err = r.expect_err("a write on a cut-off node must fail");
+    assert!(err.contains("no quorum"), "node{k}: {err}");
+    took
+}
+
+/// Issue 7, "a node partitioned away from the voter majority refuses writes and, after the heal,
+/// sees every write the majority accepted": first a voter that follows, then the Raft leader
+/// itself (the majority elects another leader and goes on).
+#[test]
+fn a_cut_off_node_refuses_writes_and_sees_the_majoritys_after_the_heal() {
+    let mut c = Cluster::new(BIN, 2, 5, PRESET);
+    for k in 1..=5 {
+        // A long grace: the cut-off voter (alive in the flock) must stay a voter.
+        c.append_config(
+            k,
+            &format!(
+                "[store]\nvoter_grace = \"600s\"\npartition_file_for_tests = {:?}\n",
+                cut_file(&c, k).display().to_string()
+            ),
+        );
+    }
+    c.start_all();
+    let all = [1, 2, 3, 4, 5];
+    c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
+    let st = c.wait_for("three voters and a leader", CONVERGE, || {
+        let s = status(&c, 1)?;
+        if s.voters.len() == 3 && !s.leader_addr.is_empty() {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    let mut want = set(&["before"]);
+    c.wait_for("a first write", CONVERGE, || add(&c, 1, "before"));
+
+    // 1. A voter that is not the Raft leader.
+    let leader = c.index_of(&st.leader_id).expect("the leader is ours");
+    let follower = st
+        .voter_ids
+        .iter()
+        .filter_map(|id| c.index_of(id))
+        .find(|k| *k != leader)
+        .expect("a voter that follows");
+    cut(&c, follower);
+    let took = refused(&c, follower, "on_the_cut_follower");
+    eprintln!("a write on a cut-off follower voter failed after {took:?}");
+    let err = search(&c, follower).expect_err("a consistent read on a cut-off node fails");
+    assert!(err.contains("no quorum"), "{err}");
+    let majority: Vec<usize> = all.iter().copied().filter(|k| *k != follower).collect();
+    for (n, k) in majority.iter().enumerate() {
+        let inst = format!("majority_a{n}");
+        c.wait_for("a write on the majority", CONVERGE, || add(&c, *k, &inst));
+        want.insert(inst);
+    }
+    c.wait_for("a document on the majority", CONVERGE, || {
+        put_doc(&c, majority[0], "cut/a", "while the follower was cut")
+    });
+    heal(&c, follower);
+    c.wait_for("the healed follower sees every write", CONVERGE, || {
+        let got = search(&c, follower)?;
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
+    wait_local_doc(&c, follower, "cut/a", "while the follower was cut");
+
+    // 2. The Raft leader itself.
+    let st = c.wait_for("a leader after the heal", CONVERGE, || {
+        let s = status(&c, follower)?;
+        if s.leader_id.is_empty() {
+            Err(format!("{s:?}"))
+        } else {
+            Ok(s)
+        }
+    });
+    let old = c.index_of(&st.leader_id).expect("the leader is ours");
+    cut(&c, old);
+    let cut_at = now();
+    let took = refused(&c, old, "on_the_cut_leader");
+    eprintln!("a write on the cut-off Raft leader failed after {took:?}");
+    let rest: Vec<usize> = all.iter().copied().filter(|k| *k != old).collect();
+    c.wait_for(
+        "a write on the majority after the leader's cut",
+        CONVERGE,
+        || add(&c, rest[0], "majority_b0"),
+    );
+    eprintln!(
+        "the majority accepted a write {:?} after its Raft leader was cut off",
+        cut_at.elapsed()
+    );
+    want.insert("majority_b0".into());
+    let new = status(&c, rest[0]).expect("status");
+    assert_ne!(
+        new.leader_id, st.leader_id,
+        "the majority elected another leader"
+    );
+    assert!(new.term > st.term, "in a later term: {new:?} after {st:?}");
+    for (n, k) in rest.iter().enumerate().skip(1) {
+        let inst = format!("majority_b{n}");
+        c.wait_for("a write on the majority", CONVERGE, || add(&c, *k, &inst));
+        want.insert(inst);
+    }
+    c.wait_for("a document on the majority", CONVERGE, || {
+        put_doc(&c, rest[1], "cut/b", "while the leader was cut")
+    });
+    // The old leader still refuses while cut off (it may still believe it leads).
+    refused(&c, old, "still_cut");
+    heal(&c, old);
+    c.wait_for("the healed old leader sees every write", CONVERGE, || {
+        let got = search(&c, old)?;
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
+    wait_local_doc(&c, old, "cut/b", "while the leader was cut");
+    // And it takes writes again.
+    c.wait_for("a write through the healed node", CONVERGE, || {
+        add(&c, old, "after_heal")
+    });
+    want.insert("after_heal".into());
+    for k in all {
+        c.wait_for("every node sees every write", CONVERGE, || {
+            let got = search(&c, k)?;
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("node{k}: {got:?}"))
+            }
+        });
+    }
+}
+
+/// `crux store recover ARGS --config <node k's config> --json`.
+fn recover_cli(c: &Cluster, k: usize, args: &[&str]) -> serde_json::Value {
+    let out = c
+        .command()
+        .args(["store", "recover", "--json", "--config"])
+        .arg(c.agent(k).config())
+        .args(args)
+        .output()
+        .expect("run crux store recover");
+    assert!(
+        out.status.success(),
+        "node{k}: crux store recover {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("recover JSON")
+}
+
+/// Issue 7, "`crux store recover` for the case where a voter majority is gone for good": two of
+/// the three voters are killed for good and the other nodes stopped; the survivor voter is
+/// recovered, the two other survivors (learners) are discarded; started again, the survivor
+/// leads alone, every entry is there, the flock leader grows the voters back to three from the
+/// live members, and new writes succeed.
+#[test]
+fn recover_rebuilds_the_group_from_a_survivor_after_a_lost_majority() {
+    let mut c = Cluster::new(BIN, 3, 5, PRESET);
+    for k in 1..=5 {
+        c.append_config(k, "[store]\nvoter_grace = \"600s\"\n");
+    }
+    c.start_all();
+    let all = [1, 2, 3, 4, 5];
+    c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
+    let st = c.wait_for("three voters and a leader", CONVERGE, || {
+        let s = status(&c, 1)?;
+        if s.voters.len() == 3 && !s.leader_addr.is_empty() {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    let voters: Vec<usize> = st
+        .voter_ids
+        .iter()
+        .map(|id| c.index_of(id).expect("a voter of ours"))
+        .collect();
+    let others: Vec<usize> = all
+        .iter()
+        .copied()
+        .filter(|k| !voters.contains(k))
+        .collect();
+    let want = set(&["r1", "r2", "r3"]);
+    for (n, inst) in want.iter().enumerate() {
+        c.wait_for("a write", CONVERGE, || add(&c, all[n], inst));
+    }
+    c.wait_for("a document", CONVERGE, || {
+        put_doc(&c, 1, "recover/doc", "kept")
+    });
+    // Every node holds everything in its own copy (the non-voters are learners).
+    for k in all {
+        wait_local_doc(&c, k, "recover/doc", "kept");
+    }
+
+    // A majority of the voters is gone for good; the rest is stopped.
+    let (lost, survivor) = (&voters[..2], voters[2]);
+    for &k in lost {
+        c.kill9(k);
+    }
+    for &k in others.iter().chain([survivor].iter()) {
+        // Its exit status does not matter here, only that it stopped.
+        let _ = c.sigterm(k, CONVERGE);
+    }
+    let ids: Vec<String> = (1..=5).map(|k| c.node_id(k).expect("node id")).collect();
+    let id = |k: usize| ids[k - 1].clone();
+    let dry = recover_cli(&c, survivor, &["--dry-run"]);
+    assert_eq!(dry["recovered"], false);
+    let kept = recover_cli(&c, survivor, &[]);
+    assert_eq!(kept["recovered"], true);
+    assert_eq!(kept["last_log_index"], dry["last_log_index"]);
+    assert_eq!(kept["muster_entries"], 3, "{kept}");
+    assert_eq!(kept["documents"][0][0], "recover/doc", "{kept}");
+    let dropped: BTreeSet<String> = kept["dropped"]
+        .as_array()
+        .expect("dropped")
+        .iter()
+        .map(|m| format!("{:016x}", m["id"].as_u64().expect("id")))
+        .collect();
+    for &k in lost {
+        assert!(dropped.contains(&id(k)), "{} dropped: {kept}", id(k));
+    }
+    for &k in &others {
+        let d = recover_cli(&c, k, &["--discard"]);
+        assert_eq!(d["discarded"], true, "{d}");
+    }
+
+    // The survivor first: it leads a group of one.
+    c.start(survivor);
+    c.wait_for("the survivor leads alone", CONVERGE, || {
+        let s = status(&c, survivor)?;
+        if s.leader_id == id(survivor) && s.voter_ids == vec![id(survivor)] {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    // Then the discarded survivors: the voters grow back to three live members.
+    for &k in &others {
+        c.start(k);
+    }
+    let live: Vec<usize> = [survivor]
+        .into_iter()
+        .chain(others.iter().copied())
+        .collect();
+    c.stable_agreement(&live, Duration::from_secs(1), CONVERGE);
+    let grown: BTreeSet<String> = live.iter().map(|k| id(*k)).collect();
+    c.wait_for("three voters again", CONVERGE, || {
+        let s = status(&c, others[0])?;
+        let have: BTreeSet<String> = s.voter_ids.iter().cloned().collect();
+        if have == grown && !s.leader_id.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    let mut want = want;
+    c.wait_for("a write after the recovery", CONVERGE, || {
+        add(&c, others[1], "after")
+    });
+    want.insert("after".into());
+    for &k in &live {
+        c.wait_for("every entry on every live node", CONVERGE, || {
+            let got = search(&c, k)?;
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("node{k}: {got:?}"))
+            }
+        });
+        wait_local_doc(&c, k, "recover/doc", "kept");
+    }
+}

@@ -35,6 +35,7 @@
 //! compare-and-swap). 0 means absent.
 
 mod network;
+pub mod recover;
 mod service;
 mod storage;
 mod types;
@@ -87,6 +88,10 @@ pub struct StoreConfig {
     /// A snapshot is built every this many log entries (and the log before it is purged, keeping
     /// this many entries for followers that are a little behind).
     pub snapshot_every: u64,
+    /// Test hook: while this file exists, the store drops every node-to-node call it would send
+    /// or receive (Raft RPCs, forwarded requests, status), as if this node's store traffic were
+    /// cut off. Never set it in production.
+    pub partition_file: Option<PathBuf>,
 }
 
 impl StoreConfig {
@@ -102,6 +107,7 @@ impl StoreConfig {
             election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
             op_timeout: Duration::from_secs(3),
             snapshot_every: 1000,
+            partition_file: None,
         }
     }
 }
@@ -179,6 +185,7 @@ pub(crate) enum Forwarded {
     Read(Query),
     SetVoters(BTreeMap<u64, SocketAddr>),
     AddLearner(u64, SocketAddr),
+    RemoveLearners(BTreeSet<u64>),
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -249,7 +256,7 @@ impl Store {
     pub async fn open(config: StoreConfig) -> Result<Store, StoreError> {
         std::fs::create_dir_all(&config.dir)
             .map_err(|e| StoreError::Storage(format!("{}: {e}", config.dir.display())))?;
-        let db = storage::open_db(&config.dir.join("store.redb"), Duration::from_secs(5))
+        let db = storage::open_db(&config.dir.join(recover::DB_FILE), Duration::from_secs(5))
             .await
             .map_err(StoreError::Storage)?;
         let logs = storage::LogStore::new(db.clone());
@@ -268,7 +275,11 @@ impl Store {
         }
         .validate()
         .map_err(|e| StoreError::Invalid(format!("raft timing: {e}")))?;
-        let pool = network::Pool::new(config.local_ip);
+        let pool = network::Pool::new(
+            config.local_ip,
+            network::Cut::new(config.partition_file.clone()),
+        );
+
         let net = network::Net {
             pool: pool.clone(),
             backoff: config.heartbeat * 2,
@@ -299,11 +310,36 @@ impl Store {
         self.inner.config.node
     }
 
+    /// Whether this node's store was discarded by [`recover::discard`] and has not joined a group
+    /// since: it must not start a group of its own (the recovered one may just not be up yet).
+    pub fn join_only(&self) -> bool {
+        self.inner.config.dir.join(recover::JOIN_ONLY_FILE).exists()
+    }
+
+    /// Removes the [`Store::join_only`] marker once this node is in a group (it knows voters).
+    pub fn clear_join_only(&self) {
+        if self.join_only() && !self.knows_no_voters() {
+            let path = self.inner.config.dir.join(recover::JOIN_ONLY_FILE);
+            match std::fs::remove_file(&path) {
+                Ok(()) => info!("joined a store group: the discarded store's marker is removed"),
+                Err(e) => debug!(path = %path.display(), error = %e, "join-only marker"),
+            }
+        }
+    }
+
     /// Starts the Raft group with `voters` (which must include this node). Ok without doing
-    /// anything if this node already has Raft state (the group was started before).
+    /// anything if this node already has Raft state (the group was started before). Refused on a
+    /// node whose store was discarded ([`Store::join_only`]).
     pub async fn initialize(&self, voters: BTreeMap<u64, SocketAddr>) -> Result<(), StoreError> {
         if voters.is_empty() {
             return Err(StoreError::Invalid("no voters".into()));
+        }
+        if self.join_only() {
+            return Err(StoreError::Invalid(
+                "this node's store was discarded (crux store recover --discard): it joins an \
+                 existing group and never starts one"
+                    .into(),
+            ));
         }
         let nodes: BTreeMap<u64, BasicNode> =
             voters.into_iter().map(|(id, a)| (id, node(a))).collect();
@@ -331,6 +367,14 @@ impl Store {
     /// until it caught up.
     pub async fn add_learner(&self, id: u64, netid: SocketAddr) -> Result<(), StoreError> {
         self.call(Forwarded::AddLearner(id, netid), MEMBERSHIP_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes the learners `ids` from the group (on the leader, forwarded there otherwise). Ids
+    /// that are not learners are ignored (a voter is never removed this way).
+    pub async fn remove_learners(&self, ids: BTreeSet<u64>) -> Result<(), StoreError> {
+        self.call(Forwarded::RemoveLearners(ids), MEMBERSHIP_TIMEOUT)
             .await
             .map(|_| ())
     }
@@ -722,6 +766,32 @@ impl Store {
                     Ok(Err(e)) => Err(write_error(e)),
                 }
             }
+            Forwarded::RemoveLearners(ids) => {
+                let learners: BTreeSet<u64> = raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .learner_ids()
+                    .filter(|id| ids.contains(id))
+                    .collect();
+                if learners.is_empty() {
+                    return Ok(Answer::Done);
+                }
+                info!(?learners, "removing learners");
+                let r = tokio::time::timeout(
+                    left,
+                    raft.change_membership(ChangeMembers::RemoveNodes(learners), false),
+                )
+                .await;
+                match r {
+                    Err(_) => Err(Fail::Error(StoreError::Membership(format!(
+                        "removing learners did not finish within {left:?}"
+                    )))),
+                    Ok(Ok(_)) => Ok(Answer::Done),
+                    Ok(Err(e)) => Err(write_error(e)),
+                }
+            }
             Forwarded::SetVoters(voters) => {
                 tokio::time::timeout(left, self.set_voters_here(voters))
                     .await
@@ -789,9 +859,14 @@ fn never_sent(s: &tonic::Status) -> bool {
         text.push_str(&e.to_string().to_lowercase());
         source = e.source();
     }
-    ["refused", "tcp connect", "trying to connect"]
-        .iter()
-        .any(|w| text.contains(w))
+    [
+        "refused",
+        "tcp connect",
+        "trying to connect",
+        network::CUT_MESSAGE,
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 fn forward_hint(id: Option<u64>, node: Option<BasicNode>) -> Option<Member> {

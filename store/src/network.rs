@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::error::Error;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,28 +43,54 @@ pub(crate) async fn connect(
         .max_encoding_message_size(MESSAGE_MAX))
 }
 
+/// The message of every call refused because of [`Cut`] (sent or received).
+pub(crate) const CUT_MESSAGE: &str = "store traffic cut for tests (partition file present)";
+
+/// The partition test hook ([`crate::StoreConfig::partition_file`]): while the file exists, this
+/// node's store neither sends nor accepts any node-to-node call, as if the network between it and
+/// every other node were cut. Without a file it costs nothing.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Cut(Option<Arc<PathBuf>>);
+
+impl Cut {
+    pub(crate) fn new(file: Option<PathBuf>) -> Cut {
+        Cut(file.map(Arc::new))
+    }
+
+    /// Whether the traffic is cut now (one `stat` per call while a file is configured).
+    pub(crate) fn active(&self) -> bool {
+        self.0.as_ref().is_some_and(|p| p.exists())
+    }
+}
+
 /// Connections to other stores, shared by replication, openraft's leadership checks (which ask
 /// for a new client each time and allow it only a heartbeat interval) and forwarding.
 #[derive(Clone)]
 pub(crate) struct Pool {
     local_ip: Option<IpAddr>,
     clients: Arc<Mutex<HashMap<SocketAddr, StoreClient<Channel>>>>,
+    pub(crate) cut: Cut,
 }
 
 impl Pool {
-    pub(crate) fn new(local_ip: Option<IpAddr>) -> Pool {
+    pub(crate) fn new(local_ip: Option<IpAddr>, cut: Cut) -> Pool {
         Pool {
             local_ip,
             clients: Arc::default(),
+            cut,
         }
     }
 
-    /// A client for `addr`: the pooled one, or a new connection.
+    /// A client for `addr`: the pooled one, or a new connection. Refused while [`Cut`] is active
+    /// (every outgoing call asks for its client here first).
     pub(crate) async fn get(
         &self,
         addr: SocketAddr,
         timeout: Duration,
     ) -> Result<StoreClient<Channel>, String> {
+        if self.cut.active() {
+            return Err(format!("{addr}: {CUT_MESSAGE}"));
+        }
         if let Some(c) = self.clients.lock().expect("pool lock").get(&addr) {
             return Ok(c.clone());
         }

@@ -7,6 +7,7 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::{de::DeserializeOwned, Serialize};
 use tonic::{Request, Response, Status};
 
+use crate::network::CUT_MESSAGE;
 use crate::{Store, TypeConfig};
 
 /// The tonic server type [`Store::service`] returns.
@@ -24,6 +25,17 @@ impl StoreService {
         store_server::StoreServer::new(StoreService { store, admit })
             .max_decoding_message_size(MESSAGE_MAX)
             .max_encoding_message_size(MESSAGE_MAX)
+    }
+}
+
+impl StoreService {
+    /// Admits the caller, and refuses everything while the partition test hook is active (the
+    /// request is dropped unread, as a cut network would).
+    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if self.store.inner.pool.cut.active() {
+            return Err(Status::unavailable(CUT_MESSAGE));
+        }
+        admitted(&self.admit, req).map(|_| ())
     }
 }
 
@@ -45,13 +57,13 @@ impl store_server::Store for StoreService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        admitted(&self.admit, &req)?;
+        self.admit(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.get_ref().json)?;
         reply(&self.store.inner.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        admitted(&self.admit, &req)?;
+        self.admit(&req)?;
         let rpc: VoteRequest<u64> = decode(&req.get_ref().json)?;
         reply(&self.store.inner.raft.vote(rpc).await)
     }
@@ -60,7 +72,7 @@ impl store_server::Store for StoreService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        admitted(&self.admit, &req)?;
+        self.admit(&req)?;
         let msg = req.into_inner();
         let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(&msg.json)?;
         rpc.data = msg.data;
@@ -68,13 +80,13 @@ impl store_server::Store for StoreService {
     }
 
     async fn forward(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        admitted(&self.admit, &req)?;
+        self.admit(&req)?;
         let fwd = decode(&req.get_ref().json)?;
         reply(&self.store.serve_forwarded(fwd).await)
     }
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<RaftMessage>, Status> {
-        admitted(&self.admit, &req)?;
+        self.admit(&req)?;
         reply(&self.store.status())
     }
 }

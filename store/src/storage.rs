@@ -24,14 +24,14 @@ use crate::TypeConfig;
 
 type SE = StorageError<u64>;
 
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
-const VOTE: &str = "vote";
-const COMMITTED: &str = "committed";
-const PURGED: &str = "purged";
-const SNAPSHOT_META: &str = "snapshot_meta";
-const SNAPSHOT_DATA: &str = "snapshot_data";
+pub(crate) const VOTE: &str = "vote";
+pub(crate) const COMMITTED: &str = "committed";
+pub(crate) const PURGED: &str = "purged";
+pub(crate) const SNAPSHOT_META: &str = "snapshot_meta";
+pub(crate) const SNAPSHOT_DATA: &str = "snapshot_data";
 
 fn any(e: impl std::fmt::Display) -> AnyError {
     AnyError::error(e.to_string())
@@ -97,7 +97,7 @@ async fn put_meta(
     .map_err(any)?
 }
 
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("openraft's types serialize")
 }
 

@@ -694,3 +694,136 @@ async fn write_latency_through_a_follower() {
         1600.0 / start.elapsed().as_secs_f64()
     );
 }
+
+/// `recover` on a stopped survivor, retried while openraft's tasks of the stopped store in this
+/// process still hold the database.
+async fn recover_when_released(node: &Node) -> crux_store::recover::Recovery {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match crux_store::recover::recover(&node.dir, node.id, None) {
+            Ok(r) => return r,
+            Err(StoreError::Invalid(e)) if e.contains("in use") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("recover: {e}"),
+        }
+    }
+}
+
+/// Issue 7, "`crux store recover` for the case where a voter majority is gone for good": one
+/// survivor's store is rewritten so that it is the only voter, keeps every entry up to its last
+/// log entry, takes writes again, and the group grows back to three voters (a discarded survivor
+/// and an empty node) without splitting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recover_makes_a_survivor_the_sole_voter_and_the_group_grows_back() {
+    // Small snapshots: the survivor has both a snapshot and a log after it.
+    let mut c = Cluster::new(4, 3, 7).await;
+    let l = c.leader(&[0, 1, 2]).await;
+    for i in 0..20 {
+        c.nodes[l]
+            .store
+            .write(Command::MusterAdd(entry("h", "a", &i.to_string())))
+            .await
+            .unwrap();
+    }
+    let g = generation(
+        &c.nodes[l]
+            .store
+            .write(put("doc", "kept", None))
+            .await
+            .unwrap(),
+    );
+    let last = c.nodes[l].store.status().last_log_index.unwrap();
+    for i in 0..3 {
+        c.applied(i, last).await;
+    }
+    // Refused while the store is open, and nothing changes.
+    let r = crux_store::recover::recover(&c.nodes[0].dir, c.nodes[0].id, None);
+    assert!(
+        matches!(&r, Err(StoreError::Invalid(e)) if e.contains("stop the agent")),
+        "{r:?}"
+    );
+    // The majority is lost for good; the survivor (a voter that was not the leader) is stopped.
+    let survivor = (l + 1) % 3;
+    let other = (l + 2) % 3;
+    for n in &mut c.nodes {
+        n.stop().await;
+    }
+    let kept = recover_when_released(&c.nodes[survivor]).await;
+    assert_eq!(kept.node, c.nodes[survivor].id);
+    assert_eq!(kept.last_log_index, last);
+    assert_eq!(kept.muster_entries, 20);
+    assert_eq!(kept.documents, vec![("doc".to_string(), g)]);
+    assert_eq!(kept.netid, c.nodes[survivor].netid);
+    let old: Vec<u64> = kept.old_voters.iter().map(|m| m.id).collect();
+    assert_eq!(old, vec![100, 101, 102]);
+    let dropped: Vec<u64> = kept.dropped.iter().map(|m| m.id).collect();
+    let mut want: Vec<u64> = [l, other].iter().map(|i| c.nodes[*i].id).collect();
+    want.sort();
+    assert_eq!(dropped, want);
+    // A second look (dry run) shows the rewritten store: this node alone, the same last entry.
+    let again =
+        crux_store::recover::inspect(&c.nodes[survivor].dir, c.nodes[survivor].id, None).unwrap();
+    assert_eq!(again.last_log_index, last);
+    assert_eq!(
+        again.old_voters.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![c.nodes[survivor].id]
+    );
+
+    // The survivor starts alone: it leads, everything is there, and writes succeed.
+    c.nodes[survivor].restart(7).await;
+    c.leader(&[survivor]).await;
+    let s = &c.nodes[survivor].store;
+    assert_eq!(s.status().voters.len(), 1);
+    let QueryResult::Muster(found) = s.read(all_muster()).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(found.len(), 20);
+    assert_eq!(
+        s.read(Query::DocGet { key: "doc".into() }).await.unwrap(),
+        QueryResult::Doc(Some(("kept".into(), g)))
+    );
+    let g2 = generation(&s.write(put("doc", "after", Some(g))).await.unwrap());
+    assert!(g2 > g, "generations go on: {g2} > {g}");
+
+    // Another survivor is discarded: it starts empty, refuses to start a group of its own, and
+    // joins the recovered one. Node 3 never held anything.
+    let (held, aside) =
+        crux_store::recover::discard(&c.nodes[other].dir, c.nodes[other].id).unwrap();
+    assert_eq!(held.map(|h| h.last_log_index), Some(last));
+    assert!(aside.join("store.redb").exists(), "set aside, not deleted");
+    c.nodes[other].restart(7).await;
+    c.nodes[3].restart(7).await;
+    let o = &c.nodes[other].store;
+    assert!(o.join_only());
+    let r = o.initialize(c.voters([other])).await;
+    assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+    c.nodes[survivor]
+        .store
+        .set_voters(c.voters([survivor, other, 3]))
+        .await
+        .unwrap();
+    c.leader(&[survivor, other, 3]).await;
+    o.clear_join_only();
+    assert!(!o.join_only(), "a member drops the marker");
+    for i in [survivor, other, 3] {
+        c.applied(i, c.nodes[survivor].store.status().last_log_index.unwrap())
+            .await;
+        let st = c.nodes[i].store.status();
+        assert_eq!(st.voters.len(), 3, "node {i}: {st:?}");
+        let QueryResult::Muster(found) = c.nodes[i].store.local(all_muster()) else {
+            panic!()
+        };
+        assert_eq!(found.len(), 20, "node {i}'s own copy");
+        assert_eq!(
+            c.nodes[i].store.local(Query::DocGet { key: "doc".into() }),
+            QueryResult::Doc(Some(("after".into(), g2)))
+        );
+    }
+    // The grown group takes writes through the newcomer.
+    c.nodes[3]
+        .store
+        .write(Command::MusterAdd(entry("h", "a", "grown")))
+        .await
+        .unwrap();
+}
