@@ -348,11 +348,7 @@ impl Dean {
             if st.held.contains_key(&unit) {
                 continue;
             }
-            let hold = st
-                .next_hold
-                .get(&unit)
-                .copied()
-                .unwrap_or(self.failed_hold);
+            let hold = st.next_hold.get(&unit).copied().unwrap_or(self.failed_hold);
             st.next_hold
                 .insert(unit.clone(), (hold * 2).min(FAILED_HOLD_MAX));
             warn!(unit = %u.spec.key, restarts = u.restarts, ?hold, detail = %u.detail,

@@ -212,7 +212,9 @@ fn main() -> ExitCode {
         Cmd::Proctor { socket, cmd } => {
             client::block_on_code(placement::proctor(&socket.socket, cmd))
         }
-        Cmd::Picket { socket, cmd } => client::block_on_code(placement::picket(&socket.socket, cmd)),
+        Cmd::Picket { socket, cmd } => {
+            client::block_on_code(placement::picket(&socket.socket, cmd))
+        }
         Cmd::Keygen => {
             println!("{}", keys::generate());
             Ok(0)

@@ -352,7 +352,9 @@ pub enum PicketCmd {
     Ps(JsonArg),
 }
 
-async fn client(socket: &Path) -> anyhow::Result<pb::placement_client::PlacementClient<tonic::transport::Channel>> {
+async fn client(
+    socket: &Path,
+) -> anyhow::Result<pb::placement_client::PlacementClient<tonic::transport::Channel>> {
     Ok(pb::placement_client::PlacementClient::new(
         channel(socket, Some(Duration::from_secs(30))).await?,
     ))

@@ -37,9 +37,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The intent stored, and its generation (0: none stored).
 pub async fn read_intent(store: &Store) -> anyhow::Result<(Intent, u64)> {
-    match store.read(Query::DocGet {
-        key: INTENT_KEY.into(),
-    }) .await
+    match store
+        .read(Query::DocGet {
+            key: INTENT_KEY.into(),
+        })
+        .await
     {
         Ok(QueryResult::Doc(Some((json, generation)))) => {
             let intent = Intent::from_json(&json)
@@ -198,7 +200,8 @@ impl Term {
         let mut refused = false;
         while !over.is_cancelled() && !refused {
             let live = self.live();
-            self.reports.retain(|id, _| live.iter().any(|(n, _)| n == id));
+            self.reports
+                .retain(|id, _| live.iter().any(|(n, _)| n == id));
             let intent = match read_intent(&self.store).await {
                 Ok(i) => Some(i),
                 Err(e) => {
@@ -220,9 +223,8 @@ impl Term {
                 let nodes: Vec<Node> = self.reports.values().map(node_of).collect();
                 let obs: Vec<Observed> = self.reports.values().map(observed).collect();
                 let after = crux_proctor::reconcile(&intent, &nodes, &obs);
-                self.status.send_replace(Some(status_pb(
-                    &after, generation, &self.me, self.term,
-                )));
+                self.status
+                    .send_replace(Some(status_pb(&after, generation, &self.me, self.term)));
             }
             tokio::select! {
                 _ = over.cancelled() => {}
@@ -287,8 +289,7 @@ impl Term {
             let channel = match self.channels.get(netid) {
                 Some(c) => c.clone(),
                 None => {
-                    match crux_reeve::link::node_channel(*netid, Some(local_ip), CALL_TIMEOUT)
-                        .await
+                    match crux_reeve::link::node_channel(*netid, Some(local_ip), CALL_TIMEOUT).await
                     {
                         Ok(c) => {
                             self.channels.insert(*netid, c.clone());

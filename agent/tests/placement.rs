@@ -193,7 +193,8 @@ fn cluster(test_id: u8) -> Cluster {
 fn store_ready(c: &Cluster) {
     c.wait_for("the store's voters", CONVERGE, || {
         let out = c.cli(1, &["store", "status", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
         let voters = v["voters"].as_array().map(|a| a.len()).unwrap_or(0);
         if voters == 3 && v["leader_addr"].as_str().is_some_and(|s| !s.is_empty()) {
             Ok(())
@@ -230,12 +231,20 @@ fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
     // Apply on node 2; converged with three instances on three nodes.
     let t0 = now();
     let text = intent(
-        &[("galumph2", "galumph2_3", "galumph2_3", "count 3; distinct host")],
+        &[(
+            "galumph2",
+            "galumph2_3",
+            "galumph2_3",
+            "count 3; distinct host",
+        )],
         &art,
     );
     let generation = apply(&c, 2, &text).expect("apply");
     let svc = converged(&c, 2, "galumph2", "galumph2_3", generation);
-    eprintln!("figure: apply -> converged (3 instances): {:?}", t0.elapsed());
+    eprintln!(
+        "figure: apply -> converged (3 instances): {:?}",
+        t0.elapsed()
+    );
     let on = indexes(&c, &svc.nodes);
     assert_eq!(on.len(), 3, "{svc:?}");
     assert_eq!(svc.running, 3, "{svc:?}");
@@ -253,7 +262,11 @@ fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
     for k in all {
         c.wait_for("three galumph2 instances by lookup", CONVERGE, || {
             let l = lookup(&c, k)?;
-            let live: BTreeSet<String> = l.iter().filter(|i| i.live).map(|i| i.addr.clone()).collect();
+            let live: BTreeSet<String> = l
+                .iter()
+                .filter(|i| i.live)
+                .map(|i| i.addr.clone())
+                .collect();
             if live.len() == 3 && l.iter().all(|i| i.inst == "galumph2_3") {
                 Ok(())
             } else {
@@ -262,27 +275,51 @@ fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
         });
     }
     // The same intent again: no change, the same generation.
-    let out = c.cli(3, &["proctor", "diff", &c.dir().join(format!("intent-{}.toml", text.len())).display().to_string()]);
+    let out = c.cli(
+        3,
+        &[
+            "proctor",
+            "diff",
+            &c.dir()
+                .join(format!("intent-{}.toml", text.len()))
+                .display()
+                .to_string(),
+        ],
+    );
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("no change"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no change"),
+        "{out:?}"
+    );
 
     // kill -9 of a node (not the leader) that runs one: replaced elsewhere.
     let leader = c.agreement(&all).expect("leader");
     let leader_k = c.index_of(&leader.id).expect("leader index");
-    let victim = *on.iter().find(|k| **k != leader_k).expect("a non-leader runs one");
+    let victim = *on
+        .iter()
+        .find(|k| **k != leader_k)
+        .expect("a non-leader runs one");
     let t0 = now();
     c.kill_node(victim);
     let victim_id = c.node_id(victim).expect("id");
     let svc = c.wait_for("the instance replaced", CONVERGE, || {
         let s = status(&c, leader_k)?;
-        let v = s.services.iter().find(|v| v.api == "galumph2").cloned().ok_or("no galumph2")?;
+        let v = s
+            .services
+            .iter()
+            .find(|v| v.api == "galumph2")
+            .cloned()
+            .ok_or("no galumph2")?;
         if v.state == "converged" && !v.nodes.contains(&victim_id) && v.nodes.len() == 3 {
             Ok(v)
         } else {
             Err(format!("{v:?}"))
         }
     });
-    eprintln!("figure: node kill -9 -> replaced and converged: {:?}", t0.elapsed());
+    eprintln!(
+        "figure: node kill -9 -> replaced and converged: {:?}",
+        t0.elapsed()
+    );
     assert_eq!(indexes(&c, &svc.nodes).len(), 3);
     // The node comes back (its plugins died with it) before the next loss.
     c.start(victim);
@@ -301,22 +338,35 @@ fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
     let rest: Vec<usize> = all.iter().copied().filter(|k| *k != leader_k).collect();
     let asker = rest[0];
     let old_leader = leader.id.clone();
-    c.wait_for("a new proctor at the same generation, converged", CONVERGE, || {
-        let s = status(&c, asker)?;
-        let v = s.services.iter().find(|v| v.api == "galumph2").cloned().ok_or("no galumph2")?;
-        if s.leader != old_leader
-            && s.generation == generation
-            && v.state == "converged"
-            && !v.nodes.contains(&old_leader)
-        {
-            Ok(())
-        } else {
-            Err(format!("{s:?}"))
-        }
-    });
+    c.wait_for(
+        "a new proctor at the same generation, converged",
+        CONVERGE,
+        || {
+            let s = status(&c, asker)?;
+            let v = s
+                .services
+                .iter()
+                .find(|v| v.api == "galumph2")
+                .cloned()
+                .ok_or("no galumph2")?;
+            if s.leader != old_leader
+                && s.generation == generation
+                && v.state == "converged"
+                && !v.nodes.contains(&old_leader)
+            {
+                Ok(())
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    );
     for (k, pids) in &before {
         if !pids.is_empty() {
-            assert_eq!(&plugin_pids(&c, *k, "galumph2_3"), pids, "node{k} restarted its plugin");
+            assert_eq!(
+                &plugin_pids(&c, *k, "galumph2_3"),
+                pids,
+                "node{k} restarted its plugin"
+            );
         }
     }
     c.start(leader_k);
@@ -351,7 +401,12 @@ fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
     };
     let t0 = now();
     let text = intent(
-        &[("galumph2", "galumph2_4", "galumph2_4", "count 3; distinct host")],
+        &[(
+            "galumph2",
+            "galumph2_4",
+            "galumph2_4",
+            "count 3; distinct host",
+        )],
         &art,
     );
     let g2 = apply(&c, 3, &text).expect("apply the update");
@@ -371,9 +426,15 @@ fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
     let (empty, asked) = (empty.load(Ordering::Relaxed), asked.load(Ordering::Relaxed));
     eprintln!("live update: {asked} lookups, {empty} empty");
     assert!(asked >= 5, "too few lookups ({asked})");
-    assert_eq!(empty, 0, "{empty} of {asked} lookups found no live galumph2 during the update");
+    assert_eq!(
+        empty, 0,
+        "{empty} of {asked} lookups found no live galumph2 during the update"
+    );
     for k in all {
-        assert!(plugin_pids(&c, k, "galumph2_3").is_empty(), "node{k} still runs galumph2_3");
+        assert!(
+            plugin_pids(&c, k, "galumph2_3").is_empty(),
+            "node{k} still runs galumph2_3"
+        );
     }
 }
 
@@ -391,7 +452,12 @@ fn a_crashing_plugin_is_reported_failed_and_left_alone() {
     let generation = apply(&c, 1, &text).expect("apply");
     let s = c.wait_for("crasher1 failed", CONVERGE, || {
         let s = status(&c, 1)?;
-        let v = s.services.iter().find(|v| v.api == "crasher1").cloned().ok_or("none")?;
+        let v = s
+            .services
+            .iter()
+            .find(|v| v.api == "crasher1")
+            .cloned()
+            .ok_or("none")?;
         if s.generation == generation && v.state == "failed" {
             Ok(v)
         } else {
@@ -411,20 +477,35 @@ fn a_crashing_plugin_is_reported_failed_and_left_alone() {
         }
         Ok(n)
     };
-    c.wait_for("no crasher running anywhere", CONVERGE, || match restarts(&c)? {
-        0 => Ok(()),
-        n => Err(format!("{n} running")),
-    });
+    c.wait_for(
+        "no crasher running anywhere",
+        CONVERGE,
+        || match restarts(&c)? {
+            0 => Ok(()),
+            n => Err(format!("{n} running")),
+        },
+    );
     let until = now() + Duration::from_secs(5);
     while now() < until {
-        assert_eq!(restarts(&c).expect("ps"), 0, "a failed plugin was started again");
+        assert_eq!(
+            restarts(&c).expect("ps"),
+            0,
+            "a failed plugin was started again"
+        );
         let s = status(&c, 1).expect("status");
-        let v = s.services.iter().find(|v| v.api == "crasher1").expect("crasher1");
+        let v = s
+            .services
+            .iter()
+            .find(|v| v.api == "crasher1")
+            .expect("crasher1");
         assert_eq!(v.state, "failed", "{s:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
     // Bad input changes nothing: a placement error names line and column, and the intent stays.
-    let bad = intent(&[("crasher1", "crasher1_1", "crash", "count 2; distinct")], &art);
+    let bad = intent(
+        &[("crasher1", "crasher1_1", "crash", "count 2; distinct")],
+        &art,
+    );
     let file = c.dir().join("bad.toml");
     std::fs::write(&file, bad).expect("write");
     let out = c.cli(1, &["proctor", "apply", &file.display().to_string()]);
