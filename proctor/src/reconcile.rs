@@ -28,8 +28,9 @@
 //! Doneness per service: **Converged** when U is Healthy on `count` nodes and no old unit of S
 //! is assigned; **Failed** when U cannot reach `count` (fewer placeable nodes than wanted: the
 //! message says why, e.g. `3 wanted, 1 placeable: 2 nodes failed it, 2 excluded by
-//! where/distinct`), or when every live node that reports U reports it Failed; otherwise
-//! **Progressing**.
+//! where/distinct`), or when U failed on `count` nodes and on at least three (the artifact is
+//! at fault, not the nodes; the other nodes are still tried); otherwise **Progressing** (a
+//! failure or two is progress elsewhere, not a state that flaps).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -308,6 +309,9 @@ fn list(ids: &[&str]) -> String {
     s
 }
 
+/// Failures on this many nodes (or on `count`, if more) make a service failed.
+const FAILED_NODES_MIN: usize = 3;
+
 fn doneness(
     svc: &Svc<'_>,
     live: &BTreeMap<&str, &Node>,
@@ -374,16 +378,22 @@ fn doneness(
         return (Doneness::Failed, message);
     }
     let starting = svc.assigned.len() - running;
-    let reported_live = live
-        .keys()
-        .any(|id| state_of(id, &svc.unit).is_some_and(UnitState::is_live));
-    if !failed.is_empty() && !reported_live {
+    // Failed on as many nodes as it wants instances (and at least on three): the artifact is
+    // at fault, not the nodes. Placement keeps trying the others, with each node's hold as
+    // back-off, but the state stays failed while the failures stand; a few failures are just
+    // progress elsewhere.
+    if failed.len() >= count.max(FAILED_NODES_MIN) && running < count {
         return (
             Doneness::Failed,
             format!(
-                "every node that ran it failed it ({}); trying {}",
+                "failed on {} ({}); {}",
+                plural(failed.len(), "node", "nodes"),
                 list(&failed),
-                plural(starting, "other node", "other nodes")
+                if starting > 0 {
+                    format!("trying {}", plural(starting, "other node", "other nodes"))
+                } else {
+                    "no other node to try".to_string()
+                }
             ),
         );
     }

@@ -322,27 +322,40 @@ fn failures_and_constraints_explain_a_failed_service() {
 }
 
 #[test]
-fn every_attempt_failed_is_failed_until_a_new_one_starts() {
+fn failures_on_a_few_nodes_are_progress_elsewhere_on_count_or_three_failed() {
     let s = spec("a", "a_1", "count 1");
     let u = Unit::of(&s);
     let i = intent(&[s]);
-    let plan = reconcile(&i, &five(), &[obs("n1", &[(&u, UnitState::Failed)])]);
+    let failed_on = |nodes: &[&str]| -> Vec<Observed> {
+        nodes
+            .iter()
+            .map(|n| obs(n, &[(&u, UnitState::Failed)]))
+            .collect()
+    };
+    // One node failed it: tried on the next, progressing (no flapping to failed meanwhile).
+    let plan = reconcile(&i, &five(), &failed_on(&["n1"]));
     assert_eq!(plan.status[0].nodes, ["n2"]);
+    assert_eq!(plan.status[0].state, Doneness::Progressing);
+    let plan = reconcile(&i, &five(), &failed_on(&["n1", "n2"]));
+    assert_eq!(plan.status[0].state, Doneness::Progressing);
+    // Three nodes failed it: failed, while the others are still tried.
+    let plan = reconcile(&i, &five(), &failed_on(&["n1", "n2", "n3"]));
+    assert_eq!(plan.status[0].nodes, ["n4"]);
     assert_eq!(plan.status[0].state, Doneness::Failed);
     assert_eq!(
         plan.status[0].message,
-        "every node that ran it failed it (n1); trying 1 other node"
+        "failed on 3 nodes (n1, n2, n3); trying 1 other node"
     );
-    let plan = reconcile(
-        &i,
-        &five(),
-        &[
-            obs("n1", &[(&u, UnitState::Failed)]),
-            obs("n2", &[(&u, UnitState::Pending)]),
-        ],
-    );
-    assert_eq!(plan.status[0].nodes, ["n2"]);
-    assert_eq!(plan.status[0].state, Doneness::Progressing);
+    // ... and stays failed while the new attempt starts.
+    let mut o = failed_on(&["n1", "n2", "n3"]);
+    o.push(obs("n4", &[(&u, UnitState::Pending)]));
+    let plan = reconcile(&i, &five(), &o);
+    assert_eq!(plan.status[0].state, Doneness::Failed);
+    // A healthy instance ends it.
+    let mut o = failed_on(&["n1", "n2", "n3"]);
+    o.push(obs("n4", &[(&u, UnitState::Healthy)]));
+    let plan = reconcile(&i, &five(), &o);
+    assert_eq!(plan.status[0].state, Doneness::Converged);
 }
 
 #[test]
