@@ -5,7 +5,8 @@
 //! carries on from the same generation with what the deans run), and sends every live node its
 //! whole assignment tagged with the leader's term. A round runs at once when the intent changes
 //! and otherwise every [`ROUND`]. Nodes that do not answer keep their last report until the
-//! flock declares them dead; their units are then placed elsewhere.
+//! flock declares them dead (their units are then placed elsewhere) and are called again with
+//! back-off (one round, doubling up to 8 s).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -161,6 +162,7 @@ pub async fn supervise(
                 term,
                 status: status.clone(),
                 channels: HashMap::new(),
+                backoff: HashMap::new(),
                 reports: BTreeMap::new(),
             };
             tokio::select! {
@@ -189,6 +191,8 @@ struct Term {
     term: u64,
     status: watch::Sender<Option<pb::StatusResponse>>,
     channels: HashMap<SocketAddr, Channel>,
+    /// Nodes whose calls failed: how many times in a row, and when to call them again.
+    backoff: HashMap<SocketAddr, (u32, tokio::time::Instant)>,
     /// The last report of each node, by node id.
     reports: BTreeMap<String, pb::SyncResponse>,
 }
@@ -202,6 +206,8 @@ impl Term {
             let live = self.live();
             self.reports
                 .retain(|id, _| live.iter().any(|(n, _)| n == id));
+            self.backoff
+                .retain(|netid, _| live.iter().any(|(_, a)| a == netid));
             let intent = match read_intent(&self.store).await {
                 Ok(i) => Some(i),
                 Err(e) => {
@@ -244,6 +250,14 @@ impl Term {
         }
     }
 
+    /// A call to `netid` failed: the next waits a round, then doubling rounds, up to 8 s.
+    fn failed(&mut self, netid: SocketAddr) {
+        let fails = self.backoff.get(&netid).map_or(0, |(n, _)| *n) + 1;
+        let wait = (ROUND * 2u32.pow(fails.min(5) - 1)).min(Duration::from_secs(8));
+        self.backoff
+            .insert(netid, (fails, tokio::time::Instant::now() + wait));
+    }
+
     /// Live members: node id and node gRPC NetID.
     fn live(&self) -> Vec<(String, SocketAddr)> {
         let snap = self.handle.snapshot();
@@ -283,7 +297,14 @@ impl Term {
             };
             if *id == self.me {
                 let r = self.dean.sync(req);
-                calls.spawn(async move { r });
+                calls.spawn(async move { (None, r) });
+                continue;
+            }
+            if self
+                .backoff
+                .get(netid)
+                .is_some_and(|(_, next)| *next > tokio::time::Instant::now())
+            {
                 continue;
             }
             let channel = match self.channels.get(netid) {
@@ -297,29 +318,39 @@ impl Term {
                         }
                         Err(e) => {
                             debug!(node = %id, %netid, error = %e, "dean unreachable");
+                            self.failed(*netid);
                             continue;
                         }
                     }
                 }
             };
+            let netid = *netid;
             calls.spawn(async move {
                 let mut c = pb::dean_client::DeanClient::new(channel);
                 let mut r = Request::new(req);
                 r.set_timeout(CALL_TIMEOUT);
-                c.sync(r).await.map(Response::into_inner)
+                (Some(netid), c.sync(r).await.map(Response::into_inner))
             });
         }
         let mut refused = false;
         while let Some(r) = calls.join_next().await {
             match r {
-                Ok(Ok(report)) => {
+                Ok((netid, Ok(report))) => {
+                    if let Some(n) = netid {
+                        self.backoff.remove(&n);
+                    }
                     self.reports.insert(report.node.clone(), report);
                 }
-                Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                Ok((_, Err(s))) if s.code() == tonic::Code::FailedPrecondition => {
                     warn!(error = %s.message(), "dean refused the assignment");
                     refused = true;
                 }
-                Ok(Err(s)) => debug!(error = %s, "dean call failed"),
+                Ok((netid, Err(s))) => {
+                    debug!(error = %s, "dean call failed");
+                    if let Some(n) = netid {
+                        self.failed(n);
+                    }
+                }
                 Err(e) => debug!(error = %e, "dean call task failed"),
             }
         }

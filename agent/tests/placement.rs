@@ -1,7 +1,8 @@
 //! End-to-end tests of picket and proctor/dean (issue 8) with real `crux agent` processes and the
 //! example plugin `galumph` on loopback: an intent "count 3; distinct host" converges to three
 //! instances on three nodes; a node's kill -9 has its instance replaced elsewhere; the leader's
-//! kill -9 leaves the new proctor on the same generation with the same instances; a live update
+//! kill -9 leaves the new proctor on the same generation with the same instances; an agent's
+//! kill -9 and restart re-adopts its running plugins; a live update
 //! galumph2_3 → galumph2_4 never leaves lookups empty; a plugin that exits at once is reported
 //! failed and is not restarted forever.
 
@@ -371,6 +372,35 @@ fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
     }
     c.start(leader_k);
     c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
+
+    // kill -9 of an agent alone (its plugins live on): the restarted agent re-adopts them, with
+    // the same pids, and nothing is started twice.
+    let s = status(&c, asker).expect("status");
+    let svc = s
+        .services
+        .iter()
+        .find(|v| v.api == "galumph2")
+        .expect("galumph2");
+    let host = *indexes(&c, &svc.nodes)
+        .iter()
+        .next()
+        .expect("a node runs one");
+    let pids = plugin_pids(&c, host, "galumph2_3");
+    assert_eq!(pids.len(), 1, "node{host}: {pids:?}");
+    c.kill9(host);
+    c.start(host);
+    c.wait_for("the plugin re-adopted", CONVERGE, || {
+        let procs = ps(&c, host)?;
+        let mine: Vec<&Proc> = procs.iter().filter(|p| p.inst == "galumph2_3").collect();
+        if mine.len() == 1 && mine[0].pid == pids[0] && mine[0].state == "healthy" {
+            Ok(())
+        } else {
+            Err(format!("node{host}: {procs:?}"))
+        }
+    });
+    c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
+    converged(&c, asker, "galumph2", "galumph2_3", generation);
+    assert_eq!(plugin_pids(&c, host, "galumph2_3"), pids);
 
     // Live update galumph2_3 -> galumph2_4 with a lookup every 100 ms that is never empty.
     let stop = Arc::new(AtomicBool::new(false));

@@ -26,7 +26,7 @@
 //! the first of Healthy, Pending, Failed, Stopping counts.
 //!
 //! Doneness per service: **Converged** when U is Healthy on `count` nodes and no old unit of S
-//! is assigned; **Failed** when U cannot reach `count` (fewer placeable nodes than wanted: the
+//! is assigned or still stopping; **Failed** when U cannot reach `count` (fewer placeable nodes than wanted: the
 //! message says why, e.g. `3 wanted, 1 placeable: 2 nodes failed it, 2 excluded by
 //! where/distinct`), or when U failed on `count` nodes and on at least three (the artifact is
 //! at fault, not the nodes; the other nodes are still tried); otherwise **Progressing** (a
@@ -114,6 +114,8 @@ struct Svc<'a> {
     assigned: Vec<&'a str>,
     /// Old units of S reported Pending or Healthy on live nodes.
     old: Vec<(&'a str, &'a Unit)>,
+    /// Nodes still stopping an old unit of S (not assigned any more, not gone yet).
+    stopping: Vec<&'a str>,
 }
 
 /// Computes the plan (the rules are in the module doc).
@@ -169,6 +171,7 @@ pub fn reconcile(intent: &Intent, nodes: &[Node], observed: &[Observed]) -> Plan
             placement: spec.try_placement(),
             assigned: Vec::new(),
             old: Vec::new(),
+            stopping: Vec::new(),
         })
         .collect();
 
@@ -181,6 +184,12 @@ pub fn reconcile(intent: &Intent, nodes: &[Node], observed: &[Observed]) -> Plan
                 if u.is_of(&svc.spec.horde, &svc.spec.api) && *u != svc.unit && s.is_live() {
                     svc.old.push((id, u));
                     *load.get_mut(id).expect("live") += 1;
+                }
+                if u.is_of(&svc.spec.horde, &svc.spec.api)
+                    && *u != svc.unit
+                    && s == UnitState::Stopping
+                {
+                    svc.stopping.push(id);
                 }
             }
         }
@@ -335,7 +344,25 @@ fn doneness(
         ids
     };
     if running == count && !keep_old {
-        return (Doneness::Converged, format!("{running}/{count} healthy"));
+        // Old units dropped this round, or still stopping: not gone yet.
+        let mut lingering: Vec<&str> = svc
+            .stopping
+            .iter()
+            .copied()
+            .chain(svc.old.iter().map(|(id, _)| *id))
+            .collect();
+        lingering.sort_unstable();
+        lingering.dedup();
+        if lingering.is_empty() {
+            return (Doneness::Converged, format!("{running}/{count} healthy"));
+        }
+        return (
+            Doneness::Progressing,
+            format!(
+                "{running}/{count} healthy; the old instance is stopping on {}",
+                list(&lingering)
+            ),
+        );
     }
     if svc.assigned.len() < count {
         // Neither assigned nor failed: excluded by `where` or `distinct` (the fill took every

@@ -396,17 +396,33 @@ fn live_update_keeps_the_old_instance_until_the_new_one_is_healthy() {
     );
     assert_eq!(plan.status[0].running, 2);
 
-    // Step 3: healthy everywhere: the old one is dropped (no old unit is assigned any more, so
-    // the service is converged while the deans stop the old ones).
+    // Step 3: healthy everywhere: the old one is dropped; the service is converged only once
+    // the deans have stopped it.
     let plan = reconcile(&i, &three, &all(&plan, UnitState::Healthy));
     assert_eq!(
         placed(&plan),
         expect(&[("n1", &["a/a_4"]), ("n2", &["a/a_4"]), ("n3", &["a/a_4"])])
     );
-    assert_eq!(plan.status[0].state, Doneness::Converged);
-    assert_eq!(plan.status[0].message, "3/3 healthy");
-    let again = reconcile(&i, &three, &all(&plan, UnitState::Healthy));
-    assert_eq!(again, plan);
+    assert_eq!(plan.status[0].state, Doneness::Progressing);
+    assert_eq!(
+        plan.status[0].message,
+        "3/3 healthy; the old instance is stopping on n1, n2, n3"
+    );
+    // The deans report it stopping: still progressing, the same plan.
+    let mut stopping = all(&plan, UnitState::Healthy);
+    stopping[0].units.push((old.clone(), UnitState::Stopping));
+    let again = reconcile(&i, &three, &stopping);
+    assert_eq!(placed(&again), placed(&plan));
+    assert_eq!(again.status[0].state, Doneness::Progressing);
+    assert_eq!(
+        again.status[0].message,
+        "3/3 healthy; the old instance is stopping on n1"
+    );
+    // Gone: converged, and a fixed point.
+    let done = reconcile(&i, &three, &all(&plan, UnitState::Healthy));
+    assert_eq!(done.status[0].state, Doneness::Converged);
+    assert_eq!(done.status[0].message, "3/3 healthy");
+    assert_eq!(reconcile(&i, &three, &all(&done, UnitState::Healthy)), done);
 }
 
 #[test]
