@@ -110,15 +110,7 @@ fn ps(c: &Cluster, k: usize) -> Result<Vec<Proc>, String> {
 
 /// Instances of api galumph2 that node k's lookup returns (none: empty).
 fn lookup(c: &Cluster, k: usize) -> Result<Vec<Inst>, String> {
-    let out = c.cli(k, &["lookup", "api:galumph2", "--json"]);
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if out.status.code() == Some(1) && err.contains("no instance matches") {
-            return Ok(Vec::new());
-        }
-        return Err(format!("node{k}: lookup failed: {err}"));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("node{k}: bad JSON: {e}"))
+    c.lookup(k, "api:galumph2")
 }
 
 fn intent(services: &[(&str, &str, &str, &str)], artifact: &str) -> String {
@@ -216,18 +208,25 @@ fn put(c: &Cluster, k: usize, file: &Path) -> String {
         .digest
 }
 
+/// Five agents in agreement with their store up, and galumph put into node 1's pastiche: the
+/// cluster and the artifact's digest.
+fn up(test_id: u8) -> (Cluster, String) {
+    let exe = galumph();
+    let mut c = cluster(test_id);
+    c.start_all();
+    c.stable_agreement(&[1, 2, 3, 4, 5], Duration::from_secs(1), CONVERGE);
+    store_ready(&c);
+    let art = put(&c, 1, &exe);
+    (c, art)
+}
+
 /// Count 3 distinct host → 3 instances on 3 nodes; a node's kill -9 → replaced; the leader's
 /// kill -9 → the new proctor carries on at the same generation; a live update keeps lookups
 /// answered.
 #[test]
 fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
-    let exe = galumph();
-    let mut c = cluster(1);
-    c.start_all();
+    let (mut c, art) = up(1);
     let all = [1, 2, 3, 4, 5];
-    c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
-    store_ready(&c);
-    let art = put(&c, 1, &exe);
 
     // Apply on node 2; converged with three instances on three nodes.
     let t0 = now();
@@ -471,13 +470,8 @@ fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
 /// A plugin that exits at once: reported failed, and not restarted forever.
 #[test]
 fn a_crashing_plugin_is_reported_failed_and_left_alone() {
-    let exe = galumph();
-    let mut c = cluster(2);
-    c.start_all();
+    let (c, art) = up(2);
     let all = [1, 2, 3, 4, 5];
-    c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
-    store_ready(&c);
-    let art = put(&c, 1, &exe);
     let text = intent(&[("crasher1", "crasher1_1", "crash", "count 2")], &art);
     let generation = apply(&c, 1, &text).expect("apply");
     let s = c.wait_for("crasher1 failed", CONVERGE, || {

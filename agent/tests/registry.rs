@@ -60,15 +60,7 @@ fn cluster(test_id: u8, n: usize) -> Cluster {
 
 /// `crux lookup SELECTOR --json` on node k: the instances, or none when nothing matches.
 fn lookup(c: &Cluster, k: usize, selector: &str) -> Result<Vec<Inst>, String> {
-    let out = c.cli(k, &["lookup", selector, "--json"]);
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if out.status.code() == Some(1) && err.contains("no instance matches") {
-            return Ok(Vec::new());
-        }
-        return Err(format!("node{k}: lookup failed: {err}"));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("node{k}: bad JSON: {e}"))
+    c.lookup(k, selector)
 }
 
 /// `crux services --steward --json` asked on node k: the steward's own table.

@@ -231,6 +231,23 @@ impl Cluster {
         }
     }
 
+    /// `crux lookup SELECTOR --json` on node k: the instances, or none when nothing matches.
+    pub fn lookup<T: serde::de::DeserializeOwned>(
+        &self,
+        k: usize,
+        selector: &str,
+    ) -> Result<Vec<T>, String> {
+        let out = self.cli(k, &["lookup", selector, "--json"]);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if out.status.code() == Some(1) && err.contains("no instance matches") {
+                return Ok(Vec::new());
+            }
+            return Err(format!("node{k}: lookup failed: {err}"));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("node{k}: bad JSON: {e}"))
+    }
+
     /// `kill -9` of node k's agent and of the plugin process groups its picket recorded, as when
     /// the machine dies.
     pub fn kill_node(&mut self, k: usize) {

@@ -68,9 +68,11 @@ fn converged(c: &Cluster, k: usize, generation: u64, running: u64) -> serde_json
     })
 }
 
+/// A service run by galumph's function `galumph2_3` (the function names the version galumph
+/// serves; api and inst are the service's own).
 fn service(api: &str, inst: &str, art: &str, placement: &str) -> String {
     format!(
-        "[[service]]\napi = {api:?}\ninst = {inst:?}\nartifact = {art:?}\nfunction = {inst:?}\n\
+        "[[service]]\napi = {api:?}\ninst = {inst:?}\nartifact = {art:?}\nfunction = \"galumph2_3\"\n\
          placement = {placement:?}\n\n"
     )
 }
@@ -102,6 +104,9 @@ fn main() {
         .expect("digest")
         .to_string();
     println!("5 agents on loopback; artifact galumph {art}");
+    // The agent's memory before any plugin ran.
+    let pid = c.agent(2).pid().expect("node2 runs");
+    let before = rss_kib(pid);
 
     // 3 instances.
     let t = now();
@@ -170,8 +175,6 @@ fn main() {
 
     // 20 plugins on one node: the agent's memory.
     let host = c.agent(2).addr.ip().to_string();
-    let pid = c.agent(2).pid().expect("node2 runs");
-    let before = rss_kib(pid);
     // Twenty distinct units on one node: one service per instance, placed by host.
     let text: String = (1..=20)
         .map(|i| {
@@ -198,7 +201,7 @@ fn main() {
         .unwrap_or_default();
     let kids_rss: u64 = kids.iter().map(|p| rss_kib(*p)).sum();
     println!(
-        "node2 agent RSS: {} KiB with no plugin, {} KiB with {} plugin children (children: {} KiB in all, {} KiB each)",
+        "node2 agent RSS: {} KiB before any plugin ran, {} KiB with {} plugin children (children: {} KiB in all, {} KiB each)",
         before,
         after,
         kids.len(),
