@@ -66,7 +66,7 @@ impl PlacementLocal {
         toml: &str,
     ) -> Result<(crux_proctor::Intent, u64, Vec<String>), Status> {
         let intent = crux_proctor::parse_intent(toml)
-            .map_err(|e| Status::invalid_argument(format!("intent: {e}")))?;
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (old, generation) = read_intent(&self.state.store)
             .await
             .map_err(|e| Status::unavailable(format!("{e:#}")))?;

@@ -547,6 +547,11 @@ fn lex(src: &str) -> Result<Vec<Token>, ParseError> {
                 }
                 (Tok::Ident(chars[i..j].iter().collect()), j - i)
             }
+            '\'' => {
+                return Err(here(
+                    "unexpected character `'`: strings are written in double quotes".to_string(),
+                ))
+            }
             other => return Err(here(format!("unexpected character `{other}`"))),
         };
         tokens.push(Token { tok, line, column });
@@ -1149,6 +1154,7 @@ mod tests {
             ("count 1; where 3 == os", 16, "attribute name"),
             ("count 1; where os", 18, "end of the placement"),
             ("count 1; where os ~ 1", 19, "unexpected character `~`"),
+            ("count 1; where os == 'linux'", 22, "double quotes"),
             ("count 1; where a == \"abc", 21, "unterminated string"),
             ("count 1; where a == \"a\\nb\"", 23, "unknown escape `\\n`"),
             ("count 1; where a == 1.2.3", 21, "malformed number `1.2.3`"),
