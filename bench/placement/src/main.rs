@@ -200,6 +200,16 @@ fn main() {
         })
         .unwrap_or_default();
     let kids_rss: u64 = kids.iter().map(|p| rss_kib(*p)).sum();
+    // The other agents went through the same history (the same store writes, the earlier
+    // intents) but run no plugin now: the control.
+    let others: Vec<String> = (1..=5)
+        .filter(|k| *k != 2 && *k != victim)
+        .filter_map(|k| c.agent(k).pid().map(|p| format!("node{k} {} KiB", rss_kib(p))))
+        .collect();
+    println!(
+        "agents running no plugin at the same moment: {}",
+        others.join(", ")
+    );
     println!(
         "node2 agent RSS: {} KiB before any plugin ran, {} KiB with {} plugin children (children: {} KiB in all, {} KiB each)",
         before,
