@@ -218,4 +218,38 @@ fn main() {
         kids_rss,
         kids_rss / kids.len().max(1) as u64
     );
+
+    drop(c);
+    memory_slope(&crux, &galumph);
+}
+
+/// One agent alone: its RSS with 0, 20 and 40 plugin children (what each child costs the agent,
+/// without the leader's, the store's or the CLI's share).
+fn memory_slope(crux: &str, galumph: &str) {
+    let mut c = Cluster::new(PathBuf::from(crux), 202, 1, "local");
+    c.start_all();
+    c.stable_agreement(&[1], Duration::from_secs(1), WAIT);
+    c.wait_for("the store", WAIT, || {
+        let s = json(&c, 1, &["store", "status", "--json"])?;
+        if s["leader_addr"] != "" {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    let art = json(&c, 1, &["pastiche", "put", galumph, "--json"]).expect("put")["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    let pid = c.agent(1).pid().expect("runs");
+    let mut line = format!("one agent alone: RSS {} KiB with 0 plugins", rss_kib(pid));
+    for n in [20, 40] {
+        let text: String = (1..=n)
+            .map(|i| service(&format!("m{i}"), &format!("m{i}_1"), &art, "count 1"))
+            .collect();
+        let gen = apply(&c, 1, &format!("m{n}.toml"), &text);
+        converged(&c, 1, gen, n);
+        line.push_str(&format!(", {} KiB with {n}", rss_kib(pid)));
+    }
+    println!("{line}");
 }
