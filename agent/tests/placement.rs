@@ -467,10 +467,11 @@ fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
     }
 }
 
-/// A plugin that exits at once: reported failed, and not restarted forever.
+/// A plugin that exits at once: reported failed, and not restarted forever; a unit whose muster
+/// entry is gone is not started.
 #[test]
 fn a_crashing_plugin_is_reported_failed_and_left_alone() {
-    let (c, art) = up(2);
+    let (mut c, art) = up(2);
     let all = [1, 2, 3, 4, 5];
     let text = intent(&[("crasher1", "crasher1_1", "crash", "count 2")], &art);
     let generation = apply(&c, 1, &text).expect("apply");
@@ -537,4 +538,70 @@ fn a_crashing_plugin_is_reported_failed_and_left_alone() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 1, column"), "{err}");
     assert_eq!(status(&c, 1).expect("status").generation, generation);
+
+    // Only a muster entry can name an executable: with its entry removed, a unit that has to
+    // start anew (its node died) is not started; with the entry back, it is.
+    let leader = c.agreement(&all).expect("leader");
+    let leader_k = c.index_of(&leader.id).expect("leader index");
+    let leader_ip = c.agent(leader_k).addr.ip().to_string();
+    let solo = format!("count 1; where host != {leader_ip:?}");
+    let text = intent(
+        &[
+            ("crasher1", "crasher1_1", "crash", "count 2"),
+            ("solo1", "solo1_1", "galumph2_3", &solo),
+        ],
+        &art,
+    );
+    let generation = apply(&c, leader_k, &text).expect("apply");
+    let svc = converged(&c, leader_k, "solo1", "solo1_1", generation);
+    let first = *indexes(&c, &svc.nodes).iter().next().expect("placed");
+    let out = c.cli(
+        leader_k,
+        &["muster", "rm", "--api", "solo1", "--inst", "solo1_1"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    c.kill_node(first);
+    let first_id = c.node_id(first).expect("id");
+    let next = c.wait_for("solo1 assigned to another node", CONVERGE, || {
+        let s = status(&c, leader_k)?;
+        let v = s
+            .services
+            .iter()
+            .find(|v| v.api == "solo1")
+            .ok_or("no solo1")?;
+        match v.nodes.as_slice() {
+            [n] if *n != first_id => Ok(c.index_of(n).expect("known")),
+            _ => Err(format!("{v:?}")),
+        }
+    });
+    let until = now() + Duration::from_secs(3);
+    while now() < until {
+        assert!(
+            plugin_pids(&c, next, "solo1_1").is_empty(),
+            "node{next} started solo1_1 without a muster entry"
+        );
+        let s = status(&c, leader_k).expect("status");
+        let v = s.services.iter().find(|v| v.api == "solo1").expect("solo1");
+        assert_eq!((v.running, v.state.as_str()), (0, "progressing"), "{v:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = c.cli(
+        leader_k,
+        &[
+            "muster",
+            "add",
+            "--api",
+            "solo1",
+            "--inst",
+            "solo1_1",
+            "--file",
+            &art,
+            "--function",
+            "galumph2_3",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let svc = converged(&c, leader_k, "solo1", "solo1_1", generation);
+    assert_eq!(indexes(&c, &svc.nodes), [next].into_iter().collect());
+    assert_eq!(plugin_pids(&c, next, "solo1_1").len(), 1);
 }

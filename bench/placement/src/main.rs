@@ -204,7 +204,11 @@ fn main() {
     // intents) but run no plugin now: the control.
     let others: Vec<String> = (1..=5)
         .filter(|k| *k != 2 && *k != victim)
-        .filter_map(|k| c.agent(k).pid().map(|p| format!("node{k} {} KiB", rss_kib(p))))
+        .filter_map(|k| {
+            c.agent(k)
+                .pid()
+                .map(|p| format!("node{k} {} KiB", rss_kib(p)))
+        })
         .collect();
     println!(
         "agents running no plugin at the same moment: {}",
