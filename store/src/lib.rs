@@ -56,7 +56,10 @@ use tonic::transport::Channel;
 use tracing::{debug, info};
 
 pub use service::{StoreServer, StoreService};
-pub use types::{Applied, Change, Command, MusterEntry, Query, QueryResult};
+pub use types::{
+    hex, Applied, Change, Command, MusterEntry, Query, QueryResult, GROUP_KEY, MERGED_PREFIX,
+    SEALED_KEY,
+};
 
 openraft::declare_raft_types!(
     /// openraft's type configuration for the store.
@@ -141,6 +144,18 @@ pub enum StoreError {
     /// A bad argument (e.g. an empty voter set).
     #[error("{0}")]
     Invalid(String),
+    /// Nothing was written: this node's group was merged into another and takes no more writes.
+    /// Write again shortly: once this node has joined the surviving group, its writes land there.
+    #[error(
+        "store group {group} was merged into group {into} and takes no more writes; nothing was \
+         written: retry once this node has joined group {into}"
+    )]
+    Merged {
+        /// The sealed group's id.
+        group: String,
+        /// The surviving group's id.
+        into: String,
+    },
 }
 
 /// A Raft member: flock node id and NetID.
@@ -176,6 +191,13 @@ pub struct StoreStatus {
     pub lag: Option<BTreeMap<u64, u64>>,
     /// On the leader only: milliseconds since a majority last acknowledged it.
     pub millis_since_quorum_ack: Option<u64>,
+    /// The group's id (16 hex digits) as this node's state machine knows it ([`GROUP_KEY`]);
+    /// `None` before its first leader named it or on a node outside any group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Set once this group was merged into another: that group's id.
+    #[serde(default)]
+    pub sealed_into: Option<String>,
 }
 
 /// A request a node forwards to the leader.
@@ -215,12 +237,25 @@ struct Inner {
     pool: network::Pool,
     /// For a node outside the group (it knows no voters): the leader as learned from others.
     outside_leader: std::sync::Mutex<Option<Member>>,
+    /// The groups this node abandoned ([`Store::abandon`]), from [`ABANDONED_FILE`]: their Raft
+    /// traffic is refused.
+    abandoned: BTreeSet<u64>,
 }
 
 /// One node's store: its Raft node, state machine and client for forwarding. Cheap to clone.
+///
+/// The Raft node can be replaced at runtime ([`Store::abandon`]): every clone then uses the new
+/// one.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<Inner>,
+    slot: Arc<Slot>,
+}
+
+struct Slot {
+    current: std::sync::RwLock<Arc<Inner>>,
+    config: StoreConfig,
+    /// Held while the Raft node is being replaced.
+    reopen: tokio::sync::Mutex<()>,
 }
 
 fn members(m: &RaftMetrics<u64, BasicNode>, ids: impl Iterator<Item = u64>) -> Vec<Member> {
@@ -250,53 +285,165 @@ fn node(addr: SocketAddr) -> BasicNode {
     }
 }
 
+/// Opens the database in `config.dir` and starts a Raft node on it.
+async fn open_inner(config: &StoreConfig) -> Result<Arc<Inner>, StoreError> {
+    std::fs::create_dir_all(&config.dir)
+        .map_err(|e| StoreError::Storage(format!("{}: {e}", config.dir.display())))?;
+    let db = storage::open_db(&config.dir.join(recover::DB_FILE), Duration::from_secs(5))
+        .await
+        .map_err(StoreError::Storage)?;
+    let logs = storage::LogStore::new(db.clone());
+    let sm = storage::SmStore::open(db, config.node).map_err(StoreError::Storage)?;
+    let shared = sm.shared();
+    let ms = |d: Duration| d.as_millis() as u64;
+    let raft_config = openraft::Config {
+        cluster_name: "crux-store".into(),
+        heartbeat_interval: ms(config.heartbeat).max(1),
+        election_timeout_min: ms(config.election_timeout.0),
+        election_timeout_max: ms(config.election_timeout.1),
+        install_snapshot_timeout: ms(config.election_timeout.1).max(1000),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every.max(1)),
+        max_in_snapshot_log_to_keep: config.snapshot_every,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| StoreError::Invalid(format!("raft timing: {e}")))?;
+    let pool = network::Pool::new(
+        config.local_ip,
+        network::Cut::new(config.partition_file.clone()),
+    );
+
+    let net = network::Net {
+        pool: pool.clone(),
+        backoff: config.heartbeat * 2,
+        shared: shared.clone(),
+    };
+    let raft = Raft::new(config.node, Arc::new(raft_config), net, logs, sm)
+        .await
+        .map_err(|e| StoreError::Raft(e.to_string()))?;
+    info!(node = format!("{:016x}", config.node), dir = %config.dir.display(), "store opened");
+    let inner = Arc::new(Inner {
+        raft,
+        shared,
+        config: config.clone(),
+        pool,
+        outside_leader: std::sync::Mutex::new(None),
+        abandoned: read_abandoned(&config.dir),
+    });
+    tokio::spawn(name_group(Arc::downgrade(&inner), inner.raft.metrics()));
+    Ok(inner)
+}
+
+
+/// The file in the store directory listing the groups this node abandoned, one id (hex) a line.
+pub const ABANDONED_FILE: &str = "abandoned";
+
+fn read_abandoned(dir: &std::path::Path) -> BTreeSet<u64> {
+    std::fs::read_to_string(dir.join(ABANDONED_FILE))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| u64::from_str_radix(l.trim(), 16).ok())
+        .collect()
+}
+
+/// While this node leads a group that has no id yet, gives it one: a random id written as the
+/// [`GROUP_KEY`] document by compare-and-swap on absence (the first such write wins, so every
+/// member ends up with the same id). Ends when the Raft node stops or the store is dropped.
+async fn name_group(
+    inner: std::sync::Weak<Inner>,
+    mut metrics: tokio::sync::watch::Receiver<RaftMetrics<u64, BasicNode>>,
+) {
+    loop {
+        let leads = metrics.borrow_and_update().state == ServerState::Leader;
+        if leads {
+            let Some(inner) = inner.upgrade() else { return };
+            if inner.group().is_none() {
+                let id = loop {
+                    let id: u64 = rand::random();
+                    if id != 0 {
+                        break id;
+                    }
+                };
+                let cmd = Command::DocPut {
+                    key: GROUP_KEY.into(),
+                    value: types::hex(id),
+                    if_generation: Some(0),
+                };
+                match tokio::time::timeout(MEMBERSHIP_TIMEOUT, inner.raft.client_write(cmd)).await
+                {
+                    Ok(Ok(r)) if matches!(r.data, Applied::Doc { .. }) => {
+                        info!(group = types::hex(id), "the store group is named")
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => debug!(error = %e, "naming the store group"),
+                    Err(_) => debug!("naming the store group timed out"),
+                }
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Inner {
+    /// The group's id, as this node's state machine knows it.
+    fn group(&self) -> Option<u64> {
+        self.shared.group()
+    }
+
+    /// The group this one was merged into, if it is sealed.
+    fn sealed(&self) -> Option<u64> {
+        self.shared.sealed()
+    }
+
+    /// Why a Raft RPC from a node of group `from` (hex; empty: not named yet) is refused, if it
+    /// is: it comes from another group than this node's, or from one this node abandoned. Raft
+    /// alone would let a leader of any group with a higher term overwrite this node's log.
+    pub(crate) fn refuse_group(&self, from: &str) -> Option<String> {
+        if from.is_empty() {
+            return None;
+        }
+        let Ok(from) = u64::from_str_radix(from, 16) else {
+            return Some(format!("bad store group id {from:?}"));
+        };
+        match self.group() {
+            Some(mine) if mine != from => Some(format!(
+                "this node is in store group {} and refuses Raft traffic of group {}",
+                types::hex(mine),
+                types::hex(from)
+            )),
+            None if self.abandoned.contains(&from) => Some(format!(
+                "this node abandoned store group {} (merged into another) and refuses its Raft \
+                 traffic",
+                types::hex(from)
+            )),
+            _ => None,
+        }
+    }
+}
+
 impl Store {
     /// Opens the store in `config.dir` (recovering vote, log and the latest snapshot) and starts
     /// its Raft node. It serves nothing until [`Store::service`] is added to the node gRPC server.
     pub async fn open(config: StoreConfig) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(&config.dir)
-            .map_err(|e| StoreError::Storage(format!("{}: {e}", config.dir.display())))?;
-        let db = storage::open_db(&config.dir.join(recover::DB_FILE), Duration::from_secs(5))
-            .await
-            .map_err(StoreError::Storage)?;
-        let logs = storage::LogStore::new(db.clone());
-        let sm = storage::SmStore::open(db, config.node).map_err(StoreError::Storage)?;
-        let shared = sm.shared();
-        let ms = |d: Duration| d.as_millis() as u64;
-        let raft_config = openraft::Config {
-            cluster_name: "crux-store".into(),
-            heartbeat_interval: ms(config.heartbeat).max(1),
-            election_timeout_min: ms(config.election_timeout.0),
-            election_timeout_max: ms(config.election_timeout.1),
-            install_snapshot_timeout: ms(config.election_timeout.1).max(1000),
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every.max(1)),
-            max_in_snapshot_log_to_keep: config.snapshot_every,
-            ..Default::default()
-        }
-        .validate()
-        .map_err(|e| StoreError::Invalid(format!("raft timing: {e}")))?;
-        let pool = network::Pool::new(
-            config.local_ip,
-            network::Cut::new(config.partition_file.clone()),
-        );
-
-        let net = network::Net {
-            pool: pool.clone(),
-            backoff: config.heartbeat * 2,
-        };
-        let raft = Raft::new(config.node, Arc::new(raft_config), net, logs, sm)
-            .await
-            .map_err(|e| StoreError::Raft(e.to_string()))?;
-        info!(node = format!("{:016x}", config.node), dir = %config.dir.display(), "store opened");
+        let inner = open_inner(&config).await?;
         Ok(Store {
-            inner: Arc::new(Inner {
-                raft,
-                shared,
+            slot: Arc::new(Slot {
+                current: std::sync::RwLock::new(inner),
                 config,
-                pool,
-                outside_leader: std::sync::Mutex::new(None),
+                reopen: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// The Raft node in use now.
+    fn inner(&self) -> Arc<Inner> {
+        self.slot
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The gRPC service to add to the node gRPC server: Raft RPCs, forwarded requests and status,
@@ -307,19 +454,19 @@ impl Store {
 
     /// This node's id.
     pub fn node(&self) -> u64 {
-        self.inner.config.node
+        self.inner().config.node
     }
 
     /// Whether this node's store was discarded by [`recover::discard`] and has not joined a group
     /// since: it must not start a group of its own (the recovered one may just not be up yet).
     pub fn join_only(&self) -> bool {
-        self.inner.config.dir.join(recover::JOIN_ONLY_FILE).exists()
+        self.inner().config.dir.join(recover::JOIN_ONLY_FILE).exists()
     }
 
     /// Removes the [`Store::join_only`] marker once this node is in a group (it knows voters).
     pub fn clear_join_only(&self) {
         if self.join_only() && !self.knows_no_voters() {
-            let path = self.inner.config.dir.join(recover::JOIN_ONLY_FILE);
+            let path = self.inner().config.dir.join(recover::JOIN_ONLY_FILE);
             match std::fs::remove_file(&path) {
                 Ok(()) => info!("joined a store group: the discarded store's marker is removed"),
                 Err(e) => debug!(path = %path.display(), error = %e, "join-only marker"),
@@ -343,7 +490,7 @@ impl Store {
         }
         let nodes: BTreeMap<u64, BasicNode> =
             voters.into_iter().map(|(id, a)| (id, node(a))).collect();
-        match self.inner.raft.initialize(nodes).await {
+        match self.inner().raft.initialize(nodes).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
             Err(RaftError::APIError(e)) => Err(StoreError::Membership(e.to_string())),
@@ -383,19 +530,27 @@ impl Store {
     /// answer once it is committed and applied on the leader.
     pub async fn write(&self, cmd: Command) -> Result<Applied, StoreError> {
         match self
-            .call(Forwarded::Write(cmd), self.inner.config.op_timeout)
+            .call(Forwarded::Write(cmd), self.inner().config.op_timeout)
             .await?
         {
+            Answer::Applied(Applied::Sealed { group, into }) => {
+                Err(StoreError::Merged { group, into })
+            }
             Answer::Applied(a) => Ok(a),
             other => Err(StoreError::Raft(format!("unexpected answer {other:?}"))),
         }
+    }
+
+    /// This node's group id, as its state machine knows it (see [`GROUP_KEY`]).
+    pub fn group(&self) -> Option<u64> {
+        self.inner().group()
     }
 
     /// A consistent (linearizable) read: answered by the leader after it confirmed with a majority
     /// that it still leads.
     pub async fn read(&self, q: Query) -> Result<QueryResult, StoreError> {
         match self
-            .call(Forwarded::Read(q), self.inner.config.op_timeout)
+            .call(Forwarded::Read(q), self.inner().config.op_timeout)
             .await?
         {
             Answer::Read(r) => Ok(r),
@@ -405,7 +560,7 @@ impl Store {
 
     /// A read of this node's state machine: immediate, possibly stale.
     pub fn local(&self, q: Query) -> QueryResult {
-        self.inner
+        self.inner()
             .shared
             .state
             .read()
@@ -417,12 +572,13 @@ impl Store {
     /// What this node's state machine applies from now on. A receiver that lags (more than 1024
     /// changes behind) gets `RecvError::Lagged` and should re-read; [`Change::Reset`] likewise.
     pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
-        self.inner.shared.changes.subscribe()
+        self.inner().shared.changes.subscribe()
     }
 
     /// This node's view of the group.
     pub fn status(&self) -> StoreStatus {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let inner = self.inner();
+        let m = inner.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let learners: Vec<u64> = membership.learner_ids().collect();
@@ -451,12 +607,14 @@ impl Store {
             last_log_index: m.last_log_index,
             lag,
             millis_since_quorum_ack: m.millis_since_quorum_ack,
+            group: inner.group().map(types::hex),
+            sealed_into: inner.sealed().map(types::hex),
         }
     }
 
     /// Asks the store at `netid` for its status.
     pub async fn remote_status(&self, netid: SocketAddr) -> Result<StoreStatus, StoreError> {
-        let timeout = self.inner.config.op_timeout;
+        let timeout = self.inner().config.op_timeout;
         let mut client = self
             .client(netid, timeout)
             .await
@@ -471,7 +629,7 @@ impl Store {
 
     /// The Raft metrics (for tests and diagnostics).
     pub fn metrics(&self) -> tokio::sync::watch::Receiver<RaftMetrics<u64, BasicNode>> {
-        self.inner.raft.metrics()
+        self.inner().raft.metrics()
     }
 
     /// Waits up to `timeout` until `f` holds for this node's Raft metrics.
@@ -481,7 +639,7 @@ impl Store {
         what: &str,
         f: impl Fn(&RaftMetrics<u64, BasicNode>) -> bool + Send,
     ) -> Result<RaftMetrics<u64, BasicNode>, StoreError> {
-        self.inner
+        self.inner()
             .raft
             .wait(Some(timeout))
             .metrics(f, what)
@@ -492,10 +650,10 @@ impl Store {
     /// Stops the Raft node. The store answers nothing afterwards; drop every clone (and the
     /// server serving [`Store::service`]) to release the database.
     pub async fn shutdown(&self) {
-        if let Err(e) = self.inner.raft.shutdown().await {
+        if let Err(e) = self.inner().raft.shutdown().await {
             debug!(%e, "raft shutdown");
         }
-        self.inner.pool.clear();
+        self.inner().pool.clear();
     }
 
     async fn client(
@@ -503,14 +661,14 @@ impl Store {
         addr: SocketAddr,
         timeout: Duration,
     ) -> Result<StoreClient<Channel>, String> {
-        self.inner.pool.get(addr, timeout).await
+        self.inner().pool.get(addr, timeout).await
     }
 
     /// Tells a node that is not in the group (it knows no voters) where the leader is, as learned
     /// from the nodes that are: its requests go there. Ignored by members of the group.
     pub fn set_outside_leader(&self, leader: Option<Member>) {
         *self
-            .inner
+            .inner()
             .outside_leader
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = leader;
@@ -518,7 +676,7 @@ impl Store {
 
     /// Whether this node knows no voters (it is outside the group, or there is none yet).
     fn knows_no_voters(&self) -> bool {
-        self.inner
+        self.inner()
             .raft
             .metrics()
             .borrow()
@@ -535,7 +693,7 @@ impl Store {
             return None;
         }
         *self
-            .inner
+            .inner()
             .outside_leader
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -544,7 +702,7 @@ impl Store {
     /// Runs `req` on the leader, wherever it is, within `budget`.
     async fn call(&self, req: Forwarded, budget: Duration) -> Result<Answer, StoreError> {
         {
-            let m = self.inner.raft.metrics().borrow().clone();
+            let m = self.inner().raft.metrics().borrow().clone();
             if m.state == ServerState::Shutdown || m.running_state.is_err() {
                 return Err(StoreError::Raft(match m.running_state {
                     Err(e) => e.to_string(),
@@ -573,7 +731,7 @@ impl Store {
                 },
             };
             let Some(leader) = leader else { break };
-            let r = if leader.id == self.inner.config.node {
+            let r = if leader.id == self.inner().config.node {
                 self.exec(&req, deadline).await
             } else {
                 self.forward(leader.netid, &req, deadline).await
@@ -592,7 +750,7 @@ impl Store {
                     why = e;
                     self.wait_leader(
                         Some(leader.id),
-                        deadline.min(Instant::now() + self.inner.config.election_timeout.1),
+                        deadline.min(Instant::now() + self.inner().config.election_timeout.1),
                     )
                     .await;
                 }
@@ -621,7 +779,7 @@ impl Store {
     async fn wait_leader(&self, not: Option<u64>, deadline: Instant) -> Option<Member> {
         let left = deadline.saturating_duration_since(Instant::now());
         let m = self
-            .inner
+            .inner()
             .raft
             .wait(Some(left))
             .metrics(
@@ -647,11 +805,12 @@ impl Store {
         let msg = RaftMessage {
             json: serde_json::to_vec(req).expect("requests serialize"),
             data: Vec::new(),
+            group: String::new(),
         };
         // The callee has its own deadline (op_timeout); give it a little more.
         let wait = left + Duration::from_millis(500);
         let r = tokio::time::timeout(wait, client.forward(msg)).await;
-        let drop_client = || self.inner.pool.forget(addr);
+        let drop_client = || self.inner().pool.forget(addr);
         match r {
             Err(_) => Err(Fail::NoAnswer(format!("{addr}: no answer within {wait:?}"))),
             Ok(Err(s)) => {
@@ -676,14 +835,14 @@ impl Store {
     /// forwards it further.
     pub(crate) async fn serve_forwarded(&self, req: Forwarded) -> Result<Answer, Fail> {
         let budget = match req {
-            Forwarded::Write(_) | Forwarded::Read(_) => self.inner.config.op_timeout,
+            Forwarded::Write(_) | Forwarded::Read(_) => self.inner().config.op_timeout,
             _ => MEMBERSHIP_TIMEOUT,
         };
         self.exec(&req, Instant::now() + budget).await
     }
 
     fn not_leader(&self) -> Fail {
-        Fail::NotLeader(leader_of(&self.inner.raft.metrics().borrow()))
+        Fail::NotLeader(leader_of(&self.inner().raft.metrics().borrow()))
     }
 
     fn no_quorum(&self, what: &str, deadline: Instant, start: Instant) -> Fail {
@@ -697,7 +856,7 @@ impl Store {
     /// Runs `req` on this node, which must be the leader.
     async fn exec(&self, req: &Forwarded, deadline: Instant) -> Result<Answer, Fail> {
         let start = Instant::now();
-        let raft = &self.inner.raft;
+        let raft = &self.inner().raft;
         {
             let m = raft.metrics().borrow().clone();
             if m.state != ServerState::Leader {
@@ -706,7 +865,7 @@ impl Store {
             // A leader that has not heard from a majority for the shortest election timeout is
             // most likely cut off (its followers may be electing another): refuse at once rather
             // than append what may never commit.
-            let stale = self.inner.config.election_timeout.0.as_millis() as u64;
+            let stale = self.inner().config.election_timeout.0.as_millis() as u64;
             if m.millis_since_quorum_ack.is_some_and(|t| t > stale) {
                 return Err(Fail::Error(StoreError::NoQuorum(format!(
                     "this node leads but has not heard from a majority of voters for {} ms",
@@ -740,7 +899,7 @@ impl Store {
                         return Err(Fail::NotLeader(forward_hint(f.leader_id, f.leader_node)))
                     }
                     Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
-                        let pause = self.inner.config.heartbeat;
+                        let pause = self.inner().config.heartbeat;
                         if Instant::now() + pause >= deadline {
                             return Err(Fail::Error(StoreError::NoQuorum(format!(
                                 "the read was not confirmed by a majority of voters within \
@@ -805,7 +964,7 @@ impl Store {
     }
 
     async fn set_voters_here(&self, voters: &BTreeMap<u64, SocketAddr>) -> Result<Answer, Fail> {
-        let raft = &self.inner.raft;
+        let raft = &self.inner().raft;
         let membership = raft
             .metrics()
             .borrow()

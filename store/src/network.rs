@@ -117,6 +117,8 @@ impl Pool {
 pub(crate) struct Net {
     pub(crate) pool: Pool,
     pub(crate) backoff: Duration,
+    /// This node's state machine, for the group id every Raft RPC carries.
+    pub(crate) shared: Arc<crate::storage::Shared>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Net {
@@ -129,6 +131,7 @@ impl RaftNetworkFactory<TypeConfig> for Net {
             raw: node.addr.clone(),
             pool: self.pool.clone(),
             backoff: self.backoff,
+            shared: self.shared.clone(),
         }
     }
 }
@@ -140,6 +143,7 @@ pub(crate) struct Peer {
     raw: String,
     pool: Pool,
     backoff: Duration,
+    shared: Arc<crate::storage::Shared>,
 }
 
 enum Kind {
@@ -152,7 +156,7 @@ impl Peer {
     async fn call<T, E>(
         &mut self,
         kind: Kind,
-        msg: RaftMessage,
+        mut msg: RaftMessage,
         ttl: Duration,
     ) -> Result<T, RPCError<u64, BasicNode, E>>
     where
@@ -165,6 +169,7 @@ impl Peer {
                 self.target, self.raw
             )))));
         };
+        msg.group = self.shared.group().map(crate::hex).unwrap_or_default();
         let mut client = self
             .pool
             .get(addr, ttl)
@@ -207,6 +212,7 @@ fn message<T: serde::Serialize>(v: &T) -> RaftMessage {
     RaftMessage {
         json: serde_json::to_vec(v).expect("openraft's types serialize"),
         data: Vec::new(),
+        group: String::new(),
     }
 }
 

@@ -32,10 +32,18 @@ impl StoreService {
     /// Admits the caller, and refuses everything while the partition test hook is active (the
     /// request is dropped unread, as a cut network would).
     fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        if self.store.inner.pool.cut.active() {
+        if self.store.inner().pool.cut.active() {
             return Err(Status::unavailable(CUT_MESSAGE));
         }
         admitted(&self.admit, req).map(|_| ())
+    }
+}
+
+/// Refuses a Raft RPC from another group than this node's (see `Inner::refuse_group`).
+fn same_group(store: &Store, msg: &RaftMessage) -> Result<(), Status> {
+    match store.inner().refuse_group(&msg.group) {
+        Some(why) => Err(Status::failed_precondition(why)),
+        None => Ok(()),
     }
 }
 
@@ -48,6 +56,7 @@ fn reply<T: Serialize>(v: &T) -> Result<Response<RaftMessage>, Status> {
     Ok(Response::new(RaftMessage {
         json,
         data: Vec::new(),
+        group: String::new(),
     }))
 }
 
@@ -58,14 +67,16 @@ impl store_server::Store for StoreService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         self.admit(&req)?;
+        same_group(&self.store, req.get_ref())?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.get_ref().json)?;
-        reply(&self.store.inner.raft.append_entries(rpc).await)
+        reply(&self.store.inner().raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         self.admit(&req)?;
+        same_group(&self.store, req.get_ref())?;
         let rpc: VoteRequest<u64> = decode(&req.get_ref().json)?;
-        reply(&self.store.inner.raft.vote(rpc).await)
+        reply(&self.store.inner().raft.vote(rpc).await)
     }
 
     async fn install_snapshot(
@@ -73,10 +84,11 @@ impl store_server::Store for StoreService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         self.admit(&req)?;
+        same_group(&self.store, req.get_ref())?;
         let msg = req.into_inner();
         let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(&msg.json)?;
         rpc.data = msg.data;
-        reply(&self.store.inner.raft.install_snapshot(rpc).await)
+        reply(&self.store.inner().raft.install_snapshot(rpc).await)
     }
 
     async fn forward(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

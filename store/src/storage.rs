@@ -272,6 +272,18 @@ pub(crate) struct Shared {
     pub(crate) changes: broadcast::Sender<Change>,
 }
 
+impl Shared {
+    /// The group's id, as this state machine knows it.
+    pub(crate) fn group(&self) -> Option<u64> {
+        self.state.read().expect("state lock").data.group()
+    }
+
+    /// The group this one was merged into, if sealed.
+    pub(crate) fn sealed(&self) -> Option<u64> {
+        self.state.read().expect("state lock").data.sealed()
+    }
+}
+
 /// The state machine: in memory, with its snapshots in the database.
 #[derive(Clone)]
 pub(crate) struct SmStore {

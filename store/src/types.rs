@@ -84,7 +84,29 @@ pub enum Applied {
     Removed(bool),
     /// The answers of a [`Command::Batch`], in order.
     Batch(Vec<Applied>),
+    /// Nothing was applied: this group was merged into another (its [`SEALED_KEY`] document is
+    /// set) and takes no more writes. [`crate::Store::write`] answers it as
+    /// [`crate::StoreError::Merged`].
+    Sealed {
+        /// This group's id (hex), if it has one.
+        group: String,
+        /// The id (hex) of the group it was merged into.
+        into: String,
+    },
 }
+
+/// The document holding the group's id (16 hex digits), written once by the first leader of a
+/// group (compare-and-swap on absence, so the first write wins) and replicated like any document:
+/// the same on every member, kept by snapshots and restarts. Reserved: never copied by a merge.
+pub const GROUP_KEY: &str = "store/group";
+
+/// The document that seals a group merged into another: its value is the survivor's id. Once it
+/// is applied the group refuses every write ([`Applied::Sealed`]).
+pub const SEALED_KEY: &str = "store/sealed";
+
+/// The prefix of the documents recording a merge in the survivor: `store/merged/<loser id>`
+/// holds a [`crate::merge::MergeReport`] as JSON.
+pub const MERGED_PREFIX: &str = "store/merged/";
 
 /// A read of the replicated state.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -181,13 +203,43 @@ enum Undo {
     Revision(u64),
 }
 
+/// A group id as written in documents and status: 16 hex digits.
+pub fn hex(id: u64) -> String {
+    format!("{id:016x}")
+}
+
 fn muster_key(e: &MusterEntry) -> MusterKey {
     (e.horde.clone(), e.api.clone(), e.inst.clone())
 }
 
 impl Data {
-    /// Applies `cmd`; returns the answer and what changed (nothing on a conflict).
+    /// The group's id, once its first leader named it ([`GROUP_KEY`]).
+    pub(crate) fn group(&self) -> Option<u64> {
+        self.docs
+            .get(GROUP_KEY)
+            .and_then(|(v, _)| u64::from_str_radix(v, 16).ok())
+    }
+
+    /// The group this one was merged into, if it is sealed ([`SEALED_KEY`]).
+    pub(crate) fn sealed(&self) -> Option<u64> {
+        self.docs
+            .get(SEALED_KEY)
+            .and_then(|(v, _)| u64::from_str_radix(v, 16).ok())
+    }
+
+    /// Applies `cmd`; returns the answer and what changed (nothing on a conflict, nothing once
+    /// the group is sealed).
     pub(crate) fn apply(&mut self, cmd: &Command) -> (Applied, Vec<Change>) {
+        if let Some(into) = self.sealed() {
+            let group = self.group().map(hex).unwrap_or_default();
+            return (
+                Applied::Sealed {
+                    group,
+                    into: hex(into),
+                },
+                Vec::new(),
+            );
+        }
         let mut undo = Vec::new();
         let mut changes = Vec::new();
         match self.apply_one(cmd, &mut undo, &mut changes) {

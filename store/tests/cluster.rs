@@ -598,6 +598,7 @@ async fn refused_callers_get_permission_denied() {
     let msg = || RaftMessage {
         json: b"{}".to_vec(),
         data: Vec::new(),
+        group: String::new(),
     };
     let denied = |r: Result<_, tonic::Status>| {
         let s = r.expect_err("refused");
