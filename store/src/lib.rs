@@ -34,6 +34,7 @@
 //! generations only grow and are never reused (deleting and re-creating a document cannot fool a
 //! compare-and-swap). 0 means absent.
 
+pub mod merge;
 mod network;
 pub mod recover;
 mod service;
@@ -53,8 +54,9 @@ use openraft::{BasicNode, ChangeMembers, Raft, RaftMetrics, ServerState, Snapsho
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tonic::transport::Channel;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+pub use merge::{GroupNodes, GroupSeen, MergeReport};
 pub use service::{StoreServer, StoreService};
 pub use types::{
     hex, Applied, Change, Command, MusterEntry, Query, QueryResult, GROUP_KEY, MERGED_PREFIX,
@@ -200,6 +202,21 @@ pub struct StoreStatus {
     pub sealed_into: Option<String>,
 }
 
+/// What [`Store::abandon`] did.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Abandoned {
+    /// The group abandoned.
+    pub group: String,
+    /// The group it was merged into.
+    pub into: String,
+    /// How many muster entries the abandoned store held.
+    pub muster: usize,
+    /// How many documents it held.
+    pub docs: usize,
+    /// Where the abandoned store now is.
+    pub aside: PathBuf,
+}
+
 /// A request a node forwards to the leader.
 #[derive(Serialize, Deserialize, Debug)]
 pub(crate) enum Forwarded {
@@ -208,6 +225,11 @@ pub(crate) enum Forwarded {
     SetVoters(BTreeMap<u64, SocketAddr>),
     AddLearner(u64, SocketAddr),
     RemoveLearners(BTreeSet<u64>),
+    /// Sent to one node, which runs it itself (leader or not): see [`Store::abandon`].
+    Abandon {
+        group: u64,
+        into: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -444,6 +466,101 @@ impl Store {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Abandons this node's store because its group `group` was merged into group `into`: stops
+    /// the Raft node, sets the database aside (the directory is renamed to
+    /// `<dir>.abandoned-<group>-<unix ms>`, kept for the operator), and starts a new, empty Raft
+    /// node in a new directory that holds the [`recover::JOIN_ONLY_FILE`] marker (it joins a
+    /// group, never starts one) and lists `group` in [`ABANDONED_FILE`] (its Raft traffic is
+    /// refused from now on). Every clone of this store uses the new node at once; no agent restart.
+    ///
+    /// Refused, changing nothing, unless this node's state machine is in `group`, and, if that
+    /// group is sealed, sealed into `into`. The caller (the flock leader, [`Store::merge`]) sends
+    /// it only once the survivor holds the merged data.
+    pub async fn abandon(&self, group: u64, into: u64) -> Result<Abandoned, StoreError> {
+        let _reopen = self.slot.reopen.lock().await;
+        let old = self.inner();
+        let mine = old.group();
+        if mine != Some(group) {
+            return Err(StoreError::Invalid(format!(
+                "this node's store is in group {}, not {}: nothing abandoned",
+                mine.map_or_else(|| "(none)".into(), types::hex),
+                types::hex(group)
+            )));
+        }
+        if let Some(sealed) = old.sealed().filter(|s| *s != into) {
+            return Err(StoreError::Invalid(format!(
+                "group {} was merged into {}, not {}: nothing abandoned",
+                types::hex(group),
+                types::hex(sealed),
+                types::hex(into)
+            )));
+        }
+        let (muster, docs) = match old.shared.state.read().expect("state lock").data.query(&Query::Dump) {
+            QueryResult::Dump { muster, docs } => (muster.len(), docs.len()),
+            _ => (0, 0),
+        };
+        warn!(
+            group = types::hex(group),
+            into = types::hex(into),
+            muster,
+            docs,
+            "abandoning this node's store: its group was merged into another; it joins that one"
+        );
+        if let Err(e) = old.raft.shutdown().await {
+            debug!(%e, "raft shutdown");
+        }
+        old.pool.clear();
+        let config = &self.slot.config;
+        let dir = &config.dir;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "store".into());
+        let aside = dir.with_file_name(format!(
+            "{name}.abandoned-{}-{}",
+            types::hex(group),
+            now_ms()
+        ));
+        let io = |what: String| StoreError::Storage(what);
+        std::fs::rename(dir, &aside).map_err(|e| {
+            io(format!(
+                "renaming {} to {}: {e}",
+                dir.display(),
+                aside.display()
+            ))
+        })?;
+        std::fs::create_dir_all(dir).map_err(|e| io(format!("{}: {e}", dir.display())))?;
+        std::fs::write(
+            dir.join(recover::JOIN_ONLY_FILE),
+            format!(
+                "this node abandoned store group {} (merged into {}): it joins an existing group \
+                 and never starts one\n",
+                types::hex(group),
+                types::hex(into)
+            ),
+        )
+        .map_err(|e| io(format!("{}: {e}", dir.join(recover::JOIN_ONLY_FILE).display())))?;
+        let mut abandoned = old.abandoned.clone();
+        abandoned.insert(group);
+        let list: String = abandoned.iter().map(|g| types::hex(*g) + "\n").collect();
+        std::fs::write(dir.join(ABANDONED_FILE), list)
+            .map_err(|e| io(format!("{}: {e}", dir.join(ABANDONED_FILE).display())))?;
+        let new = open_inner(config).await?;
+        *self
+            .slot
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = new;
+        info!(aside = %aside.display(), "the abandoned store is set aside; a new, empty one is open");
+        Ok(Abandoned {
+            group: types::hex(group),
+            into: types::hex(into),
+            muster,
+            docs,
+            aside,
+        })
     }
 
     /// The gRPC service to add to the node gRPC server: Raft RPCs, forwarded requests and status,
@@ -834,6 +951,12 @@ impl Store {
     /// Serves a request forwarded by another node: runs it here if this node leads, never
     /// forwards it further.
     pub(crate) async fn serve_forwarded(&self, req: Forwarded) -> Result<Answer, Fail> {
+        if let Forwarded::Abandon { group, into } = req {
+            return match self.abandon(group, into).await {
+                Ok(_) => Ok(Answer::Done),
+                Err(e) => Err(Fail::Error(e)),
+            };
+        }
         let budget = match req {
             Forwarded::Write(_) | Forwarded::Read(_) => self.inner().config.op_timeout,
             _ => MEMBERSHIP_TIMEOUT,
@@ -951,6 +1074,9 @@ impl Store {
                     Ok(Err(e)) => Err(write_error(e)),
                 }
             }
+            Forwarded::Abandon { .. } => Err(Fail::Error(StoreError::Invalid(
+                "an abandon request is run by the node it is sent to, never by a leader".into(),
+            ))),
             Forwarded::SetVoters(voters) => {
                 tokio::time::timeout(left, self.set_voters_here(voters))
                     .await

@@ -131,6 +131,8 @@ pub enum Query {
         /// The prefix ("" for all).
         prefix: String,
     },
+    /// Everything: every muster entry and every document, read at one point of the log.
+    Dump,
 }
 
 /// The answer to a [`Query`].
@@ -142,6 +144,13 @@ pub enum QueryResult {
     Doc(Option<(String, u64)>),
     /// For [`Query::DocList`]: `(key, value, generation)`.
     Docs(Vec<(String, String, u64)>),
+    /// For [`Query::Dump`].
+    Dump {
+        /// Every muster entry, ordered by `(horde, api, inst)`.
+        muster: Vec<MusterEntry>,
+        /// Every document `(key, value, generation)`, ordered by key.
+        docs: Vec<(String, String, u64)>,
+    },
 }
 
 /// What the state machine applied on this node, in order (see [`crate::Store::changes`]).
@@ -377,6 +386,14 @@ impl Data {
                     .map(|(k, (v, g))| (k.clone(), v.clone(), *g))
                     .collect(),
             ),
+            Query::Dump => QueryResult::Dump {
+                muster: self.muster.values().cloned().collect(),
+                docs: self
+                    .docs
+                    .iter()
+                    .map(|(k, (v, g))| (k.clone(), v.clone(), *g))
+                    .collect(),
+            },
         }
     }
 

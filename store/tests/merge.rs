@@ -1,0 +1,343 @@
+//! Two store groups formed apart (as a partitioned cold boot makes them) merged into one: the
+//! group id, sealing, copying, conflicts kept aside, abandoning and rejoining, on 127.0.0.1.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crux_steward::server::Admit;
+use crux_store::merge::{aside_key, survivor};
+use crux_store::{
+    hex, Applied, Command, GroupNodes, GroupSeen, MusterEntry, Query, QueryResult, Store,
+    StoreConfig, StoreError, MERGED_PREFIX,
+};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::TcpListenerStream;
+
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Node {
+    id: u64,
+    dir: PathBuf,
+    netid: SocketAddr,
+    store: Store,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl Node {
+    async fn start(id: u64, dir: PathBuf, listener: TcpListener) -> Node {
+        let netid = listener.local_addr().unwrap();
+        let mut c = StoreConfig::new(dir.clone(), id, netid);
+        c.local_ip = Some(LOCAL);
+        c.heartbeat = Duration::from_millis(50);
+        c.election_timeout = (Duration::from_millis(200), Duration::from_millis(400));
+        c.op_timeout = Duration::from_secs(2);
+        let store = Store::open(c).await.unwrap();
+        let admit: Admit = Arc::new(|ip: IpAddr| {
+            if ip.is_loopback() {
+                vec!["0000000000000001".into()]
+            } else {
+                Vec::new()
+            }
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let svc = store.service(admit);
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Node {
+            id,
+            dir,
+            netid,
+            store,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.store.shutdown().await;
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(3), h)
+                .await
+                .expect("server stops")
+                .unwrap();
+        }
+        let listener = TcpListener::bind(self.netid).await.unwrap();
+        *self = Node::start(self.id, self.dir.clone(), listener).await;
+    }
+}
+
+/// Waits (with a deadline) until `f` holds.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn entry(inst: &str, digit: u64) -> MusterEntry {
+    MusterEntry {
+        horde: "h".into(),
+        api: "echo".into(),
+        inst: inst.into(),
+        filename: format!("sha256:{digit:064x}"),
+        function: "main".into(),
+        timestamp_ms: crux_store::now_ms(),
+    }
+}
+
+fn put(key: &str, value: &str) -> Command {
+    Command::DocPut {
+        key: key.into(),
+        value: value.into(),
+        if_generation: None,
+    }
+}
+
+fn muster_of(r: QueryResult) -> Vec<MusterEntry> {
+    match r {
+        QueryResult::Muster(v) => v,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn local_doc(s: &Store, key: &str) -> Option<String> {
+    match s.local(Query::DocGet { key: key.into() }) {
+        QueryResult::Doc(d) => d.map(|d| d.0),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn local_muster(s: &Store) -> Vec<MusterEntry> {
+    muster_of(s.local(Query::MusterSearch {
+        horde: None,
+        api: None,
+        inst: None,
+    }))
+}
+
+/// Nodes 0-1 form one group and nodes 2-4 another, each with its own data (and one document and
+/// one muster entry both hold with different values). The merge copies the smaller group's data
+/// into the larger, writes on the sealed side fail with a clear error, the smaller group's nodes
+/// abandon their stores at runtime and join the survivor, and every entry is then on all five.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_groups_formed_apart_merge_into_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for i in 0..5u64 {
+        let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
+        nodes.push(Node::start(100 + i, tmp.path().join(format!("n{i}")), listener).await);
+    }
+    let ids: Vec<(u64, SocketAddr)> = nodes.iter().map(|n| (n.id, n.netid)).collect();
+    let voters = |r: std::ops::Range<usize>| -> BTreeMap<u64, SocketAddr> {
+        r.map(|i| ids[i]).collect()
+    };
+    nodes[0].store.initialize(voters(0..2)).await.unwrap();
+    nodes[2].store.initialize(voters(2..5)).await.unwrap();
+    // Each group is named by its first leader, the same id on every member.
+    until("both groups named on every member", || {
+        nodes.iter().all(|n| n.store.group().is_some())
+    })
+    .await;
+    let a = nodes[0].store.group().unwrap();
+    let b = nodes[2].store.group().unwrap();
+    assert_ne!(a, b);
+    assert_eq!(nodes[1].store.group(), Some(a));
+    assert!(nodes[3..].iter().all(|n| n.store.group() == Some(b)));
+    assert_eq!(nodes[4].store.status().group, Some(hex(b)));
+
+    // Different data on each side.
+    let side_a = [entry("a1", 1), entry("a2", 2), entry("both", 3), entry("same", 9)];
+    let side_b = [entry("b1", 4), entry("both", 5), entry("same", 9)];
+    for e in &side_a {
+        nodes[1].store.write(Command::MusterAdd(e.clone())).await.unwrap();
+    }
+    for e in &side_b {
+        nodes[3].store.write(Command::MusterAdd(e.clone())).await.unwrap();
+    }
+    nodes[1].store.write(put("only-a", "1")).await.unwrap();
+    nodes[1].store.write(put("shared", "from-a")).await.unwrap();
+    nodes[4].store.write(put("only-b", "2")).await.unwrap();
+    nodes[4].store.write(put("shared", "from-b")).await.unwrap();
+
+    // The group id survives a restart (and is the same after it).
+    nodes[4].restart().await;
+    until("node 4 back in group b", || nodes[4].store.group() == Some(b)).await;
+
+    // The survivor: the group with more live members.
+    let applied = |r: std::ops::Range<usize>| {
+        r.filter_map(|i| nodes[i].store.status().last_applied)
+            .max()
+            .unwrap_or(0)
+    };
+    let seen = [
+        GroupSeen { id: a, live: 2, applied: applied(0..2) },
+        GroupSeen { id: b, live: 3, applied: applied(2..5) },
+    ];
+    assert_eq!(survivor(&seen).unwrap().id, b);
+    let loser = GroupNodes {
+        id: a,
+        nodes: nodes[0..2].iter().map(|n| n.netid).collect(),
+    };
+    let winner = GroupNodes {
+        id: b,
+        nodes: nodes[2..5].iter().map(|n| n.netid).collect(),
+    };
+    // Giving the wrong nodes for a group changes nothing.
+    let wrong = GroupNodes { id: a, nodes: winner.nodes.clone() };
+    assert!(matches!(
+        nodes[0].store.merge(&wrong, &loser).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(nodes[0].store.status().sealed_into, None);
+
+    // The merge, run from a node of the losing group.
+    let report = nodes[0].store.merge(&loser, &winner).await.unwrap();
+    assert_eq!(report.muster_added, 2, "{report:?}");
+    assert_eq!(report.docs_added, 1, "{report:?}");
+    assert_eq!(report.kept_aside.len(), 2, "{report:?}");
+    // Run again: nothing new is copied.
+    let again = nodes[1].store.merge(&loser, &winner).await.unwrap();
+    assert_eq!(again.muster_added + again.docs_added, 0, "{again:?}");
+    assert_eq!(
+        nodes[2].store.merged_already(a, &winner).await.unwrap().map(|r| r.into),
+        Some(hex(b))
+    );
+
+    // The sealed group refuses writes with a clear error and writes nothing.
+    let refused = nodes[1]
+        .store
+        .write(Command::MusterAdd(entry("late", 7)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused,
+        StoreError::Merged { group: hex(a), into: hex(b) },
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("merged into group"), "{refused}");
+    assert!(local_muster(&nodes[0].store).iter().all(|e| e.inst != "late"));
+
+    // Abandoning is refused for another group than the node's.
+    assert!(matches!(
+        nodes[2].store.abandon_at(nodes[0].netid, b, a).await,
+        Err(StoreError::Invalid(_))
+    ));
+    // Node 0 abandons (at runtime) while node 1 still runs group a and keeps sending it Raft
+    // traffic: node 0 refuses it, stays empty, and joins the survivor.
+    nodes[2].store.abandon_at(nodes[0].netid, a, b).await.unwrap();
+    assert_eq!(nodes[0].store.group(), None);
+    assert!(nodes[0].store.join_only());
+    assert!(local_muster(&nodes[0].store).is_empty());
+    assert!(std::fs::read_dir(tmp.path())
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(&format!("n0.abandoned-{}", hex(a)))));
+    nodes[3]
+        .store
+        .add_learner(nodes[0].id, nodes[0].netid)
+        .await
+        .unwrap();
+    until("node 0 in group b", || nodes[0].store.group() == Some(b)).await;
+    // The last node of the loser abandons too (its own store, through itself).
+    nodes[1].store.abandon_at(nodes[1].netid, a, b).await.unwrap();
+    nodes[2]
+        .store
+        .add_learner(nodes[1].id, nodes[1].netid)
+        .await
+        .unwrap();
+    nodes[2]
+        .store
+        .set_voters(voters(0..5))
+        .await
+        .unwrap();
+
+    // One group on all five, with every entry written on either side.
+    until("one group on all five", || {
+        nodes.iter().all(|n| n.store.group() == Some(b))
+    })
+    .await;
+    let mut want: Vec<(String, String)> = side_b
+        .iter()
+        .map(|e| (e.inst.clone(), e.filename.clone()))
+        .collect();
+    want.extend(
+        side_a
+            .iter()
+            .filter(|e| !side_b.iter().any(|f| f.inst == e.inst))
+            .map(|e| (e.inst.clone(), e.filename.clone())),
+    );
+    want.sort();
+    for n in &nodes {
+        let mut got: Vec<(String, String)> = muster_of(
+            n.store
+                .read(Query::MusterSearch {
+                    horde: None,
+                    api: None,
+                    inst: None,
+                })
+                .await
+                .unwrap(),
+        )
+        .into_iter()
+        .map(|e| (e.inst, e.filename))
+        .collect();
+        got.sort();
+        assert_eq!(got, want, "node {:x}", n.id);
+        until("the node's copy caught up", || {
+            local_doc(&n.store, &format!("{MERGED_PREFIX}{}", hex(a))).is_some()
+        })
+        .await;
+        assert_eq!(local_doc(&n.store, "only-a").as_deref(), Some("1"));
+        assert_eq!(local_doc(&n.store, "only-b").as_deref(), Some("2"));
+        // Both held `shared`: the survivor's value stays, the loser's is kept aside.
+        assert_eq!(local_doc(&n.store, "shared").as_deref(), Some("from-b"));
+        assert_eq!(
+            local_doc(&n.store, &aside_key(a, "shared")).as_deref(),
+            Some("from-a")
+        );
+        let both: MusterEntry = serde_json::from_str(
+            &local_doc(&n.store, &aside_key(a, "muster/h/echo/both")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(both.filename, side_a[2].filename);
+    }
+    // Writes through a former loser node land in the survivor.
+    let w = nodes[1].store.write(Command::MusterAdd(entry("after", 8))).await.unwrap();
+    assert_eq!(w, Applied::Ok);
+    let found = muster_of(
+        nodes[4]
+            .store
+            .read(Query::MusterSearch {
+                horde: None,
+                api: None,
+                inst: Some("after".into()),
+            })
+            .await
+            .unwrap(),
+    );
+    assert_eq!(found.len(), 1);
+    // After a restart, a former loser node is still in the survivor.
+    nodes[0].restart().await;
+    until("node 0 back in group b", || nodes[0].store.group() == Some(b)).await;
+    for n in &nodes {
+        n.store.shutdown().await;
+    }
+}
