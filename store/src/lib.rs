@@ -278,6 +278,9 @@ struct Slot {
     config: StoreConfig,
     /// Held while the Raft node is being replaced.
     reopen: tokio::sync::Mutex<()>,
+    /// What the state machine applies; one channel for every Raft node this store runs, so that
+    /// subscribers keep receiving after [`Store::abandon`] (which sends [`Change::Reset`]).
+    changes: tokio::sync::broadcast::Sender<Change>,
 }
 
 fn members(m: &RaftMetrics<u64, BasicNode>, ids: impl Iterator<Item = u64>) -> Vec<Member> {
@@ -308,14 +311,17 @@ fn node(addr: SocketAddr) -> BasicNode {
 }
 
 /// Opens the database in `config.dir` and starts a Raft node on it.
-async fn open_inner(config: &StoreConfig) -> Result<Arc<Inner>, StoreError> {
+async fn open_inner(
+    config: &StoreConfig,
+    changes: tokio::sync::broadcast::Sender<Change>,
+) -> Result<Arc<Inner>, StoreError> {
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| StoreError::Storage(format!("{}: {e}", config.dir.display())))?;
     let db = storage::open_db(&config.dir.join(recover::DB_FILE), Duration::from_secs(5))
         .await
         .map_err(StoreError::Storage)?;
     let logs = storage::LogStore::new(db.clone());
-    let sm = storage::SmStore::open(db, config.node).map_err(StoreError::Storage)?;
+    let sm = storage::SmStore::open_with(db, config.node, changes).map_err(StoreError::Storage)?;
     let shared = sm.shared();
     let ms = |d: Duration| d.as_millis() as u64;
     let raft_config = openraft::Config {
@@ -356,7 +362,6 @@ async fn open_inner(config: &StoreConfig) -> Result<Arc<Inner>, StoreError> {
     Ok(inner)
 }
 
-
 /// The file in the store directory listing the groups this node abandoned, one id (hex) a line.
 pub const ABANDONED_FILE: &str = "abandoned";
 
@@ -391,8 +396,7 @@ async fn name_group(
                     value: types::hex(id),
                     if_generation: Some(0),
                 };
-                match tokio::time::timeout(MEMBERSHIP_TIMEOUT, inner.raft.client_write(cmd)).await
-                {
+                match tokio::time::timeout(MEMBERSHIP_TIMEOUT, inner.raft.client_write(cmd)).await {
                     Ok(Ok(r)) if matches!(r.data, Applied::Doc { .. }) => {
                         info!(group = types::hex(id), "the store group is named")
                     }
@@ -449,12 +453,14 @@ impl Store {
     /// Opens the store in `config.dir` (recovering vote, log and the latest snapshot) and starts
     /// its Raft node. It serves nothing until [`Store::service`] is added to the node gRPC server.
     pub async fn open(config: StoreConfig) -> Result<Store, StoreError> {
-        let inner = open_inner(&config).await?;
+        let changes = tokio::sync::broadcast::channel(1024).0;
+        let inner = open_inner(&config, changes.clone()).await?;
         Ok(Store {
             slot: Arc::new(Slot {
                 current: std::sync::RwLock::new(inner),
                 config,
                 reopen: tokio::sync::Mutex::new(()),
+                changes,
             }),
         })
     }
@@ -497,7 +503,14 @@ impl Store {
                 types::hex(into)
             )));
         }
-        let (muster, docs) = match old.shared.state.read().expect("state lock").data.query(&Query::Dump) {
+        let (muster, docs) = match old
+            .shared
+            .state
+            .read()
+            .expect("state lock")
+            .data
+            .query(&Query::Dump)
+        {
             QueryResult::Dump { muster, docs } => (muster.len(), docs.len()),
             _ => (0, 0),
         };
@@ -541,18 +554,20 @@ impl Store {
                 types::hex(into)
             ),
         )
-        .map_err(|e| io(format!("{}: {e}", dir.join(recover::JOIN_ONLY_FILE).display())))?;
+        .map_err(|e| {
+            io(format!(
+                "{}: {e}",
+                dir.join(recover::JOIN_ONLY_FILE).display()
+            ))
+        })?;
         let mut abandoned = old.abandoned.clone();
         abandoned.insert(group);
         let list: String = abandoned.iter().map(|g| types::hex(*g) + "\n").collect();
         std::fs::write(dir.join(ABANDONED_FILE), list)
             .map_err(|e| io(format!("{}: {e}", dir.join(ABANDONED_FILE).display())))?;
-        let new = open_inner(config).await?;
-        *self
-            .slot
-            .current
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = new;
+        let new = open_inner(config, self.slot.changes.clone()).await?;
+        *self.slot.current.write().unwrap_or_else(|p| p.into_inner()) = new;
+        let _ = self.slot.changes.send(Change::Reset);
         info!(aside = %aside.display(), "the abandoned store is set aside; a new, empty one is open");
         Ok(Abandoned {
             group: types::hex(group),
@@ -577,7 +592,11 @@ impl Store {
     /// Whether this node's store was discarded by [`recover::discard`] and has not joined a group
     /// since: it must not start a group of its own (the recovered one may just not be up yet).
     pub fn join_only(&self) -> bool {
-        self.inner().config.dir.join(recover::JOIN_ONLY_FILE).exists()
+        self.inner()
+            .config
+            .dir
+            .join(recover::JOIN_ONLY_FILE)
+            .exists()
     }
 
     /// Removes the [`Store::join_only`] marker once this node is in a group (it knows voters).

@@ -85,13 +85,13 @@ pub struct GroupSeen {
 /// The group that survives a merge: the one with the most live members, then the larger applied
 /// index, then the smaller id. Deterministic: every flock leader that sees the same picks the same.
 pub fn survivor(groups: &[GroupSeen]) -> Option<GroupSeen> {
-    groups
-        .iter()
-        .copied()
-        .max_by(|a, b| {
-            (a.live, a.applied, std::cmp::Reverse(a.id))
-                .cmp(&(b.live, b.applied, std::cmp::Reverse(b.id)))
-        })
+    groups.iter().copied().max_by(|a, b| {
+        (a.live, a.applied, std::cmp::Reverse(a.id)).cmp(&(
+            b.live,
+            b.applied,
+            std::cmp::Reverse(b.id),
+        ))
+    })
 }
 
 /// The key under which a value of the loser that differs from the survivor's is kept.
@@ -127,16 +127,17 @@ pub fn plan(
         into: hex(survivor),
         ..MergeReport::default()
     };
-    let keep_aside = |out: &mut Vec<Command>, report: &mut MergeReport, key: String, value: &str| {
-        if have_docs.get(key.as_str()).copied() != Some(value) {
-            out.push(Command::DocPut {
-                key: key.clone(),
-                value: value.to_string(),
-                if_generation: None,
-            });
-        }
-        report.kept_aside.push(key);
-    };
+    let keep_aside =
+        |out: &mut Vec<Command>, report: &mut MergeReport, key: String, value: &str| {
+            if have_docs.get(key.as_str()).copied() != Some(value) {
+                out.push(Command::DocPut {
+                    key: key.clone(),
+                    value: value.to_string(),
+                    if_generation: None,
+                });
+            }
+            report.kept_aside.push(key);
+        };
     for e in loser_muster {
         match have_muster.get(&(e.horde.as_str(), e.api.as_str(), e.inst.as_str())) {
             None => {
@@ -310,7 +311,11 @@ impl Store {
         };
         match self.write_at(&loser.nodes, seal).await? {
             Applied::Doc { .. } => {
-                warn!(group = hex(loser.id), into = hex(survivor.id), "store group sealed: it takes no more writes")
+                warn!(
+                    group = hex(loser.id),
+                    into = hex(survivor.id),
+                    "store group sealed: it takes no more writes"
+                )
             }
             Applied::Sealed { into, .. } if into == hex(survivor.id) => {}
             Applied::Sealed { into, .. } => {
@@ -320,7 +325,11 @@ impl Store {
                     hex(survivor.id)
                 )))
             }
-            other => return Err(StoreError::Raft(format!("sealing: unexpected answer {other:?}"))),
+            other => {
+                return Err(StoreError::Raft(format!(
+                    "sealing: unexpected answer {other:?}"
+                )))
+            }
         }
         // 2. Copy: the loser no longer changes.
         let (lmuster, ldocs) = dump(self.read_at(&loser.nodes, Query::Dump).await?)?;
@@ -467,7 +476,11 @@ mod tests {
             d("y", "same"),
             d("z", "new"),
         ];
-        let sd = vec![d(GROUP_KEY, "0000000000000002"), d("x", "survivor"), d("y", "same")];
+        let sd = vec![
+            d(GROUP_KEY, "0000000000000002"),
+            d("x", "survivor"),
+            d("y", "same"),
+        ];
         let (cmds, report) = plan(1, 2, &lm, &ld, &sm, &sd);
         assert_eq!(report.muster_added, 1);
         assert_eq!(report.docs_added, 1);

@@ -295,7 +295,18 @@ pub(crate) struct SmStore {
 
 impl SmStore {
     /// Loads the latest snapshot, if any, into a new state machine.
+    #[cfg(test)]
     pub(crate) fn open(db: Arc<Database>, node: u64) -> Result<SmStore, String> {
+        SmStore::open_with(db, node, broadcast::channel(1024).0)
+    }
+
+    /// As [`SmStore::open`], announcing what it applies on `changes` (which outlives it when the
+    /// store replaces its Raft node).
+    pub(crate) fn open_with(
+        db: Arc<Database>,
+        node: u64,
+        changes: broadcast::Sender<Change>,
+    ) -> Result<SmStore, String> {
         let (state, _) = match load_snapshot(&db).map_err(|e| e.to_string())? {
             Some((meta, bytes)) => (
                 SmState {
@@ -314,7 +325,6 @@ impl SmStore {
                 None,
             ),
         };
-        let (changes, _) = broadcast::channel(1024);
         Ok(SmStore {
             db,
             shared: Arc::new(Shared {

@@ -147,9 +147,8 @@ async fn two_groups_formed_apart_merge_into_one() {
         nodes.push(Node::start(100 + i, tmp.path().join(format!("n{i}")), listener).await);
     }
     let ids: Vec<(u64, SocketAddr)> = nodes.iter().map(|n| (n.id, n.netid)).collect();
-    let voters = |r: std::ops::Range<usize>| -> BTreeMap<u64, SocketAddr> {
-        r.map(|i| ids[i]).collect()
-    };
+    let voters =
+        |r: std::ops::Range<usize>| -> BTreeMap<u64, SocketAddr> { r.map(|i| ids[i]).collect() };
     nodes[0].store.initialize(voters(0..2)).await.unwrap();
     nodes[2].store.initialize(voters(2..5)).await.unwrap();
     // Each group is named by its first leader, the same id on every member.
@@ -165,13 +164,26 @@ async fn two_groups_formed_apart_merge_into_one() {
     assert_eq!(nodes[4].store.status().group, Some(hex(b)));
 
     // Different data on each side.
-    let side_a = [entry("a1", 1), entry("a2", 2), entry("both", 3), entry("same", 9)];
+    let side_a = [
+        entry("a1", 1),
+        entry("a2", 2),
+        entry("both", 3),
+        entry("same", 9),
+    ];
     let side_b = [entry("b1", 4), entry("both", 5), entry("same", 9)];
     for e in &side_a {
-        nodes[1].store.write(Command::MusterAdd(e.clone())).await.unwrap();
+        nodes[1]
+            .store
+            .write(Command::MusterAdd(e.clone()))
+            .await
+            .unwrap();
     }
     for e in &side_b {
-        nodes[3].store.write(Command::MusterAdd(e.clone())).await.unwrap();
+        nodes[3]
+            .store
+            .write(Command::MusterAdd(e.clone()))
+            .await
+            .unwrap();
     }
     nodes[1].store.write(put("only-a", "1")).await.unwrap();
     nodes[1].store.write(put("shared", "from-a")).await.unwrap();
@@ -180,7 +192,10 @@ async fn two_groups_formed_apart_merge_into_one() {
 
     // The group id survives a restart (and is the same after it).
     nodes[4].restart().await;
-    until("node 4 back in group b", || nodes[4].store.group() == Some(b)).await;
+    until("node 4 back in group b", || {
+        nodes[4].store.group() == Some(b)
+    })
+    .await;
 
     // The survivor: the group with more live members.
     let applied = |r: std::ops::Range<usize>| {
@@ -189,8 +204,16 @@ async fn two_groups_formed_apart_merge_into_one() {
             .unwrap_or(0)
     };
     let seen = [
-        GroupSeen { id: a, live: 2, applied: applied(0..2) },
-        GroupSeen { id: b, live: 3, applied: applied(2..5) },
+        GroupSeen {
+            id: a,
+            live: 2,
+            applied: applied(0..2),
+        },
+        GroupSeen {
+            id: b,
+            live: 3,
+            applied: applied(2..5),
+        },
     ];
     assert_eq!(survivor(&seen).unwrap().id, b);
     let loser = GroupNodes {
@@ -202,7 +225,10 @@ async fn two_groups_formed_apart_merge_into_one() {
         nodes: nodes[2..5].iter().map(|n| n.netid).collect(),
     };
     // Giving the wrong nodes for a group changes nothing.
-    let wrong = GroupNodes { id: a, nodes: winner.nodes.clone() };
+    let wrong = GroupNodes {
+        id: a,
+        nodes: winner.nodes.clone(),
+    };
     assert!(matches!(
         nodes[0].store.merge(&wrong, &loser).await,
         Err(StoreError::Invalid(_))
@@ -218,7 +244,12 @@ async fn two_groups_formed_apart_merge_into_one() {
     let again = nodes[1].store.merge(&loser, &winner).await.unwrap();
     assert_eq!(again.muster_added + again.docs_added, 0, "{again:?}");
     assert_eq!(
-        nodes[2].store.merged_already(a, &winner).await.unwrap().map(|r| r.into),
+        nodes[2]
+            .store
+            .merged_already(a, &winner)
+            .await
+            .unwrap()
+            .map(|r| r.into),
         Some(hex(b))
     );
 
@@ -230,11 +261,19 @@ async fn two_groups_formed_apart_merge_into_one() {
         .unwrap_err();
     assert_eq!(
         refused,
-        StoreError::Merged { group: hex(a), into: hex(b) },
+        StoreError::Merged {
+            group: hex(a),
+            into: hex(b)
+        },
         "{refused}"
     );
-    assert!(refused.to_string().contains("merged into group"), "{refused}");
-    assert!(local_muster(&nodes[0].store).iter().all(|e| e.inst != "late"));
+    assert!(
+        refused.to_string().contains("merged into group"),
+        "{refused}"
+    );
+    assert!(local_muster(&nodes[0].store)
+        .iter()
+        .all(|e| e.inst != "late"));
 
     // Abandoning is refused for another group than the node's.
     assert!(matches!(
@@ -243,13 +282,43 @@ async fn two_groups_formed_apart_merge_into_one() {
     ));
     // Node 0 abandons (at runtime) while node 1 still runs group a and keeps sending it Raft
     // traffic: node 0 refuses it, stays empty, and joins the survivor.
-    nodes[2].store.abandon_at(nodes[0].netid, a, b).await.unwrap();
+    let term = nodes[1].store.status().term;
+    let mut watch0 = nodes[0].store.changes();
+    nodes[2]
+        .store
+        .abandon_at(nodes[0].netid, a, b)
+        .await
+        .unwrap();
+    // Subscribers made before keep receiving, told to re-read.
+    loop {
+        let c = tokio::time::timeout(WAIT, watch0.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if c == crux_store::Change::Reset {
+            break;
+        }
+    }
     assert_eq!(nodes[0].store.group(), None);
+    // Node 1, left alone in group a, calls elections; node 0 refuses to vote in them (an empty
+    // node would otherwise grant its vote and be handed group a's log back).
+    nodes[1]
+        .store
+        .wait_for(WAIT, "two more elections on node 1", |m| {
+            m.current_term >= term + 2 || m.state == openraft::ServerState::Leader
+        })
+        .await
+        .unwrap();
+    assert_ne!(nodes[1].store.status().role, "leader");
+    assert_eq!(nodes[0].store.group(), None);
+    assert!(nodes[0].store.status().voters.is_empty());
     assert!(nodes[0].store.join_only());
     assert!(local_muster(&nodes[0].store).is_empty());
-    assert!(std::fs::read_dir(tmp.path())
+    assert!(std::fs::read_dir(tmp.path()).unwrap().any(|e| e
         .unwrap()
-        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(&format!("n0.abandoned-{}", hex(a)))));
+        .file_name()
+        .to_string_lossy()
+        .starts_with(&format!("n0.abandoned-{}", hex(a)))));
     nodes[3]
         .store
         .add_learner(nodes[0].id, nodes[0].netid)
@@ -257,17 +326,17 @@ async fn two_groups_formed_apart_merge_into_one() {
         .unwrap();
     until("node 0 in group b", || nodes[0].store.group() == Some(b)).await;
     // The last node of the loser abandons too (its own store, through itself).
-    nodes[1].store.abandon_at(nodes[1].netid, a, b).await.unwrap();
+    nodes[1]
+        .store
+        .abandon_at(nodes[1].netid, a, b)
+        .await
+        .unwrap();
     nodes[2]
         .store
         .add_learner(nodes[1].id, nodes[1].netid)
         .await
         .unwrap();
-    nodes[2]
-        .store
-        .set_voters(voters(0..5))
-        .await
-        .unwrap();
+    nodes[2].store.set_voters(voters(0..5)).await.unwrap();
 
     // One group on all five, with every entry written on either side.
     until("one group on all five", || {
@@ -320,7 +389,11 @@ async fn two_groups_formed_apart_merge_into_one() {
         assert_eq!(both.filename, side_a[2].filename);
     }
     // Writes through a former loser node land in the survivor.
-    let w = nodes[1].store.write(Command::MusterAdd(entry("after", 8))).await.unwrap();
+    let w = nodes[1]
+        .store
+        .write(Command::MusterAdd(entry("after", 8)))
+        .await
+        .unwrap();
     assert_eq!(w, Applied::Ok);
     let found = muster_of(
         nodes[4]
@@ -336,7 +409,10 @@ async fn two_groups_formed_apart_merge_into_one() {
     assert_eq!(found.len(), 1);
     // After a restart, a former loser node is still in the survivor.
     nodes[0].restart().await;
-    until("node 0 back in group b", || nodes[0].store.group() == Some(b)).await;
+    until("node 0 back in group b", || {
+        nodes[0].store.group() == Some(b)
+    })
+    .await;
     for n in &nodes {
         n.store.shutdown().await;
     }
