@@ -10,11 +10,12 @@ use crux_flock::driver::DriverHandle;
 use crux_flock::MemberState;
 use crux_proto::grpc::reeve::v1 as pb;
 use crux_store::{
-    Applied, Command, MusterEntry, Query, QueryResult, Store, StoreError, StoreStatus,
+    hex, Applied, Command, GroupNodes, GroupSeen, MusterEntry, Query, QueryResult, Store,
+    StoreError, StoreStatus,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::voters::{choose, plan_learners, Seen};
 
@@ -26,9 +27,10 @@ pub const LEARNERS_MAX: usize = 8;
 /// A store error as a gRPC status.
 pub fn status(e: StoreError) -> Status {
     match e {
-        StoreError::NoQuorum(_) | StoreError::NotInitialized | StoreError::Raft(_) => {
-            Status::unavailable(e.to_string())
-        }
+        StoreError::NoQuorum(_)
+        | StoreError::NotInitialized
+        | StoreError::Raft(_)
+        | StoreError::Merged { .. } => Status::unavailable(e.to_string()),
         StoreError::Unconfirmed(_) => Status::deadline_exceeded(e.to_string()),
         StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
         other => Status::internal(other.to_string()),
@@ -139,6 +141,10 @@ pub async fn supervise(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // (term, live members) and since when they have held.
     let mut steady: Option<((u64, usize), tokio::time::Instant)> = None;
+    // The groups last seen, when there were more than one (to log a split once, loudly).
+    let mut split: Vec<u64> = Vec::new();
+    let mut ticks: u64 = 0;
+    let mut last_live = 0;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -149,6 +155,22 @@ pub async fn supervise(
         if !leads || snap.leaving {
             steady = None;
             continue;
+        }
+        // Look for store groups formed apart: every 5 s, at once when the flock changed size (two
+        // flocks merging), and every tick while a merge is under way.
+        ticks += 1;
+        if ticks % 5 == 1 || snap.live != last_live || !split.is_empty() {
+            last_live = snap.live;
+            let groups = survey(&store, &handle, grpc_port).await;
+            if groups.len() > 1 {
+                merge_groups(&store, groups, &mut split).await;
+                // No voter or learner change while the flock holds more than one group.
+                continue;
+            }
+            if !split.is_empty() {
+                info!("the flock's store is one group again");
+                split.clear();
+            }
         }
         let shape = (snap.leader.map(|l| l.term).unwrap_or(0), snap.live);
         let settled = match steady {
@@ -206,6 +228,132 @@ pub async fn supervise(
         match r {
             Ok(()) => info!(voters = ?want, "store voters set"),
             Err(e) => warn!(error = %e, "store voters not changed; will retry"),
+        }
+    }
+}
+
+/// The store groups the live members (this node included) report, by id: where their members
+/// are (each group's leader first) and what the choice of a survivor needs. Members outside any
+/// group, or whose group is not named yet, are left out.
+async fn survey(
+    store: &Store,
+    handle: &DriverHandle,
+    grpc_port: u16,
+) -> BTreeMap<u64, (GroupSeen, Vec<SocketAddr>)> {
+    let snap = handle.snapshot();
+    let mut asks = tokio::task::JoinSet::new();
+    for m in snap.members.iter().filter(|m| {
+        m.info.id != snap.identity.id
+            && matches!(m.info.state, MemberState::Alive | MemberState::Suspect)
+    }) {
+        let netid = SocketAddr::new(m.info.addr.ip(), grpc_port);
+        let store = store.clone();
+        asks.spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(1), store.remote_status(netid)).await {
+                Ok(Ok(s)) => Some((netid, s)),
+                _ => None,
+            }
+        });
+    }
+    let mut seen: Vec<(SocketAddr, StoreStatus)> = Vec::new();
+    if let Some(me) = netid_of(handle, snap.identity.id.0, grpc_port) {
+        seen.push((me, store.status()));
+    }
+    while let Some(r) = asks.join_next().await {
+        if let Ok(Some(s)) = r {
+            seen.push(s);
+        }
+    }
+    let mut groups: BTreeMap<u64, (GroupSeen, Vec<SocketAddr>)> = BTreeMap::new();
+    for (netid, s) in seen {
+        let Some(id) = s.group.as_deref().and_then(|g| u64::from_str_radix(g, 16).ok()) else {
+            continue;
+        };
+        if s.voters.is_empty() {
+            continue;
+        }
+        let (g, nodes) = groups.entry(id).or_insert((
+            GroupSeen {
+                id,
+                live: 0,
+                applied: 0,
+            },
+            Vec::new(),
+        ));
+        g.live += 1;
+        g.applied = g.applied.max(s.last_applied.unwrap_or(0));
+        if s.role == "leader" {
+            nodes.insert(0, netid);
+        } else {
+            nodes.push(netid);
+        }
+    }
+    groups
+}
+
+/// The flock holds more than one store group: merges each into the survivor
+/// ([`crux_store::merge::survivor`]) and makes the losers' live members abandon their stores
+/// (they then join the survivor through the usual supervision). `split` is the set of groups last
+/// logged.
+async fn merge_groups(
+    store: &Store,
+    groups: BTreeMap<u64, (GroupSeen, Vec<SocketAddr>)>,
+    split: &mut Vec<u64>,
+) {
+    let seen: Vec<GroupSeen> = groups.values().map(|(g, _)| *g).collect();
+    let Some(win) = crux_store::merge::survivor(&seen) else {
+        return;
+    };
+    let ids: Vec<u64> = groups.keys().copied().collect();
+    if *split != ids {
+        error!(
+            groups = ?seen
+                .iter()
+                .map(|g| format!("{} ({} live, applied {})", hex(g.id), g.live, g.applied))
+                .collect::<Vec<_>>(),
+            survivor = hex(win.id),
+            "the flock holds more than one store group (formed apart, e.g. by a cold boot while \
+             partitioned): merging every other group into the survivor"
+        );
+        *split = ids;
+    }
+    let survivor = GroupNodes {
+        id: win.id,
+        nodes: groups[&win.id].1.clone(),
+    };
+    for (id, (_, nodes)) in groups.iter().filter(|(id, _)| **id != win.id) {
+        let loser = GroupNodes {
+            id: *id,
+            nodes: nodes.clone(),
+        };
+        let done = match store.merged_already(loser.id, &survivor).await {
+            Ok(r) => r.is_some(),
+            Err(e) => {
+                warn!(error = %e, survivor = hex(win.id), "store merge: the survivor did not answer; will retry");
+                continue;
+            }
+        };
+        if !done {
+            match store.merge(&loser, &survivor).await {
+                Ok(r) => warn!(
+                    from = hex(loser.id),
+                    into = hex(win.id),
+                    muster_added = r.muster_added,
+                    docs_added = r.docs_added,
+                    kept_aside = ?r.kept_aside,
+                    "store group merged into the survivor; its members now abandon it"
+                ),
+                Err(e) => {
+                    warn!(error = %e, from = hex(loser.id), into = hex(win.id), "store merge failed; will retry");
+                    continue;
+                }
+            }
+        }
+        for netid in &loser.nodes {
+            match store.abandon_at(*netid, loser.id, win.id).await {
+                Ok(()) => info!(%netid, group = hex(loser.id), "store member abandoned the merged group"),
+                Err(e) => warn!(%netid, error = %e, "store member did not abandon the merged group; will retry"),
+            }
         }
     }
 }
@@ -354,6 +502,13 @@ pub async fn doc_get(store: &Store, req: pb::DocGetRequest) -> Result<pb::DocGet
 pub async fn doc_put(store: &Store, req: pb::DocPutRequest) -> Result<pb::DocPutResponse, Status> {
     if req.key.is_empty() || req.key.len() > 512 {
         return Err(Status::invalid_argument("key must be 1-512 bytes"));
+    }
+    if req.key.starts_with("store/") {
+        return Err(Status::invalid_argument(format!(
+            "key {:?}: documents under store/ are the store's own (its group id, merge records) \
+             and cannot be written",
+            req.key
+        )));
     }
     let cmd = Command::DocPut {
         key: req.key,

@@ -346,6 +346,17 @@ pub async fn store(socket: &Path, cmd: &StoreCmd) -> anyhow::Result<i32> {
                 .await
                 .map_err(store_error)?
                 .into_inner();
+            // The group's id, read from the group this node uses (through its leader); none while
+            // the group is not named or cannot be read.
+            let group = match c
+                .doc_get(pb::DocGetRequest {
+                    key: crux_store::GROUP_KEY.into(),
+                })
+                .await
+            {
+                Ok(r) if r.get_ref().found => Some(r.into_inner().value),
+                _ => None,
+            };
             if json.json {
                 let voters: Vec<_> = s.voters.iter().map(|v| v.addr.clone()).collect();
                 let lag: serde_json::Map<String, serde_json::Value> = s
@@ -357,7 +368,7 @@ pub async fn store(socket: &Path, cmd: &StoreCmd) -> anyhow::Result<i32> {
                     "leader_addr": s.leader_addr, "leader_id": s.leader_id, "term": s.term,
                     "voters": voters, "voter_ids": s.voters.iter().map(|v| v.id.clone()).collect::<Vec<_>>(),
                     "last_applied": s.last_applied, "last_log": s.last_log, "lag": lag,
-                    "initialized": s.initialized, "role": s.role,
+                    "initialized": s.initialized, "role": s.role, "group": group,
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -366,8 +377,13 @@ pub async fn store(socket: &Path, cmd: &StoreCmd) -> anyhow::Result<i32> {
                     return Ok(0);
                 }
                 println!(
-                    "leader {} ({}), term {}, applied {}, log {}",
-                    s.leader_addr, s.leader_id, s.term, s.last_applied, s.last_log
+                    "group {}, leader {} ({}), term {}, applied {}, log {}",
+                    group.as_deref().unwrap_or("(not named yet)"),
+                    s.leader_addr,
+                    s.leader_id,
+                    s.term,
+                    s.last_applied,
+                    s.last_log
                 );
                 for v in &s.voters {
                     let lag = v.lag.map(|l| format!("lag {l}")).unwrap_or_default();
