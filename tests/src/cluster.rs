@@ -173,6 +173,27 @@ impl Cluster {
         std::fs::write(&path, config).expect("write config");
     }
 
+    /// Sets node k's address space (the `space = [...]` line of its config) to the flock
+    /// addresses of `nodes`, as one range from the first to the last (they are consecutive): a
+    /// node probes only its space, so nodes given disjoint spaces form separate flocks. Takes
+    /// effect at node k's next start.
+    pub fn set_space(&self, k: usize, nodes: std::ops::RangeInclusive<usize>) {
+        let (first, last) = (self.agents[*nodes.start() - 1].addr.ip(), self.agents[*nodes.end() - 1].addr.ip());
+        let path = self.agents[k - 1].config();
+        let config = std::fs::read_to_string(&path).expect("read config");
+        let config: String = config
+            .lines()
+            .map(|l| {
+                if l.starts_with("space = ") {
+                    format!("space = [\"{first}-{last}\"]\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&path, config).expect("write config");
+    }
+
     /// The agent of node k (1-based).
     pub fn agent(&self, k: usize) -> &Agent {
         &self.agents[k - 1]
