@@ -208,6 +208,26 @@ pub async fn supervise(
         else {
             continue;
         };
+        // A node still in another group (formed apart, not merged yet) is never added: it would
+        // refuse this group's Raft traffic, and the change would hang until it timed out.
+        let mut foreign = None;
+        let mine = view_group(&store, &handle, grpc_port).await;
+        for (id, netid) in addrs
+            .iter()
+            .filter(|(id, _)| !current.contains(id) && **id != store.node())
+        {
+            if in_other_group(&store, *netid, &mine).await {
+                foreign = Some(*id);
+                break;
+            }
+        }
+        if let Some(id) = foreign {
+            debug!(
+                node = format!("{id:016x}"),
+                "a voter to be is in another store group; waiting for the merge"
+            );
+            continue;
+        }
         let r = if current.is_empty() {
             if !settled {
                 continue;
@@ -230,6 +250,26 @@ pub async fn supervise(
             Err(e) => warn!(error = %e, "store voters not changed; will retry"),
         }
     }
+}
+
+/// Whether the node at `netid` is in a store group other than `mine` (or cannot tell: it did not
+/// answer). A node outside any group (an empty store) is not.
+async fn in_other_group(store: &Store, netid: SocketAddr, mine: &Option<String>) -> bool {
+    match tokio::time::timeout(Duration::from_secs(1), store.remote_status(netid)).await {
+        Ok(Ok(s)) => !s.voters.is_empty() && s.group != *mine,
+        _ => true,
+    }
+}
+
+/// The group this node's store uses: its own, or (outside any group) that of a member in one.
+async fn view_group(store: &Store, handle: &DriverHandle, grpc_port: u16) -> Option<String> {
+    let me = store.status();
+    if !me.voters.is_empty() {
+        return me.group;
+    }
+    ask_members(store, handle, grpc_port, Duration::from_secs(1), |_| true)
+        .await
+        .and_then(|s| s.group)
 }
 
 /// The store groups the live members (this node included) report, by id: where their members
@@ -266,7 +306,11 @@ async fn survey(
     }
     let mut groups: BTreeMap<u64, (GroupSeen, Vec<SocketAddr>)> = BTreeMap::new();
     for (netid, s) in seen {
-        let Some(id) = s.group.as_deref().and_then(|g| u64::from_str_radix(g, 16).ok()) else {
+        let Some(id) = s
+            .group
+            .as_deref()
+            .and_then(|g| u64::from_str_radix(g, 16).ok())
+        else {
             continue;
         };
         if s.voters.is_empty() {
@@ -351,8 +395,12 @@ async fn merge_groups(
         }
         for netid in &loser.nodes {
             match store.abandon_at(*netid, loser.id, win.id).await {
-                Ok(()) => info!(%netid, group = hex(loser.id), "store member abandoned the merged group"),
-                Err(e) => warn!(%netid, error = %e, "store member did not abandon the merged group; will retry"),
+                Ok(()) => {
+                    info!(%netid, group = hex(loser.id), "store member abandoned the merged group")
+                }
+                Err(e) => {
+                    warn!(%netid, error = %e, "store member did not abandon the merged group; will retry")
+                }
             }
         }
     }
@@ -394,6 +442,13 @@ async fn add_learners(
         let Some(netid) = netid_of(handle, *id, grpc_port) else {
             continue;
         };
+        if in_other_group(store, netid, &view.group).await {
+            debug!(
+                node = format!("{id:016x}"),
+                "not made a learner: it is in another store group"
+            );
+            continue;
+        }
         match store.add_learner(*id, netid).await {
             Ok(()) => info!(node = format!("{id:016x}"), "store learner added"),
             Err(e) => {

@@ -45,7 +45,16 @@ fn ok(out: std::process::Output, k: usize) -> Result<Vec<u8>, String> {
 fn add(c: &Cluster, k: usize, inst: &str) -> Result<(), String> {
     let d = format!("sha256:{}", "ab".repeat(32));
     let args = [
-        "muster", "add", "--api", "merge", "--inst", inst, "--file", &d, "--function", inst,
+        "muster",
+        "add",
+        "--api",
+        "merge",
+        "--inst",
+        inst,
+        "--file",
+        &d,
+        "--function",
+        inst,
     ];
     ok(c.cli(k, &args), k).map(|_| ())
 }
@@ -158,10 +167,20 @@ fn groups_formed_apart_merge_when_the_flocks_do() {
     for inst in ["b1", "b2", "b3"] {
         c.wait_for("a write on side b", CONVERGE, || add(&c, 4, inst));
     }
-    c.wait_for("a doc on side a", CONVERGE, || put_doc(&c, 2, "shared", "from-a"));
-    c.wait_for("a doc on side b", CONVERGE, || put_doc(&c, 5, "shared", "from-b"));
-    assert_eq!(search(&c, 2).unwrap(), ["a1", "a2"].map(String::from).into());
-    assert_eq!(search(&c, 3).unwrap(), ["b1", "b2", "b3"].map(String::from).into());
+    c.wait_for("a doc on side a", CONVERGE, || {
+        put_doc(&c, 2, "shared", "from-a")
+    });
+    c.wait_for("a doc on side b", CONVERGE, || {
+        put_doc(&c, 5, "shared", "from-b")
+    });
+    assert_eq!(
+        search(&c, 2).unwrap(),
+        ["a1", "a2"].map(String::from).into()
+    );
+    assert_eq!(
+        search(&c, 3).unwrap(),
+        ["b1", "b2", "b3"].map(String::from).into()
+    );
 
     // The heal: every node probes the whole space (restarted, keeping its store).
     for k in 1..=5 {

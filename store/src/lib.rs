@@ -32,7 +32,24 @@
 //!
 //! A document's generation is a store-wide revision: every document write takes the next one, so
 //! generations only grow and are never reused (deleting and re-creating a document cannot fool a
-//! compare-and-swap). 0 means absent.
+//! compare-and-swap).
+//!
+//! # Groups
+//!
+//! Each Raft group has an id, a random `u64` that the group's first leader writes as the document
+//! [`GROUP_KEY`] (`store/group`, 16 hex digits) by compare-and-swap on its absence, so that the
+//! first such write wins and every member, every snapshot and every restart has the same id
+//! ([`Store::group`], [`StoreStatus::group`]). Every Raft RPC carries the sender's group id, and a
+//! node refuses Raft traffic from another group than its own, or from a group it abandoned: Raft
+//! alone would let the leader of any group with a higher term overwrite this node's log (and an
+//! empty node would vote for, and then follow, a lone member of the group it just left).
+//!
+//! Two groups formed apart (a partitioned cold boot) are merged by the flock leader ([`merge`]):
+//! the loser is sealed ([`SEALED_KEY`]; from then on its writes fail with
+//! [`StoreError::Merged`] and write nothing), its data is copied into the survivor by ordinary
+//! writes (conflicting values of the loser kept under `merged/<loser>/…`), and its nodes abandon
+//! their stores at runtime ([`Store::abandon`]: the Raft node is shut down, the directory set
+//! aside, an empty one opened, all behind the same [`Store`] handle) and join the survivor. 0 means absent.
 
 pub mod merge;
 mod network;

@@ -172,7 +172,10 @@ pub fn plan(
     (out, report)
 }
 
-fn dump(r: QueryResult) -> Result<(Vec<MusterEntry>, Vec<(String, String, u64)>), StoreError> {
+/// Documents as `(key, value, generation)`.
+type Docs = Vec<(String, String, u64)>;
+
+fn dump(r: QueryResult) -> Result<(Vec<MusterEntry>, Docs), StoreError> {
     match r {
         QueryResult::Dump { muster, docs } => Ok((muster, docs)),
         other => Err(StoreError::Raft(format!("unexpected answer {other:?}"))),

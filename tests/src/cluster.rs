@@ -178,7 +178,10 @@ impl Cluster {
     /// node probes only its space, so nodes given disjoint spaces form separate flocks. Takes
     /// effect at node k's next start.
     pub fn set_space(&self, k: usize, nodes: std::ops::RangeInclusive<usize>) {
-        let (first, last) = (self.agents[*nodes.start() - 1].addr.ip(), self.agents[*nodes.end() - 1].addr.ip());
+        let (first, last) = (
+            self.agents[*nodes.start() - 1].addr.ip(),
+            self.agents[*nodes.end() - 1].addr.ip(),
+        );
         let path = self.agents[k - 1].config();
         let config = std::fs::read_to_string(&path).expect("read config");
         let config: String = config
