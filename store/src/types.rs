@@ -573,6 +573,41 @@ mod tests {
     }
 
     #[test]
+    fn group_id_and_seal() {
+        let mut d = Data::default();
+        assert_eq!(d.group(), None);
+        d.apply(&put(GROUP_KEY, &hex(0xabc), Some(0)));
+        // The first naming wins.
+        assert!(matches!(
+            d.apply(&put(GROUP_KEY, &hex(0xdef), Some(0))).0,
+            Applied::Conflict { .. }
+        ));
+        assert_eq!(d.group(), Some(0xabc));
+        d.apply(&Command::MusterAdd(entry("h", "a", "1")));
+        d.apply(&put(SEALED_KEY, &hex(0x123), Some(0)));
+        assert_eq!(d.sealed(), Some(0x123));
+        let before = d.clone();
+        let sealed = Applied::Sealed {
+            group: hex(0xabc),
+            into: hex(0x123),
+        };
+        for cmd in [
+            Command::MusterAdd(entry("h", "a", "2")),
+            put("k", "v", None),
+            Command::Batch(vec![put("k", "v", None)]),
+            put(SEALED_KEY, &hex(0x999), None),
+        ] {
+            let (a, changes) = d.apply(&cmd);
+            assert_eq!(a, sealed);
+            assert!(changes.is_empty());
+        }
+        assert_eq!(d, before);
+        // Kept by snapshots.
+        let back = Data::from_bytes(&d.to_bytes()).unwrap();
+        assert_eq!((back.group(), back.sealed()), (Some(0xabc), Some(0x123)));
+    }
+
+    #[test]
     fn list_and_snapshot_round_trip() {
         let mut d = Data::default();
         for k in ["a/1", "a/2", "b/1", "a"] {
