@@ -417,3 +417,113 @@ async fn two_groups_formed_apart_merge_into_one() {
         n.store.shutdown().await;
     }
 }
+
+/// A node of the losing group that was down during the merge comes back still in that group
+/// (unsealed, without a quorum): the survivor's record of the merge lets it be told to abandon,
+/// the nodes that left its group refuse its elections, and it joins the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_loser_node_down_during_the_merge_abandons_when_it_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for i in 0..6u64 {
+        let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
+        nodes.push(Node::start(200 + i, tmp.path().join(format!("n{i}")), listener).await);
+    }
+    let ids: Vec<(u64, SocketAddr)> = nodes.iter().map(|n| (n.id, n.netid)).collect();
+    let voters =
+        |r: std::ops::Range<usize>| -> BTreeMap<u64, SocketAddr> { r.map(|i| ids[i]).collect() };
+    nodes[0].store.initialize(voters(0..3)).await.unwrap();
+    nodes[3].store.initialize(voters(3..6)).await.unwrap();
+    until("both groups named on every member", || {
+        nodes.iter().all(|n| n.store.group().is_some())
+    })
+    .await;
+    let a = nodes[0].store.group().unwrap();
+    let b = nodes[3].store.group().unwrap();
+    nodes[0]
+        .store
+        .write(Command::MusterAdd(entry("a", 1)))
+        .await
+        .unwrap();
+    until("node 2 has group a's entry", || {
+        !local_muster(&nodes[2].store).is_empty()
+    })
+    .await;
+    // Node 2 goes down; groups a (nodes 0-1 live) and b merge without it.
+    nodes[2].store.shutdown().await;
+    if let Some(s) = nodes[2].stop.take() {
+        let _ = s.send(());
+    }
+    let loser = GroupNodes {
+        id: a,
+        nodes: vec![nodes[0].netid, nodes[1].netid],
+    };
+    let winner = GroupNodes {
+        id: b,
+        nodes: nodes[3..].iter().map(|n| n.netid).collect(),
+    };
+    assert_eq!(
+        nodes[3].store.merged_already(a, &winner).await.unwrap(),
+        None
+    );
+    nodes[3].store.merge(&loser, &winner).await.unwrap();
+    for i in 0..2 {
+        nodes[3]
+            .store
+            .abandon_at(nodes[i].netid, a, b)
+            .await
+            .unwrap();
+        nodes[4]
+            .store
+            .add_learner(nodes[i].id, nodes[i].netid)
+            .await
+            .unwrap();
+    }
+    until("nodes 0-1 in group b", || {
+        nodes[..2].iter().all(|n| n.store.group() == Some(b))
+    })
+    .await;
+
+    // Node 2 returns, still in group a and not sealed (it missed the seal).
+    if let Some(h) = nodes[2].server.take() {
+        tokio::time::timeout(Duration::from_secs(3), h)
+            .await
+            .expect("server stops")
+            .unwrap();
+    }
+    let listener = TcpListener::bind(nodes[2].netid).await.unwrap();
+    nodes[2] = Node::start(nodes[2].id, nodes[2].dir.clone(), listener).await;
+    assert_eq!(nodes[2].store.group(), Some(a));
+    let term = nodes[2].store.status().term;
+    // Its elections find no voter: nodes 0 and 1 refuse group a's traffic now.
+    nodes[2]
+        .store
+        .wait_for(WAIT, "two elections on node 2", |m| {
+            m.current_term >= term + 2 || m.state == openraft::ServerState::Leader
+        })
+        .await
+        .unwrap();
+    assert_ne!(nodes[2].store.status().role, "leader");
+    assert!(nodes[..2].iter().all(|n| n.store.group() == Some(b)));
+    // The survivor's record says group a was merged: node 2 is told to abandon, and joins b.
+    let record = nodes[5].store.merged_already(a, &winner).await.unwrap();
+    assert_eq!(record.map(|r| r.muster_added), Some(1));
+    nodes[5]
+        .store
+        .abandon_at(nodes[2].netid, a, b)
+        .await
+        .unwrap();
+    nodes[5]
+        .store
+        .add_learner(nodes[2].id, nodes[2].netid)
+        .await
+        .unwrap();
+    until("node 2 in group b with the merged entry", || {
+        nodes[2].store.group() == Some(b)
+            && local_muster(&nodes[2].store).iter().any(|e| e.inst == "a")
+    })
+    .await;
+    for n in &nodes {
+        n.store.shutdown().await;
+    }
+}
