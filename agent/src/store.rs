@@ -156,22 +156,6 @@ pub async fn supervise(
             steady = None;
             continue;
         }
-        // Look for store groups formed apart: every 5 s, at once when the flock changed size (two
-        // flocks merging), and every tick while a merge is under way.
-        ticks += 1;
-        if ticks % 5 == 1 || snap.live != last_live || !split.is_empty() {
-            last_live = snap.live;
-            let groups = survey(&store, &handle, grpc_port).await;
-            if groups.len() > 1 {
-                merge_groups(&store, groups, &mut split).await;
-                // No voter or learner change while the flock holds more than one group.
-                continue;
-            }
-            if !split.is_empty() {
-                info!("the flock's store is one group again");
-                split.clear();
-            }
-        }
         let shape = (snap.leader.map(|l| l.term).unwrap_or(0), snap.live);
         let settled = match steady {
             Some((s, since)) if s == shape => since.elapsed() >= settle,
@@ -180,6 +164,30 @@ pub async fn supervise(
                 false
             }
         };
+        // Look for store groups formed apart: every 5 s, every tick while the flock is settling
+        // (two flocks merging) or a merge is under way. A merge waits until the flock's shape has
+        // held for `settle`, so that the survivor is chosen from the whole merged flock.
+        ticks += 1;
+        if ticks % 5 == 1 || snap.live != last_live || !settled || !split.is_empty() {
+            last_live = snap.live;
+            let groups = survey(&store, &handle, grpc_port).await;
+            if groups.len() > 1 {
+                if settled {
+                    merge_groups(&store, groups, &mut split).await;
+                } else {
+                    debug!(
+                        groups = groups.len(),
+                        "more than one store group; merging once the flock settles"
+                    );
+                }
+                // No voter or learner change while the flock holds more than one group.
+                continue;
+            }
+            if !split.is_empty() {
+                info!("the flock's store is one group again");
+                split.clear();
+            }
+        }
         let nodes: BTreeMap<u64, Seen> = snap
             .members
             .iter()
