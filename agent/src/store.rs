@@ -172,16 +172,22 @@ pub async fn supervise(
             last_live = snap.live;
             let groups = survey(&store, &handle, grpc_port).await;
             if groups.len() > 1 {
-                if settled {
-                    merge_groups(&store, groups, &mut split).await;
+                let survivor = if settled {
+                    merge_groups(&store, groups, &mut split).await
                 } else {
                     debug!(
                         groups = groups.len(),
                         "more than one store group; merging once the flock settles"
                     );
+                    None
+                };
+                // No voter or learner change while the flock holds more than one group, unless
+                // this node is in the survivor (a loser that cannot be merged, e.g. without a
+                // quorum, must not stop the survivor's voter replacement; nodes of other groups
+                // are never added, see `in_other_group`).
+                if survivor.is_none() || store.group() != survivor {
+                    continue;
                 }
-                // No voter or learner change while the flock holds more than one group.
-                continue;
             }
             if !split.is_empty() {
                 info!("the flock's store is one group again");
@@ -346,16 +352,14 @@ async fn survey(
 /// The flock holds more than one store group: merges each into the survivor
 /// ([`crux_store::merge::survivor`]) and makes the losers' live members abandon their stores
 /// (they then join the survivor through the usual supervision). `split` is the set of groups last
-/// logged.
+/// logged. Returns the survivor's id.
 async fn merge_groups(
     store: &Store,
     groups: BTreeMap<u64, (GroupSeen, Vec<SocketAddr>)>,
     split: &mut Vec<u64>,
-) {
+) -> Option<u64> {
     let seen: Vec<GroupSeen> = groups.values().map(|(g, _)| *g).collect();
-    let Some(win) = crux_store::merge::survivor(&seen) else {
-        return;
-    };
+    let win = crux_store::merge::survivor(&seen)?;
     let ids: Vec<u64> = groups.keys().copied().collect();
     if *split != ids {
         error!(
@@ -412,6 +416,7 @@ async fn merge_groups(
             }
         }
     }
+    Some(win.id)
 }
 
 /// Makes live members that are not voters learners, up to [`LEARNERS_MAX`] in node id order: they
