@@ -24,6 +24,12 @@
 //!    survivor through the usual voter and learner supervision. A loser node that was down comes
 //!    back later still in the loser group; the flock leader then finds the record and only tells
 //!    it to abandon (its data cannot hold anything the sealed loser had not committed).
+//!
+//! A loser that cannot be sealed (it has no quorum among the live nodes and was never merged)
+//! cannot be merged automatically: the flock leader logs a warning each round and retries; the
+//! operator recovers it (`crux store recover`) or discards its nodes' stores (`--discard`). While it
+//! is visible, voter and learner changes go on only if the flock leader is in the survivor, and
+//! never add a node of another group.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
