@@ -107,7 +107,8 @@ pub async fn serve(
         .initial_connection_window_size(Some(32 << 20))
         .max_frame_size(Some(1 << 20))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(3)))
+        // Slack for a steward busy with a burst of registrations (see the reeve's link).
+        .http2_keepalive_timeout(Some(crux_reeve::link::KEEPALIVE_TIMEOUT))
         .add_service(StewardService::new(current, admit).into_server())
         .add_service(pastiche.into_server())
         .add_service(store)

@@ -22,6 +22,11 @@ use crate::node::{LinkStatus, Reeve, Target};
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Shortest.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// How long a node channel waits for the answer to an HTTP/2 ping before it gives the
+/// connection up. Slack enough for a peer busy with a burst (50k instances registering at once
+/// kept the steward's threads busy for over 3 s, and every link that dropped then had to be
+/// resent whole); a dead peer is still found by TCP, and a new leader by the flock.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A channel to a node's gRPC port, made from `local_ip` (so the callee can tell which member
 /// calls) when given.
@@ -39,7 +44,7 @@ pub async fn node_channel(
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(32 << 20)
         .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| async move {
@@ -134,8 +139,10 @@ async fn link_once(
         .await
         .map_err(|s| format!("{}: {}", s.code(), s.message()))?
         .into_inner();
-    let mut beat = tokio::time::interval(reeve.config().heartbeat_interval);
-    beat.tick().await;
+    // Batches go up from a task of their own, so that a large downstream (a snapshot, a burst
+    // of changes) being applied here never holds back the beats that keep this node's
+    // instances valid at the steward.
+    let mut sender = AbortOnDrop(tokio::spawn(send_batches(reeve.clone(), tx)));
     let mut flock = None;
     loop {
         tokio::select! {
@@ -148,6 +155,7 @@ async fn link_once(
                     return Ok(());
                 }
             }
+            _ = &mut sender.0 => return Err("link closed".into()),
             msg = inbound.message() => match msg {
                 Ok(Some(update)) => match update.kind {
                     Some(steward_update::Kind::Ack(ack)) => {
@@ -169,16 +177,35 @@ async fn link_once(
                 Ok(None) => return Err("the steward closed the link".into()),
                 Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
             },
-            _ = reeve.dirtied() => {
-                if let Some(b) = reeve.next_batch(false) {
-                    tx.send(b).await.map_err(|_| "link closed".to_string())?;
-                }
-            }
-            _ = beat.tick() => {
-                if let Some(b) = reeve.next_batch(true) {
-                    tx.send(b).await.map_err(|_| "link closed".to_string())?;
-                }
+        }
+    }
+}
+
+/// The sending half of a link: registrations and removals as they come, and every heartbeat
+/// interval the validity of every live local instance. Ends when the link does.
+async fn send_batches(reeve: Arc<Reeve>, tx: mpsc::Sender<ReeveBatch>) {
+    let mut beat = tokio::time::interval(reeve.config().heartbeat_interval);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat.tick().await;
+    loop {
+        let beats = tokio::select! {
+            _ = tx.closed() => return,
+            _ = reeve.dirtied() => false,
+            _ = beat.tick() => true,
+        };
+        if let Some(b) = reeve.next_batch(beats) {
+            if tx.send(b).await.is_err() {
+                return;
             }
         }
+    }
+}
+
+/// Aborts a task when dropped (a link's sender ends with the link).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -83,6 +83,20 @@ struct Local {
     expired: bool,
 }
 
+impl Local {
+    /// The validity told to the steward: what is left here, plus `slack` (one heartbeat
+    /// interval, the time until the next batch of beats), so that a batch held up briefly on a
+    /// loaded link does not expire a live instance at the steward. Zero once it is past
+    /// valid-until here: the reeve tells the steward so as soon as it sees it (see
+    /// [`Reeve::check_expiry`]), so a dead service is not seen later for the slack.
+    fn told_valid_ms(&self, now: Instant, slack: Duration) -> u64 {
+        if self.expired {
+            return 0;
+        }
+        (self.deadline.saturating_duration_since(now) + slack).as_millis() as u64
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     locals: HashMap<String, Local>,
@@ -207,16 +221,13 @@ impl Reeve {
         g.pending_put.clear();
         g.pending_remove.clear();
         g.seq += 1;
+        let slack = self.config.heartbeat_interval;
         let put = g
             .locals
             .values()
             .map(|l| {
                 let mut r = l.record.clone();
-                r.valid_for_ms = l.deadline.saturating_duration_since(now).as_millis() as u64;
-                if l.expired {
-                    // Past valid-until here: the steward marks it unknown at once.
-                    r.valid_for_ms = 0;
-                }
+                r.valid_for_ms = l.told_valid_ms(now, slack);
                 r
             })
             .collect();
@@ -247,12 +258,13 @@ impl Reeve {
         let now = Instant::now();
         let mut g = self.lock();
         let ids: HashSet<String> = g.pending_put.drain().collect();
+        let slack = self.config.heartbeat_interval;
         let put: Vec<Instance> = ids
             .iter()
             .filter_map(|id| g.locals.get(id))
             .map(|l| {
                 let mut r = l.record.clone();
-                r.valid_for_ms = l.deadline.saturating_duration_since(now).as_millis() as u64;
+                r.valid_for_ms = l.told_valid_ms(now, slack);
                 r
             })
             .collect();
@@ -265,7 +277,7 @@ impl Reeve {
                     id: id.clone(),
                     state: l.record.state,
                     health: l.record.health,
-                    valid_for_ms: l.deadline.saturating_duration_since(now).as_millis() as u64,
+                    valid_for_ms: l.told_valid_ms(now, slack),
                 })
                 .collect()
         } else {
@@ -353,15 +365,20 @@ impl Reeve {
         let mut g = self.lock();
         let mut put = Vec::new();
         let mut gone = Vec::new();
+        let mut expired = Vec::new();
         for (id, l) in g.locals.iter_mut() {
             if !l.expired && l.deadline <= now {
                 l.expired = true;
                 l.record.state = RunState::Unknown as i32;
                 put.push(l.record.clone());
+                expired.push(id.clone());
             } else if l.expired && now.saturating_duration_since(l.deadline) >= self.config.grace {
                 gone.push(id.clone());
             }
         }
+        // The steward hears of it in the next batch (a record with no validity left), not
+        // only when its own, later, deadline passes.
+        g.pending_put.extend(expired);
         for id in &gone {
             g.locals.remove(id);
             g.pending_put.remove(id);

@@ -99,7 +99,7 @@ impl Registry {
     /// An empty registry; instances past valid-until are removed `grace` later.
     pub fn new(grace: Duration) -> Registry {
         Registry {
-            table: Table::new(),
+            table: Table::with_log_of_table_size(),
             meta: HashMap::new(),
             grace,
             holders: HashMap::new(),
@@ -140,7 +140,7 @@ impl Registry {
         for raw in batch.put {
             let valid = valid_for(raw.valid_for_ms);
             match check(raw, node) {
-                Ok(i) => {
+                Ok(mut i) => {
                     if let Some(m) = self.meta.get(&i.id) {
                         if m.node != node {
                             applied
@@ -149,12 +149,18 @@ impl Registry {
                             continue;
                         }
                     }
+                    // No validity left: the reeve says it is past valid-until there, so it is
+                    // `unknown` at once (not `starting` until the next expiry round).
+                    let expired = valid.is_zero();
+                    if expired {
+                        i.state = RunState::Unknown as i32;
+                    }
                     self.meta.insert(
                         i.id.clone(),
                         Meta {
                             node: node.to_string(),
                             deadline: now + valid,
-                            unknown_since: None,
+                            unknown_since: expired.then_some(now),
                         },
                     );
                     seen.insert(i.id.clone());
@@ -378,6 +384,27 @@ mod tests {
         };
         let a = r.apply(t0, "n2", batch(vec![], vec![stray], false));
         assert_eq!(a.unknown_ids, ["1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_without_validity_is_unknown_at_once_and_a_beat_revives_it() {
+        let mut r = Registry::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let a = r.apply(
+            t0,
+            "n1",
+            batch(vec![rec("1", RunState::Running, 0)], vec![], false),
+        );
+        assert_eq!(a.change.unwrap().put[0].state, RunState::Unknown as i32);
+        assert!(r.expire(t0).is_none(), "already unknown");
+        let beat = Beat {
+            id: "1".into(),
+            state: RunState::Running as i32,
+            health: Health::Healthy as i32,
+            valid_for_ms: 3000,
+        };
+        let a = r.apply(t0, "n1", batch(vec![], vec![beat], false));
+        assert_eq!(a.change.unwrap().put[0].state, RunState::Running as i32);
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,15 +2,17 @@
 //! otherwise; every call admitted only from a live flock member's address.
 
 use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crux_proto::grpc::steward::v1::{
     self as pb, steward_server, Ack, FlockId, ReeveBatch, StewardUpdate, TableChanges,
 };
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -52,7 +54,7 @@ pub struct Steward {
     registry: Mutex<Registry>,
     /// Per node, the number of its newest link (what a node holds is forgotten when its newest
     /// link closes).
-    links: Mutex<std::collections::HashMap<String, u64>>,
+    links: Mutex<HashMap<String, u64>>,
     flock_id: FlockId,
     netid: String,
     stop: CancellationToken,
@@ -72,7 +74,7 @@ impl Steward {
         registry.seed(seed, Instant::now(), config.seed_valid);
         let steward = Arc::new(Steward {
             registry: Mutex::new(registry),
-            links: Mutex::new(std::collections::HashMap::new()),
+            links: Mutex::new(HashMap::new()),
             flock_id,
             netid,
             stop: CancellationToken::new(),
@@ -142,13 +144,15 @@ impl Steward {
 
     /// Serves one reeve's link, then forgets what its node holds unless a newer link of the same
     /// node has taken over.
-    async fn link(
+    async fn link<S>(
         self: Arc<Self>,
         node: String,
         first: ReeveBatch,
-        incoming: Streaming<ReeveBatch>,
+        incoming: S,
         tx: mpsc::Sender<Result<StewardUpdate, Status>>,
-    ) {
+    ) where
+        S: Stream<Item = Result<ReeveBatch, Status>> + Unpin + Send + 'static,
+    {
         let generation = {
             let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
             let g = links.entry(node.clone()).or_insert(0);
@@ -168,13 +172,21 @@ impl Steward {
     }
 
     /// Serves one reeve's link until it closes or the steward stops.
-    async fn serve_link(
+    ///
+    /// Two tasks: the reader applies the reeve's batches (registrations and the beats that keep
+    /// its instances valid) as they come, and this one sends acks and table changes down. A
+    /// reeve slow to take the changes (a burst, a large snapshot) therefore never holds back its
+    /// own beats: before, one task did both, and a full downstream stopped the beats until the
+    /// node's instances expired, which made more changes to send.
+    async fn serve_link<S>(
         self: Arc<Self>,
         node: String,
         first: ReeveBatch,
-        mut incoming: Streaming<ReeveBatch>,
+        incoming: S,
         tx: mpsc::Sender<Result<StewardUpdate, Status>>,
-    ) {
+    ) where
+        S: Stream<Item = Result<ReeveBatch, Status>> + Unpin + Send + 'static,
+    {
         let resume = match &first.resume_flock {
             Some(f) if *f == self.flock_id => Some(first.resume_revision),
             _ => None,
@@ -182,17 +194,16 @@ impl Steward {
         let seq = first.seq;
         // The first batch (the reeve's whole set) goes in before the snapshot is cut, so the
         // reeve never sees its own instances vanish and come back.
-        let (applied, mut sub, initial) = {
+        let (applied, mut sub, initial, mut last) = {
             let mut reg = self.lock();
             let applied = reg.apply(Instant::now(), &node, first);
             let sub = reg.table().subscribe();
             let initial = initial_changes(&reg, resume);
-            (applied, sub, initial)
+            (applied, sub, initial, reg.table().revision())
         };
         if !applied.refused.is_empty() {
             warn!(%node, refused = ?applied.refused, "refused records of a reeve");
         }
-        let mut last = initial.last().map(|c| c.revision).unwrap_or(0);
         if tx
             .send(Ok(self.ack(seq, applied.unknown_ids)))
             .await
@@ -200,44 +211,49 @@ impl Steward {
         {
             return;
         }
-        for c in initial {
+        if let Some(c) = initial {
             if !send_change(&tx, &c).await {
                 return;
             }
         }
+        let upstream = Arc::new(Upstream::default());
+        let _reader = AbortOnDrop(tokio::spawn(self.clone().read_link(
+            node.clone(),
+            incoming,
+            upstream.clone(),
+        )));
         loop {
+            // Acks (and the reader's end) first: they are small and the reeve waits for them.
+            let (ack, end) = upstream.take();
+            if let Some((seq, unknown_ids)) = ack {
+                if tx.send(Ok(self.ack(seq, unknown_ids))).await.is_err() {
+                    return;
+                }
+            }
+            if let Some(end) = end {
+                if let Some(status) = end {
+                    let _ = tx.send(Err(status)).await;
+                }
+                return;
+            }
             tokio::select! {
+                biased;
                 _ = self.stop.cancelled() => {
                     let _ = tx.send(Err(Status::unavailable("steward stopped: leadership moved"))).await;
                     return;
                 }
                 _ = tx.closed() => return,
-                msg = incoming.message() => match msg {
-                    Ok(Some(batch)) => {
-                        if batch.node != node {
-                            let _ = tx.send(Err(Status::permission_denied("batch names another node"))).await;
-                            return;
-                        }
-                        let seq = batch.seq;
-                        let applied = self.lock().apply(Instant::now(), &node, batch);
-                        if !applied.refused.is_empty() {
-                            warn!(%node, refused = ?applied.refused, "refused records of a reeve");
-                        }
-                        if tx.send(Ok(self.ack(seq, applied.unknown_ids))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        debug!(%node, error = %e, "reeve link ended");
-                        return;
-                    }
-                },
+                _ = upstream.notify.notified() => {}
                 change = sub.recv() => match change {
                     Ok(c) => {
-                        if c.revision <= last {
-                            continue;
+                        // Everything else already waiting goes down with it, as one change:
+                        // an instance that changed twice meanwhile is sent once.
+                        let mut pending = vec![c];
+                        while let Ok(c) = sub.try_recv() {
+                            pending.push(c);
                         }
+                        pending.retain(|c| c.revision > last);
+                        let Some(c) = merge(&pending) else { continue };
                         last = c.revision;
                         if !send_change(&tx, &c).await {
                             return;
@@ -250,7 +266,7 @@ impl Steward {
                             (reg.table().subscribe(), initial_changes(&reg, Some(last)))
                         };
                         sub = fresh;
-                        for c in catch_up {
+                        if let Some(c) = catch_up {
                             last = c.revision;
                             if !send_change(&tx, &c).await {
                                 return;
@@ -262,15 +278,141 @@ impl Steward {
             }
         }
     }
+
+    /// The reader of a link: applies each batch as it comes and leaves its ack to the writer.
+    async fn read_link<S>(self: Arc<Self>, node: String, mut incoming: S, up: Arc<Upstream>)
+    where
+        S: Stream<Item = Result<ReeveBatch, Status>> + Unpin + Send + 'static,
+    {
+        let end = loop {
+            match incoming.next().await {
+                Some(Ok(batch)) => {
+                    if batch.node != node {
+                        break Some(Status::permission_denied(format!(
+                            "batch names node {}, but this link is node {node}'s",
+                            batch.node
+                        )));
+                    }
+                    let seq = batch.seq;
+                    let applied = self.lock().apply(Instant::now(), &node, batch);
+                    if !applied.refused.is_empty() {
+                        warn!(%node, refused = ?applied.refused, "refused records of a reeve");
+                    }
+                    up.ack(seq, applied.unknown_ids);
+                }
+                None => break None,
+                Some(Err(e)) => {
+                    debug!(%node, error = %e, "reeve link ended");
+                    break None;
+                }
+            }
+        };
+        up.end(end);
+    }
 }
 
-/// What a new link needs first: the changes since `resume` if the log holds them, else the
-/// whole table.
-fn initial_changes(reg: &Registry, resume: Option<u64>) -> Vec<Arc<Change>> {
-    if let Some(changes) = resume.and_then(|r| reg.table().since(r)) {
-        return changes;
+/// What a link's reader hands its writer: the ack owed (the newest batch's seq and every id it
+/// did not know since the last ack sent), and whether the reeve's side has ended.
+#[derive(Debug, Default)]
+struct Upstream {
+    state: Mutex<UpstreamState>,
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct UpstreamState {
+    ack: Option<(u64, Vec<String>)>,
+    /// Some once the reader is done: with the error to send the reeve, if any.
+    end: Option<Option<Status>>,
+}
+
+type Owed = (Option<(u64, Vec<String>)>, Option<Option<Status>>);
+
+impl Upstream {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UpstreamState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
-    vec![Arc::new(reg.table().snapshot())]
+
+    fn ack(&self, seq: u64, unknown_ids: Vec<String>) {
+        {
+            let mut s = self.lock();
+            match &mut s.ack {
+                Some((s, ids)) => {
+                    *s = seq;
+                    ids.extend(unknown_ids);
+                }
+                None => s.ack = Some((seq, unknown_ids)),
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    fn end(&self, status: Option<Status>) {
+        self.lock().end = Some(status);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Owed {
+        let mut s = self.lock();
+        (s.ack.take(), s.end.take())
+    }
+}
+
+/// Aborts a task when dropped (a link's reader ends with its writer).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Consecutive changes as one: each instance as it is after the last of them. None when there
+/// are none. A snapshot among them makes the result a snapshot (of the table at its end).
+fn merge(changes: &[Arc<Change>]) -> Option<Arc<Change>> {
+    match changes {
+        [] => return None,
+        [one] => return Some(one.clone()),
+        _ => {}
+    }
+    let from = changes.iter().rposition(|c| c.snapshot).unwrap_or(0);
+    let changes = &changes[from..];
+    let mut put: HashMap<&str, &pb::Instance> = HashMap::new();
+    let mut remove: HashMap<&str, &pb::Instance> = HashMap::new();
+    for c in changes {
+        for i in &c.put {
+            remove.remove(i.id.as_str());
+            put.insert(&i.id, i);
+        }
+        for i in &c.remove {
+            put.remove(i.id.as_str());
+            remove.insert(&i.id, i);
+        }
+    }
+    let snapshot = changes[0].snapshot;
+    Some(Arc::new(Change {
+        revision: changes.last().map(|c| c.revision).unwrap_or(0),
+        snapshot,
+        put: put.into_values().cloned().collect(),
+        // After a snapshot, what is gone is simply not in it.
+        remove: if snapshot {
+            Vec::new()
+        } else {
+            remove.into_values().cloned().collect()
+        },
+    }))
+}
+
+/// What a new link needs first: the changes since `resume` (merged into one) if the log holds
+/// them and they are fewer than the table's instances, else the whole table. None: nothing.
+fn initial_changes(reg: &Registry, resume: Option<u64>) -> Option<Arc<Change>> {
+    if let Some(changes) = resume.and_then(|r| reg.table().since(r)) {
+        let size: usize = changes.iter().map(|c| c.put.len() + c.remove.len()).sum();
+        if size <= reg.table().len().max(SNAPSHOT_CHUNK) {
+            return merge(&changes);
+        }
+    }
+    Some(Arc::new(reg.table().snapshot()))
 }
 
 /// Sends one change (a large snapshot in parts). False when the reeve is gone.

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use crux_proto::grpc::steward::v1::Instance;
 use tokio::sync::broadcast;
 
-/// Changes kept in the log for resuming watchers (counted in instances, not change sets).
+/// Changes kept in the log for resuming watchers (counted in instances, not change sets); a
+/// table made [`Table::with_log_of_table_size`] keeps at least as many as it holds instances.
 pub const LOG_MAX: usize = 16_384;
 /// Change sets a slow subscriber may fall behind before it must resync.
 const CHANNEL_CAPACITY: usize = 1024;
@@ -42,6 +43,8 @@ pub struct Table {
     revision: u64,
     log: VecDeque<Arc<Change>>,
     log_len: usize,
+    /// Whether the log grows with the table (to at least as many changes as instances).
+    log_scales: bool,
     tx: broadcast::Sender<Arc<Change>>,
 }
 
@@ -74,7 +77,27 @@ impl Table {
             revision: 0,
             log: VecDeque::new(),
             log_len: 0,
+            log_scales: false,
             tx: broadcast::channel(CHANNEL_CAPACITY).0,
+        }
+    }
+
+    /// An empty table whose log keeps at least as many instance changes as the table holds
+    /// instances (and at least [`LOG_MAX`]): the steward's, so that a reeve that relinks after
+    /// a burst of changes resumes from the log instead of needing the whole table again.
+    pub fn with_log_of_table_size() -> Table {
+        Table {
+            log_scales: true,
+            ..Table::new()
+        }
+    }
+
+    /// Instance changes the log keeps now.
+    pub fn log_max(&self) -> usize {
+        if self.log_scales {
+            LOG_MAX.max(self.map.len())
+        } else {
+            LOG_MAX
         }
     }
 
@@ -245,7 +268,8 @@ impl Table {
         let change = Arc::new(change);
         self.log_len += change.len();
         self.log.push_back(change.clone());
-        while self.log_len > LOG_MAX && self.log.len() > 1 {
+        let max = self.log_max();
+        while self.log_len > max && self.log.len() > 1 {
             if let Some(old) = self.log.pop_front() {
                 self.log_len -= old.len();
             }
@@ -307,6 +331,28 @@ mod tests {
         }
         assert!(t.since(1).is_none());
         assert!(t.since(t.revision() - 5).is_some());
+    }
+
+    #[test]
+    fn a_log_of_table_size_keeps_as_many_changes_as_the_table_has_instances() {
+        let n = LOG_MAX + LOG_MAX / 2;
+        let mut fixed = Table::new();
+        let mut scaled = Table::with_log_of_table_size();
+        for t in [&mut fixed, &mut scaled] {
+            for k in 0..n {
+                t.commit(vec![inst(&k.to_string(), "x:1")], &[]);
+            }
+        }
+        assert!(fixed.since(1).is_none(), "trimmed to LOG_MAX");
+        assert_eq!(scaled.log_max(), n);
+        assert_eq!(scaled.since(1).unwrap().len(), n - 1);
+        // A round of changes of every instance still leaves one table's worth to resume from.
+        let r = scaled.revision();
+        for k in 0..n {
+            scaled.commit(vec![inst(&k.to_string(), "x:2")], &[]);
+        }
+        assert!(scaled.since(r).is_some());
+        assert!(scaled.since(r - 1).is_none());
     }
 
     #[test]

@@ -69,9 +69,10 @@ pub struct CapacityArgs {
     /// replica) instead of all at once.
     #[arg(long)]
     pub ramp: bool,
-    /// The steward server's HTTP/2 keepalive timeout, seconds (the agent's: 3; 0: no server
-    /// pings at all). The reeve's own pings (1 s, timeout 3 s) are not changed.
-    #[arg(long, default_value_t = 3)]
+    /// The steward server's HTTP/2 keepalive timeout, seconds (the agent's: 20, the reeve's
+    /// `KEEPALIVE_TIMEOUT`; 0: no server pings at all). The reeve's own pings (1 s, timeout
+    /// 20 s) are not changed.
+    #[arg(long, default_value_t = crux_reeve::link::KEEPALIVE_TIMEOUT.as_secs())]
     pub server_keepalive_timeout: u64,
     /// The steward server with hyper's default HTTP/2 windows and frame size instead of the
     /// agent's (8 MiB stream and 32 MiB connection windows, 1 MiB frames).
