@@ -586,3 +586,160 @@ impl steward_server::Steward for StewardService {
 pub fn netid(leader_flock_addr: SocketAddr, grpc_port: u16) -> SocketAddr {
     SocketAddr::new(leader_flock_addr.ip(), grpc_port)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crux_proto::grpc::steward::v1::{Beat, Health, Instance, RunState};
+
+    fn rec(id: &str, valid_ms: u64) -> Instance {
+        Instance {
+            id: id.into(),
+            api: "galumph2".into(),
+            inst: format!("galumph2_{id}"),
+            addr: "127.0.0.1:9".into(),
+            state: RunState::Running as i32,
+            valid_for_ms: valid_ms,
+            ..Default::default()
+        }
+    }
+
+    fn batch(node: &str, seq: u64, put: Vec<Instance>, beats: Vec<Beat>) -> ReeveBatch {
+        ReeveBatch {
+            seq,
+            node: node.into(),
+            full: seq == 1,
+            put,
+            beats,
+            ..Default::default()
+        }
+    }
+
+    type Up = mpsc::Sender<Result<ReeveBatch, Status>>;
+    type Down = mpsc::Receiver<Result<StewardUpdate, Status>>;
+
+    /// A link of `node` as the gRPC service would start it: the test sends its batches, and its
+    /// downstream holds `room` updates until the test takes them.
+    fn open(steward: &Arc<Steward>, first: ReeveBatch, room: usize) -> (Up, Down) {
+        let (up, incoming) = mpsc::channel(16);
+        let (tx, down) = mpsc::channel(room);
+        tokio::spawn(steward.clone().link(
+            first.node.clone(),
+            first,
+            ReceiverStream::new(incoming),
+            tx,
+        ));
+        (up, down)
+    }
+
+    fn state_of(steward: &Steward, id: &str) -> Option<i32> {
+        steward.lock().table().get(id).map(|i| i.state)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reeve_slow_to_take_changes_keeps_its_instances_alive_by_its_beats() {
+        let steward = Steward::start(
+            FlockId {
+                leader: "00000000000000ff".into(),
+                term: 1,
+            },
+            "127.0.0.1:7701".into(),
+            &StewardConfig::default(),
+            Vec::new(),
+        );
+        // n1 registers one instance valid for 3 s, then takes nothing from its downstream.
+        let (n1, mut n1_down) = open(&steward, batch("n1", 1, vec![rec("a", 3000)], vec![]), 4);
+        // n2 registers 50 instances one batch at a time: 50 changes for n1's link to send, far
+        // more than its downstream holds.
+        let (n2, mut n2_down) = open(&steward, batch("n2", 1, vec![], vec![]), 1024);
+        tokio::spawn(async move { while n2_down.recv().await.is_some() {} });
+        for k in 0..50 {
+            let put = vec![rec(&format!("b{k}"), 3_600_000)];
+            n2.send(Ok(batch("n2", k + 2, put, vec![]))).await.unwrap();
+        }
+        // n1's service beats on: once a second for 10 s, each beat valid for 3 s.
+        for k in 0..10 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let beat = Beat {
+                id: "a".into(),
+                state: RunState::Running as i32,
+                health: Health::Healthy as i32,
+                valid_for_ms: 3000,
+            };
+            n1.send(Ok(batch("n1", k + 2, vec![], vec![beat])))
+                .await
+                .unwrap();
+            assert_eq!(
+                state_of(&steward, "a"),
+                Some(RunState::Running as i32),
+                "{} s in, n1's instance must still be running: its beats get through while \
+                 its downstream is full",
+                k + 1
+            );
+        }
+        assert_eq!(steward.len(), 51);
+        assert_eq!(n1_down.len(), 4, "n1 has read nothing: its downstream is full");
+        // When n1 reads at last, what it gets adds up to the steward's table.
+        let mut replica: HashMap<String, Instance> = HashMap::new();
+        let mut acks = 0;
+        let revision = steward.lock().table().revision();
+        let mut at = 0;
+        while at < revision {
+            let update = n1_down.recv().await.unwrap().unwrap();
+            match update.kind.unwrap() {
+                pb::steward_update::Kind::Ack(_) => acks += 1,
+                pb::steward_update::Kind::Changes(c) => {
+                    if c.snapshot {
+                        replica.clear();
+                    }
+                    for i in c.put {
+                        replica.insert(i.id.clone(), i);
+                    }
+                    for id in c.remove {
+                        replica.remove(&id);
+                    }
+                    at = c.revision;
+                }
+            }
+        }
+        assert!(acks >= 1);
+        assert_eq!(replica.len(), 51);
+        assert_eq!(replica["a"].state, RunState::Running as i32);
+        steward.stop();
+    }
+
+    #[test]
+    fn merged_changes_hold_each_instance_as_it_is_after_the_last() {
+        let change = |revision, put: &[&str], remove: &[&str]| {
+            Arc::new(Change {
+                revision,
+                snapshot: false,
+                put: put.iter().map(|id| rec(id, 0)).collect(),
+                remove: remove.iter().map(|id| rec(id, 0)).collect(),
+            })
+        };
+        assert!(merge(&[]).is_none());
+        let m = merge(&[
+            change(4, &["1", "2"], &[]),
+            change(5, &["3"], &["1"]),
+            change(6, &["1"], &["2"]),
+        ])
+        .unwrap();
+        let ids = |v: &[Instance]| {
+            let mut ids: Vec<String> = v.iter().map(|i| i.id.clone()).collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(m.revision, 6);
+        assert!(!m.snapshot);
+        assert_eq!(ids(&m.put), ["1", "3"]);
+        assert_eq!(ids(&m.remove), ["2"]);
+        // From a snapshot on, the result is a snapshot; what went before it does not count.
+        let mut snap = (*change(7, &["9"], &[])).clone();
+        snap.snapshot = true;
+        let m = merge(&[change(6, &["1"], &[]), Arc::new(snap), change(8, &["5"], &["9"])]).unwrap();
+        assert!(m.snapshot);
+        assert_eq!((m.revision, ids(&m.put)), (8, vec!["5".to_string()]));
+        assert!(m.remove.is_empty());
+    }
+}
