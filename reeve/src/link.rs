@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Uri};
-use tracing::{debug, info};
+use tracing::{debug, info, trace};
 
 use crate::node::{LinkStatus, Reeve, Target};
 
@@ -169,7 +169,10 @@ async fn link_once(
                         }
                     }
                     Some(steward_update::Kind::Changes(c)) => match &flock {
-                        Some(f) => reeve.apply_changes(f, c),
+                        Some(f) => {
+                            trace!(node = %reeve.config().node, revision = c.revision, snapshot = c.snapshot, more = c.more, put = c.put.len(), "changes from the steward");
+                            reeve.apply_changes(f, c)
+                        }
                         None => return Err("changes before the first ack".into()),
                     },
                     None => {}

@@ -52,6 +52,13 @@ impl ReeveConfig {
     pub fn default_valid_for(&self) -> Duration {
         self.heartbeat_interval * 3
     }
+
+    /// What the reeve adds to the validity it tells the steward: two heartbeat intervals (the
+    /// next batch of beats, and one more for a link held up by a burst). Only a node that stops
+    /// talking waits it out: an instance past valid-until here is told at once.
+    pub fn validity_slack(&self) -> Duration {
+        self.heartbeat_interval * 2
+    }
 }
 
 /// The steward this node should link to, as the flock says: the leader's id, its term, and the
@@ -84,8 +91,8 @@ struct Local {
 }
 
 impl Local {
-    /// The validity told to the steward: what is left here, plus `slack` (one heartbeat
-    /// interval, the time until the next batch of beats), so that a batch held up briefly on a
+    /// The validity told to the steward: what is left here, plus `slack`
+    /// ([`ReeveConfig::validity_slack`]), so that a batch held up briefly on a
     /// loaded link does not expire a live instance at the steward. Zero once it is past
     /// valid-until here: the reeve tells the steward so as soon as it sees it (see
     /// [`Reeve::check_expiry`]), so a dead service is not seen later for the slack.
@@ -221,7 +228,7 @@ impl Reeve {
         g.pending_put.clear();
         g.pending_remove.clear();
         g.seq += 1;
-        let slack = self.config.heartbeat_interval;
+        let slack = self.config.validity_slack();
         let put = g
             .locals
             .values()
@@ -258,7 +265,7 @@ impl Reeve {
         let now = Instant::now();
         let mut g = self.lock();
         let ids: HashSet<String> = g.pending_put.drain().collect();
-        let slack = self.config.heartbeat_interval;
+        let slack = self.config.validity_slack();
         let put: Vec<Instance> = ids
             .iter()
             .filter_map(|id| g.locals.get(id))

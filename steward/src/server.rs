@@ -254,6 +254,7 @@ impl Steward {
                         }
                         pending.retain(|c| c.revision > last);
                         let Some(c) = merge(&pending) else { continue };
+                        debug!(%node, revision = c.revision, changes = pending.len(), put = c.put.len(), remove = c.remove.len(), "changes to a reeve");
                         last = c.revision;
                         if !send_change(&tx, &c).await {
                             return;
@@ -267,6 +268,7 @@ impl Steward {
                         };
                         sub = fresh;
                         if let Some(c) = catch_up {
+                            debug!(%node, revision = c.revision, snapshot = c.snapshot, put = c.put.len(), "a reeve lagged: caught up");
                             last = c.revision;
                             if !send_change(&tx, &c).await {
                                 return;
