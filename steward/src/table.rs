@@ -179,10 +179,16 @@ impl Table {
             }
             i.revision = next;
             i.valid_for_ms = 0;
-            if let Some(old) = self.map.insert(i.id.clone(), i.clone()) {
-                self.unindex(&old);
+            match self.map.insert(i.id.clone(), i.clone()) {
+                // A change of state or health (most changes: beats, expiry) keeps its place in
+                // the indexes.
+                Some(old) if old.horde == i.horde && old.api == i.api && old.inst == i.inst => {}
+                Some(old) => {
+                    self.unindex(&old);
+                    self.index(&i);
+                }
+                None => self.index(&i),
             }
-            self.index(&i);
             change.put.push(i);
         }
         for id in remove {
