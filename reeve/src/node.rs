@@ -959,6 +959,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn beats_carry_slack_and_a_local_expiry_is_told_to_the_steward_at_once() {
+        let r = reeve();
+        let reg = r.register(req("galumph2_1")).unwrap();
+        let first = r.next_batch(false).unwrap();
+        // Registered with the default 3 s; told with two intervals (2 s) of slack.
+        assert_eq!(first.put[0].valid_for_ms, 5000);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let beats = r.next_batch(true).unwrap();
+        assert_eq!(beats.beats[0].valid_for_ms, 4000);
+        // Past valid-until here: the next batch says so (no validity left), without waiting
+        // for a beat round or for the steward's own deadline.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        r.check_expiry();
+        let told = r.next_batch(false).expect("the expiry is sent");
+        assert_eq!(told.put.len(), 1);
+        assert_eq!(told.put[0].id, reg.id);
+        assert_eq!(told.put[0].valid_for_ms, 0);
+        assert!(
+            r.next_batch(true).is_none(),
+            "an expired instance gets no beats"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_heartbeater_marks_a_silent_instance_unknown_then_forgets_it() {
         let r = reeve();
         let reg = r.register(req("galumph2_1")).unwrap();

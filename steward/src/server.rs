@@ -1,8 +1,8 @@
 //! The steward as a gRPC service on the node port: one [`Steward`] while this node leads, none
 //! otherwise; every call admitted only from a live flock member's address.
 
-use std::net::{IpAddr, SocketAddr};
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -680,7 +680,11 @@ mod tests {
             );
         }
         assert_eq!(steward.len(), 51);
-        assert_eq!(n1_down.len(), 4, "n1 has read nothing: its downstream is full");
+        assert_eq!(
+            n1_down.len(),
+            4,
+            "n1 has read nothing: its downstream is full"
+        );
         // When n1 reads at last, what it gets adds up to the steward's table.
         let mut replica: HashMap<String, Instance> = HashMap::new();
         let mut acks = 0;
@@ -739,7 +743,12 @@ mod tests {
         // From a snapshot on, the result is a snapshot; what went before it does not count.
         let mut snap = (*change(7, &["9"], &[])).clone();
         snap.snapshot = true;
-        let m = merge(&[change(6, &["1"], &[]), Arc::new(snap), change(8, &["5"], &["9"])]).unwrap();
+        let m = merge(&[
+            change(6, &["1"], &[]),
+            Arc::new(snap),
+            change(8, &["5"], &["9"]),
+        ])
+        .unwrap();
         assert!(m.snapshot);
         assert_eq!((m.revision, ids(&m.put)), (8, vec!["5".to_string()]));
         assert!(m.remove.is_empty());
