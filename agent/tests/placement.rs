@@ -104,6 +104,15 @@ fn status(c: &Cluster, k: usize) -> Result<Status, String> {
     run_json(c, k, &["proctor", "status", "--json"])
 }
 
+/// Service `api` of a status.
+fn find(s: &Status, api: &str) -> Result<Service, String> {
+    s.services
+        .iter()
+        .find(|v| v.api == api)
+        .cloned()
+        .ok_or_else(|| format!("{api} not in {s:?}"))
+}
+
 fn ps(c: &Cluster, k: usize) -> Result<Vec<Proc>, String> {
     run_json(c, k, &["picket", "ps", "--json"])
 }
@@ -140,13 +149,9 @@ fn apply(c: &Cluster, k: usize, text: &str) -> Result<u64, String> {
 fn converged(c: &Cluster, k: usize, api: &str, inst: &str, generation: u64) -> Service {
     c.wait_for(&format!("{api} converged on {inst}"), CONVERGE, || {
         let s = status(c, k)?;
-        let svc = s
-            .services
-            .iter()
-            .find(|v| v.api == api)
-            .ok_or_else(|| format!("{api} not in {s:?}"))?;
+        let svc = find(&s, api)?;
         if s.generation >= generation && svc.inst == inst && svc.state == "converged" {
-            Ok(svc.clone())
+            Ok(svc)
         } else {
             Err(format!("{s:?}"))
         }
@@ -304,12 +309,7 @@ fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
     let victim_id = c.node_id(victim).expect("id");
     let svc = c.wait_for("the instance replaced", CONVERGE, || {
         let s = status(&c, leader_k)?;
-        let v = s
-            .services
-            .iter()
-            .find(|v| v.api == "galumph2")
-            .cloned()
-            .ok_or("no galumph2")?;
+        let v = find(&s, "galumph2")?;
         if v.state == "converged" && !v.nodes.contains(&victim_id) && v.nodes.len() == 3 {
             Ok(v)
         } else {
@@ -343,12 +343,7 @@ fn intent_converges_survives_node_and_leader_loss_and_updates_live() {
         CONVERGE,
         || {
             let s = status(&c, asker)?;
-            let v = s
-                .services
-                .iter()
-                .find(|v| v.api == "galumph2")
-                .cloned()
-                .ok_or("no galumph2")?;
+            let v = find(&s, "galumph2")?;
             if s.leader != old_leader
                 && s.generation == generation
                 && v.state == "converged"
@@ -477,12 +472,7 @@ fn a_crashing_plugin_is_reported_failed_and_left_alone() {
     let generation = apply(&c, 1, &text).expect("apply");
     let s = c.wait_for("crasher1 failed", CONVERGE, || {
         let s = status(&c, 1)?;
-        let v = s
-            .services
-            .iter()
-            .find(|v| v.api == "crasher1")
-            .cloned()
-            .ok_or("none")?;
+        let v = find(&s, "crasher1")?;
         if s.generation == generation && v.state == "failed" {
             Ok(v)
         } else {
@@ -564,11 +554,7 @@ fn a_crashing_plugin_is_reported_failed_and_left_alone() {
     let first_id = c.node_id(first).expect("id");
     let next = c.wait_for("solo1 assigned to another node", CONVERGE, || {
         let s = status(&c, leader_k)?;
-        let v = s
-            .services
-            .iter()
-            .find(|v| v.api == "solo1")
-            .ok_or("no solo1")?;
+        let v = find(&s, "solo1")?;
         match v.nodes.as_slice() {
             [n] if *n != first_id => Ok(c.index_of(n).expect("known")),
             _ => Err(format!("{v:?}")),

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use crux_tests::cluster::Cluster;
 use serde::Deserialize;
 
+mod common;
+use common::{put_doc, reeve, runtime};
+
 const BIN: &str = env!("CARGO_BIN_EXE_crux");
 const PRESET: &str = "local";
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -286,46 +289,6 @@ fn cut(c: &Cluster, k: usize) {
 
 fn heal(c: &Cluster, k: usize) {
     std::fs::remove_file(cut_file(c, k)).expect("remove the cut file");
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn reeve(
-    c: &Cluster,
-    k: usize,
-) -> crux_proto::grpc::reeve::v1::reeve_client::ReeveClient<tonic::transport::Channel> {
-    let ch = crux_reeve::client::socket_channel(&c.agent(k).socket, Duration::from_secs(5))
-        .await
-        .expect("socket");
-    crux_proto::grpc::reeve::v1::reeve_client::ReeveClient::new(ch)
-}
-
-/// Puts document `key` = `value` (unconditionally) through node k.
-fn put_doc(c: &Cluster, k: usize, key: &str, value: &str) -> Result<(), String> {
-    use crux_proto::grpc::reeve::v1 as pb;
-    runtime().block_on(async {
-        let r = reeve(c, k)
-            .await
-            .doc_put(pb::DocPutRequest {
-                key: key.into(),
-                value: value.into(),
-                if_generation: 0,
-                unconditional: true,
-            })
-            .await
-            .map_err(|s| format!("node{k}: {}", s.message()))?
-            .into_inner();
-        if r.written {
-            Ok(())
-        } else {
-            Err(format!("node{k}: not written: {r:?}"))
-        }
-    })
 }
 
 /// Waits until node k's own copy of the store (not the leader's: a `DocWatch` lists the local

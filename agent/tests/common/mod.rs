@@ -1,0 +1,47 @@
+//! Helpers the store tests share: the local API of a node, and document writes through it.
+
+use std::time::Duration;
+
+use crux_proto::grpc::reeve::v1 as pb;
+use crux_tests::cluster::Cluster;
+
+/// A runtime for one blocking call.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A client of node k's local API.
+pub async fn reeve(
+    c: &Cluster,
+    k: usize,
+) -> pb::reeve_client::ReeveClient<tonic::transport::Channel> {
+    let ch = crux_reeve::client::socket_channel(&c.agent(k).socket, Duration::from_secs(5))
+        .await
+        .expect("socket");
+    pb::reeve_client::ReeveClient::new(ch)
+}
+
+/// Puts document `key` = `value` (unconditionally) through node k.
+pub fn put_doc(c: &Cluster, k: usize, key: &str, value: &str) -> Result<(), String> {
+    runtime().block_on(async {
+        let r = reeve(c, k)
+            .await
+            .doc_put(pb::DocPutRequest {
+                key: key.into(),
+                value: value.into(),
+                if_generation: 0,
+                unconditional: true,
+            })
+            .await
+            .map_err(|s| format!("node{k}: {}", s.message()))?
+            .into_inner();
+        if r.written {
+            Ok(())
+        } else {
+            Err(format!("node{k}: not written: {r:?}"))
+        }
+    })
+}
