@@ -388,7 +388,6 @@ struct Listeners {
 }
 
 /// Steps 1 (the wait for a flock) to 5. `Ok(None)`: a signal came first.
-#[allow(clippy::too_many_lines)]
 async fn bootstrap(
     steps: &Steps,
     handle: &DriverHandle,

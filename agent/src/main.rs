@@ -131,14 +131,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: store_cli::MusterCmd,
     },
-    /// The durable store (Raft among the voters the flock picks): status.
+    /// The durable store (Raft among the voters the flock picks): status, recover.
     Store {
         #[command(flatten)]
         socket: client::SocketArg,
         #[command(subcommand)]
         cmd: store_cli::StoreCmd,
     },
-    /// Print a new random secondary key (base64) for `crux keys install` or a keyring file.
     /// Placement: apply an intent, see what it would change, and how far it is done.
     Proctor {
         #[command(flatten)]
@@ -146,13 +145,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: placement::ProctorCmd,
     },
-    /// The service runner on this node.
+    /// The service runner on this node: ps
     Picket {
         #[command(flatten)]
         socket: client::SocketArg,
         #[command(subcommand)]
         cmd: placement::PicketCmd,
     },
+    /// Print a new random secondary key (base64) for `crux keys install` or a keyring file.
     Keygen,
     /// Run the deterministic flock simulator.
     Sim(sim_cmd::SimArgs),

@@ -39,7 +39,8 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the reeve API, pastiche's cache API and placement (once step 5 made it) on `listener` until `shutdown` is cancelled.
+/// Serves the reeve API, pastiche's cache API and placement (once step 5 made it) on `listener`
+/// until `shutdown` is cancelled.
 pub async fn serve(
     listener: UnixListener,
     state: Arc<AgentState>,
