@@ -155,11 +155,6 @@ pub fn attributes(
     a
 }
 
-/// Parses an attribute's TOML text (`"linux"`, `8`, `true`) into a placement value.
-pub fn value_of(text: &str) -> Option<crux_proctor::Value> {
-    crux_proctor::Value::from_toml_text(text).ok()
-}
-
 /// What the dean is built from.
 pub struct DeanParts {
     /// This node's id.
@@ -523,6 +518,7 @@ mod tests {
 
     #[test]
     fn attribute_text_reads_back() {
+        let value_of = |t: &str| crux_proctor::Value::from_toml_text(t).ok();
         let mut cfg = BTreeMap::new();
         cfg.insert("rack".to_string(), toml::Value::String("r7".into()));
         cfg.insert("ssd".to_string(), toml::Value::Boolean(true));

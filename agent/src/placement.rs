@@ -76,7 +76,7 @@ impl PlacementLocal {
 
     /// Every artifact the intent names must be in some node's pastiche.
     async fn check_artifacts(&self, intent: &crux_proctor::Intent) -> Result<(), Status> {
-        let pastiche = self.dean_pastiche();
+        let pastiche = self.dean.pastiche();
         for s in &intent.services {
             let d: Digest = s
                 .artifact
@@ -100,10 +100,6 @@ impl PlacementLocal {
             }
         }
         Ok(())
-    }
-
-    fn dean_pastiche(&self) -> &crux_pastiche::store::Store {
-        self.dean.pastiche()
     }
 
     /// The proctor's status: this node's, or the leader's.
@@ -192,7 +188,7 @@ impl pb::placement_server::Placement for PlacementLocal {
                 )))
             }
         };
-        let pastiche = self.dean_pastiche();
+        let pastiche = self.dean.pastiche();
         for s in &intent.services {
             if let Ok(d) = s.artifact.parse::<Digest>() {
                 if pastiche.has(&d) {

@@ -25,7 +25,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use crate::dean::{unit_from_pb, unit_pb, value_of, Dean};
+use crate::dean::{unit_from_pb, unit_pb, Dean};
 
 /// The store document that holds the intent.
 pub const INTENT_KEY: &str = "proctor/intent";
@@ -81,7 +81,11 @@ fn node_of(r: &pb::SyncResponse) -> Node {
         attrs: r
             .attributes
             .iter()
-            .filter_map(|(k, v)| value_of(v).map(|v| (k.clone(), v)))
+            .filter_map(|(k, v)| {
+                crux_proctor::Value::from_toml_text(v)
+                    .ok()
+                    .map(|v| (k.clone(), v))
+            })
             .collect(),
     }
 }

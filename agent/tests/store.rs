@@ -287,6 +287,18 @@ fn cut(c: &Cluster, k: usize) {
     std::fs::write(cut_file(c, k), b"cut\n").expect("write the cut file");
 }
 
+/// Waits until node k's muster holds exactly `want` (a healed node catching up).
+fn sees_all(c: &Cluster, k: usize, want: &BTreeSet<String>) {
+    c.wait_for(&format!("node{k} sees every write"), CONVERGE, || {
+        let got = search(c, k)?;
+        if got == *want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
+}
+
 fn heal(c: &Cluster, k: usize) {
     std::fs::remove_file(cut_file(c, k)).expect("remove the cut file");
 }
@@ -385,14 +397,7 @@ fn a_cut_off_node_refuses_writes_and_sees_the_majoritys_after_the_heal() {
         put_doc(&c, majority[0], "cut/a", "while the follower was cut")
     });
     heal(&c, follower);
-    c.wait_for("the healed follower sees every write", CONVERGE, || {
-        let got = search(&c, follower)?;
-        if got == want {
-            Ok(())
-        } else {
-            Err(format!("{got:?}"))
-        }
-    });
+    sees_all(&c, follower, &want);
     wait_local_doc(&c, follower, "cut/a", "while the follower was cut");
 
     // 2. The Raft leader itself.
@@ -437,14 +442,7 @@ fn a_cut_off_node_refuses_writes_and_sees_the_majoritys_after_the_heal() {
     // The old leader still refuses while cut off (it may still believe it leads).
     refused(&c, old, "still_cut");
     heal(&c, old);
-    c.wait_for("the healed old leader sees every write", CONVERGE, || {
-        let got = search(&c, old)?;
-        if got == want {
-            Ok(())
-        } else {
-            Err(format!("{got:?}"))
-        }
-    });
+    sees_all(&c, old, &want);
     wait_local_doc(&c, old, "cut/b", "while the leader was cut");
     // And it takes writes again.
     c.wait_for("a write through the healed node", CONVERGE, || {
