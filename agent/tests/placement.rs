@@ -480,7 +480,8 @@ fn a_crashing_plugin_is_reported_failed_and_left_alone() {
         }
     });
     assert_eq!(s.running, 0, "{s:?}");
-    // Restarts stop: every node's picket runs nothing, and stays so while the proctor keeps
+    // Restarts stop: once the attempts under way have failed too, the unit is assigned to no
+    // node, every node's picket runs nothing, and it stays so while the proctor keeps
     // reconciling (three proctor rounds and more).
     let restarts = |c: &Cluster| -> Result<usize, String> {
         let mut n = 0;
@@ -493,11 +494,18 @@ fn a_crashing_plugin_is_reported_failed_and_left_alone() {
         Ok(n)
     };
     c.wait_for(
-        "no crasher running anywhere",
+        "crasher1 assigned nowhere and running nowhere",
         CONVERGE,
-        || match restarts(&c)? {
-            0 => Ok(()),
-            n => Err(format!("{n} running")),
+        || {
+            let s = status(&c, 1)?;
+            let v = find(&s, "crasher1")?;
+            if !v.nodes.is_empty() {
+                return Err(format!("assigned: {v:?}"));
+            }
+            match restarts(&c)? {
+                0 => Ok(()),
+                n => Err(format!("{n} running")),
+            }
         },
     );
     let until = now() + Duration::from_secs(5);
@@ -514,6 +522,10 @@ fn a_crashing_plugin_is_reported_failed_and_left_alone() {
             .find(|v| v.api == "crasher1")
             .expect("crasher1");
         assert_eq!(v.state, "failed", "{s:?}");
+        assert!(
+            v.nodes.is_empty(),
+            "a failed plugin was placed again: {v:?}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     // Bad input changes nothing: a placement error names line and column, and the intent stays.

@@ -10,8 +10,11 @@
 //! 1. **Keep** U where a live node reports it Pending or Healthy, the node passes `where`, and
 //!    no kept U already holds its `distinct` value, up to `count` (Healthy first, then by node
 //!    id). A node without the `distinct` attribute takes no U.
-//! 2. **Fill** up to `count`: candidates are live nodes that pass `where`, do not hold U, did
-//!    not report U Failed, and whose `distinct` value no U of S holds. One at a time, the
+//! 2. **Fill** up to `count`, unless U failed on `count` nodes and on at least three (the
+//!    artifact is at fault: no further node is tried while those failures stand; each dean
+//!    holds a failed unit for a while, doubling, which is the back-off). Candidates are live
+//!    nodes that pass `where`, do not hold U, did not report U Failed, and whose `distinct`
+//!    value no U of S holds. One at a time, the
 //!    candidate whose `spread` value holds fewest U of S wins, then the one with fewest units
 //!    assigned so far (load, every service counted), then the lowest node id. Services are
 //!    filled in `(horde, api)` order.
@@ -29,8 +32,8 @@
 //! is assigned or still stopping; **Failed** when U cannot reach `count` (fewer placeable nodes than wanted: the
 //! message says why, e.g. `3 wanted, 1 placeable: 2 nodes failed it, 2 excluded by
 //! where/distinct`), or when U failed on `count` nodes and on at least three (the artifact is
-//! at fault, not the nodes; the other nodes are still tried); otherwise **Progressing** (a
-//! failure or two is progress elsewhere, not a state that flaps).
+//! at fault, not the nodes; see the fill); otherwise **Progressing** (a failure or two is
+//! progress elsewhere, not a state that flaps).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -221,9 +224,15 @@ pub fn reconcile(intent: &Intent, nodes: &[Node], observed: &[Observed]) -> Plan
         }
     }
 
-    // 2. Fill the rest.
+    // 2. Fill the rest, unless the artifact is at fault (see [`gave_up`]).
     for svc in &mut svcs {
         let Ok(p) = &svc.placement else { continue };
+        if gave_up(
+            p.count as usize,
+            failed_on(&live, &state_of, &svc.unit).len(),
+        ) {
+            continue;
+        }
         let mut taken: BTreeSet<String> = BTreeSet::new();
         let mut per_spread: BTreeMap<Option<String>, usize> = BTreeMap::new();
         for id in &svc.assigned {
@@ -321,6 +330,28 @@ fn list(ids: &[&str]) -> String {
 /// Failures on this many nodes (or on `count`, if more) make a service failed.
 const FAILED_NODES_MIN: usize = 3;
 
+/// Whether a unit that failed on `failed` nodes is failed for good: on as many nodes as it wants
+/// instances, and on at least three, the artifact is at fault rather than the nodes. It is then
+/// placed on no further node (a bad artifact would otherwise crash on every node of a large
+/// flock in turn). Each dean reports a failed unit for its hold (`[picket] failed_hold`,
+/// doubling), so once holds end the unit is tried again: that is the service's back-off. A few
+/// failures are just progress elsewhere, not a state that flaps.
+fn gave_up(count: usize, failed: usize) -> bool {
+    failed >= count.max(FAILED_NODES_MIN)
+}
+
+/// The live nodes that report `unit` failed, by id.
+fn failed_on<'a>(
+    live: &BTreeMap<&'a str, &Node>,
+    state_of: &dyn Fn(&str, &Unit) -> Option<UnitState>,
+    unit: &Unit,
+) -> Vec<&'a str> {
+    live.keys()
+        .copied()
+        .filter(|id| state_of(id, unit) == Some(UnitState::Failed))
+        .collect()
+}
+
 fn doneness(
     svc: &Svc<'_>,
     live: &BTreeMap<&str, &Node>,
@@ -333,11 +364,7 @@ fn doneness(
         Err(e) => return (Doneness::Failed, format!("placement: {e}")),
     };
     let count = p.count as usize;
-    let failed: Vec<&str> = live
-        .keys()
-        .copied()
-        .filter(|id| state_of(id, &svc.unit) == Some(UnitState::Failed))
-        .collect();
+    let failed = failed_on(live, state_of, &svc.unit);
     let old_nodes = || {
         let mut ids: Vec<&str> = svc.old.iter().map(|(id, _)| *id).collect();
         ids.dedup();
@@ -364,13 +391,40 @@ fn doneness(
             ),
         );
     }
+    let starting = svc.assigned.len().saturating_sub(running);
+    // Live nodes that neither failed U nor were assigned it.
+    let untried = live
+        .keys()
+        .filter(|id| !svc.assigned.contains(id) && !failed.contains(id))
+        .count();
+    // With no node left untried and too few assigned, the branch below explains it better.
+    if gave_up(count, failed.len())
+        && running < count
+        && (untried > 0 || svc.assigned.len() >= count)
+    {
+        let mut message = format!(
+            "failed on {} ({})",
+            plural(failed.len(), "node", "nodes"),
+            list(&failed)
+        );
+        if untried > 0 {
+            message.push_str("; no other node is tried while these failures stand");
+        }
+        if starting > 0 {
+            message.push_str(&format!(", {starting} already starting"));
+        }
+        if keep_old {
+            message.push_str(&format!(
+                "; the old instance stays on {}",
+                list(&old_nodes())
+            ));
+        }
+        return (Doneness::Failed, message);
+    }
     if svc.assigned.len() < count {
         // Neither assigned nor failed: excluded by `where` or `distinct` (the fill took every
         // other candidate).
-        let excluded = live
-            .keys()
-            .filter(|id| !svc.assigned.contains(id) && !failed.contains(id))
-            .count();
+        let excluded = untried;
         let mut why = Vec::new();
         if !failed.is_empty() {
             why.push(format!(
@@ -403,26 +457,6 @@ fn doneness(
             ));
         }
         return (Doneness::Failed, message);
-    }
-    let starting = svc.assigned.len() - running;
-    // Failed on as many nodes as it wants instances (and at least on three): the artifact is
-    // at fault, not the nodes. Placement keeps trying the others, with each node's hold as
-    // back-off, but the state stays failed while the failures stand; a few failures are just
-    // progress elsewhere.
-    if failed.len() >= count.max(FAILED_NODES_MIN) && running < count {
-        return (
-            Doneness::Failed,
-            format!(
-                "failed on {} ({}); {}",
-                plural(failed.len(), "node", "nodes"),
-                list(&failed),
-                if starting > 0 {
-                    format!("trying {}", plural(starting, "other node", "other nodes"))
-                } else {
-                    "no other node to try".to_string()
-                }
-            ),
-        );
     }
     let mut message = format!("{running}/{count} healthy");
     if starting > 0 {

@@ -338,19 +338,32 @@ fn failures_on_a_few_nodes_are_progress_elsewhere_on_count_or_three_failed() {
     assert_eq!(plan.status[0].state, Doneness::Progressing);
     let plan = reconcile(&i, &five(), &failed_on(&["n1", "n2"]));
     assert_eq!(plan.status[0].state, Doneness::Progressing);
-    // Three nodes failed it: failed, while the others are still tried.
+    // Three nodes failed it: failed, and no further node is tried (n4 and n5 are free).
     let plan = reconcile(&i, &five(), &failed_on(&["n1", "n2", "n3"]));
+    assert_eq!(plan.status[0].nodes, Vec::<String>::new());
+    assert!(plan.assign.values().all(|us| us.is_empty()), "{plan:?}");
+    assert_eq!(plan.status[0].state, Doneness::Failed);
+    assert_eq!(
+        plan.status[0].message,
+        "failed on 3 nodes (n1, n2, n3); no other node is tried while these failures stand"
+    );
+    // An attempt already starting when the third failure came is kept, and the state stays
+    // failed meanwhile.
+    let mut o = failed_on(&["n1", "n2", "n3"]);
+    o.push(obs("n4", &[(&u, UnitState::Pending)]));
+    let plan = reconcile(&i, &five(), &o);
     assert_eq!(plan.status[0].nodes, ["n4"]);
     assert_eq!(plan.status[0].state, Doneness::Failed);
     assert_eq!(
         plan.status[0].message,
-        "failed on 3 nodes (n1, n2, n3); trying 1 other node"
+        "failed on 3 nodes (n1, n2, n3); no other node is tried while these failures stand, \
+         1 already starting"
     );
-    // ... and stays failed while the new attempt starts.
-    let mut o = failed_on(&["n1", "n2", "n3"]);
-    o.push(obs("n4", &[(&u, UnitState::Pending)]));
-    let plan = reconcile(&i, &five(), &o);
-    assert_eq!(plan.status[0].state, Doneness::Failed);
+    // When a node's hold ends it stops reporting the failure: two failures are progress
+    // again, and the unit is tried on another node (the lowest id among the least loaded).
+    let plan = reconcile(&i, &five(), &failed_on(&["n2", "n3"]));
+    assert_eq!(plan.status[0].nodes, ["n1"]);
+    assert_eq!(plan.status[0].state, Doneness::Progressing);
     // A healthy instance ends it.
     let mut o = failed_on(&["n1", "n2", "n3"]);
     o.push(obs("n4", &[(&u, UnitState::Healthy)]));
