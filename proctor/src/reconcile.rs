@@ -370,6 +370,14 @@ fn doneness(
         ids.dedup();
         ids
     };
+    // The tail of a failed service's message while its old instance is kept.
+    let old_stays = || {
+        if keep_old {
+            format!("; the old instance stays on {}", list(&old_nodes()))
+        } else {
+            String::new()
+        }
+    };
     if running == count && !keep_old {
         // Old units dropped this round, or still stopping: not gone yet.
         let mut lingering: Vec<&str> = svc
@@ -413,13 +421,7 @@ fn doneness(
         if starting > 0 {
             message.push_str(&format!(", {starting} already starting"));
         }
-        if keep_old {
-            message.push_str(&format!(
-                "; the old instance stays on {}",
-                list(&old_nodes())
-            ));
-        }
-        return (Doneness::Failed, message);
+        return (Doneness::Failed, message + &old_stays());
     }
     if svc.assigned.len() < count {
         // Neither assigned nor failed: excluded by `where` or `distinct` (the fill took every
@@ -445,18 +447,12 @@ fn doneness(
                 plural(live.len(), "live node", "live nodes")
             ));
         }
-        let mut message = format!(
+        let message = format!(
             "{count} wanted, {} placeable: {}",
             svc.assigned.len(),
             why.join(", ")
         );
-        if keep_old {
-            message.push_str(&format!(
-                "; the old instance stays on {}",
-                list(&old_nodes())
-            ));
-        }
-        return (Doneness::Failed, message);
+        return (Doneness::Failed, message + &old_stays());
     }
     let mut message = format!("{running}/{count} healthy");
     if starting > 0 {
