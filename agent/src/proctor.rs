@@ -7,6 +7,13 @@
 //! and otherwise every [`ROUND`]. Nodes that do not answer keep their last report until the
 //! flock declares them dead (their units are then placed elsewhere) and are called again with
 //! back-off (one round, doubling up to 8 s).
+//!
+//! A node is called every round while its assignment changes or something on it is in flux
+//! (a unit pending or stopping). A quiet node (same assignment, every unit healthy or failed) is
+//! called again after [`quiet_period`], which grows with the flock so that quiet nodes cost at
+//! most [`QUIET_SYNCS_PER_SEC`] calls a second: every round in a small flock, every 5 s in one of
+//! 1,000 nodes. What changes by itself on a quiet node (a crash loop, a health flip) is seen
+//! within that period.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -35,6 +42,42 @@ pub const ROUND: Duration = Duration::from_millis(500);
 
 /// How long a dean call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The most calls a second the proctor makes to quiet nodes, across the flock.
+pub const QUIET_SYNCS_PER_SEC: u32 = 200;
+
+/// How long a quiet node may go without a call, in a flock of `live` nodes: [`ROUND`], or
+/// longer once the flock has more than [`QUIET_SYNCS_PER_SEC`] × [`ROUND`] nodes.
+pub fn quiet_period(live: usize) -> Duration {
+    let live = u32::try_from(live).unwrap_or(u32::MAX);
+    ROUND.max(Duration::from_secs(1) * live / QUIET_SYNCS_PER_SEC)
+}
+
+/// Whether a node is due a call this round: it has not answered yet, its assignment is not the
+/// one it last took, a unit on it is pending or stopping, or it has been quiet for `quiet`.
+fn due(
+    last: Option<&Synced>,
+    report: Option<&pb::SyncResponse>,
+    assign: &[pb::Unit],
+    now: tokio::time::Instant,
+    quiet: Duration,
+) -> bool {
+    let (Some(last), Some(report)) = (last, report) else {
+        return true;
+    };
+    last.assign != assign
+        || report
+            .units
+            .iter()
+            .any(|u| u.state != "healthy" && u.state != "failed")
+        || now.duration_since(last.at) >= quiet
+}
+
+/// What a node last took from this proctor, and when.
+struct Synced {
+    assign: Vec<pb::Unit>,
+    at: tokio::time::Instant,
+}
 
 /// The intent stored, and its generation (0: none stored).
 pub async fn read_intent(store: &Store) -> anyhow::Result<(Intent, u64)> {
@@ -168,6 +211,7 @@ pub async fn supervise(
                 channels: HashMap::new(),
                 backoff: HashMap::new(),
                 reports: BTreeMap::new(),
+                synced: HashMap::new(),
             };
             tokio::select! {
                 _ = stop.cancelled() => {}
@@ -199,6 +243,8 @@ struct Term {
     backoff: HashMap<SocketAddr, (u32, tokio::time::Instant)>,
     /// The last report of each node, by node id.
     reports: BTreeMap<String, pb::SyncResponse>,
+    /// The last assignment each node took, by node id.
+    synced: HashMap<String, Synced>,
 }
 
 impl Term {
@@ -209,6 +255,8 @@ impl Term {
         while !over.is_cancelled() && !refused {
             let live = self.live();
             self.reports
+                .retain(|id, _| live.iter().any(|(n, _)| n == id));
+            self.synced
                 .retain(|id, _| live.iter().any(|(n, _)| n == id));
             self.backoff
                 .retain(|netid, _| live.iter().any(|(_, a)| a == netid));
@@ -277,8 +325,8 @@ impl Term {
             .collect()
     }
 
-    /// Syncs every live node (observe only when `plan` is None); records their reports. True
-    /// when a dean refused the term.
+    /// Syncs the live nodes that are due (every one when `plan` is None: observe only);
+    /// records their reports. True when a dean refused the term.
     async fn round(
         &mut self,
         live: &[(String, SocketAddr)],
@@ -286,12 +334,26 @@ impl Term {
         generation: u64,
     ) -> bool {
         let local_ip: IpAddr = self.handle.snapshot().identity.addr.ip();
+        let now = tokio::time::Instant::now();
+        let quiet = quiet_period(live.len());
         let mut calls = JoinSet::new();
         for (id, netid) in live {
             let assign: Vec<pb::Unit> = plan
                 .and_then(|p| p.assign.get(id))
                 .map(|s| s.iter().map(unit_pb).collect())
                 .unwrap_or_default();
+            if plan.is_some()
+                && !due(
+                    self.synced.get(id),
+                    self.reports.get(id),
+                    &assign,
+                    now,
+                    quiet,
+                )
+            {
+                continue;
+            }
+            let taken = plan.map(|_| assign.clone());
             let req = pb::SyncRequest {
                 leader: self.me.clone(),
                 term: self.term,
@@ -301,14 +363,10 @@ impl Term {
             };
             if *id == self.me {
                 let r = self.dean.sync(req);
-                calls.spawn(async move { (None, r) });
+                calls.spawn(async move { (None, taken, r) });
                 continue;
             }
-            if self
-                .backoff
-                .get(netid)
-                .is_some_and(|(_, next)| *next > tokio::time::Instant::now())
-            {
+            if self.backoff.get(netid).is_some_and(|(_, next)| *next > now) {
                 continue;
             }
             let channel = match self.channels.get(netid) {
@@ -333,23 +391,38 @@ impl Term {
                 let mut c = pb::dean_client::DeanClient::new(channel);
                 let mut r = Request::new(req);
                 r.set_timeout(CALL_TIMEOUT);
-                (Some(netid), c.sync(r).await.map(Response::into_inner))
+                (
+                    Some(netid),
+                    taken,
+                    c.sync(r).await.map(Response::into_inner),
+                )
             });
         }
         let mut refused = false;
         while let Some(r) = calls.join_next().await {
             match r {
-                Ok((netid, Ok(report))) => {
+                Ok((netid, taken, Ok(report))) => {
                     if let Some(n) = netid {
                         self.backoff.remove(&n);
                     }
+                    match taken {
+                        Some(assign) => {
+                            let at = tokio::time::Instant::now();
+                            self.synced
+                                .insert(report.node.clone(), Synced { assign, at });
+                        }
+                        // An observing call took no assignment: the next round calls it.
+                        None => {
+                            self.synced.remove(&report.node);
+                        }
+                    }
                     self.reports.insert(report.node.clone(), report);
                 }
-                Ok((_, Err(s))) if s.code() == tonic::Code::FailedPrecondition => {
+                Ok((_, _, Err(s))) if s.code() == tonic::Code::FailedPrecondition => {
                     warn!(error = %s.message(), "dean refused the assignment");
                     refused = true;
                 }
-                Ok((netid, Err(s))) => {
+                Ok((netid, _, Err(s))) => {
                     debug!(error = %s, "dean call failed");
                     if let Some(n) = netid {
                         self.failed(n);
@@ -442,4 +515,83 @@ pub fn local_status(
     status.borrow().clone().ok_or_else(|| {
         Status::unavailable("no proctor runs on this node (it is not the flock leader, or the proctor has not finished its first round)")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(inst: &str) -> pb::Unit {
+        pb::Unit {
+            horde: String::new(),
+            api: "a".into(),
+            inst: inst.into(),
+            artifact: "sha256:00".into(),
+            function: "f".into(),
+        }
+    }
+
+    fn report(states: &[(&str, &str)]) -> pb::SyncResponse {
+        pb::SyncResponse {
+            node: "n1".into(),
+            units: states
+                .iter()
+                .map(|(inst, state)| pb::UnitReport {
+                    unit: Some(unit(inst)),
+                    state: (*state).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn quiet_nodes_cost_a_bounded_number_of_calls_a_second() {
+        assert_eq!(quiet_period(1), ROUND);
+        assert_eq!(quiet_period(5), ROUND);
+        assert_eq!(quiet_period(100), ROUND);
+        assert_eq!(quiet_period(1_000), Duration::from_secs(5));
+        assert_eq!(quiet_period(5_000), Duration::from_secs(25));
+        for live in [1usize, 10, 100, 150, 1_000, 4_321, 10_000] {
+            let per_sec = live as f64 / quiet_period(live).as_secs_f64();
+            assert!(
+                per_sec <= f64::from(QUIET_SYNCS_PER_SEC) + 1e-6 || quiet_period(live) == ROUND,
+                "{live} nodes: {per_sec} calls/s"
+            );
+        }
+    }
+
+    #[test]
+    fn a_node_is_due_while_its_assignment_or_its_units_change_and_else_after_the_quiet_period() {
+        let t0 = tokio::time::Instant::now();
+        let quiet = Duration::from_secs(5);
+        let assign = vec![unit("a_1")];
+        let last = Synced {
+            assign: assign.clone(),
+            at: t0,
+        };
+        let settled = report(&[("a_1", "healthy"), ("a_0", "failed")]);
+        // Never answered, or no assignment taken yet.
+        assert!(due(None, None, &assign, t0, quiet));
+        assert!(due(None, Some(&settled), &assign, t0, quiet));
+        assert!(due(Some(&last), None, &assign, t0, quiet));
+        // Quiet: same assignment, every unit healthy or failed.
+        assert!(!due(Some(&last), Some(&settled), &assign, t0, quiet));
+        assert!(!due(
+            Some(&last),
+            Some(&settled),
+            &assign,
+            t0 + Duration::from_secs(4),
+            quiet
+        ));
+        assert!(due(Some(&last), Some(&settled), &assign, t0 + quiet, quiet));
+        // A new assignment, or a unit in flux.
+        assert!(due(Some(&last), Some(&settled), &[unit("a_2")], t0, quiet));
+        assert!(due(Some(&last), Some(&settled), &[], t0, quiet));
+        for state in ["pending", "stopping"] {
+            let busy = report(&[("a_1", "healthy"), ("a_2", state)]);
+            assert!(due(Some(&last), Some(&busy), &assign, t0, quiet), "{state}");
+        }
+    }
 }
