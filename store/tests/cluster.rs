@@ -1,114 +1,20 @@
 //! In-process clusters of stores on 127.0.0.1: forwarding, CAS, batches, restart, leader loss,
 //! voter replacement, a node cut off from the majority, and admission.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{Node, LOCAL, SNAPSHOT_EVERY};
 use crux_steward::server::Admit;
-use crux_store::{
-    Applied, Change, Command, MusterEntry, Query, QueryResult, Store, StoreConfig, StoreError,
-};
+use crux_store::{Applied, Change, Command, MusterEntry, Query, QueryResult, StoreError};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_stream::wrappers::TcpListenerStream;
 
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const WAIT: Duration = Duration::from_secs(10);
-
-fn admit_loopback() -> Admit {
-    Arc::new(|ip: IpAddr| {
-        if ip.is_loopback() {
-            vec!["0000000000000001".into()]
-        } else {
-            Vec::new()
-        }
-    })
-}
-
-struct Node {
-    id: u64,
-    dir: PathBuf,
-    netid: SocketAddr,
-    store: Store,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<()>>,
-}
-
-fn config(id: u64, dir: PathBuf, netid: SocketAddr, snapshot_every: u64) -> StoreConfig {
-    let mut c = StoreConfig::new(dir, id, netid);
-    c.local_ip = Some(LOCAL);
-    c.heartbeat = Duration::from_millis(50);
-    c.election_timeout = (Duration::from_millis(200), Duration::from_millis(400));
-    c.op_timeout = Duration::from_secs(2);
-    c.snapshot_every = snapshot_every;
-    c
-}
-
-impl Node {
-    async fn start(id: u64, dir: PathBuf, listener: TcpListener, snapshot_every: u64) -> Node {
-        Node::start_with(id, dir, listener, snapshot_every, admit_loopback()).await
-    }
-
-    async fn start_with(
-        id: u64,
-        dir: PathBuf,
-        listener: TcpListener,
-        snapshot_every: u64,
-        admit: Admit,
-    ) -> Node {
-        let netid = listener.local_addr().unwrap();
-        let store = Store::open(config(id, dir.clone(), netid, snapshot_every))
-            .await
-            .unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let svc = store.service(admit);
-        let server = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        Node {
-            id,
-            dir,
-            netid,
-            store,
-            stop: Some(stop),
-            server: Some(server),
-        }
-    }
-
-    /// Stops the store and its server (the database is released once openraft's tasks end).
-    async fn stop(&mut self) {
-        self.store.shutdown().await;
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(h) = self.server.take() {
-            if tokio::time::timeout(Duration::from_secs(3), &mut Box::pin(h))
-                .await
-                .is_err()
-            {
-                panic!("server did not stop");
-            }
-        }
-    }
-
-    /// Stops and reopens on the same dir and port.
-    async fn restart(&mut self, snapshot_every: u64) {
-        self.stop().await;
-        let listener = TcpListener::bind(self.netid).await.unwrap();
-        *self = Node::start(self.id, self.dir.clone(), listener, snapshot_every).await;
-    }
-}
 
 struct Cluster {
     _tmp: tempfile::TempDir,
@@ -222,7 +128,7 @@ fn generation(a: &Applied) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_forward_cas_batch() {
-    let c = Cluster::new(3, 3, 1000).await;
+    let c = Cluster::new(3, 3, SNAPSHOT_EVERY).await;
     let l = c.leader(&[0, 1, 2]).await;
     let f = (l + 1) % 3;
     let follower = &c.nodes[f].store;
@@ -436,7 +342,7 @@ async fn restart_keeps_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_loss_elects_a_new_leader() {
-    let mut c = Cluster::new(3, 3, 1000).await;
+    let mut c = Cluster::new(3, 3, SNAPSHOT_EVERY).await;
     let l = c.leader(&[0, 1, 2]).await;
     let f = (l + 1) % 3;
     c.nodes[f]
@@ -548,7 +454,7 @@ async fn set_voters_replaces_a_voter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_alone_refuses_writes() {
     for keep_leader in [true, false] {
-        let mut c = Cluster::new(3, 3, 1000).await;
+        let mut c = Cluster::new(3, 3, SNAPSHOT_EVERY).await;
         let l = c.leader(&[0, 1, 2]).await;
         c.nodes[l]
             .store
@@ -590,7 +496,7 @@ async fn refused_callers_get_permission_denied() {
     let tmp = tempfile::tempdir().unwrap();
     let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
     let refuse: Admit = Arc::new(|_| Vec::new());
-    let mut n = Node::start_with(1, tmp.path().join("n"), listener, 1000, refuse).await;
+    let mut n = Node::start_with(1, tmp.path().join("n"), listener, SNAPSHOT_EVERY, refuse).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", n.netid))
         .unwrap()
         .connect()
@@ -622,7 +528,7 @@ async fn refused_callers_get_permission_denied() {
         .await
         .unwrap();
     let other_listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
-    let other = Node::start(2, tmp.path().join("o"), other_listener, 1000).await;
+    let other = Node::start(2, tmp.path().join("o"), other_listener, SNAPSHOT_EVERY).await;
     let r = other.store.remote_status(n.netid).await;
     assert!(r.is_err());
     n.stop().await;
@@ -630,7 +536,7 @@ async fn refused_callers_get_permission_denied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_voter_grows_to_three_and_shutdown_is_clear() {
-    let mut c = Cluster::new(3, 1, 1000).await;
+    let mut c = Cluster::new(3, 1, SNAPSHOT_EVERY).await;
     c.nodes[0]
         .store
         .write(put("k", "v", Some(0)))
@@ -652,7 +558,7 @@ async fn one_voter_grows_to_three_and_shutdown_is_clear() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "a measurement, not a check"]
 async fn write_latency_through_a_follower() {
-    let c = Cluster::new(3, 3, 1000).await;
+    let c = Cluster::new(3, 3, SNAPSHOT_EVERY).await;
     let l = c.leader(&[0, 1, 2]).await;
     let follower = c.nodes[(l + 1) % 3].store.clone();
     let mut took = Vec::new();

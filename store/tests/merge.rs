@@ -1,88 +1,22 @@
 //! Two store groups formed apart (as a partitioned cold boot makes them) merged into one: the
 //! group id, sealing, copying, conflicts kept aside, abandoning and rejoining, on 127.0.0.1.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use crux_steward::server::Admit;
+use common::{Node, LOCAL, SNAPSHOT_EVERY};
 use crux_store::merge::{aside_key, survivor};
 use crux_store::{
     hex, Applied, Command, GroupNodes, GroupSeen, MusterEntry, Query, QueryResult, Store,
-    StoreConfig, StoreError, MERGED_PREFIX,
+    StoreError, MERGED_PREFIX,
 };
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_stream::wrappers::TcpListenerStream;
 
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const WAIT: Duration = Duration::from_secs(15);
-
-struct Node {
-    id: u64,
-    dir: PathBuf,
-    netid: SocketAddr,
-    store: Store,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<()>>,
-}
-
-impl Node {
-    async fn start(id: u64, dir: PathBuf, listener: TcpListener) -> Node {
-        let netid = listener.local_addr().unwrap();
-        let mut c = StoreConfig::new(dir.clone(), id, netid);
-        c.local_ip = Some(LOCAL);
-        c.heartbeat = Duration::from_millis(50);
-        c.election_timeout = (Duration::from_millis(200), Duration::from_millis(400));
-        c.op_timeout = Duration::from_secs(2);
-        let store = Store::open(c).await.unwrap();
-        let admit: Admit = Arc::new(|ip: IpAddr| {
-            if ip.is_loopback() {
-                vec!["0000000000000001".into()]
-            } else {
-                Vec::new()
-            }
-        });
-        let (stop, stopped) = oneshot::channel::<()>();
-        let svc = store.service(admit);
-        let server = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        Node {
-            id,
-            dir,
-            netid,
-            store,
-            stop: Some(stop),
-            server: Some(server),
-        }
-    }
-
-    async fn restart(&mut self) {
-        self.store.shutdown().await;
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(h) = self.server.take() {
-            tokio::time::timeout(Duration::from_secs(3), h)
-                .await
-                .expect("server stops")
-                .unwrap();
-        }
-        let listener = TcpListener::bind(self.netid).await.unwrap();
-        *self = Node::start(self.id, self.dir.clone(), listener).await;
-    }
-}
 
 /// Waits (with a deadline) until `f` holds.
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
@@ -144,7 +78,15 @@ async fn two_groups_formed_apart_merge_into_one() {
     let mut nodes = Vec::new();
     for i in 0..5u64 {
         let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
-        nodes.push(Node::start(100 + i, tmp.path().join(format!("n{i}")), listener).await);
+        nodes.push(
+            Node::start(
+                100 + i,
+                tmp.path().join(format!("n{i}")),
+                listener,
+                SNAPSHOT_EVERY,
+            )
+            .await,
+        );
     }
     let ids: Vec<(u64, SocketAddr)> = nodes.iter().map(|n| (n.id, n.netid)).collect();
     let voters =
@@ -191,7 +133,7 @@ async fn two_groups_formed_apart_merge_into_one() {
     nodes[4].store.write(put("shared", "from-b")).await.unwrap();
 
     // The group id survives a restart (and is the same after it).
-    nodes[4].restart().await;
+    nodes[4].restart(SNAPSHOT_EVERY).await;
     until("node 4 back in group b", || {
         nodes[4].store.group() == Some(b)
     })
@@ -408,7 +350,7 @@ async fn two_groups_formed_apart_merge_into_one() {
     );
     assert_eq!(found.len(), 1);
     // After a restart, a former loser node is still in the survivor.
-    nodes[0].restart().await;
+    nodes[0].restart(SNAPSHOT_EVERY).await;
     until("node 0 back in group b", || {
         nodes[0].store.group() == Some(b)
     })
@@ -427,7 +369,15 @@ async fn a_loser_node_down_during_the_merge_abandons_when_it_returns() {
     let mut nodes = Vec::new();
     for i in 0..6u64 {
         let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
-        nodes.push(Node::start(200 + i, tmp.path().join(format!("n{i}")), listener).await);
+        nodes.push(
+            Node::start(
+                200 + i,
+                tmp.path().join(format!("n{i}")),
+                listener,
+                SNAPSHOT_EVERY,
+            )
+            .await,
+        );
     }
     let ids: Vec<(u64, SocketAddr)> = nodes.iter().map(|n| (n.id, n.netid)).collect();
     let voters =
@@ -450,10 +400,7 @@ async fn a_loser_node_down_during_the_merge_abandons_when_it_returns() {
     })
     .await;
     // Node 2 goes down; groups a (nodes 0-1 live) and b merge without it.
-    nodes[2].store.shutdown().await;
-    if let Some(s) = nodes[2].stop.take() {
-        let _ = s.send(());
-    }
+    nodes[2].stop().await;
     let loser = GroupNodes {
         id: a,
         nodes: vec![nodes[0].netid, nodes[1].netid],
@@ -485,14 +432,8 @@ async fn a_loser_node_down_during_the_merge_abandons_when_it_returns() {
     .await;
 
     // Node 2 returns, still in group a and not sealed (it missed the seal).
-    if let Some(h) = nodes[2].server.take() {
-        tokio::time::timeout(Duration::from_secs(3), h)
-            .await
-            .expect("server stops")
-            .unwrap();
-    }
     let listener = TcpListener::bind(nodes[2].netid).await.unwrap();
-    nodes[2] = Node::start(nodes[2].id, nodes[2].dir.clone(), listener).await;
+    nodes[2] = Node::start(nodes[2].id, nodes[2].dir.clone(), listener, SNAPSHOT_EVERY).await;
     assert_eq!(nodes[2].store.group(), Some(a));
     let term = nodes[2].store.status().term;
     // Its elections find no voter: nodes 0 and 1 refuse group a's traffic now.
