@@ -223,6 +223,28 @@ async fn a_bad_handshake_line_fails_the_start_and_is_shown() {
     assert!(p.units().is_empty());
 }
 
+/// Starts, as unit `key`, a script that runs `trap` and then makes a valid handshake but serves
+/// no control socket (its health check fails, Shutdown cannot be called); waits until it is
+/// unhealthy. Its pid and detail.
+async fn start_without_control(
+    p: &Picket,
+    dir: &std::path::Path,
+    key: &str,
+    trap: &str,
+) -> (u32, String) {
+    let body = format!(
+        "{trap}\necho \"1|0.1|unix|$CRUX_PLUGIN_SOCKET_DIR/none.sock|grpc\"\nwhile :; do sleep 1; done"
+    );
+    let exe = script(dir, &format!("{key}.sh"), &body);
+    p.start(spec(key, "x", &exe));
+    let u = wait_for(p, "unhealthy", LONG, |u| {
+        state_of(u, key) == Some(UnitState::Unhealthy)
+    })
+    .await;
+    let u = u.iter().find(|u| u.spec.key == key).unwrap();
+    (u.pid.unwrap(), u.detail.clone())
+}
+
 #[tokio::test]
 async fn a_plugin_that_ignores_shutdown_and_sigterm_is_killed_after_the_grace() {
     let tmp = tempfile::tempdir().unwrap();
@@ -231,19 +253,8 @@ async fn a_plugin_that_ignores_shutdown_and_sigterm_is_killed_after_the_grace() 
     let p = Picket::open(config(&dir, std::path::Path::new("")))
         .await
         .unwrap();
-    // Valid handshake, but no control socket: health fails, Shutdown cannot be called.
-    let stubborn = script(
-        tmp.path(),
-        "stubborn.sh",
-        "trap '' TERM\necho \"1|0.1|unix|$CRUX_PLUGIN_SOCKET_DIR/none.sock|grpc\"\nwhile :; do sleep 1; done",
-    );
-    p.start(spec("s", "x", &stubborn));
-    let u = wait_for(&p, "unhealthy", LONG, |u| {
-        state_of(u, "s") == Some(UnitState::Unhealthy)
-    })
-    .await;
-    let pid = u[0].pid.unwrap();
-    assert!(u[0].detail.contains("health check"), "{}", u[0].detail);
+    let (pid, detail) = start_without_control(&p, tmp.path(), "s", "trap '' TERM").await;
+    assert!(detail.contains("health check"), "{detail}");
     assert_eq!(p.stop_outcome("s").await, Some(StopOutcome::Killed));
     assert!(gone(pid));
     assert!(
@@ -261,17 +272,7 @@ async fn a_plugin_without_a_control_api_stops_on_sigterm() {
     let p = Picket::open(config(&dir, std::path::Path::new("")))
         .await
         .unwrap();
-    let polite = script(
-        tmp.path(),
-        "polite.sh",
-        "trap 'exit 0' TERM\necho \"1|0.1|unix|$CRUX_PLUGIN_SOCKET_DIR/none.sock|grpc\"\nwhile :; do sleep 1; done",
-    );
-    p.start(spec("t", "x", &polite));
-    let u = wait_for(&p, "unhealthy", LONG, |u| {
-        state_of(u, "t") == Some(UnitState::Unhealthy)
-    })
-    .await;
-    let pid = u[0].pid.unwrap();
+    let (pid, _) = start_without_control(&p, tmp.path(), "t", "trap 'exit 0' TERM").await;
     assert_eq!(p.stop_outcome("t").await, Some(StopOutcome::Terminated));
     assert!(gone(pid));
 }
