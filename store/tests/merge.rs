@@ -68,38 +68,47 @@ fn local_muster(s: &Store) -> Vec<MusterEntry> {
     }))
 }
 
+/// `n` stores with ids from `first`: nodes `..split` initialized as one group and `split..` as
+/// another. Waits until each group is named (by its first leader, the same id on every member);
+/// the tempdir, the nodes, and the two group ids.
+async fn two_groups(
+    first: u64,
+    n: usize,
+    split: usize,
+) -> (tempfile::TempDir, Vec<Node>, u64, u64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for i in 0..n as u64 {
+        let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
+        let dir = tmp.path().join(format!("n{i}"));
+        nodes.push(Node::start(first + i, dir, listener, SNAPSHOT_EVERY).await);
+    }
+    let ids: Vec<(u64, SocketAddr)> = nodes.iter().map(|n| (n.id, n.netid)).collect();
+    let voters =
+        |r: std::ops::Range<usize>| -> BTreeMap<u64, SocketAddr> { r.map(|i| ids[i]).collect() };
+    nodes[0].store.initialize(voters(0..split)).await.unwrap();
+    nodes[split]
+        .store
+        .initialize(voters(split..n))
+        .await
+        .unwrap();
+    until("both groups named on every member", || {
+        nodes.iter().all(|n| n.store.group().is_some())
+    })
+    .await;
+    let a = nodes[0].store.group().unwrap();
+    let b = nodes[split].store.group().unwrap();
+    (tmp, nodes, a, b)
+}
+
 /// Nodes 0-1 form one group and nodes 2-4 another, each with its own data (and one document and
 /// one muster entry both hold with different values). The merge copies the smaller group's data
 /// into the larger, writes on the sealed side fail with a clear error, the smaller group's nodes
 /// abandon their stores at runtime and join the survivor, and every entry is then on all five.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_groups_formed_apart_merge_into_one() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for i in 0..5u64 {
-        let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
-        nodes.push(
-            Node::start(
-                100 + i,
-                tmp.path().join(format!("n{i}")),
-                listener,
-                SNAPSHOT_EVERY,
-            )
-            .await,
-        );
-    }
+    let (tmp, mut nodes, a, b) = two_groups(100, 5, 2).await;
     let ids: Vec<(u64, SocketAddr)> = nodes.iter().map(|n| (n.id, n.netid)).collect();
-    let voters =
-        |r: std::ops::Range<usize>| -> BTreeMap<u64, SocketAddr> { r.map(|i| ids[i]).collect() };
-    nodes[0].store.initialize(voters(0..2)).await.unwrap();
-    nodes[2].store.initialize(voters(2..5)).await.unwrap();
-    // Each group is named by its first leader, the same id on every member.
-    until("both groups named on every member", || {
-        nodes.iter().all(|n| n.store.group().is_some())
-    })
-    .await;
-    let a = nodes[0].store.group().unwrap();
-    let b = nodes[2].store.group().unwrap();
     assert_ne!(a, b);
     assert_eq!(nodes[1].store.group(), Some(a));
     assert!(nodes[3..].iter().all(|n| n.store.group() == Some(b)));
@@ -278,7 +287,11 @@ async fn two_groups_formed_apart_merge_into_one() {
         .add_learner(nodes[1].id, nodes[1].netid)
         .await
         .unwrap();
-    nodes[2].store.set_voters(voters(0..5)).await.unwrap();
+    nodes[2]
+        .store
+        .set_voters(ids.into_iter().collect())
+        .await
+        .unwrap();
 
     // One group on all five, with every entry written on either side.
     until("one group on all five", || {
@@ -365,31 +378,7 @@ async fn two_groups_formed_apart_merge_into_one() {
 /// the nodes that left its group refuse its elections, and it joins the survivor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_loser_node_down_during_the_merge_abandons_when_it_returns() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for i in 0..6u64 {
-        let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
-        nodes.push(
-            Node::start(
-                200 + i,
-                tmp.path().join(format!("n{i}")),
-                listener,
-                SNAPSHOT_EVERY,
-            )
-            .await,
-        );
-    }
-    let ids: Vec<(u64, SocketAddr)> = nodes.iter().map(|n| (n.id, n.netid)).collect();
-    let voters =
-        |r: std::ops::Range<usize>| -> BTreeMap<u64, SocketAddr> { r.map(|i| ids[i]).collect() };
-    nodes[0].store.initialize(voters(0..3)).await.unwrap();
-    nodes[3].store.initialize(voters(3..6)).await.unwrap();
-    until("both groups named on every member", || {
-        nodes.iter().all(|n| n.store.group().is_some())
-    })
-    .await;
-    let a = nodes[0].store.group().unwrap();
-    let b = nodes[3].store.group().unwrap();
+    let (_tmp, mut nodes, a, b) = two_groups(200, 6, 3).await;
     nodes[0]
         .store
         .write(Command::MusterAdd(entry("a", 1)))
