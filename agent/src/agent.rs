@@ -271,6 +271,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         handle.clone(),
         settings.keyring.clone(),
     ));
+    // Node gRPC connections, both ways, prove the bloc's key from here on.
+    crate::keys::follow_node_keys(&handle, &settings.flock.bloc, &keyring);
     let driver_task = tokio::spawn(driver.run(stop.clone()));
     info!(
         node = %id,

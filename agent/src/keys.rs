@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context};
-use crux_flock::crypto::{key_id, Bloc, Keyring, KeyringOp, SecretKey};
+use crux_flock::crypto::{key_id, node_auth_key, Bloc, Keyring, KeyringOp, SecretKey};
 use crux_flock::driver::DriverHandle;
 use tracing::{info, warn};
 
@@ -150,6 +150,33 @@ pub async fn save_changes(flock: DriverHandle, path: PathBuf) {
             Err(e) => warn!(error = %e, "keyring save task failed"),
         }
     }
+}
+
+/// The node handshake's keys ([`crux_reeve::nodeauth`]) of a keyring: one derived from each
+/// secondary key, by key id, the primary first.
+pub fn node_keys(ring: &Keyring, bloc: &Bloc) -> Option<crux_reeve::nodeauth::NodeKeys> {
+    crux_reeve::nodeauth::NodeKeys::new(
+        ring.list()
+            .into_iter()
+            .map(|k| (key_id(k, bloc), *node_auth_key(k, bloc).as_bytes()))
+            .collect(),
+    )
+}
+
+/// Sets this process's node handshake keys from `initial`, then follows every keyring change
+/// (made here or spread by the flock) until the driver ends: a key installed is accepted from
+/// then on, a key put in use is the one this node connects with, a key removed is refused.
+pub fn follow_node_keys(flock: &DriverHandle, bloc_id: &str, initial: &Keyring) {
+    let bloc = Bloc::new(bloc_id);
+    crux_reeve::nodeauth::set_keys(node_keys(initial, &bloc));
+    let mut watch = flock.keyring_watch();
+    tokio::spawn(async move {
+        while watch.changed().await.is_ok() {
+            if let Some(ring) = watch.borrow_and_update().as_ref() {
+                crux_reeve::nodeauth::set_keys(node_keys(ring, &bloc));
+            }
+        }
+    });
 }
 
 /// A new random key as base64 text.

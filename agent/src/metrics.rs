@@ -51,6 +51,18 @@ pub fn render(state: &AgentState) -> String {
         u8::from(state.is_ready()),
     );
     o.family(
+        "crux_node_connections_refused_total",
+        "counter",
+        "Connections to the node gRPC port closed at the node handshake, by reason.",
+    );
+    for (reason, n) in crux_reeve::nodeauth::refused() {
+        o.value(
+            "crux_node_connections_refused_total",
+            &[("reason", reason)],
+            n,
+        );
+    }
+    o.family(
         "crux_bootstrap_step_seconds",
         "gauge",
         "Time each finished bootstrap step took.",

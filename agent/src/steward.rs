@@ -11,7 +11,6 @@ use crux_reeve::Reeve;
 use crux_steward::{Admit, Steward, StewardConfig, StewardService};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 /// Starts a steward when this node becomes the leader and stops it when it no longer is;
@@ -114,22 +113,89 @@ pub async fn serve(
         .add_service(store)
         .add_service(dean)
         .add_service(proctor)
-        .serve_with_incoming_shutdown(no_delay(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            accepted(listener, shutdown.clone()),
+            shutdown.cancelled_owned(),
+        )
         .await
 }
 
-/// The accepted connections of `listener` with Nagle's algorithm off. (The server builder's
-/// `tcp_nodelay` applies only to listeners it binds itself; without this, small messages such as
-/// registry changes wait up to 40 ms for the peer's delayed ACK.)
-fn no_delay(
+/// Node handshakes under way at once, at most: connections beyond wait for none and are closed.
+const HANDSHAKES_MAX: usize = 256;
+
+/// The accepted connections of `listener`, with Nagle's algorithm off, each through the node
+/// handshake ([`crux_reeve::nodeauth`]) when this process has node keys. A refused connection
+/// is closed and counted; nothing else happens. Handshakes run beside the accept loop (at most
+/// [`HANDSHAKES_MAX`] at once, each within its timeout), so a slow or hostile peer holds up no
+/// one. (The server builder's `tcp_nodelay` applies only to listeners it binds itself; without
+/// it, small messages such as registry changes wait up to 40 ms for the peer's delayed ACK.)
+fn accepted(
     listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        if let Err(e) = conn.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
+    shutdown: CancellationToken,
+) -> impl tokio_stream::Stream<Item = std::io::Result<crux_reeve::nodeauth::Authed<tokio::net::TcpStream>>>
+{
+    use crux_reeve::nodeauth;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let slots = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+    tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                c = listener.accept() => c,
+            };
+            let (mut conn, peer) = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors and the like: the server logs it; do not spin.
+                    if tx.send(Err(e)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = conn.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+            let Some(keys) = nodeauth::keys() else {
+                if tx
+                    .send(Ok(nodeauth::Authed::new(conn, None)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                nodeauth::count_refused("busy");
+                tracing::debug!(%peer, "node connection refused: too many handshakes under way");
+                continue;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let r = tokio::time::timeout(
+                    nodeauth::HANDSHAKE_TIMEOUT,
+                    nodeauth::server(&mut conn, &keys),
+                )
+                .await;
+                drop(slot);
+                match r {
+                    Ok(Ok(key)) => {
+                        let _ = tx.send(Ok(nodeauth::Authed::new(conn, Some(key)))).await;
+                    }
+                    Ok(Err(e)) => {
+                        nodeauth::count_refused(e.reason());
+                        tracing::debug!(%peer, error = %e, "node connection refused");
+                    }
+                    Err(_) => {
+                        nodeauth::count_refused("timeout");
+                        tracing::debug!(%peer, "node connection refused: handshake timed out");
+                    }
+                }
+            });
         }
-        Ok(conn)
-    })
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crux_tests::cluster::Cluster;
+use crux_tests::cluster::{http_get, Cluster};
 
 const BIN: &str = env!("CARGO_BIN_EXE_crux");
 const PRESET: &str = "local";
@@ -190,6 +190,7 @@ fn keyring_rotation_through_the_cli_keeps_every_member_alive() {
             .collect())
     };
     let old_id = keys_of(1).unwrap()[0].0.clone();
+    let old_key = c.key.clone();
     let new = crux_tests::cluster::keygen(BIN.as_ref());
     // Runs `crux ARGS` on node k, then waits until every node's keyring is `want`, checking at
     // every poll that all five are alive everywhere.
@@ -244,11 +245,71 @@ fn keyring_rotation_through_the_cli_keeps_every_member_alive() {
         }
         Ok(())
     });
+    // Node gRPC connections follow the keyring: a caller with only the removed key gets no
+    // connection to any node; one with the new key does.
+    for k in all {
+        let err = node_connect(&c, k, &old_key).expect_err("the removed key was accepted");
+        assert!(err.contains("connect"), "node{k}: {err}");
+        node_connect(&c, k, &new).unwrap_or_else(|e| panic!("node{k}: {e}"));
+    }
+    // And the agents' own node calls carry on under the new key: a muster entry added on node 5
+    // (forwarded to the store's Raft leader) is found on node 1.
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    c.wait_for("a store write through node 5", CONVERGE, || {
+        let out = c.cli(
+            5,
+            &[
+                "muster",
+                "add",
+                "--api",
+                "rot1",
+                "--inst",
+                "rot1_1",
+                "--file",
+                &digest,
+                "--function",
+                "f",
+            ],
+        );
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    });
+    c.wait_for("the entry on node 1", CONVERGE, || {
+        let out = c.cli(1, &["muster", "search", "--api", "rot1", "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.contains("rot1_1") {
+            Ok(())
+        } else {
+            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    });
     // Removing the primary is refused with a message, and a non-zero exit.
     let out = c.cli(4, &["keys", "remove", &new]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("primary"));
     converged(&c, &all);
+}
+
+/// Opens a connection from this test process to node k's gRPC port holding only secondary
+/// key `key` (the node handshake): Err with "connect" in it when refused.
+fn node_connect(c: &Cluster, k: usize, key: &str) -> Result<(), String> {
+    use crux_reeve::nodeauth::{set_keys, NodeKeys};
+    set_keys(NodeKeys::new(vec![c.node_auth_key(key)]));
+    let a = c.agent(k);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(crux_reeve::link::node_channel(
+        a.grpc,
+        Some(a.addr.ip()),
+        Duration::from_secs(5),
+    ))
+    .map(drop)
+    .map_err(|e| format!("connect: {e}"))
 }
 
 /// Under systemd (`Type=notify`) the agent says READY=1 once its bootstrap is done, and
@@ -404,18 +465,4 @@ fn not_ready_until_the_bootstrap_is_done() {
     assert!(!out.stderr.is_empty());
     // It still shuts down cleanly.
     assert!(c.sigterm(1, Duration::from_secs(15)).success());
-}
-
-/// A minimal HTTP/1.1 GET (the test needs no HTTP client library for two endpoints).
-fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }

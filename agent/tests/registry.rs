@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crux_tests::cluster::{wait_for, Cluster};
+use crux_tests::cluster::{http_get, wait_for, Cluster};
 use serde::Deserialize;
 
 const BIN: &str = env!("CARGO_BIN_EXE_crux");
@@ -202,10 +202,8 @@ fn registry_on_five_nodes() {
 
     // 3. The node port admits members only: a call from an address that is not a member is
     //    refused; the same call from a member's address is answered.
-    let steward_addr = SocketAddr::new(
-        leader.addr.parse::<SocketAddr>().expect("leader addr").ip(),
-        c.port + 1,
-    );
+    let leader_k = c.index_of(&leader.id).expect("leader is ours");
+    let steward_addr = c.agent(leader_k).grpc;
     let outsider = match c.agent(1).addr.ip() {
         IpAddr::V4(v4) => {
             let o = v4.octets();
@@ -234,9 +232,32 @@ fn registry_on_five_nodes() {
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
         })
     };
+    // Every connection first proves the bloc's key (the node handshake): without a key, or
+    //    with another one, a member's address gets no connection at all.
+    use crux_reeve::nodeauth::{set_keys, NodeKeys};
+    let member = c.agent(1).addr.ip();
+    set_keys(None);
+    let err = table(member).expect_err("a caller without the key was answered");
+    assert!(!err.contains("PermissionDenied"), "{err}");
+    let (id, key) = c.node_auth_key(&c.key);
+    set_keys(NodeKeys::new(vec![(id, [7u8; 32])]));
+    let err = table(member).expect_err("a caller with another key was answered");
+    assert!(err.contains("connect"), "{err}");
+    set_keys(NodeKeys::new(vec![(id, key)]));
     let refused = table(outsider).expect_err("a non-member was answered");
     assert!(refused.contains("PermissionDenied"), "{refused}");
-    assert_eq!(table(c.agent(1).addr.ip()), Ok(2), "a member is answered");
+    assert_eq!(table(member), Ok(2), "a member is answered");
+    // The leader counted the two connections it refused.
+    let leader_http = c
+        .agent(c.index_of(&leader.id).expect("leader is ours"))
+        .http;
+    let metrics = http_get(leader_http, "/metrics").expect("metrics");
+    let refused: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("crux_node_connections_refused_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(refused >= 2, "{metrics}");
 
     // 4. kill -9 of galumph2_10's process: its heartbeats stop; it turns unknown everywhere
     //    (and galumph2_9 is first again), then it is gone after the grace period.

@@ -29,7 +29,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A channel to a node's gRPC port, made from `local_ip` (so the callee can tell which member
-/// calls) when given.
+/// calls) when given. Each connection opens with the node handshake when this process has
+/// [`crate::nodeauth`] keys.
 pub async fn node_channel(
     addr: SocketAddr,
     local_ip: Option<IpAddr>,
@@ -56,9 +57,25 @@ pub async fn node_channel(
             if let Some(ip) = local_ip.filter(|ip| !ip.is_unspecified()) {
                 sock.bind(SocketAddr::new(ip, 0))?;
             }
-            let stream = sock.connect(addr).await?;
+            let mut stream = sock.connect(addr).await?;
             stream.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(TokioIo::new(stream))
+            let key = match crate::nodeauth::keys() {
+                Some(keys) => Some(
+                    tokio::time::timeout(
+                        crate::nodeauth::HANDSHAKE_TIMEOUT,
+                        crate::nodeauth::client(&mut stream, &keys),
+                    )
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the node handshake timed out",
+                        )
+                    })??,
+                ),
+                None => None,
+            };
+            Ok::<_, std::io::Error>(TokioIo::new(crate::nodeauth::Authed::new(stream, key)))
         }))
         .await
 }

@@ -57,6 +57,8 @@ pub struct Agent {
     pub socket: PathBuf,
     /// HTTP address (`/ready`, `/metrics`).
     pub http: SocketAddr,
+    /// Node gRPC address.
+    pub grpc: SocketAddr,
     child: Option<Child>,
 }
 
@@ -91,6 +93,8 @@ pub struct Cluster {
     pub port: u16,
     /// Bloc ID.
     pub bloc: String,
+    /// The secondary key every agent starts with (base64).
+    pub key: String,
 }
 
 fn ip(block: (u8, u8), k: usize) -> IpAddr {
@@ -142,18 +146,22 @@ impl Cluster {
                 let addr = SocketAddr::new(ips[k - 1], port);
                 let http = SocketAddr::new(ips[k - 1], free_tcp_port(ips[k - 1]));
                 let socket = node_dir.join("reeve.sock");
+                let grpc = SocketAddr::new(
+                    ips[k - 1],
+                    if port == u16::MAX { port - 1 } else { port + 1 },
+                );
                 let config = format!(
                     "bloc = {bloc:?}\ndata_dir = {data:?}\nbind = \"{addr}\"\nspace = [\"{space}\"]\n\
                      preset = \"{preset}\"\nsocket = {socket:?}\ngrpc_port = {grpc}\n\
                      http_port = {http_port}\nlog_level = \"info,crux_flock=debug\"\n",
                     data = node_dir.display().to_string(),
                     socket = socket.display().to_string(),
-                    grpc = if port == u16::MAX { port - 1 } else { port + 1 },
+                    grpc = grpc.port(),
                     http_port = http.port(),
                 );
                 std::fs::write(node_dir.join("crux.toml"), config).expect("write config");
                 write_keyring(&node_dir.join("keyring"), &key);
-                Agent { k, addr, dir: node_dir, socket, http, child: None }
+                Agent { k, addr, dir: node_dir, socket, http, grpc, child: None }
             })
             .collect();
         Cluster {
@@ -162,7 +170,18 @@ impl Cluster {
             agents,
             port,
             bloc,
+            key,
         }
+    }
+
+    /// The node handshake key (key id, derived key) of secondary key `key` (base64, e.g. the
+    /// agents' starting key [`Cluster::key`]) in this bloc, for a test that calls a node gRPC
+    /// port itself (`crux_reeve::nodeauth::set_keys`).
+    pub fn node_auth_key(&self, key: &str) -> (u32, [u8; 32]) {
+        use crux_flock::crypto::{key_id, node_auth_key, Bloc, SecretKey};
+        let bloc = Bloc::new(&self.bloc);
+        let key = SecretKey::parse(key).expect("a secondary key");
+        (key_id(&key, &bloc), *node_auth_key(&key, &bloc).as_bytes())
     }
 
     /// Appends TOML text to node k's config (e.g. a `[timing]` table).
@@ -569,4 +588,19 @@ pub fn wait_for<T>(
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
+}
+
+/// A minimal HTTP/1.1 GET of an agent's HTTP port (`/ready`, `/metrics`): the whole response,
+/// headers included.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }

@@ -22,6 +22,7 @@ pub(crate) mod label {
     pub const HANDSHAKE: &[u8] = b"crux-flock/v1/handshake";
     pub const KEY_ID: &[u8] = b"crux-flock/v1/key-id";
     pub const JOIN_REPLY: &[u8] = b"crux-flock/v1/join-reply";
+    pub const NODE_AUTH: &[u8] = b"crux-node/v1/auth";
 }
 
 /// A 32-byte secret: a secondary key, a transient key or a key derived from them.
@@ -185,6 +186,12 @@ pub fn key_id(secondary: &SecretKey, bloc: &Bloc) -> u32 {
     let derived = bloc.derive(&[secondary.as_bytes()], label::KEY_ID);
     let b = derived.as_bytes();
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// The key that proves, on a node-to-node TCP connection, that its end holds `secondary`:
+/// `HKDF(bloc salt, secondary, "crux-node/v1/auth")`, never the secondary key itself.
+pub fn node_auth_key(secondary: &SecretKey, bloc: &Bloc) -> SecretKey {
+    bloc.derive(&[secondary.as_bytes()], label::NODE_AUTH)
 }
 
 /// An AEAD key ready to seal and open datagrams: always derived from a transient or secondary key

@@ -127,7 +127,7 @@ pub use handshake::{
 pub use keyring::{
     Keyring, KeyringError, KeyringOp, KEYRING_FILE_MODE, KEYRING_OP_BYTES, MAX_KEYS,
 };
-pub use keys::{key_id, Bloc, KeyParseError, PacketKey, SecretKey, KEY_BYTES};
+pub use keys::{key_id, node_auth_key, Bloc, KeyParseError, PacketKey, SecretKey, KEY_BYTES};
 pub use ratelimit::{RateLimiter, HANDSHAKES_PER_SECOND, HANDSHAKE_BURST};
 pub use receive::{receive, Received};
 pub use replay::{ReplayTable, ReplayWindow, REPLAY_WINDOW};
