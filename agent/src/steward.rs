@@ -1,5 +1,6 @@
 //! The agent's side of the steward: runs one while this node leads (a new one for each term it
-//! leads), and serves the node gRPC port, admitting only live flock members.
+//! leads), and serves the node gRPC port to holders of a bloc key (the node handshake of
+//! [`crux_reeve::nodeauth`]), admitting only live flock members.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
