@@ -3,6 +3,7 @@
 //! Each test has its own `127.A.B.x` range (B = the test's id below), its own port and bloc, and
 //! kills only the processes it started (see `crux_tests::cluster`). They use the `local` preset.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crux_tests::cluster::{http_get, Cluster};
@@ -296,17 +297,17 @@ fn keyring_rotation_through_the_cli_keeps_every_member_alive() {
 /// Opens a connection from this test process to node k's gRPC port holding only secondary
 /// key `key` (the node handshake): Err with "connect" in it when refused.
 fn node_connect(c: &Cluster, k: usize, key: &str) -> Result<(), String> {
-    use crux_reeve::nodeauth::{set_keys, NodeKeys};
-    set_keys(NodeKeys::new(vec![c.node_auth_key(key)]));
+    let keys = crux_reeve::nodeauth::NodeKeys::new(vec![c.node_auth_key(key)]).map(Arc::new);
     let a = c.agent(k);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    rt.block_on(crux_reeve::link::node_channel(
+    rt.block_on(crux_reeve::link::node_channel_with_keys(
         a.grpc,
         Some(a.addr.ip()),
         Duration::from_secs(5),
+        keys,
     ))
     .map(drop)
     .map_err(|e| format!("connect: {e}"))
@@ -465,4 +466,80 @@ fn not_ready_until_the_bootstrap_is_done() {
     assert!(!out.stderr.is_empty());
     // It still shuts down cleanly.
     assert!(c.sigterm(1, Duration::from_secs(15)).success());
+}
+
+/// The node gRPC port under hostile connections: idle ones that hold the handshake slots, ones
+/// that send garbage or a plain HTTP/2 preface, one with a key the bloc does not hold. Each is
+/// closed and counted by reason; the agents stay in their flock and their node calls carry on;
+/// once the flood is gone, a caller with the bloc's key connects again.
+#[test]
+fn the_node_port_closes_hostile_connections_and_keeps_serving() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let mut c = Cluster::new(BIN, 9, 2, PRESET);
+    let both = [1, 2];
+    c.start_all();
+    converged(&c, &both);
+    let target = c.agent(1).grpc;
+    let counts = |c: &Cluster| -> std::collections::BTreeMap<String, u64> {
+        let metrics = http_get(c.agent(1).http, "/metrics").unwrap_or_default();
+        metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("crux_node_connections_refused_total{reason=\""))
+            .filter_map(|l| {
+                let (reason, rest) = l.split_once("\"} ")?;
+                Some((reason.to_string(), rest.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    // More idle connections than there are handshake slots (256): the rest are refused busy.
+    let idle: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect"))
+        .collect();
+    // Garbage, and what a plain gRPC client sends first, once the slots are free again.
+    c.wait_for(
+        "idle connections timed out and busy ones refused",
+        CONVERGE,
+        || {
+            let n = counts(&c);
+            match (n.get("timeout"), n.get("busy")) {
+                (Some(&t), Some(&b)) if t >= 1 && b >= 1 && t + b >= 300 => Ok(()),
+                _ => Err(format!("{n:?}")),
+            }
+        },
+    );
+    drop(idle);
+    let refused_at_once = |payload: &[u8]| {
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut hello = [0u8; 40];
+        s.read_exact(&mut hello).expect("the server's hello");
+        assert_eq!(&hello[..8], b"CRUXNA01");
+        s.write_all(payload).expect("write");
+        // The server closes the connection without another byte.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "answered {} bytes", rest.len());
+    };
+    refused_at_once(&[0xffu8; 76]);
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.resize(76, 0);
+    refused_at_once(&preface);
+    let err = node_connect(&c, 1, &crux_tests::cluster::keygen(BIN.as_ref()))
+        .expect_err("a key the bloc does not hold was accepted");
+    assert!(err.contains("connect"), "{err}");
+    c.wait_for("bad magic and unknown key counted", CONVERGE, || {
+        let n = counts(&c);
+        match (n.get("bad_magic"), n.get("unknown_key")) {
+            (Some(&m), Some(&u)) if m >= 2 && u >= 1 => Ok(()),
+            _ => Err(format!("{n:?}")),
+        }
+    });
+    // The agents are still one flock, and a caller with the key connects to either.
+    converged(&c, &both);
+    for k in both {
+        c.wait_for(&format!("node{k} accepts the bloc's key"), CONVERGE, || {
+            node_connect(&c, k, &c.key)
+        });
+    }
 }

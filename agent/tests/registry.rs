@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crux_reeve::nodeauth::NodeKeys;
 use crux_tests::cluster::{http_get, wait_for, Cluster};
 use serde::Deserialize;
 
@@ -215,12 +216,16 @@ fn registry_on_five_nodes() {
         .enable_all()
         .build()
         .unwrap();
-    let table = |from: IpAddr| {
+    let table = |from: IpAddr, keys: Option<NodeKeys>| {
         rt.block_on(async {
-            let ch =
-                crux_reeve::link::node_channel(steward_addr, Some(from), Duration::from_secs(5))
-                    .await
-                    .map_err(|e| format!("connect: {e}"))?;
+            let ch = crux_reeve::link::node_channel_with_keys(
+                steward_addr,
+                Some(from),
+                Duration::from_secs(5),
+                keys.map(Arc::new),
+            )
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
             let mut client = crux_proto::grpc::steward::v1::steward_client::StewardClient::new(ch);
             client
                 .table(crux_proto::grpc::steward::v1::TableRequest {
@@ -234,19 +239,17 @@ fn registry_on_five_nodes() {
     };
     // Every connection first proves the bloc's key (the node handshake): without a key, or
     //    with another one, a member's address gets no connection at all.
-    use crux_reeve::nodeauth::{set_keys, NodeKeys};
     let member = c.agent(1).addr.ip();
-    set_keys(None);
-    let err = table(member).expect_err("a caller without the key was answered");
+    let err = table(member, None).expect_err("a caller without the key was answered");
     assert!(!err.contains("PermissionDenied"), "{err}");
     let (id, key) = c.node_auth_key(&c.key);
-    set_keys(NodeKeys::new(vec![(id, [7u8; 32])]));
-    let err = table(member).expect_err("a caller with another key was answered");
+    let err = table(member, NodeKeys::new(vec![(id, [7u8; 32])]))
+        .expect_err("a caller with another key was answered");
     assert!(err.contains("connect"), "{err}");
-    set_keys(NodeKeys::new(vec![(id, key)]));
-    let refused = table(outsider).expect_err("a non-member was answered");
+    let bloc_key = || NodeKeys::new(vec![(id, key)]);
+    let refused = table(outsider, bloc_key()).expect_err("a non-member was answered");
     assert!(refused.contains("PermissionDenied"), "{refused}");
-    assert_eq!(table(member), Ok(2), "a member is answered");
+    assert_eq!(table(member, bloc_key()), Ok(2), "a member is answered");
     // The leader counted the two connections it refused.
     let leader_http = c
         .agent(c.index_of(&leader.id).expect("leader is ours"))

@@ -30,11 +30,32 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A channel to a node's gRPC port, made from `local_ip` (so the callee can tell which member
 /// calls) when given. Each connection opens with the node handshake when this process has
-/// [`crate::nodeauth`] keys.
+/// [`crate::nodeauth`] keys, and fails once its key leaves them.
 pub async fn node_channel(
     addr: SocketAddr,
     local_ip: Option<IpAddr>,
     timeout: Duration,
+) -> Result<Channel, tonic::transport::Error> {
+    channel(addr, local_ip, timeout, None).await
+}
+
+/// [`node_channel`] holding `keys` rather than this process's keys (None: no handshake): a
+/// test or tool that calls as some key holder, whatever the process's keys are.
+pub async fn node_channel_with_keys(
+    addr: SocketAddr,
+    local_ip: Option<IpAddr>,
+    timeout: Duration,
+    keys: Option<Arc<crate::nodeauth::NodeKeys>>,
+) -> Result<Channel, tonic::transport::Error> {
+    channel(addr, local_ip, timeout, Some(keys)).await
+}
+
+/// `fixed`: the keys to hold (None: this process's, followed).
+async fn channel(
+    addr: SocketAddr,
+    local_ip: Option<IpAddr>,
+    timeout: Duration,
+    fixed: Option<Option<Arc<crate::nodeauth::NodeKeys>>>,
 ) -> Result<Channel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .expect("a socket address is a valid URI")
@@ -48,34 +69,43 @@ pub async fn node_channel(
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     endpoint
-        .connect_with_connector(tower::service_fn(move |_: Uri| async move {
-            let sock = if addr.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            if let Some(ip) = local_ip.filter(|ip| !ip.is_unspecified()) {
-                sock.bind(SocketAddr::new(ip, 0))?;
-            }
-            let mut stream = sock.connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let key = match crate::nodeauth::keys() {
-                Some(keys) => Some(
-                    tokio::time::timeout(
-                        crate::nodeauth::HANDSHAKE_TIMEOUT,
-                        crate::nodeauth::client(&mut stream, &keys),
-                    )
-                    .await
-                    .map_err(|_| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "the node handshake timed out",
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let fixed = fixed.clone();
+            async move {
+                let sock = if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                if let Some(ip) = local_ip.filter(|ip| !ip.is_unspecified()) {
+                    sock.bind(SocketAddr::new(ip, 0))?;
+                }
+                let mut stream = sock.connect(addr).await?;
+                stream.set_nodelay(true)?;
+                let follow = fixed.is_none();
+                let key = match fixed.unwrap_or_else(crate::nodeauth::keys) {
+                    Some(keys) => Some(
+                        tokio::time::timeout(
+                            crate::nodeauth::HANDSHAKE_TIMEOUT,
+                            crate::nodeauth::client(&mut stream, &keys),
                         )
-                    })??,
-                ),
-                None => None,
-            };
-            Ok::<_, std::io::Error>(TokioIo::new(crate::nodeauth::Authed::new(stream, key)))
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "the node handshake timed out",
+                            )
+                        })??,
+                    ),
+                    None => None,
+                };
+                let stream = if follow {
+                    crate::nodeauth::Authed::new(stream, key)
+                } else {
+                    crate::nodeauth::Authed::fixed(stream)
+                };
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
         }))
         .await
 }

@@ -176,7 +176,7 @@ impl Cluster {
 
     /// The node handshake key (key id, derived key) of secondary key `key` (base64, e.g. the
     /// agents' starting key [`Cluster::key`]) in this bloc, for a test that calls a node gRPC
-    /// port itself (`crux_reeve::nodeauth::set_keys`).
+    /// port itself (`crux_reeve::link::node_channel_with_keys`).
     pub fn node_auth_key(&self, key: &str) -> (u32, [u8; 32]) {
         use crux_flock::crypto::{key_id, node_auth_key, Bloc, SecretKey};
         let bloc = Bloc::new(&self.bloc);
