@@ -19,8 +19,10 @@
 //! it does not encrypt what follows (see the README's threat model).
 //!
 //! The keys are process-wide ([`set_keys`]): the agent sets them from its keyring and on every
-//! keyring change; with none set (security off, in-process tests) connections carry no
-//! exchange.
+//! keyring change, and a connection made under a key that leaves them fails at its next read or
+//! write ([`Authed`]). With none set (security off, in-process tests) connections carry no
+//! exchange. A caller may also hold other keys than the process's
+//! (`crate::link::node_channel_with_keys`).
 
 use std::io;
 use std::pin::Pin;
