@@ -212,6 +212,7 @@ pub async fn supervise(
                 backoff: HashMap::new(),
                 reports: BTreeMap::new(),
                 synced: HashMap::new(),
+                reports_changed: false,
             };
             tokio::select! {
                 _ = stop.cancelled() => {}
@@ -245,6 +246,8 @@ struct Term {
     reports: BTreeMap<String, pb::SyncResponse>,
     /// The last assignment each node took, by node id.
     synced: HashMap<String, Synced>,
+    /// Whether a report changed since this was last cleared.
+    reports_changed: bool,
 }
 
 impl Term {
@@ -273,14 +276,16 @@ impl Term {
                 first = intent.is_none();
             }
             if let Some((intent, generation)) = intent {
-                let nodes: Vec<Node> = self.reports.values().map(node_of).collect();
-                let obs: Vec<Observed> = self.reports.values().map(observed).collect();
-                let plan = crux_proctor::reconcile(&intent, &nodes, &obs);
+                let plan = self.reconcile(&intent);
+                self.reports_changed = false;
                 refused |= self.round(&live, Some(&plan), generation).await;
-                // The status from the reports this round brought back.
-                let nodes: Vec<Node> = self.reports.values().map(node_of).collect();
-                let obs: Vec<Observed> = self.reports.values().map(observed).collect();
-                let after = crux_proctor::reconcile(&intent, &nodes, &obs);
+                // The status from the reports this round brought back (the same as the plan's
+                // when none changed, as in a quiet flock).
+                let after = if self.reports_changed {
+                    self.reconcile(&intent)
+                } else {
+                    plan
+                };
                 self.status
                     .send_replace(Some(status_pb(&after, generation, &self.me, self.term)));
             }
@@ -300,6 +305,13 @@ impl Term {
                 "a dean has seen a newer term: this proctor stops"
             );
         }
+    }
+
+    /// The plan for `intent` from the deans' last reports.
+    fn reconcile(&self, intent: &Intent) -> Plan {
+        let nodes: Vec<Node> = self.reports.values().map(node_of).collect();
+        let obs: Vec<Observed> = self.reports.values().map(observed).collect();
+        crux_proctor::reconcile(intent, &nodes, &obs)
     }
 
     /// A call to `netid` failed: the next waits a round, then doubling rounds, up to 8 s.
@@ -416,7 +428,10 @@ impl Term {
                             self.synced.remove(&report.node);
                         }
                     }
-                    self.reports.insert(report.node.clone(), report);
+                    if self.reports.get(&report.node) != Some(&report) {
+                        self.reports_changed = true;
+                        self.reports.insert(report.node.clone(), report);
+                    }
                 }
                 Ok((_, _, Err(s))) if s.code() == tonic::Code::FailedPrecondition => {
                     warn!(error = %s.message(), "dean refused the assignment");
