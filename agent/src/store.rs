@@ -2,7 +2,7 @@
 //! chosen by the flock leader ([`crate::voters`]), and the local API's muster, document and
 //! status calls.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -143,8 +143,7 @@ pub async fn supervise(
     let mut steady: Option<((u64, usize), tokio::time::Instant)> = None;
     // The groups last seen, when there were more than one (to log a split once, loudly).
     let mut split: Vec<u64> = Vec::new();
-    let mut ticks: u64 = 0;
-    let mut last_live = 0;
+    let mut surveyed = Survey::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -164,13 +163,20 @@ pub async fn supervise(
                 false
             }
         };
-        // Look for store groups formed apart: every 5 s, every tick while the flock is settling
-        // (two flocks merging) or a merge is under way. A merge waits until the flock's shape has
-        // held for `settle`, so that the survivor is chosen from the whole merged flock.
-        ticks += 1;
-        if ticks % 5 == 1 || snap.live != last_live || !settled || !split.is_empty() {
-            last_live = snap.live;
-            let groups = survey(&store, &handle, grpc_port).await;
+        // Look for store groups formed apart, every tick: members not asked yet are asked (a
+        // group formed apart comes with members new to this flock); everyone is asked again
+        // while a merge is under way, once another group shows, and every full survey period.
+        // A merge waits until the flock's shape has held for `settle`, so that the survivor is
+        // chosen from the whole merged flock.
+        {
+            let full = !split.is_empty()
+                || surveyed
+                    .full_at
+                    .is_none_or(|t| t.elapsed() >= full_survey_period(snap.live));
+            let mut groups = survey(&store, &handle, grpc_port, &mut surveyed, full).await;
+            if groups.len() > 1 && !full {
+                groups = survey(&store, &handle, grpc_port, &mut surveyed, true).await;
+            }
             if groups.len() > 1 {
                 let survivor = if settled {
                     merge_groups(&store, groups, &mut split).await
@@ -286,37 +292,77 @@ async fn view_group(store: &Store, handle: &DriverHandle, grpc_port: u16) -> Opt
         .and_then(|s| s.group)
 }
 
+/// What the surveys saw of each live member's store, by (node id, boot): a member is asked
+/// when it first shows up (or restarts), and every member again on a full survey.
+#[derive(Default)]
+struct Survey {
+    seen: HashMap<(u64, u64), (SocketAddr, StoreStatus)>,
+    /// When the last full survey was.
+    full_at: Option<tokio::time::Instant>,
+}
+
+/// How often every member is asked again while the flock holds one group: every 30 s, or
+/// rarer in a flock of more than 3,000 members, so that it costs at most 100 calls a second.
+fn full_survey_period(live: usize) -> Duration {
+    let live = u32::try_from(live).unwrap_or(u32::MAX);
+    Duration::from_secs(30).max(Duration::from_secs(1) * live / 100)
+}
+
 /// The store groups the live members (this node included) report, by id: where their members
 /// are (each group's leader first) and what the choice of a survivor needs. Members outside any
-/// group, or whose group is not named yet, are left out.
+/// group, or whose group is not named yet, are left out. Only members not asked yet (new, or
+/// restarted) are asked, unless `full`: a group formed apart comes with members the flock did
+/// not have, so they are enough to find it, and a full survey then gives fresh figures for the
+/// merge.
 async fn survey(
     store: &Store,
     handle: &DriverHandle,
     grpc_port: u16,
+    cache: &mut Survey,
+    full: bool,
 ) -> BTreeMap<u64, (GroupSeen, Vec<SocketAddr>)> {
     let snap = handle.snapshot();
+    let live: Vec<(u64, u64, SocketAddr)> = snap
+        .members
+        .iter()
+        .filter(|m| {
+            m.info.id != snap.identity.id
+                && matches!(m.info.state, MemberState::Alive | MemberState::Suspect)
+        })
+        .map(|m| {
+            (
+                m.info.id.0,
+                m.info.boot.0,
+                SocketAddr::new(m.info.addr.ip(), grpc_port),
+            )
+        })
+        .collect();
+    let keep: HashSet<(u64, u64)> = live.iter().map(|&(id, boot, _)| (id, boot)).collect();
+    cache.seen.retain(|k, _| keep.contains(k));
+    if full {
+        cache.full_at = Some(tokio::time::Instant::now());
+    }
     let mut asks = tokio::task::JoinSet::new();
-    for m in snap.members.iter().filter(|m| {
-        m.info.id != snap.identity.id
-            && matches!(m.info.state, MemberState::Alive | MemberState::Suspect)
-    }) {
-        let netid = SocketAddr::new(m.info.addr.ip(), grpc_port);
+    for (id, boot, netid) in live {
+        if !full && cache.seen.contains_key(&(id, boot)) {
+            continue;
+        }
         let store = store.clone();
         asks.spawn(async move {
             match tokio::time::timeout(Duration::from_secs(1), store.remote_status(netid)).await {
-                Ok(Ok(s)) => Some((netid, s)),
+                Ok(Ok(s)) => Some(((id, boot), netid, s)),
                 _ => None,
             }
         });
     }
-    let mut seen: Vec<(SocketAddr, StoreStatus)> = Vec::new();
+    while let Some(r) = asks.join_next().await {
+        if let Ok(Some((key, netid, s))) = r {
+            cache.seen.insert(key, (netid, s));
+        }
+    }
+    let mut seen: Vec<(SocketAddr, StoreStatus)> = cache.seen.values().cloned().collect();
     if let Some(me) = netid_of(handle, snap.identity.id.0, grpc_port) {
         seen.push((me, store.status()));
-    }
-    while let Some(r) = asks.join_next().await {
-        if let Ok(Some(s)) = r {
-            seen.push(s);
-        }
     }
     let mut groups: BTreeMap<u64, (GroupSeen, Vec<SocketAddr>)> = BTreeMap::new();
     for (netid, s) in seen {
@@ -746,4 +792,20 @@ pub fn doc_watch(store: &Store, req: pb::DocWatchRequest) -> DocStream {
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_surveys_cost_at_most_a_hundred_calls_a_second() {
+        assert_eq!(full_survey_period(1), Duration::from_secs(30));
+        assert_eq!(full_survey_period(3_000), Duration::from_secs(30));
+        assert_eq!(full_survey_period(10_000), Duration::from_secs(100));
+        for live in [5usize, 1_000, 3_001, 7_777, 20_000] {
+            let per_sec = live as f64 / full_survey_period(live).as_secs_f64();
+            assert!(per_sec <= 100.0 + 1e-9, "{live} members: {per_sec} calls/s");
+        }
+    }
 }
