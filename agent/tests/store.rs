@@ -10,24 +10,12 @@ use crux_tests::cluster::Cluster;
 use serde::Deserialize;
 
 mod common;
-use common::{put_doc, reeve, runtime};
+use common::{put_doc, reeve, runtime, status};
 
 const BIN: &str = env!("CARGO_BIN_EXE_crux");
 const PRESET: &str = "local";
 const CONVERGE: Duration = Duration::from_secs(30);
 const GRACE: Duration = Duration::from_secs(3);
-
-#[derive(Debug, Deserialize)]
-#[allow(dead_code)]
-struct Status {
-    leader_addr: String,
-    leader_id: String,
-    term: u64,
-    voters: Vec<String>,
-    voter_ids: Vec<String>,
-    last_applied: u64,
-    initialized: bool,
-}
 
 #[derive(Debug, Deserialize)]
 #[allow(dead_code)]
@@ -44,19 +32,20 @@ fn now() -> Instant {
     Instant::now()
 }
 
-fn digest() -> String {
-    format!("sha256:{}", "cd".repeat(32))
+/// Waits until node 1 sees three voters and a Raft leader; its status then.
+fn three_voters(c: &Cluster) -> common::Status {
+    c.wait_for("three voters and a leader", CONVERGE, || {
+        let s = status(c, 1)?;
+        if s.voters.len() == 3 && !s.leader_addr.is_empty() {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    })
 }
 
-fn status(c: &Cluster, k: usize) -> Result<Status, String> {
-    let out = c.cli(k, &["store", "status", "--json"]);
-    if !out.status.success() {
-        return Err(format!(
-            "node{k}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("node{k}: {e}"))
+fn digest() -> String {
+    format!("sha256:{}", "cd".repeat(32))
 }
 
 fn add(c: &Cluster, k: usize, inst: &str) -> Result<(), String> {
@@ -116,14 +105,7 @@ fn muster_survives_leader_loss_voter_loss_and_a_full_restart() {
     c.start_all();
     let all = [1, 2, 3, 4, 5];
     c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
-    let st = c.wait_for("three voters", CONVERGE, || {
-        let s = status(&c, 1)?;
-        if s.voters.len() == 3 && !s.leader_addr.is_empty() {
-            Ok(s)
-        } else {
-            Err(format!("{s:?}"))
-        }
-    });
+    let st = three_voters(&c);
 
     // Added on one node (a non-voter if there is one), found on every node.
     let outsider = (1..=5)
@@ -363,14 +345,7 @@ fn a_cut_off_node_refuses_writes_and_sees_the_majoritys_after_the_heal() {
     c.start_all();
     let all = [1, 2, 3, 4, 5];
     c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
-    let st = c.wait_for("three voters and a leader", CONVERGE, || {
-        let s = status(&c, 1)?;
-        if s.voters.len() == 3 && !s.leader_addr.is_empty() {
-            Ok(s)
-        } else {
-            Err(format!("{s:?}"))
-        }
-    });
+    let st = three_voters(&c);
     let mut want = set(&["before"]);
     c.wait_for("a first write", CONVERGE, || add(&c, 1, "before"));
 
@@ -492,14 +467,7 @@ fn recover_rebuilds_the_group_from_a_survivor_after_a_lost_majority() {
     c.start_all();
     let all = [1, 2, 3, 4, 5];
     c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
-    let st = c.wait_for("three voters and a leader", CONVERGE, || {
-        let s = status(&c, 1)?;
-        if s.voters.len() == 3 && !s.leader_addr.is_empty() {
-            Ok(s)
-        } else {
-            Err(format!("{s:?}"))
-        }
-    });
+    let st = three_voters(&c);
     let voters: Vec<usize> = st
         .voter_ids
         .iter()

@@ -10,29 +10,11 @@ use crux_tests::cluster::Cluster;
 use serde::Deserialize;
 
 mod common;
-use common::{put_doc, reeve, runtime};
+use common::{put_doc, reeve, runtime, status};
 
 const BIN: &str = env!("CARGO_BIN_EXE_crux");
 const PRESET: &str = "local";
 const CONVERGE: Duration = Duration::from_secs(60);
-
-#[derive(Debug, Deserialize)]
-struct Status {
-    leader_addr: String,
-    voters: Vec<String>,
-    group: Option<String>,
-}
-
-fn status(c: &Cluster, k: usize) -> Result<Status, String> {
-    let out = c.cli(k, &["store", "status", "--json"]);
-    if !out.status.success() {
-        return Err(format!(
-            "node{k}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("node{k}: {e}"))
-}
 
 fn ok(out: std::process::Output, k: usize) -> Result<Vec<u8>, String> {
     if out.status.success() {

@@ -544,39 +544,17 @@ impl Store {
         old.pool.clear();
         let config = &self.slot.config;
         let dir = &config.dir;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "store".into());
-        let aside = dir.with_file_name(format!(
-            "{name}.abandoned-{}-{}",
-            types::hex(group),
-            now_ms()
-        ));
-        let io = |what: String| StoreError::Storage(what);
-        std::fs::rename(dir, &aside).map_err(|e| {
-            io(format!(
-                "renaming {} to {}: {e}",
-                dir.display(),
-                aside.display()
-            ))
-        })?;
-        std::fs::create_dir_all(dir).map_err(|e| io(format!("{}: {e}", dir.display())))?;
-        std::fs::write(
-            dir.join(recover::JOIN_ONLY_FILE),
-            format!(
+        let aside = recover::set_aside(
+            dir,
+            &format!("abandoned-{}-{}", types::hex(group), now_ms()),
+            &format!(
                 "this node abandoned store group {} (merged into {}): it joins an existing group \
                  and never starts one\n",
                 types::hex(group),
                 types::hex(into)
             ),
-        )
-        .map_err(|e| {
-            io(format!(
-                "{}: {e}",
-                dir.join(recover::JOIN_ONLY_FILE).display()
-            ))
-        })?;
+        )?;
+        let io = |what: String| StoreError::Storage(what);
         let mut abandoned = old.abandoned.clone();
         abandoned.insert(group);
         let list: String = abandoned.iter().map(|g| types::hex(*g) + "\n").collect();

@@ -296,6 +296,28 @@ pub fn recover(dir: &Path, node: u64, netid: Option<SocketAddr>) -> Result<Recov
     Ok(r.report)
 }
 
+/// Renames the store in `dir` to `<dir>.<suffix>` (kept for the operator to delete) and makes a
+/// new `dir` holding only the [`JOIN_ONLY_FILE`] marker, which says `why`. Where the old store
+/// now is.
+pub(crate) fn set_aside(dir: &Path, suffix: &str, why: &str) -> Result<PathBuf, StoreError> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "store".into());
+    let aside = dir.with_file_name(format!("{name}.{suffix}"));
+    std::fs::rename(dir, &aside).map_err(|e| {
+        io(format!(
+            "renaming {} to {}: {e}",
+            dir.display(),
+            aside.display()
+        ))
+    })?;
+    std::fs::create_dir_all(dir).map_err(|e| io(format!("{}: {e}", dir.display())))?;
+    std::fs::write(dir.join(JOIN_ONLY_FILE), why)
+        .map_err(|e| io(format!("{}: {e}", dir.join(JOIN_ONLY_FILE).display())))?;
+    Ok(aside)
+}
+
 /// Sets aside the store in `dir` (its agent stopped) so that the node joins the recovered group
 /// as an empty node: the directory is renamed to `<dir>.discarded-<unix ms>` (kept for the
 /// operator to delete), and a new one holds only the [`JOIN_ONLY_FILE`] marker. Returns what the
@@ -308,24 +330,11 @@ pub fn discard(dir: &Path, node: u64) -> Result<(Option<Recovery>, PathBuf), Sto
             .ok()
             .map(|r| r.report)
     };
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "store".into());
-    let aside = dir.with_file_name(format!("{name}.discarded-{}", crate::now_ms()));
-    std::fs::rename(dir, &aside).map_err(|e| {
-        io(format!(
-            "renaming {} to {}: {e}",
-            dir.display(),
-            aside.display()
-        ))
-    })?;
-    std::fs::create_dir_all(dir).map_err(|e| io(format!("{}: {e}", dir.display())))?;
-    std::fs::write(
-        dir.join(JOIN_ONLY_FILE),
+    let aside = set_aside(
+        dir,
+        &format!("discarded-{}", crate::now_ms()),
         "this node's store was discarded by `crux store recover --discard`: it joins an existing \
          group and never starts one\n",
-    )
-    .map_err(|e| io(format!("{}: {e}", dir.join(JOIN_ONLY_FILE).display())))?;
+    )?;
     Ok((held, aside))
 }

@@ -1,9 +1,11 @@
-//! Helpers the store tests share: the local API of a node, and document writes through it.
+//! Helpers the store tests share: the local API of a node, document writes through it, and
+//! `crux store status`.
 
 use std::time::Duration;
 
 use crux_proto::grpc::reeve::v1 as pb;
 use crux_tests::cluster::Cluster;
+use serde::Deserialize;
 
 /// A runtime for one blocking call.
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -44,4 +46,30 @@ pub fn put_doc(c: &Cluster, k: usize, key: &str, value: &str) -> Result<(), Stri
             Err(format!("node{k}: not written: {r:?}"))
         }
     })
+}
+
+/// `crux store status --json`, the fields the tests read.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // each test binary reads some of them
+pub struct Status {
+    pub leader_addr: String,
+    pub leader_id: String,
+    pub term: u64,
+    pub voters: Vec<String>,
+    pub voter_ids: Vec<String>,
+    pub last_applied: u64,
+    pub initialized: bool,
+    pub group: Option<String>,
+}
+
+/// Node k's store status, through the CLI.
+pub fn status(c: &Cluster, k: usize) -> Result<Status, String> {
+    let out = c.cli(k, &["store", "status", "--json"]);
+    if !out.status.success() {
+        return Err(format!(
+            "node{k}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("node{k}: {e}"))
 }

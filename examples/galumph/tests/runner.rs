@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{config, galumph, gone, recorded, reeve, script, spec, wait_for, Reaper};
-use crux_picket::{Picket, StopOutcome, UnitState};
+use crux_picket::{Picket, StopOutcome, UnitState, UnitStatus};
 use galumph::pb::{galumph_client::GalumphClient, GalumphInstance, TableReq};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -23,11 +23,7 @@ async fn galumph_handshakes_turns_healthy_registers_and_stops_on_shutdown() {
     let _reaper = Reaper::new(&dir);
     let r = reeve(tmp.path()).await;
     let p = Picket::open(config(&dir, &r.socket)).await.unwrap();
-    p.start(spec("g", "galumph2_3", &galumph()));
-    let u = wait_for(&p, "galumph healthy", LONG, |u| {
-        state_of(u, "g") == Some(UnitState::Healthy)
-    })
-    .await;
+    let u = start_galumph(&p).await;
     let pid = u[0].pid.expect("a pid while healthy");
     let addr = u[0].addr.clone().expect("the socket from the handshake");
     assert!(
@@ -115,11 +111,7 @@ async fn a_plugin_that_exits_is_restarted() {
     let _reaper = Reaper::new(&dir);
     let r = reeve(tmp.path()).await;
     let p = Picket::open(config(&dir, &r.socket)).await.unwrap();
-    p.start(spec("g", "galumph2_3", &galumph()));
-    let u = wait_for(&p, "healthy", LONG, |u| {
-        state_of(u, "g") == Some(UnitState::Healthy)
-    })
-    .await;
+    let u = start_galumph(&p).await;
     let first = u[0].pid.unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(first as i32),
@@ -223,6 +215,15 @@ async fn a_bad_handshake_line_fails_the_start_and_is_shown() {
     assert!(p.units().is_empty());
 }
 
+/// Starts galumph as unit `g` (galumph2_3) and waits until it is healthy; the units then.
+async fn start_galumph(p: &Picket) -> Vec<UnitStatus> {
+    p.start(spec("g", "galumph2_3", &galumph()));
+    wait_for(p, "galumph healthy", LONG, |u| {
+        state_of(u, "g") == Some(UnitState::Healthy)
+    })
+    .await
+}
+
 /// Starts, as unit `key`, a script that runs `trap` and then makes a valid handshake but serves
 /// no control socket (its health check fails, Shutdown cannot be called); waits until it is
 /// unhealthy. Its pid and detail.
@@ -284,11 +285,7 @@ async fn a_new_picket_readopts_the_running_child_and_supervises_it() {
     let _reaper = Reaper::new(&dir);
     let r = reeve(tmp.path()).await;
     let first = Picket::open(config(&dir, &r.socket)).await.unwrap();
-    first.start(spec("g", "galumph2_3", &galumph()));
-    let u = wait_for(&first, "healthy", LONG, |u| {
-        state_of(u, "g") == Some(UnitState::Healthy)
-    })
-    .await;
+    let u = start_galumph(&first).await;
     let pid = u[0].pid.unwrap();
     // The agent goes away without stopping its children.
     drop(first);
