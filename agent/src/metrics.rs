@@ -255,6 +255,7 @@ mod tests {
                 id: NodeId(1),
                 boot: BootId(2),
                 addr: "127.0.0.2:7700".parse().unwrap(),
+                key: None,
             },
             now: std::time::Duration::ZERO,
             members: Vec::new(),

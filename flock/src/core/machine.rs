@@ -209,6 +209,7 @@ impl Flock {
                 addr: identity.addr,
                 incarnation: 0,
                 state: MemberState::Alive,
+                key: identity.key,
             },
             since: now,
         };

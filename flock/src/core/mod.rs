@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId};
+use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId, NodeKey};
 
 mod broadcast;
 mod idset;
@@ -26,6 +26,9 @@ pub struct Identity {
     pub boot: BootId,
     /// The flock address other nodes reach this one at.
     pub addr: SocketAddr,
+    /// The node-plane public key this node announces in its membership record (None: none,
+    /// as in the simulator).
+    pub key: Option<NodeKey>,
 }
 
 /// How a [`Transmit`] travels.

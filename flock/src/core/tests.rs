@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crux_proto::flock::{
     decode_message, encode_message, Header, Kind, MemberInfo, MemberState, Message, NodeId,
-    HEADER_BYTES,
+    NodeKey, HEADER_BYTES,
 };
 
 use super::machine::suspicion_timeout;
@@ -28,6 +28,7 @@ fn node(i: u8, space: &str) -> Flock {
         id: NodeId(i as u64 * 1000),
         boot: crate::boot_id(1, i as u16),
         addr: addr(i),
+        key: None,
     };
     Flock::new(config(space), id, i as u64, Duration::ZERO).unwrap()
 }
@@ -55,6 +56,7 @@ fn peer_info(id: u64, a: SocketAddr) -> MemberInfo {
         addr: a,
         incarnation: 0,
         state: MemberState::Alive,
+        key: None,
     }
 }
 
@@ -188,6 +190,7 @@ fn secure_node_timed(
         id: NodeId(i as u64 * 1000),
         boot: crate::boot_id(1, i as u16),
         addr: addr(i),
+        key: Some(NodeKey([i; 32])),
     };
     let mut seed = [0u8; 32];
     seed[0] = i;
@@ -564,6 +567,7 @@ fn secure_nodes_of_another_bloc_or_key_never_merge() {
         id: NodeId(5000),
         boot: crate::boot_id(1, 5),
         addr: addr(5),
+        key: None,
     };
     let mut cfg = config(space);
     cfg.bloc = "another-bloc".into();
@@ -897,5 +901,28 @@ fn a_node_that_missed_a_keyring_change_ends_with_the_same_ring() {
             );
             assert_eq!(g.live_count(), 5);
         }
+    }
+}
+
+/// The node plane pins each member's key as the flock lists it (DESIGN.md, "Node plane"): every
+/// member learns every other member's key from its sealed membership record.
+#[test]
+fn every_member_learns_every_members_node_key() {
+    let mut h = Harness::secure(4);
+    h.run_for(Duration::from_secs(5));
+    for f in h.live() {
+        let mut seen = 0;
+        for m in f.members() {
+            let i = (m.info.id.0 / 1000) as u8;
+            assert_eq!(
+                m.info.key,
+                Some(NodeKey([i; 32])),
+                "{:?} as {:?} sees it",
+                m.info.id,
+                f.identity().id
+            );
+            seen += 1;
+        }
+        assert_eq!(seen, 4);
     }
 }

@@ -714,6 +714,7 @@ impl Sim {
             id: n.id,
             boot,
             addr: n.addr,
+            key: None,
         };
         let g = n.group as usize;
         self.w.running += 1;
