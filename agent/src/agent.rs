@@ -194,6 +194,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
     let id = crate::identity::load_or_create_node_id(&settings.data_dir)?;
+    let transport = crate::identity::node_transport(&settings.data_dir)?;
     let boot = crate::identity::next_boot_id(&settings.data_dir, unix_ms())?;
     let keyring = crate::keys::load(&settings.keyring)?;
     let pastiche_store = {
@@ -234,6 +235,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             settings.data_dir.join("store"),
             id.0,
             SocketAddr::new(addr.ip(), settings.grpc_port),
+            transport.clone(),
         );
         c.local_ip = Some(addr.ip());
         if let Some(f) = &settings.store_partition_file {
@@ -248,7 +250,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("opening the durable store: {e}"))?
     };
-    let identity = Identity { id, boot, addr };
+    let identity = Identity {
+        id,
+        boot,
+        addr,
+        key: Some(transport.public_key()),
+    };
     let clock = tokio::time::Instant::now();
     let mut rng_seed = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut rng_seed);
@@ -271,8 +278,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         handle.clone(),
         settings.keyring.clone(),
     ));
-    // Node gRPC connections, both ways, prove the bloc's key from here on.
-    crate::keys::follow_node_keys(&handle, &settings.flock.bloc, &keyring);
+    // Node-plane connections, both ways, prove the bloc's key and a key the flock lists from
+    // here on.
+    crate::keys::follow_bloc_keys(&handle, &settings.flock.bloc, &keyring, transport.clone());
+    tokio::spawn(crate::steward::follow_peers(
+        handle.clone(),
+        transport.clone(),
+    ));
     let driver_task = tokio::spawn(driver.run(stop.clone()));
     info!(
         node = %id,
@@ -295,6 +307,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             node: id.to_string(),
             boot: boot.0,
             local_ip: Some(addr.ip()),
+            transport: transport.clone(),
             heartbeat_interval: settings.registry.heartbeat_interval,
             grace: settings.registry.grace,
             netid: SocketAddr::new(addr.ip(), settings.grpc_port).to_string(),
@@ -307,6 +320,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         keys,
         reeve,
         store.clone(),
+        transport,
         start,
     );
     let steps = Steps {
@@ -483,12 +497,7 @@ async fn bootstrap(
         current_tx,
         servers.clone(),
     ));
-    let admit = crate::steward::admit(handle.clone());
-    let peer = crux_pastiche::serve::PeerService::new(
-        store.clone(),
-        admit.clone(),
-        settings.pastiche_corrupt,
-    );
+    let peer = crux_pastiche::serve::PeerService::new(store.clone(), settings.pastiche_corrupt);
     if settings.pastiche_corrupt {
         warn!(
             "pastiche.corrupt_serving_for_tests is set: every piece this node serves is corrupted"
@@ -515,11 +524,11 @@ async fn bootstrap(
     let (status_tx, status_rx) = tokio::sync::watch::channel(None);
     let node_server = crate::steward::serve(
         listeners.grpc,
-        admit.clone(),
+        steps.state.transport.clone(),
         current_rx,
         peer,
-        durable.service(admit.clone()),
-        crate::proctor::PlacementNode::new(dean_rx, status_rx.clone(), admit),
+        durable.service(),
+        crate::proctor::PlacementNode::new(dean_rx, status_rx.clone()),
         servers.clone(),
     );
     tasks.push(tokio::spawn(async move {
@@ -606,6 +615,7 @@ async fn bootstrap(
         handle.clone(),
         durable.clone(),
         dean.clone(),
+        steps.state.transport.clone(),
         settings.grpc_port,
         status_tx,
         servers.clone(),

@@ -9,6 +9,5 @@
 pub mod client;
 pub mod link;
 pub mod node;
-pub mod nodeauth;
 
 pub use node::{HeartbeatStream, LinkStatus, Reeve, ReeveConfig, Target, WatchStream};

@@ -50,7 +50,8 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use crux_proto::flock::{NodeId, NodeKey};
 use hyper_util::rt::TokioIo;
@@ -66,6 +67,9 @@ pub use stream::{NodeStream, PeerInfo};
 
 /// How long a whole handshake (TLS and bloc proof) may take, either side.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest gRPC message on the node plane (a registry table's worth, Raft batches and
+/// snapshots).
+pub const MESSAGE_MAX: usize = 16 << 20;
 /// Handshakes an accepting node runs at once, at most: further connections are closed unread.
 pub const HANDSHAKES_MAX: usize = 256;
 /// How long a node channel waits for the answer to an HTTP/2 ping before it gives the connection
@@ -149,6 +153,9 @@ pub enum TransportError {
     /// rustls refused the configuration (not expected with an identity this crate made).
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// No identity could be made.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 struct Conn {
@@ -310,6 +317,13 @@ impl Transport {
                 started: Instant::now(),
             }),
         })
+    }
+
+    /// A transport with a new random identity and default tunables, for a tool or test that
+    /// makes one node of its own.
+    pub fn generate() -> Result<Transport, TransportError> {
+        let identity = NodeIdentity::generate()?;
+        Transport::new(identity, TransportConfig::default())
     }
 
     /// This node's public key (what the flock must carry in its membership record).

@@ -167,6 +167,7 @@ pub async fn reeve(dir: &Path) -> TestReeve {
             node: "00000000000000a1".into(),
             boot: 1,
             local_ip: None,
+            transport: crux_transport::Transport::generate().unwrap(),
             heartbeat_interval: Duration::from_millis(200),
             grace: Duration::from_secs(60),
             netid: "127.0.0.1:7701".into(),
