@@ -273,7 +273,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         ..Default::default()
     };
     let (driver, handle) = Driver::new(flock, udp, tcp, clock, driver_config);
-    tokio::spawn(log_events(handle.clone()));
+    tokio::spawn(log_events(handle.clone(), stop.clone()));
     tokio::spawn(crate::keys::save_changes(
         handle.clone(),
         settings.keyring.clone(),
@@ -673,7 +673,8 @@ fn steward_target(
 }
 
 /// Logs membership and leader changes at info.
-async fn log_events(handle: DriverHandle) {
+/// Logs the flock's events until it stops; a node the flock revoked shuts down (`stop`).
+async fn log_events(handle: DriverHandle, stop: CancellationToken) {
     let mut events = handle.subscribe();
     loop {
         match events.recv().await {
@@ -692,6 +693,14 @@ async fn log_events(handle: DriverHandle) {
             Ok(Event::LeaveComplete) => info!("leave gossiped"),
             Ok(Event::KeyringChanged) => info!("keyring changed"),
             Ok(Event::KeyringRefused(reason)) => warn!(%reason, "keyring change refused"),
+            Ok(Event::MemberRevoked(id)) => warn!(%id, "member revoked: kept out of the flock"),
+            Ok(Event::Revoked) => {
+                tracing::error!(
+                    "this node was revoked by the flock: it left, and the others keep it out; \
+                     shutting down"
+                );
+                stop.cancel();
+            }
             #[allow(unreachable_patterns)] // events the security work adds are logged as they are
             Ok(other) => info!(event = ?other, "flock event"),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {

@@ -340,4 +340,31 @@ impl Reeve for Service {
     ) -> Result<Response<pb::KeyringResponse>, Status> {
         self.keyring_changed(self.state.keys.remove(&req.into_inner().key).await)
     }
+
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let text = req.into_inner().node;
+        let id: crux_flock::NodeId = text.trim().parse().map_err(|_| {
+            Status::invalid_argument(format!("{text:?} is not a node id (16 hex digits)"))
+        })?;
+        let snap = self.state.flock.snapshot();
+        if id == snap.identity.id {
+            return Err(Status::invalid_argument(
+                "this node cannot revoke itself: revoke it from another member",
+            ));
+        }
+        let Some(member) = snap.members.iter().find(|m| m.info.id == id) else {
+            return Err(Status::not_found(format!("no member {id} is known here")));
+        };
+        let addr = member.info.addr.to_string();
+        self.state
+            .flock
+            .command(crux_flock::Command::Revoke(id))
+            .await
+            .map_err(|_| Status::unavailable("the flock is stopping"))?;
+        tracing::warn!(node = %id, %addr, "node revoked by an operator");
+        Ok(Response::new(pb::RevokeResponse { addr }))
+    }
 }

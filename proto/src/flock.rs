@@ -272,6 +272,13 @@ pub enum Update {
         /// The key.
         key: [u8; 32],
     },
+    /// The node is revoked: every member forgets it, ignores what it says of itself and drops
+    /// its datagrams; its node-plane connections close. Spread like any update, and kept in
+    /// push-pull so that a member that missed it learns it.
+    Revoke {
+        /// The revoked node.
+        id: NodeId,
+    },
     /// A secondary-keyring change (install / use / remove), spread to every member.
     Keyring {
         /// Operation code: 0 install, 1 use, 2 remove.
@@ -362,6 +369,8 @@ pub struct PushPull {
     /// The sender's secondary keyring (None without security): its version and digest always,
     /// its keys only in an answer to a sender whose ring is behind.
     pub ring: Option<KeyringState>,
+    /// The nodes the sender holds revoked.
+    pub revoked: Vec<NodeId>,
 }
 
 /// A secondary keyring as push-pull carries it (sealed under the transient key, like the
@@ -589,6 +598,7 @@ mod tests {
             }),
             (any::<u8>(), any::<[u8; 32]>(), any::<u64>())
                 .prop_map(|(op, key, version)| Update::Keyring { op, key, version }),
+            any::<u64>().prop_map(|id| Update::Revoke { id: NodeId(id) }),
         ]
     }
 
@@ -656,6 +666,7 @@ mod tests {
                             digest,
                             keys
                         }),
+                        revoked: leader.iter().map(|c| c.leader).collect(),
                     }
                 )),
         ]
@@ -728,6 +739,7 @@ mod tests {
             members,
             leader: None,
             ring: None,
+            revoked: vec![NodeId(3)],
         });
         let bytes = encode_frame(&frame);
         assert_eq!(decode_frame(&bytes).unwrap(), frame);

@@ -508,11 +508,9 @@ async fn callers_off_the_node_plane_or_unlisted_are_refused() {
         .connect_lazy();
     let r = StoreClient::new(channel).status(StatusRequest {}).await;
     let s = r.expect_err("a plaintext caller is refused");
-    // The connection closes under it: no gRPC status ever comes from the store.
-    assert!(
-        matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled),
-        "{s:?}"
-    );
+    // The connection closes under it (a transport error): no gRPC status ever comes from the
+    // store itself.
+    assert!(std::error::Error::source(&s).is_some(), "{s:?}");
 
     // A store of another fleet (a node the flock does not list) cannot reach it: forwarding to
     // it gets a clear error, not an acceptance.

@@ -72,6 +72,11 @@ pub enum Event {
     LeaderChanged(Option<LeaderView>),
     /// A graceful leave has been gossiped; the driver may close its socket.
     LeaveComplete,
+    /// A node was revoked (here or spread by the flock): it is gone from the member table and
+    /// kept out.
+    MemberRevoked(NodeId),
+    /// This node was revoked by the flock: it leaves, and the others ignore it from now on.
+    Revoked,
     /// The secondary keyring changed (here or spread by the flock): the agent saves it.
     KeyringChanged,
     /// A keyring change was refused (the reason, e.g. removing the primary key).
@@ -87,6 +92,8 @@ pub enum Command {
     Leave,
     /// Change the secondary keyring here and spread the change to every member.
     Keyring(crate::crypto::KeyringOp),
+    /// Revoke a node (not this one): every member forgets it and keeps it out from now on.
+    Revoke(NodeId),
 }
 
 /// The leader as this node sees it.
@@ -138,11 +145,13 @@ pub enum DropReason {
     Unexpected,
     /// The member table is full.
     TableFull,
+    /// From a node the flock revoked.
+    Revoked,
 }
 
 impl DropReason {
     /// Every reason, in metric order.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Oversized,
         DropReason::Truncated,
         DropReason::BadMagic,
@@ -156,6 +165,7 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::Unexpected,
         DropReason::TableFull,
+        DropReason::Revoked,
     ];
 
     /// Snake-case name (metric label).
@@ -174,6 +184,7 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::Unexpected => "unexpected",
             DropReason::TableFull => "table_full",
+            DropReason::Revoked => "revoked",
         }
     }
 

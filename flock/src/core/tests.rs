@@ -926,3 +926,63 @@ fn every_member_learns_every_members_node_key() {
         assert_eq!(seen, 4);
     }
 }
+
+/// Revocation (issue 15, item 3): a node revoked on one member is forgotten by every member, its
+/// own datagrams are dropped, it leaves, and a restart of it (a new boot of the same id) stays
+/// out.
+#[test]
+fn a_revoked_node_is_forgotten_everywhere_and_kept_out() {
+    let mut h = Harness::secure(4);
+    h.run_for(Duration::from_secs(5));
+    assert!(h.agreed_leader().is_some());
+    let revoked = NodeId(5000);
+    let now = h.now;
+    h.nodes[0]
+        .as_mut()
+        .unwrap()
+        .handle_command(now, Command::Revoke(revoked));
+    h.run_for(Duration::from_secs(3));
+    let lost: Vec<_> = h
+        .live()
+        .filter(|f| f.identity().id != revoked)
+        .filter(|f| f.member(revoked).is_some() || f.revoked().all(|r| r != revoked))
+        .map(|f| f.identity().id)
+        .collect();
+    assert!(lost.is_empty(), "{lost:?} still list the revoked node");
+    let gone = h.nodes[3].as_ref().unwrap();
+    assert!(gone.has_left(), "the revoked node leaves");
+    // It comes back with a new boot: the others drop what it sends and keep it out.
+    let ident = Identity {
+        boot: crate::boot_id(3, 0),
+        ..*gone.identity()
+    };
+    let cfg = gone.config().clone();
+    let mut seed = [0u8; 32];
+    seed[0] = 99;
+    h.nodes[3] = Some(
+        Flock::new_secure(
+            cfg,
+            ident,
+            test_keyring(7),
+            SecurityTiming::default(),
+            seed,
+            h.now,
+        )
+        .unwrap(),
+    );
+    h.run_for(Duration::from_secs(5));
+    for f in h.live().filter(|f| f.identity().id != revoked) {
+        assert!(
+            f.member(revoked).is_none(),
+            "{:?} let it back",
+            f.identity().id
+        );
+        assert_eq!(f.live_count(), 3);
+    }
+    let dropped: u64 = h
+        .live()
+        .filter(|f| f.identity().id != revoked)
+        .map(|f| f.stats().dropped(DropReason::Revoked))
+        .sum();
+    assert!(dropped > 0, "its datagrams were dropped as revoked");
+}

@@ -73,6 +73,12 @@ impl reeve_server::Reeve for Svc {
     ) -> Result<Response<pb::KeyringResponse>, Status> {
         no()
     }
+    async fn revoke(
+        &self,
+        _: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        no()
+    }
     async fn register(
         &self,
         req: Request<pb::RegisterRequest>,
