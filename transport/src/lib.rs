@@ -40,6 +40,7 @@
 //! handle passed in, so tests and simulations run many nodes in one process.
 
 mod bloc;
+pub mod endpoint;
 mod identity;
 mod stream;
 mod tls;
@@ -62,6 +63,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{debug, warn};
 
 pub use bloc::{BlocKeys, EXPORTER_LABEL, PROOF_BYTES};
+pub use endpoint::{ClientAuth, EndpointAcceptor, EndpointPeer, EndpointStream};
 pub use identity::{key_of_spki, spki, IdentityError, NodeIdentity};
 pub use stream::{NodeStream, PeerInfo};
 
