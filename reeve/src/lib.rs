@@ -7,6 +7,7 @@
 //!   [`client::connect`], a channel that follows the best instance of a selector.
 
 pub mod client;
+pub mod endpoint;
 pub mod link;
 pub mod node;
 
