@@ -117,8 +117,9 @@ pub mod replay;
 pub mod transient;
 
 pub use envelope::{
-    check, decode_drop_reason, max_plaintext, open, open_datagram, seal, sealed_len, OpenError,
-    MAX_SEALED_FRAME_BYTES, MIN_SEALED_BYTES, NONCE_BYTES, OVERHEAD, TAG_BYTES,
+    check, decode_drop_reason, max_plaintext, open, open_datagram, open_for, seal, seal_for,
+    sealed_len, OpenError, MAX_SEALED_FRAME_BYTES, MIN_SEALED_BYTES, NONCE_BYTES, OVERHEAD,
+    TAG_BYTES,
 };
 pub use handshake::{
     respond, respond_with, HandshakeError, HandshakeInitiator, Joined, Origin, Purpose, Response,
