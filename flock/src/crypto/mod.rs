@@ -106,6 +106,7 @@
 //!   obtains one transient key can open the announcements sealed under it, and so follow the
 //!   rotations that come after, until it misses one.
 
+pub mod cookie;
 pub mod envelope;
 pub mod handshake;
 pub mod hostile;
@@ -116,6 +117,10 @@ pub mod receive;
 pub mod replay;
 pub mod transient;
 
+pub use cookie::{
+    Cookie, CookieSecrets, HandshakeLoad, COOKIE_BYTES, COOKIE_REUSE_MAX, COOKIE_SECRET_MAX_AGE,
+    HANDSHAKES_UNDER_LOAD,
+};
 pub use envelope::{
     check, decode_drop_reason, max_plaintext, open, open_datagram, open_for, seal, seal_for,
     sealed_len, OpenError, MAX_SEALED_FRAME_BYTES, MIN_SEALED_BYTES, NONCE_BYTES, OVERHEAD,
