@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use crux_flock::config::{AddressSpace, Config, Preset};
 use crux_flock::crypto::hostile::{insider_join, HostileTraffic};
 use crux_flock::crypto::{
-    max_plaintext, open, respond, seal, Bloc, HandshakeInitiator, Keyring, Origin, PacketKey,
-    Purpose, SecretKey, TransientKeys, ROTATION_MAX,
+    max_plaintext, open, respond, seal, Bloc, HandshakeInitiator, Initiation, Keyring, Origin,
+    PacketKey, Purpose, SecretKey, Tai64N, TransientKeys, ROTATION_MAX,
 };
 use crux_flock::{BootId, DropReason, Flock, Identity, NodeId, SecurityTiming};
 use crux_proto::flock::{
@@ -108,8 +108,21 @@ fn handshake(n: u32) {
     };
     let (mut t_init, mut t_resp, mut t_finish) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for _ in 0..n {
-        let ((state, request), a) =
-            time(|| HandshakeInitiator::new(&mut rng, &secondary, &bloc, Purpose::Join, me, b""));
+        let ((state, request), a) = time(|| {
+            HandshakeInitiator::new(
+                &mut rng,
+                &secondary,
+                &bloc,
+                &Initiation {
+                    purpose: Purpose::Join,
+                    origin: me,
+                    to: "127.0.0.1:7700".parse().unwrap(),
+                    stamp: Tai64N::default(),
+                    cookie: None,
+                    context: b"",
+                },
+            )
+        });
         let (resp, b) = time(|| {
             respond(
                 &keyring, &bloc, &request, &transient, now, them, b"", &mut rng,

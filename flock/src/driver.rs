@@ -15,7 +15,9 @@
 //!   peer's flock UDP address: one frame each way, a frame being a `u32` big-endian length and the
 //!   payload. Spawned tasks do the IO and send the outcome back to the owner through a channel, so
 //!   the core stays single-owner. The driver listens on TCP at its own flock address for the same.
-//! * `now` is the time since the driver's start instant.
+//! * `now` is the time since the driver's start instant. The wall clock is read once, in
+//!   [`Driver::new`], and handed to the core ([`Flock::set_wall_clock`]) for the timestamps of
+//!   its join requests.
 //! * On shutdown the driver gives the core [`Command::Leave`], keeps driving it until
 //!   [`Event::LeaveComplete`] or [`DriverConfig::leave_timeout`], then returns, closing its sockets.
 
@@ -249,7 +251,15 @@ impl Driver {
         config: DriverConfig,
     ) -> (Driver, DriverHandle) {
         let (req_tx, req_rx) = mpsc::channel(64);
+        let mut flock = flock;
         let now = start.elapsed();
+        // The one wall-clock reading: join requests carry the wall-clock time from here on,
+        // counted on the monotonic clock (it never steps back under the core).
+        #[allow(clippy::disallowed_methods)] // drivers read the clock; the core does not
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        flock.set_wall_clock(now, unix.as_nanos());
         let bloc = Bloc::new(&flock.config().bloc);
         let (snap_tx, snap_rx) =
             watch::channel(Arc::new(Snapshot::take(&flock, &bloc, now, false)));

@@ -36,7 +36,7 @@ pub mod driver;
 pub use crate::config::{AddressSpace, Config, ConfigError, Preset, Timing};
 pub use crate::core::{
     Command, DropReason, Event, Flock, Identity, LeaderView, Member, SecurityTiming, Stats,
-    Transmit, TransmitKind, TRANSIENT_KEYS_MAX,
+    Transmit, TransmitKind, CLOCK_SKEW_MAX, TRANSIENT_KEYS_MAX,
 };
 pub use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId, NodeKey};
 

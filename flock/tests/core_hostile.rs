@@ -6,7 +6,10 @@
 //! 30–60 s) run on a tiny lossless, zero-latency in-process network until they agree on a leader
 //! and a transient key (5 s of virtual time). The leader is the target. While it ran, every
 //! datagram delivered to the target was recorded: valid sealed datagrams to replay, truncate and
-//! bit-flip, and the join handshakes it answered.
+//! bit-flip, and the join handshakes it answered; and so were the sealed datagrams and join
+//! requests delivered to the other two nodes (a replay of those at the target is what got
+//! answered before datagrams were sealed for their recipient and join requests named their
+//! destination, issue 15).
 //!
 //! Attack: the **other nodes keep running** (their timers fire and their traffic is delivered, as
 //! is the target's), and between their steps the target gets the hostile datagrams, spread evenly
@@ -14,8 +17,9 @@
 //! member's address): [`HostileTraffic`]'s nine attacks (random bytes, truncations, bit flips,
 //! replays, another bloc, the right epoch under a wrong key, unknown epochs, oversized, junk
 //! handshakes) plus handshake replays, handshake requests sealed under a wrong secondary key,
-//! request-sized datagrams naming our secondary key id with a forged body, and pure garbage of
-//! exactly [`REQUEST_BYTES`] and [`REPLY_BYTES`].
+//! request-sized datagrams naming our secondary key id with a forged body, pure garbage of
+//! exactly [`REQUEST_BYTES`] and [`REPLY_BYTES`], and the datagrams and join requests recorded on
+//! their way to the other nodes.
 //!
 //! Checks: no panic; after each hostile datagram the target has queued no transmit and no event
 //! (so nothing at all goes to the attackers) and exactly one drop counter went up by one (the
@@ -47,8 +51,8 @@ use std::time::{Duration, Instant};
 use crux_flock::config::{AddressSpace, Config, Preset};
 use crux_flock::crypto::hostile::{insider_join, Attack, HostileTraffic};
 use crux_flock::crypto::{
-    key_id, seal, Bloc, HandshakeInitiator, Keyring, Origin, PacketKey, Purpose, SecretKey,
-    REPLY_BYTES, REQUEST_BYTES,
+    key_id, seal_for, Bloc, HandshakeInitiator, Initiation, Keyring, Origin, PacketKey, Purpose,
+    SecretKey, Tai64N, REPLY_BYTES, REQUEST_BYTES,
 };
 use crux_flock::sim::scenario::process_memory;
 use crux_flock::{
@@ -112,6 +116,10 @@ struct Net {
     recorded: VecDeque<Vec<u8>>,
     /// Handshake datagrams delivered to `watch`, and what became of each.
     recorded_handshakes: Vec<(Vec<u8>, Outcome)>,
+    /// Sealed flock datagrams delivered to other nodes than `watch` (the latest ones).
+    elsewhere: VecDeque<Vec<u8>>,
+    /// Join requests delivered to other nodes than `watch`.
+    elsewhere_requests: Vec<Vec<u8>>,
     /// The same, as text.
     handshake_log: Vec<String>,
 }
@@ -132,6 +140,8 @@ impl Net {
             watch: None,
             recorded: VecDeque::new(),
             recorded_handshakes: Vec::new(),
+            elsewhere: VecDeque::new(),
+            elsewhere_requests: Vec::new(),
             handshake_log: Vec::new(),
         }
     }
@@ -185,6 +195,15 @@ impl Net {
                         self.recorded.push_back(t.payload);
                         if self.recorded.len() > 64 {
                             self.recorded.pop_front();
+                        }
+                    } else if self.watch.is_some() && handshake {
+                        if t.payload.len() == REQUEST_BYTES {
+                            self.elsewhere_requests.push(t.payload);
+                        }
+                    } else if self.watch.is_some() {
+                        self.elsewhere.push_back(t.payload);
+                        if self.elsewhere.len() > 64 {
+                            self.elsewhere.pop_front();
                         }
                     }
                 }
@@ -293,6 +312,10 @@ enum Kind2 {
     ReplySized,
     /// Pure random bytes of exactly [`REQUEST_BYTES`] or [`REPLY_BYTES`].
     HandshakeSizedGarbage,
+    /// A sealed datagram recorded on its way to another node (sealed for that node).
+    CrossReplay,
+    /// A join request recorded on its way to another node (addressed to that node).
+    CrossRequest,
 }
 
 /// The attacker: [`HostileTraffic`] plus handshake-level attacks.
@@ -300,6 +323,8 @@ struct Attacker {
     rng: ChaCha20Rng,
     traffic: HostileTraffic,
     handshakes: Vec<Vec<u8>>,
+    elsewhere: Vec<Vec<u8>>,
+    elsewhere_requests: Vec<Vec<u8>>,
     wrong_secondary: Vec<Vec<u8>>,
     wrong_bloc: Vec<Vec<u8>>,
     our_key_id: u32,
@@ -307,17 +332,30 @@ struct Attacker {
     n: u64,
 }
 
-const EXTRA: [fn(&mut Attacker, &mut Vec<u8>) -> Kind2; 6] = [
+const EXTRA: [fn(&mut Attacker, &mut Vec<u8>) -> Kind2; 8] = [
     Attacker::handshake_replay,
     Attacker::wrong_secondary,
     Attacker::wrong_bloc_handshake,
     Attacker::forged_request,
     Attacker::reply_sized,
     Attacker::handshake_sized_garbage,
+    Attacker::cross_replay,
+    Attacker::cross_request,
 ];
 
 impl Attacker {
     fn new(seed: u64, target: &Flock, recorded: Vec<Vec<u8>>, handshakes: Vec<Vec<u8>>) -> Self {
+        Attacker::with_elsewhere(seed, target, recorded, handshakes, Vec::new(), Vec::new())
+    }
+
+    fn with_elsewhere(
+        seed: u64,
+        target: &Flock,
+        recorded: Vec<Vec<u8>>,
+        handshakes: Vec<Vec<u8>>,
+        elsewhere: Vec<Vec<u8>>,
+        elsewhere_requests: Vec<Vec<u8>>,
+    ) -> Self {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let bloc = Bloc::new(BLOC);
         let epoch = target.key_epoch().expect("the target holds a key");
@@ -329,7 +367,20 @@ impl Attacker {
                 boot: BootId(rng.next_u64()),
                 counter: rng.next_u64(),
             };
-            HandshakeInitiator::new(rng, secret, bloc, Purpose::Join, origin, b"").1
+            HandshakeInitiator::new(
+                rng,
+                secret,
+                bloc,
+                &Initiation {
+                    purpose: Purpose::Join,
+                    origin,
+                    to: "127.0.0.1:7700".parse().unwrap(),
+                    stamp: Tai64N::default(),
+                    cookie: None,
+                    context: b"",
+                },
+            )
+            .1
         };
         let wrong = SecretKey::generate(&mut rng);
         let wrong_secondary = (0..32).map(|_| request(&mut rng, &wrong, &bloc)).collect();
@@ -341,6 +392,8 @@ impl Attacker {
             rng,
             traffic,
             handshakes,
+            elsewhere,
+            elsewhere_requests,
             wrong_secondary,
             wrong_bloc,
             our_key_id: key_id(&secondary(), &bloc),
@@ -383,6 +436,26 @@ impl Attacker {
             out[bit / 8] ^= 1 << (bit % 8);
         }
         Kind2::HandshakeReplay
+    }
+
+    fn cross_replay(&mut self, out: &mut Vec<u8>) -> Kind2 {
+        out.clear();
+        if self.elsewhere.is_empty() {
+            return self.forged_request(out);
+        }
+        let i = self.rng.gen_range(0..self.elsewhere.len());
+        out.extend_from_slice(&self.elsewhere[i]);
+        Kind2::CrossReplay
+    }
+
+    fn cross_request(&mut self, out: &mut Vec<u8>) -> Kind2 {
+        out.clear();
+        if self.elsewhere_requests.is_empty() {
+            return self.forged_request(out);
+        }
+        let i = self.rng.gen_range(0..self.elsewhere_requests.len());
+        out.extend_from_slice(&self.elsewhere_requests[i]);
+        Kind2::CrossRequest
     }
 
     fn wrong_secondary(&mut self, out: &mut Vec<u8>) -> Kind2 {
@@ -499,7 +572,22 @@ fn a_flood_of_hostile_datagrams_changes_nothing_and_gets_no_reply() {
         println!("  handshake to the target at {line}");
     }
     assert!(!recorded.is_empty());
-    let mut attacker = Attacker::new(0xbad_c0de, &net.nodes[t], recorded, handshakes);
+    let elsewhere: Vec<Vec<u8>> = net.elsewhere.iter().cloned().collect();
+    let elsewhere_requests = net.elsewhere_requests.clone();
+    println!(
+        "recorded on their way to other nodes: {} sealed datagrams, {} join requests",
+        elsewhere.len(),
+        elsewhere_requests.len()
+    );
+    assert!(!elsewhere.is_empty() && !elsewhere_requests.is_empty());
+    let mut attacker = Attacker::with_elsewhere(
+        0xbad_c0de,
+        &net.nodes[t],
+        recorded,
+        handshakes,
+        elsewhere,
+        elsewhere_requests,
+    );
     let mut addr_rng = ChaCha20Rng::seed_from_u64(0xadd7);
 
     let start = net.now;
@@ -632,7 +720,9 @@ fn a_flood_of_hostile_datagrams_changes_nothing_and_gets_no_reply() {
         DropReason::UnknownKey,
         DropReason::AuthFailed,
         DropReason::Replay,
-        DropReason::RateLimited,
+        // Join requests replayed to the target, and those recorded on their way elsewhere.
+        DropReason::OldInitiation,
+        DropReason::Misdirected,
         // Replies while no handshake of the target's is pending.
         DropReason::Unexpected,
     ] {
@@ -842,7 +932,7 @@ fn dropped_as(f: &mut Flock, reason: DropReason, what: &str, feed: impl FnOnce(&
 
 /// Genuine datagrams and frames that authenticate but must not be taken. An insider (a holder of
 /// the secondary key, who can join like any member) gets the leader's answer to a join request and
-/// its transient key; then the leader drops that request again (`Replay`, no second reply), its own
+/// its transient key; then the leader drops that request again (`OldInitiation`, no second reply), its own
 /// reply looped back (`FromSelf`), a handshake of neither size (`Malformed`), and a sealed frame
 /// larger than a datagram as a datagram (`Oversized`); it opens that frame on a stream (its body
 /// is no push-pull: `Malformed`) and drops it again (`Replay`), and drops a handshake sent as a
@@ -863,7 +953,7 @@ fn authentic_input_that_must_not_be_taken_is_dropped_for_its_reason() {
     assert!(join.reply.len() <= join.request.len(), "no amplification");
     assert_eq!(target.key_epoch(), Some(join.key.epoch));
 
-    dropped_as(target, DropReason::Replay, "request again", |f| {
+    dropped_as(target, DropReason::OldInitiation, "request again", |f| {
         f.handle_datagram(now, from(FIRST_SOURCE + 1), &join.request)
     });
     dropped_as(target, DropReason::FromSelf, "own reply", |f| {
@@ -887,7 +977,8 @@ fn authentic_input_that_must_not_be_taken_is_dropped_for_its_reason() {
     };
     let mut frame = Vec::new();
     let key = PacketKey::transient(&join.key.key, &bloc);
-    seal(&key, &header, &[0x5a; 100_000], &mut rng, &mut frame);
+    let me = target.identity().id;
+    seal_for(&key, &header, me, &[0x5a; 100_000], &mut rng, &mut frame);
     dropped_as(target, DropReason::Oversized, "frame as a datagram", |f| {
         f.handle_datagram(now, from(FIRST_SOURCE + 4), &frame)
     });

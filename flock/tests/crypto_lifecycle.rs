@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use crux_flock::crypto::{
-    next_rotation, receive, respond, seal, Bloc, HandshakeInitiator, Installed, KeyAnnouncement,
-    Keyring, KeyringOp, OpenError, Origin, Purpose, Received, ReplayTable, SecretKey,
-    TransientKeys, ROTATION_MAX, ROTATION_MIN,
+    next_rotation, receive, respond, seal, Bloc, HandshakeInitiator, Initiation, Installed,
+    KeyAnnouncement, Keyring, KeyringOp, OpenError, Origin, Purpose, Received, ReplayTable,
+    SecretKey, Tai64N, TransientKeys, ROTATION_MAX, ROTATION_MIN,
 };
 use crux_flock::{BootId, DropReason, NodeId};
 use crux_proto::flock::{Header, Kind, DEFAULT_MTU};
@@ -93,8 +93,19 @@ impl Node {
         rng: &mut ChaCha20Rng,
     ) -> Result<(), DropReason> {
         let origin = self.origin();
-        let (state, request) =
-            HandshakeInitiator::new(rng, self.keyring.primary(), bloc, purpose, origin, b"");
+        let (state, request) = HandshakeInitiator::new(
+            rng,
+            self.keyring.primary(),
+            bloc,
+            &Initiation {
+                purpose,
+                origin,
+                to: "127.0.0.1:7700".parse().unwrap(),
+                stamp: Tai64N::default(),
+                cookie: None,
+                context: b"",
+            },
+        );
         let them = responder.origin();
         let resp = respond(
             &responder.keyring,
@@ -265,7 +276,19 @@ fn two_blocs_with_the_same_secondary_key_never_exchange_keys() {
     in_b.transient.rotate(now, &mut rng);
     // A node of bloc b asks a member of bloc a (bloc b's tag): dropped before any crypto.
     let origin = in_b.origin();
-    let (_, request) = HandshakeInitiator::new(&mut rng, &shared, &b, Purpose::Join, origin, b"");
+    let (_, request) = HandshakeInitiator::new(
+        &mut rng,
+        &shared,
+        &b,
+        &Initiation {
+            purpose: Purpose::Join,
+            origin,
+            to: "127.0.0.1:7700".parse().unwrap(),
+            stamp: Tai64N::default(),
+            cookie: None,
+            context: b"",
+        },
+    );
     let them = in_a.origin();
     let err = respond(
         &in_a.keyring,

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use crux_flock::crypto::{
-    check, open, respond, seal, Bloc, HandshakeInitiator, Keyring, Origin, PacketKey, Purpose,
-    SecretKey, TransientKeys, MAX_SEALED_FRAME_BYTES, ROTATION_MAX,
+    check, open, respond, seal, Bloc, HandshakeInitiator, Initiation, Keyring, Origin, PacketKey,
+    Purpose, SecretKey, Tai64N, TransientKeys, MAX_SEALED_FRAME_BYTES, ROTATION_MAX,
 };
 use crux_flock::{BootId, NodeId};
 use crux_proto::flock::{Header, Kind, DEFAULT_MTU};
@@ -83,6 +83,18 @@ fn apply(mut d: Vec<u8>, c: &Change) -> Vec<u8> {
     d
 }
 
+/// A join request of `origin` (to an address and at a time these properties do not look at).
+fn join_request(origin: Origin) -> Initiation<'static> {
+    Initiation {
+        purpose: Purpose::Join,
+        origin,
+        to: "127.0.0.1:7700".parse().unwrap(),
+        stamp: Tai64N::default(),
+        cookie: None,
+        context: b"",
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -123,7 +135,7 @@ proptest! {
         let origin = Origin { sender: NodeId(1), boot: BootId(1), counter: 0 };
         let r = respond(&keyring, &bloc(), &bytes, &transient, Duration::ZERO, origin, b"", &mut rng);
         prop_assert!(r.is_err());
-        let (state, _) = HandshakeInitiator::new(&mut rng, &secondary, &bloc(), Purpose::Join, origin, b"");
+        let (state, _) = HandshakeInitiator::new(&mut rng, &secondary, &bloc(), &join_request(origin));
         prop_assert!(state.finish(&bytes).is_err());
     }
 
@@ -136,7 +148,7 @@ proptest! {
         transient.install(1, SecretKey::from_bytes([5; 32]), Duration::ZERO);
         let me = Origin { sender: NodeId(1), boot: BootId(1), counter: 0 };
         let them = Origin { sender: NodeId(2), boot: BootId(2), counter: 0 };
-        let (state, request) = HandshakeInitiator::new(&mut rng, &secondary, &bloc(), Purpose::Join, me, b"");
+        let (state, request) = HandshakeInitiator::new(&mut rng, &secondary, &bloc(), &join_request(me));
         let bad = apply(request.clone(), &change);
         if bad != request {
             let r = respond(&keyring, &bloc(), &bad, &transient, Duration::ZERO, them, b"", &mut rng);

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crux_flock::config::{AddressSpace, Config, Preset};
 use crux_flock::crypto::{
-    respond, Bloc, HandshakeInitiator, Keyring, Origin, Purpose, SecretKey, TransientKeys,
-    ROTATION_MAX,
+    respond, Bloc, HandshakeInitiator, Initiation, Keyring, Origin, Purpose, SecretKey, Tai64N,
+    TransientKeys, ROTATION_MAX,
 };
 use crux_flock::{BootId, Flock, Identity, NodeId, SecurityTiming};
 use libfuzzer_sys::fuzz_target;
@@ -60,9 +60,17 @@ fuzz_target!(|data: &[u8]| {
         &keyring, &bloc, data, &transient, now, origin, b"", &mut rng,
     );
     assert!(answered.is_err());
-    let (state, _) =
-        HandshakeInitiator::new(&mut rng, &secondary, &bloc, Purpose::Join, origin, b"");
+    let initiation = Initiation {
+        purpose: Purpose::Join,
+        origin,
+        to: SocketAddr::from(([127, 0, 0, 2], 7700)),
+        stamp: Tai64N::default(),
+        cookie: None,
+        context: b"",
+    };
+    let (state, _) = HandshakeInitiator::new(&mut rng, &secondary, &bloc, &initiation);
     assert!(state.finish(data).is_err());
+    assert!(state.finish_cookie(data).is_err());
 
     // One node waits on the join handshake it sent to its neighbour; a lone one made a key.
     let mut joining = node(2, "127.0.0.2-127.0.0.3", &keyring);

@@ -86,6 +86,12 @@ enum Opened {
         reply: Vec<u8>,
     },
     Joined(Joined),
+    /// A handshake datagram to send to `to` (a cookie reply, or our request again with a cookie).
+    Handshake {
+        to: SocketAddr,
+        payload: Vec<u8>,
+        cookie_reply: bool,
+    },
 }
 
 struct Relay {
@@ -152,6 +158,12 @@ pub struct Flock {
     counter: u64,
     stats: Stats,
     out: Outbox,
+    /// While a datagram is handled: its source, its length and its sender. An answer to a source
+    /// that is not the sender's own address in the table (forged, or a node not in the table) is
+    /// never larger than that datagram: it piggybacks only what fits, a push-pull answer that
+    /// does not fit goes over a stream (TCP), anything else that does not fit is not sent. No
+    /// amplification towards an address that may not have sent it (DESIGN.md "Node plane").
+    reply_cap: Option<(SocketAddr, usize, NodeId)>,
 }
 
 impl Flock {
@@ -176,8 +188,25 @@ impl Flock {
             security,
             identity.id,
             identity.boot,
+            identity.addr,
+            now,
         ));
         Ok(flock)
+    }
+
+    /// The wall-clock time at `now` as this node stamps its join requests (None with security
+    /// off).
+    pub fn wall_clock(&self, now: Duration) -> Option<crate::crypto::Tai64N> {
+        self.sec.as_ref().map(|s| s.wall_at(now))
+    }
+
+    /// Sets the wall clock: `unix_nanos` nanoseconds since the Unix epoch at core time `now`.
+    /// Drivers call it once, at their start; join requests carry the wall-clock time (counted on
+    /// the core's monotonic `now` from there). Without it the boot id's start time stands in.
+    pub fn set_wall_clock(&mut self, now: Duration, unix_nanos: u128) {
+        if let Some(sec) = self.sec.as_mut() {
+            sec.set_wall_clock(now, unix_nanos);
+        }
     }
 
     /// Whether datagrams are sealed (a node built with [`Flock::new_secure`]).
@@ -261,6 +290,7 @@ impl Flock {
             counter: 0,
             stats: Stats::default(),
             out: Outbox::default(),
+            reply_cap: None,
         };
         // Spread the periodic work of many nodes started together.
         let t = flock.config.timing.clone();
@@ -431,6 +461,27 @@ impl Flock {
                 self.on_joined(now, from, joined);
                 return;
             }
+            Ok(Opened::Handshake {
+                to,
+                payload,
+                cookie_reply,
+            }) => {
+                if cookie_reply {
+                    self.stats.cookies_sent += 1;
+                    self.stats.drop(DropReason::UnderLoad);
+                } else {
+                    self.stats.cookies_received += 1;
+                    self.stats.handshakes_sent += 1;
+                }
+                self.stats.datagrams_out += 1;
+                self.stats.bytes_out += payload.len() as u64;
+                self.out.transmits.push_back(Transmit {
+                    to,
+                    kind: TransmitKind::Datagram,
+                    payload,
+                });
+                return;
+            }
             Err(reason) => {
                 let unreadable = matches!(
                     reason,
@@ -461,7 +512,9 @@ impl Flock {
                 return;
             }
         };
+        self.reply_cap = Some((from, bytes.len(), header.sender));
         self.on_message(now, from, header, msg);
+        self.reply_cap = None;
     }
 
     /// A stream request from a peer; returns the reply frame.
@@ -501,7 +554,7 @@ impl Flock {
         // Answer under the key the request came in (the stream's source port is not the peer's
         // flock address, so look the sender up).
         let to = self.member(sender).map(|m| m.info.addr).unwrap_or(from);
-        let sealed = self.seal(to, &body)?;
+        let sealed = self.seal_for(to, Some(sender), &body)?;
         self.stats.streams_out += 1;
         self.stats.stream_bytes_out += sealed.len() as u64;
         Some(sealed)
@@ -534,8 +587,20 @@ impl Flock {
 
     // ----- envelope seam -------------------------------------------------------------------
 
-    /// Seals a body for `to`; None when this node holds no key to seal with (it must join).
+    /// Seals a body for the node at `to`; None when this node holds no key to seal with (it
+    /// must join), or knows no node at `to`.
     fn seal(&mut self, to: SocketAddr, body: &[u8]) -> Option<Vec<u8>> {
+        self.seal_for(to, None, body)
+    }
+
+    /// Seals a body for node `recipient` (by default the node at `to`: the one last heard from
+    /// there, or the member the table puts there) at `to`.
+    fn seal_for(
+        &mut self,
+        to: SocketAddr,
+        recipient: Option<NodeId>,
+        body: &[u8],
+    ) -> Option<Vec<u8>> {
         self.counter += 1;
         let mut out = Vec::with_capacity(HEADER_BYTES + ENVELOPE_OVERHEAD + body.len());
         let Some(sec) = self.sec.as_mut() else {
@@ -552,10 +617,19 @@ impl Flock {
             return Some(out);
         };
         let dest_epoch = self.peer_epoch.get(&addr_key(&to)).copied();
+        let member = self
+            .members
+            .id_at(&to)
+            .map(|id| (id, self.members.is_live(id)));
+        let Some(recipient) = recipient.or_else(|| sec.recipient(to, member)) else {
+            self.stats.unsealed += 1;
+            return None;
+        };
         if sec.seal(
             self.now,
             self.counter,
             dest_epoch,
+            recipient,
             body,
             &mut self.rng,
             &mut out,
@@ -578,7 +652,7 @@ impl Flock {
             let context = encode_claim(self.leader.as_ref());
             return match sec.open_datagram(
                 self.now,
-                from.ip(),
+                from,
                 bytes,
                 &mut self.counter,
                 &context,
@@ -596,6 +670,16 @@ impl Flock {
                     reply,
                 }),
                 SecOpened::Joined(joined) => Ok(Opened::Joined(joined)),
+                SecOpened::CookieReply { reply } => Ok(Opened::Handshake {
+                    to: from,
+                    payload: reply,
+                    cookie_reply: true,
+                }),
+                SecOpened::Retry { to, request } => Ok(Opened::Handshake {
+                    to,
+                    payload: request,
+                    cookie_reply: false,
+                }),
             };
         }
         let (header, rest) = Header::parse(bytes).map_err(|e| match e {
@@ -671,6 +755,23 @@ impl Flock {
         self.config.mtu - HEADER_BYTES - ENVELOPE_OVERHEAD
     }
 
+    /// The body size of the datagram being handled, if it came from `to` and `to` is not its
+    /// sender's address in the table: an answer piggybacks no more than fits in that size.
+    fn reply_body_cap(&self, to: SocketAddr) -> Option<usize> {
+        let (from, len, sender) = self.reply_cap?;
+        if from != to || self.members.addr(sender) == Some(from) {
+            return None;
+        }
+        Some(len.saturating_sub(HEADER_BYTES + ENVELOPE_OVERHEAD))
+    }
+
+    /// Room for the body of a datagram to `to`.
+    fn room_for(&self, to: SocketAddr) -> usize {
+        let budget = self.body_budget();
+        self.reply_body_cap(to)
+            .map_or(budget, |cap| cap.min(budget))
+    }
+
     fn send(&mut self, to: SocketAddr, msg: &Message) {
         let mut body = Vec::with_capacity(256);
         encode_message(msg, &mut body);
@@ -678,6 +779,10 @@ impl Flock {
             body.len() <= self.body_budget(),
             "datagram over MTU: {msg:?}"
         );
+        if self.reply_body_cap(to).is_some_and(|cap| body.len() > cap) {
+            trace!(%to, len = body.len(), "answer to a foreign source larger than its request");
+            return;
+        }
         let Some(payload) = self.seal(to, &body) else {
             return;
         };
@@ -690,11 +795,12 @@ impl Flock {
         });
     }
 
-    /// Fills `msg`'s update list with as many queued updates as fit, then sends it.
+    /// Fills `msg`'s update list with as many queued updates as fit (see
+    /// [`Flock::reply_body_cap`]), then sends it.
     fn send_with_updates(&mut self, to: SocketAddr, mut msg: Message) {
         let fixed = message_len(&msg);
         // 3 bytes: room for the update count's varint to grow.
-        let budget = self.body_budget().saturating_sub(fixed + 3);
+        let budget = self.room_for(to).saturating_sub(fixed + 3);
         let limit = self.retransmit_limit();
         let taken = self.broadcasts.take(budget, limit);
         match &mut msg {
@@ -1019,7 +1125,7 @@ impl Flock {
         let Some(sec) = self.sec.as_mut() else {
             return;
         };
-        let request = sec.start_handshake(now, counter, purpose, &context, &mut self.rng);
+        let request = sec.start_handshake(now, counter, addr, purpose, &context, &mut self.rng);
         self.stats.handshakes_sent += 1;
         self.stats.datagrams_out += 1;
         self.stats.bytes_out += request.len() as u64;
@@ -1454,10 +1560,11 @@ impl Flock {
         self.send_push_pull(addr, pp);
     }
 
-    /// Sends a push-pull as a datagram when it fits, else as a stream request.
+    /// Sends a push-pull as a datagram when it fits (see [`Flock::reply_body_cap`]), else as a
+    /// stream request.
     fn send_push_pull(&mut self, addr: SocketAddr, pp: PushPull) {
         let msg = Message::PushPull(pp);
-        if message_len(&msg) <= self.body_budget() {
+        if message_len(&msg) <= self.room_for(addr) {
             self.send(addr, &msg);
             return;
         }

@@ -15,7 +15,7 @@ mod table;
 mod tests;
 
 pub use machine::Flock;
-pub use secure::{SecurityTiming, TRANSIENT_KEYS_MAX};
+pub use secure::{SecurityTiming, CLOCK_SKEW_MAX, TRANSIENT_KEYS_MAX};
 
 /// Who this node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +139,15 @@ pub enum DropReason {
     AuthFailed,
     /// Already seen (replay window).
     Replay,
+    /// A join request not newer than the last one taken from its sender (a replay, or an older
+    /// request), or stamped before this node started.
+    OldInitiation,
+    /// A join request addressed to another address than this node's (recorded on its way to
+    /// another node, or to an address where no node listens).
+    Misdirected,
+    /// A join request without a valid cookie while this node was under load: answered with a
+    /// cookie instead of keys.
+    UnderLoad,
     /// Handshake over the per-source rate limit.
     RateLimited,
     /// Valid but not acceptable now (e.g. an ack nobody waits for, a message while leaving).
@@ -151,7 +160,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in metric order.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::Oversized,
         DropReason::Truncated,
         DropReason::BadMagic,
@@ -162,6 +171,9 @@ impl DropReason {
         DropReason::StaleKey,
         DropReason::AuthFailed,
         DropReason::Replay,
+        DropReason::OldInitiation,
+        DropReason::Misdirected,
+        DropReason::UnderLoad,
         DropReason::RateLimited,
         DropReason::Unexpected,
         DropReason::TableFull,
@@ -181,6 +193,9 @@ impl DropReason {
             DropReason::StaleKey => "stale_key",
             DropReason::AuthFailed => "auth_failed",
             DropReason::Replay => "replay",
+            DropReason::OldInitiation => "old_initiation",
+            DropReason::Misdirected => "misdirected",
+            DropReason::UnderLoad => "under_load",
             DropReason::RateLimited => "rate_limited",
             DropReason::Unexpected => "unexpected",
             DropReason::TableFull => "table_full",
@@ -231,6 +246,10 @@ pub struct Stats {
     pub handshakes_answered: u64,
     /// Handshakes of ours that were answered (keys received).
     pub joins: u64,
+    /// Join requests answered with a cookie (under load) instead of keys.
+    pub cookies_sent: u64,
+    /// Cookies received (our join request met a responder under load; sent again with it).
+    pub cookies_received: u64,
     /// Key requests (a member that missed rotations asking again).
     pub key_requests: u64,
     /// Transient keys this node made as leader.

@@ -18,17 +18,20 @@
 //! probe intervals), so those peers get our own key. Keys once dropped are never taken back
 //! (a late or re-gossiped announcement of an old key would otherwise restart its life).
 
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crux_proto::flock::{BootId, Header, KeyringState, Kind, NodeId};
 use rand::{CryptoRng, Rng, RngCore};
 use sha2::{Digest as _, Sha256};
+use tracing::debug;
 
 use crate::crypto::{
-    check, open, respond_with, seal, Bloc, HandshakeInitiator, JoinKeys, Joined, KeyAnnouncement,
-    Keyring, Origin, PacketKey, Purpose, RateLimiter, ReplayTable, SecretKey, MAX_KEYS,
-    MAX_SEALED_FRAME_BYTES, REPLY_BYTES, REQUEST_BYTES,
+    check, open_for, open_request, seal_for, Bloc, Cookie, CookieSecrets, HandshakeInitiator,
+    HandshakeLoad, Initiation, InitiationStamps, JoinKeys, Joined, KeyAnnouncement, Keyring,
+    Origin, PacketKey, Purpose, RateLimiter, ReplayTable, SecretKey, Tai64N, COOKIE_REPLY_BYTES,
+    COOKIE_REUSE_MAX, MAX_KEYS, MAX_SEALED_FRAME_BYTES, REPLY_BYTES, REQUEST_BYTES,
 };
 use crate::DropReason;
 
@@ -40,6 +43,18 @@ const REPLAY_SENDERS_MAX: usize = 16_384;
 const RETIRED_MAX: usize = 64;
 /// Handshake sources rate-limited at once.
 const HANDSHAKE_SOURCES_MAX: usize = 4096;
+/// Initiators whose newest initiation is remembered.
+const INITIATORS_MAX: usize = 16_384;
+/// Source addresses remembered with the node last heard from there.
+const PEERS_MAX: usize = 16_384;
+/// Cookies kept (one per responder address).
+const COOKIES_HELD_MAX: usize = 1024;
+/// How far behind ours another node's clock may be: a join request stamped more than this before
+/// this node started is refused ([`DropReason::OldInitiation`]), so that a request recorded before
+/// a restart is not answered after it. Nodes are expected to keep their clocks within this of
+/// each other (NTP does, by orders of magnitude); a node whose clock lags further is refused by a
+/// freshly started node until the lag has passed, and still talks to every other node.
+pub const CLOCK_SKEW_MAX: Duration = Duration::from_secs(10);
 
 struct TransientKey {
     epoch: u32,
@@ -89,6 +104,11 @@ pub(crate) struct Rotation {
 pub(crate) struct Pending {
     initiator: HandshakeInitiator,
     pub(crate) started: Duration,
+    to: SocketAddr,
+    context: Vec<u8>,
+    /// Whether this request already carried a fresh cookie (a second cookie reply is not
+    /// followed).
+    cookied: bool,
 }
 
 /// What an incoming datagram turned out to be.
@@ -103,6 +123,12 @@ pub(crate) enum Opened {
     },
     /// The answer to our handshake.
     Joined(Joined),
+    /// Under load: send `reply` (a cookie reply, smaller than the request) to the request's
+    /// source instead of answering it.
+    CookieReply { reply: Vec<u8> },
+    /// Our handshake's responder is under load and gave us a cookie: send `request` (the same
+    /// handshake, with the cookie) to `to`.
+    Retry { to: SocketAddr, request: Vec<u8> },
 }
 
 pub(crate) struct Sec {
@@ -131,14 +157,36 @@ pub(crate) struct Sec {
     ring_last_repair: Option<Duration>,
     /// Which keyring key our handshakes use (index into the list, primary first).
     handshake_key: usize,
-    /// Randomness for replies that are never sent (checking early join requests): kept apart
-    /// so that it does not shift the node's own random choices.
-    scratch_rng: rand_chacha::ChaCha8Rng,
+    /// This node's flock address: join requests addressed elsewhere are refused.
+    addr: SocketAddr,
+    /// The newest join request taken from each initiator.
+    stamps: InitiationStamps,
+    /// Responder side: the secrets cookies are made with, and the load that calls for them.
+    cookie_secrets: CookieSecrets,
+    load: HandshakeLoad,
+    /// Initiator side: cookies received, by responder address, and when.
+    cookies: HashMap<SocketAddr, (Cookie, Duration)>,
+    /// The node whose authenticated datagram came last from each source address: a reply to an
+    /// address is sealed for that node.
+    peers: HashMap<SocketAddr, NodeId>,
+    /// Wall clock: nanoseconds since the Unix epoch at core time `.0`.
+    wall: (Duration, u128),
+    /// When this node started (wall clock): older join requests are refused.
+    started: Tai64N,
+    /// The last timestamp this node put on a join request.
+    last_stamp: Tai64N,
     id: NodeId,
     boot: BootId,
 }
 
+/// The wall-clock start of a boot, from its id ([`crate::boot_id`]: milliseconds in the high 48
+/// bits), in nanoseconds since the Unix epoch.
+fn boot_wall_nanos(boot: BootId) -> u128 {
+    u128::from(boot.0 >> 16) * 1_000_000
+}
+
 impl Sec {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         bloc: &str,
         mtu: usize,
@@ -146,7 +194,11 @@ impl Sec {
         timing: SecurityTiming,
         id: NodeId,
         boot: BootId,
+        addr: SocketAddr,
+        now: Duration,
     ) -> Sec {
+        let wall = (now, boot_wall_nanos(boot));
+        let started = Tai64N::from_unix_nanos(wall.1);
         Sec {
             bloc: Bloc::new(bloc),
             mtu,
@@ -166,9 +218,71 @@ impl Sec {
             ring_mismatch_since: None,
             ring_last_repair: None,
             handshake_key: 0,
-            scratch_rng: rand::SeedableRng::seed_from_u64(id.0 ^ boot.0.rotate_left(17)),
+            addr,
+            stamps: InitiationStamps::new(INITIATORS_MAX),
+            cookie_secrets: CookieSecrets::new(),
+            load: HandshakeLoad::default(),
+            cookies: HashMap::new(),
+            peers: HashMap::new(),
+            wall,
+            started,
+            last_stamp: Tai64N::default(),
             id,
             boot,
+        }
+    }
+
+    /// Sets the wall clock: `unix_nanos` nanoseconds since the Unix epoch at core time `now`
+    /// (the driver reads it once at its start; without it, the boot id's start time is used).
+    /// This node's start, as join requests are checked against it, moves with it.
+    pub(crate) fn set_wall_clock(&mut self, now: Duration, unix_nanos: u128) {
+        let since_start = now.saturating_sub(self.wall.0).as_nanos();
+        self.wall = (now, unix_nanos);
+        self.started = Tai64N::from_unix_nanos(unix_nanos.saturating_sub(since_start));
+    }
+
+    /// The wall-clock time at core time `now`, on the monotonic clock.
+    pub(crate) fn wall_at(&self, now: Duration) -> Tai64N {
+        let (t0, nanos0) = self.wall;
+        let since = now.as_nanos() as i128 - t0.as_nanos() as i128;
+        Tai64N::from_unix_nanos((nanos0 as i128 + since).max(0) as u128)
+    }
+
+    /// The timestamp of a join request made at `now`: the wall clock, strictly increasing.
+    fn next_stamp(&mut self, now: Duration) -> Tai64N {
+        let t = self.wall_at(now);
+        self.last_stamp = if t > self.last_stamp {
+            t
+        } else {
+            self.last_stamp.next()
+        };
+        self.last_stamp
+    }
+
+    /// Remembers that an authenticated datagram of `sender` came from `from`.
+    fn heard(&mut self, from: SocketAddr, sender: NodeId) {
+        if self.peers.get(&from) == Some(&sender) {
+            return;
+        }
+        if self.peers.len() >= PEERS_MAX {
+            self.peers.clear();
+        }
+        self.peers.insert(from, sender);
+    }
+
+    /// The node a datagram to `to` is sealed for: the member the table puts there (`member`:
+    /// its id and whether it is live) if live, else the node last heard from that address, else
+    /// the table's (dead) member.
+    pub(crate) fn recipient(
+        &self,
+        to: SocketAddr,
+        member: Option<(NodeId, bool)>,
+    ) -> Option<NodeId> {
+        match (member, self.peers.get(&to).copied()) {
+            (Some((m, true)), _) => Some(m),
+            (_, Some(h)) => Some(h),
+            (Some((m, false)), None) => Some(m),
+            (None, None) => None,
         }
     }
 
@@ -373,13 +487,15 @@ impl Sec {
         }
     }
 
-    /// Seals a flock body under our own key, or under `dest_epoch` (the key the peer was last
-    /// heard under) when [`Sec::peer_key_better`].
+    /// Seals a flock body for `recipient` under our own key, or under `dest_epoch` (the key the
+    /// peer was last heard under) when [`Sec::peer_key_better`].
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn seal<R: RngCore + CryptoRng>(
         &mut self,
         now: Duration,
         counter: u64,
         dest_epoch: Option<u32>,
+        recipient: NodeId,
         body: &[u8],
         rng: &mut R,
         out: &mut Vec<u8>,
@@ -400,7 +516,7 @@ impl Sec {
             boot: self.boot,
             counter,
         };
-        seal(key, &header, body, rng, out);
+        seal_for(key, &header, recipient, body, rng, out);
         true
     }
 
@@ -430,7 +546,7 @@ impl Sec {
         {
             return Err(DropReason::Replay);
         }
-        open(key, bytes, out).map_err(DropReason::from)?;
+        open_for(key, bytes, self.id, out).map_err(DropReason::from)?;
         if !self
             .replay
             .accept(header.sender, header.boot, header.counter)
@@ -452,12 +568,13 @@ impl Sec {
     }
 
     /// Opens any datagram. Handshake requests are answered (`context` goes back to the
-    /// initiator); a reply to our pending handshake completes it.
+    /// initiator), or, under load, answered with a cookie; a reply to our pending handshake
+    /// completes it, and a cookie reply to it makes us send it again with the cookie.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn open_datagram<R: RngCore + CryptoRng>(
         &mut self,
         now: Duration,
-        from: IpAddr,
+        from: SocketAddr,
         bytes: &[u8],
         counter: &mut u64,
         context: &[u8],
@@ -470,71 +587,12 @@ impl Sec {
             return Err(DropReason::FromSelf);
         }
         if header.kind == Kind::Flock {
-            return self
-                .open_flock(now, bytes, self.mtu, out)
-                .map(Opened::Flock);
-        }
-        if !self.limiter.allow(from, now) {
-            return Err(DropReason::RateLimited);
+            let h = self.open_flock(now, bytes, self.mtu, out)?;
+            self.heard(from, h.sender);
+            return Ok(Opened::Flock(h));
         }
         match bytes.len() {
-            REQUEST_BYTES => {
-                // Without a key of our own we cannot answer, but the request is still checked
-                // (against throw-away keys) so that its counter enters the replay window: a
-                // recorded early request replayed later must not get an answer.
-                let answerable = self.join_keys(now);
-                let origin = Origin {
-                    sender: self.id,
-                    boot: self.boot,
-                    counter: *counter + 1,
-                };
-                let r = match &answerable {
-                    Some(keys) => respond_with(
-                        &self.keyring,
-                        &self.bloc,
-                        bytes,
-                        Some(keys),
-                        origin,
-                        context,
-                        rng,
-                    ),
-                    None => {
-                        // A throw-away key and RNG: nothing of this reply is ever sent.
-                        let dummy = JoinKeys {
-                            current: KeyAnnouncement {
-                                epoch: 0,
-                                key: SecretKey::from_bytes([0; 32]),
-                            },
-                            previous: None,
-                        };
-                        respond_with(
-                            &self.keyring,
-                            &self.bloc,
-                            bytes,
-                            Some(&dummy),
-                            origin,
-                            context,
-                            &mut self.scratch_rng,
-                        )
-                    }
-                }
-                .map_err(|e| e.drop_reason())?;
-                if !self
-                    .replay
-                    .accept(r.request.sender, r.request.boot, r.request.counter)
-                {
-                    return Err(DropReason::Replay);
-                }
-                if answerable.is_none() {
-                    return Err(DropReason::Unexpected);
-                }
-                *counter += 1;
-                Ok(Opened::Request {
-                    request: r.request,
-                    context: r.context,
-                    reply: r.reply,
-                })
-            }
+            REQUEST_BYTES => self.on_request(now, from, bytes, counter, context, rng),
             REPLY_BYTES => {
                 let pending = self.pending.as_ref().ok_or(DropReason::Unexpected)?;
                 let joined = pending
@@ -546,19 +604,142 @@ impl Sec {
                     return Err(DropReason::Replay);
                 }
                 self.pending = None;
+                self.heard(from, h.sender);
                 Ok(Opened::Joined(joined))
             }
+            COOKIE_REPLY_BYTES => self.on_cookie_reply(now, from, bytes, counter, rng),
             _ => Err(DropReason::Malformed),
         }
     }
 
-    /// Starts a handshake under the keyring's primary key; returns the request datagram.
+    /// A join request (or key request), in WireGuard's order: authenticate (one decryption, no
+    /// x25519), refuse one addressed to another node or not newer than the last one taken from
+    /// its sender (replays, silently), rate-limit its source, ask for a cookie under load, and
+    /// only then do the x25519 work of an answer.
+    fn on_request<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        bytes: &[u8],
+        counter: &mut u64,
+        context: &[u8],
+        rng: &mut R,
+    ) -> Result<Opened, DropReason> {
+        let request =
+            open_request(&self.keyring, &self.bloc, bytes).map_err(|e| e.drop_reason())?;
+        let h = request.header;
+        if request.to != self.addr {
+            debug!(%from, sender = %h.sender, to = %request.to, "join request for another address");
+            return Err(DropReason::Misdirected);
+        }
+        let floor = Tai64N::from_unix_nanos(
+            self.started
+                .unix_nanos()
+                .saturating_sub(CLOCK_SKEW_MAX.as_nanos()),
+        );
+        if request.stamp < floor {
+            debug!(%from, sender = %h.sender, "join request stamped before this node started");
+            return Err(DropReason::OldInitiation);
+        }
+        // Recorded even if not answered below (no key yet, rate-limited, under load): a replay
+        // of this request later gets nothing either.
+        if !self.stamps.accept(h.sender, h.boot, request.stamp) {
+            return Err(DropReason::OldInitiation);
+        }
+        if !self.replay.accept(h.sender, h.boot, h.counter) {
+            return Err(DropReason::Replay);
+        }
+        if !self.limiter.allow(from.ip(), now) {
+            return Err(DropReason::RateLimited);
+        }
+        let keys = self.join_keys(now).ok_or(DropReason::Unexpected)?;
+        let origin = Origin {
+            sender: self.id,
+            boot: self.boot,
+            counter: *counter + 1,
+        };
+        let cookie_ok = request
+            .cookie
+            .is_some_and(|c| self.cookie_secrets.check(now, from, &c));
+        if cookie_ok {
+            self.load.take(now);
+        } else if !self.load.try_take(now) {
+            let cookie = self.cookie_secrets.cookie(now, from, rng);
+            *counter += 1;
+            return Ok(Opened::CookieReply {
+                reply: request.cookie_reply(&cookie, origin, rng),
+            });
+        }
+        let reply = request
+            .answer(Some(&keys), origin, context, rng)
+            .map_err(|e| e.drop_reason())?;
+        *counter += 1;
+        self.heard(from, h.sender);
+        Ok(Opened::Request {
+            request: h,
+            context: request.context,
+            reply,
+        })
+    }
+
+    /// A cookie reply to our pending handshake: keep the cookie for that address and send the
+    /// handshake again with it (once per handshake).
+    fn on_cookie_reply<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        bytes: &[u8],
+        counter: &mut u64,
+        rng: &mut R,
+    ) -> Result<Opened, DropReason> {
+        let pending = self.pending.as_ref().ok_or(DropReason::Unexpected)?;
+        let (h, cookie) = pending
+            .initiator
+            .finish_cookie(bytes)
+            .map_err(|e| e.drop_reason())?;
+        if !self.replay.accept(h.sender, h.boot, h.counter) {
+            return Err(DropReason::Replay);
+        }
+        let (to, purpose, cookied) = (pending.to, pending.initiator.purpose(), pending.cookied);
+        let context = pending.context.clone();
+        if cookied || from != to {
+            // The request we sent with a cookie was refused again (try later, as planned), or
+            // the cookie came from elsewhere than where we sent the request.
+            return Err(DropReason::Unexpected);
+        }
+        if self.cookies.len() >= COOKIES_HELD_MAX {
+            self.cookies.clear();
+        }
+        self.cookies.insert(to, (cookie, now));
+        *counter += 1;
+        let request = self.initiate(now, *counter, to, purpose, &context, false, rng);
+        Ok(Opened::Retry { to, request })
+    }
+
+    /// Starts a handshake with `to` under the keyring's primary key; returns the request
+    /// datagram (stamped with the wall clock, carrying a cookie `to` gave us lately).
     pub(crate) fn start_handshake<R: RngCore + CryptoRng>(
         &mut self,
         now: Duration,
         counter: u64,
+        to: SocketAddr,
         purpose: Purpose,
         context: &[u8],
+        rng: &mut R,
+    ) -> Vec<u8> {
+        let next_key = self.pending.is_some();
+        self.initiate(now, counter, to, purpose, context, next_key, rng)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn initiate<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Duration,
+        counter: u64,
+        to: SocketAddr,
+        purpose: Purpose,
+        context: &[u8],
+        next_key: bool,
         rng: &mut R,
     ) -> Vec<u8> {
         let origin = Origin {
@@ -566,19 +747,35 @@ impl Sec {
             boot: self.boot,
             counter,
         };
+        let cookie = self
+            .cookies
+            .get(&to)
+            .filter(|(_, at)| now.saturating_sub(*at) < COOKIE_REUSE_MAX)
+            .map(|(c, _)| *c);
         // The primary key first; while handshakes go unanswered, the other installed keys in
         // turn (a node whose primary was removed from the flock's ring while it was away still
-        // gets in with another key the flock holds).
-        if self.pending.is_some() {
+        // gets in with another key the flock holds). A retry with a cookie keeps the key.
+        if next_key {
             self.handshake_key = self.handshake_key.wrapping_add(1);
         }
+        let stamp = self.next_stamp(now);
         let keys = self.keyring.list();
         let secondary = keys[self.handshake_key % keys.len()];
-        let (initiator, request) =
-            HandshakeInitiator::new(rng, secondary, &self.bloc, purpose, origin, context);
+        let initiation = Initiation {
+            purpose,
+            origin,
+            to,
+            stamp,
+            cookie,
+            context,
+        };
+        let (initiator, request) = HandshakeInitiator::new(rng, secondary, &self.bloc, &initiation);
         self.pending = Some(Pending {
             initiator,
             started: now,
+            to,
+            context: context.to_vec(),
+            cookied: cookie.is_some(),
         });
         request
     }
@@ -800,6 +997,8 @@ impl Sec {
             self.own = None;
         }
         self.limiter.prune(now);
+        self.cookies
+            .retain(|_, (_, at)| now.saturating_sub(*at) < COOKIE_REUSE_MAX);
     }
 }
 
@@ -851,6 +1050,8 @@ mod tests {
             SecurityTiming::default(),
             NodeId(1),
             BootId(1),
+            "127.0.0.2:7700".parse().unwrap(),
+            Duration::ZERO,
         )
     }
 

@@ -2,7 +2,7 @@
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{Tag, XNonce};
-use crux_proto::flock::{DecodeError, Header, HEADER_BYTES, MAX_STREAM_BYTES};
+use crux_proto::flock::{DecodeError, Header, NodeId, HEADER_BYTES, MAX_STREAM_BYTES};
 use rand::{CryptoRng, RngCore};
 
 use super::keys::PacketKey;
@@ -108,6 +108,9 @@ pub fn decode_drop_reason(e: &DecodeError) -> DropReason {
     }
 }
 
+/// Bytes the recipient adds to the associated data: its node id.
+pub const RECIPIENT_BYTES: usize = 8;
+
 /// Seals `plaintext` under `key`: appends `header || nonce || ciphertext || tag` to `out`.
 ///
 /// The nonce is 24 random bytes from `rng` (XChaCha20's 192-bit nonces make random nonces safe
@@ -121,6 +124,34 @@ pub fn seal<R: RngCore + CryptoRng>(
     rng: &mut R,
     out: &mut Vec<u8>,
 ) {
+    seal_with_ad(key, header, &[], plaintext, rng, out)
+}
+
+/// [`seal`] for one recipient: the associated data is the header followed by the recipient's
+/// node id, which is not sent. Only [`open_for`] at that node opens it.
+///
+/// Many nodes share one transient key, and one sender's counter runs over all its peers: without
+/// the recipient in the associated data, a datagram recorded on its way to one member would open
+/// at any other, whose replay window never saw its counter, and could be answered there.
+pub fn seal_for<R: RngCore + CryptoRng>(
+    key: &PacketKey,
+    header: &Header,
+    recipient: NodeId,
+    plaintext: &[u8],
+    rng: &mut R,
+    out: &mut Vec<u8>,
+) {
+    seal_with_ad(key, header, &recipient.0.to_le_bytes(), plaintext, rng, out)
+}
+
+fn seal_with_ad<R: RngCore + CryptoRng>(
+    key: &PacketKey,
+    header: &Header,
+    extra_ad: &[u8],
+    plaintext: &[u8],
+    rng: &mut R,
+    out: &mut Vec<u8>,
+) {
     let start = out.len();
     out.reserve(sealed_len(plaintext.len()));
     header.write(out);
@@ -129,9 +160,13 @@ pub fn seal<R: RngCore + CryptoRng>(
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plaintext);
     let (head, body) = out[start..].split_at_mut(HEADER_BYTES + NONCE_BYTES);
+    let mut ad = [0u8; HEADER_BYTES + RECIPIENT_BYTES];
+    let ad_len = HEADER_BYTES + extra_ad.len();
+    ad[..HEADER_BYTES].copy_from_slice(&head[..HEADER_BYTES]);
+    ad[HEADER_BYTES..ad_len].copy_from_slice(extra_ad);
     let tag = key
         .cipher
-        .encrypt_in_place_detached(XNonce::from_slice(&nonce), &head[..HEADER_BYTES], body)
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), &ad[..ad_len], body)
         .expect("a datagram is far below XChaCha20-Poly1305's length limit");
     out.extend_from_slice(&tag);
 }
@@ -168,6 +203,27 @@ pub fn check(bytes: &[u8], max_bytes: usize, bloc_tag: u32) -> Result<Header, Op
 /// `out` is left empty. Does the size-independent parts of [`check`] too, but not the size or bloc
 /// checks: call [`check`] first (or use [`open_datagram`]).
 pub fn open(key: &PacketKey, bytes: &[u8], out: &mut Vec<u8>) -> Result<Header, OpenError> {
+    open_with_ad(key, bytes, &[], out)
+}
+
+/// [`open`] of a datagram or frame sealed by [`seal_for`] for `recipient` (this node): one
+/// decryption attempt, which fails ([`OpenError::AuthFailed`]) for a datagram sealed for any
+/// other node.
+pub fn open_for(
+    key: &PacketKey,
+    bytes: &[u8],
+    recipient: NodeId,
+    out: &mut Vec<u8>,
+) -> Result<Header, OpenError> {
+    open_with_ad(key, bytes, &recipient.0.to_le_bytes(), out)
+}
+
+fn open_with_ad(
+    key: &PacketKey,
+    bytes: &[u8],
+    extra_ad: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<Header, OpenError> {
     out.clear();
     if bytes.len() < MIN_SEALED_BYTES {
         return Err(OpenError::Truncated(bytes.len()));
@@ -176,7 +232,11 @@ pub fn open(key: &PacketKey, bytes: &[u8], out: &mut Vec<u8>) -> Result<Header, 
         DecodeError::BadKind(k) => OpenError::BadKind(k),
         _ => OpenError::BadMagic,
     })?;
-    let ad = &bytes[..HEADER_BYTES];
+    let mut ad_buf = [0u8; HEADER_BYTES + RECIPIENT_BYTES];
+    let ad_len = HEADER_BYTES + extra_ad.len();
+    ad_buf[..HEADER_BYTES].copy_from_slice(&bytes[..HEADER_BYTES]);
+    ad_buf[HEADER_BYTES..ad_len].copy_from_slice(extra_ad);
+    let ad = &ad_buf[..ad_len];
     let nonce = XNonce::from_slice(&bytes[HEADER_BYTES..HEADER_BYTES + NONCE_BYTES]);
     let tag_at = bytes.len() - TAG_BYTES;
     let tag = Tag::from_slice(&bytes[tag_at..]);
@@ -232,6 +292,34 @@ mod tests {
 
     fn key(b: u8, bloc: &Bloc) -> PacketKey {
         PacketKey::transient(&SecretKey::from_bytes([b; 32]), bloc)
+    }
+
+    #[test]
+    fn a_datagram_sealed_for_one_node_opens_only_there() {
+        let bloc = Bloc::new("b");
+        let mut rng = ChaCha20Rng::seed_from_u64(2);
+        let k = key(1, &bloc);
+        let mut d = Vec::new();
+        seal_for(&k, &header(&bloc), NodeId(7), b"hello", &mut rng, &mut d);
+        assert_eq!(d.len(), sealed_len(5), "the recipient is not sent");
+        let mut plain = Vec::new();
+        assert_eq!(
+            open_for(&k, &d, NodeId(7), &mut plain).unwrap(),
+            header(&bloc)
+        );
+        assert_eq!(plain, b"hello");
+        assert_eq!(
+            open_for(&k, &d, NodeId(8), &mut plain),
+            Err(OpenError::AuthFailed)
+        );
+        assert!(plain.is_empty());
+        assert_eq!(open(&k, &d, &mut plain), Err(OpenError::AuthFailed));
+        let mut unbound = Vec::new();
+        seal(&k, &header(&bloc), b"hello", &mut rng, &mut unbound);
+        assert_eq!(
+            open_for(&k, &unbound, NodeId(7), &mut plain),
+            Err(OpenError::AuthFailed)
+        );
     }
 
     #[test]

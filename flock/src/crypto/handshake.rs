@@ -1,31 +1,77 @@
 //! The join handshake: how a node holding a secondary key obtains the current transient key.
 //!
 //! ```text
-//! initiator                                               responder (holds the transient key)
+//! initiator                                        responder (holds the transient key)
 //!   e_i ← random x25519 secret
-//!   JoinRequest ─ seal(handshake key, [1, purpose, E_i, context, zero padding]) ─▶
-//!                                                       open with the key the key id names
-//!                                                       e_r ← random; s = X25519(e_r, E_i)
-//!                                                       k = HKDF(bloc, secondary ‖ s ‖ T, "join-reply")
-//!   ◀─ JoinReply ─ seal(handshake key, [2, E_r, AEAD(k, current ‖ previous key ‖ context, ad = T)])
+//!   JoinRequest ─ seal(handshake key, [1, purpose, E_i, timestamp, destination,
+//!                                      cookie?, context, zero padding]) ─▶
+//!                                   open with the key the key id names (no x25519 yet)
+//!                                   destination ≠ own address            → drop (misdirected)
+//!                                   timestamp not newer for this sender  → drop (old_initiation)
+//!                                   source over its rate                 → drop (rate_limited)
+//!                                   under load and no valid cookie:
+//!   ◀─ CookieReply ─ seal(handshake key, [3, cookie, digest of the request])
+//!   (the same handshake again, with the cookie) ─▶
+//!                                   e_r ← random; s = X25519(e_r, E_i)
+//!                                   k = HKDF(bloc, secondary ‖ s ‖ T, "join-reply")
+//!   ◀─ JoinReply ─ seal(handshake key, [2, E_r, AEAD(k, current ‖ previous key ‖ context)])
 //!   s = X25519(e_i, E_r); same k; open
 //! ```
 //!
 //! `T` is the transcript hash: SHA-256 of the request datagram, the reply's header and `E_r`, so
-//! a reply only opens for the request it answers. Both datagrams are [`Kind::Handshake`] and
+//! a reply only opens for the request it answers. All three datagrams are [`Kind::Handshake`] and
 //! sealed under the handshake key derived from the secondary key (the header's `key_id` names
 //! which secondary key); outsiders see nothing but sizes. The transient key itself is sealed under
 //! `k`, which needs one of the ephemeral secrets: someone who records the exchange and later
 //! learns the secondary key opens both outer layers, sees `E_i` and `E_r`, and still cannot
 //! compute `s`. The ephemeral secrets live only in memory and are wiped on drop.
 //!
-//! The request is padded to [`REQUEST_BYTES`], so that the reply ([`REPLY_BYTES`]) is never
-//! larger than the request that caused it: a forged source address gains no amplification.
+//! # No answer to what does not authenticate (WireGuard's rules)
+//!
+//! * **Nothing that fails to open is answered**, nor anything that opens but is refused below:
+//!   the responder sends a JoinReply or a CookieReply only to a request that authenticated under
+//!   one of its secondary keys and passed every check. [`open_request`] does no x25519 work.
+//! * **Destination.** A request names the address it is sent to ([`Initiation::to`]); the
+//!   responder refuses one that names any other address than its own flock address
+//!   ([`DropReason::Misdirected`]). A request recorded on its way to another node, or caught at
+//!   an address where no node listens (discovery probes the whole address space), is worth
+//!   nothing anywhere else. (WireGuard gets this from encrypting the initiation to the
+//!   responder's static key; the flock has no per-node keys, and a discovery probe does not know
+//!   who, if anyone, listens at the address.)
+//! * **Timestamp.** A request carries a TAI64N-style timestamp ([`Tai64N`]): the initiator's wall
+//!   clock, read once by the driver at start ([`crate::Flock::set_wall_clock`]; the boot id's
+//!   start time otherwise) and counted from there on the core's monotonic `now`, strictly
+//!   increasing. The responder keeps, per sender **node id**, the greatest `(boot id, timestamp)`
+//!   it took ([`InitiationStamps`](super::InitiationStamps)) and refuses any request not greater
+//!   ([`DropReason::OldInitiation`]): a replayed request, or an older one, is dropped silently. A
+//!   node's boot ids grow across restarts, so a restarted node is taken at once, even if its wall
+//!   clock stepped back. The stamp is recorded as soon as the request authenticated, before the
+//!   rate limit, the load check and the no-key case, so a request that was not answered then is
+//!   not answered when replayed later either. So that a restarted responder (whose table is
+//!   empty) does not answer requests recorded before it started, it also refuses requests stamped
+//!   more than [`CLOCK_SKEW_MAX`](crate::CLOCK_SKEW_MAX) (10 s) before its own start: nodes'
+//!   clocks must agree within that (NTP keeps them within milliseconds); a node whose clock lags
+//!   further is refused by a node that started less than the lag ago, and by nobody else.
+//! * **Cookie under load.** A responder that is answering more than
+//!   [`HANDSHAKES_UNDER_LOAD`](super::HANDSHAKES_UNDER_LOAD) (100) requests a second answers a
+//!   request that carries no valid cookie with a CookieReply ([`Request::cookie_reply`],
+//!   [`COOKIE_REPLY_BYTES`]) instead of doing the x25519 work ([`DropReason::UnderLoad`]). The
+//!   cookie is a MAC of the request's source address and port under a secret that changes every
+//!   two minutes ([`CookieSecrets`](super::CookieSecrets)); the initiator
+//!   ([`HandshakeInitiator::finish_cookie`]) sends the same handshake again at once with the
+//!   cookie echoed inside the sealed body, which proves it receives at that source address, and
+//!   keeps the cookie for the next requests to that address. Per-source rate limits (20 a second,
+//!   burst 5) apply whatever the cookie.
+//! * **Never larger than the request.** The request is padded to [`REQUEST_BYTES`] (268); the
+//!   JoinReply is [`REPLY_BYTES`] (263), the CookieReply [`COOKIE_REPLY_BYTES`] (109): a forged
+//!   source address gains no amplification.
 //!
 //! Each side may attach up to [`MAX_CONTEXT_BYTES`] of its own (the core's leader claim, say):
 //! when two flocks that formed apart meet, their members hold different transient keys, and the
 //! contexts let both sides of a key request see whose flock wins and which side adopts the
 //! other's keys.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use rand::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256};
@@ -36,24 +82,35 @@ use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{Tag, XNonce};
 use crux_proto::flock::{BootId, Header, Kind, NodeId, HEADER_BYTES};
 
+use super::cookie::{Cookie, COOKIE_BYTES};
 use super::envelope::{check, open, seal, sealed_len, OpenError, TAG_BYTES};
 use super::keyring::Keyring;
-use super::keys::{key_id, label, Bloc, PacketKey, SecretKey};
+use super::keys::{ct_eq, key_id, label, Bloc, PacketKey, SecretKey};
 use super::transient::{JoinKeys, KeyAnnouncement, TransientKeys, ANNOUNCEMENT_BYTES};
 use crate::DropReason;
 
 const TYPE_REQUEST: u8 = 1;
 const TYPE_REPLY: u8 = 2;
+const TYPE_COOKIE: u8 = 3;
 const PUBLIC_BYTES: usize = 32;
+/// Bytes of a destination address in a request: the IPv6 (or IPv4-mapped) address, the port.
+const ADDR_BYTES: usize = 18;
+/// Bytes of the digest of a request a cookie reply names.
+const REQUEST_DIGEST_BYTES: usize = 16;
 
 /// Most bytes of context each side may attach (the core's own business: its leader claim, say,
 /// so that two flocks that formed apart can decide whose keys win). Authenticated under the
 /// handshake key; the reply's context is also sealed under the ephemeral key.
 pub const MAX_CONTEXT_BYTES: usize = 64;
-/// Plaintext bytes of a join request: type, purpose, the ephemeral public key, the context's
-/// length and its bytes, zero padding (so that the request is larger than any reply).
+/// Plaintext bytes of a join request: type, purpose, the ephemeral public key, the timestamp,
+/// the destination, the echoed cookie, the context's length and its bytes, zero padding (so that
+/// the request is larger than any reply).
 pub const REQUEST_BODY_BYTES: usize = 192;
-const REQUEST_CONTEXT_AT: usize = 2 + PUBLIC_BYTES;
+const REQUEST_PUBLIC_AT: usize = 2;
+const REQUEST_STAMP_AT: usize = REQUEST_PUBLIC_AT + PUBLIC_BYTES;
+const REQUEST_TO_AT: usize = REQUEST_STAMP_AT + TAI64N_BYTES;
+const REQUEST_COOKIE_AT: usize = REQUEST_TO_AT + ADDR_BYTES;
+const REQUEST_CONTEXT_AT: usize = REQUEST_COOKIE_AT + 1 + COOKIE_BYTES;
 /// Bytes of the sealed keys inside a reply: a flag (previous key present), the current and
 /// the previous epoch and key ([`JoinKeys`]; zeros when there is no previous key).
 const KEYS_BYTES: usize = 1 + 2 * ANNOUNCEMENT_BYTES;
@@ -61,13 +118,100 @@ const KEYS_BYTES: usize = 1 + 2 * ANNOUNCEMENT_BYTES;
 const INNER_BYTES: usize = KEYS_BYTES + 1 + MAX_CONTEXT_BYTES;
 /// Plaintext bytes of a join reply: type, the ephemeral public key, the sealed keys and context.
 pub const REPLY_BODY_BYTES: usize = 1 + PUBLIC_BYTES + INNER_BYTES + TAG_BYTES;
+/// Plaintext bytes of a cookie reply: type, the cookie, the digest of the request it answers.
+pub const COOKIE_BODY_BYTES: usize = 1 + COOKIE_BYTES + REQUEST_DIGEST_BYTES;
 /// Bytes of a join request datagram.
 pub const REQUEST_BYTES: usize = sealed_len(REQUEST_BODY_BYTES);
 /// Bytes of a join reply datagram (never more than [`REQUEST_BYTES`]).
 pub const REPLY_BYTES: usize = sealed_len(REPLY_BODY_BYTES);
+/// Bytes of a cookie reply datagram (less than [`REQUEST_BYTES`]).
+pub const COOKIE_REPLY_BYTES: usize = sealed_len(COOKIE_BODY_BYTES);
 
 const _: () = assert!(REPLY_BYTES <= REQUEST_BYTES);
+const _: () = assert!(COOKIE_REPLY_BYTES < REQUEST_BYTES);
+const _: () = assert!(COOKIE_REPLY_BYTES != REPLY_BYTES);
 const _: () = assert!(REQUEST_CONTEXT_AT + 1 + MAX_CONTEXT_BYTES <= REQUEST_BODY_BYTES);
+
+/// Bytes of a [`Tai64N`] on the wire.
+pub const TAI64N_BYTES: usize = 12;
+/// The TAI64 label of the Unix epoch (2^62; leap seconds are not counted: "TAI64N-style").
+const TAI64_EPOCH: u64 = 1 << 62;
+
+/// A TAI64N-style timestamp, as in WireGuard's handshake initiation: 8 bytes of seconds (2^62 +
+/// seconds since the Unix epoch) and 4 bytes of nanoseconds, both big-endian, so that byte order
+/// is time order. The flock core stamps each initiation with its wall-clock time, counted on a
+/// monotonic clock from the node's start ([`crate::Flock`] takes the wall time of its start from
+/// the driver, or from the boot id), strictly increasing within one boot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Tai64N {
+    secs: u64,
+    nanos: u32,
+}
+
+impl Tai64N {
+    /// The timestamp of `nanos` nanoseconds since the Unix epoch.
+    pub fn from_unix_nanos(nanos: u128) -> Tai64N {
+        let secs = u64::try_from(nanos / 1_000_000_000).unwrap_or(u64::MAX >> 2);
+        Tai64N {
+            secs: TAI64_EPOCH + secs.min((u64::MAX >> 2) - 1),
+            nanos: (nanos % 1_000_000_000) as u32,
+        }
+    }
+
+    /// Nanoseconds since the Unix epoch (0 for times before it).
+    pub fn unix_nanos(&self) -> u128 {
+        u128::from(self.secs.saturating_sub(TAI64_EPOCH)) * 1_000_000_000 + u128::from(self.nanos)
+    }
+
+    /// The next timestamp after this one (one nanosecond later).
+    pub fn next(&self) -> Tai64N {
+        Tai64N::from_unix_nanos(self.unix_nanos() + 1)
+    }
+
+    /// The wire form.
+    pub fn encode(&self) -> [u8; TAI64N_BYTES] {
+        let mut b = [0u8; TAI64N_BYTES];
+        b[..8].copy_from_slice(&self.secs.to_be_bytes());
+        b[8..].copy_from_slice(&self.nanos.to_be_bytes());
+        b
+    }
+
+    /// Parses the wire form; nanoseconds must be below 10^9.
+    pub fn decode(bytes: &[u8]) -> Result<Tai64N, OpenError> {
+        if bytes.len() != TAI64N_BYTES {
+            return Err(OpenError::Malformed);
+        }
+        let secs = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
+        let nanos = u32::from_be_bytes(bytes[8..].try_into().expect("4 bytes"));
+        if nanos >= 1_000_000_000 {
+            return Err(OpenError::Malformed);
+        }
+        Ok(Tai64N { secs, nanos })
+    }
+}
+
+fn put_addr(addr: SocketAddr, out: &mut [u8]) {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    out[..16].copy_from_slice(&ip.octets());
+    out[16..ADDR_BYTES].copy_from_slice(&addr.port().to_be_bytes());
+}
+
+fn get_addr(bytes: &[u8]) -> SocketAddr {
+    let mut octets = [0u8; 16];
+    octets.copy_from_slice(&bytes[..16]);
+    let v6 = Ipv6Addr::from(octets);
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(
+        ip,
+        u16::from_be_bytes(bytes[16..ADDR_BYTES].try_into().expect("2 bytes")),
+    )
+}
 
 /// Writes `len || context || zeros` into `out` (`1 + MAX_CONTEXT_BYTES` bytes).
 fn put_context(context: &[u8], out: &mut [u8]) {
@@ -109,6 +253,26 @@ pub struct Origin {
     pub boot: BootId,
     /// This node's next datagram counter (the same counter as its flock datagrams).
     pub counter: u64,
+}
+
+/// What one join request says, besides its ephemeral key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Initiation<'a> {
+    /// Why the node asks.
+    pub purpose: Purpose,
+    /// The header's sender fields.
+    pub origin: Origin,
+    /// The address the request is sent to: the responder refuses a request addressed to any
+    /// other address than its own (one recorded on its way elsewhere).
+    pub to: SocketAddr,
+    /// When the request was made: the responder refuses one not newer than the last it took
+    /// from the same sender.
+    pub stamp: Tai64N,
+    /// The cookie `to` gave this node, if it asked for one (reused for
+    /// [`COOKIE_REUSE_MAX`](super::COOKIE_REUSE_MAX)).
+    pub cookie: Option<Cookie>,
+    /// Up to [`MAX_CONTEXT_BYTES`] for the responder ([`Request::context`]).
+    pub context: &'a [u8],
 }
 
 /// Why a handshake datagram was not accepted. Comes from the network, except
@@ -163,6 +327,17 @@ fn transcript_end(mut t: Sha256, reply_header: &[u8], responder_public: &[u8]) -
     t.finalize().into()
 }
 
+/// The digest of a request a cookie reply names, so that it completes nothing else.
+fn request_digest(request: &[u8]) -> [u8; REQUEST_DIGEST_BYTES] {
+    let mut t = Sha256::new();
+    t.update(b"crux-flock/v1/cookie-request\0");
+    t.update(request);
+    let d = t.finalize();
+    let mut out = [0u8; REQUEST_DIGEST_BYTES];
+    out.copy_from_slice(&d[..REQUEST_DIGEST_BYTES]);
+    out
+}
+
 fn reply_key(
     bloc: &Bloc,
     secondary: &SecretKey,
@@ -202,6 +377,7 @@ pub struct HandshakeInitiator {
     packet: PacketKey,
     ephemeral: StaticSecret,
     transcript: Sha256,
+    digest: [u8; REQUEST_DIGEST_BYTES],
     purpose: Purpose,
 }
 
@@ -216,18 +392,15 @@ impl std::fmt::Debug for HandshakeInitiator {
 
 impl HandshakeInitiator {
     /// Starts a handshake under `secondary` (the keyring's primary key): returns the state to keep
-    /// and the request datagram ([`REQUEST_BYTES`] bytes) to send. The same request may be sent to
-    /// several members; any of their replies completes it. `context` (at most
-    /// [`MAX_CONTEXT_BYTES`], may be empty) reaches the responder in [`Response::context`].
+    /// and the request datagram ([`REQUEST_BYTES`] bytes) to send to `initiation.to` (and only
+    /// there: it is refused at any other address). Any reply to it completes the state.
     ///
-    /// Panics if `context` is longer than [`MAX_CONTEXT_BYTES`].
+    /// Panics if the context is longer than [`MAX_CONTEXT_BYTES`].
     pub fn new<R: RngCore + CryptoRng>(
         rng: &mut R,
         secondary: &SecretKey,
         bloc: &Bloc,
-        purpose: Purpose,
-        origin: Origin,
-        context: &[u8],
+        initiation: &Initiation<'_>,
     ) -> (HandshakeInitiator, Vec<u8>) {
         let ephemeral = StaticSecret::random_from_rng(&mut *rng);
         let public = PublicKey::from(&ephemeral);
@@ -235,13 +408,19 @@ impl HandshakeInitiator {
         let packet = PacketKey::handshake(secondary, bloc);
         let mut body = [0u8; REQUEST_BODY_BYTES];
         body[0] = TYPE_REQUEST;
-        body[1] = purpose as u8;
-        body[2..2 + PUBLIC_BYTES].copy_from_slice(public.as_bytes());
-        put_context(context, &mut body[REQUEST_CONTEXT_AT..]);
+        body[1] = initiation.purpose as u8;
+        body[REQUEST_PUBLIC_AT..REQUEST_STAMP_AT].copy_from_slice(public.as_bytes());
+        body[REQUEST_STAMP_AT..REQUEST_TO_AT].copy_from_slice(&initiation.stamp.encode());
+        put_addr(initiation.to, &mut body[REQUEST_TO_AT..REQUEST_COOKIE_AT]);
+        if let Some(cookie) = &initiation.cookie {
+            body[REQUEST_COOKIE_AT] = 1;
+            body[REQUEST_COOKIE_AT + 1..REQUEST_CONTEXT_AT].copy_from_slice(cookie);
+        }
+        put_context(initiation.context, &mut body[REQUEST_CONTEXT_AT..]);
         let mut request = Vec::with_capacity(REQUEST_BYTES);
         seal(
             &packet,
-            &handshake_header(bloc, id, origin),
+            &handshake_header(bloc, id, initiation.origin),
             &body,
             rng,
             &mut request,
@@ -253,7 +432,8 @@ impl HandshakeInitiator {
             packet,
             ephemeral,
             transcript: transcript_start(&request),
-            purpose,
+            digest: request_digest(&request),
+            purpose: initiation.purpose,
         };
         (state, request)
     }
@@ -307,6 +487,27 @@ impl HandshakeInitiator {
             context: get_context(&plain[KEYS_BYTES..])?,
         })
     }
+
+    /// Opens a cookie reply to this request ([`COOKIE_REPLY_BYTES`]): its authenticated header and
+    /// the cookie to echo in the next request to the same address. A cookie reply to any other
+    /// request fails ([`OpenError::AuthFailed`]).
+    pub fn finish_cookie(&self, reply: &[u8]) -> Result<(Header, Cookie), HandshakeError> {
+        let header = check_handshake(reply, COOKIE_REPLY_BYTES, &self.bloc)?;
+        if header.key_id != self.key_id {
+            return Err(OpenError::UnknownKey(header.key_id).into());
+        }
+        let mut body = Vec::with_capacity(COOKIE_BODY_BYTES);
+        open(&self.packet, reply, &mut body)?;
+        if body.len() != COOKIE_BODY_BYTES || body[0] != TYPE_COOKIE {
+            return Err(OpenError::Malformed.into());
+        }
+        if !ct_eq(&body[1 + COOKIE_BYTES..], &self.digest) {
+            return Err(OpenError::AuthFailed.into());
+        }
+        let mut cookie = [0u8; COOKIE_BYTES];
+        cookie.copy_from_slice(&body[1..1 + COOKIE_BYTES]);
+        Ok((header, cookie))
+    }
 }
 
 /// A completed handshake, as the initiator sees it.
@@ -340,6 +541,172 @@ fn decode_keys(bytes: &[u8]) -> Result<JoinKeys, OpenError> {
     Ok(JoinKeys { current, previous })
 }
 
+/// A join request that authenticated: what it says, and what a reply to it needs. Made by
+/// [`open_request`]; answered with [`Request::answer`] (the x25519 work) or
+/// [`Request::cookie_reply`] (under load).
+///
+/// Opening checks only what the request itself shows; the caller checks, in this order and before
+/// answering, that it is addressed to this node ([`Request::to`]), that it is newer than the last
+/// one taken from its sender ([`InitiationStamps`](super::InitiationStamps)), the per-source rate
+/// limit, and the load.
+pub struct Request {
+    /// The request's authenticated header.
+    pub header: Header,
+    /// Why the initiator asks.
+    pub purpose: Purpose,
+    /// When the initiator made it.
+    pub stamp: Tai64N,
+    /// The address the initiator sent it to.
+    pub to: SocketAddr,
+    /// The cookie it echoes, if any.
+    pub cookie: Option<Cookie>,
+    /// The initiator's context.
+    pub context: Vec<u8>,
+    their: [u8; PUBLIC_BYTES],
+    bloc: Bloc,
+    secondary: SecretKey,
+    packet: PacketKey,
+    transcript: Sha256,
+    digest: [u8; REQUEST_DIGEST_BYTES],
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("header", &self.header)
+            .field("purpose", &self.purpose)
+            .field("stamp", &self.stamp)
+            .field("to", &self.to)
+            .field("cookie", &self.cookie.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Authenticates a join request (or key request) and reads it, without any x25519 work.
+///
+/// Checks in order: size (exactly [`REQUEST_BYTES`]), header and bloc tag, kind, then the key the
+/// header's key id names in `keyring` ([`OpenError::UnknownKey`] if none: one key, one decryption
+/// attempt), then the body ([`OpenError::Malformed`]). Nothing is answered here and no state
+/// changes.
+pub fn open_request(
+    keyring: &Keyring,
+    bloc: &Bloc,
+    request: &[u8],
+) -> Result<Request, HandshakeError> {
+    let header = check_handshake(request, REQUEST_BYTES, bloc)?;
+    let (secondary, packet) = keyring
+        .by_key_id(header.key_id, bloc)
+        .ok_or(OpenError::UnknownKey(header.key_id))?;
+    let mut body = Zeroizing::new(Vec::with_capacity(REQUEST_BODY_BYTES));
+    open(&packet, request, &mut body)?;
+    if body.len() != REQUEST_BODY_BYTES || body[0] != TYPE_REQUEST {
+        return Err(OpenError::Malformed.into());
+    }
+    let purpose = match body[1] {
+        0 => Purpose::Join,
+        1 => Purpose::KeyRequest,
+        _ => return Err(OpenError::Malformed.into()),
+    };
+    let stamp = Tai64N::decode(&body[REQUEST_STAMP_AT..REQUEST_TO_AT])?;
+    let to = get_addr(&body[REQUEST_TO_AT..REQUEST_COOKIE_AT]);
+    let cookie_bytes = &body[REQUEST_COOKIE_AT + 1..REQUEST_CONTEXT_AT];
+    let cookie = match body[REQUEST_COOKIE_AT] {
+        0 if cookie_bytes.iter().all(|b| *b == 0) => None,
+        1 => {
+            let mut c = [0u8; COOKIE_BYTES];
+            c.copy_from_slice(cookie_bytes);
+            Some(c)
+        }
+        _ => return Err(OpenError::Malformed.into()),
+    };
+    let context = get_context(&body[REQUEST_CONTEXT_AT..])?;
+    let mut their = [0u8; PUBLIC_BYTES];
+    their.copy_from_slice(&body[REQUEST_PUBLIC_AT..REQUEST_STAMP_AT]);
+    Ok(Request {
+        header,
+        purpose,
+        stamp,
+        to,
+        cookie,
+        context,
+        their,
+        bloc: bloc.clone(),
+        secondary: secondary.clone(),
+        packet,
+        transcript: transcript_start(request),
+        digest: request_digest(request),
+    })
+}
+
+impl Request {
+    /// Answers with the transient keys (`None`: this node holds no fresh key, and the answer is
+    /// [`HandshakeError::NoTransientKey`]): the x25519 exchange, then a reply of [`REPLY_BYTES`]
+    /// that only the initiator of this request can open. `context` (at most
+    /// [`MAX_CONTEXT_BYTES`]) reaches the initiator in [`Joined::context`].
+    ///
+    /// Panics if `context` is longer than [`MAX_CONTEXT_BYTES`].
+    pub fn answer<R: RngCore + CryptoRng>(
+        &self,
+        keys: Option<&JoinKeys>,
+        origin: Origin,
+        context: &[u8],
+        rng: &mut R,
+    ) -> Result<Vec<u8>, HandshakeError> {
+        let keys = keys.ok_or(HandshakeError::NoTransientKey)?;
+        let ephemeral = StaticSecret::random_from_rng(&mut *rng);
+        let public = PublicKey::from(&ephemeral);
+        let shared = ephemeral.diffie_hellman(&PublicKey::from(self.their));
+        if !shared.was_contributory() {
+            return Err(OpenError::Malformed.into());
+        }
+        let reply_header = handshake_header(&self.bloc, self.header.key_id, origin);
+        let mut header_bytes = Vec::with_capacity(HEADER_BYTES);
+        reply_header.write(&mut header_bytes);
+        let transcript = transcript_end(self.transcript.clone(), &header_bytes, public.as_bytes());
+        let key = reply_key(&self.bloc, &self.secondary, shared.as_bytes(), &transcript);
+
+        let mut reply_body = Zeroizing::new([0u8; REPLY_BODY_BYTES]);
+        reply_body[0] = TYPE_REPLY;
+        reply_body[1..1 + PUBLIC_BYTES].copy_from_slice(public.as_bytes());
+        let sealed = &mut reply_body[1 + PUBLIC_BYTES..];
+        encode_keys(keys, &mut sealed[..KEYS_BYTES]);
+        put_context(context, &mut sealed[KEYS_BYTES..INNER_BYTES]);
+        // The key k is used exactly once (e_r is fresh for every reply), so a fixed nonce is safe.
+        let tag = key
+            .cipher
+            .encrypt_in_place_detached(&XNonce::default(), &transcript, &mut sealed[..INNER_BYTES])
+            .expect("a few bytes are within the AEAD's limits");
+        sealed[INNER_BYTES..].copy_from_slice(&tag);
+        let mut reply = Vec::with_capacity(REPLY_BYTES);
+        seal(
+            &self.packet,
+            &reply_header,
+            &reply_body[..],
+            rng,
+            &mut reply,
+        );
+        Ok(reply)
+    }
+
+    /// A cookie reply ([`COOKIE_REPLY_BYTES`], smaller than the request) carrying `cookie` for
+    /// the request's source: no x25519 work.
+    pub fn cookie_reply<R: RngCore + CryptoRng>(
+        &self,
+        cookie: &Cookie,
+        origin: Origin,
+        rng: &mut R,
+    ) -> Vec<u8> {
+        let mut body = [0u8; COOKIE_BODY_BYTES];
+        body[0] = TYPE_COOKIE;
+        body[1..1 + COOKIE_BYTES].copy_from_slice(cookie);
+        body[1 + COOKIE_BYTES..].copy_from_slice(&self.digest);
+        let header = handshake_header(&self.bloc, self.header.key_id, origin);
+        let mut reply = Vec::with_capacity(COOKIE_REPLY_BYTES);
+        seal(&self.packet, &header, &body, rng, &mut reply);
+        reply
+    }
+}
+
 /// What a responder answers with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
@@ -348,6 +715,10 @@ pub struct Response {
     pub request: Header,
     /// Why the initiator asks.
     pub purpose: Purpose,
+    /// When the initiator made the request.
+    pub stamp: Tai64N,
+    /// Where the initiator sent it.
+    pub to: SocketAddr,
     /// The initiator's context.
     pub context: Vec<u8>,
     /// The reply datagram ([`REPLY_BYTES`] bytes, never more than the request).
@@ -355,14 +726,13 @@ pub struct Response {
 }
 
 /// Answers a join request (or key request) with the current transient key (and the previous
-/// one while it is still accepted: [`TransientKeys::join_keys`]).
+/// one while it is still accepted: [`TransientKeys::join_keys`]): [`open_request`], then
+/// [`Request::answer`] with the keys fresh at `now`.
 ///
-/// Checks in order: size (exactly [`REQUEST_BYTES`]), header and bloc tag, kind, then the key the
-/// header's key id names in `keyring` ([`OpenError::UnknownKey`] if none: one key, one decryption
-/// attempt), then the body. Answers only with a transient key that is not stale at `now`
-/// ([`HandshakeError::NoTransientKey`] otherwise). The caller rate-limits by source address
-/// *before* calling this ([`RateLimiter`](super::RateLimiter)), and sends nothing on error.
-/// `context` (at most [`MAX_CONTEXT_BYTES`]) reaches the initiator in [`Joined::context`].
+/// A pure function: it does not check the request's destination nor its timestamp, which need
+/// the responder's address and state (the flock core does, see [`Request`]). The caller
+/// rate-limits by source address ([`RateLimiter`](super::RateLimiter)), and sends nothing on
+/// error. `context` (at most [`MAX_CONTEXT_BYTES`]) reaches the initiator in [`Joined::context`].
 ///
 /// Panics if `context` is longer than [`MAX_CONTEXT_BYTES`].
 #[allow(clippy::too_many_arguments)]
@@ -382,7 +752,6 @@ pub fn respond<R: RngCore + CryptoRng>(
 
 /// [`respond`] with the transient keys to hand out given directly (`None`: this node holds no
 /// fresh key, and the answer is [`HandshakeError::NoTransientKey`] once the request checked out).
-/// The flock core keeps its own key set and answers through this.
 pub fn respond_with<R: RngCore + CryptoRng>(
     keyring: &Keyring,
     bloc: &Bloc,
@@ -392,54 +761,14 @@ pub fn respond_with<R: RngCore + CryptoRng>(
     context: &[u8],
     rng: &mut R,
 ) -> Result<Response, HandshakeError> {
-    let header = check_handshake(request, REQUEST_BYTES, bloc)?;
-    let (secondary, packet) = keyring
-        .by_key_id(header.key_id, bloc)
-        .ok_or(OpenError::UnknownKey(header.key_id))?;
-    let mut body = Zeroizing::new(Vec::with_capacity(REQUEST_BODY_BYTES));
-    open(&packet, request, &mut body)?;
-    if body.len() != REQUEST_BODY_BYTES || body[0] != TYPE_REQUEST {
-        return Err(OpenError::Malformed.into());
-    }
-    let their_context = get_context(&body[REQUEST_CONTEXT_AT..])?;
-    let purpose = match body[1] {
-        0 => Purpose::Join,
-        1 => Purpose::KeyRequest,
-        _ => return Err(OpenError::Malformed.into()),
-    };
-    let keys = keys.ok_or(HandshakeError::NoTransientKey)?;
-    let mut their = [0u8; PUBLIC_BYTES];
-    their.copy_from_slice(&body[2..2 + PUBLIC_BYTES]);
-    let ephemeral = StaticSecret::random_from_rng(&mut *rng);
-    let public = PublicKey::from(&ephemeral);
-    let shared = ephemeral.diffie_hellman(&PublicKey::from(their));
-    if !shared.was_contributory() {
-        return Err(OpenError::Malformed.into());
-    }
-    let reply_header = handshake_header(bloc, header.key_id, origin);
-    let mut header_bytes = Vec::with_capacity(HEADER_BYTES);
-    reply_header.write(&mut header_bytes);
-    let transcript = transcript_end(transcript_start(request), &header_bytes, public.as_bytes());
-    let key = reply_key(bloc, secondary, shared.as_bytes(), &transcript);
-
-    let mut reply_body = Zeroizing::new([0u8; REPLY_BODY_BYTES]);
-    reply_body[0] = TYPE_REPLY;
-    reply_body[1..1 + PUBLIC_BYTES].copy_from_slice(public.as_bytes());
-    let sealed = &mut reply_body[1 + PUBLIC_BYTES..];
-    encode_keys(keys, &mut sealed[..KEYS_BYTES]);
-    put_context(context, &mut sealed[KEYS_BYTES..INNER_BYTES]);
-    // The key k is used exactly once (e_r is fresh for every reply), so a fixed nonce is safe.
-    let tag = key
-        .cipher
-        .encrypt_in_place_detached(&XNonce::default(), &transcript, &mut sealed[..INNER_BYTES])
-        .expect("a few bytes are within the AEAD's limits");
-    sealed[INNER_BYTES..].copy_from_slice(&tag);
-    let mut reply = Vec::with_capacity(REPLY_BYTES);
-    seal(&packet, &reply_header, &reply_body[..], rng, &mut reply);
+    let r = open_request(keyring, bloc, request)?;
+    let reply = r.answer(keys, origin, context, rng)?;
     Ok(Response {
-        request: header,
-        purpose,
-        context: their_context,
+        request: r.header,
+        purpose: r.purpose,
+        stamp: r.stamp,
+        to: r.to,
+        context: r.context,
         reply,
     })
 }
@@ -459,6 +788,26 @@ mod tests {
             sender: NodeId(n),
             boot: BootId(n + 100),
             counter: 1,
+        }
+    }
+
+    /// Where the test requests go.
+    fn to() -> SocketAddr {
+        "127.0.0.2:7700".parse().unwrap()
+    }
+
+    /// When the test requests are made.
+    const STAMP_NANOS: u128 = 1_700_000_000_123_456_789;
+
+    /// A request of node 1 to [`to`], stamped [`STAMP_NANOS`].
+    fn init(purpose: Purpose, context: &[u8]) -> Initiation<'_> {
+        Initiation {
+            purpose,
+            origin: origin(1),
+            to: to(),
+            stamp: Tai64N::from_unix_nanos(STAMP_NANOS),
+            cookie: None,
+            context,
         }
     }
 
@@ -493,9 +842,7 @@ mod tests {
                 &mut self.rng,
                 &self.secondary,
                 &self.bloc,
-                purpose,
-                origin(1),
-                context,
+                &init(purpose, context),
             )
         }
 
@@ -534,6 +881,79 @@ mod tests {
     fn sizes() {
         assert_eq!(REQUEST_BYTES, 268);
         assert_eq!(REPLY_BYTES, 263);
+        assert_eq!(COOKIE_REPLY_BYTES, 109);
+    }
+
+    #[test]
+    fn tai64n_orders_like_time_and_round_trips() {
+        let a = Tai64N::from_unix_nanos(STAMP_NANOS);
+        let b = a.next();
+        assert!(b > a);
+        assert!(a.encode() < b.encode(), "byte order is time order");
+        assert_eq!(Tai64N::decode(&a.encode()).unwrap(), a);
+        assert_eq!(a.unix_nanos(), STAMP_NANOS);
+        assert_eq!(
+            &a.encode()[..8],
+            &((1u64 << 62) + 1_700_000_000).to_be_bytes()
+        );
+        let mut bad = a.encode();
+        bad[8..].copy_from_slice(&1_000_000_000u32.to_be_bytes());
+        assert_eq!(Tai64N::decode(&bad), Err(OpenError::Malformed));
+        let from_zero = Tai64N::from_unix_nanos(999_999_999).next();
+        assert_eq!(from_zero.unix_nanos(), 1_000_000_000);
+    }
+
+    #[test]
+    fn a_request_carries_its_stamp_destination_cookie_and_context() {
+        let mut w = world();
+        let mut i = init(Purpose::KeyRequest, b"ctx");
+        i.cookie = Some([5; COOKIE_BYTES]);
+        let v6: SocketAddr = "[fd00::1]:7700".parse().unwrap();
+        for to in [to(), v6] {
+            i.to = to;
+            let (_, request) = HandshakeInitiator::new(&mut w.rng, &w.secondary, &w.bloc, &i);
+            let r = open_request(&w.keyring, &w.bloc, &request).unwrap();
+            assert_eq!(r.purpose, Purpose::KeyRequest);
+            assert_eq!(r.stamp, Tai64N::from_unix_nanos(STAMP_NANOS));
+            assert_eq!(r.to, to);
+            assert_eq!(r.cookie, Some([5; COOKIE_BYTES]));
+            assert_eq!(r.context, b"ctx");
+            assert_eq!(r.header.sender, NodeId(1));
+        }
+        // Without a cookie, the cookie field is all zero (and must be).
+        let (_, request) =
+            HandshakeInitiator::new(&mut w.rng, &w.secondary, &w.bloc, &init(Purpose::Join, b""));
+        assert_eq!(
+            open_request(&w.keyring, &w.bloc, &request).unwrap().cookie,
+            None
+        );
+    }
+
+    #[test]
+    fn a_cookie_reply_is_smaller_than_the_request_and_answers_only_it() {
+        let mut w = world();
+        let (state, request) = w.initiate(Purpose::Join, b"");
+        let (other, _) = w.initiate(Purpose::Join, b"");
+        let r = open_request(&w.keyring, &w.bloc, &request).unwrap();
+        let reply = r.cookie_reply(&[9; COOKIE_BYTES], origin(2), &mut w.rng);
+        assert_eq!(reply.len(), COOKIE_REPLY_BYTES);
+        assert!(reply.len() < request.len());
+        let (header, cookie) = state.finish_cookie(&reply).unwrap();
+        assert_eq!(cookie, [9; COOKIE_BYTES]);
+        assert_eq!(header.sender, NodeId(2));
+        assert_eq!(
+            other.finish_cookie(&reply).unwrap_err(),
+            HandshakeError::Open(OpenError::AuthFailed)
+        );
+        assert!(state.finish(&reply).is_err(), "not a join reply");
+        let mut bad = reply.clone();
+        bad[70] ^= 1;
+        assert!(state.finish_cookie(&bad).is_err());
+        // And opening a request does no x25519 work: answering it does.
+        let keys = w.transient.join_keys(NOW).unwrap();
+        let answer = r.answer(Some(&keys), origin(2), b"", &mut w.rng).unwrap();
+        assert_eq!(answer.len(), REPLY_BYTES);
+        assert_eq!(state.finish(&answer).unwrap().keys.current.epoch, 77);
     }
 
     #[test]
@@ -589,7 +1009,7 @@ mod tests {
         let other = SecretKey::generate(&mut w.rng);
         w.keyring.install(other.clone()).unwrap();
         let (state, request) =
-            HandshakeInitiator::new(&mut w.rng, &other, &w.bloc, Purpose::Join, origin(1), b"");
+            HandshakeInitiator::new(&mut w.rng, &other, &w.bloc, &init(Purpose::Join, b""));
         let resp = w.respond(&request).unwrap();
         assert_eq!(resp.request.key_id, key_id(&other, &w.bloc));
         assert_eq!(state.finish(&resp.reply).unwrap().keys.current.epoch, 77);
@@ -600,7 +1020,7 @@ mod tests {
         let mut w = world();
         let wrong = SecretKey::generate(&mut w.rng);
         let (_, request) =
-            HandshakeInitiator::new(&mut w.rng, &wrong, &w.bloc, Purpose::Join, origin(1), b"");
+            HandshakeInitiator::new(&mut w.rng, &wrong, &w.bloc, &init(Purpose::Join, b""));
         let err = w.respond(&request).unwrap_err();
         assert_eq!(
             err,
@@ -614,7 +1034,7 @@ mod tests {
         assert_eq!(err.drop_reason(), DropReason::AuthFailed);
         // And the initiator rejects a reply sealed under another secondary key.
         let (state, _) =
-            HandshakeInitiator::new(&mut w.rng, &wrong, &w.bloc, Purpose::Join, origin(1), b"");
+            HandshakeInitiator::new(&mut w.rng, &wrong, &w.bloc, &init(Purpose::Join, b""));
         let (_, _, resp) = exchange(&mut w);
         assert_eq!(
             state.finish(&resp.reply).unwrap_err(),
@@ -627,14 +1047,8 @@ mod tests {
         let mut w = world();
         let other = Bloc::new("bloc-b");
         // Same secondary key, other bloc: the tag differs, so it is dropped before crypto.
-        let (_, request) = HandshakeInitiator::new(
-            &mut w.rng,
-            &w.secondary,
-            &other,
-            Purpose::Join,
-            origin(1),
-            b"",
-        );
+        let (_, request) =
+            HandshakeInitiator::new(&mut w.rng, &w.secondary, &other, &init(Purpose::Join, b""));
         let err = w.respond(&request).unwrap_err();
         assert_eq!(err, HandshakeError::Open(OpenError::WrongBloc(other.tag())));
         // With the tag and key id forged to ours, the derived keys still differ.

@@ -19,7 +19,7 @@ use crux_proto::flock::{
 };
 
 use super::envelope::{max_plaintext, seal, MIN_SEALED_BYTES};
-use super::handshake::{HandshakeInitiator, Origin, Purpose, REQUEST_BYTES};
+use super::handshake::{HandshakeInitiator, Initiation, Origin, Purpose, REQUEST_BYTES};
 use super::keys::{Bloc, PacketKey, SecretKey};
 use super::transient::KeyAnnouncement;
 use crate::Flock;
@@ -261,8 +261,15 @@ pub fn insider_join(
         boot: BootId(rng.next_u64()),
         counter: rng.next_u64(),
     };
-    let (initiator, request) =
-        HandshakeInitiator::new(rng, secondary, &bloc, Purpose::Join, origin, b"");
+    let initiation = Initiation {
+        purpose: Purpose::Join,
+        origin,
+        to: target.identity().addr,
+        stamp: target.wall_clock(now)?,
+        cookie: None,
+        context: b"",
+    };
+    let (initiator, request) = HandshakeInitiator::new(rng, secondary, &bloc, &initiation);
     target.handle_datagram(now, from, &request);
     let reply = target.poll_transmit().filter(|t| t.to == from)?.payload;
     let joined = initiator.finish(&reply).ok()?;

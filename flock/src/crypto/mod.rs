@@ -27,23 +27,27 @@
 //! random 192-bit nonce ([`seal`]); [`OVERHEAD`] (nonce + tag) is 40 bytes. All 36 header bytes are
 //! the associated data: magic, version, kind, bloc tag, key id, sender, boot and counter are all
 //! authenticated, and the body is authenticated and encrypted. Stream frames use the same format
-//! (up to [`MAX_SEALED_FRAME_BYTES`]).
+//! (up to [`MAX_SEALED_FRAME_BYTES`]). The flock core seals every flock datagram and frame for its
+//! recipient ([`seal_for`], [`open_for`]): the recipient's node id is appended to the associated
+//! data (not sent), so a datagram recorded on its way to one member does not open at another.
 //!
 //! Receiving is, in order, each step cheaper than the next and none changing state until the
 //! datagram authenticated:
 //!
 //! 1. size (`len ≤ MTU`, or the frame limit) — before anything else ([`check`]);
 //! 2. header parse and bloc tag ([`check`]): other blocs are dropped before any crypto;
-//! 3. for [`Kind::Handshake`](crux_proto::flock::Kind::Handshake), the per-source rate limit
-//!    ([`RateLimiter`]);
-//! 4. key selection by `key_id`: the transient epoch ([`TransientKeys::key_for`]) or the secondary
+//! 3. key selection by `key_id`: the transient epoch ([`TransientKeys::key_for`]) or the secondary
 //!    key id ([`Keyring::by_key_id`]) — exactly one key, so exactly one decryption attempt;
-//! 5. optionally a replay pre-check ([`ReplayTable::check`]), then [`open`];
-//! 6. the replay window ([`ReplayTable::accept`]), only now that the header is authentic;
-//! 7. body decoding ([`decode_drop_reason`] for its errors).
+//! 4. optionally a replay pre-check ([`ReplayTable::check`]), then [`open`] ([`open_for`] in the
+//!    core);
+//! 5. the replay window ([`ReplayTable::accept`]), only now that the header is authentic; for a
+//!    join request ([`open_request`], no x25519 yet), first its destination and its timestamp
+//!    ([`InitiationStamps`]), then the per-source rate limit ([`RateLimiter`]) and the load
+//!    ([`HandshakeLoad`]: a cookie reply instead of an answer), see [`handshake`];
+//! 6. body decoding ([`decode_drop_reason`] for its errors).
 //!
-//! [`receive()`] does steps 1, 2, 4, 5 and 6 for flock datagrams and hands handshake datagrams back
-//! after step 2. The flock core holds one node's whole state (keyring, the transient keys of its
+//! [`receive()`] does steps 1 to 5 for flock datagrams sealed with [`seal`] and hands handshake
+//! datagrams back after step 2. The flock core holds one node's whole state (keyring, the transient keys of its
 //! flock, replay table, rate limiter, counter, pending handshake, rotation schedule) and does all
 //! of it for each datagram given to [`Flock::handle_datagram`](crate::Flock::handle_datagram),
 //! counting every drop by reason in [`Flock::stats`](crate::Flock::stats).
@@ -83,18 +87,23 @@
 //! * [`Keyring`]: Serf-style install / use / remove / list; the primary key starts this node's
 //!   handshakes, every installed key admits a joiner. Stored as a text file, mode 0600, written
 //!   atomically. Changes spread as [`KeyringOp`]s (33 fixed bytes) under the transient key.
-//! * Handshake ([`HandshakeInitiator`], [`respond`]): see [`handshake`] for the exchange. The reply
-//!   is never larger than the request ([`REPLY_BYTES`] ≤ [`REQUEST_BYTES`]).
+//! * Handshake ([`HandshakeInitiator`], [`open_request`], [`respond`]): see [`handshake`] for the
+//!   exchange, its timestamps, destinations and cookies. No reply is larger than the request
+//!   ([`REPLY_BYTES`] ≤ [`REQUEST_BYTES`], [`COOKIE_REPLY_BYTES`] < [`REQUEST_BYTES`]).
 //!
 //! # Threat model (DESIGN.md, "Keys and packets")
 //!
 //! * Outsiders without a key can read, forge or replay nothing: every body is encrypted and every
 //!   header authenticated; replays are caught by the per-(sender, boot) window of 8,128 counters
-//!   ([`ReplayWindow`], as WireGuard); unauthenticated input gets no reply and changes no state, and
-//!   every table an outsider could touch is bounded ([`RateLimiter`] by entries; [`ReplayTable`]
-//!   grows only on authenticated datagrams, and is bounded too).
-//! * Handshakes are rate-limited per source address (20/s, burst 5, as WireGuard) and a reply is
-//!   never larger than its request: a forged source gains no amplification.
+//!   ([`ReplayWindow`], as WireGuard), a datagram recorded on its way to another node does not
+//!   open (sealed for its recipient), and a join request is taken only at the address it names
+//!   and only if newer than the last one of its sender ([`InitiationStamps`]); unauthenticated
+//!   input gets no reply and changes no state, and every table an outsider could touch is bounded
+//!   ([`RateLimiter`] by entries; [`ReplayTable`] and [`InitiationStamps`] grow only on
+//!   authenticated datagrams, and are bounded too).
+//! * Handshakes are rate-limited per source address (20/s, burst 5, as WireGuard), answered with
+//!   a cookie instead of x25519 work under load (over 100/s), and no reply is larger than its
+//!   request: a forged source gains no amplification.
 //! * Holders of a secondary key are members (the Serf model): they can join, learn the transient
 //!   key and speak for any node id. Per-node signatures come later.
 //! * Forward secrecy of the transient keys against a later leak of the secondary key: the
@@ -106,6 +115,7 @@
 //!   obtains one transient key can open the announcements sealed under it, and so follow the
 //!   rotations that come after, until it misses one.
 
+pub mod cookie;
 pub mod envelope;
 pub mod handshake;
 pub mod hostile;
@@ -116,13 +126,19 @@ pub mod receive;
 pub mod replay;
 pub mod transient;
 
+pub use cookie::{
+    Cookie, CookieSecrets, HandshakeLoad, COOKIE_BYTES, COOKIE_REUSE_MAX, COOKIE_SECRET_MAX_AGE,
+    HANDSHAKES_UNDER_LOAD,
+};
 pub use envelope::{
-    check, decode_drop_reason, max_plaintext, open, open_datagram, seal, sealed_len, OpenError,
-    MAX_SEALED_FRAME_BYTES, MIN_SEALED_BYTES, NONCE_BYTES, OVERHEAD, TAG_BYTES,
+    check, decode_drop_reason, max_plaintext, open, open_datagram, open_for, seal, seal_for,
+    sealed_len, OpenError, MAX_SEALED_FRAME_BYTES, MIN_SEALED_BYTES, NONCE_BYTES, OVERHEAD,
+    TAG_BYTES,
 };
 pub use handshake::{
-    respond, respond_with, HandshakeError, HandshakeInitiator, Joined, Origin, Purpose, Response,
-    MAX_CONTEXT_BYTES, REPLY_BYTES, REQUEST_BYTES,
+    open_request, respond, respond_with, HandshakeError, HandshakeInitiator, Initiation, Joined,
+    Origin, Purpose, Request, Response, Tai64N, COOKIE_REPLY_BYTES, MAX_CONTEXT_BYTES, REPLY_BYTES,
+    REQUEST_BYTES,
 };
 pub use keyring::{
     Keyring, KeyringError, KeyringOp, KEYRING_FILE_MODE, KEYRING_OP_BYTES, MAX_KEYS,
@@ -130,7 +146,7 @@ pub use keyring::{
 pub use keys::{key_id, node_auth_key, Bloc, KeyParseError, PacketKey, SecretKey, KEY_BYTES};
 pub use ratelimit::{RateLimiter, HANDSHAKES_PER_SECOND, HANDSHAKE_BURST};
 pub use receive::{receive, Received};
-pub use replay::{ReplayTable, ReplayWindow, REPLAY_WINDOW};
+pub use replay::{InitiationStamps, ReplayTable, ReplayWindow, REPLAY_WINDOW};
 pub use transient::{
     next_rotation, Installed, JoinKeys, KeyAnnouncement, TransientKeys, ANNOUNCEMENT_BYTES,
     ROTATION_MAX, ROTATION_MIN, SWITCH_DELAY,

@@ -1,8 +1,11 @@
-//! Replay protection: a sliding window of counters per (sender, boot), as WireGuard's.
+//! Replay protection: a sliding window of counters per (sender, boot), as WireGuard's, and the
+//! newest handshake initiation per sender ([`InitiationStamps`]).
 
 use std::collections::{BTreeMap, HashMap};
 
 use crux_proto::flock::{BootId, NodeId};
+
+use super::handshake::Tai64N;
 
 const WORD_BITS: u64 = 64;
 const RING_WORDS: usize = 128;
@@ -172,6 +175,75 @@ impl ReplayTable {
     }
 }
 
+/// The newest handshake initiation seen from each sender, WireGuard-style: an initiation is taken
+/// only if its `(boot id, timestamp)` is greater than the last one taken from the same node id,
+/// so a replayed or older initiation is refused whatever its counter. Boot ids grow across a
+/// node's restarts (their high bits are the start time, and the agent keeps them growing), and
+/// the timestamp grows within one boot (it counts from the boot's start on a monotonic clock),
+/// so a node's own initiations always go up, even if its wall clock steps back.
+///
+/// Bounded like [`ReplayTable`]: the least recently used sender is forgotten when full; entries
+/// are made only for initiations that authenticated (holders of the secondary key).
+#[derive(Debug)]
+pub struct InitiationStamps {
+    max_senders: usize,
+    tick: u64,
+    last: HashMap<NodeId, (BootId, Tai64N, u64)>,
+    by_use: BTreeMap<u64, NodeId>,
+}
+
+impl InitiationStamps {
+    /// An empty table of at most `max_senders` senders (at least 1).
+    pub fn new(max_senders: usize) -> InitiationStamps {
+        InitiationStamps {
+            max_senders: max_senders.max(1),
+            tick: 0,
+            last: HashMap::new(),
+            by_use: BTreeMap::new(),
+        }
+    }
+
+    /// Senders held.
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    /// True when no sender is held.
+    pub fn is_empty(&self) -> bool {
+        self.last.is_empty()
+    }
+
+    /// The newest `(boot, timestamp)` taken from `sender`.
+    pub fn newest(&self, sender: NodeId) -> Option<(BootId, Tai64N)> {
+        self.last.get(&sender).map(|(b, t, _)| (*b, *t))
+    }
+
+    /// Records an authenticated initiation if it is newer than every one taken from `sender`
+    /// before; false (drop it, [`DropReason::OldInitiation`](crate::DropReason::OldInitiation))
+    /// otherwise.
+    pub fn accept(&mut self, sender: NodeId, boot: BootId, stamp: Tai64N) -> bool {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some((b, t, used)) = self.last.get_mut(&sender) {
+            if (boot, stamp) <= (*b, *t) {
+                return false;
+            }
+            self.by_use.remove(used);
+            (*b, *t, *used) = (boot, stamp, tick);
+            self.by_use.insert(tick, sender);
+            return true;
+        }
+        if self.last.len() >= self.max_senders {
+            if let Some((_, old)) = self.by_use.pop_first() {
+                self.last.remove(&old);
+            }
+        }
+        self.last.insert(sender, (boot, stamp, tick));
+        self.by_use.insert(tick, sender);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,5 +370,27 @@ mod tests {
                 last = Some(hi);
             }
         }
+    }
+
+    #[test]
+    fn an_initiation_is_taken_only_if_newer_than_the_last_of_its_sender() {
+        let t = |n: u128| Tai64N::from_unix_nanos(n);
+        let mut s = InitiationStamps::new(2);
+        assert!(s.accept(NodeId(1), BootId(5), t(100)));
+        assert!(!s.accept(NodeId(1), BootId(5), t(100)), "the same");
+        assert!(!s.accept(NodeId(1), BootId(5), t(99)), "older");
+        assert!(s.accept(NodeId(1), BootId(5), t(101)));
+        assert!(
+            s.accept(NodeId(1), BootId(6), t(1)),
+            "a newer boot, whatever its clock"
+        );
+        assert!(!s.accept(NodeId(1), BootId(5), t(1000)), "an older boot");
+        assert_eq!(s.newest(NodeId(1)), Some((BootId(6), t(1))));
+        assert!(s.accept(NodeId(2), BootId(1), t(1)), "another sender");
+        // Full: the least recently used sender goes.
+        assert!(s.accept(NodeId(3), BootId(1), t(1)));
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.newest(NodeId(1)), None);
+        assert!(s.newest(NodeId(2)).is_some());
     }
 }
