@@ -275,3 +275,33 @@ async fn a_flipped_byte_after_the_handshake_ends_the_connection() {
     wait_for("a tamper count", || b.rejected_for(Reason::Tampered) == 1).await;
     stop.cancel();
 }
+
+/// Bad input: a peer that pours handshake bytes (TLS records that never end a ClientHello, as
+/// a peer sending 1 GiB of "headers" would) is cut off after rustls's handshake message limit,
+/// long before it has sent much, and counted.
+#[tokio::test]
+async fn an_endless_handshake_is_cut_off_early() {
+    let b = transport(TransportConfig::default());
+    let stop = CancellationToken::new();
+    let addr = echo_server(&b, stop.clone()).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // A handshake record header (ClientHello fragment, 16 KiB), then its bytes, over and over.
+    let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+    record.extend_from_slice(&[0x01; 16 * 1024]);
+    let mut sent = 0usize;
+    let limit = 1usize << 30;
+    while sent < limit {
+        match tokio::time::timeout(DEADLINE, s.write_all(&record)).await {
+            Ok(Ok(())) => sent += record.len(),
+            Ok(Err(_)) => break,
+            Err(_) => panic!("the server neither read nor closed for {DEADLINE:?}"),
+        }
+    }
+    assert!(
+        sent < 16 << 20,
+        "the server took {sent} bytes of a handshake"
+    );
+    wait_for("a TLS refusal", || b.rejected_for(Reason::Tls) == 1).await;
+    assert_eq!(b.connections(), 0);
+    stop.cancel();
+}
