@@ -345,9 +345,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         &steps, &handle, &settings, began, listeners, &servers, &stop,
     )
     .await;
-    let (tasks, picket) = match outcome {
+    let (mut tasks, picket) = match outcome {
         Ok(Some(up)) => (up.tasks, up.picket),
-        Ok(None) => (Vec::new(), None),
+        Ok(None) => (Tasks::default(), None),
         Err(e) => {
             stop.cancel();
             let _ = driver_task.await;
@@ -356,7 +356,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     };
 
     // ---- serve until a signal ------------------------------------------------------------
-    stop.cancelled().await;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            (name, how) = tasks.next_ended() => match how {
+                Err(e) if e.is_panic() => tracing::error!(task = name, "task panicked"),
+                _ => warn!(task = name, "task ended before shutdown"),
+            },
+        }
+    }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let exit = driver_task.await.context("flock driver task")?;
     match exit {
@@ -377,9 +386,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     // Open client connections get a moment to finish; a stuck one does not hold the exit.
     let drain = Duration::from_secs(2);
-    for t in tasks {
-        let _ = tokio::time::timeout(drain, t).await;
-    }
+    tasks.drain(drain).await;
     store.shutdown().await;
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(drain, t).await;
@@ -389,11 +396,55 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-type ServerTask = tokio::task::JoinHandle<()>;
+/// Every task the bootstrap starts, owned by name: none is dropped, one that ends while the
+/// agent runs is reported by name, and shutdown waits for all of them (bounded).
+#[derive(Default)]
+struct Tasks {
+    set: tokio::task::JoinSet<()>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The next task to end, by name, with how it ended (pending forever when none runs).
+    async fn next_ended(&mut self) -> (&'static str, Result<(), tokio::task::JoinError>) {
+        match self.set.join_next_with_id().await {
+            Some(Ok((id, ()))) => (self.names.remove(&id).unwrap_or("?"), Ok(())),
+            Some(Err(e)) => (self.names.remove(&e.id()).unwrap_or("?"), Err(e)),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits for every task to end, each within what is left of `limit`; the rest are aborted.
+    async fn drain(mut self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.set.is_empty() {
+            match tokio::time::timeout_at(deadline, self.next_ended()).await {
+                Ok((name, Err(e))) if e.is_panic() => warn!(task = name, "task panicked"),
+                Ok(_) => {}
+                Err(_) => {
+                    let left: Vec<_> = self.names.values().copied().collect();
+                    warn!(tasks = ?left, "tasks still running at shutdown: aborted");
+                    self.set.abort_all();
+                    while self.set.join_next().await.is_some() {}
+                    return;
+                }
+            }
+        }
+    }
+}
 
 /// What bootstrap brought up.
 struct Up {
-    tasks: Vec<ServerTask>,
+    tasks: Tasks,
     picket: Option<crux_picket::runner::Picket>,
 }
 
@@ -446,11 +497,11 @@ async fn bootstrap(
     // Step 2: the heartbeater and the registry replica, linked to the steward; the local socket.
     let began = now_instant();
     let reeve = steps.state.reeve.clone();
-    let mut tasks: Vec<ServerTask> = Vec::new();
-    tasks.push(tokio::spawn(crux_reeve::link::run(
-        reeve.clone(),
-        servers.clone(),
-    )));
+    let mut tasks = Tasks::default();
+    tasks.spawn(
+        "steward link",
+        crux_reeve::link::run(reeve.clone(), servers.clone()),
+    );
     let store = listeners.pastiche.clone();
     let puller = crux_pastiche::pull::Puller::new(store.clone(), reeve.clone());
     let cache =
@@ -464,11 +515,11 @@ async fn bootstrap(
         placement_rx,
         servers.clone(),
     );
-    tasks.push(tokio::spawn(async move {
+    tasks.spawn("local API", async move {
         if let Err(e) = local.await {
             warn!(error = %e, "local API server ended");
         }
-    }));
+    });
     steps.done(
         2,
         began,
@@ -485,18 +536,21 @@ async fn bootstrap(
     let (current_tx, current_rx) = tokio::sync::watch::channel(None);
     let snap = handle.snapshot();
     let netid = SocketAddr::new(snap.identity.addr.ip(), settings.grpc_port);
-    tokio::spawn(crate::steward::supervise(
-        handle.clone(),
-        netid,
-        reeve.clone(),
-        StewardConfig {
-            grace: settings.registry.grace,
-            seed_valid: settings.registry.heartbeat_interval * 5,
-            ..StewardConfig::default()
-        },
-        current_tx,
-        servers.clone(),
-    ));
+    tasks.spawn(
+        "steward",
+        crate::steward::supervise(
+            handle.clone(),
+            netid,
+            reeve.clone(),
+            StewardConfig {
+                grace: settings.registry.grace,
+                seed_valid: settings.registry.heartbeat_interval * 5,
+                ..StewardConfig::default()
+            },
+            current_tx,
+            servers.clone(),
+        ),
+    );
     let peer = crux_pastiche::serve::PeerService::new(store.clone(), settings.pastiche_corrupt);
     if settings.pastiche_corrupt {
         warn!(
@@ -504,22 +558,28 @@ async fn bootstrap(
         );
     }
     let durable = steps.state.store.clone();
-    tokio::spawn(crate::store::supervise(
-        handle.clone(),
-        durable.clone(),
-        settings.grpc_port,
-        settings.store_voter_grace,
-        Duration::from_secs(1),
-        Duration::from_secs(5),
-        servers.clone(),
-    ));
-    tokio::spawn(crate::store::follow_leader(
-        handle.clone(),
-        durable.clone(),
-        settings.grpc_port,
-        Duration::from_secs(1),
-        servers.clone(),
-    ));
+    tasks.spawn(
+        "store voters",
+        crate::store::supervise(
+            handle.clone(),
+            durable.clone(),
+            settings.grpc_port,
+            settings.store_voter_grace,
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+            servers.clone(),
+        ),
+    );
+    tasks.spawn(
+        "store leader follower",
+        crate::store::follow_leader(
+            handle.clone(),
+            durable.clone(),
+            settings.grpc_port,
+            Duration::from_secs(1),
+            servers.clone(),
+        ),
+    );
     let (dean_tx, dean_rx) = tokio::sync::watch::channel(None);
     let (status_tx, status_rx) = tokio::sync::watch::channel(None);
     let node_server = crate::steward::serve(
@@ -531,11 +591,11 @@ async fn bootstrap(
         crate::proctor::PlacementNode::new(dean_rx, status_rx.clone()),
         servers.clone(),
     );
-    tasks.push(tokio::spawn(async move {
+    tasks.spawn("node gRPC", async move {
         if let Err(e) = node_server.await {
             warn!(error = %e, "node gRPC server ended");
         }
-    }));
+    });
     let leads = snap.leader.map(|l| l.id) == Some(snap.identity.id);
     steps.done(
         3,
@@ -567,13 +627,16 @@ async fn bootstrap(
     .await
     .with_context(|| format!("opening picket in {}", picket_dir.display()))?;
     let adopted = picket.units().len();
-    tokio::spawn(crux_pastiche::cache::announce(
-        store.clone(),
-        puller.clone(),
-        reeve.clone(),
-        Duration::from_secs(1),
-        servers.clone(),
-    ));
+    tasks.spawn(
+        "pastiche announce",
+        crux_pastiche::cache::announce(
+            store.clone(),
+            puller.clone(),
+            reeve.clone(),
+            Duration::from_secs(1),
+            servers.clone(),
+        ),
+    );
     let builtins = crate::pastiche::start_builtin(
         &reeve,
         netid,
@@ -610,16 +673,19 @@ async fn bootstrap(
         failed_hold: settings.picket.failed_hold,
     })?;
     dean_tx.send_replace(Some(dean.clone()));
-    tokio::spawn(dean.clone().run(servers.clone()));
-    tokio::spawn(crate::proctor::supervise(
-        handle.clone(),
-        durable.clone(),
-        dean.clone(),
-        steps.state.transport.clone(),
-        settings.grpc_port,
-        status_tx,
-        servers.clone(),
-    ));
+    tasks.spawn("dean", dean.clone().run(servers.clone()));
+    tasks.spawn(
+        "proctor",
+        crate::proctor::supervise(
+            handle.clone(),
+            durable.clone(),
+            dean.clone(),
+            steps.state.transport.clone(),
+            settings.grpc_port,
+            status_tx,
+            servers.clone(),
+        ),
+    );
     placement_tx.send_replace(Some(crate::placement::PlacementLocal::new(
         steps.state.clone(),
         dean,
@@ -672,7 +738,6 @@ fn steward_target(
     rx
 }
 
-/// Logs membership and leader changes at info.
 /// Logs the flock's events until it stops; a node the flock revoked shuts down (`stop`).
 async fn log_events(handle: DriverHandle, stop: CancellationToken) {
     let mut events = handle.subscribe();
