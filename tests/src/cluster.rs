@@ -633,3 +633,70 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<Strin
     s.read_to_string(&mut out)?;
     Ok(out)
 }
+
+impl Cluster {
+    /// Gives every agent a node gRPC port of its own (call before the agents start): agent k
+    /// listens on its own port `P_k`, each free on every agent's address. Returns them, node k's at
+    /// index `k - 1`.
+    ///
+    /// An agent reaches another's node port at the other's flock IP and *its own* configured
+    /// `grpc_port`, so with distinct ports agent j dials agent k at `ip_k:P_j`, where nothing
+    /// listens unless the test puts something there: a test can bind a proxy on `ip_k:P_j` that
+    /// forwards to `ip_k:P_k` and sees every byte of those connections. Not every connection goes
+    /// that way: an address one node computes and hands to others (a Raft member's address, set
+    /// by the flock leader with its own port; a pastiche holder's registered NetID, its own port)
+    /// is dialled as given.
+    pub fn own_grpc_ports(&mut self) -> Vec<u16> {
+        let ips: Vec<IpAddr> = self.agents.iter().map(|a| a.addr.ip()).collect();
+        let mut taken: BTreeSet<u16> = self.agents.iter().map(|a| a.http.port()).collect();
+        taken.insert(self.port);
+        let mut ports = Vec::with_capacity(self.agents.len());
+        while ports.len() < self.agents.len() {
+            let p = free_port(&ips);
+            if taken.insert(p) {
+                ports.push(p);
+            }
+        }
+        for (a, port) in self.agents.iter_mut().zip(&ports) {
+            let path = a.config();
+            let config = std::fs::read_to_string(&path).expect("read config");
+            let config: String = config
+                .lines()
+                .map(|l| {
+                    if l.starts_with("grpc_port = ") {
+                        format!("grpc_port = {port}\n")
+                    } else {
+                        format!("{l}\n")
+                    }
+                })
+                .collect();
+            std::fs::write(&path, config).expect("write config");
+            a.grpc = SocketAddr::new(a.addr.ip(), *port);
+        }
+        ports
+    }
+
+    /// Node k's `crux_node_plane_rejected_total` counts by reason (`io`, `tls`, `tampered`, …),
+    /// read from its `/metrics`.
+    pub fn node_plane_rejected(
+        &self,
+        k: usize,
+    ) -> Result<std::collections::BTreeMap<String, u64>, String> {
+        let metrics = http_get(self.agents[k - 1].http, "/metrics")
+            .map_err(|e| format!("node{k}: /metrics: {e}"))?;
+        let counts: std::collections::BTreeMap<String, u64> = metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("crux_node_plane_rejected_total{reason=\""))
+            .filter_map(|l| {
+                let (reason, rest) = l.split_once("\"} ")?;
+                Some((reason.to_string(), rest.trim().parse().ok()?))
+            })
+            .collect();
+        if counts.is_empty() {
+            return Err(format!(
+                "node{k}: no crux_node_plane_rejected_total in /metrics"
+            ));
+        }
+        Ok(counts)
+    }
+}
