@@ -1,6 +1,20 @@
 //! The `crux` binary: the node agent (`crux agent`), a local flock in one command (`crux dev`),
-//! the CLI that talks to an agent over its Unix socket (`crux members`, `crux leader`,
-//! `crux keys`, `crux status`), `crux keygen` and the simulator front end (`crux sim`).
+//! the CLI that talks to an agent over its Unix socket (`crux status`, `crux members`,
+//! `crux leader`, `crux node revoke`, `crux keys`, `crux services`, `crux lookup`, `crux watch`,
+//! `crux pastiche`, `crux muster`, `crux store`, `crux proctor`, `crux picket`), `crux register`
+//! (keeps a command registered while it runs), `crux keygen` and the simulator front end
+//! (`crux sim`).
+//!
+//! This crate is the top of the graph and the only one that reads config files, `CRUX_*`
+//! variables and the command line. `agent.rs` brings a node up in DESIGN.md's bootstrap order
+//! and owns every task it starts; `rpc/` serves the local socket, `steward.rs` the node gRPC
+//! port (over `crux_transport`), `http.rs` `/ready`, `/metrics` and a status page. It also
+//! still carries the runtimes of the proctor, the dean, the store's voters and placement
+//! (`proctor.rs`, `dean.rs`, `store.rs`, `voters.rs`, `placement.rs`). `ARCHITECTURE.md` at the
+//! root is the map.
+//!
+//! **Never.** No library depends on this crate. Keys and handles are made here and passed down
+//! (no process-global state); the clock is read here, never in the flock core.
 
 use std::process::ExitCode;
 

@@ -24,6 +24,20 @@
 //!   the leader does O(1) work per round. With no live leader and a quiet membership, the best
 //!   candidate (lowest node id among live members) claims `max term + 1`. Competing claims resolve
 //!   by [`LeaderClaim::precedence`](crux_proto::flock::LeaderClaim::precedence).
+//! * **Keys** ([`crypto`]): with security on (as the agent runs), every datagram is sealed with
+//!   XChaCha20-Poly1305 under the leader's rotating transient key, and the bloc's secondary
+//!   keyring seals only the join handshake and key requests. Each member's node-plane public key
+//!   ([`NodeKey`]) rides in its sealed membership record: that is what the node plane
+//!   (`crux_transport`, fed by the agent) pins connections to.
+//!
+//! **Never.** The core takes `now` and its seed as inputs: it never reads a clock, opens a socket,
+//! spawns a task or draws from an unseeded RNG. The workspace's `clippy.toml` bans
+//! `Instant::now`, `SystemTime::now` and `thread_rng`; in this crate only the tokio driver (one
+//! wall-clock reading, at start) and the simulator's wall-time report are allowed them. Whatever
+//! fails to authenticate or decode is dropped and counted: no reply, no panic, no state change.
+//! Keys are values each [`Flock`] owns, never process-global, so the simulator runs thousands of
+//! nodes in one process. The crate depends on `crux-proto` alone and knows nothing of the node
+//! plane or the services above it.
 
 pub mod config;
 mod core;

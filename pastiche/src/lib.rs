@@ -4,10 +4,18 @@
 //!   (size, pieces, one hash per piece), bounded disk use with LRU eviction and pins, and
 //!   resumable, piece-verified pulls (see [`Store::begin_pull`]). Synchronous `std::fs` code;
 //!   async callers run it on a blocking thread.
-//! * [`serve`]: the node service other nodes' pullers call (manifest, have, pieces).
+//! * [`serve`]: the node service other nodes' pullers call (manifest, have, pieces), over the
+//!   node plane only.
 //! * [`pull`]: the puller: several holders at once, rarest piece first, bad holders dropped.
+//!   Holders come from the steward, asked through the node's reeve (the steward is the tracker).
 //! * [`cache`]: the local API (`crux pastiche ...`) and the loop that tells the steward what this
 //!   node holds.
+//!
+//! **Never.** A partial or corrupt blob is never visible under its digest: every piece is
+//! verified, then the whole digest, and only a fully written, fsynced file is renamed into
+//! place. A pinned blob is never evicted. The node service answers only callers the node plane
+//! proved (`crux_transport::peer`), and peers are dialled only through the node's
+//! [`crux_transport::Transport`]; no key or connection is process-global.
 
 pub mod cache;
 pub mod digest;

@@ -24,6 +24,13 @@
 //! * [`plugin`]: the plugin side of the handshake, for plugin authors: read [`plugin::PluginEnv`],
 //!   serve `grpc.health.v1` and `crux.plugin.v1.Plugin` on a Unix socket, print the handshake line,
 //!   and wait for the shutdown signal.
+//!
+//! **Never.** Picket signals only processes it started or re-adopted from its records (a child is
+//! named by pid and start time, so a reused pid is not taken for it), and stops them by their own
+//! process group. It runs what it is given ([`UnitSpec`]) and decides nothing about what may run:
+//! the dean starts a unit only when a muster entry names its artifact and function. It reads the
+//! wall clock in one place (`unix_ms`, for the times it reports) and holds no process-global
+//! state.
 
 pub mod builtin;
 pub mod plugin;

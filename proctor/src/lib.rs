@@ -28,7 +28,13 @@
 //!
 //! The caller compares the plan with what each dean runs, sends every node its whole set
 //! (tagged with the leader's term), and calls [`reconcile()`] again on every report or change
-//! of membership.
+//! of membership. Today that caller is the agent (`agent/src/proctor.rs` on the leader,
+//! `agent/src/dean.rs` on every node).
+//!
+//! **Never.** No tokio, no network, no clock, no randomness, no other Crux crate: the same
+//! inputs give the same plan (ties broken by node id), so a new leader or a test computes it
+//! alike. It never names an executable by itself: a unit carries the artifact and function the
+//! intent names, and the dean starts it only if a muster entry in the store names them too.
 
 pub mod intent;
 pub mod lang;

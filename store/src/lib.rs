@@ -3,11 +3,13 @@
 //!
 //! Consensus is [`openraft`] (the 0.9 line, storage v2). Each node runs one Raft node whose id is
 //! its flock node id and whose address is its NetID (`ip:grpc_port`); the Raft RPCs travel in the
-//! `crux.store.v1.Store` gRPC service on the node gRPC port ([`Store::service`]), admitted only
-//! from live flock members. A write or consistent read made on any node is forwarded to the Raft
-//! leader over the same service ([`Store::write`], [`Store::read`]); a node that cannot reach a
-//! leader (cut off from a majority of voters) answers [`StoreError::NoQuorum`] within
-//! [`StoreConfig::op_timeout`] or so, and never accepts a write silently.
+//! `crux.store.v1.Store` gRPC service on the node gRPC port ([`Store::service`]), over the node
+//! plane (`crux_transport`: only nodes the flock lists get through, and the service reads its
+//! caller with `crux_transport::peer`). A write or consistent read made on any node is
+//! forwarded to the Raft leader over the same service ([`Store::write`], [`Store::read`]); a
+//! node that cannot reach a leader (cut off from a majority of voters) answers
+//! [`StoreError::NoQuorum`] within [`StoreConfig::op_timeout`] or so, and never accepts a write
+//! silently.
 //!
 //! # Storage
 //!
@@ -32,7 +34,8 @@
 //!
 //! A document's generation is a store-wide revision: every document write takes the next one, so
 //! generations only grow and are never reused (deleting and re-creating a document cannot fool a
-//! compare-and-swap).
+//! compare-and-swap). Generation 0 means absent: a compare-and-swap on 0 writes only a document
+//! that does not exist yet.
 //!
 //! # Groups
 //!
@@ -49,7 +52,16 @@
 //! [`StoreError::Merged`] and write nothing), its data is copied into the survivor by ordinary
 //! writes (conflicting values of the loser kept under `merged/<loser>/…`), and its nodes abandon
 //! their stores at runtime ([`Store::abandon`]: the Raft node is shut down, the directory set
-//! aside, an empty one opened, all behind the same [`Store`] handle) and join the survivor. 0 means absent.
+//! aside, an empty one opened, all behind the same [`Store`] handle) and join the survivor.
+//!
+//! # Never
+//!
+//! A node never accepts a write it cannot commit through a majority of voters (a cut-off
+//! minority answers [`StoreError::NoQuorum`]), never takes Raft traffic from another group or
+//! one it abandoned, and never picks its own voters: the flock leader does, through the agent
+//! ([`Store::initialize`], [`Store::set_voters`]). Its peers are reached only through the
+//! [`crux_transport::Transport`] handle in its [`StoreConfig`]; nothing here is process-global,
+//! so tests run a fleet of stores in one process.
 
 pub mod merge;
 mod network;

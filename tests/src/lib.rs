@@ -1,8 +1,17 @@
-//! Cross-crate integration tests: multi-process clusters on loopback and simulations.
+//! Cross-crate integration tests: the harness that runs clusters of real agent processes on
+//! loopback (the flock simulations live in `crux_flock::sim` and `flock/tests/`).
 //!
 //! [`cluster`] starts real `crux agent` processes on a loopback range of their own, talks to them
 //! through the `crux` CLI (as a person or a script would), and kills only the processes it
 //! started. The end-to-end tests that use it live beside the binary, in `agent/tests/`, where
-//! cargo builds the `crux` executable for them.
+//! cargo builds the `crux` executable for them; the store, pastiche, registry and placement
+//! benchmarks under `bench/` use it too.
+//!
+//! **Never.** The harness signals only the agents it started and the plugins their pickets
+//! recorded (pid and start time checked), never a process by name; it binds no fixed port (each
+//! cluster takes a loopback range of its own, a port found free on all of it and its own bloc
+//! ID); and it never sleeps as synchronisation: it polls a condition up to a deadline
+//! ([`cluster::wait_for`]). A failing test keeps its cluster's directory (configs, data, logs)
+//! and prints where it is.
 
 pub mod cluster;

@@ -14,8 +14,8 @@
 //! TLS handshake succeeds only if the peer signs with a key the flock currently lists
 //! ([`Transport::set_peers`]), and the peer's node id is the one listed for that key
 //! ([`PeerInfo`]). Then, inside the channel, each side proves it holds a secondary key of the
-//! bloc, bound to this session by a TLS exporter ([`bloc`]): a node of another bloc on the same
-//! network, or anyone replaying a recorded exchange, gets nowhere.
+//! bloc, bound to this session by a TLS exporter ([`BlocKeys`], [`EXPORTER_LABEL`]): a node of
+//! another bloc on the same network, or anyone replaying a recorded exchange, gets nowhere.
 //!
 //! **Why TLS 1.3 with rustls rather than Noise.** Both give forward secrecy and mutual
 //! authentication. rustls is audited, widely deployed and fast (AES-GCM with AES-NI through
@@ -36,8 +36,20 @@
 //! a service by a connection that did not complete both proofs; a peer learns nothing beyond
 //! what TLS itself says (a handshake alert).
 //!
+//! **Use.** A node makes one [`Transport`] from its [`NodeIdentity`] and hands clones of it to
+//! every part that talks to other nodes. A server takes its listener and serves
+//! [`Transport::incoming`] (tonic's `serve_with_incoming_shutdown`); a client gets a tonic
+//! channel from [`Transport::channel`]. A node service learns who called from
+//! [`peer`]`(&req)`: the [`PeerInfo`] (node id, key, bloc key id) its connection proved; a call
+//! that did not come over the node plane gets PERMISSION_DENIED. The agent feeds each transport
+//! the flock's live members and their keys at every flock snapshot (`follow_peers` in
+//! `agent/src/steward.rs`) and the bloc keys of every keyring the flock publishes
+//! (`follow_bloc_keys` in `agent/src/keys.rs`).
+//!
 //! **Never.** This crate reads no config file and holds no process-global state: every key is a
-//! handle passed in, so tests and simulations run many nodes in one process.
+//! handle passed in, so tests and simulations run many nodes in one process. It depends on
+//! `crux-proto` alone: it knows node ids and keys, not the flock, the registry or the services
+//! it carries.
 
 mod bloc;
 pub mod endpoint;
