@@ -79,6 +79,8 @@ fn main() {
     let pid = c.agent(TARGET).pid().expect("running");
     let rss_before = hostile::rss_kib(pid).expect("VmRSS");
     let drops_before = hostile::drops(&c, TARGET);
+    let in_before = hostile::counter(&c, TARGET, "crux_datagrams_in_total")
+        + hostile::counter(&c, TARGET, "crux_streams_in_total");
     let socks = hostile::attacker_sockets(&c);
     let plan = Plan {
         datagrams,
@@ -96,10 +98,27 @@ fn main() {
         }
     })
     .unwrap_or_else(|e| panic!("attack: {e}\n{}", c.logs(30)));
-    let agreed = hostile::wait(Duration::from_secs(30), || c.agreement(&NODES).map(|_| ()));
+    // The agent's counters are a snapshot it republishes every 250 ms: read them once they have
+    // stood still for a second (and the flock agrees).
+    let total = |m: &std::collections::BTreeMap<String, u64>| m.values().sum::<u64>();
+    let mut last = (total(&hostile::drops(&c, TARGET)), hostile::now());
+    let agreed = hostile::wait(Duration::from_secs(30), || {
+        c.agreement(&NODES)?;
+        let now = total(&hostile::drops(&c, TARGET));
+        if now != last.0 {
+            last = (now, hostile::now());
+        }
+        if last.1.elapsed() < Duration::from_secs(1) {
+            return Err("drop counters still moving".into());
+        }
+        Ok(())
+    });
     hostile::late_replies(&socks, &mut out);
     let rss_after = hostile::rss_kib(pid).expect("VmRSS");
     let drops_after = hostile::drops(&c, TARGET);
+    let received = hostile::counter(&c, TARGET, "crux_datagrams_in_total")
+        + hostile::counter(&c, TARGET, "crux_streams_in_total")
+        - in_before;
 
     println!();
     println!(
@@ -128,6 +147,11 @@ fn main() {
         }
     }
     println!("  {:<16} {total:>9}", "total");
+    println!(
+        "node {TARGET} received {received} datagrams and frames in that time (the insider's \
+         {} barrier pings and joins, answered, and the flock's own traffic included)",
+        out.barriers + out.rejoins
+    );
     println!(
         "node {TARGET} RSS (VmRSS): {rss_before} KiB before, {rss_after} KiB after ({:+} KiB)",
         rss_after as i64 - rss_before as i64
