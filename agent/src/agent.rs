@@ -194,6 +194,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
     let id = crate::identity::load_or_create_node_id(&settings.data_dir)?;
+    let transport = crate::identity::node_transport(&settings.data_dir)?;
     let boot = crate::identity::next_boot_id(&settings.data_dir, unix_ms())?;
     let keyring = crate::keys::load(&settings.keyring)?;
     let pastiche_store = {
@@ -234,6 +235,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             settings.data_dir.join("store"),
             id.0,
             SocketAddr::new(addr.ip(), settings.grpc_port),
+            transport.clone(),
         );
         c.local_ip = Some(addr.ip());
         if let Some(f) = &settings.store_partition_file {
@@ -248,7 +250,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("opening the durable store: {e}"))?
     };
-    let identity = Identity { id, boot, addr };
+    let identity = Identity {
+        id,
+        boot,
+        addr,
+        key: Some(transport.public_key()),
+    };
     let clock = tokio::time::Instant::now();
     let mut rng_seed = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut rng_seed);
@@ -266,13 +273,18 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         ..Default::default()
     };
     let (driver, handle) = Driver::new(flock, udp, tcp, clock, driver_config);
-    tokio::spawn(log_events(handle.clone()));
+    tokio::spawn(log_events(handle.clone(), stop.clone()));
     tokio::spawn(crate::keys::save_changes(
         handle.clone(),
         settings.keyring.clone(),
     ));
-    // Node gRPC connections, both ways, prove the bloc's key from here on.
-    crate::keys::follow_node_keys(&handle, &settings.flock.bloc, &keyring);
+    // Node-plane connections, both ways, prove the bloc's key and a key the flock lists from
+    // here on.
+    crate::keys::follow_bloc_keys(&handle, &settings.flock.bloc, &keyring, transport.clone());
+    tokio::spawn(crate::steward::follow_peers(
+        handle.clone(),
+        transport.clone(),
+    ));
     let driver_task = tokio::spawn(driver.run(stop.clone()));
     info!(
         node = %id,
@@ -295,6 +307,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             node: id.to_string(),
             boot: boot.0,
             local_ip: Some(addr.ip()),
+            transport: transport.clone(),
             heartbeat_interval: settings.registry.heartbeat_interval,
             grace: settings.registry.grace,
             netid: SocketAddr::new(addr.ip(), settings.grpc_port).to_string(),
@@ -307,6 +320,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         keys,
         reeve,
         store.clone(),
+        transport,
         start,
     );
     let steps = Steps {
@@ -331,9 +345,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         &steps, &handle, &settings, began, listeners, &servers, &stop,
     )
     .await;
-    let (tasks, picket) = match outcome {
+    let (mut tasks, picket) = match outcome {
         Ok(Some(up)) => (up.tasks, up.picket),
-        Ok(None) => (Vec::new(), None),
+        Ok(None) => (Tasks::default(), None),
         Err(e) => {
             stop.cancel();
             let _ = driver_task.await;
@@ -342,7 +356,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     };
 
     // ---- serve until a signal ------------------------------------------------------------
-    stop.cancelled().await;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            (name, how) = tasks.next_ended() => match how {
+                Err(e) if e.is_panic() => tracing::error!(task = name, "task panicked"),
+                _ => warn!(task = name, "task ended before shutdown"),
+            },
+        }
+    }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let exit = driver_task.await.context("flock driver task")?;
     match exit {
@@ -363,9 +386,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     // Open client connections get a moment to finish; a stuck one does not hold the exit.
     let drain = Duration::from_secs(2);
-    for t in tasks {
-        let _ = tokio::time::timeout(drain, t).await;
-    }
+    tasks.drain(drain).await;
     store.shutdown().await;
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(drain, t).await;
@@ -375,11 +396,55 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-type ServerTask = tokio::task::JoinHandle<()>;
+/// Every task the bootstrap starts, owned by name: none is dropped, one that ends while the
+/// agent runs is reported by name, and shutdown waits for all of them (bounded).
+#[derive(Default)]
+struct Tasks {
+    set: tokio::task::JoinSet<()>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The next task to end, by name, with how it ended (pending forever when none runs).
+    async fn next_ended(&mut self) -> (&'static str, Result<(), tokio::task::JoinError>) {
+        match self.set.join_next_with_id().await {
+            Some(Ok((id, ()))) => (self.names.remove(&id).unwrap_or("?"), Ok(())),
+            Some(Err(e)) => (self.names.remove(&e.id()).unwrap_or("?"), Err(e)),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits for every task to end, each within what is left of `limit`; the rest are aborted.
+    async fn drain(mut self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.set.is_empty() {
+            match tokio::time::timeout_at(deadline, self.next_ended()).await {
+                Ok((name, Err(e))) if e.is_panic() => warn!(task = name, "task panicked"),
+                Ok(_) => {}
+                Err(_) => {
+                    let left: Vec<_> = self.names.values().copied().collect();
+                    warn!(tasks = ?left, "tasks still running at shutdown: aborted");
+                    self.set.abort_all();
+                    while self.set.join_next().await.is_some() {}
+                    return;
+                }
+            }
+        }
+    }
+}
 
 /// What bootstrap brought up.
 struct Up {
-    tasks: Vec<ServerTask>,
+    tasks: Tasks,
     picket: Option<crux_picket::runner::Picket>,
 }
 
@@ -432,11 +497,11 @@ async fn bootstrap(
     // Step 2: the heartbeater and the registry replica, linked to the steward; the local socket.
     let began = now_instant();
     let reeve = steps.state.reeve.clone();
-    let mut tasks: Vec<ServerTask> = Vec::new();
-    tasks.push(tokio::spawn(crux_reeve::link::run(
-        reeve.clone(),
-        servers.clone(),
-    )));
+    let mut tasks = Tasks::default();
+    tasks.spawn(
+        "steward link",
+        crux_reeve::link::run(reeve.clone(), servers.clone()),
+    );
     let store = listeners.pastiche.clone();
     let puller = crux_pastiche::pull::Puller::new(store.clone(), reeve.clone());
     let cache =
@@ -450,11 +515,11 @@ async fn bootstrap(
         placement_rx,
         servers.clone(),
     );
-    tasks.push(tokio::spawn(async move {
+    tasks.spawn("local API", async move {
         if let Err(e) = local.await {
             warn!(error = %e, "local API server ended");
         }
-    }));
+    });
     steps.done(
         2,
         began,
@@ -471,62 +536,66 @@ async fn bootstrap(
     let (current_tx, current_rx) = tokio::sync::watch::channel(None);
     let snap = handle.snapshot();
     let netid = SocketAddr::new(snap.identity.addr.ip(), settings.grpc_port);
-    tokio::spawn(crate::steward::supervise(
-        handle.clone(),
-        netid,
-        reeve.clone(),
-        StewardConfig {
-            grace: settings.registry.grace,
-            seed_valid: settings.registry.heartbeat_interval * 5,
-            ..StewardConfig::default()
-        },
-        current_tx,
-        servers.clone(),
-    ));
-    let admit = crate::steward::admit(handle.clone());
-    let peer = crux_pastiche::serve::PeerService::new(
-        store.clone(),
-        admit.clone(),
-        settings.pastiche_corrupt,
+    tasks.spawn(
+        "steward",
+        crate::steward::supervise(
+            handle.clone(),
+            netid,
+            reeve.clone(),
+            StewardConfig {
+                grace: settings.registry.grace,
+                seed_valid: settings.registry.heartbeat_interval * 5,
+                ..StewardConfig::default()
+            },
+            current_tx,
+            servers.clone(),
+        ),
     );
+    let peer = crux_pastiche::serve::PeerService::new(store.clone(), settings.pastiche_corrupt);
     if settings.pastiche_corrupt {
         warn!(
             "pastiche.corrupt_serving_for_tests is set: every piece this node serves is corrupted"
         );
     }
     let durable = steps.state.store.clone();
-    tokio::spawn(crate::store::supervise(
-        handle.clone(),
-        durable.clone(),
-        settings.grpc_port,
-        settings.store_voter_grace,
-        Duration::from_secs(1),
-        Duration::from_secs(5),
-        servers.clone(),
-    ));
-    tokio::spawn(crate::store::follow_leader(
-        handle.clone(),
-        durable.clone(),
-        settings.grpc_port,
-        Duration::from_secs(1),
-        servers.clone(),
-    ));
+    tasks.spawn(
+        "store voters",
+        crate::store::supervise(
+            handle.clone(),
+            durable.clone(),
+            settings.grpc_port,
+            settings.store_voter_grace,
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+            servers.clone(),
+        ),
+    );
+    tasks.spawn(
+        "store leader follower",
+        crate::store::follow_leader(
+            handle.clone(),
+            durable.clone(),
+            settings.grpc_port,
+            Duration::from_secs(1),
+            servers.clone(),
+        ),
+    );
     let (dean_tx, dean_rx) = tokio::sync::watch::channel(None);
     let (status_tx, status_rx) = tokio::sync::watch::channel(None);
     let node_server = crate::steward::serve(
         listeners.grpc,
-        admit.clone(),
+        steps.state.transport.clone(),
         current_rx,
         peer,
-        durable.service(admit.clone()),
-        crate::proctor::PlacementNode::new(dean_rx, status_rx.clone(), admit),
+        durable.service(),
+        crate::proctor::PlacementNode::new(dean_rx, status_rx.clone()),
         servers.clone(),
     );
-    tasks.push(tokio::spawn(async move {
+    tasks.spawn("node gRPC", async move {
         if let Err(e) = node_server.await {
             warn!(error = %e, "node gRPC server ended");
         }
-    }));
+    });
     let leads = snap.leader.map(|l| l.id) == Some(snap.identity.id);
     steps.done(
         3,
@@ -558,13 +627,16 @@ async fn bootstrap(
     .await
     .with_context(|| format!("opening picket in {}", picket_dir.display()))?;
     let adopted = picket.units().len();
-    tokio::spawn(crux_pastiche::cache::announce(
-        store.clone(),
-        puller.clone(),
-        reeve.clone(),
-        Duration::from_secs(1),
-        servers.clone(),
-    ));
+    tasks.spawn(
+        "pastiche announce",
+        crux_pastiche::cache::announce(
+            store.clone(),
+            puller.clone(),
+            reeve.clone(),
+            Duration::from_secs(1),
+            servers.clone(),
+        ),
+    );
     let builtins = crate::pastiche::start_builtin(
         &reeve,
         netid,
@@ -601,15 +673,19 @@ async fn bootstrap(
         failed_hold: settings.picket.failed_hold,
     })?;
     dean_tx.send_replace(Some(dean.clone()));
-    tokio::spawn(dean.clone().run(servers.clone()));
-    tokio::spawn(crate::proctor::supervise(
-        handle.clone(),
-        durable.clone(),
-        dean.clone(),
-        settings.grpc_port,
-        status_tx,
-        servers.clone(),
-    ));
+    tasks.spawn("dean", dean.clone().run(servers.clone()));
+    tasks.spawn(
+        "proctor",
+        crate::proctor::supervise(
+            handle.clone(),
+            durable.clone(),
+            dean.clone(),
+            steps.state.transport.clone(),
+            settings.grpc_port,
+            status_tx,
+            servers.clone(),
+        ),
+    );
     placement_tx.send_replace(Some(crate::placement::PlacementLocal::new(
         steps.state.clone(),
         dean,
@@ -662,8 +738,8 @@ fn steward_target(
     rx
 }
 
-/// Logs membership and leader changes at info.
-async fn log_events(handle: DriverHandle) {
+/// Logs the flock's events until it stops; a node the flock revoked shuts down (`stop`).
+async fn log_events(handle: DriverHandle, stop: CancellationToken) {
     let mut events = handle.subscribe();
     loop {
         match events.recv().await {
@@ -682,6 +758,14 @@ async fn log_events(handle: DriverHandle) {
             Ok(Event::LeaveComplete) => info!("leave gossiped"),
             Ok(Event::KeyringChanged) => info!("keyring changed"),
             Ok(Event::KeyringRefused(reason)) => warn!(%reason, "keyring change refused"),
+            Ok(Event::MemberRevoked(id)) => warn!(%id, "member revoked: kept out of the flock"),
+            Ok(Event::Revoked) => {
+                tracing::error!(
+                    "this node was revoked by the flock: it left, and the others keep it out; \
+                     shutting down"
+                );
+                stop.cancel();
+            }
             #[allow(unreachable_patterns)] // events the security work adds are logged as they are
             Ok(other) => info!(event = ?other, "flock event"),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {

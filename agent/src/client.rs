@@ -207,6 +207,39 @@ pub async fn leader(socket: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `crux node ...` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum NodeCmd {
+    /// Revoke a member: every member forgets it and keeps it out, its node-plane connections
+    /// close, and it shuts down. Rotate the secondary key after it (install, use, remove) so that
+    /// the revoked machine, which still holds the old key, cannot come back under a new identity.
+    Revoke {
+        /// The node id (16 hex digits, as `crux members` shows it).
+        id: String,
+    },
+}
+
+/// `crux node ...`.
+pub async fn node(socket: &Path, cmd: &NodeCmd) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    match cmd {
+        NodeCmd::Revoke { id } => {
+            let r = c
+                .revoke(pb::RevokeRequest { node: id.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "revoked node {id} ({}): the flock forgets it and keeps it out; its node-plane \
+                 connections close.\nTo keep the machine out for good, rotate the secondary key: \
+                 crux keys install KEY, crux keys use KEY, crux keys remove OLD.",
+                r.addr
+            );
+            Ok(())
+        }
+    }
+}
+
 /// `crux keys ...` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum KeysCmd {

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use crux_pastiche::digest::Digest;
 use crux_pastiche::pull::Puller;
-use crux_picket::runner::{Picket, UnitSpec, UnitState as PicketState, UnitStatus};
+use crux_picket::runner::{Picket, UnitState as PicketState, UnitStatus};
+use crux_picket::UnitSpec;
 use crux_proctor::Unit;
 use crux_proto::grpc::proctor::v1 as pb;
 use crux_store::{MusterEntry, Query, QueryResult};

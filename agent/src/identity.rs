@@ -12,6 +12,18 @@ use rand::RngCore;
 pub const NODE_ID_FILE: &str = "node-id";
 /// Boot id file name in the data dir.
 pub const BOOT_ID_FILE: &str = "boot-id";
+/// The node-plane key pair's file name in the data dir (Ed25519, PKCS#8, mode 0600).
+pub const NODE_KEY_FILE: &str = "node-key";
+
+/// This node's end of the node plane, with the key pair kept in the data dir (made on first
+/// start).
+pub fn node_transport(data_dir: &Path) -> anyhow::Result<crux_transport::Transport> {
+    let identity = crux_transport::NodeIdentity::load_or_create(&data_dir.join(NODE_KEY_FILE))?;
+    Ok(crux_transport::Transport::new(
+        identity,
+        crux_transport::TransportConfig::default(),
+    )?)
+}
 
 /// Loads the node id, or makes and stores a random one on first start.
 pub fn load_or_create_node_id(data_dir: &Path) -> anyhow::Result<NodeId> {

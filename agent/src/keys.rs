@@ -152,10 +152,10 @@ pub async fn save_changes(flock: DriverHandle, path: PathBuf) {
     }
 }
 
-/// The node handshake's keys ([`crux_reeve::nodeauth`]) of a keyring: one derived from each
-/// secondary key, by key id, the primary first.
-pub fn node_keys(ring: &Keyring, bloc: &Bloc) -> Option<crux_reeve::nodeauth::NodeKeys> {
-    crux_reeve::nodeauth::NodeKeys::new(
+/// The node plane's bloc keys ([`crux_transport::BlocKeys`]) of a keyring: one derived from
+/// each secondary key, by key id, the primary first.
+pub fn bloc_keys(ring: &Keyring, bloc: &Bloc) -> Option<crux_transport::BlocKeys> {
+    crux_transport::BlocKeys::new(
         ring.list()
             .into_iter()
             .map(|k| (key_id(k, bloc), *node_auth_key(k, bloc).as_bytes()))
@@ -163,17 +163,27 @@ pub fn node_keys(ring: &Keyring, bloc: &Bloc) -> Option<crux_reeve::nodeauth::No
     )
 }
 
-/// Sets this process's node handshake keys from `initial`, then follows every keyring change
-/// (made here or spread by the flock) until the driver ends: a key installed is accepted from
-/// then on, a key put in use is the one this node connects with, a key removed is refused.
-pub fn follow_node_keys(flock: &DriverHandle, bloc_id: &str, initial: &Keyring) {
+/// Gives `transport` the bloc keys of `initial`, then follows every keyring change (made here
+/// or spread by the flock) until the driver ends: a key installed is accepted from then on, a
+/// key put in use is the one this node connects with, a key removed closes the connections made
+/// under it and is refused.
+pub fn follow_bloc_keys(
+    flock: &DriverHandle,
+    bloc_id: &str,
+    initial: &Keyring,
+    transport: crux_transport::Transport,
+) {
     let bloc = Bloc::new(bloc_id);
-    crux_reeve::nodeauth::set_keys(node_keys(initial, &bloc));
+    transport.set_bloc_keys(bloc_keys(initial, &bloc));
     let mut watch = flock.keyring_watch();
     tokio::spawn(async move {
         while watch.changed().await.is_ok() {
-            if let Some(ring) = watch.borrow_and_update().as_ref() {
-                crux_reeve::nodeauth::set_keys(node_keys(ring, &bloc));
+            let keys = watch
+                .borrow_and_update()
+                .as_ref()
+                .map(|ring| bloc_keys(ring, &bloc));
+            if let Some(keys) = keys {
+                transport.set_bloc_keys(keys);
             }
         }
     });

@@ -56,6 +56,13 @@ enum Cmd {
         #[command(flatten)]
         json: client::JsonArg,
     },
+    /// Operate on members of the flock (`crux node revoke ID`).
+    Node {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(subcommand)]
+        cmd: client::NodeCmd,
+    },
     /// Show the local agent's identity and bootstrap progress.
     Status {
         #[command(flatten)]
@@ -171,6 +178,9 @@ fn main() -> ExitCode {
         }
         Cmd::Status { socket, json } => {
             client::block_on(client::status(&socket.socket, json.json)).map(|()| 0)
+        }
+        Cmd::Node { socket, cmd } => {
+            client::block_on(client::node(&socket.socket, cmd)).map(|()| 0)
         }
         Cmd::Keys { socket, cmd } => {
             client::block_on(client::keys(&socket.socket, cmd)).map(|()| 0)

@@ -51,14 +51,14 @@ pub fn render(state: &AgentState) -> String {
         u8::from(state.is_ready()),
     );
     o.family(
-        "crux_node_connections_refused_total",
+        "crux_node_plane_rejected_total",
         "counter",
-        "Connections to the node gRPC port closed at the node handshake, by reason.",
+        "Node-plane connections refused at their handshake or closed later (revoked, tampered), by reason.",
     );
-    for (reason, n) in crux_reeve::nodeauth::refused() {
+    for (reason, n) in state.transport.rejected() {
         o.value(
-            "crux_node_connections_refused_total",
-            &[("reason", reason)],
+            "crux_node_plane_rejected_total",
+            &[("reason", reason.label())],
             n,
         );
     }
@@ -255,6 +255,7 @@ mod tests {
                 id: NodeId(1),
                 boot: BootId(2),
                 addr: "127.0.0.2:7700".parse().unwrap(),
+                key: None,
             },
             now: std::time::Duration::ZERO,
             members: Vec::new(),

@@ -115,13 +115,12 @@ impl PlacementLocal {
             return local_status(&self.status);
         }
         let netid = std::net::SocketAddr::new(leader.addr.ip(), self.state.settings.grpc_port);
-        let ch = crux_reeve::link::node_channel(
-            netid,
-            Some(snap.identity.addr.ip()),
-            Duration::from_secs(2),
-        )
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the leader at {netid}: {e}")))?;
+        let ch = self
+            .state
+            .transport
+            .channel(netid, Some(snap.identity.addr.ip()), Duration::from_secs(2))
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot reach the leader at {netid}: {e}")))?;
         let mut c = pb::proctor_client::ProctorClient::new(ch);
         let mut r = Request::new(pb::StatusRequest {});
         r.set_timeout(Duration::from_secs(3));

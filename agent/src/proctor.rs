@@ -162,6 +162,7 @@ pub async fn supervise(
     handle: DriverHandle,
     store: Store,
     dean: Arc<Dean>,
+    transport: crux_transport::Transport,
     grpc_port: u16,
     status: watch::Sender<Option<pb::StatusResponse>>,
     stop: CancellationToken,
@@ -204,6 +205,7 @@ pub async fn supervise(
                 handle: handle.clone(),
                 store: store.clone(),
                 dean: dean.clone(),
+                transport: transport.clone(),
                 grpc_port,
                 me,
                 term,
@@ -235,6 +237,7 @@ struct Term {
     handle: DriverHandle,
     store: Store,
     dean: Arc<Dean>,
+    transport: crux_transport::Transport,
     grpc_port: u16,
     me: String,
     term: u64,
@@ -384,7 +387,10 @@ impl Term {
             let channel = match self.channels.get(netid) {
                 Some(c) => c.clone(),
                 None => {
-                    match crux_reeve::link::node_channel(*netid, Some(local_ip), CALL_TIMEOUT).await
+                    match self
+                        .transport
+                        .channel(*netid, Some(local_ip), CALL_TIMEOUT)
+                        .await
                     {
                         Ok(c) => {
                             self.channels.insert(*netid, c.clone());
@@ -455,7 +461,6 @@ impl Term {
 pub struct PlacementNode {
     dean: watch::Receiver<Option<Arc<Dean>>>,
     status: watch::Receiver<Option<pb::StatusResponse>>,
-    admit: crux_steward::server::Admit,
 }
 
 impl PlacementNode {
@@ -472,28 +477,17 @@ impl PlacementNode {
         )
     }
 
-    /// Serves the dean (once step 5 made it) and the proctor status in `status`, to live
-    /// members only.
+    /// Serves the dean (once step 5 made it) and the proctor status in `status`, over the node
+    /// plane.
     pub fn new(
         dean: watch::Receiver<Option<Arc<Dean>>>,
         status: watch::Receiver<Option<pb::StatusResponse>>,
-        admit: crux_steward::server::Admit,
     ) -> PlacementNode {
-        PlacementNode {
-            dean,
-            status,
-            admit,
-        }
+        PlacementNode { dean, status }
     }
 
     fn admitted<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let ip = req.remote_addr().map(|a| a.ip());
-        match ip {
-            Some(ip) if !(self.admit)(ip).is_empty() => Ok(()),
-            _ => Err(Status::permission_denied(
-                "placement calls are taken only from live flock members",
-            )),
-        }
+        crux_transport::peer(req).map(|_| ())
     }
 }
 

@@ -38,6 +38,8 @@ pub struct AgentState {
     pub reeve: Arc<crux_reeve::Reeve>,
     /// The durable store (Raft).
     pub store: crux_store::Store,
+    /// This node's end of the node plane.
+    pub transport: crux_transport::Transport,
     started: Instant,
     steps: Mutex<Vec<Step>>,
     ready: AtomicBool,
@@ -51,6 +53,7 @@ impl AgentState {
         keys: Keys,
         reeve: Arc<crux_reeve::Reeve>,
         store: crux_store::Store,
+        transport: crux_transport::Transport,
         started: Instant,
     ) -> Arc<AgentState> {
         let steps = STEPS
@@ -68,6 +71,7 @@ impl AgentState {
             keys,
             reeve,
             store,
+            transport,
             started,
             steps: Mutex::new(steps),
             ready: AtomicBool::new(false),

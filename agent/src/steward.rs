@@ -1,15 +1,15 @@
 //! The agent's side of the steward: runs one while this node leads (a new one for each term it
-//! leads), and serves the node gRPC port to holders of a bloc key (the node handshake of
-//! [`crux_reeve::nodeauth`]), admitting only live flock members.
+//! leads), and serves the node gRPC port over the node plane ([`crux_transport`]), whose peers
+//! are the live flock members with the keys their membership records carry.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crux_flock::driver::DriverHandle;
 use crux_flock::MemberState;
 use crux_proto::grpc::steward::v1::FlockId;
 use crux_reeve::Reeve;
-use crux_steward::{Admit, Steward, StewardConfig, StewardService};
+use crux_steward::{Steward, StewardConfig, StewardService};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -71,28 +71,36 @@ pub async fn supervise(
     current.send_replace(None);
 }
 
-/// The node ids of the live members (alive or suspect) at `ip`.
-pub fn members_at(handle: &DriverHandle, ip: IpAddr) -> Vec<String> {
-    handle
-        .snapshot()
-        .members
+/// The node-plane peers a flock snapshot lists: every live member (alive or suspect, this node
+/// included) with the key of its membership record.
+pub fn peers(
+    snap: &crux_flock::driver::Snapshot,
+) -> Vec<(crux_flock::NodeId, crux_flock::NodeKey)> {
+    snap.members
         .iter()
         .filter(|m| matches!(m.info.state, MemberState::Alive | MemberState::Suspect))
-        .filter(|m| m.info.addr.ip() == ip)
-        .map(|m| m.info.id.to_string())
+        .filter_map(|m| Some((m.info.id, m.info.key?)))
         .collect()
 }
 
-/// Who may make node calls: the live members, by address.
-pub fn admit(handle: DriverHandle) -> Admit {
-    Arc::new(move |ip| members_at(&handle, ip))
+/// Keeps `transport`'s peers those the flock lists, until the driver ends: a member that dies,
+/// leaves or is revoked loses its node-plane connections at the snapshot that says so.
+pub async fn follow_peers(handle: DriverHandle, transport: crux_transport::Transport) {
+    let mut flock = handle.watch();
+    loop {
+        let listed = peers(&flock.borrow_and_update());
+        transport.set_peers(listed);
+        if flock.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Serves the node gRPC port (the steward, pastiche's pieces, the store's Raft, the deans and
 /// the proctor) until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    admit: Admit,
+    transport: crux_transport::Transport,
     current: watch::Receiver<Option<Arc<Steward>>>,
     pastiche: crux_pastiche::serve::PeerService,
     store: crux_store::StoreServer,
@@ -109,94 +117,14 @@ pub async fn serve(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))
         // Slack for a steward busy with a burst of registrations (see the reeve's link).
         .http2_keepalive_timeout(Some(crux_reeve::link::KEEPALIVE_TIMEOUT))
-        .add_service(StewardService::new(current, admit).into_server())
+        .add_service(StewardService::new(current).into_server())
         .add_service(pastiche.into_server())
         .add_service(store)
         .add_service(dean)
         .add_service(proctor)
         .serve_with_incoming_shutdown(
-            accepted(listener, shutdown.clone()),
+            transport.incoming(listener, shutdown.clone()),
             shutdown.cancelled_owned(),
         )
         .await
-}
-
-/// Node handshakes under way at once, at most: connections beyond wait for none and are closed.
-const HANDSHAKES_MAX: usize = 256;
-
-/// The accepted connections of `listener`, with Nagle's algorithm off, each through the node
-/// handshake ([`crux_reeve::nodeauth`]) when this process has node keys. A refused connection
-/// is closed and counted; nothing else happens. Handshakes run beside the accept loop (at most
-/// [`HANDSHAKES_MAX`] at once, each within its timeout), so a slow or hostile peer holds up no
-/// one. (The server builder's `tcp_nodelay` applies only to listeners it binds itself; without
-/// it, small messages such as registry changes wait up to 40 ms for the peer's delayed ACK.)
-fn accepted(
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> impl tokio_stream::Stream<Item = std::io::Result<crux_reeve::nodeauth::Authed<tokio::net::TcpStream>>>
-{
-    use crux_reeve::nodeauth;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let slots = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
-    tokio::spawn(async move {
-        loop {
-            let conn = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tx.closed() => return,
-                c = listener.accept() => c,
-            };
-            let (mut conn, peer) = match conn {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors and the like: the server logs it; do not spin.
-                    if tx.send(Err(e)).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            if let Err(e) = conn.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set");
-            }
-            let Some(keys) = nodeauth::keys() else {
-                if tx
-                    .send(Ok(nodeauth::Authed::new(conn, None)))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                continue;
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                nodeauth::count_refused("busy");
-                tracing::debug!(%peer, "node connection refused: too many handshakes under way");
-                continue;
-            };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let r = tokio::time::timeout(
-                    nodeauth::HANDSHAKE_TIMEOUT,
-                    nodeauth::server(&mut conn, &keys),
-                )
-                .await;
-                drop(slot);
-                match r {
-                    Ok(Ok(key)) => {
-                        let _ = tx.send(Ok(nodeauth::Authed::new(conn, Some(key)))).await;
-                    }
-                    Ok(Err(e)) => {
-                        nodeauth::count_refused(e.reason());
-                        tracing::debug!(%peer, error = %e, "node connection refused");
-                    }
-                    Err(_) => {
-                        nodeauth::count_refused("timeout");
-                        tracing::debug!(%peer, "node connection refused: handshake timed out");
-                    }
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -3,7 +3,6 @@
 //! Each test has its own `127.A.B.x` range (B = the test's id below), its own port and bloc, and
 //! kills only the processes it started (see `crux_tests::cluster`). They use the `local` preset.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use crux_tests::cluster::{http_get, Cluster};
@@ -294,22 +293,19 @@ fn keyring_rotation_through_the_cli_keeps_every_member_alive() {
     converged(&c, &all);
 }
 
-/// Opens a connection from this test process to node k's gRPC port holding only secondary
-/// key `key` (the node handshake): Err with "connect" in it when refused.
+/// Opens a node-plane connection from this test process to node k's gRPC port, as a listed
+/// member (node k's own identity) holding only secondary key `key`: Err with "connect" in it
+/// when refused.
 fn node_connect(c: &Cluster, k: usize, key: &str) -> Result<(), String> {
-    let keys = crux_reeve::nodeauth::NodeKeys::new(vec![c.node_auth_key(key)]).map(Arc::new);
-    let a = c.agent(k);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    rt.block_on(crux_reeve::link::node_channel_with_keys(
-        a.grpc,
-        Some(a.addr.ip()),
-        Duration::from_secs(5),
-        keys,
-    ))
-    .map(drop)
+    let a = c.agent(k);
+    rt.block_on(async {
+        let t = c.test_transport(c.node_identity(k), key);
+        t.connect(a.grpc, Some(a.addr.ip())).await.map(drop)
+    })
     .map_err(|e| format!("connect: {e}"))
 }
 
@@ -485,7 +481,7 @@ fn the_node_port_closes_hostile_connections_and_keeps_serving() {
         let metrics = http_get(c.agent(1).http, "/metrics").unwrap_or_default();
         metrics
             .lines()
-            .filter_map(|l| l.strip_prefix("crux_node_connections_refused_total{reason=\""))
+            .filter_map(|l| l.strip_prefix("crux_node_plane_rejected_total{reason=\""))
             .filter_map(|l| {
                 let (reason, rest) = l.split_once("\"} ")?;
                 Some((reason.to_string(), rest.trim().parse().ok()?))
@@ -512,14 +508,13 @@ fn the_node_port_closes_hostile_connections_and_keeps_serving() {
     let refused_at_once = |payload: &[u8]| {
         let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut hello = [0u8; 40];
-        s.read_exact(&mut hello).expect("the server's hello");
-        assert_eq!(&hello[..8], b"CRUXNA01");
         s.write_all(payload).expect("write");
-        // The server closes the connection without another byte.
+        // The server closes the connection with at most a TLS alert (one 7-byte record):
+        // nothing that names a version or a service.
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
-        assert!(rest.is_empty(), "answered {} bytes", rest.len());
+        assert!(rest.len() <= 7, "answered {} bytes: {rest:?}", rest.len());
+        assert!(!String::from_utf8_lossy(&rest).contains("HTTP"));
     };
     refused_at_once(&[0xffu8; 76]);
     let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -528,13 +523,30 @@ fn the_node_port_closes_hostile_connections_and_keeps_serving() {
     let err = node_connect(&c, 1, &crux_tests::cluster::keygen(BIN.as_ref()))
         .expect_err("a key the bloc does not hold was accepted");
     assert!(err.contains("connect"), "{err}");
-    c.wait_for("bad magic and unknown key counted", CONVERGE, || {
-        let n = counts(&c);
-        match (n.get("bad_magic"), n.get("unknown_key")) {
-            (Some(&m), Some(&u)) if m >= 2 && u >= 1 => Ok(()),
-            _ => Err(format!("{n:?}")),
-        }
-    });
+    // A stranger (a key the flock does not list) holding the bloc's key is refused too.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stranger = c.test_transport(crux_transport::NodeIdentity::generate().unwrap(), &c.key);
+    let err = rt
+        .block_on(stranger.connect(target, None))
+        .expect_err("a node the flock does not list was accepted");
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    c.wait_for(
+        "garbage, a wrong bloc key and a stranger counted",
+        CONVERGE,
+        || {
+            let n = counts(&c);
+            if n.get("unknown_peer").copied().unwrap_or(0) < 1 {
+                return Err(format!("{n:?}"));
+            }
+            match (n.get("tls"), n.get("bloc")) {
+                (Some(&m), Some(&u)) if m >= 2 && u >= 1 => Ok(()),
+                _ => Err(format!("{n:?}")),
+            }
+        },
+    );
     // The agents are still one flock, and a caller with the key connects to either.
     converged(&c, &both);
     for k in both {

@@ -5,14 +5,13 @@
 //! Each test has its own `127.A.B.x` range and port (see `crux_tests::cluster`), and kills only
 //! the processes it started: the agents, and the `crux register` sidecars with their commands.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crux_reeve::nodeauth::NodeKeys;
 use crux_tests::cluster::{http_get, wait_for, Cluster};
 use serde::Deserialize;
 
@@ -201,31 +200,21 @@ fn registry_on_five_nodes() {
     assert_eq!(exact[0].horde, "default");
     assert!(lookup(&c, 3, "nosuchapi").expect("lookup").is_empty());
 
-    // 3. The node port admits members only: a call from an address that is not a member is
-    //    refused; the same call from a member's address is answered.
+    // 3. The node port admits members only, over the node plane: a caller whose key the flock
+    //    does not list, or that holds another bloc key, gets no connection at all; a member
+    //    holding the bloc's key is answered. The leader counts what it refused.
     let leader_k = c.index_of(&leader.id).expect("leader is ours");
     let steward_addr = c.agent(leader_k).grpc;
-    let outsider = match c.agent(1).addr.ip() {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], 200))
-        }
-        other => panic!("loopback v4 expected, got {other}"),
-    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let table = |from: IpAddr, keys: Option<NodeKeys>| {
+    let table = |t: crux_transport::Transport| {
         rt.block_on(async {
-            let ch = crux_reeve::link::node_channel_with_keys(
-                steward_addr,
-                Some(from),
-                Duration::from_secs(5),
-                keys.map(Arc::new),
-            )
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+            let ch = t
+                .channel(steward_addr, None, Duration::from_secs(5))
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
             let mut client = crux_proto::grpc::steward::v1::steward_client::StewardClient::new(ch);
             client
                 .table(crux_proto::grpc::steward::v1::TableRequest {
@@ -237,27 +226,23 @@ fn registry_on_five_nodes() {
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
         })
     };
-    // Every connection first proves the bloc's key (the node handshake): without a key, or
-    //    with another one, a member's address gets no connection at all.
-    let member = c.agent(1).addr.ip();
-    let err = table(member, None).expect_err("a caller without the key was answered");
-    assert!(!err.contains("PermissionDenied"), "{err}");
-    let (id, key) = c.node_auth_key(&c.key);
-    let err = table(member, NodeKeys::new(vec![(id, [7u8; 32])]))
-        .expect_err("a caller with another key was answered");
+    let stranger = crux_transport::NodeIdentity::generate().unwrap();
+    let err = table(c.test_transport(stranger, &c.key)).expect_err("a stranger was answered");
     assert!(err.contains("connect"), "{err}");
-    let bloc_key = || NodeKeys::new(vec![(id, key)]);
-    let refused = table(outsider, bloc_key()).expect_err("a non-member was answered");
-    assert!(refused.contains("PermissionDenied"), "{refused}");
-    assert_eq!(table(member, bloc_key()), Ok(2), "a member is answered");
-    // The leader counted the two connections it refused.
-    let leader_http = c
-        .agent(c.index_of(&leader.id).expect("leader is ours"))
-        .http;
+    let other_key = crux_tests::cluster::keygen(std::path::Path::new(BIN));
+    let err = table(c.test_transport(c.node_identity(1), &other_key))
+        .expect_err("a caller with another bloc key was answered");
+    assert!(err.contains("connect"), "{err}");
+    assert_eq!(
+        table(c.test_transport(c.node_identity(1), &c.key)),
+        Ok(2),
+        "a member is answered"
+    );
+    let leader_http = c.agent(leader_k).http;
     let metrics = http_get(leader_http, "/metrics").expect("metrics");
     let refused: u64 = metrics
         .lines()
-        .filter(|l| l.starts_with("crux_node_connections_refused_total{"))
+        .filter(|l| l.starts_with("crux_node_plane_rejected_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert!(refused >= 2, "{metrics}");

@@ -161,6 +161,7 @@ fn hostile_setup(seed: u64) -> (Flock, HostileTraffic, Duration) {
         id: NodeId(1),
         boot: BootId(1),
         addr,
+        key: None,
     };
     let (keyring, timing) = (Keyring::new(secondary.clone()), SecurityTiming::default());
     let mut target = Flock::new_secure(config, identity, keyring, timing, [7; 32], Duration::ZERO)
@@ -181,6 +182,7 @@ fn hostile_setup(seed: u64) -> (Flock, HostileTraffic, Duration) {
         addr: peer,
         incarnation: 0,
         state: MemberState::Alive,
+        key: None,
     };
     let mut recorded = Vec::new();
     for counter in 1..=16 {

@@ -682,6 +682,7 @@ mod tests {
                 id: NodeId(0x9e37_79b9_7f4a_7c15 ^ (100 + i as u64)),
                 boot: BootId(0x01a2_0090_0000_0000 + i as u64),
                 addr: udp.local_addr().unwrap(),
+                key: None,
             };
             let flock = match keyring {
                 None => Flock::new(config, identity, i as u64, start.elapsed()).unwrap(),

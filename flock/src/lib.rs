@@ -38,7 +38,7 @@ pub use crate::core::{
     Command, DropReason, Event, Flock, Identity, LeaderView, Member, SecurityTiming, Stats,
     Transmit, TransmitKind, CLOCK_SKEW_MAX, TRANSIENT_KEYS_MAX,
 };
-pub use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId};
+pub use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId, NodeKey};
 
 /// Builds a boot id that orders restarts of a node: the wall-clock start time in milliseconds in
 /// the high 48 bits, random bits below. A restarted node's entry supersedes the old one because its

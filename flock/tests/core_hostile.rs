@@ -91,6 +91,7 @@ fn node(i: u8) -> Flock {
         id: NodeId(i as u64 * 1000),
         boot: crux_flock::boot_id(1, i as u16),
         addr: node_addr(i),
+        key: None,
     };
     let mut seed = [0u8; 32];
     seed[0] = i;

@@ -58,6 +58,7 @@ fn node(i: u8, space: &str, now: Duration) -> Flock {
         // Started at a realistic wall-clock time (2023-11-14), all at once.
         boot: crux_flock::boot_id(1_700_000_000_000, i as u16),
         addr: node_addr(i),
+        key: None,
     };
     let mut seed = [0u8; 32];
     seed[0] = i;
@@ -526,6 +527,7 @@ fn a_datagram_sealed_for_another_node_does_not_open_and_one_for_this_node_opens_
             members: Vec::new(),
             leader: None,
             ring: None,
+            revoked: Vec::new(),
         }),
     ];
     for msg in &messages {
@@ -679,6 +681,7 @@ fn answers_to_a_source_that_is_not_the_senders_address_are_never_larger() {
             members: Vec::new(),
             leader: None,
             ring: None,
+            revoked: Vec::new(),
         }),
     );
     assert_eq!(sent.len(), 1);

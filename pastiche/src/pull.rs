@@ -161,13 +161,12 @@ impl Puller {
 
     async fn connect(&self, netid: &str) -> Option<PasticheClient<Channel>> {
         let addr: SocketAddr = netid.parse().ok()?;
-        let ch = crux_reeve::link::node_channel(
-            addr,
-            self.reeve.config().local_ip,
-            Duration::from_secs(2),
-        )
-        .await
-        .ok()?;
+        let config = self.reeve.config();
+        let ch = config
+            .transport
+            .channel(addr, config.local_ip, Duration::from_secs(2))
+            .await
+            .ok()?;
         Some(
             PasticheClient::new(ch)
                 .max_decoding_message_size(MESSAGE_MAX)

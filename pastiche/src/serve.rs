@@ -1,8 +1,7 @@
 //! The node side of pastiche: answers other nodes' pullers (manifest, which pieces, pieces) on
-//! the node gRPC port, admitted only from live flock members.
+//! the node gRPC port, over the node plane (only nodes the flock lists reach it).
 
 use crux_proto::grpc::pastiche::v1::{self as pb, pastiche_server};
-use crux_steward::server::{admitted, Admit};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -65,7 +64,6 @@ pub fn manifest_of(m: pb::Manifest) -> Result<crate::manifest::Manifest, String>
 #[derive(Clone)]
 pub struct PeerService {
     store: Store,
-    admit: Admit,
     corrupt: bool,
 }
 
@@ -78,14 +76,10 @@ impl std::fmt::Debug for PeerService {
 }
 
 impl PeerService {
-    /// Serves `store` to the members `admit` lets in. `corrupt` is a test hook: every piece served
+    /// Serves `store` to the node plane's callers. `corrupt` is a test hook: every piece served
     /// has one byte flipped.
-    pub fn new(store: Store, admit: Admit, corrupt: bool) -> PeerService {
-        PeerService {
-            store,
-            admit,
-            corrupt,
-        }
+    pub fn new(store: Store, corrupt: bool) -> PeerService {
+        PeerService { store, corrupt }
     }
 
     /// The tonic server.
@@ -113,7 +107,7 @@ impl pastiche_server::Pastiche for PeerService {
         &self,
         req: Request<pb::ManifestRequest>,
     ) -> Result<Response<pb::ManifestResponse>, Status> {
-        admitted(&self.admit, &req)?;
+        crux_transport::peer(&req)?;
         let d = parse(&req.get_ref().digest)?;
         match self.store.manifest(&d) {
             Some(m) => Ok(Response::new(pb::ManifestResponse {
@@ -127,7 +121,7 @@ impl pastiche_server::Pastiche for PeerService {
         &self,
         req: Request<pb::HaveRequest>,
     ) -> Result<Response<pb::HaveResponse>, Status> {
-        admitted(&self.admit, &req)?;
+        crux_transport::peer(&req)?;
         let d = parse(&req.get_ref().digest)?;
         let Some(have) = self.store.have(&d) else {
             return Err(Status::not_found(format!("unknown digest {d}")));
@@ -150,7 +144,7 @@ impl pastiche_server::Pastiche for PeerService {
         &self,
         req: Request<pb::PiecesRequest>,
     ) -> Result<Response<Self::PiecesStream>, Status> {
-        admitted(&self.admit, &req)?;
+        crux_transport::peer(&req)?;
         let req = req.into_inner();
         let d = parse(&req.digest)?;
         if req.indexes.len() > 4096 {

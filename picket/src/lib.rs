@@ -30,9 +30,11 @@ pub mod plugin;
 mod proc;
 mod records;
 pub mod runner;
+mod spec;
 
 pub use builtin::{run_builtin, Builtin, Fservice, Network};
-pub use runner::{Picket, PicketConfig, StopOutcome, UnitSpec, UnitState, UnitStatus};
+pub use runner::{Picket, PicketConfig, StopOutcome, UnitState, UnitStatus};
+pub use spec::UnitSpec;
 
 /// The protocol version of the plugin handshake (`CRUX_PLUGIN_PROTOCOL`, the first field of the
 /// handshake line).

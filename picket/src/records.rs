@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::runner::UnitSpec;
+use crate::spec::UnitSpec;
 
 /// The file name in picket's directory.
 pub(crate) const FILE: &str = "children.json";

@@ -46,6 +46,7 @@ use tracing::{debug, info, warn};
 
 use crate::plugin as env;
 use crate::records::{self, Record};
+use crate::spec::UnitSpec;
 use crate::{proc, unix_ms, PROTOCOL_VERSION, TOKEN_METADATA};
 
 /// How often a running plugin's health is checked.
@@ -141,25 +142,6 @@ impl PicketConfig {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("picket config: {0}")]
 pub struct ConfigError(&'static str);
-
-/// What to run: a muster entry resolved to an executable.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UnitSpec {
-    /// The unit's key (one supervised process per key).
-    pub key: String,
-    /// Horde (`CRUX_HORDE`).
-    pub horde: String,
-    /// API (`CRUX_API`).
-    pub api: String,
-    /// Instance (`CRUX_INST`).
-    pub inst: String,
-    /// Function (`CRUX_FUNCTION`).
-    pub function: String,
-    /// The pastiche digest the executable came from.
-    pub digest: String,
-    /// The executable.
-    pub exe: PathBuf,
-}
 
 /// Where a unit is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,6 +19,7 @@ fn reeve() -> Arc<Reeve> {
             node: "00000000000000b1".into(),
             boot: 1,
             local_ip: None,
+            transport: crux_transport::Transport::generate().unwrap(),
             heartbeat_interval: BEAT,
             grace: Duration::from_secs(60),
             netid: "127.0.0.1:7701".into(),

@@ -55,6 +55,28 @@ impl std::fmt::Display for BootId {
     }
 }
 
+/// A node's static public key for the node plane (Ed25519, raw 32 bytes; see the `crux-transport`
+/// crate). It travels in the node's sealed membership record, so a peer on the node plane is
+/// accepted only while the flock lists that key for that node id.
+#[derive(Encode, Decode, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct NodeKey(pub [u8; 32]);
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeKey({self})")
+    }
+}
+
+impl std::fmt::Display for NodeKey {
+    /// The first 8 bytes in hex: enough to tell keys apart in logs and tables.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
 /// What kind of datagram follows the header.
 #[derive(Encode, Decode, Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u8)]
@@ -163,6 +185,9 @@ pub struct MemberInfo {
     pub incarnation: u64,
     /// State at that incarnation.
     pub state: MemberState,
+    /// The node's node-plane public key (None: a node without one, as in the simulator). It
+    /// changes only with a new boot.
+    pub key: Option<NodeKey>,
 }
 
 /// A leader claim, spread by gossip. The leader re-issues it with a higher `beat` regularly, which
@@ -246,6 +271,13 @@ pub enum Update {
         epoch: u32,
         /// The key.
         key: [u8; 32],
+    },
+    /// The node is revoked: every member forgets it, ignores what it says of itself and drops
+    /// its datagrams; its node-plane connections close. Spread like any update, and kept in
+    /// push-pull so that a member that missed it learns it.
+    Revoke {
+        /// The revoked node.
+        id: NodeId,
     },
     /// A secondary-keyring change (install / use / remove), spread to every member.
     Keyring {
@@ -337,6 +369,8 @@ pub struct PushPull {
     /// The sender's secondary keyring (None without security): its version and digest always,
     /// its keys only in an answer to a sender whose ring is behind.
     pub ring: Option<KeyringState>,
+    /// The nodes the sender holds revoked.
+    pub revoked: Vec<NodeId>,
 }
 
 /// A secondary keyring as push-pull carries it (sealed under the transient key, like the
@@ -497,13 +531,15 @@ mod tests {
             arb_addr(),
             any::<u64>(),
             arb_state(),
+            proptest::option::of(any::<[u8; 32]>()),
         )
-            .prop_map(|(id, boot, addr, incarnation, state)| MemberInfo {
+            .prop_map(|(id, boot, addr, incarnation, state, key)| MemberInfo {
                 id: NodeId(id),
                 boot: BootId(boot),
                 addr,
                 incarnation,
                 state,
+                key: key.map(NodeKey),
             })
     }
 
@@ -562,6 +598,7 @@ mod tests {
             }),
             (any::<u8>(), any::<[u8; 32]>(), any::<u64>())
                 .prop_map(|(op, key, version)| Update::Keyring { op, key, version }),
+            any::<u64>().prop_map(|id| Update::Revoke { id: NodeId(id) }),
         ]
     }
 
@@ -629,6 +666,7 @@ mod tests {
                             digest,
                             keys
                         }),
+                        revoked: leader.iter().map(|c| c.leader).collect(),
                     }
                 )),
         ]
@@ -692,6 +730,7 @@ mod tests {
                 addr: SocketAddr::from(([127, 0, 0, (i % 250) as u8], 7700)),
                 incarnation: i,
                 state: MemberState::Alive,
+                key: Some(NodeKey([i as u8; 32])),
             })
             .collect();
         let frame = StreamFrame::PushPull(PushPull {
@@ -700,6 +739,7 @@ mod tests {
             members,
             leader: None,
             ring: None,
+            revoked: vec![NodeId(3)],
         });
         let bytes = encode_frame(&frame);
         assert_eq!(decode_frame(&bytes).unwrap(), frame);
@@ -709,6 +749,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 9], 7700)),
             incarnation: 4,
             state: MemberState::Alive,
+            key: None,
         };
         for frame in [
             StreamFrame::Probe { seq: 77 },

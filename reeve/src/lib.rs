@@ -7,8 +7,8 @@
 //!   [`client::connect`], a channel that follows the best instance of a selector.
 
 pub mod client;
+pub mod endpoint;
 pub mod link;
 pub mod node;
-pub mod nodeauth;
 
 pub use node::{HeartbeatStream, LinkStatus, Reeve, ReeveConfig, Target, WatchStream};

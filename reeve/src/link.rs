@@ -3,17 +3,14 @@
 //! registrations, changes and heartbeats; receives acks and every change of the steward's table
 //! into the replica. Reconnects with backoff; follows the leader when it moves.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crux_proto::grpc::steward::v1::{steward_client::StewardClient, steward_update, ReeveBatch};
 use crux_steward::server::MESSAGE_MAX;
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{debug, info, trace};
 
 use crate::node::{LinkStatus, Reeve, Target};
@@ -22,93 +19,9 @@ use crate::node::{LinkStatus, Reeve, Target};
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Shortest.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
-/// How long a node channel waits for the answer to an HTTP/2 ping before it gives the
-/// connection up. Slack enough for a peer busy with a burst (50k instances registering at once
-/// kept the steward's threads busy for over 3 s, and every link that dropped then had to be
-/// resent whole); a dead peer is still found by TCP, and a new leader by the flock.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A channel to a node's gRPC port, made from `local_ip` (so the callee can tell which member
-/// calls) when given. Each connection opens with the node handshake when this process has
-/// [`crate::nodeauth`] keys, and fails once its key leaves them.
-pub async fn node_channel(
-    addr: SocketAddr,
-    local_ip: Option<IpAddr>,
-    timeout: Duration,
-) -> Result<Channel, tonic::transport::Error> {
-    channel(addr, local_ip, timeout, None).await
-}
-
-/// [`node_channel`] holding `keys` rather than this process's keys (None: no handshake): a
-/// test or tool that calls as some key holder, whatever the process's keys are.
-pub async fn node_channel_with_keys(
-    addr: SocketAddr,
-    local_ip: Option<IpAddr>,
-    timeout: Duration,
-    keys: Option<Arc<crate::nodeauth::NodeKeys>>,
-) -> Result<Channel, tonic::transport::Error> {
-    channel(addr, local_ip, timeout, Some(keys)).await
-}
-
-/// `fixed`: the keys to hold (None: this process's, followed).
-async fn channel(
-    addr: SocketAddr,
-    local_ip: Option<IpAddr>,
-    timeout: Duration,
-    fixed: Option<Option<Arc<crate::nodeauth::NodeKeys>>>,
-) -> Result<Channel, tonic::transport::Error> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .expect("a socket address is a valid URI")
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        // Pastiche pieces are 4 MiB: HTTP/2's default 64 KiB windows would stall each one on
-        // flow-control round trips.
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(32 << 20)
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
-    endpoint
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let fixed = fixed.clone();
-            async move {
-                let sock = if addr.is_ipv4() {
-                    tokio::net::TcpSocket::new_v4()?
-                } else {
-                    tokio::net::TcpSocket::new_v6()?
-                };
-                if let Some(ip) = local_ip.filter(|ip| !ip.is_unspecified()) {
-                    sock.bind(SocketAddr::new(ip, 0))?;
-                }
-                let mut stream = sock.connect(addr).await?;
-                stream.set_nodelay(true)?;
-                let follow = fixed.is_none();
-                let key = match fixed.unwrap_or_else(crate::nodeauth::keys) {
-                    Some(keys) => Some(
-                        tokio::time::timeout(
-                            crate::nodeauth::HANDSHAKE_TIMEOUT,
-                            crate::nodeauth::client(&mut stream, &keys),
-                        )
-                        .await
-                        .map_err(|_| {
-                            std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                "the node handshake timed out",
-                            )
-                        })??,
-                    ),
-                    None => None,
-                };
-                let stream = if follow {
-                    crate::nodeauth::Authed::new(stream, key)
-                } else {
-                    crate::nodeauth::Authed::fixed(stream)
-                };
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
-        .await
-}
+/// How long a node channel waits for the answer to an HTTP/2 ping (see
+/// [`crux_transport::KEEPALIVE_TIMEOUT`]).
+pub const KEEPALIVE_TIMEOUT: Duration = crux_transport::KEEPALIVE_TIMEOUT;
 
 /// Runs the link (and the heartbeater's expiry rounds) until `shutdown`.
 pub async fn run(reeve: Arc<Reeve>, shutdown: CancellationToken) {
@@ -165,13 +78,16 @@ async fn link_once(
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let mut targets = reeve.target_watch();
-    let channel = node_channel(
-        target.steward,
-        reeve.config().local_ip,
-        Duration::from_secs(2),
-    )
-    .await
-    .map_err(|e| format!("connect: {e}"))?;
+    let channel = reeve
+        .config()
+        .transport
+        .channel(
+            target.steward,
+            reeve.config().local_ip,
+            Duration::from_secs(2),
+        )
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let mut client = StewardClient::new(channel)
         .max_decoding_message_size(MESSAGE_MAX)
         .max_encoding_message_size(MESSAGE_MAX);

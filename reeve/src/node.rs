@@ -35,9 +35,10 @@ pub struct ReeveConfig {
     pub node: String,
     /// This node's boot id; instance ids carry it so that they are not reused across restarts.
     pub boot: u64,
-    /// Local address outgoing node calls are made from (the flock address's IP, so the steward
-    /// can tell which member calls).
+    /// Local address outgoing node calls are made from (the flock address's IP).
     pub local_ip: Option<IpAddr>,
+    /// This node's end of the node plane, which every call to the steward goes through.
+    pub transport: crux_transport::Transport,
     /// The heartbeat interval services are asked to keep, and the interval at which the reeve
     /// forwards validity to the steward.
     pub heartbeat_interval: Duration,
@@ -464,15 +465,17 @@ impl Reeve {
         let Some(target) = self.target.borrow().clone() else {
             return Err(Status::unavailable("no leader known, so no steward"));
         };
-        let channel =
-            crate::link::node_channel(target.steward, self.config.local_ip, Duration::from_secs(2))
-                .await
-                .map_err(|e| {
-                    Status::unavailable(format!(
-                        "cannot reach the steward at {}: {e}",
-                        target.steward
-                    ))
-                })?;
+        let channel = self
+            .config
+            .transport
+            .channel(target.steward, self.config.local_ip, Duration::from_secs(2))
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot reach the steward at {}: {e}",
+                    target.steward
+                ))
+            })?;
         Ok(spb::steward_client::StewardClient::new(channel)
             .max_decoding_message_size(crux_steward::server::MESSAGE_MAX))
     }
@@ -857,6 +860,7 @@ mod tests {
                 node: "00000000000000aa".into(),
                 boot: 7,
                 local_ip: None,
+                transport: crux_transport::Transport::generate().unwrap(),
                 heartbeat_interval: Duration::from_secs(1),
                 grace: Duration::from_secs(60),
                 netid: "127.0.0.1:7701".into(),

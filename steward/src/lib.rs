@@ -5,7 +5,7 @@
 //! * [`table`]: a table whose changes are numbered by revision and logged, so that watchers
 //!   resume; both the steward and every reeve's replica use it.
 //! * [`registry`]: what a reeve's batch does, validity and expiry.
-//! * [`server`]: the node gRPC service (`Link`, `Table`), admitted only from live members.
+//! * [`server`]: the node gRPC service (`Link`, `Table`), called only over the node plane.
 
 pub mod registry;
 pub mod select;
@@ -14,5 +14,5 @@ pub mod table;
 
 pub use registry::Registry;
 pub use select::{natural_cmp, Selector};
-pub use server::{Admit, Steward, StewardConfig, StewardService};
+pub use server::{Steward, StewardConfig, StewardService};
 pub use table::{Change, Table};

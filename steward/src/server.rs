@@ -1,8 +1,8 @@
 //! The steward as a gRPC service on the node port: one [`Steward`] while this node leads, none
-//! otherwise; every call admitted only from a live flock member's address.
+//! otherwise; every call comes over the node plane, from a node the flock lists.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -445,37 +445,22 @@ async fn send_change(tx: &mpsc::Sender<Result<StewardUpdate, Status>>, c: &Chang
     true
 }
 
-/// The node ids a node call comes from; PERMISSION_DENIED unless its address is a live member's.
-pub fn admitted<T>(admit: &Admit, req: &Request<T>) -> Result<Vec<String>, Status> {
-    let Some(peer) = req.remote_addr() else {
-        return Err(Status::permission_denied("caller address unknown"));
-    };
-    let nodes = admit(peer.ip());
-    if nodes.is_empty() {
-        debug!(%peer, "refused a node call from an address that is not a live member");
-        return Err(Status::permission_denied(format!(
-            "{} is not a live member of this flock",
-            peer.ip()
-        )));
-    }
-    Ok(nodes)
+/// The node id (16 hex digits) a node call comes from, as its node-plane connection proved it
+/// (see `crux_transport`): only listed flock members get that far.
+pub fn caller<T>(req: &Request<T>) -> Result<String, Status> {
+    crux_transport::peer(req).map(|p| p.node.to_string())
 }
-
-/// Which flock members a remote address belongs to: their node ids (16 hex digits), none for an
-/// address that is not a live member's.
-pub type Admit = Arc<dyn Fn(IpAddr) -> Vec<String> + Send + Sync>;
 
 /// The node gRPC service: the steward when this node runs one.
 #[derive(Clone)]
 pub struct StewardService {
     current: watch::Receiver<Option<Arc<Steward>>>,
-    admit: Admit,
 }
 
 impl StewardService {
-    /// Serves whatever steward `current` holds; `admit` decides who may call.
-    pub fn new(current: watch::Receiver<Option<Arc<Steward>>>, admit: Admit) -> StewardService {
-        StewardService { current, admit }
+    /// Serves whatever steward `current` holds, to the node plane's callers.
+    pub fn new(current: watch::Receiver<Option<Arc<Steward>>>) -> StewardService {
+        StewardService { current }
     }
 
     /// The tonic server for it.
@@ -483,10 +468,6 @@ impl StewardService {
         steward_server::StewardServer::new(self)
             .max_decoding_message_size(MESSAGE_MAX)
             .max_encoding_message_size(MESSAGE_MAX)
-    }
-
-    fn admitted<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
-        admitted(&self.admit, req)
     }
 
     fn steward(&self) -> Result<Arc<Steward>, Status> {
@@ -515,16 +496,16 @@ impl steward_server::Steward for StewardService {
         &self,
         req: Request<Streaming<ReeveBatch>>,
     ) -> Result<Response<Self::LinkStream>, Status> {
-        let nodes = self.admitted(&req)?;
+        let node = caller(&req)?;
         let steward = self.steward()?;
         let mut incoming = req.into_inner();
         let first = match incoming.message().await? {
             Some(b) => b,
             None => return Err(Status::invalid_argument("empty link")),
         };
-        if !nodes.contains(&first.node) {
+        if first.node != node {
             return Err(Status::permission_denied(format!(
-                "node {} does not live at the caller's address",
+                "node {node} may not link as node {}",
                 first.node
             )));
         }
@@ -537,7 +518,7 @@ impl steward_server::Steward for StewardService {
         &self,
         req: Request<pb::HoldersRequest>,
     ) -> Result<Response<pb::HoldersResponse>, Status> {
-        self.admitted(&req)?;
+        caller(&req)?;
         let steward = self.steward()?;
         let digest = req.into_inner().digest;
         let holders = steward
@@ -553,7 +534,7 @@ impl steward_server::Steward for StewardService {
         &self,
         req: Request<pb::TableRequest>,
     ) -> Result<Response<pb::TableResponse>, Status> {
-        self.admitted(&req)?;
+        caller(&req)?;
         let steward = self.steward()?;
         let req = req.into_inner();
         let reg = steward.lock();

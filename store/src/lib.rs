@@ -99,8 +99,10 @@ pub struct StoreConfig {
     pub node: u64,
     /// This node's NetID (`ip:grpc_port`), where the other nodes reach its store service.
     pub netid: SocketAddr,
-    /// The address outgoing connections are made from (so the callee can check membership).
+    /// The address outgoing connections are made from.
     pub local_ip: Option<IpAddr>,
+    /// This node's end of the node plane: every Raft RPC and forwarded request goes through it.
+    pub transport: crux_transport::Transport,
     /// The leader's heartbeat interval.
     pub heartbeat: Duration,
     /// A follower starts an election after a random time in this range without a heartbeat.
@@ -119,12 +121,18 @@ pub struct StoreConfig {
 impl StoreConfig {
     /// The defaults: heartbeat 100 ms, elections after 300–600 ms, operations time out after 3 s,
     /// a snapshot every 1000 entries.
-    pub fn new(dir: PathBuf, node: u64, netid: SocketAddr) -> StoreConfig {
+    pub fn new(
+        dir: PathBuf,
+        node: u64,
+        netid: SocketAddr,
+        transport: crux_transport::Transport,
+    ) -> StoreConfig {
         StoreConfig {
             dir,
             node,
             netid,
             local_ip: None,
+            transport,
             heartbeat: Duration::from_millis(100),
             election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
             op_timeout: Duration::from_secs(3),
@@ -354,6 +362,7 @@ async fn open_inner(
     .validate()
     .map_err(|e| StoreError::Invalid(format!("raft timing: {e}")))?;
     let pool = network::Pool::new(
+        config.transport.clone(),
         config.local_ip,
         network::Cut::new(config.partition_file.clone()),
     );
@@ -574,9 +583,9 @@ impl Store {
     }
 
     /// The gRPC service to add to the node gRPC server: Raft RPCs, forwarded requests and status,
-    /// each refused (PERMISSION_DENIED) unless `admit` knows the caller's address.
-    pub fn service(&self, admit: crux_steward::server::Admit) -> StoreServer {
-        StoreService::server(self.clone(), admit)
+    /// to be served over the node plane (which admits only nodes the flock lists).
+    pub fn service(&self) -> StoreServer {
+        StoreService::server(self.clone())
     }
 
     /// This node's id.

@@ -1,5 +1,5 @@
 //! Raft's network: openraft's RPCs as JSON inside the `crux.store.v1.Store` gRPC service, over
-//! connections made from this node's own address (so the callee can check it is a flock member).
+//! the node plane (`crux_transport`: encrypted, and only between nodes the flock lists).
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crux_proto::grpc::store::v1::{store_client::StoreClient, RaftMessage};
-use crux_steward::server::MESSAGE_MAX;
+use crux_transport::{Transport, MESSAGE_MAX};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -31,11 +31,13 @@ pub(crate) struct Fail(pub(crate) String);
 
 /// Connects a store client to `addr` from `local_ip`.
 pub(crate) async fn connect(
+    transport: &Transport,
     addr: SocketAddr,
     local_ip: Option<IpAddr>,
     timeout: Duration,
 ) -> Result<StoreClient<Channel>, String> {
-    let channel = crux_reeve::link::node_channel(addr, local_ip, timeout)
+    let channel = transport
+        .channel(addr, local_ip, timeout)
         .await
         .map_err(|e| format!("connect to {addr}: {e}"))?;
     Ok(StoreClient::new(channel)
@@ -67,14 +69,16 @@ impl Cut {
 /// for a new client each time and allow it only a heartbeat interval) and forwarding.
 #[derive(Clone)]
 pub(crate) struct Pool {
+    transport: Transport,
     local_ip: Option<IpAddr>,
     clients: Arc<Mutex<HashMap<SocketAddr, StoreClient<Channel>>>>,
     pub(crate) cut: Cut,
 }
 
 impl Pool {
-    pub(crate) fn new(local_ip: Option<IpAddr>, cut: Cut) -> Pool {
+    pub(crate) fn new(transport: Transport, local_ip: Option<IpAddr>, cut: Cut) -> Pool {
         Pool {
+            transport,
             local_ip,
             clients: Arc::default(),
             cut,
@@ -94,7 +98,7 @@ impl Pool {
         if let Some(c) = self.clients.lock().expect("pool lock").get(&addr) {
             return Ok(c.clone());
         }
-        let c = connect(addr, self.local_ip, timeout).await?;
+        let c = connect(&self.transport, addr, self.local_ip, timeout).await?;
         self.clients
             .lock()
             .expect("pool lock")

@@ -1,8 +1,8 @@
-//! The node gRPC service: openraft's RPCs, forwarded requests and status, each admitted only from
-//! a live flock member's address.
+//! The node gRPC service: openraft's RPCs, forwarded requests and status, served over the node
+//! plane (only nodes the flock lists reach it).
 
 use crux_proto::grpc::store::v1::{store_server, RaftMessage, StatusRequest};
-use crux_steward::server::{admitted, Admit, MESSAGE_MAX};
+use crux_transport::MESSAGE_MAX;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::{de::DeserializeOwned, Serialize};
 use tonic::{Request, Response, Status};
@@ -17,12 +17,11 @@ pub type StoreServer = store_server::StoreServer<StoreService>;
 #[derive(Clone)]
 pub struct StoreService {
     store: Store,
-    admit: Admit,
 }
 
 impl StoreService {
-    pub(crate) fn server(store: Store, admit: Admit) -> StoreServer {
-        store_server::StoreServer::new(StoreService { store, admit })
+    pub(crate) fn server(store: Store) -> StoreServer {
+        store_server::StoreServer::new(StoreService { store })
             .max_decoding_message_size(MESSAGE_MAX)
             .max_encoding_message_size(MESSAGE_MAX)
     }
@@ -35,7 +34,7 @@ impl StoreService {
         if self.store.inner().pool.cut.active() {
             return Err(Status::unavailable(CUT_MESSAGE));
         }
-        admitted(&self.admit, req).map(|_| ())
+        crux_transport::peer(req).map(|_| ())
     }
 }
 

@@ -5,11 +5,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Node, LOCAL, SNAPSHOT_EVERY};
-use crux_steward::server::Admit;
+use common::{Fleet, Node, LOCAL, SNAPSHOT_EVERY};
 use crux_store::{Applied, Change, Command, MusterEntry, Query, QueryResult, StoreError};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -25,11 +23,12 @@ impl Cluster {
     /// `n` stores, the first `voters` of them initialized as the voters.
     async fn new(n: usize, voters: usize, snapshot_every: u64) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
+        let fleet = Fleet::default();
         let mut nodes = Vec::new();
         for i in 0..n {
             let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
             let dir = tmp.path().join(format!("n{i}"));
-            nodes.push(Node::start(100 + i as u64, dir, listener, snapshot_every).await);
+            nodes.push(Node::start(&fleet, 100 + i as u64, dir, listener, snapshot_every).await);
         }
         let c = Cluster { _tmp: tmp, nodes };
         if voters > 0 {
@@ -491,34 +490,30 @@ async fn a_node_alone_refuses_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn refused_callers_get_permission_denied() {
-    use crux_proto::grpc::store::v1::{store_client::StoreClient, RaftMessage, StatusRequest};
+async fn callers_off_the_node_plane_or_unlisted_are_refused() {
+    use crux_proto::grpc::store::v1::{store_client::StoreClient, StatusRequest};
     let tmp = tempfile::tempdir().unwrap();
     let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
-    let refuse: Admit = Arc::new(|_| Vec::new());
-    let mut n = Node::start_with(1, tmp.path().join("n"), listener, SNAPSHOT_EVERY, refuse).await;
+    let mut n = Node::start(
+        &Fleet::default(),
+        1,
+        tmp.path().join("n"),
+        listener,
+        SNAPSHOT_EVERY,
+    )
+    .await;
+    // A plaintext gRPC client gets no answer at all: its first bytes are not TLS.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", n.netid))
         .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = StoreClient::new(channel);
-    let msg = || RaftMessage {
-        json: b"{}".to_vec(),
-        data: Vec::new(),
-        group: String::new(),
-    };
-    let denied = |r: Result<_, tonic::Status>| {
-        let s = r.expect_err("refused");
-        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
-    };
-    denied(client.append_entries(msg()).await.map(|_| ()));
-    denied(client.vote(msg()).await.map(|_| ()));
-    denied(client.install_snapshot(msg()).await.map(|_| ()));
-    denied(client.forward(msg()).await.map(|_| ()));
-    denied(client.status(StatusRequest {}).await.map(|_| ()));
+        .connect_lazy();
+    let r = StoreClient::new(channel).status(StatusRequest {}).await;
+    let s = r.expect_err("a plaintext caller is refused");
+    // The connection closes under it (a transport error): no gRPC status ever comes from the
+    // store itself.
+    assert!(std::error::Error::source(&s).is_some(), "{s:?}");
 
-    // A store forwarding to a refusing leader gets a clear error, not an acceptance.
+    // A store of another fleet (a node the flock does not list) cannot reach it: forwarding to
+    // it gets a clear error, not an acceptance.
     n.store
         .initialize([(1, n.netid)].into_iter().collect())
         .await
@@ -528,9 +523,21 @@ async fn refused_callers_get_permission_denied() {
         .await
         .unwrap();
     let other_listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
-    let other = Node::start(2, tmp.path().join("o"), other_listener, SNAPSHOT_EVERY).await;
+    let other = Node::start(
+        &Fleet::default(),
+        2,
+        tmp.path().join("o"),
+        other_listener,
+        SNAPSHOT_EVERY,
+    )
+    .await;
     let r = other.store.remote_status(n.netid).await;
     assert!(r.is_err());
+    let r = other
+        .store
+        .write(Command::MusterAdd(entry("h", "a", "0")))
+        .await;
+    assert!(r.is_err(), "{r:?}");
     n.stop().await;
 }
 

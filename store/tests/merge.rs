@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Node, LOCAL, SNAPSHOT_EVERY};
+use common::{rebind, Fleet, Node, LOCAL, SNAPSHOT_EVERY};
 use crux_store::merge::{aside_key, survivor};
 use crux_store::{
     hex, Applied, Command, GroupNodes, GroupSeen, MusterEntry, Query, QueryResult, Store,
@@ -77,11 +77,12 @@ async fn two_groups(
     split: usize,
 ) -> (tempfile::TempDir, Vec<Node>, u64, u64) {
     let tmp = tempfile::tempdir().unwrap();
+    let fleet = Fleet::default();
     let mut nodes = Vec::new();
     for i in 0..n as u64 {
         let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
         let dir = tmp.path().join(format!("n{i}"));
-        nodes.push(Node::start(first + i, dir, listener, SNAPSHOT_EVERY).await);
+        nodes.push(Node::start(&fleet, first + i, dir, listener, SNAPSHOT_EVERY).await);
     }
     let ids: Vec<(u64, SocketAddr)> = nodes.iter().map(|n| (n.id, n.netid)).collect();
     let voters =
@@ -421,8 +422,16 @@ async fn a_loser_node_down_during_the_merge_abandons_when_it_returns() {
     .await;
 
     // Node 2 returns, still in group a and not sealed (it missed the seal).
-    let listener = TcpListener::bind(nodes[2].netid).await.unwrap();
-    nodes[2] = Node::start(nodes[2].id, nodes[2].dir.clone(), listener, SNAPSHOT_EVERY).await;
+    let listener = rebind(nodes[2].netid).await;
+    let fleet = nodes[2].fleet.clone();
+    nodes[2] = Node::start(
+        &fleet,
+        nodes[2].id,
+        nodes[2].dir.clone(),
+        listener,
+        SNAPSHOT_EVERY,
+    )
+    .await;
     assert_eq!(nodes[2].store.group(), Some(a));
     let term = nodes[2].store.status().term;
     // Its elections find no voter: nodes 0 and 1 refuse group a's traffic now.

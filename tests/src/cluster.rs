@@ -174,14 +174,43 @@ impl Cluster {
         }
     }
 
-    /// The node handshake key (key id, derived key) of secondary key `key` (base64, e.g. the
-    /// agents' starting key [`Cluster::key`]) in this bloc, for a test that calls a node gRPC
-    /// port itself (`crux_reeve::link::node_channel_with_keys`).
-    pub fn node_auth_key(&self, key: &str) -> (u32, [u8; 32]) {
+    /// The node-plane bloc key (key id, derived key) of secondary key `key` (base64, e.g. the
+    /// agents' starting key [`Cluster::key`]) in this bloc.
+    pub fn bloc_key(&self, key: &str) -> (u32, [u8; 32]) {
         use crux_flock::crypto::{key_id, node_auth_key, Bloc, SecretKey};
         let bloc = Bloc::new(&self.bloc);
         let key = SecretKey::parse(key).expect("a secondary key");
         (key_id(&key, &bloc), *node_auth_key(&key, &bloc).as_bytes())
+    }
+
+    /// Node k's node-plane identity (made by its first start, in its data dir).
+    pub fn node_identity(&self, k: usize) -> crux_transport::NodeIdentity {
+        crux_transport::NodeIdentity::load_or_create(&self.agents[k - 1].dir.join("node-key"))
+            .expect("node k started once")
+    }
+
+    /// A node-plane transport for this test process: it holds `identity` and the bloc key of
+    /// secondary key `key`, and accepts the agents that have started (their keys from their data
+    /// dirs, as the flock lists them). A test calls a node gRPC port through it, as a member
+    /// (with [`Cluster::node_identity`]) or as a stranger (a new identity).
+    pub fn test_transport(
+        &self,
+        identity: crux_transport::NodeIdentity,
+        key: &str,
+    ) -> crux_transport::Transport {
+        let t = crux_transport::Transport::new(identity, Default::default()).expect("transport");
+        let (id, bytes) = self.bloc_key(key);
+        t.set_bloc_keys(crux_transport::BlocKeys::new(vec![(id, bytes)]));
+        let peers = self.agents.iter().filter_map(|a| {
+            let id = std::fs::read_to_string(a.dir.join("node-id")).ok()?;
+            let id = crux_proto::flock::NodeId(u64::from_str_radix(id.trim(), 16).ok()?);
+            let key = crux_transport::NodeIdentity::load_or_create(&a.dir.join("node-key"))
+                .ok()?
+                .public();
+            Some((id, key))
+        });
+        t.set_peers(peers.collect::<Vec<_>>());
+        t
     }
 
     /// Appends TOML text to node k's config (e.g. a `[timing]` table).

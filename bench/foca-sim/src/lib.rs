@@ -1,8 +1,8 @@
 //! The [`foca`] crate (SWIM + infection-style dissemination + suspicion) run on the same
 //! simulated network as `crux sim`, so that the two can be measured side by side.
 //!
-//! N instances of [`foca::Foca`] run on a deterministic discrete-event queue ordered by
-//! `(virtual time, sequence number)`. Each instance is driven as foca's own UDP agent example
+//! N instances of [`foca::Foca`] run on the flock simulator's own discrete-event queue,
+//! [`crux_flock::sim::EventQueue`], ordered by `(virtual time, sequence number)`. Each instance is driven as foca's own UDP agent example
 //! drives it: every datagram is handed to [`foca::Foca::handle_data`], every timer foca asks for
 //! ([`foca::Runtime::submit_after`]) comes back, in order, through
 //! [`foca::Foca::handle_timer`]; what foca sends ([`foca::Runtime::send_to`]) goes to the
@@ -44,8 +44,7 @@
 //! The scenarios are those of `crux sim` where they mean something for foca (see [`Scenario`]);
 //! agreement, traffic and false deaths are defined as there (see [`Report`]).
 
-use std::cmp::Ordering;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
@@ -53,7 +52,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use crux_flock::sim::NetConfig;
+use crux_flock::sim::{EventQueue, NetConfig};
 use crux_flock::Preset;
 use foca::{Foca, Member, NoCustomBroadcast, Notification, PostcardCodec, Timer};
 use rand::seq::SliceRandom;
@@ -394,6 +393,7 @@ pub fn describe(c: &foca::Config) -> String {
     )
 }
 
+/// What the queue holds: a node powering up, a datagram arriving, a timer foca asked for.
 enum Ev {
     Start {
         node: u32,
@@ -408,30 +408,6 @@ enum Ev {
         life: u32,
         timer: Timer<Id>,
     },
-}
-
-struct Entry {
-    at: Duration,
-    seq: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Entry {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Entry {}
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Entry {
-    // Reversed: the heap pops the earliest (time, sequence) first.
-    fn cmp(&self, o: &Self) -> Ordering {
-        (o.at, o.seq).cmp(&(self.at, self.seq))
-    }
 }
 
 /// Counters (monotonic).
@@ -450,8 +426,7 @@ struct Metrics {
 /// Everything but the foca instances.
 struct World {
     now: Duration,
-    heap: BinaryHeap<Entry>,
-    seq: u64,
+    queue: EventQueue<Ev>,
     rng: ChaCha8Rng,
     net: NetConfig,
     mtu: usize,
@@ -486,12 +461,7 @@ fn hash_bytes(mut h: u64, bytes: &[u8]) -> u64 {
 
 impl World {
     fn push(&mut self, at: Duration, ev: Ev) {
-        self.seq += 1;
-        self.heap.push(Entry {
-            at,
-            seq: self.seq,
-            ev,
-        });
+        self.queue.push(at, ev);
     }
 
     fn index_of(&self, addr: SocketAddr) -> Option<usize> {
@@ -631,8 +601,7 @@ impl Sim {
             .collect();
         let w = World {
             now: Duration::ZERO,
-            heap: BinaryHeap::new(),
-            seq: 0,
+            queue: EventQueue::default(),
             rng,
             net: cfg.net.clone(),
             mtu: cfg.foca.max_packet_size.get(),
@@ -808,8 +777,7 @@ impl Sim {
 
     /// Runs every event due by `until`.
     pub fn run_until(&mut self, until: Duration) {
-        while self.w.heap.peek().is_some_and(|e| e.at <= until) {
-            let Entry { at, ev, .. } = self.w.heap.pop().expect("peeked");
+        while let Some((at, ev)) = self.w.queue.pop_until(until) {
             self.w.now = at;
             self.w.metrics.events += 1;
             self.deliver(ev);

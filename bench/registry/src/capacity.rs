@@ -20,14 +20,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use crux_proto::flock::NodeId;
 use crux_proto::grpc::reeve::v1 as rpb;
 use crux_proto::grpc::steward::v1::{FlockId, Health, RunState};
 use crux_reeve::{Reeve, ReeveConfig, Target};
-use crux_steward::{Admit, Steward, StewardConfig, StewardService};
+use crux_steward::{Steward, StewardConfig, StewardService};
+use crux_transport::Transport;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -60,11 +61,6 @@ pub struct CapacityArgs {
     /// Worker threads of each side's runtime.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Set TCP_NODELAY on the steward's accepted connections. The agent asks tonic for it, but
-    /// tonic ignores `tcp_nodelay` with `serve_with_incoming`, so by default this mirrors the
-    /// agent: Nagle on, on the steward's side.
-    #[arg(long)]
-    pub server_nodelay: bool,
     /// Register one reeve's instances after another (each once the previous ones are in every
     /// replica) instead of all at once.
     #[arg(long)]
@@ -215,10 +211,37 @@ struct StewardSide {
     _current: watch::Sender<Option<Arc<Steward>>>,
 }
 
-fn start_steward(args: &CapacityArgs, nodes: Vec<String>) -> anyhow::Result<StewardSide> {
+/// The node plane of the bench: the steward's transport lists every reeve, each reeve's lists
+/// the steward (as the flock would list them all), all over loopback TLS as in the agent.
+struct Plane {
+    steward: Transport,
+    reeves: Vec<Transport>,
+}
+
+impl Plane {
+    fn new(nodes: &[String]) -> anyhow::Result<Plane> {
+        let steward = Transport::generate()?;
+        let reeves = nodes
+            .iter()
+            .map(|_| Transport::generate())
+            .collect::<Result<Vec<_>, _>>()?;
+        let leader = NodeId(u64::from_str_radix(LEADER, 16)?);
+        let mut listed = vec![(leader, steward.public_key())];
+        for (id, t) in nodes.iter().zip(&reeves) {
+            listed.push((NodeId(u64::from_str_radix(id, 16)?), t.public_key()));
+        }
+        steward.set_peers(listed.iter().copied());
+        for t in &reeves {
+            t.set_peers(listed.iter().copied());
+        }
+        Ok(Plane { steward, reeves })
+    }
+}
+
+fn start_steward(args: &CapacityArgs, plane: &Plane) -> anyhow::Result<StewardSide> {
     let rt = runtime(STEWARD_THREADS, args.threads)?;
     let stop = CancellationToken::new();
-    let nodelay = args.server_nodelay;
+    let transport = plane.steward.clone();
     let keepalive = args.server_keepalive_timeout;
     let default_windows = args.server_default_windows;
     let (steward, addr, current) = rt.block_on(async {
@@ -238,14 +261,6 @@ fn start_steward(args: &CapacityArgs, nodes: Vec<String>) -> anyhow::Result<Stew
             Vec::new(),
         );
         let (current, rx) = watch::channel(Some(steward.clone()));
-        // Every reeve calls from 127.0.0.1: that address is all of them.
-        let admit: Admit = Arc::new(move |ip: IpAddr| {
-            if ip.is_loopback() {
-                nodes.clone()
-            } else {
-                Vec::new()
-            }
-        });
         // As the agent's node gRPC server (agent/src/steward.rs), unless asked for hyper's
         // defaults (64 KiB windows and frames of 16 KiB).
         let (stream_window, conn_window, frame) = if default_windows {
@@ -260,14 +275,9 @@ fn start_steward(args: &CapacityArgs, nodes: Vec<String>) -> anyhow::Result<Stew
             .max_frame_size(frame)
             .http2_keepalive_interval((keepalive > 0).then_some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(keepalive.max(1))))
-            .add_service(StewardService::new(rx, admit).into_server())
+            .add_service(StewardService::new(rx).into_server())
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener).map(move |conn| {
-                    if let (true, Ok(c)) = (nodelay, &conn) {
-                        let _ = c.set_nodelay(true);
-                    }
-                    conn
-                }),
+                transport.incoming(listener, stop.clone()),
                 stop.clone().cancelled_owned(),
             );
         tokio::spawn(server);
@@ -330,10 +340,19 @@ fn run_one(args: &CapacityArgs, n: usize, r: usize) -> anyhow::Result<Row> {
     let node = |k: usize| format!("{:016x}", k + 1);
     // Reeves 0..r hold instances; reeve r observes.
     let nodes: Vec<String> = (0..=r).map(node).collect();
-    let steward = start_steward(args, nodes.clone())?;
+    let plane = Plane::new(&nodes)?;
+    let steward = start_steward(args, &plane)?;
     let reeves_rt = runtime(REEVE_THREADS, args.threads)?;
     let shutdown = CancellationToken::new();
-    let result = reeves_rt.block_on(scenario(args, n, r, &nodes, &steward, shutdown.clone()));
+    let result = reeves_rt.block_on(scenario(
+        args,
+        n,
+        r,
+        &nodes,
+        &plane,
+        &steward,
+        shutdown.clone(),
+    ));
     shutdown.cancel();
     steward.steward.stop();
     steward.stop.cancel();
@@ -347,6 +366,7 @@ async fn scenario(
     n: usize,
     r: usize,
     nodes: &[String],
+    plane: &Plane,
     steward: &StewardSide,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Row> {
@@ -368,6 +388,7 @@ async fn scenario(
                 node: id.clone(),
                 boot: k as u64 + 1,
                 local_ip: Some(LOOPBACK),
+                transport: plane.reeves[k].clone(),
                 heartbeat_interval: hb,
                 grace: Duration::from_secs(60),
                 netid: SocketAddr::new(LOOPBACK, 0).to_string(),
@@ -570,7 +591,7 @@ async fn scenario(
         Ok(s) => Some(s),
         Err(e) => {
             eprintln!("capacity: N={n}: {e}");
-            diagnose(&reeves, steward.addr).await;
+            diagnose(&reeves, &plane.reeves[r], steward.addr).await;
             None
         }
     };
@@ -672,10 +693,11 @@ async fn all_seen(
 }
 
 /// After a timeout: what each reeve holds, and what the steward's table says of each node.
-async fn diagnose(reeves: &[Arc<Reeve>], steward: SocketAddr) {
+async fn diagnose(reeves: &[Arc<Reeve>], transport: &Transport, steward: SocketAddr) {
     let table = async {
-        let channel =
-            crux_reeve::link::node_channel(steward, Some(LOOPBACK), Duration::from_secs(5)).await?;
+        let channel = transport
+            .channel(steward, Some(LOOPBACK), Duration::from_secs(5))
+            .await?;
         let mut client = crux_proto::grpc::steward::v1::steward_client::StewardClient::new(channel)
             .max_decoding_message_size(crux_steward::server::MESSAGE_MAX);
         let t = client

@@ -22,9 +22,10 @@ pub(crate) enum Subject {
 fn subject_of(update: &Update) -> Subject {
     match update {
         Update::Alive { member } => Subject::Member(member.id),
-        Update::Suspect { id, .. } | Update::Dead { id, .. } | Update::Left { id, .. } => {
-            Subject::Member(*id)
-        }
+        Update::Suspect { id, .. }
+        | Update::Dead { id, .. }
+        | Update::Left { id, .. }
+        | Update::Revoke { id } => Subject::Member(*id),
         Update::Leader(_) => Subject::Leader,
         Update::Key { epoch, .. } => Subject::Other(*epoch as u64),
         Update::Keyring { op, key, .. } => {

@@ -99,6 +99,10 @@ struct Relay {
     seq: u32,
 }
 
+/// Most nodes a flock keeps revoked (each costs 8 bytes in every push-pull). Beyond it, rotate
+/// the secondary key: a node without it cannot come back.
+pub const REVOKED_MAX: usize = 1024;
+
 /// The flock state machine. See the crate docs for the protocol.
 pub struct Flock {
     config: Config,
@@ -113,6 +117,9 @@ pub struct Flock {
     suspicions: FastMap<NodeId, Suspicion>,
     /// Last time we push-pulled with a member because it spoke to us while we held it dead.
     last_heal: FastMap<NodeId, Duration>,
+    /// Nodes revoked by the flock (at most [`REVOKED_MAX`]): kept out of the table, their
+    /// datagrams dropped.
+    revoked: std::collections::BTreeSet<NodeId>,
     probe_order: Vec<NodeId>,
     probe_next: usize,
     probes: FastMap<u32, Probe>,
@@ -238,6 +245,7 @@ impl Flock {
                 addr: identity.addr,
                 incarnation: 0,
                 state: MemberState::Alive,
+                key: identity.key,
             },
             since: now,
         };
@@ -250,6 +258,7 @@ impl Flock {
             members: Table::default(),
             suspicions: FastMap::default(),
             last_heal: FastMap::default(),
+            revoked: Default::default(),
             probe_order: Vec::new(),
             probe_next: 0,
             probes: FastMap::default(),
@@ -413,6 +422,7 @@ impl Flock {
             }
             Command::Leave => self.start_leave(now),
             Command::Keyring(op) => self.keyring_op(op, true, 0),
+            Command::Revoke(id) => self.apply_revoke(now, id),
         }
     }
 
@@ -517,6 +527,10 @@ impl Flock {
         self.now = now;
         let (header, frame) = self.open_stream(from, bytes)?;
         let sender = header.sender;
+        if self.revoked.contains(&sender) {
+            self.stats.drop(DropReason::Revoked);
+            return None;
+        }
         let answer = match frame {
             StreamFrame::PushPull(pp) => {
                 let reply = !pp.reply;
@@ -1132,6 +1146,10 @@ impl Flock {
         context: Vec<u8>,
         reply: Vec<u8>,
     ) {
+        if self.revoked.contains(&request.sender) {
+            self.stats.drop(DropReason::Revoked);
+            return; // a revoked node gets no key
+        }
         self.stats.handshakes_answered += 1;
         self.stats.datagrams_out += 1;
         self.stats.bytes_out += reply.len() as u64;
@@ -1532,6 +1550,7 @@ impl Flock {
             members,
             leader: self.leader,
             ring: self.sec.as_ref().map(|s| s.ring_state(ring_keys)),
+            revoked: self.revoked.iter().copied().collect(),
         }
     }
 
@@ -1571,6 +1590,9 @@ impl Flock {
     }
 
     fn on_push_pull(&mut self, now: Duration, sender: NodeId, pp: PushPull) {
+        for id in pp.revoked.iter().take(REVOKED_MAX) {
+            self.apply_revoke(now, *id);
+        }
         let known_before = self.members.len();
         for info in &pp.members {
             match info.state {
@@ -1672,6 +1694,10 @@ impl Flock {
     // ----- messages ------------------------------------------------------------------------
 
     fn on_message(&mut self, now: Duration, from: SocketAddr, header: Header, msg: Message) {
+        if self.revoked.contains(&header.sender) {
+            self.stats.drop(DropReason::Revoked);
+            return;
+        }
         self.refute_pending = false;
         self.dispatch(now, from, header, msg);
         self.answer_refutation(from);
@@ -1887,6 +1913,7 @@ impl Flock {
                     incarnation,
                 } => self.apply_left(now, id, boot, incarnation),
                 Update::Leader(claim) => self.apply_claim(now, claim),
+                Update::Revoke { id } => self.apply_revoke(now, id),
                 Update::Key { leader, epoch, key } => self.apply_key(now, leader, epoch, key),
                 Update::Keyring { op, key, version } => {
                     let key = SecretKey::from_bytes(key);
@@ -1918,6 +1945,9 @@ impl Flock {
     fn apply_alive_from(&mut self, now: Duration, info: MemberInfo, gossip: bool) {
         if info.id == self.me.id {
             return; // only we speak for ourselves
+        }
+        if self.revoked.contains(&info.id) {
+            return; // kept out
         }
         let info = MemberInfo {
             state: MemberState::Alive,
@@ -2184,6 +2214,37 @@ impl Flock {
         self.probe_order.swap(at, last);
     }
 
+    /// Revokes `id` (from a command, an update or a push-pull): forgets it, keeps it out, and
+    /// spreads the news once. This node being the one revoked leaves the flock.
+    fn apply_revoke(&mut self, now: Duration, id: NodeId) {
+        if id == self.me.id {
+            if !self.leaving {
+                self.out.events.push_back(Event::Revoked);
+                self.start_leave(now);
+            }
+            return;
+        }
+        if self.revoked.contains(&id) || self.revoked.len() >= REVOKED_MAX {
+            return;
+        }
+        self.revoked.insert(id);
+        self.broadcasts.push(Update::Revoke { id });
+        if self.members.remove(id).is_some() {
+            self.suspicions.remove(&id);
+            self.last_heal.remove(&id);
+            self.membership_changed(now);
+        }
+        self.out.events.push_back(Event::MemberRevoked(id));
+        if self.leader.is_some_and(|c| c.leader == id) {
+            self.lose_leader(now);
+        }
+    }
+
+    /// The nodes revoked, as this node holds them.
+    pub fn revoked(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.revoked.iter().copied()
+    }
+
     fn reap(&mut self, now: Duration) {
         if let Some(sec) = self.sec.as_mut() {
             sec.forget_expired(now);
@@ -2278,6 +2339,9 @@ impl Flock {
         self.max_term = self.max_term.max(claim.term);
         if claim.leader == self.me.id {
             return; // our own claim coming back, or a claim from a previous boot of ours
+        }
+        if self.revoked.contains(&claim.leader) {
+            return;
         }
         if !self.claim_is_live(&claim) {
             return;

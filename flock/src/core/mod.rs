@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId};
+use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId, NodeKey};
 
 mod broadcast;
 mod idset;
@@ -26,6 +26,9 @@ pub struct Identity {
     pub boot: BootId,
     /// The flock address other nodes reach this one at.
     pub addr: SocketAddr,
+    /// The node-plane public key this node announces in its membership record (None: none,
+    /// as in the simulator).
+    pub key: Option<NodeKey>,
 }
 
 /// How a [`Transmit`] travels.
@@ -69,6 +72,11 @@ pub enum Event {
     LeaderChanged(Option<LeaderView>),
     /// A graceful leave has been gossiped; the driver may close its socket.
     LeaveComplete,
+    /// A node was revoked (here or spread by the flock): it is gone from the member table and
+    /// kept out.
+    MemberRevoked(NodeId),
+    /// This node was revoked by the flock: it leaves, and the others ignore it from now on.
+    Revoked,
     /// The secondary keyring changed (here or spread by the flock): the agent saves it.
     KeyringChanged,
     /// A keyring change was refused (the reason, e.g. removing the primary key).
@@ -84,6 +92,8 @@ pub enum Command {
     Leave,
     /// Change the secondary keyring here and spread the change to every member.
     Keyring(crate::crypto::KeyringOp),
+    /// Revoke a node (not this one): every member forgets it and keeps it out from now on.
+    Revoke(NodeId),
 }
 
 /// The leader as this node sees it.
@@ -144,11 +154,13 @@ pub enum DropReason {
     Unexpected,
     /// The member table is full.
     TableFull,
+    /// From a node the flock revoked.
+    Revoked,
 }
 
 impl DropReason {
     /// Every reason, in metric order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::Oversized,
         DropReason::Truncated,
         DropReason::BadMagic,
@@ -165,6 +177,7 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::Unexpected,
         DropReason::TableFull,
+        DropReason::Revoked,
     ];
 
     /// Snake-case name (metric label).
@@ -186,6 +199,7 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::Unexpected => "unexpected",
             DropReason::TableFull => "table_full",
+            DropReason::Revoked => "revoked",
         }
     }
 

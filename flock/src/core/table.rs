@@ -11,7 +11,7 @@ use std::hash::{BuildHasher, BuildHasherDefault};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Duration;
 
-use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId};
+use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId, NodeKey};
 use rand::Rng;
 
 use super::idset::IdSet;
@@ -49,6 +49,9 @@ pub(crate) struct Table {
     slots: FastMap<NodeId, Slot>,
     /// Full addresses of the members that have an IPv6 address.
     v6: FastMap<NodeId, SocketAddrV6>,
+    /// Node-plane keys of the members that announce one (beside the slots, so that the
+    /// simulator's keyless tables stay 40 bytes an entry).
+    keys: FastMap<NodeId, NodeKey>,
     by_addr: FastMap<u64, NodeId>,
     /// Live (alive or suspect) members, in no particular order.
     live: Vec<NodeId>,
@@ -93,6 +96,7 @@ impl Table {
                 addr: self.addr_of(id, slot),
                 incarnation: slot.incarnation,
                 state: slot.state,
+                key: self.keys.get(&id).copied(),
             },
             since: Duration::from_nanos(slot.since),
         }
@@ -138,6 +142,16 @@ impl Table {
         let id = info.id;
         let key = addr_key(&info.addr);
         let mut live_pos = NOT_LIVE;
+        match info.key {
+            Some(k) => {
+                self.keys.insert(id, k);
+            }
+            // A record without a key keeps the key of the same boot (it changes only with one).
+            None if self.slots.get(&id).is_some_and(|old| old.boot == info.boot) => {}
+            None => {
+                self.keys.remove(&id);
+            }
+        }
         if let Some(old) = self.slots.get(&id) {
             live_pos = old.live_pos;
             if is_live(old.state) {
@@ -195,6 +209,7 @@ impl Table {
         }
         self.dead.remove(id);
         self.v6.remove(&id);
+        self.keys.remove(&id);
         if self.by_addr.get(&slot.addr) == Some(&id) {
             self.by_addr.remove(&slot.addr);
         }
@@ -255,6 +270,7 @@ mod tests {
             addr: addr.parse().unwrap(),
             incarnation: 0,
             state,
+            key: None,
         }
     }
 

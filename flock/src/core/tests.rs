@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crux_proto::flock::{
     decode_message, encode_message, Header, Kind, MemberInfo, MemberState, Message, NodeId,
-    HEADER_BYTES,
+    NodeKey, HEADER_BYTES,
 };
 
 use super::machine::suspicion_timeout;
@@ -28,6 +28,7 @@ fn node(i: u8, space: &str) -> Flock {
         id: NodeId(i as u64 * 1000),
         boot: crate::boot_id(1, i as u16),
         addr: addr(i),
+        key: None,
     };
     Flock::new(config(space), id, i as u64, Duration::ZERO).unwrap()
 }
@@ -55,6 +56,7 @@ fn peer_info(id: u64, a: SocketAddr) -> MemberInfo {
         addr: a,
         incarnation: 0,
         state: MemberState::Alive,
+        key: None,
     }
 }
 
@@ -188,6 +190,7 @@ fn secure_node_timed(
         id: NodeId(i as u64 * 1000),
         boot: crate::boot_id(1, i as u16),
         addr: addr(i),
+        key: Some(NodeKey([i; 32])),
     };
     let mut seed = [0u8; 32];
     seed[0] = i;
@@ -564,6 +567,7 @@ fn secure_nodes_of_another_bloc_or_key_never_merge() {
         id: NodeId(5000),
         boot: crate::boot_id(1, 5),
         addr: addr(5),
+        key: None,
     };
     let mut cfg = config(space);
     cfg.bloc = "another-bloc".into();
@@ -898,4 +902,87 @@ fn a_node_that_missed_a_keyring_change_ends_with_the_same_ring() {
             assert_eq!(g.live_count(), 5);
         }
     }
+}
+
+/// The node plane pins each member's key as the flock lists it (DESIGN.md, "Node plane"): every
+/// member learns every other member's key from its sealed membership record.
+#[test]
+fn every_member_learns_every_members_node_key() {
+    let mut h = Harness::secure(4);
+    h.run_for(Duration::from_secs(5));
+    for f in h.live() {
+        let mut seen = 0;
+        for m in f.members() {
+            let i = (m.info.id.0 / 1000) as u8;
+            assert_eq!(
+                m.info.key,
+                Some(NodeKey([i; 32])),
+                "{:?} as {:?} sees it",
+                m.info.id,
+                f.identity().id
+            );
+            seen += 1;
+        }
+        assert_eq!(seen, 4);
+    }
+}
+
+/// Revocation (issue 15, item 3): a node revoked on one member is forgotten by every member, its
+/// own datagrams are dropped, it leaves, and a restart of it (a new boot of the same id) stays
+/// out.
+#[test]
+fn a_revoked_node_is_forgotten_everywhere_and_kept_out() {
+    let mut h = Harness::secure(4);
+    h.run_for(Duration::from_secs(5));
+    assert!(h.agreed_leader().is_some());
+    let revoked = NodeId(5000);
+    let now = h.now;
+    h.nodes[0]
+        .as_mut()
+        .unwrap()
+        .handle_command(now, Command::Revoke(revoked));
+    h.run_for(Duration::from_secs(3));
+    let lost: Vec<_> = h
+        .live()
+        .filter(|f| f.identity().id != revoked)
+        .filter(|f| f.member(revoked).is_some() || f.revoked().all(|r| r != revoked))
+        .map(|f| f.identity().id)
+        .collect();
+    assert!(lost.is_empty(), "{lost:?} still list the revoked node");
+    let gone = h.nodes[3].as_ref().unwrap();
+    assert!(gone.has_left(), "the revoked node leaves");
+    // It comes back with a new boot: the others drop what it sends and keep it out.
+    let ident = Identity {
+        boot: crate::boot_id(3, 0),
+        ..*gone.identity()
+    };
+    let cfg = gone.config().clone();
+    let mut seed = [0u8; 32];
+    seed[0] = 99;
+    h.nodes[3] = Some(
+        Flock::new_secure(
+            cfg,
+            ident,
+            test_keyring(7),
+            SecurityTiming::default(),
+            seed,
+            h.now,
+        )
+        .unwrap(),
+    );
+    h.run_for(Duration::from_secs(5));
+    for f in h.live().filter(|f| f.identity().id != revoked) {
+        assert!(
+            f.member(revoked).is_none(),
+            "{:?} let it back",
+            f.identity().id
+        );
+        assert_eq!(f.live_count(), 3);
+    }
+    let dropped: u64 = h
+        .live()
+        .filter(|f| f.identity().id != revoked)
+        .map(|f| f.stats().dropped(DropReason::Revoked))
+        .sum();
+    assert!(dropped > 0, "its datagrams were dropped as revoked");
 }

@@ -46,6 +46,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub use self::net::NetConfig;
+pub use self::queue::EventQueue;
 use self::queue::{Ev, Queue};
 pub use self::scenario::{Report, Scenario, ScenarioConfig};
 use crate::config::{AddressSpace, Config, ConfigError, IpRange, Preset, Timing};
@@ -714,6 +715,7 @@ impl Sim {
             id: n.id,
             boot,
             addr: n.addr,
+            key: None,
         };
         let g = n.group as usize;
         self.w.running += 1;

@@ -2,6 +2,10 @@
 //!
 //! The sequence number is global and grows with every push, so two events due at the same
 //! instant come out in the order they were scheduled: ties never depend on heap internals.
+//!
+//! [`EventQueue`] is generic over the event type so that other simulators on the same virtual
+//! time (`bench/foca-sim`, which runs the foca crate) use the same ordering; the flock's own
+//! simulator uses it with its own `Ev` as `Queue`.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -59,43 +63,55 @@ impl Ev {
     }
 }
 
-struct Entry {
+struct Entry<E> {
     at: Duration,
     seq: u64,
-    ev: Ev,
+    ev: E,
 }
 
-impl PartialEq for Entry {
+impl<E> PartialEq for Entry<E> {
     fn eq(&self, other: &Self) -> bool {
         (self.at, self.seq) == (other.at, other.seq)
     }
 }
 
-impl Eq for Entry {}
+impl<E> Eq for Entry<E> {}
 
-impl PartialOrd for Entry {
+impl<E> PartialOrd for Entry<E> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Entry {
+impl<E> Ord for Entry<E> {
     /// Reversed, so that `BinaryHeap` (a max-heap) pops the earliest entry first.
     fn cmp(&self, other: &Self) -> Ordering {
         (other.at, other.seq).cmp(&(self.at, self.seq))
     }
 }
 
-/// The pending events of a simulation.
-#[derive(Default)]
-pub(crate) struct Queue {
-    heap: BinaryHeap<Entry>,
+/// The pending events of a simulation: events of type `E`, each due at an instant of virtual
+/// time, popped earliest first and, at equal instants, in the order they were pushed.
+pub struct EventQueue<E> {
+    heap: BinaryHeap<Entry<E>>,
     seq: u64,
 }
 
-impl Queue {
+/// The flock simulator's queue.
+pub(crate) type Queue = EventQueue<Ev>;
+
+impl<E> Default for EventQueue<E> {
+    fn default() -> Self {
+        EventQueue {
+            heap: BinaryHeap::new(),
+            seq: 0,
+        }
+    }
+}
+
+impl<E> EventQueue<E> {
     /// Schedules `ev` at `at`.
-    pub(crate) fn push(&mut self, at: Duration, ev: Ev) {
+    pub fn push(&mut self, at: Duration, ev: E) {
         self.seq += 1;
         self.heap.push(Entry {
             at,
@@ -105,7 +121,7 @@ impl Queue {
     }
 
     /// Removes and returns the earliest event if it is due at or before `limit`.
-    pub(crate) fn pop_until(&mut self, limit: Duration) -> Option<(Duration, Ev)> {
+    pub fn pop_until(&mut self, limit: Duration) -> Option<(Duration, E)> {
         if self.heap.peek()?.at > limit {
             return None;
         }
@@ -113,8 +129,13 @@ impl Queue {
     }
 
     /// Number of pending events.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.heap.len()
+    }
+
+    /// Whether no event is pending.
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
     }
 }
 

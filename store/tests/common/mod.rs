@@ -3,29 +3,45 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crux_steward::server::Admit;
+use crux_proto::flock::NodeId;
 use crux_store::{Store, StoreConfig};
+use crux_transport::Transport;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 
 pub const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// The default of [`StoreConfig::snapshot_every`].
 pub const SNAPSHOT_EVERY: u64 = 1000;
 
-pub fn admit_loopback() -> Admit {
-    Arc::new(|ip: IpAddr| {
-        if ip.is_loopback() {
-            vec!["0000000000000001".into()]
-        } else {
-            Vec::new()
+/// The node plane of a test's in-process stores: one transport per node id, each listing every
+/// node of the fleet (as the flock would list its live members).
+#[derive(Clone, Default)]
+pub struct Fleet(Arc<Mutex<Vec<(u64, Transport)>>>);
+
+impl Fleet {
+    /// The transport of node `id`: the one it had, or a new one that every node now lists.
+    pub fn transport(&self, id: u64) -> Transport {
+        let mut all = self.0.lock().unwrap();
+        if let Some((_, t)) = all.iter().find(|(i, _)| *i == id) {
+            return t.clone();
         }
-    })
+        let t = Transport::generate().unwrap();
+        all.push((id, t.clone()));
+        let listed: Vec<_> = all
+            .iter()
+            .map(|(i, t)| (NodeId(*i), t.public_key()))
+            .collect();
+        for (_, t) in all.iter() {
+            t.set_peers(listed.iter().copied());
+        }
+        t
+    }
 }
 
 pub struct Node {
@@ -33,12 +49,19 @@ pub struct Node {
     pub dir: PathBuf,
     pub netid: SocketAddr,
     pub store: Store,
+    pub fleet: Fleet,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
 }
 
-pub fn config(id: u64, dir: PathBuf, netid: SocketAddr, snapshot_every: u64) -> StoreConfig {
-    let mut c = StoreConfig::new(dir, id, netid);
+pub fn config(
+    id: u64,
+    dir: PathBuf,
+    netid: SocketAddr,
+    snapshot_every: u64,
+    transport: Transport,
+) -> StoreConfig {
+    let mut c = StoreConfig::new(dir, id, netid, transport);
     c.local_ip = Some(LOCAL);
     c.heartbeat = Duration::from_millis(50);
     c.election_timeout = (Duration::from_millis(200), Duration::from_millis(400));
@@ -48,27 +71,33 @@ pub fn config(id: u64, dir: PathBuf, netid: SocketAddr, snapshot_every: u64) -> 
 }
 
 impl Node {
-    pub async fn start(id: u64, dir: PathBuf, listener: TcpListener, snapshot_every: u64) -> Node {
-        Node::start_with(id, dir, listener, snapshot_every, admit_loopback()).await
-    }
-
-    pub async fn start_with(
+    /// Node `id` of `fleet`, serving its store over the fleet's node plane on `listener`.
+    pub async fn start(
+        fleet: &Fleet,
         id: u64,
         dir: PathBuf,
         listener: TcpListener,
         snapshot_every: u64,
-        admit: Admit,
     ) -> Node {
         let netid = listener.local_addr().unwrap();
-        let store = Store::open(config(id, dir.clone(), netid, snapshot_every))
-            .await
-            .unwrap();
+        let transport = fleet.transport(id);
+        let store = Store::open(config(
+            id,
+            dir.clone(),
+            netid,
+            snapshot_every,
+            transport.clone(),
+        ))
+        .await
+        .unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let svc = store.service(admit);
+        let svc = store.service();
         let server = tokio::spawn(async move {
+            let accepting = CancellationToken::new();
+            let _guard = accepting.clone().drop_guard();
             tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(transport.incoming(listener, accepting), async {
                     let _ = stopped.await;
                 })
                 .await
@@ -79,6 +108,7 @@ impl Node {
             dir,
             netid,
             store,
+            fleet: fleet.clone(),
             stop: Some(stop),
             server: Some(server),
         }
@@ -103,7 +133,24 @@ impl Node {
     /// Stops and reopens on the same dir and port.
     pub async fn restart(&mut self, snapshot_every: u64) {
         self.stop().await;
-        let listener = TcpListener::bind(self.netid).await.unwrap();
-        *self = Node::start(self.id, self.dir.clone(), listener, snapshot_every).await;
+        let listener = rebind(self.netid).await;
+        let fleet = self.fleet.clone();
+        *self = Node::start(&fleet, self.id, self.dir.clone(), listener, snapshot_every).await;
+    }
+}
+
+/// A listener on `addr` again, once the stopped server that held it let it go (the node plane's
+/// accept task drops its listener as soon as it sees the server stop).
+pub async fn rebind(addr: SocketAddr) -> TcpListener {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("rebinding {addr}: {e}"),
+        }
     }
 }

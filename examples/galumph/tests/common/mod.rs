@@ -73,6 +73,12 @@ impl reeve_server::Reeve for Svc {
     ) -> Result<Response<pb::KeyringResponse>, Status> {
         no()
     }
+    async fn revoke(
+        &self,
+        _: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        no()
+    }
     async fn register(
         &self,
         req: Request<pb::RegisterRequest>,
@@ -167,6 +173,7 @@ pub async fn reeve(dir: &Path) -> TestReeve {
             node: "00000000000000a1".into(),
             boot: 1,
             local_ip: None,
+            transport: crux_transport::Transport::generate().unwrap(),
             heartbeat_interval: Duration::from_millis(200),
             grace: Duration::from_secs(60),
             netid: "127.0.0.1:7701".into(),

@@ -1,11 +1,14 @@
-//! The local API: the reeve gRPC service over the agent's Unix socket (mode 0660).
+//! The local API: the reeve gRPC service over the agent's Unix socket (mode 0660). Each call
+//! is handed to the part of the agent it is about: the flock and its keyring ([`flock`]), the
+//! registry (the reeve), the durable store (`crate::store`).
+
+mod flock;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use crux_flock::MemberState;
 use crux_proto::grpc::reeve::v1 as pb;
 use pb::reeve_server::{Reeve, ReeveServer};
 use tokio::net::UnixListener;
@@ -13,7 +16,6 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::keys::KeyEntry;
 use crate::state::AgentState;
 
 /// Socket file mode: owner and group (the `crux` group) may connect.
@@ -64,54 +66,9 @@ struct Service {
 }
 
 impl Service {
-    /// Live members a keyring change was sent to (this node included).
-    fn spread(&self) -> u32 {
-        self.state.flock.snapshot().live as u32
-    }
-
-    /// The answer to a keyring change: the keyring after it, and the members it spreads to.
-    fn keyring_changed(
-        &self,
-        r: anyhow::Result<Vec<KeyEntry>>,
-    ) -> Result<Response<pb::KeyringResponse>, Status> {
-        Ok(Response::new(pb::KeyringResponse {
-            keys: keys_pb(r.map_err(keyring_status)?),
-            nodes: self.spread(),
-        }))
-    }
-
     fn check_ready(&self) -> Result<(), Status> {
-        if self.state.is_ready() {
-            Ok(())
-        } else {
-            let step = self.state.pending_step().unwrap_or("shutdown");
-            Err(Status::unavailable(format!(
-                "agent not ready (bootstrap step {step})"
-            )))
-        }
+        flock::check_ready(&self.state)
     }
-}
-
-fn state_pb(s: MemberState) -> pb::MemberState {
-    match s {
-        MemberState::Alive => pb::MemberState::Alive,
-        MemberState::Suspect => pb::MemberState::Suspect,
-        MemberState::Dead => pb::MemberState::Dead,
-        MemberState::Left => pb::MemberState::Left,
-    }
-}
-
-fn keys_pb(keys: Vec<KeyEntry>) -> Vec<pb::Key> {
-    keys.into_iter()
-        .map(|k| pb::Key {
-            id: k.id,
-            primary: k.primary,
-        })
-        .collect()
-}
-
-fn keyring_status(e: anyhow::Error) -> Status {
-    Status::failed_precondition(format!("{e:#}"))
 }
 
 #[tonic::async_trait]
@@ -120,30 +77,7 @@ impl Reeve for Service {
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let snap = self.state.flock.snapshot();
-        let steps = self
-            .state
-            .steps()
-            .into_iter()
-            .map(|s| pb::BootstrapStep {
-                name: s.name.to_string(),
-                done: s.done,
-                elapsed_ms: s.elapsed.as_millis() as u64,
-                detail: s.detail,
-            })
-            .collect();
-        Ok(Response::new(pb::StatusResponse {
-            node_id: snap.identity.id.to_string(),
-            boot_id: snap.identity.boot.to_string(),
-            bloc: self.state.settings.flock.bloc.clone(),
-            addr: snap.identity.addr.to_string(),
-            ready: self.state.is_ready(),
-            steps,
-            live_members: snap.live as u64,
-            key_epoch: self.state.key_epoch(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            uptime_ms: self.state.uptime().as_millis() as u64,
-        }))
+        Ok(Response::new(flock::status(&self.state)))
     }
 
     async fn members(
@@ -151,23 +85,7 @@ impl Reeve for Service {
         _req: Request<pb::MembersRequest>,
     ) -> Result<Response<pb::MembersResponse>, Status> {
         self.check_ready()?;
-        let snap = self.state.flock.snapshot();
-        let leader = snap.leader.map(|l| l.id);
-        let members = snap
-            .members
-            .iter()
-            .map(|m| pb::Member {
-                id: m.info.id.to_string(),
-                addr: m.info.addr.to_string(),
-                state: state_pb(m.info.state) as i32,
-                leader: Some(m.info.id) == leader,
-                incarnation: m.info.incarnation,
-                boot_id: m.info.boot.to_string(),
-                self_: m.info.id == snap.identity.id,
-                state_age_ms: snap.now.saturating_sub(m.since).as_millis() as u64,
-            })
-            .collect();
-        Ok(Response::new(pb::MembersResponse { members }))
+        Ok(Response::new(flock::members(&self.state)))
     }
 
     async fn leader(
@@ -175,36 +93,34 @@ impl Reeve for Service {
         _req: Request<pb::LeaderRequest>,
     ) -> Result<Response<pb::LeaderResponse>, Status> {
         self.check_ready()?;
-        match self.state.flock.snapshot().leader {
-            Some(l) => Ok(Response::new(pb::LeaderResponse {
-                id: l.id.to_string(),
-                addr: l.addr.to_string(),
-                term: l.term,
-            })),
-            None => Err(Status::not_found("no leader known")),
-        }
+        flock::leader(&self.state).map(Response::new)
     }
 
     async fn list_keys(
         &self,
         _req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let keys = keys_pb(self.state.keys.list());
-        Ok(Response::new(pb::ListKeysResponse { keys, nodes: 1 }))
+        Ok(Response::new(flock::list_keys(&self.state)))
     }
 
     async fn install_key(
         &self,
         req: Request<pb::InstallKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        self.keyring_changed(self.state.keys.install(&req.into_inner().key).await)
+        flock::keyring_changed(
+            &self.state,
+            self.state.keys.install(&req.into_inner().key).await,
+        )
     }
 
     async fn use_key(
         &self,
         req: Request<pb::UseKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        self.keyring_changed(self.state.keys.use_key(&req.into_inner().key).await)
+        flock::keyring_changed(
+            &self.state,
+            self.state.keys.use_key(&req.into_inner().key).await,
+        )
     }
 
     type HeartbeatStream = crux_reeve::HeartbeatStream;
@@ -338,6 +254,18 @@ impl Reeve for Service {
         &self,
         req: Request<pb::RemoveKeyRequest>,
     ) -> Result<Response<pb::KeyringResponse>, Status> {
-        self.keyring_changed(self.state.keys.remove(&req.into_inner().key).await)
+        flock::keyring_changed(
+            &self.state,
+            self.state.keys.remove(&req.into_inner().key).await,
+        )
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        flock::revoke(&self.state, &req.into_inner().node)
+            .await
+            .map(Response::new)
     }
 }
