@@ -53,8 +53,12 @@ pub const TARGET: usize = 1;
 pub const SOURCES: u8 = 16;
 /// Hostile datagrams between two barriers, at most.
 const BATCH_DATAGRAMS: usize = 96;
-/// Hostile bytes between two barriers, at most (well under a socket's receive buffer).
-const BATCH_BYTES: usize = 96 * 1024;
+/// Hostile bytes between two barriers, at most, counting what the kernel adds to each datagram
+/// ([`KERNEL_OVERHEAD_BYTES`]): well under a socket's default receive buffer (208 KiB), so that
+/// neither hostile datagrams nor the barrier's ping are lost there.
+const BATCH_BYTES: usize = 128 * 1024;
+/// About what one queued datagram costs a receive buffer besides its payload (the skb).
+const KERNEL_OVERHEAD_BYTES: usize = 1024;
 /// How long one wait for an answer of the flock may take.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -604,7 +608,7 @@ pub fn attack(
         *out.sent.entry(kind).or_default() += 1;
         i += 1;
         batch_n += 1;
-        batch_bytes += d.len();
+        batch_bytes += d.len() + KERNEL_OVERHEAD_BYTES;
         if i.is_multiple_of(frame_every) && frames > 0 {
             let (kind, frame) = if rng.below(2) == 0 && !rec.frames.is_empty() {
                 let f = rec.frames[rng.below(rec.frames.len())].clone();
@@ -689,6 +693,14 @@ pub fn drops(c: &Cluster, k: usize) -> BTreeMap<String, u64> {
         }
     }
     m
+}
+
+/// A counter without labels from node k's `/metrics` (0 if absent).
+pub fn counter(c: &Cluster, k: usize, name: &str) -> u64 {
+    let text = http_get(c.agent(k).http, "/metrics").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// VmRSS of process `pid` in KiB.

@@ -25,7 +25,7 @@ use std::time::Duration;
 use crux_proto::flock::{BootId, Header, KeyringState, Kind, NodeId};
 use rand::{CryptoRng, Rng, RngCore};
 use sha2::{Digest as _, Sha256};
-use tracing::debug;
+use tracing::trace;
 
 use crate::crypto::{
     check, open_for, open_request, seal_for, Bloc, Cookie, CookieSecrets, HandshakeInitiator,
@@ -629,7 +629,7 @@ impl Sec {
             open_request(&self.keyring, &self.bloc, bytes).map_err(|e| e.drop_reason())?;
         let h = request.header;
         if request.to != self.addr {
-            debug!(%from, sender = %h.sender, to = %request.to, "join request for another address");
+            trace!(%from, sender = %h.sender, to = %request.to, "join request for another address");
             return Err(DropReason::Misdirected);
         }
         let floor = Tai64N::from_unix_nanos(
@@ -638,7 +638,7 @@ impl Sec {
                 .saturating_sub(CLOCK_SKEW_MAX.as_nanos()),
         );
         if request.stamp < floor {
-            debug!(%from, sender = %h.sender, "join request stamped before this node started");
+            trace!(%from, sender = %h.sender, "join request stamped before this node started");
             return Err(DropReason::OldInitiation);
         }
         // Recorded even if not answered below (no key yet, rate-limited, under load): a replay
