@@ -3,8 +3,8 @@
 #   suite      the cipher suite the node plane negotiates, read from the ServerHello on the wire;
 #   aead       ring's AEADs alone on one core (the ceiling);
 #   bulk       4 MiB pieces over one connection: plain TCP vs one crux_transport connection
-#              (MB/s, CPU s per GB per side and for the process), plus two experiment rows;
-#   grpc       Pastiche.Pieces over HTTP/2: cleartext vs the node plane;
+#              (MB/s, CPU s per GB per side and for the process);
+#   grpc       Pastiche.Pieces over HTTP/2: cleartext vs the node plane (and with 1 MiB frames);
 #   handshake  1000 connections: plain TCP connect vs TCP + TLS 1.3 + bloc proof (min/median/p99).
 #
 # Usage: bench/transport.sh [ARGS...]   (ARGS go to transport-bench; see --help: --only, --bulk-mib,

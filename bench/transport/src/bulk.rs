@@ -4,10 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use std::sync::Arc;
-
-use crux_transport::endpoint::{self, ClientAuth};
-use crux_transport::{NodeIdentity, Transport};
+use crux_transport::Transport;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::StreamExt;
@@ -22,42 +19,15 @@ pub enum Path {
     Tcp,
     /// A `crux_transport` connection (TLS 1.3 + bloc proof).
     Node,
-    /// Experiment: the same TLS 1.3 (crux_transport's endpoint configs: same suites, Ed25519
-    /// raw keys both ways) straight on tokio-rustls, without the bloc proof; with the read side
-    /// of the TCP stream behind a buffer of this many bytes (0: none, as `NodeStream`).
-    Tls(usize),
 }
 
-/// What the two ends need to connect.
-#[derive(Clone)]
-struct Ends {
-    server: Transport,
-    client: Transport,
-    tls_server: Arc<rustls::ServerConfig>,
-    tls_client: Arc<rustls::ClientConfig>,
-}
-
-impl Ends {
-    fn new() -> anyhow::Result<Ends> {
-        let (client, server) = pair()?;
-        let (s, c) = (NodeIdentity::generate()?, NodeIdentity::generate()?);
-        let tls_server = Arc::new(endpoint::server_config(&s, &ClientAuth::AnyKey)?);
-        let tls_client = Arc::new(endpoint::client_config(&[s.public()], Some(&c))?);
-        Ok(Ends {
-            server,
-            client,
-            tls_server,
-            tls_client,
-        })
-    }
-}
-
-/// The TCP stream, its read side behind a `buffered`-byte buffer when not 0.
-fn tcp_io(s: TcpStream, buffered: usize) -> Box<dyn Io> {
-    if buffered == 0 {
-        Box::new(s)
-    } else {
-        Box::new(tokio::io::BufReader::with_capacity(buffered, s))
+impl Path {
+    /// A short name (for thread names).
+    fn tag(self) -> &'static str {
+        match self {
+            Path::Tcp => "tcp",
+            Path::Node => "node",
+        }
     }
 }
 
@@ -78,11 +48,35 @@ impl Run {
     pub fn mb_s(&self) -> f64 {
         self.bytes as f64 / self.wall.as_secs_f64() / 1e6
     }
+
+    /// What one core per side would carry if nothing else ran: bytes per CPU second of the
+    /// busier side (of the one thread when both sides share it).
+    pub fn per_core_mb_s(&self) -> f64 {
+        let busiest = match (self.sender_cpu, self.receiver_cpu) {
+            (Some(s), Some(r)) => s.max(r),
+            _ => self.process_cpu,
+        };
+        self.bytes as f64 / busiest.as_secs_f64() / 1e6
+    }
 }
 
 /// CPU seconds per 10^9 bytes.
 pub fn per_gb(cpu: Duration, bytes: u64) -> f64 {
     cpu.as_secs_f64() / (bytes as f64 / 1e9)
+}
+
+/// What the two ends need to connect: two nodes of one flock.
+#[derive(Clone)]
+struct Ends {
+    server: Transport,
+    client: Transport,
+}
+
+impl Ends {
+    fn new() -> anyhow::Result<Ends> {
+        let (client, server) = pair()?;
+        Ok(Ends { server, client })
+    }
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -104,12 +98,6 @@ async fn accept(
             let mut incoming = Box::pin(ends.server.incoming(listener, stop));
             Box::new(incoming.next().await.context("no connection")??)
         }
-        Path::Tls(buffered) => {
-            let (s, _) = listener.accept().await?;
-            s.set_nodelay(true)?;
-            let acceptor = tokio_rustls::TlsAcceptor::from(ends.tls_server);
-            Box::new(acceptor.accept(tcp_io(s, buffered)).await?)
-        }
     })
 }
 
@@ -121,13 +109,6 @@ async fn dial(path: Path, addr: SocketAddr, ends: Ends) -> anyhow::Result<Box<dy
             Box::new(s)
         }
         Path::Node => Box::new(ends.client.connect(addr, None).await?),
-        Path::Tls(buffered) => {
-            let s = TcpStream::connect(addr).await?;
-            s.set_nodelay(true)?;
-            let connector = tokio_rustls::TlsConnector::from(ends.tls_client);
-            let name = rustls::pki_types::ServerName::try_from("endpoint.crux")?;
-            Box::new(connector.connect(name, tcp_io(s, buffered)).await?)
-        }
     })
 }
 
@@ -203,12 +184,12 @@ pub fn run(
         }
     } else {
         let s = stop.clone();
-        let server = on_thread("receiver", move || async move {
+        let server = on_thread(&format!("recv-{}", path.tag()), move || async move {
             let listener = TcpListener::from_std(std_listener)?;
             let conn = accept(path, listener, b, s).await?;
             receive(conn, bytes, read_len).await
         });
-        let client = on_thread("sender", move || async move {
+        let client = on_thread(&format!("send-{}", path.tag()), move || async move {
             let conn = dial(path, addr, a).await?;
             send(conn, bytes, &data).await
         });
@@ -240,19 +221,13 @@ pub fn report(bytes: u64, piece: usize, read_len: usize, repeats: usize) -> anyh
         read_len >> 10
     );
     println!(
-        "  {:<44} {:>8} {:>12} {:>12} {:>12}   runs (MB/s)",
-        "path", "MB/s", "send s/GB", "recv s/GB", "proc s/GB"
+        "  {:<40} {:>7} {:>9} {:>10} {:>10} {:>10}   runs (MB/s)",
+        "path", "MB/s", "per core", "send s/GB", "recv s/GB", "proc s/GB"
     );
-    let rows: [(&str, Path, bool); 5] = [
+    let rows: [(&str, Path, bool); 3] = [
         ("plain TCP (one thread per side)", Path::Tcp, false),
         ("node plane (one thread per side)", Path::Node, false),
         ("node plane (both sides on one thread)", Path::Node, true),
-        ("exp.: same TLS, no bloc proof", Path::Tls(0), false),
-        (
-            "exp.: same TLS, 256 KiB read buffer",
-            Path::Tls(256 << 10),
-            false,
-        ),
     ];
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); rows.len()];
     // Interleaved, so a noisy moment hits every path alike.
@@ -271,9 +246,10 @@ pub fn report(bytes: u64, piece: usize, read_len: usize, repeats: usize) -> anyh
         let m = runs[i][median(&mut by_speed).1];
         let all: Vec<String> = runs[i].iter().map(|r| format!("{:.0}", r.mb_s())).collect();
         println!(
-            "  {:<44} {:>8.0} {:>12} {:>12} {:>12.3}   {}",
+            "  {:<40} {:>7.0} {:>9.0} {:>10} {:>10} {:>10.3}   {}",
             name,
             m.mb_s(),
+            m.per_core_mb_s(),
             secs(m.sender_cpu, m.bytes),
             secs(m.receiver_cpu, m.bytes),
             per_gb(m.process_cpu, m.bytes),
@@ -287,13 +263,9 @@ pub fn report(bytes: u64, piece: usize, read_len: usize, repeats: usize) -> anyh
         node.wall.as_secs_f64() / tcp.wall.as_secs_f64() * (tcp.bytes as f64 / node.bytes as f64),
         per_gb(node.process_cpu, node.bytes) - per_gb(tcp.process_cpu, tcp.bytes)
     );
-    if let (Some(s), Some(r)) = (node.sender_cpu, node.receiver_cpu) {
-        println!(
-            "  one core's worth: the node-plane sender could seal {:.0} MB/s, the receiver open {:.0} MB/s \
-             (bytes / that side's CPU seconds)",
-            node.bytes as f64 / s.as_secs_f64() / 1e6,
-            node.bytes as f64 / r.as_secs_f64() / 1e6
-        );
-    }
+    println!(
+        "  (per core: MB per CPU second of the busier side — what one core per side carries \
+         when nothing else runs)"
+    );
     Ok(())
 }

@@ -9,6 +9,7 @@ use anyhow::Context;
 use crux_proto::grpc::pastiche::v1::{
     self as pb, pastiche_client::PasticheClient, pastiche_server,
 };
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::StreamExt;
@@ -86,22 +87,34 @@ fn service(piece: usize) -> pastiche_server::PasticheServer<Holder> {
     .max_encoding_message_size(MESSAGE_MAX)
 }
 
+/// The node channel's HTTP/2 settings (`Transport::channel`), over `path`, with the client's
+/// largest accepted frame (the size of the DATA frames pieces come in) raised to `frame` when
+/// given: an experiment, `Transport::channel` leaves it at HTTP/2's 16 KiB.
 async fn channel(
     path: Path,
+    frame: Option<u32>,
     addr: SocketAddr,
     t: &crux_transport::Transport,
 ) -> anyhow::Result<Channel> {
+    if path == Path::Node && frame.is_none() {
+        return Ok(t.channel(addr, None, Duration::from_secs(5)).await?);
+    }
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .max_frame_size(frame);
     Ok(match path {
-        // The node channel's settings (Transport::channel), without the transport.
-        Path::Tcp => {
-            Endpoint::from_shared(format!("http://{addr}"))?
-                .tcp_nodelay(true)
-                .initial_stream_window_size(8 << 20)
-                .initial_connection_window_size(32 << 20)
-                .connect()
+        Path::Tcp => endpoint.connect().await?,
+        Path::Node => {
+            let t = t.clone();
+            endpoint
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let t = t.clone();
+                    async move { t.connect(addr, None).await.map(TokioIo::new) }
+                }))
                 .await?
         }
-        Path::Node => t.channel(addr, None, Duration::from_secs(5)).await?,
     })
 }
 
@@ -138,7 +151,16 @@ struct Run {
     process_cpu: Duration,
 }
 
-fn run(path: Path, bytes: u64, piece: usize) -> anyhow::Result<Run> {
+/// A short name for a row (thread names).
+fn tag(path: Path, frame: Option<u32>) -> String {
+    format!(
+        "{}{}",
+        if path == Path::Node { "node" } else { "tcp" },
+        if frame.is_some() { "-f" } else { "" },
+    )
+}
+
+fn run(path: Path, frame: Option<u32>, bytes: u64, piece: usize) -> anyhow::Result<Run> {
     let (a, b) = pair()?;
     let stop = CancellationToken::new();
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -146,39 +168,45 @@ fn run(path: Path, bytes: u64, piece: usize) -> anyhow::Result<Run> {
     let addr = std_listener.local_addr()?;
     let cpu0 = process_cpu();
     let s = stop.clone();
-    let srv = on_thread("holder", move || async move {
-        let listener = TcpListener::from_std(std_listener)?;
-        let cpu0 = thread_cpu();
-        let svc = service(piece);
-        match path {
-            Path::Tcp => {
-                let incoming = TcpListenerStream::new(listener).map(|r| {
-                    r.and_then(|s| {
-                        s.set_nodelay(true)?;
-                        Ok(s)
-                    })
-                });
-                server()
-                    .add_service(svc)
-                    .serve_with_incoming_shutdown(incoming, s.cancelled_owned())
-                    .await?
+    let srv = on_thread(
+        &format!("holder-{}", tag(path, frame)),
+        move || async move {
+            let listener = TcpListener::from_std(std_listener)?;
+            let cpu0 = thread_cpu();
+            let svc = service(piece);
+            match path {
+                Path::Tcp => {
+                    let incoming = TcpListenerStream::new(listener).map(|r| {
+                        r.and_then(|s| {
+                            s.set_nodelay(true)?;
+                            Ok(s)
+                        })
+                    });
+                    server()
+                        .add_service(svc)
+                        .serve_with_incoming_shutdown(incoming, s.cancelled_owned())
+                        .await?
+                }
+                Path::Node => {
+                    server()
+                        .add_service(svc)
+                        .serve_with_incoming_shutdown(
+                            b.incoming(listener, s.clone()),
+                            s.cancelled_owned(),
+                        )
+                        .await?
+                }
             }
-            Path::Node => {
-                server()
-                    .add_service(svc)
-                    .serve_with_incoming_shutdown(
-                        b.incoming(listener, s.clone()),
-                        s.cancelled_owned(),
-                    )
-                    .await?
-            }
-        }
-        Ok(thread_cpu() - cpu0)
-    });
-    let cli = on_thread("puller", move || async move {
-        let ch = channel(path, addr, &a).await.context("channel")?;
-        pull(ch, bytes, piece).await
-    });
+            Ok(thread_cpu() - cpu0)
+        },
+    );
+    let cli = on_thread(
+        &format!("puller-{}", tag(path, frame)),
+        move || async move {
+            let ch = channel(path, frame, addr, &a).await.context("channel")?;
+            pull(ch, bytes, piece).await
+        },
+    );
     let pulled = join(cli);
     stop.cancel();
     let server_cpu = join(srv)?;
@@ -201,21 +229,24 @@ pub fn report(bytes: u64, piece: usize, repeats: usize) -> anyhow::Result<()> {
         piece >> 20
     );
     println!(
-        "  {:<44} {:>8} {:>12} {:>12} {:>12}   runs (MB/s)",
-        "path", "MB/s", "server s/GB", "client s/GB", "proc s/GB"
+        "  {:<40} {:>7} {:>9} {:>10} {:>10} {:>10}   runs (MB/s)",
+        "path", "MB/s", "per core", "server s/GB", "client s/GB", "proc s/GB"
     );
+    let mib = Some(1 << 20);
     let rows = [
-        ("cleartext HTTP/2 over TCP", Path::Tcp),
-        ("HTTP/2 over the node plane", Path::Node),
+        ("cleartext HTTP/2 over TCP", Path::Tcp, None),
+        ("HTTP/2 over the node plane", Path::Node, None),
+        ("exp.: cleartext, client frames 1 MiB", Path::Tcp, mib),
+        ("exp.: node plane, client frames 1 MiB", Path::Node, mib),
     ];
     let mut runs: Vec<Vec<Run>> = rows.iter().map(|_| Vec::new()).collect();
     for _ in 0..repeats.max(1) {
-        for (i, (_, path)) in rows.iter().enumerate() {
-            runs[i].push(run(*path, bytes, piece)?);
+        for (i, (_, path, frame)) in rows.iter().enumerate() {
+            runs[i].push(run(*path, *frame, bytes, piece)?);
         }
     }
     let mb_s = |r: &Run| r.bytes as f64 / r.wall.as_secs_f64() / 1e6;
-    for (i, (name, _)) in rows.iter().enumerate() {
+    for (i, (name, _, _)) in rows.iter().enumerate() {
         let mut by_speed: Vec<(f64, usize)> = runs[i]
             .iter()
             .enumerate()
@@ -224,9 +255,10 @@ pub fn report(bytes: u64, piece: usize, repeats: usize) -> anyhow::Result<()> {
         let m = &runs[i][median(&mut by_speed).1];
         let all: Vec<String> = runs[i].iter().map(|r| format!("{:.0}", mb_s(r))).collect();
         println!(
-            "  {:<44} {:>8.0} {:>12.3} {:>12.3} {:>12.3}   {}",
+            "  {:<40} {:>7.0} {:>9.0} {:>10.3} {:>10.3} {:>10.3}   {}",
             name,
             mb_s(m),
+            m.bytes as f64 / m.server_cpu.max(m.client_cpu).as_secs_f64() / 1e6,
             per_gb(m.server_cpu, m.bytes),
             per_gb(m.client_cpu, m.bytes),
             per_gb(m.process_cpu, m.bytes),

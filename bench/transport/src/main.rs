@@ -9,12 +9,14 @@
 //!    row runs both sides on one thread (one core for the whole pipe).
 //! 2. `grpc`: the same pieces as pastiche moves them: a `Pastiche.Pieces` stream of 4 MiB
 //!    messages over HTTP/2, cleartext tonic over TCP against `Transport::channel` /
-//!    `Transport::incoming`, with the agent's window sizes.
+//!    `Transport::incoming`, with the agent's window sizes; and, as experiments, both with the
+//!    client accepting 1 MiB HTTP/2 frames (the agent's node server does, its channels do not).
 //! 3. `handshake`: time to an established connection, 1000 times one after the other: plain
 //!    TCP connect against `Transport::connect` (TCP connect + TLS 1.3 with Ed25519 raw public
 //!    keys + bloc proof both ways). min / median / p99 / max, and CPU per handshake each side.
 //! 4. `suite`: the cipher suite the node plane negotiates, read from the ServerHello on the
 //!    wire through a relay (and, beside it, what a service endpoint negotiates).
+//! 5. `aead`: the suites' AEADs alone in `ring` on one core over 16 KiB records: the ceiling.
 //!
 //! Figures only: nothing is asserted about speed. MB/s and GB are decimal (10^6, 10^9 bytes).
 
@@ -151,7 +153,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values = ["suite", "aead", "bulk", "grpc", "handshake"])]
     only: Vec<Bench>,
     /// MiB sent per bulk run.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 2048)]
     bulk_mib: u64,
     /// Piece size in MiB (pastiche's is 4).
     #[arg(long, default_value_t = 4)]
@@ -160,7 +162,7 @@ struct Args {
     #[arg(long, default_value_t = 4096)]
     read_kib: usize,
     /// Bulk runs per path (the median is printed, and every run).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Handshakes timed per path (after 50 not timed).
     #[arg(long, default_value_t = 1000)]
@@ -198,7 +200,8 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     println!("node plane cost — {}", cpu_line());
     println!(
-        "load average before: {} (other work on the machine slows the MB/s and ms columns;          the CPU columns are this process's own)",
+        "load average before: {} (other work on the machine slows the MB/s and ms columns; \
+         the CPU columns are this process's own)",
         loadavg()
     );
     if cfg!(debug_assertions) {
