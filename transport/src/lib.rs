@@ -430,12 +430,7 @@ impl Transport {
     }
 
     async fn client(&self, tcp: TcpStream) -> Result<NodeStream, Refusal> {
-        let remote = tcp
-            .peer_addr()
-            .map_err(|e| Refusal(Reason::Io, e.to_string()))?;
-        let local = tcp
-            .local_addr()
-            .map_err(|e| Refusal(Reason::Io, e.to_string()))?;
+        let ends = ends_of(&tcp)?;
         let mut tls = self
             .inner
             .connector
@@ -447,31 +442,11 @@ impl Transport {
         let bloc_key = bloc::client(&mut tls, keys.as_deref(), &exported)
             .await
             .map_err(|e| Refusal(Reason::Bloc, e.to_string()))?;
-        let node = self
-            .inner
-            .node_of(&key)
-            .ok_or_else(|| Refusal(Reason::UnknownPeer, "peer no longer listed".into()))?;
-        let info = PeerInfo {
-            node,
-            key,
-            remote,
-            local,
-            bloc_key,
-        };
-        Ok(NodeStream::new(
-            tokio_rustls::TlsStream::Client(tls),
-            info,
-            self.inner.clone(),
-        ))
+        self.admit(tokio_rustls::TlsStream::Client(tls), key, ends, bloc_key)
     }
 
     async fn server(&self, tcp: TcpStream) -> Result<NodeStream, Refusal> {
-        let remote = tcp
-            .peer_addr()
-            .map_err(|e| Refusal(Reason::Io, e.to_string()))?;
-        let local = tcp
-            .local_addr()
-            .map_err(|e| Refusal(Reason::Io, e.to_string()))?;
+        let ends = ends_of(&tcp)?;
         let mut tls = self
             .inner
             .acceptor
@@ -483,6 +458,18 @@ impl Transport {
         let bloc_key = bloc::server(&mut tls, keys.as_deref(), &exported)
             .await
             .map_err(|e| Refusal(Reason::Bloc, e.to_string()))?;
+        self.admit(tokio_rustls::TlsStream::Server(tls), key, ends, bloc_key)
+    }
+
+    /// A connection through both proofs, as a [`NodeStream`] of the node the flock lists for
+    /// `key` (refused if the list changed meanwhile).
+    fn admit(
+        &self,
+        tls: tokio_rustls::TlsStream<TcpStream>,
+        key: NodeKey,
+        (remote, local): (SocketAddr, SocketAddr),
+        bloc_key: u32,
+    ) -> Result<NodeStream, Refusal> {
         let node = self
             .inner
             .node_of(&key)
@@ -494,11 +481,7 @@ impl Transport {
             local,
             bloc_key,
         };
-        Ok(NodeStream::new(
-            tokio_rustls::TlsStream::Server(tls),
-            info,
-            self.inner.clone(),
-        ))
+        Ok(NodeStream::new(tls, info, self.inner.clone()))
     }
 
     /// The established connections of `listener`, until `shutdown`. Each accepted TCP connection
@@ -572,22 +555,8 @@ impl Transport {
         local_ip: Option<IpAddr>,
         timeout: Duration,
     ) -> Result<Channel, tonic::transport::Error> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .expect("a socket address is a valid URI")
-            .connect_timeout(timeout)
-            // Pastiche pieces are 4 MiB: HTTP/2's default 64 KiB windows would stall each one
-            // on flow-control round trips.
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(32 << 20)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        let this = self.clone();
-        endpoint
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let this = this.clone();
-                async move { this.connect(addr, local_ip).await.map(TokioIo::new) }
-            }))
+        endpoint(addr, timeout)
+            .connect_with_connector(self.connector(addr, local_ip))
             .await
     }
 
@@ -598,20 +567,48 @@ impl Transport {
         local_ip: Option<IpAddr>,
         timeout: Duration,
     ) -> Channel {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .expect("a socket address is a valid URI")
-            .connect_timeout(timeout)
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(32 << 20)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
+        endpoint(addr, timeout).connect_with_connector_lazy(self.connector(addr, local_ip))
+    }
+
+    /// What tonic calls for each connection of a channel to `addr`.
+    fn connector(
+        &self,
+        addr: SocketAddr,
+        local_ip: Option<IpAddr>,
+    ) -> impl tower::Service<
+        Uri,
+        Response = TokioIo<NodeStream>,
+        Error = io::Error,
+        Future = impl std::future::Future<Output = io::Result<TokioIo<NodeStream>>> + Send,
+    > + Clone
+           + Send
+           + 'static {
         let this = self.clone();
-        endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+        tower::service_fn(move |_: Uri| {
             let this = this.clone();
             async move { this.connect(addr, local_ip).await.map(TokioIo::new) }
-        }))
+        })
     }
+}
+
+/// The HTTP/2 settings of every node channel.
+fn endpoint(addr: SocketAddr, timeout: Duration) -> Endpoint {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a socket address is a valid URI")
+        .connect_timeout(timeout)
+        // Pastiche pieces are 4 MiB: HTTP/2's default 64 KiB windows would stall each one on
+        // flow-control round trips.
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+}
+
+/// The two ends of a TCP connection.
+fn ends_of(tcp: &TcpStream) -> Result<(SocketAddr, SocketAddr), Refusal> {
+    let io = |e: io::Error| Refusal(Reason::Io, e.to_string());
+    Ok((tcp.peer_addr().map_err(io)?, tcp.local_addr().map_err(io)?))
 }
 
 /// The peer's key and the session's exported secret, once TLS is established.
