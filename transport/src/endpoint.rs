@@ -37,16 +37,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crux_proto::flock::NodeKey;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{AlwaysResolvesClientRawPublicKeys, Resumption};
-use rustls::crypto::{verify_tls13_signature_with_raw_key, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::ServerName;
 use rustls::server::{AlwaysResolvesServerRawPublicKeys, NoServerSessionStorage};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError,
-    ServerConfig, SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, Error, OtherError, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -55,6 +50,7 @@ use tonic::transport::server::Connected;
 use tracing::debug;
 
 use crate::identity::{key_of_spki, NodeIdentity};
+use crate::tls::RawKeyVerifier;
 use crate::{HANDSHAKES_MAX, HANDSHAKE_TIMEOUT};
 
 /// The ALPN protocol id of HTTP/2 over TLS (RFC 7540 §3.3), which gRPC clients expect.
@@ -130,26 +126,14 @@ pub fn peer_key(conn: &rustls::CommonState) -> Option<NodeKey> {
         .and_then(|c| key_of_spki(c.as_ref()))
 }
 
-/// Verifies a peer's raw public key against a fixed set (or any Ed25519 key), and its
-/// handshake signature. The node plane's verifier (`tls::Pinned`) does the same against the
-/// flock's list.
+/// The keys a service endpoint accepts: a fixed set, or any Ed25519 key (None). The handshake
+/// itself is verified as on the node plane ([`crate::tls::RawKeyVerifier`]).
 #[derive(Debug)]
-struct KeyPin {
-    /// None: any key.
-    keys: Option<Vec<NodeKey>>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
+struct KeyPin(Option<Vec<NodeKey>>);
 
-impl KeyPin {
-    fn check(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-    ) -> Result<(), Error> {
-        let key = key_of_spki(end_entity.as_ref())
-            .filter(|_| intermediates.is_empty())
-            .ok_or(Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        match &self.keys {
+impl crate::tls::Accept for KeyPin {
+    fn accept(&self, key: NodeKey) -> Result<(), Error> {
+        match &self.0 {
             None => Ok(()),
             Some(keys) if keys.contains(&key) => Ok(()),
             Some(keys) => Err(Error::InvalidCertificate(CertificateError::Other(
@@ -160,106 +144,17 @@ impl KeyPin {
             ))),
         }
     }
-
-    fn signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature_with_raw_key(
-            message,
-            &SubjectPublicKeyInfoDer::from(cert.as_ref()),
-            dss,
-            &self.algorithms,
-        )
-    }
 }
 
-fn no_tls12() -> Error {
-    Error::General("TLS 1.2 is not spoken by crux endpoints".into())
-}
-
-impl ServerCertVerifier for KeyPin {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        self.check(end_entity, intermediates)
-            .map(|()| ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        Err(no_tls12())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
-
-    fn requires_raw_public_keys(&self) -> bool {
-        true
-    }
-}
-
-impl ClientCertVerifier for KeyPin {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, Error> {
-        self.check(end_entity, intermediates)
-            .map(|()| ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        Err(no_tls12())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
-
-    fn requires_raw_public_keys(&self) -> bool {
-        true
-    }
+/// A verifier accepting `keys` (None: any Ed25519 key).
+fn pin(
+    keys: Option<Vec<NodeKey>>,
+    algorithms: WebPkiSupportedAlgorithms,
+) -> Arc<RawKeyVerifier<KeyPin>> {
+    Arc::new(RawKeyVerifier {
+        accept: KeyPin(keys),
+        algorithms,
+    })
 }
 
 /// The server configuration of a service endpoint with `identity`, accepting `clients`: TLS 1.3
@@ -274,7 +169,7 @@ pub fn server_config(
     let algorithms = provider.signature_verification_algorithms;
     let builder = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let pin = |keys| Arc::new(KeyPin { keys, algorithms });
+    let pin = |keys| pin(keys, algorithms);
     let builder = match clients {
         ClientAuth::Anonymous => builder.with_no_client_auth(),
         ClientAuth::AnyKey => builder.with_client_cert_verifier(pin(None)),
@@ -301,10 +196,10 @@ pub fn client_config(
         return Err(ConfigError::NoKeys);
     }
     let provider = Arc::new(crate::tls::provider());
-    let pin = Arc::new(KeyPin {
-        keys: Some(server_keys.to_vec()),
-        algorithms: provider.signature_verification_algorithms,
-    });
+    let pin = pin(
+        Some(server_keys.to_vec()),
+        provider.signature_verification_algorithms,
+    );
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

@@ -52,24 +52,16 @@ pub(crate) fn server_name() -> ServerName<'static> {
     ServerName::try_from("node.crux").expect("a valid DNS name")
 }
 
-/// Verifies both ends: the peer's key must be an Ed25519 raw public key the flock lists.
-#[derive(Debug)]
-pub(crate) struct Pinned {
-    peers: Arc<RwLock<Peers>>,
-    algorithms: WebPkiSupportedAlgorithms,
+/// Which raw public keys a [`RawKeyVerifier`] accepts.
+pub(crate) trait Accept: std::fmt::Debug + Send + Sync {
+    /// Ok for an accepted key; the error rustls reports (and the peer's alert) otherwise.
+    fn accept(&self, key: NodeKey) -> Result<(), Error>;
 }
 
-impl Pinned {
-    fn check(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-    ) -> Result<(), Error> {
-        let key = key_of_spki(end_entity.as_ref())
-            .filter(|_| intermediates.is_empty())
-            .ok_or(Error::InvalidCertificate(CertificateError::BadEncoding))?;
+/// The node plane accepts the keys the flock lists.
+impl Accept for Arc<RwLock<Peers>> {
+    fn accept(&self, key: NodeKey) -> Result<(), Error> {
         let listed = self
-            .peers
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .by_key
@@ -81,6 +73,28 @@ impl Pinned {
                 CertificateError::ApplicationVerificationFailure,
             ))
         }
+    }
+}
+
+/// Verifies either end of a TLS 1.3 connection made with raw public keys (RFC 7250): the peer
+/// presents exactly one Ed25519 key, which `accept` must take, and signs the handshake with it.
+/// The node plane's and the service endpoints' verifiers differ only in `accept`.
+#[derive(Debug)]
+pub(crate) struct RawKeyVerifier<A> {
+    pub(crate) accept: A,
+    pub(crate) algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl<A: Accept> RawKeyVerifier<A> {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), Error> {
+        let key = key_of_spki(end_entity.as_ref())
+            .filter(|_| intermediates.is_empty())
+            .ok_or(Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        self.accept.accept(key)
     }
 
     fn signature(
@@ -98,7 +112,11 @@ impl Pinned {
     }
 }
 
-impl ServerCertVerifier for Pinned {
+fn no_tls12() -> Error {
+    Error::General("TLS 1.2 is not spoken here: TLS 1.3 only".into())
+}
+
+impl<A: Accept> ServerCertVerifier for RawKeyVerifier<A> {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -117,9 +135,7 @@ impl ServerCertVerifier for Pinned {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::General(
-            "TLS 1.2 is not spoken on the node plane".into(),
-        ))
+        Err(no_tls12())
     }
 
     fn verify_tls13_signature(
@@ -140,7 +156,7 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
-impl ClientCertVerifier for Pinned {
+impl<A: Accept> ClientCertVerifier for RawKeyVerifier<A> {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
@@ -161,9 +177,7 @@ impl ClientCertVerifier for Pinned {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::General(
-            "TLS 1.2 is not spoken on the node plane".into(),
-        ))
+        Err(no_tls12())
     }
 
     fn verify_tls13_signature(
@@ -193,8 +207,8 @@ pub(crate) fn configs(
 ) -> Result<(Arc<ClientConfig>, Arc<ServerConfig>), Error> {
     let provider = Arc::new(provider());
     let key = identity.certified_key(&provider)?;
-    let pinned = Arc::new(Pinned {
-        peers,
+    let pinned = Arc::new(RawKeyVerifier {
+        accept: peers,
         algorithms: provider.signature_verification_algorithms,
     });
     let mut client = ClientConfig::builder_with_provider(provider.clone())
