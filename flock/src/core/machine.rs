@@ -151,6 +151,8 @@ pub struct Flock {
     unanswered_key_requests: u32,
     /// Members we could not read lately, and when we last asked them for their keys.
     unreadable: FastMap<SocketAddr, Duration>,
+    /// Revoked nodes told so lately, by address (see [`Flock::tell_revoked`]).
+    told_revoked: FastMap<SocketAddr, Duration>,
     /// Key epoch each peer address ([`addr_key`]) last sealed with.
     peer_epoch: FastMap<u64, u32>,
     /// Time of the input being handled.
@@ -164,6 +166,11 @@ pub struct Flock {
     /// does not fit goes over a stream (TCP), anything else that does not fit is not sent. No
     /// amplification towards an address that may not have sent it (DESIGN.md "Node plane").
     reply_cap: Option<(SocketAddr, usize, NodeId)>,
+    /// While a datagram is handled: its source and the key epoch it came under. An answer to
+    /// that source goes under the same key while we hold it, so that a member that missed a
+    /// rotation (and a keyring change that would let it ask for the new key) still reads the
+    /// answers — among them the push-pull that repairs its keyring.
+    answering: Option<(SocketAddr, u32)>,
 }
 
 impl Flock {
@@ -237,6 +244,15 @@ impl Flock {
         seed: u64,
         now: Duration,
     ) -> Result<Flock, ConfigError> {
+        Flock::with_rng(config, identity, ChaCha8Rng::seed_from_u64(seed), now)
+    }
+
+    fn with_rng(
+        config: Config,
+        identity: Identity,
+        rng: ChaCha8Rng,
+        now: Duration,
+    ) -> Result<Flock, ConfigError> {
         config.validate()?;
         let self_member = Member {
             info: MemberInfo {
@@ -254,7 +270,7 @@ impl Flock {
             config,
             me: identity,
             self_member,
-            rng: ChaCha8Rng::seed_from_u64(seed),
+            rng,
             members: Table::default(),
             suspicions: FastMap::default(),
             last_heal: FastMap::default(),
@@ -285,12 +301,14 @@ impl Flock {
             key_hint: false,
             unanswered_key_requests: 0,
             unreadable: FastMap::default(),
+            told_revoked: FastMap::default(),
             peer_epoch: FastMap::default(),
             now,
             counter: 0,
             stats: Stats::default(),
             out: Outbox::default(),
             reply_cap: None,
+            answering: None,
         };
         // Spread the periodic work of many nodes started together.
         let t = flock.config.timing.clone();
@@ -513,8 +531,10 @@ impl Flock {
             }
         };
         self.reply_cap = Some((from, bytes.len(), header.sender));
+        self.answering = self.sec.is_some().then_some((from, header.key_id));
         self.on_message(now, from, header, msg);
         self.reply_cap = None;
+        self.answering = None;
     }
 
     /// A stream request from a peer; returns the reply frame.
@@ -554,7 +574,10 @@ impl Flock {
         // Answer under the key the request came in (the stream's source port is not the peer's
         // flock address, so look the sender up).
         let to = self.member(sender).map(|m| m.info.addr).unwrap_or(from);
-        let sealed = self.seal_for(to, Some(sender), &body)?;
+        self.answering = Some((to, header.key_id));
+        let sealed = self.seal_for(to, Some(sender), &body);
+        self.answering = None;
+        let sealed = sealed?;
         self.stats.streams_out += 1;
         self.stats.stream_bytes_out += sealed.len() as u64;
         Some(sealed)
@@ -617,6 +640,7 @@ impl Flock {
             return Some(out);
         };
         let dest_epoch = self.peer_epoch.get(&addr_key(&to)).copied();
+        let answer_epoch = self.answering.filter(|(a, _)| *a == to).map(|(_, e)| e);
         let member = self
             .members
             .id_at(&to)
@@ -628,6 +652,7 @@ impl Flock {
         if sec.seal(
             self.now,
             self.counter,
+            answer_epoch,
             dest_epoch,
             recipient,
             body,
@@ -1288,6 +1313,12 @@ impl Flock {
         }
         self.unreadable.insert(from, now);
         self.send_handshake(from, Purpose::Join);
+        // The handshake needs a secondary key the member holds. If the flock changed its
+        // keyring while we were away, only a push-pull can bring the new ring: sealed under our
+        // key, which the member may still hold as its previous one, and answered under it.
+        if !self.leaving {
+            self.start_push_pull(from, false);
+        }
     }
 
     /// A member that holds no fresh key (missed rotations, partitioned, new) asks a member for
@@ -1696,6 +1727,7 @@ impl Flock {
     fn on_message(&mut self, now: Duration, from: SocketAddr, header: Header, msg: Message) {
         if self.revoked.contains(&header.sender) {
             self.stats.drop(DropReason::Revoked);
+            self.tell_revoked(now, from, header.sender);
             return;
         }
         self.refute_pending = false;
@@ -2212,6 +2244,27 @@ impl Flock {
         self.probe_order.push(id);
         let last = self.probe_order.len() - 1;
         self.probe_order.swap(at, last);
+    }
+
+    /// A revoked node still sends to us (it may not have heard, since nobody gossips to a node
+    /// it forgot): tell it, under the key it sealed with, at most once per probe interval per
+    /// address, so that it leaves instead of waiting for a stray update.
+    fn tell_revoked(&mut self, now: Duration, from: SocketAddr, id: NodeId) {
+        let period = self.config.timing.probe_interval;
+        if self
+            .told_revoked
+            .get(&from)
+            .is_some_and(|t| now < *t + period)
+            || self.left
+        {
+            return;
+        }
+        if self.told_revoked.len() >= 1024 {
+            self.told_revoked.clear();
+        }
+        self.told_revoked.insert(from, now);
+        let updates = vec![Update::Revoke { id }];
+        self.send(from, &Message::Gossip { updates });
     }
 
     /// Revokes `id` (from a command, an update or a push-pull): forgets it, keeps it out, and

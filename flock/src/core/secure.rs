@@ -15,7 +15,10 @@
 //! to a peer under the peer's own key only when we learnt that key after ours (two flocks
 //! merging, or we lag behind); an older key a peer was last heard under, whichever leader made
 //! it, says nothing about what the peer holds *now* (probes reach a given peer only every N
-//! probe intervals), so those peers get our own key. Keys once dropped are never taken back
+//! probe intervals), so those peers get our own key. An *answer* (to the datagram or stream
+//! request being handled) goes under the key the request came under while we hold it: the peer
+//! holds that key now. A member that missed a rotation and a keyring change at once can then
+//! still read the push-pull answer that repairs its keyring, and ask for the new key. Keys once dropped are never taken back
 //! (a late or re-gossiped announcement of an old key would otherwise restart its life).
 
 use std::collections::HashMap;
@@ -55,6 +58,10 @@ const COOKIES_HELD_MAX: usize = 1024;
 /// each other (NTP does, by orders of magnitude); a node whose clock lags further is refused by a
 /// freshly started node until the lag has passed, and still talks to every other node.
 pub const CLOCK_SKEW_MAX: Duration = Duration::from_secs(10);
+/// How long a handshake of ours waits for its reply. A reply comes within a round trip; one
+/// that comes later (or to a request whose reply was lost) is unexpected, and the request is
+/// forgotten: no state waits forever for an answer that an attacker could then supply.
+const HANDSHAKE_REPLY_WINDOW: Duration = Duration::from_secs(3);
 
 struct TransientKey {
     epoch: u32,
@@ -487,20 +494,23 @@ impl Sec {
         }
     }
 
-    /// Seals a flock body for `recipient` under our own key, or under `dest_epoch` (the key the
-    /// peer was last heard under) when [`Sec::peer_key_better`].
+    /// Seals a flock body for `recipient`: an answer under `answer_epoch` (the key the datagram
+    /// it answers came under) while we hold it; otherwise under our own key, or under
+    /// `dest_epoch` (the key the peer was last heard under) when [`Sec::peer_key_better`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn seal<R: RngCore + CryptoRng>(
         &mut self,
         now: Duration,
         counter: u64,
+        answer_epoch: Option<u32>,
         dest_epoch: Option<u32>,
         recipient: NodeId,
         body: &[u8],
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> bool {
-        let epoch = match dest_epoch.filter(|e| self.peer_key_better(*e, now)) {
+        let answer = answer_epoch.filter(|e| self.holds(*e, now));
+        let epoch = match answer.or(dest_epoch.filter(|e| self.peer_key_better(*e, now))) {
             Some(e) => e,
             None => match self.own_epoch(now) {
                 Some(e) => e,
@@ -594,6 +604,7 @@ impl Sec {
         match bytes.len() {
             REQUEST_BYTES => self.on_request(now, from, bytes, counter, context, rng),
             REPLY_BYTES => {
+                self.expire_pending(now);
                 let pending = self.pending.as_ref().ok_or(DropReason::Unexpected)?;
                 let joined = pending
                     .initiator
@@ -692,6 +703,7 @@ impl Sec {
         counter: &mut u64,
         rng: &mut R,
     ) -> Result<Opened, DropReason> {
+        self.expire_pending(now);
         let pending = self.pending.as_ref().ok_or(DropReason::Unexpected)?;
         let (h, cookie) = pending
             .initiator
@@ -778,6 +790,18 @@ impl Sec {
             cookied: cookie.is_some(),
         });
         request
+    }
+
+    /// Forgets our handshake once [`HANDSHAKE_REPLY_WINDOW`] has passed: a reply arriving
+    /// later is unexpected.
+    fn expire_pending(&mut self, now: Duration) {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| now >= p.started + HANDSHAKE_REPLY_WINDOW)
+        {
+            self.pending = None;
+        }
     }
 
     /// Leader side: announces a new key when the rotation is due (the next rotation is 30–60 s

@@ -173,11 +173,16 @@ fn suspicion_of_self_is_refuted_with_higher_incarnation() {
 
 /// A secure node that rotates its transient key every 3–6 s (when it leads).
 fn secure_node(i: u8, space: &str, keyring: &crate::crypto::Keyring) -> Flock {
+    secure_node_salted(i, space, keyring, 0)
+}
+
+/// A secure node whose rng seed also depends on `salt`: the same flock with other timer offsets.
+fn secure_node_salted(i: u8, space: &str, keyring: &crate::crypto::Keyring, salt: u8) -> Flock {
     let timing = SecurityTiming {
         rotation_min: Duration::from_secs(3),
         rotation_max: Duration::from_secs(6),
     };
-    secure_node_timed(i, space, keyring, timing)
+    secure_node_timed(i, space, keyring, timing, salt)
 }
 
 fn secure_node_timed(
@@ -185,6 +190,7 @@ fn secure_node_timed(
     space: &str,
     keyring: &crate::crypto::Keyring,
     timing: SecurityTiming,
+    salt: u8,
 ) -> Flock {
     let id = Identity {
         id: NodeId(i as u64 * 1000),
@@ -194,6 +200,7 @@ fn secure_node_timed(
     };
     let mut seed = [0u8; 32];
     seed[0] = i;
+    seed[1] = salt;
     Flock::new_secure(
         config(space),
         id,
@@ -236,11 +243,15 @@ impl Harness {
     }
 
     fn secure(n: u8) -> Harness {
+        Harness::secure_salted(n, 0)
+    }
+
+    fn secure_salted(n: u8, salt: u8) -> Harness {
         let space = format!("127.0.0.2-127.0.0.{}", n + 1);
         let ring = test_keyring(7);
         Harness {
             nodes: (2..n + 2)
-                .map(|i| Some(secure_node(i, &space, &ring)))
+                .map(|i| Some(secure_node_salted(i, &space, &ring, salt)))
                 .collect(),
             now: Duration::ZERO,
             datagram_cut: None,
@@ -380,6 +391,7 @@ fn a_member_that_answers_over_a_stream_is_not_suspected() {
                             space,
                             &ring,
                             SecurityTiming::default(),
+                            0,
                         ))
                     })
                     .collect(),
@@ -548,7 +560,9 @@ fn secure_nodes_join_by_handshake_share_one_key_and_follow_rotations() {
     for f in h.live() {
         assert!(held.contains(&f.key_epoch().unwrap()));
         assert_eq!(f.live_count(), 5);
-        assert!(f.key_epochs().len() <= 2, "{:?}", f.key_epochs());
+        // No key piles up: the previous key, the current one and, during the switch delay
+        // after an announcement, the next one (crate::core::secure's docs).
+        assert!(f.key_epochs().len() <= 3, "{:?}", f.key_epochs());
     }
 }
 
@@ -853,8 +867,12 @@ fn a_member_that_missed_a_rotation_gets_the_key_by_handshake() {
 /// members.
 #[test]
 fn a_node_that_missed_a_keyring_change_ends_with_the_same_ring() {
-    for away_id in [NodeId(4000), NodeId(2000)] {
-        let mut h = Harness::secure(5);
+    // Several seeds: with some, the second of cut-off also spans a transient key rotation, so
+    // the member that comes back holds neither the flock's secondary key (to ask for keys) nor
+    // its current transient key; only the push-pull it starts under its old transient key
+    // (which the others still hold as their previous one, and answer under) brings it back.
+    for (salt, away_id) in (0..12).flat_map(|s| [(s, NodeId(4000)), (s, NodeId(2000))]) {
+        let mut h = Harness::secure_salted(5, salt);
         h.run_for(Duration::from_secs(5));
         assert_eq!(h.agreed_leader(), Some(NodeId(2000)));
         let away_index = h
@@ -886,7 +904,7 @@ fn a_node_that_missed_a_keyring_change_ends_with_the_same_ring() {
         assert_eq!(
             f.keyring().unwrap().primary(),
             &old,
-            "{away_id}: not cut off"
+            "salt {salt}, {away_id}: not cut off"
         );
         for g in h.live().filter(|g| g.identity().id != away_id) {
             assert_eq!(g.keyring().unwrap().list(), [&new_key]);
@@ -896,10 +914,15 @@ fn a_node_that_missed_a_keyring_change_ends_with_the_same_ring() {
             assert_eq!(
                 g.keyring().unwrap().list(),
                 [&new_key],
-                "{away_id}: {} kept another ring",
+                "salt {salt}, {away_id}: {} kept another ring",
                 g.identity().id
             );
-            assert_eq!(g.live_count(), 5);
+            assert_eq!(
+                g.live_count(),
+                5,
+                "salt {salt}, {away_id}: {} does not see all",
+                g.identity().id
+            );
         }
     }
 }
