@@ -5,8 +5,9 @@
 //! 1. one host cut off both ways: the other four mark it dead and keep a leader, and the store
 //!    keeps taking writes; healed, it rejoins and holds every write;
 //! 2. one host that can receive but not send: the others' leader does not flap;
-//! 3. a 2|3 partition: the minority's writes are refused ("no quorum"), the majority's go on;
-//!    healed, one flock with one leader, and every acknowledged write on every node.
+//! 3. a 2|3 partition: the side without a majority of the store's voters has its writes refused
+//!    ("no quorum"), the other side's go on; healed, one flock with one leader, and every
+//!    acknowledged write on every node.
 //!
 //! It prints the figures (detection and heal times, leader changes, whether the majority's
 //! leader was kept) and asserts the behaviour. Root only: elsewhere it says so and skips.
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use crux_tests::cluster::{Cluster, Leader};
 use serde::Deserialize;
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_crux");
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -195,9 +198,16 @@ fn real_hosts_survive_a_cut_host_a_one_way_link_and_a_minority_partition() {
         flaps <= 1,
         "the leader flapped {flaps} times while node{y} could not send"
     );
+    let before = leader.id.clone();
     let leader = agree(&c, &all);
+    eprintln!(
+        "figure: after the one-way loss healed, the others' leader kept: {} (issue 23)",
+        leader.id == before
+    );
 
-    // 3. A 2|3 partition, the leader on the majority side.
+    // 3. A 2|3 partition, the flock leader on the three-node side. The side that holds most of
+    // the store's voters keeps writing; the other refuses, and says why. (With 3 voters among 5
+    // members that may be the two-node side: see the figure line.)
     let leader_k = c.index_of(&leader.id).expect("leader is a node");
     let minority: Vec<usize> = all
         .iter()
@@ -210,32 +220,62 @@ fn real_hosts_survive_a_cut_host_a_one_way_link_and_a_minority_partition() {
         .copied()
         .filter(|k| !minority.contains(k))
         .collect();
+    let st = c.wait_for("the store's voters", CONVERGE, || {
+        common::status(&c, leader_k)
+    });
+    let voters: BTreeSet<usize> = st
+        .voter_ids
+        .iter()
+        .filter_map(|id| c.index_of(id))
+        .collect();
+    let minority_voters = minority.iter().filter(|k| voters.contains(k)).count();
+    let (writers, refusers) = if minority_voters * 2 > voters.len() {
+        (&minority, &majority)
+    } else {
+        (&majority, &minority)
+    };
+    eprintln!(
+        "figure: 2|3 partition {minority:?}|{majority:?}, store voters {voters:?}: the {} side \
+         holds most voters",
+        if std::ptr::eq(writers, &majority) {
+            "three-node"
+        } else {
+            "two-node"
+        }
+    );
     c.netns()
         .expect("netns")
         .partition(&[&minority, &majority])
         .expect("partition");
     let split = now();
     agree(&c, &majority);
-    write(&c, &majority, "w-majority", &mut acked);
-    // The minority refuses writes, and says why.
-    let refused = c.wait_for("the minority to refuse a write", CONVERGE, || {
-        match add(&c, minority[0], "w-minority") {
-            Ok(()) => Err("the minority accepted a write".to_string()),
+    write(&c, writers, "w-split", &mut acked);
+    let refused = c.wait_for(
+        "the voter minority to refuse a write",
+        CONVERGE,
+        || match add(&c, refusers[0], "w-refused") {
+            Ok(()) => Err("a side without a voter majority accepted a write".to_string()),
             Err(e) if e.contains("no quorum") => Ok(e),
             Err(e) => Err(format!("refused, but not for want of a quorum: {e}")),
+        },
+    );
+    eprintln!("write refused on node{}: {refused}", refusers[0]);
+    // Availability first: the two-node side elects a leader of its own.
+    let minority_leader = c.wait_for("the two-node side's own leader", CONVERGE, || {
+        match c.leader(minority[0])? {
+            Some(l) if c.index_of(&l.id).is_some_and(|k| minority.contains(&k)) => Ok(l),
+            other => Err(format!("node{} follows {other:?}", minority[0])),
         }
     });
-    eprintln!("minority write refused: {refused}");
-    let minority_leader = c.leader(minority[0]).ok().flatten();
     c.netns().expect("netns").heal().expect("heal");
     let healed = now();
     let merged = agree(&c, &all);
     let rejoin = healed.elapsed();
     eprintln!(
-        "figure: 2|3 partition for {:?}: minority leader {:?}, healed to one flock in {rejoin:?}, \
+        "figure: 2|3 partition for {:?}: minority leader {}, healed to one flock in {rejoin:?}, \
          majority's leader kept: {} (issue 23)",
         healed - split,
-        minority_leader.map(|l| l.id),
+        minority_leader.id,
         merged.id == leader.id
     );
     for k in all {
@@ -244,7 +284,7 @@ fn real_hosts_survive_a_cut_host_a_one_way_link_and_a_minority_partition() {
             CONVERGE,
             || {
                 let got = search(&c, k)?;
-                if got.is_superset(&acked) && !got.contains("w-minority") {
+                if got.is_superset(&acked) && !got.contains("w-refused") {
                     Ok(())
                 } else {
                     Err(format!("{got:?}, acknowledged {acked:?}"))
