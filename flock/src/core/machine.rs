@@ -10,7 +10,7 @@ use crux_proto::flock::{
     Header, Kind, LeaderClaim, MemberInfo, MemberState, Message, NodeId, PushPull, StreamFrame,
     Update, HEADER_BYTES, MAX_STREAM_BYTES,
 };
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use tracing::{debug, trace};
 
@@ -174,33 +174,6 @@ pub struct Flock {
 }
 
 impl Flock {
-    /// A node with security on: every datagram sealed, discovery by join handshake under the
-    /// keyring's primary key, transient keys rotated by the leader. `rng_seed` must come from a
-    /// cryptographically secure source (the agent draws it from the OS); the simulator derives it
-    /// from its seed.
-    pub fn new_secure(
-        config: Config,
-        identity: Identity,
-        keyring: Keyring,
-        security: SecurityTiming,
-        rng_seed: [u8; 32],
-        now: Duration,
-    ) -> Result<Flock, ConfigError> {
-        let mut flock = Flock::new(config, identity, 0, now)?;
-        flock.rng = ChaCha8Rng::from_seed(rng_seed);
-        flock.sec = Some(Sec::new(
-            &flock.config.bloc,
-            flock.config.mtu,
-            keyring,
-            security,
-            identity.id,
-            identity.boot,
-            identity.addr,
-            now,
-        ));
-        Ok(flock)
-    }
-
     /// The wall-clock time at `now` as this node stamps its join requests (None with security
     /// off).
     pub fn wall_clock(&self, now: Duration) -> Option<crate::crypto::Tai64N> {
@@ -216,7 +189,7 @@ impl Flock {
         }
     }
 
-    /// Whether datagrams are sealed (a node built with [`Flock::new_secure`]).
+    /// Whether datagrams are sealed (a node built with [`super::FlockBuilder::keys`]).
     pub fn is_secure(&self) -> bool {
         self.sec.is_some()
     }
@@ -236,21 +209,13 @@ impl Flock {
         self.sec.as_ref().map(|s| &s.keyring)
     }
 
-    /// A node that knows nobody yet, sending plain (unsealed) datagrams: for tests of the protocol
-    /// alone. Agents use [`Flock::new_secure`]. It starts probing at once.
-    pub fn new(
-        config: Config,
-        identity: Identity,
-        seed: u64,
-        now: Duration,
-    ) -> Result<Flock, ConfigError> {
-        Flock::with_rng(config, identity, ChaCha8Rng::seed_from_u64(seed), now)
-    }
-
-    fn with_rng(
+    /// The node [`super::FlockBuilder::start`] makes: rng first, then everything that draws
+    /// from it.
+    pub(super) fn with_rng(
         config: Config,
         identity: Identity,
         rng: ChaCha8Rng,
+        keys: Option<(Keyring, SecurityTiming)>,
         now: Duration,
     ) -> Result<Flock, ConfigError> {
         config.validate()?;
@@ -310,6 +275,18 @@ impl Flock {
             reply_cap: None,
             answering: None,
         };
+        flock.sec = keys.map(|(keyring, security)| {
+            Sec::new(
+                &flock.config.bloc,
+                flock.config.mtu,
+                keyring,
+                security,
+                identity.id,
+                identity.boot,
+                identity.addr,
+                now,
+            )
+        });
         // Spread the periodic work of many nodes started together.
         let t = flock.config.timing.clone();
         let jitter = |rng: &mut ChaCha8Rng, d: Duration| {
@@ -328,6 +305,14 @@ impl Flock {
         flock.schedule(now + reap_period(&t), Timer::Reap);
         flock.schedule(now + election_tick(&t), Timer::Election);
         Ok(flock)
+    }
+
+    /// Every pending timer's deadline, soonest first (tests of the schedule).
+    #[cfg(test)]
+    pub(crate) fn timer_deadlines(&self) -> Vec<Duration> {
+        let mut d: Vec<Duration> = self.timers.iter().map(|Reverse((t, _, _))| *t).collect();
+        d.sort();
+        d
     }
 
     // ----- queries -------------------------------------------------------------------------
@@ -2455,17 +2440,19 @@ impl Flock {
             }
         }
         let live_n = self.live_count();
-        let need = match self.leader {
-            None => true,
-            Some(c) => c.solo && live_n >= 2,
-        };
-        if !need {
+        // A leader that claimed alone claims again once it has company (a claim with company
+        // beats a solo one when flocks meet). Its followers leave that to it: another member
+        // claiming would move the leadership the flock already follows.
+        let upgrade = self
+            .leader
+            .is_some_and(|c| c.solo && c.leader == self.me.id && live_n >= 2);
+        if self.leader.is_some() && !upgrade {
             return;
         }
         if now < self.last_change + t.settle {
             return;
         }
-        let rank = self.my_rank();
+        let rank = if upgrade { 0 } else { self.my_rank() };
         let wait = t.settle + t.election_rank_step * rank.min(1000) as u32;
         if now < self.last_change + wait {
             return;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId, NodeKey};
 
 mod broadcast;
+mod builder;
 mod idset;
 mod machine;
 mod secure;
@@ -14,6 +15,7 @@ mod table;
 #[cfg(test)]
 mod tests;
 
+pub use builder::FlockBuilder;
 pub use machine::Flock;
 pub use secure::{SecurityTiming, CLOCK_SKEW_MAX, TRANSIENT_KEYS_MAX};
 

@@ -30,7 +30,10 @@ fn node(i: u8, space: &str) -> Flock {
         addr: addr(i),
         key: None,
     };
-    Flock::new(config(space), id, i as u64, Duration::ZERO).unwrap()
+    Flock::builder(config(space), id)
+        .sim_seed(i as u64)
+        .start(Duration::ZERO)
+        .unwrap()
 }
 
 /// Builds a datagram as node `sender` would.
@@ -201,15 +204,11 @@ fn secure_node_timed(
     let mut seed = [0u8; 32];
     seed[0] = i;
     seed[1] = salt;
-    Flock::new_secure(
-        config(space),
-        id,
-        keyring.clone(),
-        timing,
-        seed,
-        Duration::ZERO,
-    )
-    .unwrap()
+    Flock::builder(config(space), id)
+        .keys(keyring.clone(), timing)
+        .rng_seed(seed)
+        .start(Duration::ZERO)
+        .unwrap()
 }
 
 fn test_keyring(b: u8) -> crate::crypto::Keyring {
@@ -470,7 +469,12 @@ fn restarted_node_with_new_boot_supersedes_its_old_entry_and_does_not_take_over(
     h.run_for(Duration::from_secs(6)); // the others elect a new leader meanwhile
     let new_leader = h.live().next().unwrap().leader().unwrap();
     assert_ne!(new_leader.id, leader);
-    h.nodes[0] = Some(Flock::new(cfg, ident, 99, h.now).unwrap());
+    h.nodes[0] = Some(
+        Flock::builder(cfg, ident)
+            .sim_seed(99)
+            .start(h.now)
+            .unwrap(),
+    );
     h.run_for(Duration::from_secs(5));
     for f in h.live() {
         assert_eq!(
@@ -586,15 +590,11 @@ fn secure_nodes_of_another_bloc_or_key_never_merge() {
     let mut cfg = config(space);
     cfg.bloc = "another-bloc".into();
     nodes.push(Some(
-        Flock::new_secure(
-            cfg,
-            id,
-            ring.clone(),
-            SecurityTiming::default(),
-            [5; 32],
-            Duration::ZERO,
-        )
-        .unwrap(),
+        Flock::builder(cfg, id)
+            .keys(ring.clone(), SecurityTiming::default())
+            .rng_seed([5; 32])
+            .start(Duration::ZERO)
+            .unwrap(),
     ));
     let mut h = Harness {
         nodes,
@@ -983,15 +983,11 @@ fn a_revoked_node_is_forgotten_everywhere_and_kept_out() {
     let mut seed = [0u8; 32];
     seed[0] = 99;
     h.nodes[3] = Some(
-        Flock::new_secure(
-            cfg,
-            ident,
-            test_keyring(7),
-            SecurityTiming::default(),
-            seed,
-            h.now,
-        )
-        .unwrap(),
+        Flock::builder(cfg, ident)
+            .keys(test_keyring(7), SecurityTiming::default())
+            .rng_seed(seed)
+            .start(h.now)
+            .unwrap(),
     );
     h.run_for(Duration::from_secs(5));
     for f in h.live().filter(|f| f.identity().id != revoked) {
@@ -1008,4 +1004,45 @@ fn a_revoked_node_is_forgotten_everywhere_and_kept_out() {
         .map(|f| f.stats().dropped(DropReason::Revoked))
         .sum();
     assert!(dropped > 0, "its datagrams were dropped as revoked");
+}
+
+/// Issue 20, item 2: the rng is seeded before anything draws from it, so that nodes powered up
+/// together do not schedule their first probe, gossip and dead probe at the same offsets.
+#[test]
+fn nodes_with_different_seeds_get_different_first_timer_offsets() {
+    let ring = test_keyring(7);
+    let first = |seed: u8| {
+        let mut s = [0u8; 32];
+        s[0] = seed;
+        let id = Identity {
+            id: NodeId(2000),
+            boot: crate::boot_id(1, 2),
+            addr: addr(2),
+            key: None,
+        };
+        Flock::builder(config("127.0.0.2-127.0.0.3"), id)
+            .keys(ring.clone(), SecurityTiming::default())
+            .rng_seed(s)
+            .start(Duration::ZERO)
+            .unwrap()
+            .timer_deadlines()
+    };
+    assert_eq!(first(1), first(1), "one seed, one schedule");
+    assert_ne!(first(1), first(2), "two seeds, the same first timers");
+}
+
+/// A flock is never seeded with zeros behind the caller's back: no seed, no flock.
+#[test]
+fn a_flock_without_a_seed_is_refused() {
+    let id = Identity {
+        id: NodeId(2000),
+        boot: crate::boot_id(1, 2),
+        addr: addr(2),
+        key: None,
+    };
+    let err = Flock::builder(config("127.0.0.2-127.0.0.3"), id)
+        .start(Duration::ZERO)
+        .err()
+        .expect("refused");
+    assert_eq!(err.field, "rng_seed");
 }
