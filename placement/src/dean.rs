@@ -22,10 +22,14 @@ use crux_proctor::Unit;
 use crux_proto::grpc::proctor::v1 as pb;
 use crux_store::{MusterEntry, Query, QueryResult};
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{info, warn};
+
+/// A job a round of the dean starts (preparing or stopping a unit), run by [`Dean::run`].
+type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
 
 /// Longest hold of a unit that failed on this node.
 const FAILED_HOLD_MAX: Duration = Duration::from_secs(600);
@@ -317,23 +321,32 @@ impl Dean {
     }
 
     /// Carries out the assignment until `stop`: on every new assignment, picket change, and
-    /// every second.
+    /// every second. The jobs a round starts (preparing a unit, stopping one) are this task's
+    /// own: reaped as they end, and aborted when it returns.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut changed = self.picket.changed();
+        let mut jobs: JoinSet<()> = JoinSet::new();
         loop {
-            self.step();
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = self.wake.notified() => {}
-                r = changed.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            for job in self.step() {
+                jobs.spawn(job);
+            }
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.wake.notified() => {}
+                    r = changed.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    Some(_) = jobs.join_next() => continue,
+                }
+                break;
             }
         }
     }
 
     /// One round: holds expire, failed units are held and stopped, what is not assigned stops,
     /// what is assigned and not running is prepared and started.
-    fn step(self: &Arc<Self>) {
+    fn step(self: &Arc<Self>) -> Vec<Job> {
+        let mut jobs = Vec::new();
         let now = Instant::now();
         let units = self.picket.units();
         let mut st = self.lock();
@@ -356,10 +369,10 @@ impl Dean {
                     detail: format!("failed after {} restarts: {}", u.restarts, u.detail),
                 },
             );
-            self.stop_unit(&mut st, &u.spec.key);
+            jobs.extend(self.stop_unit(&mut st, &u.spec.key));
         }
         let Some(assigned) = st.assigned.clone() else {
-            return;
+            return jobs;
         };
         let wanted: BTreeSet<&Unit> = assigned
             .iter()
@@ -369,7 +382,7 @@ impl Dean {
             units.iter().map(|u| (unit_of(&u.spec), u)).collect();
         for (unit, u) in &running {
             if !wanted.contains(unit) && u.state != PicketState::Failed {
-                self.stop_unit(&mut st, &u.spec.key);
+                jobs.extend(self.stop_unit(&mut st, &u.spec.key));
             }
         }
         for unit in wanted {
@@ -380,39 +393,41 @@ impl Dean {
                 .insert(unit.clone(), "checking the muster entry".into());
             let me = self.clone();
             let unit = unit.clone();
-            tokio::spawn(async move {
+            jobs.push(Box::pin(async move {
                 let r = me.prepare(&unit).await;
-                let mut st = me.lock();
-                match r {
-                    Ok(exe) => {
-                        st.preparing.remove(&unit);
-                        let still = st.assigned.as_ref().is_some_and(|a| a.contains(&unit));
-                        if still && !st.held.contains_key(&unit) {
-                            me.picket.start(UnitSpec {
-                                key: unit_key(&unit),
-                                horde: unit.horde.clone(),
-                                api: unit.api.clone(),
-                                inst: unit.inst.clone(),
-                                function: unit.function.clone(),
-                                digest: unit.artifact.clone(),
-                                exe,
-                            });
+                let failed = {
+                    let mut st = me.lock();
+                    match r {
+                        Ok(exe) => {
+                            st.preparing.remove(&unit);
+                            let still = st.assigned.as_ref().is_some_and(|a| a.contains(&unit));
+                            if still && !st.held.contains_key(&unit) {
+                                me.picket.start(UnitSpec {
+                                    key: unit_key(&unit),
+                                    horde: unit.horde.clone(),
+                                    api: unit.api.clone(),
+                                    inst: unit.inst.clone(),
+                                    function: unit.function.clone(),
+                                    digest: unit.artifact.clone(),
+                                    exe,
+                                });
+                            }
+                            false
+                        }
+                        Err(e) => {
+                            warn!(unit = %unit_key(&unit), error = %e, "cannot start unit");
+                            st.preparing.insert(unit.clone(), e);
+                            true
                         }
                     }
-                    Err(e) => {
-                        warn!(unit = %unit_key(&unit), error = %e, "cannot start unit");
-                        st.preparing.insert(unit.clone(), e);
-                        drop(st);
-                        // Tried again on a later round.
-                        let me = me.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_secs(2)).await;
-                            me.lock().preparing.remove(&unit);
-                            me.wake.notify_one();
-                        });
-                    }
+                };
+                if failed {
+                    // Tried again on a later round.
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    me.lock().preparing.remove(&unit);
+                    me.wake.notify_one();
                 }
-            });
+            }));
         }
         // Pins follow the assignment.
         let want_pins: BTreeSet<String> = assigned.iter().map(|u| u.artifact.clone()).collect();
@@ -423,19 +438,21 @@ impl Dean {
             }
             st.pinned.remove(&a);
         }
+        jobs
     }
 
-    fn stop_unit(self: &Arc<Self>, st: &mut State, key: &str) {
+    /// The job that stops picket unit `key`, unless one is under way.
+    fn stop_unit(self: &Arc<Self>, st: &mut State, key: &str) -> Option<Job> {
         if !st.stopping.insert(key.to_string()) {
-            return;
+            return None;
         }
         let me = self.clone();
         let key = key.to_string();
-        tokio::spawn(async move {
+        Some(Box::pin(async move {
             me.picket.stop(&key).await;
             me.lock().stopping.remove(&key);
             me.wake.notify_one();
-        });
+        }))
     }
 
     /// Checks the muster entry, fetches and pins the artifact, and returns an executable copy.
