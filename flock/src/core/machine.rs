@@ -1,7 +1,5 @@
 //! [`Flock`]: discovery, SWIM/Lifeguard membership and leader election in one state machine.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -14,10 +12,17 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tracing::{debug, trace};
 
-use super::broadcast::Broadcasts;
+use super::detect::{
+    suspicion_timeout, Detection, Probe, Relay, Suspicion, CONFIRMATIONS_MAX, RELAYS_MAX,
+};
+use super::discovery::Discovery;
+use super::dissemination::{Dissemination, FAST_PUSH_PULL_DIFF, FAST_PUSH_PULL_ROUNDS};
+use super::keys::{Keys, SHUT_OUT_REQUESTS};
+use super::leader::{election_tick, Leadership};
 use super::secure::{decode_claim, encode_claim, Opened as SecOpened, Sec, SecurityTiming};
 use super::table::{addr_key, member_hash, Table};
-use super::FastMap;
+use super::timer::{Timer, Timers};
+use super::wire::{Wire, ENVELOPE_OVERHEAD};
 use super::{
     is_live, Command, DropReason, Event, Identity, LeaderView, Member, Outbox, Stats, Transmit,
     TransmitKind,
@@ -25,57 +30,8 @@ use super::{
 use crate::config::{bloc_tag, Config, ConfigError, PUSH_PULL_SCALE_MEMBERS};
 use crate::crypto::{Joined, Keyring, KeyringOp, Purpose, SecretKey};
 
-/// Bytes reserved in every datagram for the security envelope (nonce + tag).
-pub(crate) const ENVELOPE_OVERHEAD: usize = 24 + 16;
-/// Unanswered key requests after which a node says it is shut out (and every as many after).
-const SHUT_OUT_REQUESTS: u32 = 10;
-/// Most indirect probes this node relays at once (bounds work a peer can ask of us).
-const RELAYS_MAX: usize = 1024;
-/// Most distinct suspecters remembered per suspicion.
-const CONFIRMATIONS_MAX: usize = 64;
-/// How often the election and leader-liveness checks run, as a fraction of `settle`.
-const ELECTION_TICKS_PER_SETTLE: u32 = 4;
 /// Room kept in the output queues once drained.
 const OUTBOX_KEEP: usize = 64;
-/// Push-pull stays fast for this many fast intervals after an exchange that taught us members.
-const FAST_PUSH_PULL_ROUNDS: u32 = 4;
-/// A push-pull whose two views differ by at least this many members keeps push-pull fast.
-const FAST_PUSH_PULL_DIFF: usize = 2;
-
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-enum Timer {
-    Probe,
-    ProbeTimeout { seq: u32 },
-    IndirectTimeout { seq: u32 },
-    RelayTimeout { seq: u32 },
-    Suspicion { id: NodeId, token: u64 },
-    SuspectProbe { id: NodeId, token: u64 },
-    Gossip,
-    PushPull,
-    Discovery,
-    DeadProbe,
-    Reap,
-    Beat { term: u64 },
-    Election,
-    LeaveDone,
-}
-
-struct Suspicion {
-    /// Token of the suspicion when it started (confirmations change `token`, not this).
-    started_token: u64,
-    started: Duration,
-    confirmations: Vec<NodeId>,
-    token: u64,
-}
-
-struct Probe {
-    target: NodeId,
-    sent: Duration,
-    nacks_expected: u32,
-    nacks: u32,
-    /// Probe of the leader started because its beats stopped arriving.
-    leader_check: bool,
-}
 
 /// What [`Flock::open`] found.
 enum Opened {
@@ -94,76 +50,52 @@ enum Opened {
     },
 }
 
-struct Relay {
-    requester: SocketAddr,
-    seq: u32,
-}
-
 /// Most nodes a flock keeps revoked (each costs 8 bytes in every push-pull). Beyond it, rotate
 /// the secondary key: a node without it cannot come back.
 pub const REVOKED_MAX: usize = 1024;
 
 /// The flock state machine. See the crate docs for the protocol.
+///
+/// `Flock` routes inputs (datagrams, stream frames, timers, commands) to the concern they belong
+/// to; each concern keeps its state in its own sub-state type:
+///
+/// | field | type | file |
+/// |---|---|---|
+/// | `timers` | `Timers` | `timer.rs` |
+/// | `detect` | `Detection` | `detect.rs` (probes, suspicion, Lifeguard) |
+/// | `spread` | `Dissemination` | `dissemination.rs` (gossip, push-pull, digests) |
+/// | `discovery` | `Discovery` | `discovery.rs` |
+/// | `lead` | `Leadership` | `leader.rs` |
+/// | `keys` | `Keys` | `keys.rs` (with `Sec`, `secure.rs`) |
+/// | `wire` | `Wire` | `wire.rs` (sealing, opening, datagram budget) |
+///
+/// What every concern reads (the member table, this node's entry, the RNG, the outputs) stays
+/// here.
 pub struct Flock {
     config: Config,
     me: Identity,
     /// This node's own entry (state Alive, or Left once it left).
     self_member: Member,
+    /// The one RNG: every random choice draws from it, in an order the simulator replays.
     rng: ChaCha8Rng,
-    bloc_tag: u32,
     /// Every other member, with the live and dead sets and the live digest derived from them.
     members: Table,
-    /// Suspicions running, by suspect.
-    suspicions: FastMap<NodeId, Suspicion>,
-    /// Last time we push-pulled with a member because it spoke to us while we held it dead.
-    last_heal: FastMap<NodeId, Duration>,
     /// Nodes revoked by the flock (at most [`REVOKED_MAX`]): kept out of the table, their
     /// datagrams dropped.
     revoked: std::collections::BTreeSet<NodeId>,
-    probe_order: Vec<NodeId>,
-    probe_next: usize,
-    probes: FastMap<u32, Probe>,
-    relays: FastMap<u32, Relay>,
-    seq: u32,
-    timers: BinaryHeap<Reverse<(Duration, u64, Timer)>>,
-    timer_order: u64,
-    suspicion_token: u64,
-    broadcasts: Broadcasts,
-    leader: Option<LeaderClaim>,
-    last_beat: Duration,
-    max_term: u64,
-    last_change: Duration,
-    rank_cache: Option<(Duration, usize)>,
-    fast_push_pull_until: Duration,
-    /// Since when the digests peers show us differ from ours.
-    digest_mismatch_since: Option<Duration>,
-    last_digest_push_pull: Option<Duration>,
-    discovery_round: u64,
-    awareness: u32,
+    timers: Timers,
+    detect: Detection,
+    spread: Dissemination,
+    discovery: Discovery,
+    lead: Leadership,
+    keys: Keys,
+    wire: Wire,
     leaving: bool,
     left: bool,
-    refute_pending: bool,
-    /// Security state (None: plain datagrams, for tests of the protocol alone).
-    sec: Option<Sec>,
-    /// A member sealed under a key we do not hold (ask for keys at the next check).
-    key_hint: bool,
-    /// Key requests sent since a handshake of ours was last answered.
-    unanswered_key_requests: u32,
-    /// Members we could not read lately, and when we last asked them for their keys.
-    unreadable: FastMap<SocketAddr, Duration>,
-    /// Key epoch each peer address ([`addr_key`]) last sealed with.
-    peer_epoch: FastMap<u64, u32>,
     /// Time of the input being handled.
     now: Duration,
-    counter: u64,
     stats: Stats,
     out: Outbox,
-    /// While a datagram is handled: its source, its length and its sender. An answer to a source
-    /// that is not the sender's own address in the table (forged, or a node not in the table) is
-    /// never larger than that datagram: it piggybacks only what fits, a push-pull answer that
-    /// does not fit goes over a stream (TCP), anything else that does not fit is not sent. No
-    /// amplification towards an address that may not have sent it (DESIGN.md "Node plane").
-    reply_cap: Option<(SocketAddr, usize, NodeId)>,
 }
 
 impl Flock {
@@ -181,7 +113,7 @@ impl Flock {
     ) -> Result<Flock, ConfigError> {
         let mut flock = Flock::new(config, identity, 0, now)?;
         flock.rng = ChaCha8Rng::from_seed(rng_seed);
-        flock.sec = Some(Sec::new(
+        flock.keys.sec = Some(Sec::new(
             &flock.config.bloc,
             flock.config.mtu,
             keyring,
@@ -197,36 +129,40 @@ impl Flock {
     /// The wall-clock time at `now` as this node stamps its join requests (None with security
     /// off).
     pub fn wall_clock(&self, now: Duration) -> Option<crate::crypto::Tai64N> {
-        self.sec.as_ref().map(|s| s.wall_at(now))
+        self.keys.sec.as_ref().map(|s| s.wall_at(now))
     }
 
     /// Sets the wall clock: `unix_nanos` nanoseconds since the Unix epoch at core time `now`.
     /// Drivers call it once, at their start; join requests carry the wall-clock time (counted on
     /// the core's monotonic `now` from there). Without it the boot id's start time stands in.
     pub fn set_wall_clock(&mut self, now: Duration, unix_nanos: u128) {
-        if let Some(sec) = self.sec.as_mut() {
+        if let Some(sec) = self.keys.sec.as_mut() {
             sec.set_wall_clock(now, unix_nanos);
         }
     }
 
     /// Whether datagrams are sealed (a node built with [`Flock::new_secure`]).
     pub fn is_secure(&self) -> bool {
-        self.sec.is_some()
+        self.keys.sec.is_some()
     }
 
     /// The transient key epoch this node seals with (None: no key yet, or security off).
     pub fn key_epoch(&self) -> Option<u32> {
-        self.sec.as_ref()?.own_epoch(self.now)
+        self.keys.sec.as_ref()?.own_epoch(self.now)
     }
 
     /// Transient key epochs held, oldest first.
     pub fn key_epochs(&self) -> Vec<u32> {
-        self.sec.as_ref().map(|s| s.epochs()).unwrap_or_default()
+        self.keys
+            .sec
+            .as_ref()
+            .map(|s| s.epochs())
+            .unwrap_or_default()
     }
 
     /// The secondary keyring (None with security off).
     pub fn keyring(&self) -> Option<&Keyring> {
-        self.sec.as_ref().map(|s| &s.keyring)
+        self.keys.sec.as_ref().map(|s| &s.keyring)
     }
 
     /// A node that knows nobody yet, sending plain (unsealed) datagrams: for tests of the protocol
@@ -250,48 +186,30 @@ impl Flock {
             since: now,
         };
         let mut flock = Flock {
-            bloc_tag: bloc_tag(&config.bloc),
+            wire: Wire {
+                bloc_tag: bloc_tag(&config.bloc),
+                counter: 0,
+                reply_cap: None,
+            },
             config,
             me: identity,
             self_member,
             rng: ChaCha8Rng::seed_from_u64(seed),
             members: Table::default(),
-            suspicions: FastMap::default(),
-            last_heal: FastMap::default(),
             revoked: Default::default(),
-            probe_order: Vec::new(),
-            probe_next: 0,
-            probes: FastMap::default(),
-            relays: FastMap::default(),
-            seq: 0,
-            timers: BinaryHeap::new(),
-            timer_order: 0,
-            suspicion_token: 0,
-            broadcasts: Broadcasts::default(),
-            leader: None,
-            last_beat: now,
-            max_term: 0,
-            last_change: now,
-            rank_cache: None,
-            fast_push_pull_until: Duration::ZERO,
-            digest_mismatch_since: None,
-            last_digest_push_pull: None,
-            discovery_round: 0,
-            awareness: 0,
+            timers: Timers::default(),
+            detect: Detection::default(),
+            spread: Dissemination::default(),
+            discovery: Discovery::default(),
+            lead: Leadership::new(now),
+            keys: Keys::default(),
             leaving: false,
             left: false,
-            refute_pending: false,
-            sec: None,
-            key_hint: false,
-            unanswered_key_requests: 0,
-            unreadable: FastMap::default(),
-            peer_epoch: FastMap::default(),
             now,
-            counter: 0,
             stats: Stats::default(),
             out: Outbox::default(),
-            reply_cap: None,
         };
+
         // Spread the periodic work of many nodes started together.
         let t = flock.config.timing.clone();
         let jitter = |rng: &mut ChaCha8Rng, d: Duration| {
@@ -330,7 +248,7 @@ impl Flock {
 
     /// The leader this node follows.
     pub fn leader(&self) -> Option<LeaderView> {
-        let claim = self.leader?;
+        let claim = self.lead.claim?;
         let addr = self.member(claim.leader)?.info.addr;
         Some(LeaderView {
             id: claim.leader,
@@ -341,7 +259,7 @@ impl Flock {
 
     /// The current leader claim, with its beat counter.
     pub fn leader_claim(&self) -> Option<LeaderClaim> {
-        self.leader
+        self.lead.claim
     }
 
     /// This node.
@@ -371,7 +289,7 @@ impl Flock {
 
     /// Lifeguard local-health score (0 = healthy).
     pub fn awareness(&self) -> u32 {
-        self.awareness
+        self.detect.awareness
     }
 
     // ----- outputs -------------------------------------------------------------------------
@@ -401,7 +319,7 @@ impl Flock {
         if self.left {
             return None;
         }
-        self.timers.peek().map(|Reverse((t, _, _))| *t)
+        self.timers.next_at()
     }
 
     // ----- inputs --------------------------------------------------------------------------
@@ -429,11 +347,10 @@ impl Flock {
     /// Runs every timer that is due.
     pub fn handle_timeout(&mut self, now: Duration) {
         self.now = now;
-        while let Some(Reverse((at, _, timer))) = self.timers.peek().copied() {
-            if at > now || self.left {
+        while !self.left {
+            let Some(timer) = self.timers.pop_due(now) else {
                 break;
-            }
-            self.timers.pop();
+            };
             self.on_timer(now, timer);
         }
     }
@@ -491,7 +408,7 @@ impl Flock {
                     // A member is alive but seals under keys we do not hold: we missed a
                     // rotation, or it lives in another flock's keys (two flocks merging). A
                     // handshake with it settles which keys both sides use.
-                    self.key_hint = true;
+                    self.keys.hint = true;
                     self.handshake_unreadable(now, from);
                 }
                 self.stats.drop(reason);
@@ -512,9 +429,9 @@ impl Flock {
                 return;
             }
         };
-        self.reply_cap = Some((from, bytes.len(), header.sender));
+        self.wire.reply_cap = Some((from, bytes.len(), header.sender));
         self.on_message(now, from, header, msg);
-        self.reply_cap = None;
+        self.wire.reply_cap = None;
     }
 
     /// A stream request from a peer; returns the reply frame.
@@ -548,7 +465,7 @@ impl Flock {
             }
         };
         // Our reply carries our current entry: that answers any stale suspicion of us.
-        self.refute_pending = false;
+        self.detect.refute_pending = false;
         let frame = answer.filter(|_| !self.left)?;
         let body = encode_frame(&frame);
         // Answer under the key the request came in (the stream's source port is not the peer's
@@ -568,7 +485,7 @@ impl Flock {
         };
         match frame {
             StreamFrame::PushPull(pp) => {
-                self.refute_pending = false;
+                self.detect.refute_pending = false;
                 self.on_push_pull(now, header.sender, pp);
                 self.answer_refutation(from);
             }
@@ -601,22 +518,22 @@ impl Flock {
         recipient: Option<NodeId>,
         body: &[u8],
     ) -> Option<Vec<u8>> {
-        self.counter += 1;
+        self.wire.counter += 1;
         let mut out = Vec::with_capacity(HEADER_BYTES + ENVELOPE_OVERHEAD + body.len());
-        let Some(sec) = self.sec.as_mut() else {
+        let Some(sec) = self.keys.sec.as_mut() else {
             let header = Header {
                 kind: Kind::Flock,
-                bloc_tag: self.bloc_tag,
+                bloc_tag: self.wire.bloc_tag,
                 key_id: 0,
                 sender: self.me.id,
                 boot: self.me.boot,
-                counter: self.counter,
+                counter: self.wire.counter,
             };
             header.write(&mut out);
             out.extend_from_slice(body);
             return Some(out);
         };
-        let dest_epoch = self.peer_epoch.get(&addr_key(&to)).copied();
+        let dest_epoch = self.keys.peer_epoch.get(&addr_key(&to)).copied();
         let member = self
             .members
             .id_at(&to)
@@ -627,7 +544,7 @@ impl Flock {
         };
         if sec.seal(
             self.now,
-            self.counter,
+            self.wire.counter,
             dest_epoch,
             recipient,
             body,
@@ -643,18 +560,18 @@ impl Flock {
 
     /// Opens a flock datagram or frame (plain mode: header checks only).
     fn open(&mut self, from: SocketAddr, bytes: &[u8], frame: bool) -> Result<Opened, DropReason> {
-        if let Some(sec) = self.sec.as_mut() {
+        if let Some(sec) = self.keys.sec.as_mut() {
             let mut out = Vec::new();
             if frame {
                 let header = sec.open_frame(self.now, bytes, &mut out)?;
                 return Ok(Opened::Flock(header, out));
             }
-            let context = encode_claim(self.leader.as_ref());
+            let context = encode_claim(self.lead.claim.as_ref());
             return match sec.open_datagram(
                 self.now,
                 from,
                 bytes,
-                &mut self.counter,
+                &mut self.wire.counter,
                 &context,
                 &mut self.rng,
                 &mut out,
@@ -686,7 +603,7 @@ impl Flock {
             DecodeError::Truncated => DropReason::Truncated,
             _ => DropReason::BadMagic,
         })?;
-        if header.bloc_tag != self.bloc_tag {
+        if header.bloc_tag != self.wire.bloc_tag {
             return Err(DropReason::WrongBloc);
         }
         if header.sender == self.me.id {
@@ -700,20 +617,20 @@ impl Flock {
 
     /// Remembers which key a peer seals with, so that we answer under the same key.
     fn note_peer_epoch(&mut self, from: SocketAddr, header: &Header) {
-        if self.sec.is_some() {
-            if self.peer_epoch.len() >= self.config.members_max {
-                self.peer_epoch.clear();
+        if self.keys.sec.is_some() {
+            if self.keys.peer_epoch.len() >= self.config.members_max {
+                self.keys.peer_epoch.clear();
             }
-            self.peer_epoch.insert(addr_key(&from), header.key_id);
+            self.keys.peer_epoch.insert(addr_key(&from), header.key_id);
         }
     }
 
     /// A member sealed under a key of our leader newer than ours: the leader switched to it.
     fn follow_newer_key(&mut self, now: Duration, header: &Header) {
-        let Some(claim) = self.leader.filter(|c| c.leader != self.me.id) else {
+        let Some(claim) = self.lead.claim.filter(|c| c.leader != self.me.id) else {
             return;
         };
-        if let Some(sec) = self.sec.as_mut() {
+        if let Some(sec) = self.keys.sec.as_mut() {
             sec.follow_newer(header.key_id, claim.leader, now);
         }
     }
@@ -758,7 +675,7 @@ impl Flock {
     /// The body size of the datagram being handled, if it came from `to` and `to` is not its
     /// sender's address in the table: an answer piggybacks no more than fits in that size.
     fn reply_body_cap(&self, to: SocketAddr) -> Option<usize> {
-        let (from, len, sender) = self.reply_cap?;
+        let (from, len, sender) = self.wire.reply_cap?;
         if from != to || self.members.addr(sender) == Some(from) {
             return None;
         }
@@ -802,7 +719,7 @@ impl Flock {
         // 3 bytes: room for the update count's varint to grow.
         let budget = self.room_for(to).saturating_sub(fixed + 3);
         let limit = self.retransmit_limit();
-        let taken = self.broadcasts.take(budget, limit);
+        let taken = self.spread.broadcasts.take(budget, limit);
         match &mut msg {
             Message::Ping { updates, .. }
             | Message::Ack { updates, .. }
@@ -820,8 +737,8 @@ impl Flock {
     }
 
     fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
+        self.detect.seq = self.detect.seq.wrapping_add(1);
+        self.detect.seq
     }
 
     fn my_info(&self) -> MemberInfo {
@@ -831,12 +748,11 @@ impl Flock {
     // ----- timers --------------------------------------------------------------------------
 
     fn schedule(&mut self, at: Duration, timer: Timer) {
-        self.timer_order += 1;
-        self.timers.push(Reverse((at, self.timer_order, timer)));
+        self.timers.schedule(at, timer);
     }
 
     fn scaled(&self, d: Duration) -> Duration {
-        d * (self.awareness + 1)
+        d * (self.detect.awareness + 1)
     }
 
     fn on_timer(&mut self, now: Duration, timer: Timer) {
@@ -853,7 +769,7 @@ impl Flock {
             Timer::ProbeTimeout { seq } => self.on_probe_timeout(now, seq),
             Timer::IndirectTimeout { seq } => self.on_indirect_timeout(now, seq),
             Timer::RelayTimeout { seq } => {
-                if let Some(relay) = self.relays.remove(&seq) {
+                if let Some(relay) = self.detect.relays.remove(&seq) {
                     self.send(relay.requester, &Message::Nack { seq: relay.seq });
                 }
             }
@@ -864,6 +780,7 @@ impl Flock {
                 // gossip of the suspicion never reached it (it was cut off when it started).
                 let current = self.members.state(id) == Some(MemberState::Suspect)
                     && self
+                        .detect
                         .suspicions
                         .get(&id)
                         .is_some_and(|s| s.started_token == token);
@@ -918,17 +835,18 @@ impl Flock {
             }
             Timer::Beat { term } => {
                 let next = now + t.leader_beat_interval;
-                if let Some(claim) = self.leader.as_mut() {
+                if let Some(claim) = self.lead.claim.as_mut() {
                     if claim.leader == self.me.id && claim.term == term && !self.leaving {
                         claim.beat += 1;
                         claim.epoch = self
+                            .keys
                             .sec
                             .as_ref()
                             .and_then(|s| s.own_epoch(now))
                             .unwrap_or(0);
-                        claim.ring = self.sec.as_ref().map_or(0, |s| s.ring_version);
+                        claim.ring = self.keys.sec.as_ref().map_or(0, |s| s.ring_version);
                         let claim = *claim;
-                        self.broadcasts.push(Update::Leader(claim));
+                        self.spread.broadcasts.push(Update::Leader(claim));
                         self.schedule(next, Timer::Beat { term });
                     }
                 }
@@ -942,7 +860,7 @@ impl Flock {
             }
             Timer::LeaveDone => {
                 self.left = true;
-                self.broadcasts.clear();
+                self.spread.broadcasts.clear();
                 self.timers.clear();
                 self.out.events.push_back(Event::LeaveComplete);
             }
@@ -960,21 +878,21 @@ impl Flock {
 
     fn next_probe_target(&mut self) -> Option<NodeId> {
         for _ in 0..2 {
-            while self.probe_next < self.probe_order.len() {
-                let id = self.probe_order[self.probe_next];
-                self.probe_next += 1;
+            while self.detect.probe_next < self.detect.probe_order.len() {
+                let id = self.detect.probe_order[self.detect.probe_next];
+                self.detect.probe_next += 1;
                 if self.members.is_live(id) {
                     return Some(id);
                 }
             }
             // A new round over a fresh shuffle of the live members.
-            self.probe_order = self.members.live_ids().collect();
-            for i in (1..self.probe_order.len()).rev() {
+            self.detect.probe_order = self.members.live_ids().collect();
+            for i in (1..self.detect.probe_order.len()).rev() {
                 let j = self.rng.gen_range(0..=i);
-                self.probe_order.swap(i, j);
+                self.detect.probe_order.swap(i, j);
             }
-            self.probe_next = 0;
-            if self.probe_order.is_empty() {
+            self.detect.probe_next = 0;
+            if self.detect.probe_order.is_empty() {
                 return None;
             }
         }
@@ -1003,7 +921,7 @@ impl Flock {
         }
         let seq = self.next_seq();
         self.stats.probes += 1;
-        self.probes.insert(
+        self.detect.probes.insert(
             seq,
             Probe {
                 target,
@@ -1026,13 +944,13 @@ impl Flock {
     }
 
     fn on_probe_timeout(&mut self, now: Duration, seq: u32) {
-        let Some(probe) = self.probes.get(&seq) else {
+        let Some(probe) = self.detect.probes.get(&seq) else {
             return; // acked
         };
         let target = probe.target;
         let sent = probe.sent;
         let Some(target_addr) = self.members.addr(target) else {
-            self.probes.remove(&seq);
+            self.detect.probes.remove(&seq);
             return;
         };
         let k = self.config.timing.indirect_probes;
@@ -1047,7 +965,7 @@ impl Flock {
             };
             self.send_with_updates(addr, msg);
         }
-        if let Some(probe) = self.probes.get_mut(&seq) {
+        if let Some(probe) = self.detect.probes.get_mut(&seq) {
             probe.nacks_expected = relays.len() as u32;
         }
         // And over a stream, as memberlist's TCP ping: a reliable transport does not lose the
@@ -1061,13 +979,14 @@ impl Flock {
     }
 
     fn on_indirect_timeout(&mut self, now: Duration, seq: u32) {
-        let Some(probe) = self.probes.remove(&seq) else {
+        let Some(probe) = self.detect.probes.remove(&seq) else {
             return;
         };
         // Lifeguard: relays that did not even nack point at our own trouble.
         let missed = probe.nacks_expected.saturating_sub(probe.nacks);
         if missed > 0 {
-            self.awareness = (self.awareness + missed.min(1)).min(self.config.timing.awareness_max);
+            self.detect.awareness =
+                (self.detect.awareness + missed.min(1)).min(self.config.timing.awareness_max);
         }
         let Some(info) = self.members.info(probe.target) else {
             return;
@@ -1081,16 +1000,16 @@ impl Flock {
     }
 
     fn on_probe_ack(&mut self, now: Duration, seq: u32, from: NodeId) {
-        let Some(probe) = self.probes.get(&seq) else {
+        let Some(probe) = self.detect.probes.get(&seq) else {
             return;
         };
         if probe.target != from {
             return; // the address now belongs to someone else: not an answer from the target
         }
-        let probe = self.probes.remove(&seq).expect("present");
-        self.awareness = self.awareness.saturating_sub(1);
-        if probe.leader_check || self.leader.is_some_and(|c| c.leader == from) {
-            self.last_beat = now;
+        let probe = self.detect.probes.remove(&seq).expect("present");
+        self.detect.awareness = self.detect.awareness.saturating_sub(1);
+        if probe.leader_check || self.lead.claim.is_some_and(|c| c.leader == from) {
+            self.lead.last_beat = now;
         }
     }
 
@@ -1110,7 +1029,7 @@ impl Flock {
     /// handshake (sealed under the secondary key): it works before we hold any transient key,
     /// and it reaches flocks that formed apart under other transient keys.
     fn send_discovery_ping(&mut self, addr: SocketAddr) {
-        if self.sec.is_some() {
+        if self.keys.sec.is_some() {
             self.send_handshake(addr, Purpose::Join);
         } else {
             self.send_ping(addr, None);
@@ -1118,11 +1037,11 @@ impl Flock {
     }
 
     fn send_handshake(&mut self, addr: SocketAddr, purpose: Purpose) {
-        let context = encode_claim(self.leader.as_ref());
+        let context = encode_claim(self.lead.claim.as_ref());
         let now = self.now;
-        self.counter += 1;
-        let counter = self.counter;
-        let Some(sec) = self.sec.as_mut() else {
+        self.wire.counter += 1;
+        let counter = self.wire.counter;
+        let Some(sec) = self.keys.sec.as_mut() else {
             return;
         };
         let request = sec.start_handshake(now, counter, addr, purpose, &context, &mut self.rng);
@@ -1159,12 +1078,12 @@ impl Flock {
             payload: reply,
         });
         let theirs = decode_claim(&context);
-        let better = match (theirs, self.leader) {
+        let better = match (theirs, self.lead.claim) {
             (Some(t), Some(ours)) => t.leader != ours.leader && t.precedence() > ours.precedence(),
             (Some(_), None) => true,
             _ => false,
         };
-        let idle = self.sec.as_ref().is_some_and(|s| {
+        let idle = self.keys.sec.as_ref().is_some_and(|s| {
             s.pending
                 .as_ref()
                 .is_none_or(|p| self.now >= p.started + self.config.timing.probe_timeout)
@@ -1177,15 +1096,15 @@ impl Flock {
     /// Our handshake was answered: we hold the responder's keys now.
     fn on_joined(&mut self, now: Duration, from: SocketAddr, joined: Joined) {
         self.stats.joins += 1;
-        self.unanswered_key_requests = 0;
+        self.keys.unanswered_requests = 0;
         let responder = joined.header.sender;
         let theirs = decode_claim(&joined.context);
         let tag = theirs.map(|c| c.leader).unwrap_or(responder);
         let current = joined.keys.current.epoch;
-        let Some(sec) = self.sec.as_mut() else {
+        let Some(sec) = self.keys.sec.as_mut() else {
             return;
         };
-        let ours = self.leader;
+        let ours = self.lead.claim;
         let needs = sec.needs_key(now);
         let own = sec.own_epoch(now);
         // The same keys, by their bytes (epochs of flocks that split may coincide).
@@ -1228,18 +1147,18 @@ impl Flock {
             // Spread the key so that the rest of our flock can talk to the other side (a merge)
             // or, after a switch, follow us to the winning flock.
             let key = *joined.keys.current.key.as_bytes();
-            self.broadcasts.push(Update::Key {
+            self.spread.broadcasts.push(Update::Key {
                 leader: tag,
                 epoch: current,
                 key,
             });
         }
-        if self.peer_epoch.len() >= self.config.members_max {
-            self.peer_epoch.clear();
+        if self.keys.peer_epoch.len() >= self.config.members_max {
+            self.keys.peer_epoch.clear();
         }
-        self.peer_epoch.insert(addr_key(&from), current);
+        self.keys.peer_epoch.insert(addr_key(&from), current);
         if let Some(claim) = theirs {
-            self.max_term = self.max_term.max(claim.term);
+            self.lead.max_term = self.lead.max_term.max(claim.term);
             if same_leader {
                 // The handshake does not carry the keyring version: keep the one we know.
                 let ring = ours.map_or(0, |o| o.ring);
@@ -1255,19 +1174,19 @@ impl Flock {
     /// Seal with the newest key of the leader we follow. A member that holds none of its keys
     /// (it followed another leader, e.g. a solo one during boot) asks the leader for them.
     fn sync_key_to_leader(&mut self, now: Duration) {
-        let Some(claim) = self.leader else {
+        let Some(claim) = self.lead.claim else {
             return;
         };
         if claim.leader == self.me.id || claim.epoch == 0 {
             return;
         }
-        let Some(sec) = self.sec.as_mut() else {
+        let Some(sec) = self.keys.sec.as_mut() else {
             return;
         };
         if sec.holds(claim.epoch, now) {
             sec.follow_claim(claim.epoch, claim.leader, now);
         } else {
-            self.key_hint = true;
+            self.keys.hint = true;
         }
     }
 
@@ -1276,6 +1195,7 @@ impl Flock {
     fn handshake_unreadable(&mut self, now: Duration, from: SocketAddr) {
         let period = self.config.timing.probe_interval;
         if self
+            .keys
             .unreadable
             .get(&from)
             .is_some_and(|t| now < *t + period)
@@ -1283,24 +1203,24 @@ impl Flock {
         {
             return;
         }
-        if self.unreadable.len() >= 1024 {
-            self.unreadable.clear();
+        if self.keys.unreadable.len() >= 1024 {
+            self.keys.unreadable.clear();
         }
-        self.unreadable.insert(from, now);
+        self.keys.unreadable.insert(from, now);
         self.send_handshake(from, Purpose::Join);
     }
 
     /// A member that holds no fresh key (missed rotations, partitioned, new) asks a member for
     /// it through the handshake, at most once per probe interval.
     fn request_key_if_needed(&mut self, now: Duration) {
-        let Some(sec) = self.sec.as_ref() else {
+        let Some(sec) = self.keys.sec.as_ref() else {
             return;
         };
-        let hinted = std::mem::take(&mut self.key_hint);
+        let hinted = std::mem::take(&mut self.keys.hint);
         if !(sec.needs_key(now) || hinted) || self.members.live_len() == 0 || self.leaving {
             return;
         }
-        if self.leader.is_some_and(|c| c.leader == self.me.id) {
+        if self.lead.claim.is_some_and(|c| c.leader == self.me.id) {
             return; // the leader makes keys; it never asks for them
         }
         let busy = sec
@@ -1312,22 +1232,24 @@ impl Flock {
         }
         // The leader surely holds its current key; anyone else may lag.
         let leader = self
-            .leader
+            .lead
+            .claim
             .map(|c| c.leader)
             .filter(|l| self.members.is_live(*l));
         if let Some(id) = leader.or_else(|| self.members.choose_live(&mut self.rng)) {
             let addr = self.addr(id);
             self.stats.key_requests += 1;
-            self.unanswered_key_requests += 1;
+            self.keys.unanswered_requests += 1;
             self.send_handshake(addr, Purpose::KeyRequest);
             if self
-                .unanswered_key_requests
+                .keys
+                .unanswered_requests
                 .is_multiple_of(SHUT_OUT_REQUESTS)
             {
                 // Members are there but none answers: our secondary keys are not in their
                 // keyring any more (removed while we were away), or they are another bloc's.
                 tracing::warn!(
-                    requests = self.unanswered_key_requests,
+                    requests = self.keys.unanswered_requests,
                     "shut out of the flock: no member accepts our secondary key (removed from the flock's keyring?); install a key the flock holds"
                 );
             }
@@ -1346,18 +1268,18 @@ impl Flock {
 
     /// Leader: rotate the transient key when due, and announce it under the current one.
     fn rotate_if_leader(&mut self, now: Duration) {
-        if self.leader.is_none_or(|c| c.leader != self.me.id) || self.leaving {
+        if self.lead.claim.is_none_or(|c| c.leader != self.me.id) || self.leaving {
             return;
         }
         let me = self.me.id;
-        let Some(sec) = self.sec.as_mut() else {
+        let Some(sec) = self.keys.sec.as_mut() else {
             return;
         };
         let r = sec.rotate_if_due(now, me, &mut self.rng);
         if let Some((epoch, key)) = r.announced.and_then(|e| Some((e, sec.key_bytes(e)?))) {
             self.stats.rotations += 1;
             debug!(epoch, "transient key made");
-            self.broadcasts.push(Update::Key {
+            self.spread.broadcasts.push(Update::Key {
                 leader: me,
                 epoch,
                 key,
@@ -1365,11 +1287,11 @@ impl Flock {
         }
         if let Some(epoch) = r.switched {
             debug!(epoch, "sealing with the new transient key");
-            if let Some(claim) = self.leader.as_mut() {
+            if let Some(claim) = self.lead.claim.as_mut() {
                 claim.epoch = epoch;
                 claim.beat += 1;
                 let claim = *claim;
-                self.broadcasts.push(Update::Leader(claim));
+                self.spread.broadcasts.push(Update::Leader(claim));
             }
         }
         if r.announced.is_some() || r.switched.is_some() {
@@ -1379,8 +1301,8 @@ impl Flock {
 
     /// A transient key spread by gossip (rotation or merge).
     fn apply_key(&mut self, now: Duration, leader: NodeId, epoch: u32, key: [u8; 32]) {
-        let following = self.leader;
-        let Some(sec) = self.sec.as_mut() else {
+        let following = self.lead.claim;
+        let Some(sec) = self.keys.sec.as_mut() else {
             return;
         };
         // Only the keys of the leader we follow matter (and any key while we hold none): keys
@@ -1397,13 +1319,15 @@ impl Flock {
         if needs || following.is_some_and(|c| c.epoch == epoch) {
             sec.set_own(epoch);
         }
-        self.broadcasts.push(Update::Key { leader, epoch, key });
+        self.spread
+            .broadcasts
+            .push(Update::Key { leader, epoch, key });
     }
 
     /// A keyring change, from the operator (`local`) or spread by the flock.
     /// `version`: the ring version a spread change makes (ignored for the operator's own).
     fn keyring_op(&mut self, op: KeyringOp, local: bool, version: u64) {
-        let Some(sec) = self.sec.as_mut() else {
+        let Some(sec) = self.keys.sec.as_mut() else {
             return;
         };
         if !local && !sec.ring_change_is_news(version) {
@@ -1436,7 +1360,7 @@ impl Flock {
                         key,
                         version,
                     };
-                    self.broadcasts.push(update);
+                    self.spread.broadcasts.push(update);
                     if local {
                         // An operator's change goes to every live member at once (as Serf's key
                         // queries do); gossip and the retransmissions cover losses.
@@ -1466,10 +1390,10 @@ impl Flock {
     }
 
     fn discovery_round(&mut self, alone: bool) {
-        self.discovery_round += 1;
+        self.discovery.round += 1;
         // While alone, every other round goes to a seed (or an address seen before).
-        if alone && !self.config.seeds.is_empty() && (self.discovery_round % 2 == 1) {
-            let i = (self.discovery_round / 2) as usize % self.config.seeds.len();
+        if alone && !self.config.seeds.is_empty() && (self.discovery.round % 2 == 1) {
+            let i = (self.discovery.round / 2) as usize % self.config.seeds.len();
             let addr = self.config.seeds[i];
             if addr != self.me.addr {
                 self.send_discovery_ping(addr);
@@ -1507,14 +1431,14 @@ impl Flock {
     // ----- gossip and push-pull ------------------------------------------------------------
 
     fn gossip_round(&mut self) {
-        if !self.broadcasts.has_news() {
+        if !self.spread.broadcasts.has_news() {
             return;
         }
         let targets =
             self.members
                 .sample_live(self.config.timing.gossip_fanout, &[], &mut self.rng);
         for id in targets {
-            if self.broadcasts.is_empty() {
+            if self.spread.broadcasts.is_empty() {
                 break;
             }
             let addr = self.addr(id);
@@ -1529,7 +1453,7 @@ impl Flock {
 
     fn push_pull_interval(&self, now: Duration) -> Duration {
         let t = &self.config.timing;
-        if now < self.fast_push_pull_until {
+        if now < self.spread.fast_push_pull_until {
             return t.push_pull_fast_interval;
         }
         let n = self.live_count();
@@ -1537,7 +1461,7 @@ impl Flock {
         let scale = (n as f64 / PUSH_PULL_SCALE_MEMBERS as f64).max(1.0);
         let base = t.push_pull_interval.mul_f64(scale);
         // ±10 % jitter keeps nodes from synchronising.
-        let jitter = 0.9 + 0.2 * (self.counter % 1000) as f64 / 1000.0;
+        let jitter = 0.9 + 0.2 * (self.wire.counter % 1000) as f64 / 1000.0;
         base.mul_f64(jitter)
     }
 
@@ -1548,8 +1472,8 @@ impl Flock {
             reply,
             join,
             members,
-            leader: self.leader,
-            ring: self.sec.as_ref().map(|s| s.ring_state(ring_keys)),
+            leader: self.lead.claim,
+            ring: self.keys.sec.as_ref().map(|s| s.ring_state(ring_keys)),
             revoked: self.revoked.iter().copied().collect(),
         }
     }
@@ -1633,7 +1557,7 @@ impl Flock {
         let learned = self.members.len().saturating_sub(known_before);
         let they_lack = (self.members.len() + 1).saturating_sub(pp.members.len());
         if learned + they_lack >= FAST_PUSH_PULL_DIFF {
-            self.fast_push_pull_until =
+            self.spread.fast_push_pull_until =
                 now + self.config.timing.push_pull_fast_interval * FAST_PUSH_PULL_ROUNDS;
         }
     }
@@ -1641,7 +1565,7 @@ impl Flock {
     /// Whether a push-pull answer to a peer whose ring is `theirs` carries our keys (it is
     /// behind us).
     fn ring_keys_for(&self, theirs: Option<&crux_proto::flock::KeyringState>) -> bool {
-        match (self.sec.as_ref(), theirs) {
+        match (self.keys.sec.as_ref(), theirs) {
             (Some(sec), Some(theirs)) => sec.ring_ahead_of(theirs),
             _ => false,
         }
@@ -1655,7 +1579,7 @@ impl Flock {
         theirs: &crux_proto::flock::KeyringState,
         reply: bool,
     ) {
-        let Some(sec) = self.sec.as_mut() else {
+        let Some(sec) = self.keys.sec.as_mut() else {
             return;
         };
         if !sec.ring_behind(theirs) {
@@ -1675,7 +1599,7 @@ impl Flock {
 
     /// Member side: push-pull with the leader when its claim names another keyring version.
     fn repair_ring_with_leader(&mut self, now: Duration) {
-        let Some(claim) = self.leader.filter(|c| c.leader != self.me.id) else {
+        let Some(claim) = self.lead.claim.filter(|c| c.leader != self.me.id) else {
             return;
         };
         let Some(addr) = self.member(claim.leader).map(|m| m.info.addr) else {
@@ -1683,7 +1607,7 @@ impl Flock {
         };
         let grace = self.config.timing.probe_interval * 4;
         let push_odds = 3.0 / self.live_count() as f64;
-        let Some(sec) = self.sec.as_mut() else {
+        let Some(sec) = self.keys.sec.as_mut() else {
             return;
         };
         if sec.ring_repair_due(now, claim.ring, grace, push_odds, &mut self.rng) && !self.leaving {
@@ -1698,7 +1622,7 @@ impl Flock {
             self.stats.drop(DropReason::Revoked);
             return;
         }
-        self.refute_pending = false;
+        self.detect.refute_pending = false;
         self.dispatch(now, from, header, msg);
         self.answer_refutation(from);
     }
@@ -1758,7 +1682,7 @@ impl Flock {
                 updates,
             } => {
                 let unknown = self.take_peer_news(now, from, header, me, digest, &updates);
-                if let Some(relay) = self.relays.remove(&seq) {
+                if let Some(relay) = self.detect.relays.remove(&seq) {
                     let fwd = Message::Ack {
                         seq: relay.seq,
                         me,
@@ -1781,11 +1705,11 @@ impl Flock {
                 updates,
             } => {
                 self.apply_updates(now, &updates);
-                if self.leaving || self.relays.len() >= RELAYS_MAX {
+                if self.leaving || self.detect.relays.len() >= RELAYS_MAX {
                     return;
                 }
                 let my_seq = self.next_seq();
-                self.relays.insert(
+                self.detect.relays.insert(
                     my_seq,
                     Relay {
                         requester: from,
@@ -1818,7 +1742,7 @@ impl Flock {
                 }
             }
             Message::Nack { seq } => {
-                if let Some(p) = self.probes.get_mut(&seq) {
+                if let Some(p) = self.detect.probes.get_mut(&seq) {
                     p.nacks += 1;
                 }
             }
@@ -1854,18 +1778,19 @@ impl Flock {
     /// This repairs what gossip missed without waiting for the (N-scaled) periodic push-pull.
     fn compare_digest(&mut self, now: Duration, from: SocketAddr, theirs: u64) {
         if theirs == self.digest() {
-            self.digest_mismatch_since = None;
+            self.spread.digest_mismatch_since = None;
             return;
         }
         let t = &self.config.timing;
         let grace = t.push_pull_fast_interval * FAST_PUSH_PULL_ROUNDS;
-        let since = *self.digest_mismatch_since.get_or_insert(now);
+        let since = *self.spread.digest_mismatch_since.get_or_insert(now);
         let rested = self
+            .spread
             .last_digest_push_pull
             .is_none_or(|last| now >= last + grace);
         if now >= since + grace && rested && !self.leaving {
-            self.digest_mismatch_since = None;
-            self.last_digest_push_pull = Some(now);
+            self.spread.digest_mismatch_since = None;
+            self.spread.last_digest_push_pull = Some(now);
             self.start_push_pull(from, false);
         }
     }
@@ -1879,13 +1804,14 @@ impl Flock {
         }
         let period = self.config.timing.dead_probe_interval;
         if self
+            .spread
             .last_heal
             .get(&sender)
             .is_some_and(|t| now < *t + period)
         {
             return;
         }
-        self.last_heal.insert(sender, now);
+        self.spread.last_heal.insert(sender, now);
         if !self.leaving {
             self.start_push_pull(from, false);
         }
@@ -1932,8 +1858,8 @@ impl Flock {
     // ----- membership rules ----------------------------------------------------------------
 
     fn membership_changed(&mut self, now: Duration) {
-        self.last_change = now;
-        self.rank_cache = None;
+        self.lead.last_change = now;
+        self.lead.rank_cache = None;
     }
 
     fn apply_alive(&mut self, now: Duration, info: MemberInfo) {
@@ -1962,7 +1888,7 @@ impl Flock {
             self.insert_probe_order(info.id);
             self.membership_changed(now);
             if gossip {
-                self.broadcasts.push(Update::Alive { member: info });
+                self.spread.broadcasts.push(Update::Alive { member: info });
             }
             self.out.events.push_back(Event::MemberJoined(info));
             return;
@@ -1975,16 +1901,17 @@ impl Flock {
         let restarted = info.boot > old.boot;
         let was_live = is_live(old.state);
         self.members.set(info, now);
-        self.suspicions.remove(&info.id);
+        self.detect.suspicions.remove(&info.id);
         if gossip {
-            self.broadcasts.push(Update::Alive { member: info });
+            self.spread.broadcasts.push(Update::Alive { member: info });
         }
         if restarted || !was_live {
             self.membership_changed(now);
             self.out.events.push_back(Event::MemberJoined(info));
             if restarted
                 && self
-                    .leader
+                    .lead
+                    .claim
                     .is_some_and(|c| c.leader == info.id && c.boot != info.boot)
             {
                 // The leader restarted: its old claim died with its old boot.
@@ -2002,19 +1929,20 @@ impl Flock {
         if incarnation >= self.self_member.info.incarnation {
             self.self_member.info.incarnation = incarnation + 1;
             self.stats.refutations += 1;
-            self.awareness = (self.awareness + 1).min(self.config.timing.awareness_max);
-            self.broadcasts.push(Update::Alive {
+            self.detect.awareness =
+                (self.detect.awareness + 1).min(self.config.timing.awareness_max);
+            self.spread.broadcasts.push(Update::Alive {
                 member: self.self_member.info,
             });
         }
         // Whoever told us also hears the refutation directly (see `answer_refutation`).
-        self.refute_pending = true;
+        self.detect.refute_pending = true;
     }
 
     /// Sends our current entry straight back to a peer that holds a stale suspicion of us, so
     /// that it does not depend on gossip (which may have died out) to learn the refutation.
     fn answer_refutation(&mut self, to: SocketAddr) {
-        if std::mem::take(&mut self.refute_pending) && !self.leaving {
+        if std::mem::take(&mut self.detect.refute_pending) && !self.leaving {
             let me = self.self_member.info;
             self.send(
                 to,
@@ -2033,7 +1961,7 @@ impl Flock {
             return;
         }
         let live_n = self.live_count();
-        let is_leader = self.leader.is_some_and(|c| c.leader == id);
+        let is_leader = self.lead.claim.is_some_and(|c| c.leader == id);
         let Some(info) = self.members.info(id) else {
             return;
         };
@@ -2042,15 +1970,15 @@ impl Flock {
         }
         match info.state {
             MemberState::Alive => {
-                self.suspicion_token += 1;
-                let token = self.suspicion_token;
+                self.detect.suspicion_token += 1;
+                let token = self.detect.suspicion_token;
                 let info = MemberInfo {
                     state: MemberState::Suspect,
                     incarnation: inc,
                     ..info
                 };
                 self.members.set(info, now);
-                self.suspicions.insert(
+                self.detect.suspicions.insert(
                     id,
                     Suspicion {
                         started_token: token,
@@ -2067,7 +1995,7 @@ impl Flock {
                     incarnation: inc,
                     from,
                 };
-                self.broadcasts.push(update);
+                self.spread.broadcasts.push(update);
                 if from == self.me.id {
                     // Buddy system: our own suspicion goes to the suspect at once, and with every
                     // probe of it while the suspicion runs.
@@ -2083,20 +2011,20 @@ impl Flock {
                 self.out.events.push_back(Event::MemberSuspect(info));
             }
             MemberState::Suspect => {
-                let Some(s) = self.suspicions.get_mut(&id) else {
+                let Some(s) = self.detect.suspicions.get_mut(&id) else {
                     return;
                 };
                 if s.confirmations.contains(&from) || s.confirmations.len() >= CONFIRMATIONS_MAX {
                     return;
                 }
                 s.confirmations.push(from);
-                self.suspicion_token += 1;
-                s.token = self.suspicion_token;
+                self.detect.suspicion_token += 1;
+                s.token = self.detect.suspicion_token;
                 let (token, started, c) = (s.token, s.started, s.confirmations.len() - 1);
                 let timeout = suspicion_timeout(&self.config, live_n, is_leader, c);
                 self.schedule((started + timeout).max(now), Timer::Suspicion { id, token });
                 // Re-gossip so that others count this independent confirmation too.
-                self.broadcasts.push(Update::Suspect {
+                self.spread.broadcasts.push(Update::Suspect {
                     id,
                     boot,
                     incarnation: inc,
@@ -2108,7 +2036,12 @@ impl Flock {
     }
 
     fn on_suspicion_timeout(&mut self, now: Duration, id: NodeId, token: u64) {
-        if self.suspicions.get(&id).is_none_or(|s| s.token != token) {
+        if self
+            .detect
+            .suspicions
+            .get(&id)
+            .is_none_or(|s| s.token != token)
+        {
             return;
         }
         let Some(info) = self.members.info(id) else {
@@ -2195,11 +2128,11 @@ impl Flock {
             ..info
         };
         self.members.set(info, now);
-        self.suspicions.remove(&id);
+        self.detect.suspicions.remove(&id);
         self.membership_changed(now);
-        self.broadcasts.push(update);
+        self.spread.broadcasts.push(update);
         self.out.events.push_back(event(info));
-        if self.leader.is_some_and(|c| c.leader == id) {
+        if self.lead.claim.is_some_and(|c| c.leader == id) {
             self.lose_leader(now);
         }
     }
@@ -2207,11 +2140,11 @@ impl Flock {
     fn insert_probe_order(&mut self, id: NodeId) {
         // As memberlist: new members go to a random place in the rest of this round (swapped
         // there, so that a cold boot's N joins cost O(N), not O(N²)).
-        let lo = self.probe_next.min(self.probe_order.len());
-        let at = self.rng.gen_range(lo..=self.probe_order.len());
-        self.probe_order.push(id);
-        let last = self.probe_order.len() - 1;
-        self.probe_order.swap(at, last);
+        let lo = self.detect.probe_next.min(self.detect.probe_order.len());
+        let at = self.rng.gen_range(lo..=self.detect.probe_order.len());
+        self.detect.probe_order.push(id);
+        let last = self.detect.probe_order.len() - 1;
+        self.detect.probe_order.swap(at, last);
     }
 
     /// Revokes `id` (from a command, an update or a push-pull): forgets it, keeps it out, and
@@ -2228,14 +2161,14 @@ impl Flock {
             return;
         }
         self.revoked.insert(id);
-        self.broadcasts.push(Update::Revoke { id });
+        self.spread.broadcasts.push(Update::Revoke { id });
         if self.members.remove(id).is_some() {
-            self.suspicions.remove(&id);
-            self.last_heal.remove(&id);
+            self.detect.suspicions.remove(&id);
+            self.spread.last_heal.remove(&id);
             self.membership_changed(now);
         }
         self.out.events.push_back(Event::MemberRevoked(id));
-        if self.leader.is_some_and(|c| c.leader == id) {
+        if self.lead.claim.is_some_and(|c| c.leader == id) {
             self.lose_leader(now);
         }
     }
@@ -2246,7 +2179,7 @@ impl Flock {
     }
 
     fn reap(&mut self, now: Duration) {
-        if let Some(sec) = self.sec.as_mut() {
+        if let Some(sec) = self.keys.sec.as_mut() {
             sec.forget_expired(now);
         }
         let after = self.config.timing.reap_after;
@@ -2258,8 +2191,8 @@ impl Flock {
             .collect();
         for id in expired {
             self.members.remove(id);
-            self.suspicions.remove(&id);
-            self.last_heal.remove(&id);
+            self.detect.suspicions.remove(&id);
+            self.spread.last_heal.remove(&id);
             self.out.events.push_back(Event::MemberReaped(id));
         }
     }
@@ -2275,14 +2208,14 @@ impl Flock {
         self.self_member.info.state = MemberState::Left;
         self.self_member.since = now;
         let me = self.self_member.info;
-        self.broadcasts.clear();
-        self.broadcasts.push(Update::Left {
+        self.spread.broadcasts.clear();
+        self.spread.broadcasts.push(Update::Left {
             id: me.id,
             boot: me.boot,
             incarnation: me.incarnation,
         });
-        if self.leader.is_some_and(|c| c.leader == self.me.id) {
-            self.leader = None;
+        if self.lead.claim.is_some_and(|c| c.leader == self.me.id) {
+            self.lead.claim = None;
         }
         // Tell a few members at once, then keep gossiping until the leave had time to spread.
         let fanout = self.config.timing.gossip_fanout * 2;
@@ -2318,7 +2251,7 @@ impl Flock {
     }
 
     fn lose_leader(&mut self, now: Duration) {
-        if self.leader.take().is_some() {
+        if self.lead.claim.take().is_some() {
             debug!("leader lost");
             self.membership_changed(now);
             self.out.events.push_back(Event::LeaderChanged(None));
@@ -2336,7 +2269,7 @@ impl Flock {
     }
 
     fn apply_claim(&mut self, now: Duration, claim: LeaderClaim) {
-        self.max_term = self.max_term.max(claim.term);
+        self.lead.max_term = self.lead.max_term.max(claim.term);
         if claim.leader == self.me.id {
             return; // our own claim coming back, or a claim from a previous boot of ours
         }
@@ -2346,26 +2279,26 @@ impl Flock {
         if !self.claim_is_live(&claim) {
             return;
         }
-        match self.leader {
+        match self.lead.claim {
             Some(cur) if cur.leader == claim.leader && cur.term == claim.term => {
                 if claim.beat > cur.beat {
-                    self.leader = Some(claim);
-                    self.last_beat = now;
-                    self.broadcasts.push(Update::Leader(claim));
+                    self.lead.claim = Some(claim);
+                    self.lead.last_beat = now;
+                    self.spread.broadcasts.push(Update::Leader(claim));
                 }
             }
             Some(cur) if claim.precedence() <= cur.precedence() => {
                 if cur.leader == self.me.id {
                     // Let the other side hear about the better claim soon.
-                    self.broadcasts.push(Update::Leader(cur));
+                    self.spread.broadcasts.push(Update::Leader(cur));
                 }
             }
             _ => {
-                let was_me = self.leader.is_some_and(|c| c.leader == self.me.id);
-                self.leader = Some(claim);
+                let was_me = self.lead.claim.is_some_and(|c| c.leader == self.me.id);
+                self.lead.claim = Some(claim);
                 self.sync_key_to_leader(now);
-                self.last_beat = now;
-                self.broadcasts.push(Update::Leader(claim));
+                self.lead.last_beat = now;
+                self.spread.broadcasts.push(Update::Leader(claim));
                 debug!(leader = %claim.leader, term = claim.term, stepped_down = was_me, "new leader");
                 let view = self.leader_view_of(&claim);
                 self.out.events.push_back(Event::LeaderChanged(view));
@@ -2374,14 +2307,14 @@ impl Flock {
     }
 
     fn my_rank(&mut self) -> usize {
-        if let Some((at, rank)) = self.rank_cache {
-            if at == self.last_change {
+        if let Some((at, rank)) = self.lead.rank_cache {
+            if at == self.lead.last_change {
                 return rank;
             }
         }
         let me = self.me.id;
         let rank = self.members.live_ids().filter(|id| *id < me).count();
-        self.rank_cache = Some((self.last_change, rank));
+        self.lead.rank_cache = Some((self.lead.last_change, rank));
         rank
     }
 
@@ -2392,34 +2325,35 @@ impl Flock {
         self.repair_ring_with_leader(now);
         let t = self.config.timing.clone();
         // Leader liveness: no fresh beat for a while → probe the leader ourselves.
-        if let Some(claim) = self.leader {
+        if let Some(claim) = self.lead.claim {
             if claim.leader != self.me.id
-                && now >= self.last_beat + t.leader_timeout
-                && !self.probes.values().any(|p| p.leader_check)
+                && now >= self.lead.last_beat + t.leader_timeout
+                && !self.detect.probes.values().any(|p| p.leader_check)
             {
-                self.last_beat = now; // next check after another leader_timeout
+                self.lead.last_beat = now; // next check after another leader_timeout
                 self.start_probe(now, claim.leader, true);
             }
         }
         let live_n = self.live_count();
-        let need = match self.leader {
+        let need = match self.lead.claim {
             None => true,
             Some(c) => c.solo && live_n >= 2,
         };
         if !need {
             return;
         }
-        if now < self.last_change + t.settle {
+        if now < self.lead.last_change + t.settle {
             return;
         }
         let rank = self.my_rank();
         let wait = t.settle + t.election_rank_step * rank.min(1000) as u32;
-        if now < self.last_change + wait {
+        if now < self.lead.last_change + wait {
             return;
         }
         let solo = live_n == 1;
         if self
-            .leader
+            .lead
+            .claim
             .is_some_and(|c| c.solo && c.leader == self.me.id)
             && solo
         {
@@ -2435,8 +2369,8 @@ impl Flock {
     /// (the news of the old leader's death reaches members at different times) claims another
     /// term, so two leaders never share a term; the higher term wins and the other steps down.
     fn claim(&mut self, now: Duration, solo: bool, rank: usize) {
-        let term = self.max_term + 1 + rank.min(1000) as u64;
-        self.max_term = term;
+        let term = self.lead.max_term + 1 + rank.min(1000) as u64;
+        self.lead.max_term = term;
         let claim = LeaderClaim {
             leader: self.me.id,
             boot: self.me.boot,
@@ -2444,20 +2378,20 @@ impl Flock {
             solo,
             beat: 0,
             epoch: self.key_epoch().unwrap_or(0),
-            ring: self.sec.as_ref().map_or(0, |s| s.ring_version),
+            ring: self.keys.sec.as_ref().map_or(0, |s| s.ring_version),
         };
         debug!(term, solo, "claiming leadership");
         self.stats.claims += 1;
-        self.leader = Some(claim);
-        self.last_beat = now;
-        self.broadcasts.push(Update::Leader(claim));
+        self.lead.claim = Some(claim);
+        self.lead.last_beat = now;
+        self.spread.broadcasts.push(Update::Leader(claim));
         let view = self.leader_view_of(&claim);
         self.out.events.push_back(Event::LeaderChanged(view));
         // Tell a few members at once instead of waiting for the next gossip round.
         self.gossip_round();
         let beat = self.config.timing.leader_beat_interval;
         self.schedule(now + beat, Timer::Beat { term });
-        if let Some(sec) = self.sec.as_mut() {
+        if let Some(sec) = self.keys.sec.as_mut() {
             sec.next_rotation = None; // the first rotation of this term comes 30-60 s from now
             sec.pending_switch = None;
         }
@@ -2467,35 +2401,4 @@ impl Flock {
 
 fn reap_period(t: &crate::config::Timing) -> Duration {
     (t.reap_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))
-}
-
-fn election_tick(t: &crate::config::Timing) -> Duration {
-    (t.settle / ELECTION_TICKS_PER_SETTLE).max(Duration::from_millis(10))
-}
-
-/// Lifeguard's suspicion timeout after `confirmations` independent confirmations beyond the first
-/// suspicion: `max(min, max − (max − min) · log(c + 1) / log(k + 1))`.
-pub(crate) fn suspicion_timeout(
-    config: &Config,
-    live_n: usize,
-    is_leader: bool,
-    confirmations: usize,
-) -> Duration {
-    let t = &config.timing;
-    let (min, k) = if is_leader {
-        (t.leader_suspicion_min, t.leader_confirmations as usize)
-    } else {
-        let n = (live_n as f64).max(1.0);
-        let scale = n.log10().max(1.0);
-        let k = (t.suspicion_mult as usize).saturating_sub(2);
-        let k = if live_n < k + 2 { 0 } else { k };
-        (t.probe_interval.mul_f64(t.suspicion_mult as f64 * scale), k)
-    };
-    let max = min * t.suspicion_max_mult;
-    if k == 0 {
-        return min;
-    }
-    let frac = ((confirmations as f64) + 1.0).ln() / ((k as f64) + 1.0).ln();
-    let timeout = max.as_secs_f64() - (max - min).as_secs_f64() * frac;
-    Duration::from_secs_f64(timeout.max(min.as_secs_f64()))
 }

@@ -7,12 +7,19 @@ use std::time::Duration;
 use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId, NodeKey};
 
 mod broadcast;
+mod detect;
+mod discovery;
+mod dissemination;
 mod idset;
+mod keys;
+mod leader;
 mod machine;
 mod secure;
 mod table;
 #[cfg(test)]
 mod tests;
+mod timer;
+mod wire;
 
 pub use machine::Flock;
 pub use secure::{SecurityTiming, CLOCK_SKEW_MAX, TRANSIENT_KEYS_MAX};

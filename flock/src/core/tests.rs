@@ -9,7 +9,7 @@ use crux_proto::flock::{
     NodeKey, HEADER_BYTES,
 };
 
-use super::machine::suspicion_timeout;
+use super::detect::suspicion_timeout;
 use super::*;
 use crate::config::{bloc_tag, AddressSpace, Config, Preset};
 
