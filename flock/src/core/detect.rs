@@ -11,7 +11,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crux_proto::flock::NodeId;
+use crux_proto::flock::{BootId, MemberInfo, MemberState, Message, NodeId, StreamFrame, Update};
+use rand::Rng;
+use tracing::debug;
+
+use super::machine::Flock;
+use super::timer::Timer;
+use super::{is_live, Event};
 
 use super::FastMap;
 use crate::config::Config;
@@ -93,4 +99,317 @@ pub(crate) fn suspicion_timeout(
     let frac = ((confirmations as f64) + 1.0).ln() / ((k as f64) + 1.0).ln();
     let timeout = max.as_secs_f64() - (max - min).as_secs_f64() * frac;
     Duration::from_secs_f64(timeout.max(min.as_secs_f64()))
+}
+
+impl Flock {
+    pub(super) fn scaled(&self, d: Duration) -> Duration {
+        d * (self.detect.awareness + 1)
+    }
+
+    pub(super) fn next_seq(&mut self) -> u32 {
+        self.detect.seq = self.detect.seq.wrapping_add(1);
+        self.detect.seq
+    }
+
+    pub(super) fn probe_round(&mut self, now: Duration) {
+        let Some(target) = self.next_probe_target() else {
+            return;
+        };
+        self.start_probe(now, target, false);
+    }
+
+    pub(super) fn next_probe_target(&mut self) -> Option<NodeId> {
+        for _ in 0..2 {
+            while self.detect.probe_next < self.detect.probe_order.len() {
+                let id = self.detect.probe_order[self.detect.probe_next];
+                self.detect.probe_next += 1;
+                if self.members.is_live(id) {
+                    return Some(id);
+                }
+            }
+            // A new round over a fresh shuffle of the live members.
+            self.detect.probe_order = self.members.live_ids().collect();
+            for i in (1..self.detect.probe_order.len()).rev() {
+                let j = self.rng.gen_range(0..=i);
+                self.detect.probe_order.swap(i, j);
+            }
+            self.detect.probe_next = 0;
+            if self.detect.probe_order.is_empty() {
+                return None;
+            }
+        }
+        None
+    }
+
+    pub(super) fn start_probe(&mut self, now: Duration, target: NodeId, leader_check: bool) {
+        let Some(info) = self.members.info(target) else {
+            return;
+        };
+        let addr = info.addr;
+        if info.state == MemberState::Suspect {
+            // Lifeguard's buddy system: tell a suspect directly, so it can refute in time.
+            let suspect = Update::Suspect {
+                id: info.id,
+                boot: info.boot,
+                incarnation: info.incarnation,
+                from: self.me.id,
+            };
+            self.send(
+                addr,
+                &Message::Gossip {
+                    updates: vec![suspect],
+                },
+            );
+        }
+        let seq = self.next_seq();
+        self.stats.probes += 1;
+        self.detect.probes.insert(
+            seq,
+            Probe {
+                target,
+                sent: now,
+                nacks_expected: 0,
+                nacks: 0,
+                leader_check,
+            },
+        );
+        let msg = Message::Ping {
+            seq,
+            target: Some(target),
+            me: self.my_info(),
+            digest: self.digest(),
+            updates: Vec::new(),
+        };
+        self.send_with_updates(addr, msg);
+        let timeout = self.scaled(self.config.timing.probe_timeout);
+        self.schedule(now + timeout, Timer::ProbeTimeout { seq });
+    }
+
+    pub(super) fn on_probe_timeout(&mut self, now: Duration, seq: u32) {
+        let Some(probe) = self.detect.probes.get(&seq) else {
+            return; // acked
+        };
+        let target = probe.target;
+        let sent = probe.sent;
+        let Some(target_addr) = self.members.addr(target) else {
+            self.detect.probes.remove(&seq);
+            return;
+        };
+        let k = self.config.timing.indirect_probes;
+        let relays = self.members.sample_live(k, &[target], &mut self.rng);
+        for relay in &relays {
+            let addr = self.addr(*relay);
+            let msg = Message::PingReq {
+                seq,
+                target,
+                target_addr,
+                updates: Vec::new(),
+            };
+            self.send_with_updates(addr, msg);
+        }
+        if let Some(probe) = self.detect.probes.get_mut(&seq) {
+            probe.nacks_expected = relays.len() as u32;
+        }
+        // And over a stream, as memberlist's TCP ping: a reliable transport does not lose the
+        // probe or its answer, so loss alone does not make a live member suspect (and the flock
+        // does not then spread the suspicion and its refutation to every member).
+        self.send_frame(target_addr, &StreamFrame::Probe { seq });
+        let t = &self.config.timing;
+        let end = sent + self.scaled(t.probe_interval.max(t.probe_timeout * 2));
+        let at = end.max(now + self.scaled(t.probe_timeout));
+        self.schedule(at, Timer::IndirectTimeout { seq });
+    }
+
+    pub(super) fn on_indirect_timeout(&mut self, now: Duration, seq: u32) {
+        let Some(probe) = self.detect.probes.remove(&seq) else {
+            return;
+        };
+        // Lifeguard: relays that did not even nack point at our own trouble.
+        let missed = probe.nacks_expected.saturating_sub(probe.nacks);
+        if missed > 0 {
+            self.detect.awareness =
+                (self.detect.awareness + missed.min(1)).min(self.config.timing.awareness_max);
+        }
+        let Some(info) = self.members.info(probe.target) else {
+            return;
+        };
+        if !is_live(info.state) {
+            return;
+        }
+        self.stats.probe_failures += 1;
+        debug!(target = %info.id, leader_check = probe.leader_check, "probe failed");
+        self.apply_suspect(now, info.id, info.boot, info.incarnation, self.me.id);
+    }
+
+    pub(super) fn on_probe_ack(&mut self, now: Duration, seq: u32, from: NodeId) {
+        let Some(probe) = self.detect.probes.get(&seq) else {
+            return;
+        };
+        if probe.target != from {
+            return; // the address now belongs to someone else: not an answer from the target
+        }
+        let probe = self.detect.probes.remove(&seq).expect("present");
+        self.detect.awareness = self.detect.awareness.saturating_sub(1);
+        if probe.leader_check || self.lead.claim.is_some_and(|c| c.leader == from) {
+            self.lead.last_beat = now;
+        }
+    }
+
+    pub(super) fn send_ping(&mut self, addr: SocketAddr, target: Option<NodeId>) {
+        let seq = self.next_seq();
+        let msg = Message::Ping {
+            seq,
+            target,
+            me: self.my_info(),
+            digest: self.digest(),
+            updates: Vec::new(),
+        };
+        self.send_with_updates(addr, msg);
+    }
+
+    pub(super) fn apply_suspect(
+        &mut self,
+        now: Duration,
+        id: NodeId,
+        boot: BootId,
+        inc: u64,
+        from: NodeId,
+    ) {
+        if id == self.me.id {
+            if boot == self.me.boot {
+                self.refute(inc);
+            }
+            return;
+        }
+        let live_n = self.live_count();
+        let is_leader = self.lead.claim.is_some_and(|c| c.leader == id);
+        let Some(info) = self.members.info(id) else {
+            return;
+        };
+        if boot != info.boot || inc < info.incarnation {
+            return;
+        }
+        match info.state {
+            MemberState::Alive => {
+                self.detect.suspicion_token += 1;
+                let token = self.detect.suspicion_token;
+                let info = MemberInfo {
+                    state: MemberState::Suspect,
+                    incarnation: inc,
+                    ..info
+                };
+                self.members.set(info, now);
+                self.detect.suspicions.insert(
+                    id,
+                    Suspicion {
+                        started_token: token,
+                        started: now,
+                        confirmations: vec![from],
+                        token,
+                    },
+                );
+                let timeout = suspicion_timeout(&self.config, live_n, is_leader, 0);
+                self.schedule(now + timeout, Timer::Suspicion { id, token });
+                let update = Update::Suspect {
+                    id,
+                    boot,
+                    incarnation: inc,
+                    from,
+                };
+                self.spread.broadcasts.push(update);
+                if from == self.me.id {
+                    // Buddy system: our own suspicion goes to the suspect at once, and with every
+                    // probe of it while the suspicion runs.
+                    self.send(
+                        info.addr,
+                        &Message::Gossip {
+                            updates: vec![update],
+                        },
+                    );
+                    let next = now + self.scaled(self.config.timing.probe_interval);
+                    self.schedule(next, Timer::SuspectProbe { id, token });
+                }
+                self.out.events.push_back(Event::MemberSuspect(info));
+            }
+            MemberState::Suspect => {
+                let Some(s) = self.detect.suspicions.get_mut(&id) else {
+                    return;
+                };
+                if s.confirmations.contains(&from) || s.confirmations.len() >= CONFIRMATIONS_MAX {
+                    return;
+                }
+                s.confirmations.push(from);
+                self.detect.suspicion_token += 1;
+                s.token = self.detect.suspicion_token;
+                let (token, started, c) = (s.token, s.started, s.confirmations.len() - 1);
+                let timeout = suspicion_timeout(&self.config, live_n, is_leader, c);
+                self.schedule((started + timeout).max(now), Timer::Suspicion { id, token });
+                // Re-gossip so that others count this independent confirmation too.
+                self.spread.broadcasts.push(Update::Suspect {
+                    id,
+                    boot,
+                    incarnation: inc,
+                    from,
+                });
+            }
+            MemberState::Dead | MemberState::Left => {}
+        }
+    }
+
+    pub(super) fn on_suspicion_timeout(&mut self, now: Duration, id: NodeId, token: u64) {
+        if self
+            .detect
+            .suspicions
+            .get(&id)
+            .is_none_or(|s| s.token != token)
+        {
+            return;
+        }
+        let Some(info) = self.members.info(id) else {
+            return;
+        };
+        debug!(member = %id, "suspicion timed out: dead");
+        self.apply_dead(now, id, info.boot, info.incarnation, self.me.id);
+    }
+
+    pub(super) fn refute(&mut self, incarnation: u64) {
+        if self.leaving {
+            return;
+        }
+        if incarnation >= self.self_member.info.incarnation {
+            self.self_member.info.incarnation = incarnation + 1;
+            self.stats.refutations += 1;
+            self.detect.awareness =
+                (self.detect.awareness + 1).min(self.config.timing.awareness_max);
+            self.spread.broadcasts.push(Update::Alive {
+                member: self.self_member.info,
+            });
+        }
+        // Whoever told us also hears the refutation directly (see `answer_refutation`).
+        self.detect.refute_pending = true;
+    }
+
+    /// Sends our current entry straight back to a peer that holds a stale suspicion of us, so
+    /// that it does not depend on gossip (which may have died out) to learn the refutation.
+    pub(super) fn answer_refutation(&mut self, to: SocketAddr) {
+        if std::mem::take(&mut self.detect.refute_pending) && !self.leaving {
+            let me = self.self_member.info;
+            self.send(
+                to,
+                &Message::Gossip {
+                    updates: vec![Update::Alive { member: me }],
+                },
+            );
+        }
+    }
+
+    pub(super) fn insert_probe_order(&mut self, id: NodeId) {
+        // As memberlist: new members go to a random place in the rest of this round (swapped
+        // there, so that a cold boot's N joins cost O(N), not O(N²)).
+        let lo = self.detect.probe_next.min(self.detect.probe_order.len());
+        let at = self.rng.gen_range(lo..=self.detect.probe_order.len());
+        self.detect.probe_order.push(id);
+        let last = self.detect.probe_order.len() - 1;
+        self.detect.probe_order.swap(at, last);
+    }
 }

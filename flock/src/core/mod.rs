@@ -11,9 +11,11 @@ mod detect;
 mod discovery;
 mod dissemination;
 mod idset;
+mod inbound;
 mod keys;
 mod leader;
 mod machine;
+mod membership;
 mod secure;
 mod table;
 #[cfg(test)]
