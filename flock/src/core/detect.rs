@@ -281,8 +281,6 @@ impl Flock {
             }
             return;
         }
-        let live_n = self.live_count();
-        let is_leader = self.lead.claim.is_some_and(|c| c.leader == id);
         let Some(info) = self.members.info(id) else {
             return;
         };
@@ -290,70 +288,88 @@ impl Flock {
             return;
         }
         match info.state {
-            MemberState::Alive => {
-                self.detect.suspicion_token += 1;
-                let token = self.detect.suspicion_token;
-                let info = MemberInfo {
-                    state: MemberState::Suspect,
-                    incarnation: inc,
-                    ..info
-                };
-                self.members.set(info, now);
-                self.detect.suspicions.insert(
-                    id,
-                    Suspicion {
-                        started_token: token,
-                        started: now,
-                        confirmations: vec![from],
-                        token,
-                    },
-                );
-                let timeout = suspicion_timeout(&self.config, live_n, is_leader, 0);
-                self.schedule(now + timeout, Timer::Suspicion { id, token });
-                let update = Update::Suspect {
-                    id,
-                    boot,
-                    incarnation: inc,
-                    from,
-                };
-                self.spread.broadcasts.push(update);
-                if from == self.me.id {
-                    // Buddy system: our own suspicion goes to the suspect at once, and with every
-                    // probe of it while the suspicion runs.
-                    self.send(
-                        info.addr,
-                        &Message::Gossip {
-                            updates: vec![update],
-                        },
-                    );
-                    let next = now + self.scaled(self.config.timing.probe_interval);
-                    self.schedule(next, Timer::SuspectProbe { id, token });
-                }
-                self.out.events.push_back(Event::MemberSuspect(info));
-            }
-            MemberState::Suspect => {
-                let Some(s) = self.detect.suspicions.get_mut(&id) else {
-                    return;
-                };
-                if s.confirmations.contains(&from) || s.confirmations.len() >= CONFIRMATIONS_MAX {
-                    return;
-                }
-                s.confirmations.push(from);
-                self.detect.suspicion_token += 1;
-                s.token = self.detect.suspicion_token;
-                let (token, started, c) = (s.token, s.started, s.confirmations.len() - 1);
-                let timeout = suspicion_timeout(&self.config, live_n, is_leader, c);
-                self.schedule((started + timeout).max(now), Timer::Suspicion { id, token });
-                // Re-gossip so that others count this independent confirmation too.
-                self.spread.broadcasts.push(Update::Suspect {
-                    id,
-                    boot,
-                    incarnation: inc,
-                    from,
-                });
-            }
+            MemberState::Alive => self.start_suspicion(now, info, inc, from),
+            MemberState::Suspect => self.confirm_suspicion(now, info, inc, from),
             MemberState::Dead | MemberState::Left => {}
         }
+    }
+
+    /// Lifeguard's suspicion timeout for a suspicion of `id` after `confirmations`
+    /// independent confirmations (the leader's suspicions use the leader's own bounds).
+    fn suspicion_timeout_of(&self, id: NodeId, confirmations: usize) -> Duration {
+        let live_n = self.live_count();
+        let is_leader = self.lead.claim.is_some_and(|c| c.leader == id);
+        suspicion_timeout(&self.config, live_n, is_leader, confirmations)
+    }
+
+    /// An alive member becomes suspect (at incarnation `inc`, first suspected by `from`).
+    fn start_suspicion(&mut self, now: Duration, info: MemberInfo, inc: u64, from: NodeId) {
+        let (id, boot) = (info.id, info.boot);
+        let timeout = self.suspicion_timeout_of(id, 0);
+        self.detect.suspicion_token += 1;
+        let token = self.detect.suspicion_token;
+        let info = MemberInfo {
+            state: MemberState::Suspect,
+            incarnation: inc,
+            ..info
+        };
+        self.members.set(info, now);
+        self.detect.suspicions.insert(
+            id,
+            Suspicion {
+                started_token: token,
+                started: now,
+                confirmations: vec![from],
+                token,
+            },
+        );
+        self.schedule(now + timeout, Timer::Suspicion { id, token });
+        let update = Update::Suspect {
+            id,
+            boot,
+            incarnation: inc,
+            from,
+        };
+        self.spread.broadcasts.push(update);
+        if from == self.me.id {
+            // Buddy system: our own suspicion goes to the suspect at once, and with every
+            // probe of it while the suspicion runs.
+            self.send(
+                info.addr,
+                &Message::Gossip {
+                    updates: vec![update],
+                },
+            );
+            let next = now + self.scaled(self.config.timing.probe_interval);
+            self.schedule(next, Timer::SuspectProbe { id, token });
+        }
+        self.out.events.push_back(Event::MemberSuspect(info));
+    }
+
+    /// Another node suspects a member we already suspect: an independent confirmation
+    /// shortens the suspicion (Lifeguard), and is gossiped on so that others count it too.
+    fn confirm_suspicion(&mut self, now: Duration, info: MemberInfo, inc: u64, from: NodeId) {
+        let (id, boot) = (info.id, info.boot);
+        let Some(s) = self.detect.suspicions.get(&id) else {
+            return;
+        };
+        if s.confirmations.contains(&from) || s.confirmations.len() >= CONFIRMATIONS_MAX {
+            return;
+        }
+        let timeout = self.suspicion_timeout_of(id, s.confirmations.len());
+        let s = self.detect.suspicions.get_mut(&id).expect("present");
+        s.confirmations.push(from);
+        self.detect.suspicion_token += 1;
+        s.token = self.detect.suspicion_token;
+        let (token, started) = (s.token, s.started);
+        self.schedule((started + timeout).max(now), Timer::Suspicion { id, token });
+        // Re-gossip so that others count this independent confirmation too.
+        self.spread.broadcasts.push(Update::Suspect {
+            id,
+            boot,
+            incarnation: inc,
+            from,
+        });
     }
 
     pub(super) fn on_suspicion_timeout(&mut self, now: Duration, id: NodeId, token: u64) {
@@ -411,5 +427,100 @@ impl Flock {
         self.detect.probe_order.push(id);
         let last = self.detect.probe_order.len() - 1;
         self.detect.probe_order.swap(at, last);
+    }
+
+    /// Timer: the next probe of the round (every probe interval, scaled by awareness).
+    pub(super) fn on_probe_timer(&mut self, now: Duration) {
+        let next = now + self.scaled(self.config.timing.probe_interval);
+        self.schedule(next, Timer::Probe);
+        if !self.leaving {
+            self.probe_round(now);
+        }
+    }
+
+    /// Timer: an indirect probe we relay went unanswered: tell the requester.
+    pub(super) fn on_relay_timeout(&mut self, seq: u32) {
+        if let Some(relay) = self.detect.relays.remove(&seq) {
+            self.send(relay.requester, &Message::Nack { seq: relay.seq });
+        }
+    }
+
+    /// Timer: while our own suspicion runs, keep probing the suspect (each probe carries the
+    /// suspicion to it: Lifeguard's buddy system), so that it can refute even if the gossip of
+    /// the suspicion never reached it (it was cut off when it started).
+    pub(super) fn on_suspect_probe_timer(&mut self, now: Duration, id: NodeId, token: u64) {
+        let current = self.members.state(id) == Some(MemberState::Suspect)
+            && self
+                .detect
+                .suspicions
+                .get(&id)
+                .is_some_and(|s| s.started_token == token);
+        if current && !self.leaving {
+            self.start_probe(now, id, false);
+            let next = now + self.scaled(self.config.timing.probe_interval);
+            self.schedule(next, Timer::SuspectProbe { id, token });
+        }
+    }
+
+    /// A request to probe `target` for a peer (SWIM's ping-req): relay it as an indirect ping,
+    /// and nack the requester if no ack comes back in time. Bounded by [`RELAYS_MAX`].
+    pub(super) fn on_ping_req(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        seq: u32,
+        target: NodeId,
+        target_addr: SocketAddr,
+        updates: &[Update],
+    ) {
+        self.apply_updates(now, updates);
+        if self.leaving || self.detect.relays.len() >= RELAYS_MAX {
+            return;
+        }
+        let my_seq = self.next_seq();
+        self.detect.relays.insert(
+            my_seq,
+            Relay {
+                requester: from,
+                seq,
+            },
+        );
+        let msg = Message::IndirectPing {
+            seq: my_seq,
+            target,
+            updates: Vec::new(),
+        };
+        self.send_with_updates(target_addr, msg);
+        let timeout = self.config.timing.probe_timeout;
+        self.schedule(now + timeout, Timer::RelayTimeout { seq: my_seq });
+    }
+
+    /// A relayed probe of us: ack it to the relay.
+    pub(super) fn on_indirect_ping(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        seq: u32,
+        target: NodeId,
+        updates: &[Update],
+    ) {
+        self.apply_updates(now, updates);
+        if target == self.me.id && !self.leaving {
+            let ack = Message::Ack {
+                seq,
+                me: self.my_info(),
+                digest: self.digest(),
+                updates: Vec::new(),
+            };
+            self.send_with_updates(from, ack);
+        }
+    }
+
+    /// A relay could not reach the target of our probe (Lifeguard counts relays that do not
+    /// even nack against our own health).
+    pub(super) fn on_nack(&mut self, seq: u32) {
+        if let Some(p) = self.detect.probes.get_mut(&seq) {
+            p.nacks += 1;
+        }
     }
 }

@@ -3,10 +3,12 @@
 //! on in another flock). With security on, a discovery probe is a join handshake.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use rand::Rng;
 
 use super::machine::Flock;
+use super::timer::Timer;
 use crate::crypto::Purpose;
 
 /// The discovery state.
@@ -64,6 +66,34 @@ impl Flock {
             self.send_handshake(addr, Purpose::Join);
         } else {
             self.send_ping(addr, None);
+        }
+    }
+
+    /// Timer: a discovery round (fast while alone).
+    pub(super) fn on_discovery_timer(&mut self, now: Duration) {
+        let t = &self.config.timing;
+        let alone = self.members.live_len() == 0;
+        let next = now
+            + if alone {
+                t.discovery_interval_alone
+            } else {
+                t.discovery_interval
+            };
+        self.schedule(next, Timer::Discovery);
+        if !self.leaving {
+            self.discovery_round(alone);
+        }
+    }
+
+    /// Timer: probe a member held dead (it may have come back, or live on in another flock).
+    pub(super) fn on_dead_probe_timer(&mut self, now: Duration) {
+        let next = now + self.config.timing.dead_probe_interval;
+        self.schedule(next, Timer::DeadProbe);
+        if !self.leaving {
+            if let Some(id) = self.members.choose_dead(&mut self.rng) {
+                let addr = self.addr(id);
+                self.send_ping(addr, Some(id));
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ use crux_proto::flock::{
 use super::is_live;
 use super::machine::{Flock, REVOKED_MAX};
 use super::table::member_hash;
+use super::timer::Timer;
 use crate::config::PUSH_PULL_SCALE_MEMBERS;
 
 use super::broadcast::Broadcasts;
@@ -216,6 +217,42 @@ impl Flock {
         self.spread.last_heal.insert(sender, now);
         if !self.leaving {
             self.start_push_pull(from, false);
+        }
+    }
+
+    /// Timer: a gossip round.
+    pub(super) fn on_gossip_timer(&mut self, now: Duration) {
+        let next = now + self.config.timing.gossip_interval;
+        self.schedule(next, Timer::Gossip);
+        self.gossip_round();
+    }
+
+    /// Timer: push-pull with a random live member.
+    pub(super) fn on_push_pull_timer(&mut self, now: Duration) {
+        let next = now + self.push_pull_interval(now);
+        self.schedule(next, Timer::PushPull);
+        if !self.leaving {
+            if let Some(id) = self.members.choose_live(&mut self.rng) {
+                let addr = self.addr(id);
+                self.start_push_pull(addr, false);
+            }
+        }
+    }
+
+    /// A push-pull datagram: merge the peer's state, and answer a request with ours.
+    pub(super) fn on_push_pull_message(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        sender: NodeId,
+        pp: PushPull,
+    ) {
+        let answer = !pp.reply;
+        let ring_keys = self.ring_keys_for(pp.ring.as_ref());
+        self.on_push_pull(now, sender, pp);
+        if answer && !self.leaving {
+            let reply = self.build_push_pull(true, false, ring_keys);
+            self.send_push_pull(from, reply);
         }
     }
 }

@@ -11,9 +11,7 @@ use crux_proto::flock::{
 };
 use tracing::{debug, trace};
 
-use super::detect::{Relay, RELAYS_MAX};
 use super::machine::Flock;
-use super::timer::Timer;
 use super::wire::{Opened, ENVELOPE_OVERHEAD};
 use super::{DropReason, Transmit, TransmitKind};
 use crate::crypto::{KeyringOp, SecretKey};
@@ -47,35 +45,11 @@ impl Flock {
                 payload,
                 cookie_reply,
             }) => {
-                if cookie_reply {
-                    self.stats.cookies_sent += 1;
-                    self.stats.drop(DropReason::UnderLoad);
-                } else {
-                    self.stats.cookies_received += 1;
-                    self.stats.handshakes_sent += 1;
-                }
-                self.stats.datagrams_out += 1;
-                self.stats.bytes_out += payload.len() as u64;
-                self.out.transmits.push_back(Transmit {
-                    to,
-                    kind: TransmitKind::Datagram,
-                    payload,
-                });
+                self.send_handshake_datagram(to, payload, cookie_reply);
                 return;
             }
             Err(reason) => {
-                let unreadable = matches!(
-                    reason,
-                    DropReason::UnknownKey | DropReason::AuthFailed | DropReason::StaleKey
-                );
-                if unreadable && self.members.id_at(&from).is_some() {
-                    // A member is alive but seals under keys we do not hold: we missed a
-                    // rotation, or it lives in another flock's keys (two flocks merging). A
-                    // handshake with it settles which keys both sides use.
-                    self.keys.hint = true;
-                    self.handshake_unreadable(now, from);
-                }
-                self.stats.drop(reason);
+                self.on_unopened(now, from, reason);
                 return;
             }
         };
@@ -96,6 +70,42 @@ impl Flock {
         self.wire.reply_cap = Some((from, bytes.len(), header.sender));
         self.on_message(now, from, header, msg);
         self.wire.reply_cap = None;
+    }
+
+    /// A handshake datagram the opening produced: a cookie reply to a joiner (we are under
+    /// load), or our own request again, with the cookie a responder under load gave us.
+    fn send_handshake_datagram(&mut self, to: SocketAddr, payload: Vec<u8>, cookie_reply: bool) {
+        if cookie_reply {
+            self.stats.cookies_sent += 1;
+            self.stats.drop(DropReason::UnderLoad);
+        } else {
+            self.stats.cookies_received += 1;
+            self.stats.handshakes_sent += 1;
+        }
+        self.stats.datagrams_out += 1;
+        self.stats.bytes_out += payload.len() as u64;
+        self.out.transmits.push_back(Transmit {
+            to,
+            kind: TransmitKind::Datagram,
+            payload,
+        });
+    }
+
+    /// A datagram that did not open is dropped and counted. One from a member we cannot read
+    /// makes us ask it for its keys.
+    fn on_unopened(&mut self, now: Duration, from: SocketAddr, reason: DropReason) {
+        let unreadable = matches!(
+            reason,
+            DropReason::UnknownKey | DropReason::AuthFailed | DropReason::StaleKey
+        );
+        if unreadable && self.members.id_at(&from).is_some() {
+            // A member is alive but seals under keys we do not hold: we missed a
+            // rotation, or it lives in another flock's keys (two flocks merging). A
+            // handshake with it settles which keys both sides use.
+            self.keys.hint = true;
+            self.handshake_unreadable(now, from);
+        }
+        self.stats.drop(reason);
     }
 
     /// A stream request from a peer; returns the reply frame.
@@ -238,6 +248,7 @@ impl Flock {
         unknown
     }
 
+    /// Routes an authenticated flock message to the concern it belongs to.
     pub(super) fn dispatch(
         &mut self,
         now: Duration,
@@ -256,103 +267,86 @@ impl Flock {
                 me,
                 digest,
                 updates,
-            } => {
-                let unknown = self.take_peer_news(now, from, header, me, digest, &updates);
-                if self.leaving {
-                    return;
-                }
-                let ack = Message::Ack {
-                    seq,
-                    me: self.my_info(),
-                    digest: self.digest(),
-                    updates: Vec::new(),
-                };
-                self.send_with_updates(from, ack);
-                if unknown && self.members.contains(me.id) {
-                    trace!(peer = %me.id, "discovered by a ping");
-                }
-            }
+            } => self.on_ping(now, from, header, seq, me, digest, &updates),
             Message::Ack {
                 seq,
                 me,
                 digest,
                 updates,
-            } => {
-                let unknown = self.take_peer_news(now, from, header, me, digest, &updates);
-                if let Some(relay) = self.detect.relays.remove(&seq) {
-                    let fwd = Message::Ack {
-                        seq: relay.seq,
-                        me,
-                        digest,
-                        updates: Vec::new(),
-                    };
-                    self.send_with_updates(relay.requester, fwd);
-                } else {
-                    self.on_probe_ack(now, seq, me.id);
-                }
-                if unknown && self.members.contains(me.id) && !self.leaving {
-                    // We found a node we did not know: join with it.
-                    self.start_push_pull(from, true);
-                }
-            }
+            } => self.on_ack(now, from, header, seq, me, digest, &updates),
             Message::PingReq {
                 seq,
                 target,
                 target_addr,
                 updates,
-            } => {
-                self.apply_updates(now, &updates);
-                if self.leaving || self.detect.relays.len() >= RELAYS_MAX {
-                    return;
-                }
-                let my_seq = self.next_seq();
-                self.detect.relays.insert(
-                    my_seq,
-                    Relay {
-                        requester: from,
-                        seq,
-                    },
-                );
-                let msg = Message::IndirectPing {
-                    seq: my_seq,
-                    target,
-                    updates: Vec::new(),
-                };
-                self.send_with_updates(target_addr, msg);
-                let timeout = self.config.timing.probe_timeout;
-                self.schedule(now + timeout, Timer::RelayTimeout { seq: my_seq });
-            }
+            } => self.on_ping_req(now, from, seq, target, target_addr, &updates),
             Message::IndirectPing {
                 seq,
                 target,
                 updates,
-            } => {
-                self.apply_updates(now, &updates);
-                if target == self.me.id && !self.leaving {
-                    let ack = Message::Ack {
-                        seq,
-                        me: self.my_info(),
-                        digest: self.digest(),
-                        updates: Vec::new(),
-                    };
-                    self.send_with_updates(from, ack);
-                }
-            }
-            Message::Nack { seq } => {
-                if let Some(p) = self.detect.probes.get_mut(&seq) {
-                    p.nacks += 1;
-                }
-            }
+            } => self.on_indirect_ping(now, from, seq, target, &updates),
+            Message::Nack { seq } => self.on_nack(seq),
             Message::Gossip { updates } => self.apply_updates(now, &updates),
-            Message::PushPull(pp) => {
-                let answer = !pp.reply;
-                let ring_keys = self.ring_keys_for(pp.ring.as_ref());
-                self.on_push_pull(now, sender, pp);
-                if answer && !self.leaving {
-                    let reply = self.build_push_pull(true, false, ring_keys);
-                    self.send_push_pull(from, reply);
-                }
-            }
+            Message::PushPull(pp) => self.on_push_pull_message(now, from, sender, pp),
+        }
+    }
+
+    /// A ping: take the news it carries, and ack with ours.
+    #[allow(clippy::too_many_arguments)]
+    fn on_ping(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        header: Header,
+        seq: u32,
+        me: MemberInfo,
+        digest: u64,
+        updates: &[Update],
+    ) {
+        let unknown = self.take_peer_news(now, from, header, me, digest, updates);
+        if self.leaving {
+            return;
+        }
+        let ack = Message::Ack {
+            seq,
+            me: self.my_info(),
+            digest: self.digest(),
+            updates: Vec::new(),
+        };
+        self.send_with_updates(from, ack);
+        if unknown && self.members.contains(me.id) {
+            trace!(peer = %me.id, "discovered by a ping");
+        }
+    }
+
+    /// An ack: to a probe of ours, or to an indirect probe we relay (forwarded to its
+    /// requester). An ack from a node we did not know starts a join (push-pull).
+    #[allow(clippy::too_many_arguments)]
+    fn on_ack(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        header: Header,
+        seq: u32,
+        me: MemberInfo,
+        digest: u64,
+        updates: &[Update],
+    ) {
+        let unknown = self.take_peer_news(now, from, header, me, digest, updates);
+        if let Some(relay) = self.detect.relays.remove(&seq) {
+            let fwd = Message::Ack {
+                seq: relay.seq,
+                me,
+                digest,
+                updates: Vec::new(),
+            };
+            self.send_with_updates(relay.requester, fwd);
+        } else {
+            self.on_probe_ack(now, seq, me.id);
+        }
+        if unknown && self.members.contains(me.id) && !self.leaving {
+            // We found a node we did not know: join with it.
+            self.start_push_pull(from, true);
         }
     }
 

@@ -202,4 +202,34 @@ impl Flock {
         }
         self.rotate_if_leader(now);
     }
+
+    /// Timer: the leader's beat of `term`, gossiped (with its sealing epoch and keyring
+    /// version) while this node still leads in that term.
+    pub(super) fn on_beat_timer(&mut self, now: Duration, term: u64) {
+        let next = now + self.config.timing.leader_beat_interval;
+        if let Some(claim) = self.lead.claim.as_mut() {
+            if claim.leader == self.me.id && claim.term == term && !self.leaving {
+                claim.beat += 1;
+                claim.epoch = self
+                    .keys
+                    .sec
+                    .as_ref()
+                    .and_then(|s| s.own_epoch(now))
+                    .unwrap_or(0);
+                claim.ring = self.keys.sec.as_ref().map_or(0, |s| s.ring_version);
+                let claim = *claim;
+                self.spread.broadcasts.push(Update::Leader(claim));
+                self.schedule(next, Timer::Beat { term });
+            }
+        }
+    }
+
+    /// Timer: the election check.
+    pub(super) fn on_election_timer(&mut self, now: Duration) {
+        let next = now + election_tick(&self.config.timing);
+        self.schedule(next, Timer::Election);
+        if !self.leaving {
+            self.check_leader(now);
+        }
+    }
 }

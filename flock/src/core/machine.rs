@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crux_proto::flock::{LeaderClaim, MemberInfo, MemberState, Message, NodeId, Update};
+use crux_proto::flock::{LeaderClaim, MemberInfo, MemberState, NodeId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -302,115 +302,23 @@ impl Flock {
         self.timers.schedule(at, timer);
     }
 
+    /// Routes a due timer to the concern that scheduled it.
     pub(super) fn on_timer(&mut self, now: Duration, timer: Timer) {
-        let t = self.config.timing.clone();
-        let t = &t;
         match timer {
-            Timer::Probe => {
-                let next = now + self.scaled(self.config.timing.probe_interval);
-                self.schedule(next, Timer::Probe);
-                if !self.leaving {
-                    self.probe_round(now);
-                }
-            }
+            Timer::Probe => self.on_probe_timer(now),
             Timer::ProbeTimeout { seq } => self.on_probe_timeout(now, seq),
             Timer::IndirectTimeout { seq } => self.on_indirect_timeout(now, seq),
-            Timer::RelayTimeout { seq } => {
-                if let Some(relay) = self.detect.relays.remove(&seq) {
-                    self.send(relay.requester, &Message::Nack { seq: relay.seq });
-                }
-            }
+            Timer::RelayTimeout { seq } => self.on_relay_timeout(seq),
             Timer::Suspicion { id, token } => self.on_suspicion_timeout(now, id, token),
-            Timer::SuspectProbe { id, token } => {
-                // While our own suspicion runs, keep probing the suspect (each probe carries the
-                // suspicion to it: Lifeguard's buddy system), so that it can refute even if the
-                // gossip of the suspicion never reached it (it was cut off when it started).
-                let current = self.members.state(id) == Some(MemberState::Suspect)
-                    && self
-                        .detect
-                        .suspicions
-                        .get(&id)
-                        .is_some_and(|s| s.started_token == token);
-                if current && !self.leaving {
-                    self.start_probe(now, id, false);
-                    let next = now + self.scaled(t.probe_interval);
-                    self.schedule(next, Timer::SuspectProbe { id, token });
-                }
-            }
-            Timer::Gossip => {
-                let next = now + t.gossip_interval;
-                self.schedule(next, Timer::Gossip);
-                self.gossip_round();
-            }
-            Timer::PushPull => {
-                let next = now + self.push_pull_interval(now);
-                self.schedule(next, Timer::PushPull);
-                if !self.leaving {
-                    if let Some(id) = self.members.choose_live(&mut self.rng) {
-                        let addr = self.addr(id);
-                        self.start_push_pull(addr, false);
-                    }
-                }
-            }
-            Timer::Discovery => {
-                let alone = self.members.live_len() == 0;
-                let next = now
-                    + if alone {
-                        t.discovery_interval_alone
-                    } else {
-                        t.discovery_interval
-                    };
-                self.schedule(next, Timer::Discovery);
-                if !self.leaving {
-                    self.discovery_round(alone);
-                }
-            }
-            Timer::DeadProbe => {
-                let next = now + t.dead_probe_interval;
-                self.schedule(next, Timer::DeadProbe);
-                if !self.leaving {
-                    if let Some(id) = self.members.choose_dead(&mut self.rng) {
-                        let addr = self.addr(id);
-                        self.send_ping(addr, Some(id));
-                    }
-                }
-            }
-            Timer::Reap => {
-                let next = now + reap_period(t);
-                self.schedule(next, Timer::Reap);
-                self.reap(now);
-            }
-            Timer::Beat { term } => {
-                let next = now + t.leader_beat_interval;
-                if let Some(claim) = self.lead.claim.as_mut() {
-                    if claim.leader == self.me.id && claim.term == term && !self.leaving {
-                        claim.beat += 1;
-                        claim.epoch = self
-                            .keys
-                            .sec
-                            .as_ref()
-                            .and_then(|s| s.own_epoch(now))
-                            .unwrap_or(0);
-                        claim.ring = self.keys.sec.as_ref().map_or(0, |s| s.ring_version);
-                        let claim = *claim;
-                        self.spread.broadcasts.push(Update::Leader(claim));
-                        self.schedule(next, Timer::Beat { term });
-                    }
-                }
-            }
-            Timer::Election => {
-                let next = now + election_tick(t);
-                self.schedule(next, Timer::Election);
-                if !self.leaving {
-                    self.check_leader(now);
-                }
-            }
-            Timer::LeaveDone => {
-                self.left = true;
-                self.spread.broadcasts.clear();
-                self.timers.clear();
-                self.out.events.push_back(Event::LeaveComplete);
-            }
+            Timer::SuspectProbe { id, token } => self.on_suspect_probe_timer(now, id, token),
+            Timer::Gossip => self.on_gossip_timer(now),
+            Timer::PushPull => self.on_push_pull_timer(now),
+            Timer::Discovery => self.on_discovery_timer(now),
+            Timer::DeadProbe => self.on_dead_probe_timer(now),
+            Timer::Reap => self.on_reap_timer(now),
+            Timer::Beat { term } => self.on_beat_timer(now, term),
+            Timer::Election => self.on_election_timer(now),
+            Timer::LeaveDone => self.on_leave_done(),
         }
     }
 

@@ -282,6 +282,21 @@ impl Flock {
         };
         self.schedule(done, Timer::LeaveDone);
     }
+
+    /// Timer: forget the dead and left members held long enough.
+    pub(super) fn on_reap_timer(&mut self, now: Duration) {
+        let next = now + reap_period(&self.config.timing);
+        self.schedule(next, Timer::Reap);
+        self.reap(now);
+    }
+
+    /// Timer: the leave had time to spread; this node stops.
+    pub(super) fn on_leave_done(&mut self) {
+        self.left = true;
+        self.spread.broadcasts.clear();
+        self.timers.clear();
+        self.out.events.push_back(Event::LeaveComplete);
+    }
 }
 
 /// How often dead and left members are checked for reaping.
