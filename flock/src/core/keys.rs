@@ -8,8 +8,8 @@ use std::time::Duration;
 use crux_proto::flock::{Header, LeaderClaim, Message, NodeId, Update};
 use tracing::debug;
 
+use super::handshake::{decode_claim, encode_claim};
 use super::machine::Flock;
-use super::secure::{decode_claim, encode_claim};
 use super::table::addr_key;
 use super::{DropReason, Event, Transmit, TransmitKind};
 use crate::crypto::{Joined, Keyring, KeyringOp, Purpose, SecretKey};
@@ -31,7 +31,7 @@ pub(super) struct Keys {
     pub(super) unanswered_requests: u32,
     /// Members we could not read lately, and when we last asked them for their keys.
     pub(super) unreadable: FastMap<SocketAddr, Duration>,
-    /// Key epoch each peer address ([`addr_key`](super::table::addr_key)) last sealed with.
+    /// Key epoch each peer address ([`addr_key`](super::table::addr_key())) last sealed with.
     pub(super) peer_epoch: FastMap<u64, u32>,
 }
 
@@ -58,7 +58,7 @@ impl Flock {
 
     /// The transient key epoch this node seals with (None: no key yet, or security off).
     pub fn key_epoch(&self) -> Option<u32> {
-        self.keys.sec.as_ref()?.own_epoch(self.now)
+        self.keys.sec.as_ref()?.transient.own_epoch(self.now)
     }
 
     /// Transient key epochs held, oldest first.
@@ -66,7 +66,7 @@ impl Flock {
         self.keys
             .sec
             .as_ref()
-            .map(|s| s.epochs())
+            .map(|s| s.transient.epochs())
             .unwrap_or_default()
     }
 
@@ -91,7 +91,7 @@ impl Flock {
             return;
         };
         if let Some(sec) = self.keys.sec.as_mut() {
-            sec.follow_newer(header.key_id, claim.leader, now);
+            sec.transient.follow_newer(header.key_id, claim.leader, now);
         }
     }
 
@@ -164,16 +164,16 @@ impl Flock {
             return;
         };
         let ours = self.lead.claim;
-        let needs = sec.needs_key(now);
-        let own = sec.own_epoch(now);
+        let needs = sec.transient.needs_key(now);
+        let own = sec.transient.own_epoch(now);
         // The same keys, by their bytes (epochs of flocks that split may coincide).
         let same_keys = own.is_some_and(|o| {
-            (o == current && sec.holds_key(current, &joined.keys.current.key))
+            (o == current && sec.transient.holds_key(current, &joined.keys.current.key))
                 || joined
                     .keys
                     .previous
                     .as_ref()
-                    .is_some_and(|p| o == p.epoch && sec.holds_key(p.epoch, &p.key))
+                    .is_some_and(|p| o == p.epoch && sec.transient.holds_key(p.epoch, &p.key))
         });
         let same_leader = matches!((theirs, ours), (Some(t), Some(o)) if t.leader == o.leader);
         let switch = needs
@@ -191,16 +191,18 @@ impl Flock {
         // Whatever we lack of the two keys (a key we hold, or held and dropped, is left alone):
         // the same flock's responder may be a rotation ahead of us (our key is its previous one).
         if let Some(prev) = &joined.keys.previous {
-            sec.install(prev.epoch, prev.key.clone(), tag, now, false);
+            sec.transient
+                .install(prev.epoch, prev.key.clone(), tag, now, false);
         }
         let wanted = switch || [theirs, ours].iter().flatten().any(|c| c.epoch == current);
-        sec.install(current, joined.keys.current.key.clone(), tag, now, wanted);
+        sec.transient
+            .install(current, joined.keys.current.key.clone(), tag, now, wanted);
         // Same leader: which of its keys to seal with is the claim's to say
         // (sync_key_to_leader), never an answer from a member that may lag behind it; the
         // responder's claim is as good as a beat of it (we may have missed the one that named
         // the key we were missing).
         if switch {
-            sec.set_own(current);
+            sec.transient.set_own(current);
         }
         if switch {
             // Spread the key so that the rest of our flock can talk to the other side (a merge)
@@ -242,8 +244,8 @@ impl Flock {
         let Some(sec) = self.keys.sec.as_mut() else {
             return;
         };
-        if sec.holds(claim.epoch, now) {
-            sec.follow_claim(claim.epoch, claim.leader, now);
+        if sec.transient.holds(claim.epoch, now) {
+            sec.transient.follow_claim(claim.epoch, claim.leader, now);
         } else {
             self.keys.hint = true;
         }
@@ -276,7 +278,8 @@ impl Flock {
             return;
         };
         let hinted = std::mem::take(&mut self.keys.hint);
-        if !(sec.needs_key(now) || hinted) || self.members.live_len() == 0 || self.leaving {
+        if !(sec.transient.needs_key(now) || hinted) || self.members.live_len() == 0 || self.leaving
+        {
             return;
         }
         if self.lead.claim.is_some_and(|c| c.leader == self.me.id) {
@@ -325,7 +328,10 @@ impl Flock {
             return;
         };
         let r = sec.rotate_if_due(now, me, &mut self.rng);
-        if let Some((epoch, key)) = r.announced.and_then(|e| Some((e, sec.key_bytes(e)?))) {
+        if let Some((epoch, key)) = r
+            .announced
+            .and_then(|e| Some((e, sec.transient.key_bytes(e)?)))
+        {
             self.stats.rotations += 1;
             debug!(epoch, "transient key made");
             self.spread.broadcasts.push(Update::Key {
@@ -357,16 +363,19 @@ impl Flock {
         // Only the keys of the leader we follow matter (and any key while we hold none): keys
         // of other leaders (solo leaders of a cold boot, a flock that lost a merge) would
         // otherwise circulate for ever, evicted and learnt again.
-        let needs = sec.needs_key(now);
+        let needs = sec.transient.needs_key(now);
         if following.map(|c| c.leader) != Some(leader) && !needs {
             return;
         }
         let wanted = needs || following.is_some_and(|c| c.epoch == epoch);
-        if !sec.install(epoch, SecretKey::from_bytes(key), leader, now, wanted) {
+        if !sec
+            .transient
+            .install(epoch, SecretKey::from_bytes(key), leader, now, wanted)
+        {
             return;
         }
         if needs || following.is_some_and(|c| c.epoch == epoch) {
-            sec.set_own(epoch);
+            sec.transient.set_own(epoch);
         }
         self.spread
             .broadcasts

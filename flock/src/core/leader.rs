@@ -214,7 +214,7 @@ impl Flock {
                     .keys
                     .sec
                     .as_ref()
-                    .and_then(|s| s.own_epoch(now))
+                    .and_then(|s| s.transient.own_epoch(now))
                     .unwrap_or(0);
                 claim.ring = self.keys.sec.as_ref().map_or(0, |s| s.ring_version);
                 let claim = *claim;

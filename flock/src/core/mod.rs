@@ -10,12 +10,14 @@ mod broadcast;
 mod detect;
 mod discovery;
 mod dissemination;
+mod handshake;
 mod idset;
 mod inbound;
 mod keys;
 mod leader;
 mod machine;
 mod membership;
+mod ring;
 mod secure;
 mod table;
 #[cfg(test)]

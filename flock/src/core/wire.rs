@@ -10,8 +10,8 @@ use crux_proto::flock::{
 };
 use tracing::trace;
 
+use super::handshake::{encode_claim, Opened as SecOpened};
 use super::machine::Flock;
-use super::secure::{encode_claim, Opened as SecOpened};
 use super::table::addr_key;
 use super::{DropReason, Transmit, TransmitKind};
 use crate::crypto::Joined;
