@@ -16,10 +16,9 @@ use rand::Rng;
 use tracing::debug;
 
 use super::machine::Flock;
+use super::table::Table;
 use super::timer::Timer;
-use super::{is_live, Event};
-
-use super::FastMap;
+use super::{is_live, Event, FastMap};
 use crate::config::Config;
 
 /// Most indirect probes this node relays at once (bounds work a peer can ask of us).
@@ -74,6 +73,109 @@ pub(super) struct Detection {
     pub(super) refute_pending: bool,
 }
 
+impl Detection {
+    /// The next sequence number (pings, probes, relays).
+    pub(super) fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// `d` scaled by local health (Lifeguard): a node in trouble probes less often and waits
+    /// longer for answers, rather than suspecting healthy members.
+    pub(super) fn scaled(&self, d: Duration) -> Duration {
+        d * (self.awareness + 1)
+    }
+
+    /// Something pointed at our own trouble (relays that did not even nack, a suspicion of us
+    /// to refute): health gets worse, up to `max`.
+    pub(super) fn health_worse(&mut self, max: u32) {
+        self.awareness = (self.awareness + 1).min(max);
+    }
+
+    /// A probe of ours was acked: health gets better.
+    pub(super) fn health_better(&mut self) {
+        self.awareness = self.awareness.saturating_sub(1);
+    }
+
+    /// The next member to probe: each round walks a fresh shuffle of the live members, skipping
+    /// those that stopped being live since. None when no member is live.
+    pub(super) fn next_probe_target(
+        &mut self,
+        members: &Table,
+        rng: &mut impl Rng,
+    ) -> Option<NodeId> {
+        for _ in 0..2 {
+            while self.probe_next < self.probe_order.len() {
+                let id = self.probe_order[self.probe_next];
+                self.probe_next += 1;
+                if members.is_live(id) {
+                    return Some(id);
+                }
+            }
+            // A new round over a fresh shuffle of the live members.
+            self.probe_order = members.live_ids().collect();
+            for i in (1..self.probe_order.len()).rev() {
+                let j = rng.gen_range(0..=i);
+                self.probe_order.swap(i, j);
+            }
+            self.probe_next = 0;
+            if self.probe_order.is_empty() {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// A new member joins this round: as memberlist, at a random place in the rest of it
+    /// (swapped there, so that a cold boot's N joins cost O(N), not O(N²)).
+    pub(super) fn insert_probe_order(&mut self, id: NodeId, rng: &mut impl Rng) {
+        let lo = self.probe_next.min(self.probe_order.len());
+        let at = rng.gen_range(lo..=self.probe_order.len());
+        self.probe_order.push(id);
+        let last = self.probe_order.len() - 1;
+        self.probe_order.swap(at, last);
+    }
+
+    /// Starts a suspicion of `id`, first suspected by `from`; returns its token.
+    pub(super) fn start_suspicion(&mut self, id: NodeId, from: NodeId, now: Duration) -> u64 {
+        self.suspicion_token += 1;
+        let token = self.suspicion_token;
+        self.suspicions.insert(
+            id,
+            Suspicion {
+                started_token: token,
+                started: now,
+                confirmations: vec![from],
+                token,
+            },
+        );
+        token
+    }
+
+    /// How many independent confirmations beyond the first the suspicion of `id` would have
+    /// with `from`'s; None when there is no suspicion, `from` already counted, or the count is
+    /// full ([`CONFIRMATIONS_MAX`]).
+    pub(super) fn would_confirm(&self, id: NodeId, from: NodeId) -> Option<usize> {
+        let s = self.suspicions.get(&id)?;
+        if s.confirmations.contains(&from) || s.confirmations.len() >= CONFIRMATIONS_MAX {
+            return None;
+        }
+        Some(s.confirmations.len())
+    }
+
+    /// Counts `from`'s confirmation of the suspicion of `id` (see
+    /// [`would_confirm`](Self::would_confirm)): a new token, so that the timer scheduled for
+    /// the shorter timeout is the one that counts. Returns the token and when the suspicion
+    /// started.
+    pub(super) fn confirm(&mut self, id: NodeId, from: NodeId) -> Option<(u64, Duration)> {
+        let s = self.suspicions.get_mut(&id)?;
+        s.confirmations.push(from);
+        self.suspicion_token += 1;
+        s.token = self.suspicion_token;
+        Some((s.token, s.started))
+    }
+}
+
 /// Lifeguard's suspicion timeout after `confirmations` independent confirmations beyond the first
 /// suspicion: `max(min, max − (max − min) · log(c + 1) / log(k + 1))`.
 pub(crate) fn suspicion_timeout(
@@ -102,43 +204,20 @@ pub(crate) fn suspicion_timeout(
 }
 
 impl Flock {
+    /// `d` scaled by local health ([`Detection::scaled`]).
     pub(super) fn scaled(&self, d: Duration) -> Duration {
-        d * (self.detect.awareness + 1)
+        self.detect.scaled(d)
     }
 
     pub(super) fn next_seq(&mut self) -> u32 {
-        self.detect.seq = self.detect.seq.wrapping_add(1);
-        self.detect.seq
+        self.detect.next_seq()
     }
 
     pub(super) fn probe_round(&mut self, now: Duration) {
-        let Some(target) = self.next_probe_target() else {
+        let Some(target) = self.detect.next_probe_target(&self.members, &mut self.rng) else {
             return;
         };
         self.start_probe(now, target, false);
-    }
-
-    pub(super) fn next_probe_target(&mut self) -> Option<NodeId> {
-        for _ in 0..2 {
-            while self.detect.probe_next < self.detect.probe_order.len() {
-                let id = self.detect.probe_order[self.detect.probe_next];
-                self.detect.probe_next += 1;
-                if self.members.is_live(id) {
-                    return Some(id);
-                }
-            }
-            // A new round over a fresh shuffle of the live members.
-            self.detect.probe_order = self.members.live_ids().collect();
-            for i in (1..self.detect.probe_order.len()).rev() {
-                let j = self.rng.gen_range(0..=i);
-                self.detect.probe_order.swap(i, j);
-            }
-            self.detect.probe_next = 0;
-            if self.detect.probe_order.is_empty() {
-                return None;
-            }
-        }
-        None
     }
 
     pub(super) fn start_probe(&mut self, now: Duration, target: NodeId, leader_check: bool) {
@@ -227,8 +306,7 @@ impl Flock {
         // Lifeguard: relays that did not even nack point at our own trouble.
         let missed = probe.nacks_expected.saturating_sub(probe.nacks);
         if missed > 0 {
-            self.detect.awareness =
-                (self.detect.awareness + missed.min(1)).min(self.config.timing.awareness_max);
+            self.detect.health_worse(self.config.timing.awareness_max);
         }
         let Some(info) = self.members.info(probe.target) else {
             return;
@@ -249,7 +327,7 @@ impl Flock {
             return; // the address now belongs to someone else: not an answer from the target
         }
         let probe = self.detect.probes.remove(&seq).expect("present");
-        self.detect.awareness = self.detect.awareness.saturating_sub(1);
+        self.detect.health_better();
         if probe.leader_check || self.lead.claim.is_some_and(|c| c.leader == from) {
             self.lead.last_beat = now;
         }
@@ -306,23 +384,13 @@ impl Flock {
     fn start_suspicion(&mut self, now: Duration, info: MemberInfo, inc: u64, from: NodeId) {
         let (id, boot) = (info.id, info.boot);
         let timeout = self.suspicion_timeout_of(id, 0);
-        self.detect.suspicion_token += 1;
-        let token = self.detect.suspicion_token;
+        let token = self.detect.start_suspicion(id, from, now);
         let info = MemberInfo {
             state: MemberState::Suspect,
             incarnation: inc,
             ..info
         };
         self.members.set(info, now);
-        self.detect.suspicions.insert(
-            id,
-            Suspicion {
-                started_token: token,
-                started: now,
-                confirmations: vec![from],
-                token,
-            },
-        );
         self.schedule(now + timeout, Timer::Suspicion { id, token });
         let update = Update::Suspect {
             id,
@@ -350,18 +418,11 @@ impl Flock {
     /// shortens the suspicion (Lifeguard), and is gossiped on so that others count it too.
     fn confirm_suspicion(&mut self, now: Duration, info: MemberInfo, inc: u64, from: NodeId) {
         let (id, boot) = (info.id, info.boot);
-        let Some(s) = self.detect.suspicions.get(&id) else {
+        let Some(confirmations) = self.detect.would_confirm(id, from) else {
             return;
         };
-        if s.confirmations.contains(&from) || s.confirmations.len() >= CONFIRMATIONS_MAX {
-            return;
-        }
-        let timeout = self.suspicion_timeout_of(id, s.confirmations.len());
-        let s = self.detect.suspicions.get_mut(&id).expect("present");
-        s.confirmations.push(from);
-        self.detect.suspicion_token += 1;
-        s.token = self.detect.suspicion_token;
-        let (token, started) = (s.token, s.started);
+        let timeout = self.suspicion_timeout_of(id, confirmations);
+        let (token, started) = self.detect.confirm(id, from).expect("suspected");
         self.schedule((started + timeout).max(now), Timer::Suspicion { id, token });
         // Re-gossip so that others count this independent confirmation too.
         self.spread.broadcasts.push(Update::Suspect {
@@ -395,8 +456,7 @@ impl Flock {
         if incarnation >= self.self_member.info.incarnation {
             self.self_member.info.incarnation = incarnation + 1;
             self.stats.refutations += 1;
-            self.detect.awareness =
-                (self.detect.awareness + 1).min(self.config.timing.awareness_max);
+            self.detect.health_worse(self.config.timing.awareness_max);
             self.spread.broadcasts.push(Update::Alive {
                 member: self.self_member.info,
             });
@@ -417,16 +477,6 @@ impl Flock {
                 },
             );
         }
-    }
-
-    pub(super) fn insert_probe_order(&mut self, id: NodeId) {
-        // As memberlist: new members go to a random place in the rest of this round (swapped
-        // there, so that a cold boot's N joins cost O(N), not O(N²)).
-        let lo = self.detect.probe_next.min(self.detect.probe_order.len());
-        let at = self.rng.gen_range(lo..=self.detect.probe_order.len());
-        self.detect.probe_order.push(id);
-        let last = self.detect.probe_order.len() - 1;
-        self.detect.probe_order.swap(at, last);
     }
 
     /// Timer: the next probe of the round (every probe interval, scaled by awareness).
@@ -522,5 +572,113 @@ impl Flock {
         if let Some(p) = self.detect.probes.get_mut(&seq) {
             p.nacks += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crux_proto::flock::{BootId, MemberInfo, MemberState};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn table(live: &[u64], dead: &[u64]) -> Table {
+        let mut t = Table::default();
+        for (ids, state) in [(live, MemberState::Alive), (dead, MemberState::Dead)] {
+            for id in ids {
+                let info = MemberInfo {
+                    id: NodeId(*id),
+                    boot: BootId(1),
+                    addr: std::net::SocketAddr::from(([10, 0, 0, *id as u8], 7700)),
+                    incarnation: 0,
+                    state,
+                    key: None,
+                };
+                t.set(info, Duration::ZERO);
+            }
+        }
+        t
+    }
+
+    fn round(d: &mut Detection, members: &Table, rng: &mut ChaCha8Rng) -> Vec<u64> {
+        (0..members.live_len())
+            .map(|_| d.next_probe_target(members, rng).unwrap().0)
+            .collect()
+    }
+
+    #[test]
+    fn each_round_probes_every_live_member_once_in_a_fresh_order() {
+        let members = table(&[1, 2, 3, 4, 5, 6, 7, 8], &[9]);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut d = Detection::default();
+        let rounds: Vec<Vec<u64>> = (0..4).map(|_| round(&mut d, &members, &mut rng)).collect();
+        for r in &rounds {
+            let mut sorted = r.clone();
+            sorted.sort();
+            assert_eq!(sorted, [1, 2, 3, 4, 5, 6, 7, 8], "dead 9 is never probed");
+        }
+        assert!(
+            rounds.windows(2).any(|w| w[0] != w[1]),
+            "shuffled anew: {rounds:?}"
+        );
+        assert_eq!(
+            Detection::default().next_probe_target(&table(&[], &[9]), &mut rng),
+            None
+        );
+    }
+
+    #[test]
+    fn a_member_that_joins_mid_round_is_probed_in_that_round() {
+        let mut members = table(&[1, 2, 3, 4], &[]);
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut d = Detection::default();
+        let first = d.next_probe_target(&members, &mut rng).unwrap();
+        members = table(&[1, 2, 3, 4, 5], &[]);
+        d.insert_probe_order(NodeId(5), &mut rng);
+        let rest: Vec<_> = (0..4)
+            .map(|_| d.next_probe_target(&members, &mut rng).unwrap())
+            .collect();
+        assert!(!rest.contains(&first));
+        assert!(rest.contains(&NodeId(5)), "{rest:?}");
+    }
+
+    #[test]
+    fn local_health_scales_timeouts_within_its_bound() {
+        let mut d = Detection::default();
+        let second = Duration::from_secs(1);
+        assert_eq!(d.scaled(second), second);
+        for _ in 0..10 {
+            d.health_worse(8);
+        }
+        assert_eq!(d.scaled(second), second * 9, "at most awareness_max");
+        d.health_better();
+        assert_eq!(d.scaled(second), second * 8);
+        assert_eq!(d.next_seq(), 1);
+        d.seq = u32::MAX;
+        assert_eq!(d.next_seq(), 0, "sequence numbers wrap");
+    }
+
+    #[test]
+    fn only_distinct_suspecters_confirm_and_each_confirmation_renews_the_token() {
+        let mut d = Detection::default();
+        let (suspect, me) = (NodeId(7), NodeId(1));
+        let started = Duration::from_secs(3);
+        let first = d.start_suspicion(suspect, me, started);
+        assert_eq!(d.would_confirm(suspect, me), None, "already counted");
+        assert_eq!(d.would_confirm(NodeId(8), NodeId(2)), None, "no suspicion");
+        assert_eq!(d.would_confirm(suspect, NodeId(2)), Some(1));
+        let (token, at) = d.confirm(suspect, NodeId(2)).unwrap();
+        assert!(token > first);
+        assert_eq!(at, started);
+        assert_eq!(d.suspicions[&suspect].started_token, first);
+        for i in 3..100 {
+            if d.would_confirm(suspect, NodeId(i)).is_some() {
+                d.confirm(suspect, NodeId(i));
+            }
+        }
+        assert_eq!(
+            d.suspicions[&suspect].confirmations.len(),
+            CONFIRMATIONS_MAX
+        );
     }
 }

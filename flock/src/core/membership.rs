@@ -63,7 +63,7 @@ impl Flock {
                 return;
             }
             self.members.set(info, now);
-            self.insert_probe_order(info.id);
+            self.detect.insert_probe_order(info.id, &mut self.rng);
             self.membership_changed(now);
             if gossip {
                 self.spread.broadcasts.push(Update::Alive { member: info });
