@@ -13,14 +13,12 @@ use crux_proto::flock::{
     message_len, BootId, MemberInfo, MemberState, Message, NodeId, PushPull, StreamFrame,
 };
 
-use super::is_live;
+use super::broadcast::Broadcasts;
 use super::machine::{Flock, REVOKED_MAX};
 use super::table::member_hash;
 use super::timer::Timer;
-use crate::config::PUSH_PULL_SCALE_MEMBERS;
-
-use super::broadcast::Broadcasts;
-use super::FastMap;
+use super::{is_live, FastMap};
+use crate::config::{Timing, PUSH_PULL_SCALE_MEMBERS};
 
 /// Push-pull stays fast for this many fast intervals after an exchange that taught us members.
 pub(super) const FAST_PUSH_PULL_ROUNDS: u32 = 4;
@@ -40,6 +38,67 @@ pub(super) struct Dissemination {
     pub(super) last_digest_push_pull: Option<Duration>,
     /// Last time we push-pulled with a member because it spoke to us while we held it dead.
     pub(super) last_heal: FastMap<NodeId, Duration>,
+}
+
+impl Dissemination {
+    /// The period until the next push-pull: fast while views still differ (see
+    /// [`views_differ`](Self::views_differ)), else `push_pull_interval` scaled with the `live_n`
+    /// live members (so that full-state bytes per node per second stay flat), ±10 % by
+    /// `counter` (any value that differs between nodes) so that nodes do not synchronise.
+    pub(super) fn push_pull_interval(
+        &self,
+        now: Duration,
+        live_n: usize,
+        counter: u64,
+        t: &Timing,
+    ) -> Duration {
+        if now < self.fast_push_pull_until {
+            return t.push_pull_fast_interval;
+        }
+        let scale = (live_n as f64 / PUSH_PULL_SCALE_MEMBERS as f64).max(1.0);
+        let base = t.push_pull_interval.mul_f64(scale);
+        let jitter = 0.9 + 0.2 * (counter % 1000) as f64 / 1000.0;
+        base.mul_f64(jitter)
+    }
+
+    /// A push-pull showed two views that differ by `diff` members (one side taught the other):
+    /// push-pull stays fast for a while ([`FAST_PUSH_PULL_ROUNDS`] fast intervals).
+    pub(super) fn views_differ(&mut self, now: Duration, diff: usize, fast: Duration) {
+        if diff >= FAST_PUSH_PULL_DIFF {
+            self.fast_push_pull_until = now + fast * FAST_PUSH_PULL_ROUNDS;
+        }
+    }
+
+    /// A peer's digest equals ours.
+    pub(super) fn digests_agree(&mut self) {
+        self.digest_mismatch_since = None;
+    }
+
+    /// A peer's digest differs from ours: whether to push-pull with it now. Yes once digests
+    /// have differed for `grace` (the time gossip needs to spread news), at most once per
+    /// `grace`, and not while `leaving`.
+    pub(super) fn digests_differ(&mut self, now: Duration, grace: Duration, leaving: bool) -> bool {
+        let since = *self.digest_mismatch_since.get_or_insert(now);
+        let rested = self
+            .last_digest_push_pull
+            .is_none_or(|last| now >= last + grace);
+        if now >= since + grace && rested && !leaving {
+            self.digest_mismatch_since = None;
+            self.last_digest_push_pull = Some(now);
+            return true;
+        }
+        false
+    }
+
+    /// A member we hold dead spoke to us: whether to push-pull with it (at most once per
+    /// `period` per member).
+    pub(super) fn heal_due(&mut self, id: NodeId, now: Duration, period: Duration) -> bool {
+        if self.last_heal.get(&id).is_some_and(|t| now < *t + period) {
+            return false;
+        }
+        self.last_heal.insert(id, now);
+        true
+    }
 }
 
 impl Flock {
@@ -75,17 +134,9 @@ impl Flock {
     }
 
     pub(super) fn push_pull_interval(&self, now: Duration) -> Duration {
-        let t = &self.config.timing;
-        if now < self.spread.fast_push_pull_until {
-            return t.push_pull_fast_interval;
-        }
-        let n = self.live_count();
-        // Scale with N so that full-state bytes per node per second stay flat.
-        let scale = (n as f64 / PUSH_PULL_SCALE_MEMBERS as f64).max(1.0);
-        let base = t.push_pull_interval.mul_f64(scale);
-        // ±10 % jitter keeps nodes from synchronising.
-        let jitter = 0.9 + 0.2 * (self.wire.counter % 1000) as f64 / 1000.0;
-        base.mul_f64(jitter)
+        let live_n = self.live_count();
+        self.spread
+            .push_pull_interval(now, live_n, self.wire.counter, &self.config.timing)
     }
 
     /// `ring_keys`: the peer's keyring is behind ours (answer with our keys).
@@ -164,10 +215,8 @@ impl Flock {
         // member), keep push-pulling fast; once they agree, fall back to the scaled period.
         let learned = self.members.len().saturating_sub(known_before);
         let they_lack = (self.members.len() + 1).saturating_sub(pp.members.len());
-        if learned + they_lack >= FAST_PUSH_PULL_DIFF {
-            self.spread.fast_push_pull_until =
-                now + self.config.timing.push_pull_fast_interval * FAST_PUSH_PULL_ROUNDS;
-        }
+        let fast = self.config.timing.push_pull_fast_interval;
+        self.spread.views_differ(now, learned + they_lack, fast);
     }
 
     /// Digest anti-entropy: when the live-membership digests of the peers we hear from keep
@@ -175,19 +224,11 @@ impl Flock {
     /// This repairs what gossip missed without waiting for the (N-scaled) periodic push-pull.
     pub(super) fn compare_digest(&mut self, now: Duration, from: SocketAddr, theirs: u64) {
         if theirs == self.digest() {
-            self.spread.digest_mismatch_since = None;
+            self.spread.digests_agree();
             return;
         }
-        let t = &self.config.timing;
-        let grace = t.push_pull_fast_interval * FAST_PUSH_PULL_ROUNDS;
-        let since = *self.spread.digest_mismatch_since.get_or_insert(now);
-        let rested = self
-            .spread
-            .last_digest_push_pull
-            .is_none_or(|last| now >= last + grace);
-        if now >= since + grace && rested && !self.leaving {
-            self.spread.digest_mismatch_since = None;
-            self.spread.last_digest_push_pull = Some(now);
+        let grace = self.config.timing.push_pull_fast_interval * FAST_PUSH_PULL_ROUNDS;
+        if self.spread.digests_differ(now, grace, self.leaving) {
             self.start_push_pull(from, false);
         }
     }
@@ -206,15 +247,9 @@ impl Flock {
             return;
         }
         let period = self.config.timing.dead_probe_interval;
-        if self
-            .spread
-            .last_heal
-            .get(&sender)
-            .is_some_and(|t| now < *t + period)
-        {
+        if !self.spread.heal_due(sender, now, period) {
             return;
         }
-        self.spread.last_heal.insert(sender, now);
         if !self.leaving {
             self.start_push_pull(from, false);
         }
@@ -254,5 +289,81 @@ impl Flock {
             let reply = self.build_push_pull(true, false, ring_keys);
             self.send_push_pull(from, reply);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Preset;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn push_pull_is_fast_while_views_differ_then_scales_with_n() {
+        let t = Timing::preset(Preset::Lan);
+        let mut d = Dissemination::default();
+        let slow = d.push_pull_interval(ms(0), 10, 500, &t);
+        assert_eq!(
+            slow, t.push_pull_interval,
+            "jitter 1.0 at counter 500, no scaling at 10"
+        );
+        let jittered: Vec<_> = [0, 999]
+            .map(|c| d.push_pull_interval(ms(0), 10, c, &t))
+            .into();
+        assert_eq!(jittered[0], t.push_pull_interval.mul_f64(0.9));
+        assert!(jittered[1] < t.push_pull_interval.mul_f64(1.1));
+        let big = d.push_pull_interval(ms(0), PUSH_PULL_SCALE_MEMBERS * 4, 500, &t);
+        assert_eq!(big, t.push_pull_interval * 4);
+        d.views_differ(ms(100), FAST_PUSH_PULL_DIFF - 1, t.push_pull_fast_interval);
+        assert_eq!(
+            d.push_pull_interval(ms(100), 10, 500, &t),
+            slow,
+            "one member: not enough"
+        );
+        d.views_differ(ms(100), FAST_PUSH_PULL_DIFF, t.push_pull_fast_interval);
+        let until = ms(100) + t.push_pull_fast_interval * FAST_PUSH_PULL_ROUNDS;
+        assert_eq!(
+            d.push_pull_interval(until - ms(1), 10, 500, &t),
+            t.push_pull_fast_interval
+        );
+        assert_eq!(d.push_pull_interval(until, 10, 500, &t), slow);
+    }
+
+    #[test]
+    fn differing_digests_push_pull_after_a_grace_and_at_most_once_per_grace() {
+        let mut d = Dissemination::default();
+        let grace = ms(1000);
+        assert!(!d.digests_differ(ms(0), grace, false));
+        assert!(!d.digests_differ(ms(999), grace, false));
+        assert!(
+            !d.digests_differ(ms(1000), grace, true),
+            "not while leaving"
+        );
+        assert!(d.digests_differ(ms(1000), grace, false));
+        assert!(
+            !d.digests_differ(ms(1500), grace, false),
+            "the mismatch starts again"
+        );
+        assert!(!d.digests_differ(ms(2499), grace, false));
+        assert!(d.digests_differ(ms(2500), grace, false));
+        d.digests_agree();
+        assert!(
+            !d.digests_differ(ms(4000), grace, false),
+            "agreement resets the wait"
+        );
+        assert!(d.digests_differ(ms(5000), grace, false));
+    }
+
+    #[test]
+    fn a_dead_member_that_speaks_is_healed_at_most_once_per_period() {
+        let mut d = Dissemination::default();
+        let period = ms(500);
+        assert!(d.heal_due(NodeId(1), ms(0), period));
+        assert!(!d.heal_due(NodeId(1), ms(499), period));
+        assert!(d.heal_due(NodeId(2), ms(499), period), "per member");
+        assert!(d.heal_due(NodeId(1), ms(500), period));
     }
 }
