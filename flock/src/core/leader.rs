@@ -3,15 +3,33 @@
 
 use std::time::Duration;
 
-use crux_proto::flock::{LeaderClaim, Update};
+use crux_proto::flock::{LeaderClaim, NodeId, Update};
 use tracing::debug;
 
 use super::machine::Flock;
+use super::table::Table;
 use super::timer::Timer;
 use super::{is_live, Event, LeaderView};
+use crate::config::Timing;
 
 /// How often the election and leader-liveness checks run, as a fraction of `settle`.
 const ELECTION_TICKS_PER_SETTLE: u32 = 4;
+
+/// Highest rank that delays a claim or raises its term (bounds both in huge flocks).
+const RANK_MAX: usize = 1000;
+
+/// What a leader claim heard from the flock is, next to the one this node follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Judgement {
+    /// The leader we follow, same term, a newer beat: it is alive.
+    NewerBeat,
+    /// The leader we follow, same term, a beat we already had.
+    OldBeat,
+    /// A claim that does not win over the one we follow (which is given).
+    Weaker(LeaderClaim),
+    /// A claim that wins (or we follow none): follow it.
+    Stronger,
+}
 
 /// The leadership state.
 pub(super) struct Leadership {
@@ -37,6 +55,56 @@ impl Leadership {
             last_change: now,
             rank_cache: None,
         }
+    }
+
+    /// The live membership changed at `now`: the election waits for it to settle again.
+    pub(super) fn membership_changed(&mut self, now: Duration) {
+        self.last_change = now;
+        self.rank_cache = None;
+    }
+
+    /// Where `claim` stands against the one we follow.
+    pub(super) fn judge(&self, claim: &LeaderClaim) -> Judgement {
+        match self.claim {
+            Some(cur) if cur.leader == claim.leader && cur.term == claim.term => {
+                if claim.beat > cur.beat {
+                    Judgement::NewerBeat
+                } else {
+                    Judgement::OldBeat
+                }
+            }
+            Some(cur) if claim.precedence() <= cur.precedence() => Judgement::Weaker(cur),
+            _ => Judgement::Stronger,
+        }
+    }
+
+    /// This node's rank among the live `members`: how many better candidates (lower ids) there
+    /// are. Cached until the membership changes.
+    pub(super) fn rank(&mut self, members: &Table, me: NodeId) -> usize {
+        if let Some((at, rank)) = self.rank_cache {
+            if at == self.last_change {
+                return rank;
+            }
+        }
+        let rank = members.live_ids().filter(|id| *id < me).count();
+        self.rank_cache = Some((self.last_change, rank));
+        rank
+    }
+
+    /// Whether the membership has been quiet long enough for a candidate of `rank` to claim:
+    /// `settle`, plus `election_rank_step` per better candidate (who should claim first).
+    pub(super) fn may_claim(&self, now: Duration, t: &Timing, rank: usize) -> bool {
+        let wait = t.settle + t.election_rank_step * rank.min(RANK_MAX) as u32;
+        now >= self.last_change + wait
+    }
+
+    /// The term of a claim by a candidate of `rank`: the highest seen plus one plus the rank. A
+    /// lower-ranked candidate that claims before the better one's claim reached it (the news of
+    /// the old leader's death reaches members at different times) claims another term, so two
+    /// leaders never share a term; the higher term wins and the other steps down.
+    pub(super) fn next_term(&mut self, rank: usize) -> u64 {
+        self.max_term += 1 + rank.min(RANK_MAX) as u64;
+        self.max_term
     }
 }
 
@@ -73,6 +141,8 @@ impl Flock {
             .is_some_and(|m| m.boot == claim.boot && is_live(m.state))
     }
 
+    /// A leader claim from the flock (gossip, push-pull, a handshake): a live leader's newer
+    /// beat, or a better claim, which this node follows from now on.
     pub(super) fn apply_claim(&mut self, now: Duration, claim: LeaderClaim) {
         self.lead.max_term = self.lead.max_term.max(claim.term);
         if claim.leader == self.me.id {
@@ -84,21 +154,20 @@ impl Flock {
         if !self.claim_is_live(&claim) {
             return;
         }
-        match self.lead.claim {
-            Some(cur) if cur.leader == claim.leader && cur.term == claim.term => {
-                if claim.beat > cur.beat {
-                    self.lead.claim = Some(claim);
-                    self.lead.last_beat = now;
-                    self.spread.broadcasts.push(Update::Leader(claim));
-                }
+        match self.lead.judge(&claim) {
+            Judgement::NewerBeat => {
+                self.lead.claim = Some(claim);
+                self.lead.last_beat = now;
+                self.spread.broadcasts.push(Update::Leader(claim));
             }
-            Some(cur) if claim.precedence() <= cur.precedence() => {
+            Judgement::OldBeat => {}
+            Judgement::Weaker(cur) => {
                 if cur.leader == self.me.id {
                     // Let the other side hear about the better claim soon.
                     self.spread.broadcasts.push(Update::Leader(cur));
                 }
             }
-            _ => {
+            Judgement::Stronger => {
                 let was_me = self.lead.claim.is_some_and(|c| c.leader == self.me.id);
                 self.lead.claim = Some(claim);
                 self.sync_key_to_leader(now);
@@ -111,18 +180,9 @@ impl Flock {
         }
     }
 
-    pub(super) fn my_rank(&mut self) -> usize {
-        if let Some((at, rank)) = self.lead.rank_cache {
-            if at == self.lead.last_change {
-                return rank;
-            }
-        }
-        let me = self.me.id;
-        let rank = self.members.live_ids().filter(|id| *id < me).count();
-        self.lead.rank_cache = Some((self.lead.last_change, rank));
-        rank
-    }
-
+    /// The election check: keys first (they follow the leader), then the leader's liveness
+    /// (no fresh beat: probe it ourselves), then a claim if there is no live leader (or only a
+    /// solo one, and we are not alone) and the membership is quiet.
     pub(super) fn check_leader(&mut self, now: Duration) {
         self.sync_key_to_leader(now);
         self.request_key_if_needed(now);
@@ -150,9 +210,8 @@ impl Flock {
         if now < self.lead.last_change + t.settle {
             return;
         }
-        let rank = self.my_rank();
-        let wait = t.settle + t.election_rank_step * rank.min(1000) as u32;
-        if now < self.lead.last_change + wait {
+        let rank = self.lead.rank(&self.members, self.me.id);
+        if !self.lead.may_claim(now, &t, rank) {
             return;
         }
         let solo = live_n == 1;
@@ -167,15 +226,9 @@ impl Flock {
         self.claim(now, solo, rank);
     }
 
-    /// After adopting a leader: seal with its newest key if we hold one, and spread that key
-    /// with the claim (a merge: the losing side learns the winner's key this way).
-    /// Claims leadership. The term is the highest seen plus one plus our rank among the
-    /// candidates: a lower-ranked candidate that claims before the better one's claim reached it
-    /// (the news of the old leader's death reaches members at different times) claims another
-    /// term, so two leaders never share a term; the higher term wins and the other steps down.
+    /// Claims leadership, in the term [`Leadership::next_term`] gives, and starts beating.
     pub(super) fn claim(&mut self, now: Duration, solo: bool, rank: usize) {
-        let term = self.lead.max_term + 1 + rank.min(1000) as u64;
-        self.lead.max_term = term;
+        let term = self.lead.next_term(rank);
         let claim = LeaderClaim {
             leader: self.me.id,
             boot: self.me.boot,
@@ -231,5 +284,93 @@ impl Flock {
         if !self.leaving {
             self.check_leader(now);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Preset;
+    use crux_proto::flock::{BootId, MemberInfo, MemberState};
+
+    fn claim(leader: u64, term: u64, beat: u64) -> LeaderClaim {
+        LeaderClaim {
+            leader: NodeId(leader),
+            boot: BootId(1),
+            term,
+            solo: false,
+            beat,
+            epoch: 0,
+            ring: 0,
+        }
+    }
+
+    fn table(live: &[u64]) -> Table {
+        let mut t = Table::default();
+        for id in live {
+            t.set(
+                MemberInfo {
+                    id: NodeId(*id),
+                    boot: BootId(1),
+                    addr: std::net::SocketAddr::from(([10, 0, 0, *id as u8], 7700)),
+                    incarnation: 0,
+                    state: MemberState::Alive,
+                    key: None,
+                },
+                Duration::ZERO,
+            );
+        }
+        t
+    }
+
+    #[test]
+    fn claims_are_judged_by_beat_then_precedence() {
+        let mut l = Leadership::new(Duration::ZERO);
+        assert_eq!(
+            l.judge(&claim(5, 1, 0)),
+            Judgement::Stronger,
+            "no leader yet"
+        );
+        l.claim = Some(claim(5, 2, 3));
+        assert_eq!(l.judge(&claim(5, 2, 4)), Judgement::NewerBeat);
+        assert_eq!(l.judge(&claim(5, 2, 3)), Judgement::OldBeat);
+        assert_eq!(l.judge(&claim(5, 2, 1)), Judgement::OldBeat);
+        let cur = l.claim.unwrap();
+        assert_eq!(
+            l.judge(&claim(4, 1, 9)),
+            Judgement::Weaker(cur),
+            "a lower term"
+        );
+        assert_eq!(
+            l.judge(&claim(4, 3, 0)),
+            Judgement::Stronger,
+            "a higher term"
+        );
+    }
+
+    #[test]
+    fn the_rank_is_cached_until_the_membership_changes() {
+        let mut l = Leadership::new(Duration::ZERO);
+        let me = NodeId(5);
+        assert_eq!(l.rank(&table(&[1, 3, 7]), me), 2);
+        assert_eq!(l.rank(&table(&[1, 2, 3, 4, 7]), me), 2, "cached");
+        l.membership_changed(Duration::from_secs(1));
+        assert_eq!(l.rank(&table(&[1, 2, 3, 4, 7]), me), 4);
+    }
+
+    #[test]
+    fn better_candidates_claim_first_and_worse_ones_in_higher_terms() {
+        let t = Timing::preset(Preset::Lan);
+        let mut l = Leadership::new(Duration::ZERO);
+        l.membership_changed(Duration::from_secs(10));
+        let quiet = Duration::from_secs(10) + t.settle;
+        assert!(l.may_claim(quiet, &t, 0));
+        assert!(!l.may_claim(quiet, &t, 1));
+        assert!(l.may_claim(quiet + t.election_rank_step, &t, 1));
+        l.max_term = 7;
+        assert_eq!(l.next_term(0), 8);
+        assert_eq!(l.next_term(2), 11);
+        assert_eq!(l.max_term, 11);
+        assert_eq!(l.next_term(5000), 11 + 1 + RANK_MAX as u64);
     }
 }

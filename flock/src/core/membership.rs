@@ -15,9 +15,9 @@ use super::timer::Timer;
 use super::{is_live, DropReason, Event};
 
 impl Flock {
+    /// The live membership changed ([`Leadership::membership_changed`]).
     pub(super) fn membership_changed(&mut self, now: Duration) {
-        self.lead.last_change = now;
-        self.lead.rank_cache = None;
+        self.lead.membership_changed(now);
     }
 
     /// The sender's own entry, carried in pings and acks.
