@@ -9,7 +9,17 @@ use rand::Rng;
 
 use super::machine::Flock;
 use super::timer::Timer;
+use crate::config::Config;
 use crate::crypto::Purpose;
+
+/// Where a discovery round probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Target {
+    /// A seed (given at start or by `crux join`): probed whatever we hold of it.
+    Seed(SocketAddr),
+    /// An address of the space: probed unless a live member is there.
+    Space(SocketAddr),
+}
 
 /// The discovery state.
 #[derive(Default)]
@@ -18,44 +28,64 @@ pub(super) struct Discovery {
     pub(super) round: u64,
 }
 
-impl Flock {
-    pub(super) fn discovery_round(&mut self, alone: bool) {
-        self.discovery.round += 1;
-        // While alone, every other round goes to a seed (or an address seen before).
-        if alone && !self.config.seeds.is_empty() && (self.discovery.round % 2 == 1) {
-            let i = (self.discovery.round / 2) as usize % self.config.seeds.len();
-            let addr = self.config.seeds[i];
-            if addr != self.me.addr {
-                self.send_discovery_ping(addr);
-                return;
+impl Discovery {
+    /// The address the next round probes (None: nothing this round). While `alone`, every
+    /// other round goes to the next seed; otherwise a random address of the space (a random
+    /// seed when the space is empty). Never this node's own address `me`.
+    pub(super) fn next_target(
+        &mut self,
+        alone: bool,
+        config: &Config,
+        me: SocketAddr,
+        rng: &mut impl Rng,
+    ) -> Option<Target> {
+        self.round += 1;
+        let seeds = &config.seeds;
+        if alone && !seeds.is_empty() && (self.round % 2 == 1) {
+            let addr = seeds[(self.round / 2) as usize % seeds.len()];
+            if addr != me {
+                return Some(Target::Seed(addr));
             }
         }
-        let port = self.me.addr.port();
-        let size = self.config.space.size(port);
+        let port = me.port();
+        let size = config.space.size(port);
         if size == 0 {
-            if alone && !self.config.seeds.is_empty() {
-                let i = self.rng.gen_range(0..self.config.seeds.len());
-                let addr = self.config.seeds[i];
-                if addr != self.me.addr {
-                    self.send_discovery_ping(addr);
+            if alone && !seeds.is_empty() {
+                let addr = seeds[rng.gen_range(0..seeds.len())];
+                if addr != me {
+                    return Some(Target::Seed(addr));
                 }
             }
-            return;
+            return None;
         }
-        let i = self.rng.gen_range(0..size);
-        let Some(addr) = self.config.space.nth(i, port) else {
-            return;
-        };
-        let live_there = self
-            .members
-            .id_at(&addr)
-            .is_some_and(|id| self.members.is_live(id));
-        if addr == self.me.addr || live_there {
-            return; // a live member: nothing to discover there
+        let addr = config.space.nth(rng.gen_range(0..size), port)?;
+        (addr != me).then_some(Target::Space(addr))
+    }
+}
+
+impl Flock {
+    /// A discovery round: probe the [`Discovery::next_target`].
+    pub(super) fn discovery_round(&mut self, alone: bool) {
+        let me = self.me.addr;
+        let target = self
+            .discovery
+            .next_target(alone, &self.config, me, &mut self.rng);
+        match target {
+            Some(Target::Seed(addr)) => self.send_discovery_ping(addr),
+            Some(Target::Space(addr)) => {
+                let live_there = self
+                    .members
+                    .id_at(&addr)
+                    .is_some_and(|id| self.members.is_live(id));
+                if live_there {
+                    return; // a live member: nothing to discover there
+                }
+                // Unknown, or a member we hold dead: it may live on in another flock (with
+                // security on, under other keys, which only a handshake gets across).
+                self.send_discovery_ping(addr);
+            }
+            None => {}
         }
-        // Unknown, or a member we hold dead: it may live on in another flock (with security on,
-        // under other keys, which only a handshake gets across).
-        self.send_discovery_ping(addr);
     }
 
     /// Probes an address that is not a known member. With security on, that is a join
@@ -95,5 +125,62 @@ impl Flock {
                 self.send_ping(addr, Some(id));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AddressSpace, Preset};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 7700))
+    }
+
+    fn config(space: &[&str], seeds: &[SocketAddr]) -> Config {
+        let mut c = Config::new("b", Preset::Lan);
+        c.space = AddressSpace::parse(space, &[]).unwrap();
+        c.seeds = seeds.to_vec();
+        c
+    }
+
+    #[test]
+    fn while_alone_every_other_round_goes_to_the_next_seed() {
+        let c = config(&["10.0.1.0/24"], &[addr(1), addr(2), addr(3)]);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut d = Discovery::default();
+        let targets: Vec<_> = (0..6)
+            .map(|_| d.next_target(true, &c, addr(9), &mut rng).unwrap())
+            .collect();
+        assert_eq!(targets[0], Target::Seed(addr(1)));
+        assert_eq!(targets[2], Target::Seed(addr(2)));
+        assert_eq!(targets[4], Target::Seed(addr(3)));
+        for t in [targets[1], targets[3], targets[5]] {
+            assert!(
+                matches!(t, Target::Space(a) if c.space.contains(a, 7700)),
+                "{t:?}"
+            );
+        }
+        // Not alone: the space only.
+        let t = d.next_target(false, &c, addr(9), &mut rng).unwrap();
+        assert!(matches!(t, Target::Space(_)));
+    }
+
+    #[test]
+    fn never_this_node_and_seeds_stand_in_for_an_empty_space() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let only_me = config(&["10.0.0.9"], &[]);
+        let mut d = Discovery::default();
+        assert_eq!(d.next_target(true, &only_me, addr(9), &mut rng), None);
+        let no_space = config(&[], &[addr(1)]);
+        assert_eq!(no_space.space.size(7700), 0);
+        let mut d = Discovery { round: 1 }; // the next round is even: not the seed's turn
+        assert_eq!(
+            d.next_target(true, &no_space, addr(9), &mut rng),
+            Some(Target::Seed(addr(1)))
+        );
+        assert_eq!(d.next_target(false, &no_space, addr(9), &mut rng), None);
     }
 }

@@ -19,6 +19,8 @@ use super::FastMap;
 
 /// Unanswered key requests after which a node says it is shut out (and every as many after).
 pub(super) const SHUT_OUT_REQUESTS: u32 = 10;
+/// Most addresses remembered as unreadable.
+const UNREADABLE_MAX: usize = 1024;
 
 /// The key state of the state machine.
 #[derive(Default)]
@@ -33,6 +35,51 @@ pub(super) struct Keys {
     pub(super) unreadable: FastMap<SocketAddr, Duration>,
     /// Key epoch each peer address ([`addr_key`](super::table::addr_key())) last sealed with.
     pub(super) peer_epoch: FastMap<u64, u32>,
+}
+
+impl Keys {
+    /// Remembers that the peer at `from` sealed with `epoch` (at most `max` peers; past that
+    /// the table starts over).
+    pub(super) fn note_peer_epoch(&mut self, from: SocketAddr, epoch: u32, max: usize) {
+        if self.peer_epoch.len() >= max {
+            self.peer_epoch.clear();
+        }
+        self.peer_epoch.insert(addr_key(&from), epoch);
+    }
+
+    /// The epoch the peer at `to` last sealed with.
+    pub(super) fn peer_epoch(&self, to: SocketAddr) -> Option<u32> {
+        self.peer_epoch.get(&addr_key(&to)).copied()
+    }
+
+    /// A member at `from` seals under keys we cannot open: whether to ask it for its keys now
+    /// (at most once per `period` per address, [`UNREADABLE_MAX`] addresses remembered).
+    pub(super) fn unreadable_due(
+        &mut self,
+        from: SocketAddr,
+        now: Duration,
+        period: Duration,
+    ) -> bool {
+        if self
+            .unreadable
+            .get(&from)
+            .is_some_and(|t| now < *t + period)
+        {
+            return false;
+        }
+        if self.unreadable.len() >= UNREADABLE_MAX {
+            self.unreadable.clear();
+        }
+        self.unreadable.insert(from, now);
+        true
+    }
+
+    /// A key request is sent: returns whether it makes [`SHUT_OUT_REQUESTS`] (or a multiple)
+    /// unanswered in a row, time to tell the operator.
+    pub(super) fn key_requested(&mut self) -> bool {
+        self.unanswered_requests += 1;
+        self.unanswered_requests.is_multiple_of(SHUT_OUT_REQUESTS)
+    }
 }
 
 impl Flock {
@@ -78,10 +125,8 @@ impl Flock {
     /// Remembers which key a peer seals with, so that we answer under the same key.
     pub(super) fn note_peer_epoch(&mut self, from: SocketAddr, header: &Header) {
         if self.keys.sec.is_some() {
-            if self.keys.peer_epoch.len() >= self.config.members_max {
-                self.keys.peer_epoch.clear();
-            }
-            self.keys.peer_epoch.insert(addr_key(&from), header.key_id);
+            let max = self.config.members_max;
+            self.keys.note_peer_epoch(from, header.key_id, max);
         }
     }
 
@@ -214,10 +259,8 @@ impl Flock {
                 key,
             });
         }
-        if self.keys.peer_epoch.len() >= self.config.members_max {
-            self.keys.peer_epoch.clear();
-        }
-        self.keys.peer_epoch.insert(addr_key(&from), current);
+        let max = self.config.members_max;
+        self.keys.note_peer_epoch(from, current, max);
         if let Some(claim) = theirs {
             self.lead.max_term = self.lead.max_term.max(claim.term);
             if same_leader {
@@ -255,19 +298,9 @@ impl Flock {
     /// per address.
     pub(super) fn handshake_unreadable(&mut self, now: Duration, from: SocketAddr) {
         let period = self.config.timing.probe_interval;
-        if self
-            .keys
-            .unreadable
-            .get(&from)
-            .is_some_and(|t| now < *t + period)
-            || self.leaving
-        {
+        if self.leaving || !self.keys.unreadable_due(from, now, period) {
             return;
         }
-        if self.keys.unreadable.len() >= 1024 {
-            self.keys.unreadable.clear();
-        }
-        self.keys.unreadable.insert(from, now);
         self.send_handshake(from, Purpose::Join);
     }
 
@@ -301,13 +334,9 @@ impl Flock {
         if let Some(id) = leader.or_else(|| self.members.choose_live(&mut self.rng)) {
             let addr = self.addr(id);
             self.stats.key_requests += 1;
-            self.keys.unanswered_requests += 1;
+            let shut_out = self.keys.key_requested();
             self.send_handshake(addr, Purpose::KeyRequest);
-            if self
-                .keys
-                .unanswered_requests
-                .is_multiple_of(SHUT_OUT_REQUESTS)
-            {
+            if shut_out {
                 // Members are there but none answers: our secondary keys are not in their
                 // keyring any more (removed while we were away), or they are another bloc's.
                 tracing::warn!(
@@ -498,5 +527,48 @@ impl Flock {
         if sec.ring_repair_due(now, claim.ring, grace, push_odds, &mut self.rng) && !self.leaving {
             self.start_push_pull(addr, false);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 7700))
+    }
+
+    #[test]
+    fn peer_epochs_are_remembered_per_address_and_bounded() {
+        let mut k = Keys::default();
+        k.note_peer_epoch(addr(1), 5, 2);
+        k.note_peer_epoch(addr(2), 6, 2);
+        k.note_peer_epoch(addr(1), 7, 2);
+        assert_eq!(k.peer_epoch(addr(1)), Some(7));
+        assert_eq!(k.peer_epoch(addr(2)), None, "full: started over");
+        k.note_peer_epoch(addr(2), 8, 2);
+        assert_eq!(
+            (k.peer_epoch(addr(1)), k.peer_epoch(addr(2))),
+            (Some(7), Some(8))
+        );
+    }
+
+    #[test]
+    fn an_unreadable_member_is_asked_once_per_period() {
+        let mut k = Keys::default();
+        let period = Duration::from_millis(200);
+        let at = |ms| Duration::from_millis(ms);
+        assert!(k.unreadable_due(addr(1), at(0), period));
+        assert!(!k.unreadable_due(addr(1), at(199), period));
+        assert!(k.unreadable_due(addr(2), at(199), period));
+        assert!(k.unreadable_due(addr(1), at(200), period));
+    }
+
+    #[test]
+    fn every_tenth_unanswered_key_request_says_shut_out() {
+        let mut k = Keys::default();
+        let warnings: Vec<_> = (1..=25).filter(|_| k.key_requested()).collect();
+        assert_eq!(warnings.len(), 2);
+        assert_eq!(k.unanswered_requests, 25);
     }
 }

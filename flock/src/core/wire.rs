@@ -12,7 +12,6 @@ use tracing::trace;
 
 use super::handshake::{encode_claim, Opened as SecOpened};
 use super::machine::Flock;
-use super::table::addr_key;
 use super::{DropReason, Transmit, TransmitKind};
 use crate::crypto::Joined;
 
@@ -67,6 +66,7 @@ impl Flock {
     ) -> Option<Vec<u8>> {
         self.wire.counter += 1;
         let mut out = Vec::with_capacity(HEADER_BYTES + ENVELOPE_OVERHEAD + body.len());
+        let dest_epoch = self.keys.peer_epoch(to);
         let Some(sec) = self.keys.sec.as_mut() else {
             let header = Header {
                 kind: Kind::Flock,
@@ -80,7 +80,6 @@ impl Flock {
             out.extend_from_slice(body);
             return Some(out);
         };
-        let dest_epoch = self.keys.peer_epoch.get(&addr_key(&to)).copied();
         let member = self
             .members
             .id_at(&to)
