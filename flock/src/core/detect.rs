@@ -213,6 +213,7 @@ impl Flock {
         self.detect.next_seq()
     }
 
+    /// Probes the next member of the round.
     pub(super) fn probe_round(&mut self, now: Duration) {
         let Some(target) = self.detect.next_probe_target(&self.members, &mut self.rng) else {
             return;
@@ -220,6 +221,8 @@ impl Flock {
         self.start_probe(now, target, false);
     }
 
+    /// Pings `target` and waits a probe timeout for its ack (a suspect first hears of the
+    /// suspicion: Lifeguard's buddy system). `leader_check`: the leader's beats stopped.
     pub(super) fn start_probe(&mut self, now: Duration, target: NodeId, leader_check: bool) {
         let Some(info) = self.members.info(target) else {
             return;
@@ -264,6 +267,7 @@ impl Flock {
         self.schedule(now + timeout, Timer::ProbeTimeout { seq });
     }
 
+    /// Timer: no ack to a direct probe. Ask `indirect_probes` relays, and probe over a stream.
     pub(super) fn on_probe_timeout(&mut self, now: Duration, seq: u32) {
         let Some(probe) = self.detect.probes.get(&seq) else {
             return; // acked
@@ -299,6 +303,7 @@ impl Flock {
         self.schedule(at, Timer::IndirectTimeout { seq });
     }
 
+    /// Timer: no ack by the end of the probe interval either: the target becomes suspect.
     pub(super) fn on_indirect_timeout(&mut self, now: Duration, seq: u32) {
         let Some(probe) = self.detect.probes.remove(&seq) else {
             return;
@@ -319,6 +324,7 @@ impl Flock {
         self.apply_suspect(now, info.id, info.boot, info.incarnation, self.me.id);
     }
 
+    /// An ack to probe `seq`, from `from` (the target itself, directly or through a relay).
     pub(super) fn on_probe_ack(&mut self, now: Duration, seq: u32, from: NodeId) {
         let Some(probe) = self.detect.probes.get(&seq) else {
             return;
@@ -333,6 +339,7 @@ impl Flock {
         }
     }
 
+    /// A ping that is not a probe (discovery of a stranger, a member held dead).
     pub(super) fn send_ping(&mut self, addr: SocketAddr, target: Option<NodeId>) {
         let seq = self.next_seq();
         let msg = Message::Ping {
@@ -345,6 +352,8 @@ impl Flock {
         self.send_with_updates(addr, msg);
     }
 
+    /// A suspicion of `id` at incarnation `inc`, by `from` (ours, gossiped or from a push-pull):
+    /// of us, refute it; of an alive member, suspect it; of a suspect, count a confirmation.
     pub(super) fn apply_suspect(
         &mut self,
         now: Duration,
@@ -433,6 +442,7 @@ impl Flock {
         });
     }
 
+    /// Timer: a suspicion ran out unrefuted: the suspect is dead.
     pub(super) fn on_suspicion_timeout(&mut self, now: Duration, id: NodeId, token: u64) {
         if self
             .detect
@@ -449,6 +459,7 @@ impl Flock {
         self.apply_dead(now, id, info.boot, info.incarnation, self.me.id);
     }
 
+    /// Someone holds us suspect or dead at `incarnation`: come back alive with a higher one.
     pub(super) fn refute(&mut self, incarnation: u64) {
         if self.leaving {
             return;

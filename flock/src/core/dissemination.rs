@@ -14,7 +14,8 @@ use crux_proto::flock::{
 };
 
 use super::broadcast::Broadcasts;
-use super::machine::{Flock, REVOKED_MAX};
+use super::machine::Flock;
+use super::membership::REVOKED_MAX;
 use super::table::member_hash;
 use super::timer::Timer;
 use super::{is_live, FastMap};
@@ -107,11 +108,13 @@ impl Flock {
         member_hash(self.me.id, self.me.boot) ^ self.members.digest()
     }
 
+    /// How many times each update is sent: `retransmit_mult × ceil(log10(N + 1))`.
     pub(super) fn retransmit_limit(&self) -> u32 {
         let n = self.live_count() as f64;
         self.config.timing.retransmit_mult * ((n + 1.0).log10().ceil() as u32).max(1)
     }
 
+    /// Sends the queued updates to `gossip_fanout` random live members (if there is news).
     pub(super) fn gossip_round(&mut self) {
         if !self.spread.broadcasts.has_news() {
             return;
@@ -152,6 +155,7 @@ impl Flock {
         }
     }
 
+    /// Starts a push-pull with `addr` (`join`: a first exchange with a node just found).
     pub(super) fn start_push_pull(&mut self, addr: SocketAddr, join: bool) {
         self.stats.push_pulls += 1;
         let pp = self.build_push_pull(false, join, false);
@@ -172,6 +176,7 @@ impl Flock {
         self.send_frame(addr, &StreamFrame::PushPull(pp));
     }
 
+    /// Merges a peer's full state: its members, revocations, leader claim and keyring.
     pub(super) fn on_push_pull(&mut self, now: Duration, sender: NodeId, pp: PushPull) {
         for id in pp.revoked.iter().take(REVOKED_MAX) {
             self.apply_revoke(now, *id);
@@ -233,6 +238,8 @@ impl Flock {
         }
     }
 
+    /// A member we hold dead or left at this boot is talking to us: push-pull so both sides
+    /// learn (partition heal, false death), at most once per dead-probe interval.
     pub(super) fn heal_if_dead(
         &mut self,
         now: Duration,

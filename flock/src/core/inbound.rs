@@ -176,6 +176,7 @@ impl Flock {
         debug!(%to, "stream failed");
     }
 
+    /// Opens a stream frame (a request or a reply), counting it; None when it is dropped.
     pub(super) fn open_stream(
         &mut self,
         from: SocketAddr,
@@ -212,6 +213,8 @@ impl Flock {
         }
     }
 
+    /// An authenticated flock message: dispatched, then any refutation it called for is sent
+    /// straight back to its source.
     pub(super) fn on_message(
         &mut self,
         now: Duration,
@@ -350,6 +353,7 @@ impl Flock {
         }
     }
 
+    /// Applies piggybacked or gossiped updates, each by the concern it belongs to.
     pub(super) fn apply_updates(&mut self, now: Duration, updates: &[Update]) {
         for update in updates {
             match *update {

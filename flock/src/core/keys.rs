@@ -10,12 +10,10 @@ use tracing::debug;
 
 use super::handshake::{decode_claim, encode_claim};
 use super::machine::Flock;
-use super::table::addr_key;
-use super::{DropReason, Event, Transmit, TransmitKind};
-use crate::crypto::{Joined, Keyring, KeyringOp, Purpose, SecretKey};
-
 use super::secure::Sec;
-use super::FastMap;
+use super::table::addr_key;
+use super::{DropReason, Event, FastMap, Transmit, TransmitKind};
+use crate::crypto::{Joined, Keyring, KeyringOp, Purpose, SecretKey};
 
 /// Unanswered key requests after which a node says it is shut out (and every as many after).
 pub(super) const SHUT_OUT_REQUESTS: u32 = 10;
@@ -140,6 +138,7 @@ impl Flock {
         }
     }
 
+    /// Starts a handshake with `addr` (a join, or a key request) under the keyring's keys.
     pub(super) fn send_handshake(&mut self, addr: SocketAddr, purpose: Purpose) {
         let context = encode_claim(self.lead.claim.as_ref());
         let now = self.now;

@@ -114,6 +114,7 @@ pub(super) fn election_tick(t: &crate::config::Timing) -> Duration {
 }
 
 impl Flock {
+    /// What the application sees of a claim (None: the leader is not in the table).
     pub(super) fn leader_view_of(&self, claim: &LeaderClaim) -> Option<LeaderView> {
         let addr = self.member(claim.leader)?.info.addr;
         Some(LeaderView {
@@ -123,6 +124,7 @@ impl Flock {
         })
     }
 
+    /// The leader we followed is gone (dead, left, restarted, revoked).
     pub(super) fn lose_leader(&mut self, now: Duration) {
         if self.lead.claim.take().is_some() {
             debug!("leader lost");

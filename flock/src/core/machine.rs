@@ -24,10 +24,6 @@ use crate::crypto::Keyring;
 /// Room kept in the output queues once drained.
 const OUTBOX_KEEP: usize = 64;
 
-/// Most nodes a flock keeps revoked (each costs 8 bytes in every push-pull). Beyond it, rotate
-/// the secondary key: a node without it cannot come back.
-pub const REVOKED_MAX: usize = 1024;
-
 /// The flock state machine. See the crate docs for the protocol.
 ///
 /// `Flock` routes inputs (datagrams, stream frames, timers, commands) to the concern they belong
@@ -54,7 +50,7 @@ pub struct Flock {
     pub(super) rng: ChaCha8Rng,
     /// Every other member, with the live and dead sets and the live digest derived from them.
     pub(super) members: Table,
-    /// Nodes revoked by the flock (at most [`REVOKED_MAX`]): kept out of the table, their
+    /// Nodes revoked by the flock (at most [`REVOKED_MAX`](super::membership::REVOKED_MAX)): kept out of the table, their
     /// datagrams dropped.
     pub(super) revoked: std::collections::BTreeSet<NodeId>,
     pub(super) timers: Timers,
@@ -292,12 +288,14 @@ impl Flock {
 
     // ----- envelope seam -------------------------------------------------------------------
 
+    /// This node's own entry.
     pub(super) fn my_info(&self) -> MemberInfo {
         self.self_member.info
     }
 
     // ----- timers --------------------------------------------------------------------------
 
+    /// Wakes the core at `at` for `timer`.
     pub(super) fn schedule(&mut self, at: Duration, timer: Timer) {
         self.timers.schedule(at, timer);
     }

@@ -10,12 +10,16 @@ use std::time::Duration;
 
 use crux_proto::flock::{BootId, Header, MemberInfo, MemberState, Message, NodeId, Update};
 
-use super::machine::{Flock, REVOKED_MAX};
+use super::machine::Flock;
 use super::timer::Timer;
 use super::{is_live, DropReason, Event};
 
+/// Most nodes a flock keeps revoked (each costs 8 bytes in every push-pull). Beyond it, rotate
+/// the secondary key: a node without it cannot come back.
+pub(crate) const REVOKED_MAX: usize = 1024;
+
 impl Flock {
-    /// The live membership changed ([`Leadership::membership_changed`]).
+    /// The live membership changed ([`Leadership::membership_changed`](super::leader::Leadership::membership_changed)).
     pub(super) fn membership_changed(&mut self, now: Duration) {
         self.lead.membership_changed(now);
     }
@@ -40,6 +44,7 @@ impl Flock {
         self.apply_alive(now, info);
     }
 
+    /// An alive update (gossiped, or a sender's own entry): spread it further.
     pub(super) fn apply_alive(&mut self, now: Duration, info: MemberInfo) {
         self.apply_alive_from(now, info, true);
     }
@@ -100,6 +105,7 @@ impl Flock {
         }
     }
 
+    /// A death (our suspicion ran out, or gossiped): of us, refute it.
     pub(super) fn apply_dead(
         &mut self,
         now: Duration,
@@ -131,6 +137,7 @@ impl Flock {
         );
     }
 
+    /// A graceful leave (gossiped, or from a push-pull): of us (an old boot), refute it.
     pub(super) fn apply_left(&mut self, now: Duration, id: NodeId, boot: BootId, inc: u64) {
         if id == self.me.id {
             if boot == self.me.boot && !self.leaving {
@@ -224,6 +231,7 @@ impl Flock {
         self.revoked.iter().copied()
     }
 
+    /// Forgets the dead and left members held for `reap_after`, and expired keys.
     pub(super) fn reap(&mut self, now: Duration) {
         if let Some(sec) = self.keys.sec.as_mut() {
             sec.forget_expired(now);
@@ -243,6 +251,8 @@ impl Flock {
         }
     }
 
+    /// Leaves gracefully: this node's entry becomes Left (a higher incarnation), told to a few
+    /// members at once and gossiped until `leave_propagation` has passed.
     pub(super) fn start_leave(&mut self, now: Duration) {
         if self.leaving {
             return;
