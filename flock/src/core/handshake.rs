@@ -6,6 +6,7 @@
 //! adds the responder's checks in WireGuard's order (destination, timestamp, replay, rate
 //! limit, load) and the initiator's state (one pending handshake, cookies received).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,10 +16,43 @@ use tracing::trace;
 
 use super::secure::{Sec, CLOCK_SKEW_MAX, COOKIES_HELD_MAX};
 use crate::crypto::{
-    check, open_request, HandshakeInitiator, Initiation, Joined, Origin, Purpose, Tai64N,
-    COOKIE_REPLY_BYTES, COOKIE_REUSE_MAX, REPLY_BYTES, REQUEST_BYTES,
+    check, open_request, Cookie, CookieSecrets, HandshakeInitiator, HandshakeLoad, Initiation,
+    InitiationStamps, Joined, Origin, Purpose, RateLimiter, Tai64N, COOKIE_REPLY_BYTES,
+    COOKIE_REUSE_MAX, REPLY_BYTES, REQUEST_BYTES,
 };
 use crate::DropReason;
+
+/// The handshake state of one node: ours (the one pending, cookies given to us, the keyring key
+/// we use, our timestamps) and the ones we answer (rate limit, load, cookie secrets, the newest
+/// request of each initiator).
+pub(crate) struct Handshakes {
+    /// Responder side: handshakes per source address.
+    pub(super) limiter: RateLimiter,
+    /// Initiator side: the handshake we wait on.
+    pub(super) pending: Option<Pending>,
+    /// Which keyring key our handshakes use (index into the list, primary first).
+    pub(super) key_index: usize,
+    /// The newest join request taken from each initiator.
+    pub(super) stamps: InitiationStamps,
+    /// Responder side: the secrets cookies are made with, and the load that calls for them.
+    pub(super) cookie_secrets: CookieSecrets,
+    pub(super) load: HandshakeLoad,
+    /// Initiator side: cookies received, by responder address, and when.
+    pub(super) cookies: HashMap<SocketAddr, (Cookie, Duration)>,
+    /// Wall clock: nanoseconds since the Unix epoch at core time `.0`.
+    pub(super) wall: (Duration, u128),
+    /// When this node started (wall clock): older join requests are refused.
+    pub(super) started: Tai64N,
+    /// The last timestamp this node put on a join request.
+    pub(super) last_stamp: Tai64N,
+}
+
+impl Handshakes {
+    /// When the handshake we wait on started (None: we wait on none).
+    pub(crate) fn pending_since(&self) -> Option<Duration> {
+        self.pending.as_ref().map(|p| p.started)
+    }
+}
 
 /// The handshake this node waits on.
 pub(crate) struct Pending {
@@ -56,14 +90,14 @@ impl Sec {
     /// (the driver reads it once at its start; without it, the boot id's start time is used).
     /// This node's start, as join requests are checked against it, moves with it.
     pub(super) fn set_wall_clock(&mut self, now: Duration, unix_nanos: u128) {
-        let since_start = now.saturating_sub(self.wall.0).as_nanos();
-        self.wall = (now, unix_nanos);
-        self.started = Tai64N::from_unix_nanos(unix_nanos.saturating_sub(since_start));
+        let since_start = now.saturating_sub(self.hs.wall.0).as_nanos();
+        self.hs.wall = (now, unix_nanos);
+        self.hs.started = Tai64N::from_unix_nanos(unix_nanos.saturating_sub(since_start));
     }
 
     /// The wall-clock time at core time `now`, on the monotonic clock.
     pub(super) fn wall_at(&self, now: Duration) -> Tai64N {
-        let (t0, nanos0) = self.wall;
+        let (t0, nanos0) = self.hs.wall;
         let since = now.as_nanos() as i128 - t0.as_nanos() as i128;
         Tai64N::from_unix_nanos((nanos0 as i128 + since).max(0) as u128)
     }
@@ -71,12 +105,12 @@ impl Sec {
     /// The timestamp of a join request made at `now`: the wall clock, strictly increasing.
     pub(super) fn next_stamp(&mut self, now: Duration) -> Tai64N {
         let t = self.wall_at(now);
-        self.last_stamp = if t > self.last_stamp {
+        self.hs.last_stamp = if t > self.hs.last_stamp {
             t
         } else {
-            self.last_stamp.next()
+            self.hs.last_stamp.next()
         };
-        self.last_stamp
+        self.hs.last_stamp
     }
 
     /// Opens any datagram. Handshake requests are answered (`context` goes back to the
@@ -106,7 +140,7 @@ impl Sec {
         match bytes.len() {
             REQUEST_BYTES => self.on_request(now, from, bytes, counter, context, rng),
             REPLY_BYTES => {
-                let pending = self.pending.as_ref().ok_or(DropReason::Unexpected)?;
+                let pending = self.hs.pending.as_ref().ok_or(DropReason::Unexpected)?;
                 let joined = pending
                     .initiator
                     .finish(bytes)
@@ -115,7 +149,7 @@ impl Sec {
                 if !self.replay.accept(h.sender, h.boot, h.counter) {
                     return Err(DropReason::Replay);
                 }
-                self.pending = None;
+                self.hs.pending = None;
                 self.heard(from, h.sender);
                 Ok(Opened::Joined(joined))
             }
@@ -145,7 +179,8 @@ impl Sec {
             return Err(DropReason::Misdirected);
         }
         let floor = Tai64N::from_unix_nanos(
-            self.started
+            self.hs
+                .started
                 .unix_nanos()
                 .saturating_sub(CLOCK_SKEW_MAX.as_nanos()),
         );
@@ -155,13 +190,13 @@ impl Sec {
         }
         // Recorded even if not answered below (no key yet, rate-limited, under load): a replay
         // of this request later gets nothing either.
-        if !self.stamps.accept(h.sender, h.boot, request.stamp) {
+        if !self.hs.stamps.accept(h.sender, h.boot, request.stamp) {
             return Err(DropReason::OldInitiation);
         }
         if !self.replay.accept(h.sender, h.boot, h.counter) {
             return Err(DropReason::Replay);
         }
-        if !self.limiter.allow(from.ip(), now) {
+        if !self.hs.limiter.allow(from.ip(), now) {
             return Err(DropReason::RateLimited);
         }
         let keys = self
@@ -175,11 +210,11 @@ impl Sec {
         };
         let cookie_ok = request
             .cookie
-            .is_some_and(|c| self.cookie_secrets.check(now, from, &c));
+            .is_some_and(|c| self.hs.cookie_secrets.check(now, from, &c));
         if cookie_ok {
-            self.load.take(now);
-        } else if !self.load.try_take(now) {
-            let cookie = self.cookie_secrets.cookie(now, from, rng);
+            self.hs.load.take(now);
+        } else if !self.hs.load.try_take(now) {
+            let cookie = self.hs.cookie_secrets.cookie(now, from, rng);
             *counter += 1;
             return Ok(Opened::CookieReply {
                 reply: request.cookie_reply(&cookie, origin, rng),
@@ -207,7 +242,7 @@ impl Sec {
         counter: &mut u64,
         rng: &mut R,
     ) -> Result<Opened, DropReason> {
-        let pending = self.pending.as_ref().ok_or(DropReason::Unexpected)?;
+        let pending = self.hs.pending.as_ref().ok_or(DropReason::Unexpected)?;
         let (h, cookie) = pending
             .initiator
             .finish_cookie(bytes)
@@ -222,10 +257,10 @@ impl Sec {
             // the cookie came from elsewhere than where we sent the request.
             return Err(DropReason::Unexpected);
         }
-        if self.cookies.len() >= COOKIES_HELD_MAX {
-            self.cookies.clear();
+        if self.hs.cookies.len() >= COOKIES_HELD_MAX {
+            self.hs.cookies.clear();
         }
-        self.cookies.insert(to, (cookie, now));
+        self.hs.cookies.insert(to, (cookie, now));
         *counter += 1;
         let request = self.initiate(now, *counter, to, purpose, &context, false, rng);
         Ok(Opened::Retry { to, request })
@@ -242,7 +277,7 @@ impl Sec {
         context: &[u8],
         rng: &mut R,
     ) -> Vec<u8> {
-        let next_key = self.pending.is_some();
+        let next_key = self.hs.pending.is_some();
         self.initiate(now, counter, to, purpose, context, next_key, rng)
     }
 
@@ -263,6 +298,7 @@ impl Sec {
             counter,
         };
         let cookie = self
+            .hs
             .cookies
             .get(&to)
             .filter(|(_, at)| now.saturating_sub(*at) < COOKIE_REUSE_MAX)
@@ -271,11 +307,11 @@ impl Sec {
         // turn (a node whose primary was removed from the flock's ring while it was away still
         // gets in with another key the flock holds). A retry with a cookie keeps the key.
         if next_key {
-            self.handshake_key = self.handshake_key.wrapping_add(1);
+            self.hs.key_index = self.hs.key_index.wrapping_add(1);
         }
         let stamp = self.next_stamp(now);
         let keys = self.keyring.list();
-        let secondary = keys[self.handshake_key % keys.len()];
+        let secondary = keys[self.hs.key_index % keys.len()];
         let initiation = Initiation {
             purpose,
             origin,
@@ -285,7 +321,7 @@ impl Sec {
             context,
         };
         let (initiator, request) = HandshakeInitiator::new(rng, secondary, &self.bloc, &initiation);
-        self.pending = Some(Pending {
+        self.hs.pending = Some(Pending {
             initiator,
             started: now,
             to,

@@ -187,9 +187,8 @@ impl Flock {
             _ => false,
         };
         let idle = self.keys.sec.as_ref().is_some_and(|s| {
-            s.pending
-                .as_ref()
-                .is_none_or(|p| self.now >= p.started + self.config.timing.probe_timeout)
+            s.hs.pending_since()
+                .is_none_or(|t| self.now >= t + self.config.timing.probe_timeout)
         });
         if better && idle && !self.leaving && request.sender != self.me.id {
             self.send_handshake(from, Purpose::Join);
@@ -318,9 +317,9 @@ impl Flock {
             return; // the leader makes keys; it never asks for them
         }
         let busy = sec
-            .pending
-            .as_ref()
-            .is_some_and(|p| now < p.started + self.config.timing.probe_interval);
+            .hs
+            .pending_since()
+            .is_some_and(|t| now < t + self.config.timing.probe_interval);
         if busy {
             return;
         }
@@ -416,7 +415,7 @@ impl Flock {
         let Some(sec) = self.keys.sec.as_mut() else {
             return;
         };
-        if !local && !sec.ring_change_is_news(version) {
+        if !local && !sec.ring.change_is_news(version) {
             return; // already in our ring, or undone by a later change we hold
         }
         // "use" of a key not installed yet installs it first (gossip may reorder the steps).
@@ -433,10 +432,10 @@ impl Flock {
                     KeyringOp::Remove(k) => (2, *k.as_bytes()),
                 };
                 let version = match (local, changed) {
-                    (true, true) => sec.next_ring_version(),
-                    (true, false) => sec.ring_version,
+                    (true, true) => sec.ring.next_version(),
+                    (true, false) => sec.ring.version,
                     (false, _) => {
-                        sec.ring_changed_to(version);
+                        sec.ring.changed_to(version);
                         version
                     }
                 };
@@ -523,7 +522,11 @@ impl Flock {
         let Some(sec) = self.keys.sec.as_mut() else {
             return;
         };
-        if sec.ring_repair_due(now, claim.ring, grace, push_odds, &mut self.rng) && !self.leaving {
+        if sec
+            .ring
+            .repair_due(now, claim.ring, grace, push_odds, &mut self.rng)
+            && !self.leaving
+        {
             self.start_push_pull(addr, false);
         }
     }

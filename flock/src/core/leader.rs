@@ -238,7 +238,7 @@ impl Flock {
             solo,
             beat: 0,
             epoch: self.key_epoch().unwrap_or(0),
-            ring: self.keys.sec.as_ref().map_or(0, |s| s.ring_version),
+            ring: self.keys.sec.as_ref().map_or(0, |s| s.ring.version),
         };
         debug!(term, solo, "claiming leadership");
         self.stats.claims += 1;
@@ -271,7 +271,7 @@ impl Flock {
                     .as_ref()
                     .and_then(|s| s.transient.own_epoch(now))
                     .unwrap_or(0);
-                claim.ring = self.keys.sec.as_ref().map_or(0, |s| s.ring_version);
+                claim.ring = self.keys.sec.as_ref().map_or(0, |s| s.ring.version);
                 let claim = *claim;
                 self.spread.broadcasts.push(Update::Leader(claim));
                 self.schedule(next, Timer::Beat { term });

@@ -27,7 +27,7 @@ const OUTBOX_KEEP: usize = 64;
 /// The flock state machine. See the crate docs for the protocol.
 ///
 /// `Flock` routes inputs (datagrams, stream frames, timers, commands) to the concern they belong
-/// to; each concern keeps its state in its own sub-state type:
+/// to; each concern keeps its state in its own sub-state type, in its own file:
 ///
 /// | field | type | file |
 /// |---|---|---|
@@ -36,11 +36,12 @@ const OUTBOX_KEEP: usize = 64;
 /// | `spread` | `Dissemination` | `dissemination.rs` (gossip, push-pull, digests) |
 /// | `discovery` | `Discovery` | `discovery.rs` |
 /// | `lead` | `Leadership` | `leader.rs` |
-/// | `keys` | `Keys` | `keys.rs` (with `Sec`, `secure.rs`) |
+/// | `keys` | `Keys` | `keys.rs` (with `Sec`: `secure.rs`, `handshake.rs`, `ring.rs`) |
 /// | `wire` | `Wire` | `wire.rs` (sealing, opening, datagram budget) |
 ///
-/// What every concern reads (the member table, this node's entry, the RNG, the outputs) stays
-/// here.
+/// What every concern reads stays here: the member table and the revoked nodes (their rules are
+/// in `membership.rs`), this node's entry, the RNG, the outputs. `inbound.rs` routes what comes
+/// from the network; this file routes timers.
 pub struct Flock {
     pub(super) config: Config,
     pub(super) me: Identity,
@@ -50,8 +51,8 @@ pub struct Flock {
     pub(super) rng: ChaCha8Rng,
     /// Every other member, with the live and dead sets and the live digest derived from them.
     pub(super) members: Table,
-    /// Nodes revoked by the flock (at most [`REVOKED_MAX`](super::membership::REVOKED_MAX)): kept out of the table, their
-    /// datagrams dropped.
+    /// Nodes revoked by the flock (at most [`REVOKED_MAX`](super::membership::REVOKED_MAX)):
+    /// kept out of the table, their datagrams dropped.
     pub(super) revoked: std::collections::BTreeSet<NodeId>,
     pub(super) timers: Timers,
     pub(super) detect: Detection,

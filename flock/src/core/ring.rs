@@ -16,6 +16,19 @@ use sha2::{Digest as _, Sha256};
 use super::secure::Sec;
 use crate::crypto::{Keyring, SecretKey, MAX_KEYS};
 
+/// Versions of the secondary keyring, as this node knows them.
+#[derive(Default)]
+pub(crate) struct RingSync {
+    /// Version of our keyring ([`KeyringState::version`]).
+    pub(crate) version: u64,
+    /// Highest keyring version seen anywhere (a local change goes above it).
+    pub(super) seen: u64,
+    /// Since when the leader's claim names another keyring version than ours.
+    pub(super) mismatch_since: Option<Duration>,
+    /// When we last push-pulled with the leader over the keyring.
+    pub(super) last_repair: Option<Duration>,
+}
+
 impl Sec {
     /// A digest of the ring: the primary key, then the others in byte order.
     pub(super) fn ring_digest(&self) -> u64 {
@@ -35,7 +48,7 @@ impl Sec {
     /// Our ring for push-pull, with its keys if `with_keys`.
     pub(super) fn ring_state(&self, with_keys: bool) -> KeyringState {
         KeyringState {
-            version: self.ring_version,
+            version: self.ring.version,
             digest: self.ring_digest(),
             keys: if with_keys {
                 self.keyring.list().iter().map(|k| *k.as_bytes()).collect()
@@ -46,12 +59,12 @@ impl Sec {
     }
 
     pub(super) fn ring_order(&self, theirs: &KeyringState) -> std::cmp::Ordering {
-        (theirs.version, theirs.digest).cmp(&(self.ring_version, self.ring_digest()))
+        (theirs.version, theirs.digest).cmp(&(self.ring.version, self.ring_digest()))
     }
 
     /// Whether a peer's ring wins over ours (we are behind).
     pub(super) fn ring_behind(&mut self, theirs: &KeyringState) -> bool {
-        self.ring_seen = self.ring_seen.max(theirs.version);
+        self.ring.seen = self.ring.seen.max(theirs.version);
         self.ring_order(theirs).is_gt()
     }
 
@@ -78,28 +91,30 @@ impl Sec {
             self.keyring = previous;
             return false;
         }
-        self.ring_version = theirs.version;
-        self.handshake_key = 0;
+        self.ring.version = theirs.version;
+        self.hs.key_index = 0;
         before != theirs.digest
     }
+}
 
+impl RingSync {
     /// The version a change made here gets: above every version seen.
-    pub(super) fn next_ring_version(&mut self) -> u64 {
-        self.ring_version = self.ring_version.max(self.ring_seen) + 1;
-        self.ring_seen = self.ring_version;
-        self.ring_version
+    pub(super) fn next_version(&mut self) -> u64 {
+        self.version = self.version.max(self.seen) + 1;
+        self.seen = self.version;
+        self.version
     }
 
     /// Whether a change spread at `version` is news to us (older changes are already in our
     /// ring, or were undone by later ones: a late gossip must not bring back a removed key).
-    pub(super) fn ring_change_is_news(&self, version: u64) -> bool {
-        version > self.ring_version
+    pub(super) fn change_is_news(&self, version: u64) -> bool {
+        version > self.version
     }
 
     /// A change spread at `version` was applied.
-    pub(super) fn ring_changed_to(&mut self, version: u64) {
-        self.ring_version = self.ring_version.max(version);
-        self.ring_seen = self.ring_seen.max(version);
+    pub(super) fn changed_to(&mut self, version: u64) {
+        self.version = self.version.max(version);
+        self.seen = self.seen.max(version);
     }
 
     /// Member side, at each election tick: whether to push-pull with the leader over the
@@ -107,7 +122,7 @@ impl Sec {
     /// `grace` (the time gossip needs to bring a change everywhere): pull if we are behind;
     /// if we are ahead (the leader missed a change) push, with probability `push_odds` so that
     /// not every member does. At most once per `grace`.
-    pub(super) fn ring_repair_due<R: Rng>(
+    pub(super) fn repair_due<R: Rng>(
         &mut self,
         now: Duration,
         leader_ring: u64,
@@ -115,21 +130,21 @@ impl Sec {
         push_odds: f64,
         rng: &mut R,
     ) -> bool {
-        self.ring_seen = self.ring_seen.max(leader_ring);
-        if leader_ring == self.ring_version {
-            self.ring_mismatch_since = None;
+        self.seen = self.seen.max(leader_ring);
+        if leader_ring == self.version {
+            self.mismatch_since = None;
             return false;
         }
-        let since = *self.ring_mismatch_since.get_or_insert(now);
-        let rested = self.ring_last_repair.is_none_or(|t| now >= t + grace);
+        let since = *self.mismatch_since.get_or_insert(now);
+        let rested = self.last_repair.is_none_or(|t| now >= t + grace);
         if now < since + grace || !rested {
             return false;
         }
-        if leader_ring < self.ring_version && !rng.gen_bool(push_odds.clamp(0.0, 1.0)) {
-            self.ring_last_repair = Some(now);
+        if leader_ring < self.version && !rng.gen_bool(push_odds.clamp(0.0, 1.0)) {
+            self.last_repair = Some(now);
             return false;
         }
-        self.ring_last_repair = Some(now);
+        self.last_repair = Some(now);
         true
     }
 }
@@ -161,7 +176,7 @@ mod tests {
     fn a_ring_is_taken_only_when_it_wins_and_is_whole() {
         let mut behind = sec(&[1, 2]);
         let mut ahead = sec(&[2]);
-        ahead.ring_version = 3;
+        ahead.ring.version = 3;
         let state = ahead.ring_state(true);
         assert!(behind.ring_behind(&state));
         assert!(ahead.ring_ahead_of(&behind.ring_state(false)));
@@ -177,17 +192,42 @@ mod tests {
         junk.keys = vec![[5; 32]];
         assert!(!behind.adopt_ring(&junk));
         assert_eq!(behind.keyring.len(), 2);
-        assert_eq!(behind.ring_version, 0);
+        assert_eq!(behind.ring.version, 0);
         // The whole ring of a higher version is taken, and then nothing older is.
         assert!(behind.adopt_ring(&state));
         assert_eq!(behind.keyring.list(), [&SecretKey::from_bytes([2; 32])]);
-        assert_eq!(behind.ring_version, 3);
-        assert!(!behind.ring_change_is_news(2));
+        assert_eq!(behind.ring.version, 3);
+        assert!(!behind.ring.change_is_news(2));
         let older = sec(&[1, 2]).ring_state(true);
         assert!(!behind.adopt_ring(&older));
         // A change made here goes above every version seen.
         let mut other = sec(&[1]);
         let _ = other.ring_behind(&state);
-        assert_eq!(other.next_ring_version(), 4);
+        assert_eq!(other.ring.next_version(), 4);
+    }
+
+    #[test]
+    fn a_member_repairs_its_ring_with_the_leader_after_a_grace_and_pushes_only_by_odds() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let s = Duration::from_secs;
+        let grace = s(4);
+        let mut r = RingSync::default();
+        assert!(!r.repair_due(s(0), 0, grace, 1.0, &mut rng), "same version");
+        assert!(
+            !r.repair_due(s(1), 2, grace, 1.0, &mut rng),
+            "behind, in grace"
+        );
+        assert!(r.repair_due(s(5), 2, grace, 1.0, &mut rng), "behind: pull");
+        assert!(!r.repair_due(s(6), 2, grace, 1.0, &mut rng), "rested");
+        assert!(r.repair_due(s(9), 2, grace, 1.0, &mut rng));
+        assert_eq!(r.next_version(), 3, "above every version seen");
+        // Ahead of the leader: push, with the odds given.
+        assert!(!r.repair_due(s(20), 1, grace, 0.0, &mut rng));
+        assert!(!r.repair_due(s(30), 1, grace, 0.0, &mut rng));
+        assert!(r.repair_due(s(40), 1, grace, 1.0, &mut rng));
+        r.changed_to(7);
+        assert!(!r.change_is_news(7) && r.change_is_news(8));
+        assert_eq!(r.next_version(), 8);
     }
 }

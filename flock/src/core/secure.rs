@@ -23,10 +23,11 @@ use std::time::Duration;
 use crux_proto::flock::{BootId, Header, Kind, NodeId};
 use rand::{CryptoRng, Rng, RngCore};
 
-use super::handshake::Pending;
+use super::handshake::Handshakes;
+use super::ring::RingSync;
 use crate::crypto::{
-    receive, seal_for, Bloc, Cookie, CookieSecrets, HandshakeLoad, InitiationStamps, Keyring,
-    RateLimiter, ReplayTable, Tai64N, TransientKeys, COOKIE_REUSE_MAX, MAX_SEALED_FRAME_BYTES,
+    receive, seal_for, Bloc, CookieSecrets, HandshakeLoad, InitiationStamps, Keyring, RateLimiter,
+    ReplayTable, Tai64N, TransientKeys, COOKIE_REUSE_MAX, MAX_SEALED_FRAME_BYTES,
 };
 use crate::DropReason;
 
@@ -107,34 +108,11 @@ pub(crate) struct Sec {
     /// The node whose authenticated datagram came last from each source address: a reply to an
     /// address is sealed for that node.
     pub(super) peers: HashMap<SocketAddr, NodeId>,
-    // The secondary keyring and its repair (`ring.rs`).
+    // The secondary keyring (handshakes use it) and its repair (`ring.rs`).
     pub(crate) keyring: Keyring,
-    /// Version of the secondary keyring ([`KeyringState`](crux_proto::flock::KeyringState)).
-    pub(crate) ring_version: u64,
-    /// Highest keyring version seen anywhere (a local change goes above it).
-    pub(super) ring_seen: u64,
-    /// Since when the leader's claim names another keyring version than ours.
-    pub(super) ring_mismatch_since: Option<Duration>,
-    /// When we last push-pulled with the leader over the keyring.
-    pub(super) ring_last_repair: Option<Duration>,
-    // Handshakes (`handshake.rs`).
-    pub(super) limiter: RateLimiter,
-    pub(crate) pending: Option<Pending>,
-    /// Which keyring key our handshakes use (index into the list, primary first).
-    pub(super) handshake_key: usize,
-    /// The newest join request taken from each initiator.
-    pub(super) stamps: InitiationStamps,
-    /// Responder side: the secrets cookies are made with, and the load that calls for them.
-    pub(super) cookie_secrets: CookieSecrets,
-    pub(super) load: HandshakeLoad,
-    /// Initiator side: cookies received, by responder address, and when.
-    pub(super) cookies: HashMap<SocketAddr, (Cookie, Duration)>,
-    /// Wall clock: nanoseconds since the Unix epoch at core time `.0`.
-    pub(super) wall: (Duration, u128),
-    /// When this node started (wall clock): older join requests are refused.
-    pub(super) started: Tai64N,
-    /// The last timestamp this node put on a join request.
-    pub(super) last_stamp: Tai64N,
+    pub(crate) ring: RingSync,
+    /// Handshakes, ours and those we answer (`handshake.rs`).
+    pub(crate) hs: Handshakes,
 }
 
 /// The wall-clock start of a boot, from its id ([`crate::boot_id`]: milliseconds in the high 48
@@ -157,31 +135,31 @@ impl Sec {
     ) -> Sec {
         let wall = (now, boot_wall_nanos(boot));
         let started = Tai64N::from_unix_nanos(wall.1);
+        let bloc = Bloc::new(bloc);
         Sec {
-            bloc: Bloc::new(bloc),
+            transient: TransientKeys::new(bloc.clone(), timing.rotation_max),
+            bloc,
             mtu,
             keyring,
-            transient: TransientKeys::new(Bloc::new(bloc), timing.rotation_max),
             replay: ReplayTable::new(REPLAY_SENDERS_MAX),
-            limiter: RateLimiter::new(HANDSHAKE_SOURCES_MAX),
-            pending: None,
             timing,
             next_rotation: None,
             pending_switch: None,
-            ring_version: 0,
-            ring_seen: 0,
-            ring_mismatch_since: None,
-            ring_last_repair: None,
-            handshake_key: 0,
+            ring: RingSync::default(),
+            hs: Handshakes {
+                limiter: RateLimiter::new(HANDSHAKE_SOURCES_MAX),
+                pending: None,
+                key_index: 0,
+                stamps: InitiationStamps::new(INITIATORS_MAX),
+                cookie_secrets: CookieSecrets::new(),
+                load: HandshakeLoad::default(),
+                cookies: HashMap::new(),
+                wall,
+                started,
+                last_stamp: Tai64N::default(),
+            },
             addr,
-            stamps: InitiationStamps::new(INITIATORS_MAX),
-            cookie_secrets: CookieSecrets::new(),
-            load: HandshakeLoad::default(),
-            cookies: HashMap::new(),
             peers: HashMap::new(),
-            wall,
-            started,
-            last_stamp: Tai64N::default(),
             id,
             boot,
         }
@@ -339,8 +317,9 @@ impl Sec {
     /// Drops expired keys, rate-limit entries and cookies.
     pub(crate) fn forget_expired(&mut self, now: Duration) {
         self.transient.forget_expired(now);
-        self.limiter.prune(now);
-        self.cookies
+        self.hs.limiter.prune(now);
+        self.hs
+            .cookies
             .retain(|_, (_, at)| now.saturating_sub(*at) < COOKIE_REUSE_MAX);
     }
 }
