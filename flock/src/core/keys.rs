@@ -13,7 +13,7 @@ use super::machine::Flock;
 use super::secure::Sec;
 use super::table::addr_key;
 use super::{DropReason, Event, FastMap, Transmit, TransmitKind};
-use crate::crypto::{Joined, Keyring, KeyringOp, Purpose, SecretKey};
+use crate::crypto::{JoinKeys, Joined, Keyring, KeyringOp, Purpose, SecretKey, TransientKeys};
 
 /// Unanswered key requests after which a node says it is shut out (and every as many after).
 pub(super) const SHUT_OUT_REQUESTS: u32 = 10;
@@ -33,6 +33,51 @@ pub(super) struct Keys {
     pub(super) unreadable: FastMap<SocketAddr, Duration>,
     /// Key epoch each peer address ([`addr_key`](super::table::addr_key())) last sealed with.
     pub(super) peer_epoch: FastMap<u64, u32>,
+}
+
+/// What the keys a handshake brought (`keys`, from a flock that follows `theirs`) are to us
+/// (following `ours`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct JoinedKeys {
+    /// Seal with them: we hold no fresh key, or they are another flock's that wins a merge.
+    pub(super) switch: bool,
+    /// The keys we seal with already, by their bytes (epochs of flocks that split may
+    /// coincide).
+    pub(super) same_keys: bool,
+    /// The responder follows our leader.
+    pub(super) same_leader: bool,
+}
+
+impl JoinedKeys {
+    pub(super) fn judge(
+        held: &TransientKeys,
+        now: Duration,
+        keys: &JoinKeys,
+        theirs: Option<LeaderClaim>,
+        ours: Option<LeaderClaim>,
+    ) -> JoinedKeys {
+        let current = keys.current.epoch;
+        let same_keys = held.own_epoch(now).is_some_and(|o| {
+            (o == current && held.holds_key(current, &keys.current.key))
+                || keys
+                    .previous
+                    .as_ref()
+                    .is_some_and(|p| o == p.epoch && held.holds_key(p.epoch, &p.key))
+        });
+        let same_leader = matches!((theirs, ours), (Some(t), Some(o)) if t.leader == o.leader);
+        let switch = held.needs_key(now)
+            || (!same_keys
+                && match (theirs, ours) {
+                    (Some(t), Some(o)) => t.leader != o.leader && t.precedence() > o.precedence(),
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                });
+        JoinedKeys {
+            switch,
+            same_keys,
+            same_leader,
+        }
+    }
 }
 
 impl Keys {
@@ -207,25 +252,11 @@ impl Flock {
             return;
         };
         let ours = self.lead.claim;
-        let needs = sec.transient.needs_key(now);
-        let own = sec.transient.own_epoch(now);
-        // The same keys, by their bytes (epochs of flocks that split may coincide).
-        let same_keys = own.is_some_and(|o| {
-            (o == current && sec.transient.holds_key(current, &joined.keys.current.key))
-                || joined
-                    .keys
-                    .previous
-                    .as_ref()
-                    .is_some_and(|p| o == p.epoch && sec.transient.holds_key(p.epoch, &p.key))
-        });
-        let same_leader = matches!((theirs, ours), (Some(t), Some(o)) if t.leader == o.leader);
-        let switch = needs
-            || (!same_keys
-                && match (theirs, ours) {
-                    (Some(t), Some(o)) => t.leader != o.leader && t.precedence() > o.precedence(),
-                    (Some(_), None) => true,
-                    (None, _) => false,
-                });
+        let JoinedKeys {
+            switch,
+            same_keys,
+            same_leader,
+        } = JoinedKeys::judge(&sec.transient, now, &joined.keys, theirs, ours);
         if !(switch || same_keys || same_leader) {
             // Another flock that should lose a merge: it asks us in turn (our request carried
             // our claim) and switches to our keys. Its keys are of no use to us.
@@ -535,6 +566,7 @@ impl Flock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::KeyAnnouncement;
 
     fn addr(i: u8) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, i], 7700))
@@ -572,5 +604,54 @@ mod tests {
         let warnings: Vec<_> = (1..=25).filter(|_| k.key_requested()).collect();
         assert_eq!(warnings.len(), 2);
         assert_eq!(k.unanswered_requests, 25);
+    }
+
+    #[test]
+    fn keys_from_a_handshake_are_taken_when_needed_or_when_their_flock_wins() {
+        let now = Duration::from_secs(1);
+        let claim = |leader: u64, term: u64| LeaderClaim {
+            leader: NodeId(leader),
+            boot: crux_proto::flock::BootId(1),
+            term,
+            solo: false,
+            beat: 0,
+            epoch: 0,
+            ring: 0,
+        };
+        let ann = |epoch: u32, b: u8| KeyAnnouncement {
+            epoch,
+            key: SecretKey::from_bytes([b; 32]),
+        };
+        let keys = JoinKeys {
+            current: ann(5, 5),
+            previous: None,
+        };
+        let mut held =
+            TransientKeys::new(crate::crypto::Bloc::new("b"), crate::crypto::ROTATION_MAX);
+        let v = JoinedKeys::judge(&held, now, &keys, None, None);
+        assert!(v.switch, "no key: take any");
+        held.install(5, SecretKey::from_bytes([5; 32]), NodeId(1), now, false);
+        held.set_own(5);
+        let v = JoinedKeys::judge(&held, now, &keys, Some(claim(1, 1)), Some(claim(1, 1)));
+        assert!(!v.switch && v.same_keys && v.same_leader);
+        let other = JoinKeys {
+            current: ann(5, 6),
+            previous: None,
+        };
+        let v = JoinedKeys::judge(&held, now, &other, Some(claim(2, 3)), Some(claim(1, 1)));
+        assert!(
+            v.switch && !v.same_keys,
+            "same epoch, other bytes, a better flock"
+        );
+        let v = JoinedKeys::judge(&held, now, &other, Some(claim(2, 1)), Some(claim(1, 3)));
+        assert_eq!(
+            v,
+            JoinedKeys {
+                switch: false,
+                same_keys: false,
+                same_leader: false
+            },
+            "a flock that loses the merge"
+        );
     }
 }
