@@ -1,25 +1,18 @@
-//! `crux agent`: loads the config, then brings the node up in DESIGN.md's bootstrap order, each
-//! step logged with its elapsed time, and stays up until SIGTERM or SIGINT, when it leaves the
-//! flock gracefully and exits 0.
+//! `crux agent`: loads the config, prepares everything that can fail before the node shows
+//! itself (data dir, identity, keyring, every listener, the stores, the flock driver), then
+//! runs the bootstrap table ([`crate::bootstrap`]: flock → reeve → steward → store → picket →
+//! proctor → pastiche, each step logged with its elapsed time), and stays up until SIGTERM or
+//! SIGINT.
 //!
-//! 1. **flock**: node identity and keyring from the data dir, UDP (and TCP for streams) bound,
-//!    the address space probed, a flock joined or formed, a leader known.
-//! 2. **reeve**: the heartbeater, the replica of the registry and the link to the steward start;
-//!    the local socket (gRPC) opens. Registrations are accepted at once.
-//! 3. **steward**: the node gRPC port serves the steward while this node leads (started and
-//!    stopped as leadership moves), admitting only live members.
-//! 4. **picket**: re-adopts the plugins a previous agent left running; the built-in services
-//!    (pastiche1) start.
-//! 5. **proctor/dean**: the dean on every node carries out its assignment; the proctor runs on the
-//!    flock leader (started and stopped as leadership moves).
-//!
-//! Ready (sd_notify `READY=1`, HTTP `/ready` → 200) only after step 5.
+//! Ready (sd_notify `READY=1`, HTTP `/ready` → 200) only once every step of the table is done.
+//! On a signal the node leaves the flock first (so that the others stop routing to it), then the
+//! steps are stopped in reverse order — placement before the plugins, the plugins before the
+//! store, the node gRPC port and the local socket — and the store closes last; the agent exits 0.
 
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use crux_flock::driver::{Driver, DriverConfig, DriverHandle, Exit};
 use crux_flock::{Event, Flock, Identity, SecurityTiming};
 use rand::RngCore;
@@ -27,11 +20,11 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::bootstrap::{Boot, Tasks};
 use crate::config::{AgentFlags, ConfigError, RawConfig, Settings};
 use crate::keys::Keys;
-use crate::state::{AgentState, STEPS};
+use crate::state::AgentState;
 use crux_reeve::{Reeve, ReeveConfig, Target};
-use crux_steward::StewardConfig;
 
 /// Exit code of a config error.
 pub const EXIT_CONFIG: i32 = 2;
@@ -161,28 +154,6 @@ fn resolve_advertise(s: &Settings) -> Result<SocketAddr, ConfigError> {
     }
 }
 
-struct Steps {
-    state: Arc<AgentState>,
-    start: Instant,
-}
-
-impl Steps {
-    /// Logs and records step `n` (1-based) as done.
-    fn done(&self, n: usize, began: Instant, detail: &str) {
-        let name = STEPS[n - 1];
-        let elapsed = began.elapsed();
-        self.state.step_done(name, elapsed, detail);
-        info!(
-            step = n,
-            name,
-            elapsed_ms = elapsed.as_millis() as u64,
-            since_start_ms = self.start.elapsed().as_millis() as u64,
-            "bootstrap step {n}/{} {name} done in {elapsed:.1?}: {detail}",
-            STEPS.len()
-        );
-    }
-}
-
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let start = now_instant();
     let stop = CancellationToken::new();
@@ -190,7 +161,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     info!(version = env!("CARGO_PKG_VERSION"), bloc = %settings.flock.bloc, "crux agent starting");
 
     // ---- step 1: flock -------------------------------------------------------------------
-    let began = now_instant();
+    let began = tokio::time::Instant::now();
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
     let id = crate::identity::load_or_create_node_id(&settings.data_dir)?;
@@ -273,18 +244,28 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         ..Default::default()
     };
     let (driver, handle) = Driver::new(flock, udp, tcp, clock, driver_config);
-    tokio::spawn(log_events(handle.clone(), stop.clone()));
-    tokio::spawn(crate::keys::save_changes(
-        handle.clone(),
-        settings.keyring.clone(),
-    ));
+    // The flock step's tasks follow the driver until it ends (after the node left).
+    let mut tasks = Tasks::default();
+    tasks.spawn("flock", "events", log_events(handle.clone(), stop.clone()));
+    tasks.spawn(
+        "flock",
+        "keyring file",
+        crate::keys::save_changes(handle.clone(), settings.keyring.clone()),
+    );
     // Node-plane connections, both ways, prove the bloc's key and a key the flock lists from
     // here on.
-    crate::keys::follow_bloc_keys(&handle, &settings.flock.bloc, &keyring, transport.clone());
-    tokio::spawn(crate::steward::follow_peers(
-        handle.clone(),
-        transport.clone(),
-    ));
+    tasks.spawn(
+        "flock",
+        "bloc keys",
+        crate::keys::follow_bloc_keys(&handle, &settings.flock.bloc, &keyring, transport.clone()),
+    );
+    tasks.spawn(
+        "flock",
+        "node-plane peers",
+        crate::steward::follow_peers(handle.clone(), transport.clone()),
+    );
+    let (view, follow) = crate::view::follow(&handle, tasks.token("flock"));
+    tasks.spawn("flock", "view", follow);
     let driver_task = tokio::spawn(driver.run(stop.clone()));
     info!(
         node = %id,
@@ -302,6 +283,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let servers = CancellationToken::new();
     let keys = Keys::new(handle.clone(), &settings.flock.bloc, keyring);
+    let (target, follow) = steward_target(&handle, settings.grpc_port, tasks.token("flock"));
+    tasks.spawn("flock", "steward target", follow);
     let reeve = Reeve::new(
         ReeveConfig {
             node: id.to_string(),
@@ -312,7 +295,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             grace: settings.registry.grace,
             netid: SocketAddr::new(addr.ip(), settings.grpc_port).to_string(),
         },
-        steward_target(&handle, settings.grpc_port, stop.clone()),
+        target,
     );
     let state = AgentState::new(
         handle.clone(),
@@ -322,11 +305,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         store.clone(),
         transport,
         start,
+        &crate::bootstrap::rows(),
     );
-    let steps = Steps {
-        state: state.clone(),
-        start,
-    };
     let mut http_task = None;
     if let (Some(http), Some(listener)) = (settings.http, http_listener) {
         info!(%http, "HTTP /metrics and /ready listening");
@@ -337,372 +317,75 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         )));
     }
 
-    let listeners = Listeners {
-        grpc: grpc_listener,
-        pastiche: pastiche_store,
-    };
-    let outcome = bootstrap(
-        &steps, &handle, &settings, began, listeners, &servers, &stop,
-    )
-    .await;
-    let (mut tasks, picket) = match outcome {
-        Ok(Some(up)) => (up.tasks, up.picket),
-        Ok(None) => (Tasks::default(), None),
-        Err(e) => {
-            stop.cancel();
-            let _ = driver_task.await;
-            return Err(e);
+    let mut boot = Boot::new(
+        state.clone(),
+        handle.clone(),
+        settings.clone(),
+        stop.clone(),
+        tasks,
+        view,
+        grpc_listener,
+        pastiche_store,
+    );
+    // Step 1's work began with the data dir; its row of the table waits for a leader.
+    let outcome = crate::bootstrap::run(&mut boot, began).await;
+    match &outcome {
+        Ok(true) => {
+            state.set_ready();
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            info!(elapsed_ms = start.elapsed().as_millis() as u64, "ready");
+            // ---- serve until a signal ----------------------------------------------------
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    (step, name, how) = boot.tasks.next_ended() => match how {
+                        Err(e) if e.is_panic() => {
+                            tracing::error!(step, task = name, "task panicked")
+                        }
+                        _ => warn!(step, task = name, "task ended before shutdown"),
+                    },
+                }
+            }
         }
-    };
-
-    // ---- serve until a signal ------------------------------------------------------------
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            (name, how) = tasks.next_ended() => match how {
-                Err(e) if e.is_panic() => tracing::error!(task = name, "task panicked"),
-                _ => warn!(task = name, "task ended before shutdown"),
-            },
-        }
+        Ok(false) => {}
+        Err(_) => stop.cancel(),
     }
+
+    // ---- shutdown: leave the flock first, then the steps in reverse order -----------------
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let exit = driver_task.await.context("flock driver task")?;
     match exit {
         Exit::Left => info!("left the flock"),
         Exit::LeaveTimedOut => warn!("leave not confirmed within {:?}", settings.leave_timeout),
     }
-    servers.cancel();
-    if let Some(p) = picket {
-        if settings.picket.stop_children_on_exit {
-            info!("stopping the plugins (picket.stop_children_on_exit)");
-            p.stop_all().await;
-        } else if !p.units().is_empty() {
-            info!(
-                plugins = p.units().len(),
-                "plugins keep running; the next agent start re-adopts them"
-            );
-        }
-    }
     // Open client connections get a moment to finish; a stuck one does not hold the exit.
     let drain = Duration::from_secs(2);
-    tasks.drain(drain).await;
+    let deadline = tokio::time::Instant::now() + drain;
+    for def in crate::bootstrap::TABLE.iter().rev() {
+        boot.tasks.stop_step(def.name, deadline).await;
+        if def.name == "picket" {
+            if let Some(p) = boot.picket.take() {
+                if settings.picket.stop_children_on_exit {
+                    info!("stopping the plugins (picket.stop_children_on_exit)");
+                    p.stop_all().await;
+                } else if !p.units().is_empty() {
+                    info!(
+                        plugins = p.units().len(),
+                        "plugins keep running; the next agent start re-adopts them"
+                    );
+                }
+            }
+        }
+    }
+    servers.cancel();
     store.shutdown().await;
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(drain, t).await;
     }
     let _ = std::fs::remove_file(&settings.socket);
     info!(uptime = ?start.elapsed(), "crux agent stopped");
-    Ok(())
-}
-
-/// Every task the bootstrap starts, owned by name: none is dropped, one that ends while the
-/// agent runs is reported by name, and shutdown waits for all of them (bounded).
-#[derive(Default)]
-struct Tasks {
-    set: tokio::task::JoinSet<()>,
-    names: std::collections::HashMap<tokio::task::Id, &'static str>,
-}
-
-impl Tasks {
-    fn spawn(
-        &mut self,
-        name: &'static str,
-        task: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
-        let handle = self.set.spawn(task);
-        self.names.insert(handle.id(), name);
-    }
-
-    /// The next task to end, by name, with how it ended (pending forever when none runs).
-    async fn next_ended(&mut self) -> (&'static str, Result<(), tokio::task::JoinError>) {
-        match self.set.join_next_with_id().await {
-            Some(Ok((id, ()))) => (self.names.remove(&id).unwrap_or("?"), Ok(())),
-            Some(Err(e)) => (self.names.remove(&e.id()).unwrap_or("?"), Err(e)),
-            None => std::future::pending().await,
-        }
-    }
-
-    /// Waits for every task to end, each within what is left of `limit`; the rest are aborted.
-    async fn drain(mut self, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        while !self.set.is_empty() {
-            match tokio::time::timeout_at(deadline, self.next_ended()).await {
-                Ok((name, Err(e))) if e.is_panic() => warn!(task = name, "task panicked"),
-                Ok(_) => {}
-                Err(_) => {
-                    let left: Vec<_> = self.names.values().copied().collect();
-                    warn!(tasks = ?left, "tasks still running at shutdown: aborted");
-                    self.set.abort_all();
-                    while self.set.join_next().await.is_some() {}
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// What bootstrap brought up.
-struct Up {
-    tasks: Tasks,
-    picket: Option<crux_picket::runner::Picket>,
-}
-
-/// Listeners bound before the node joins, served from their bootstrap step on.
-struct Listeners {
-    grpc: TcpListener,
-    pastiche: crux_pastiche::store::Store,
-}
-
-/// Steps 1 (the wait for a flock) to 5. `Ok(None)`: a signal came first.
-async fn bootstrap(
-    steps: &Steps,
-    handle: &DriverHandle,
-    settings: &Settings,
-    began: Instant,
-    listeners: Listeners,
-    servers: &CancellationToken,
-    stop: &CancellationToken,
-) -> anyhow::Result<Option<Up>> {
-    // Step 1 ends once this node is in a flock with a known leader (its own, if alone).
-    let mut watch = handle.watch();
-    let mut waited = Duration::ZERO;
-    loop {
-        let snap = watch.borrow_and_update().clone();
-        if let Some(l) = snap.leader {
-            let detail = format!(
-                "node {} at {}, {} live member(s), leader {} term {}",
-                snap.identity.id, snap.identity.addr, snap.live, l.id, l.term
-            );
-            steps.done(1, began, &detail);
-            break;
-        }
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return Ok(None),
-            r = watch.changed() => if r.is_err() {
-                // The driver ends only after a shutdown (which may have won the race to here).
-                if stop.is_cancelled() {
-                    return Ok(None);
-                }
-                bail!("flock driver stopped during bootstrap")
-            },
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                waited += Duration::from_secs(5);
-                info!(waited = ?waited, live = snap.live, "bootstrap step 1/5 flock: waiting for a leader");
-            }
-        }
-    }
-
-    // Step 2: the heartbeater and the registry replica, linked to the steward; the local socket.
-    let began = now_instant();
-    let reeve = steps.state.reeve.clone();
-    let mut tasks = Tasks::default();
-    tasks.spawn(
-        "steward link",
-        crux_reeve::link::run(reeve.clone(), servers.clone()),
-    );
-    let store = listeners.pastiche.clone();
-    let puller = crux_pastiche::pull::Puller::new(store.clone(), reeve.clone());
-    let cache =
-        crux_pastiche::cache::CacheService::new(store.clone(), puller.clone(), reeve.clone());
-    let listener = crate::rpc::bind(&settings.socket).await?;
-    let (placement_tx, placement_rx) = tokio::sync::watch::channel(None);
-    let local = crate::rpc::serve(
-        listener,
-        steps.state.clone(),
-        cache,
-        placement_rx,
-        servers.clone(),
-    );
-    tasks.spawn("local API", async move {
-        if let Err(e) = local.await {
-            warn!(error = %e, "local API server ended");
-        }
-    });
-    steps.done(
-        2,
-        began,
-        &format!(
-            "local API on {} (mode 0660); registry replica and steward link running, \
-             heartbeat interval {:?}",
-            settings.socket.display(),
-            settings.registry.heartbeat_interval
-        ),
-    );
-
-    // Step 3: the node gRPC port, and the steward while this node leads.
-    let began = now_instant();
-    let (current_tx, current_rx) = tokio::sync::watch::channel(None);
-    let snap = handle.snapshot();
-    let netid = SocketAddr::new(snap.identity.addr.ip(), settings.grpc_port);
-    tasks.spawn(
-        "steward",
-        crate::steward::supervise(
-            handle.clone(),
-            netid,
-            reeve.clone(),
-            StewardConfig {
-                grace: settings.registry.grace,
-                seed_valid: settings.registry.heartbeat_interval * 5,
-                ..StewardConfig::default()
-            },
-            current_tx,
-            servers.clone(),
-        ),
-    );
-    let peer = crux_pastiche::serve::PeerService::new(store.clone(), settings.pastiche_corrupt);
-    if settings.pastiche_corrupt {
-        warn!(
-            "pastiche.corrupt_serving_for_tests is set: every piece this node serves is corrupted"
-        );
-    }
-    let durable = steps.state.store.clone();
-    tasks.spawn(
-        "store voters",
-        crate::store::supervise(
-            handle.clone(),
-            durable.clone(),
-            settings.grpc_port,
-            settings.store_voter_grace,
-            Duration::from_secs(1),
-            Duration::from_secs(5),
-            servers.clone(),
-        ),
-    );
-    tasks.spawn(
-        "store leader follower",
-        crate::store::follow_leader(
-            handle.clone(),
-            durable.clone(),
-            settings.grpc_port,
-            Duration::from_secs(1),
-            servers.clone(),
-        ),
-    );
-    let (dean_tx, dean_rx) = tokio::sync::watch::channel(None);
-    let (status_tx, status_rx) = tokio::sync::watch::channel(None);
-    let node_server = crate::steward::serve(
-        listeners.grpc,
-        steps.state.transport.clone(),
-        current_rx,
-        peer,
-        durable.service(),
-        crate::proctor::PlacementNode::new(dean_rx, status_rx.clone()),
-        servers.clone(),
-    );
-    tasks.spawn("node gRPC", async move {
-        if let Err(e) = node_server.await {
-            warn!(error = %e, "node gRPC server ended");
-        }
-    });
-    let leads = snap.leader.map(|l| l.id) == Some(snap.identity.id);
-    steps.done(
-        3,
-        began,
-        &format!(
-            "node gRPC on {netid}; the steward runs on the leader ({})",
-            if leads {
-                "this node, now"
-            } else {
-                "another node, now"
-            }
-        ),
-    );
-
-    // Step 4: picket: re-adopts the plugins a previous agent left running; the built-ins.
-    let began = now_instant();
-    let picket_dir = settings.data_dir.join("picket");
-    let picket = crux_picket::runner::Picket::open(crux_picket::runner::PicketConfig {
-        dir: picket_dir.clone(),
-        reeve_socket: settings.socket.clone(),
-        node_ip: netid.ip(),
-        grace: settings.picket.stop_grace,
-        handshake_timeout: Duration::from_secs(10),
-        backoff_min: settings.picket.backoff,
-        backoff_max: Duration::from_secs(30),
-        crash_loop: settings.picket.crash_loop,
-        stable: Duration::from_secs(10),
-    })
-    .await
-    .with_context(|| format!("opening picket in {}", picket_dir.display()))?;
-    let adopted = picket.units().len();
-    tasks.spawn(
-        "pastiche announce",
-        crux_pastiche::cache::announce(
-            store.clone(),
-            puller.clone(),
-            reeve.clone(),
-            Duration::from_secs(1),
-            servers.clone(),
-        ),
-    );
-    let builtins = crate::pastiche::start_builtin(
-        &reeve,
-        netid,
-        settings.registry.heartbeat_interval,
-        servers.clone(),
-    )?;
-    steps.done(
-        4,
-        began,
-        &format!(
-            "{adopted} plugin(s) re-adopted; built-in pastiche1 running ({} of {} bytes used in {})",
-            store.used_bytes(),
-            store.max_bytes(),
-            settings.pastiche_dir.display()
-        ),
-    );
-
-    // Step 5: the dean here, the proctor while this node leads.
-    let began = now_instant();
-    if stop.is_cancelled() {
-        return Ok(Some(Up {
-            tasks,
-            picket: Some(picket),
-        }));
-    }
-    let dean = crate::dean::Dean::new(crate::dean::DeanParts {
-        node: snap.identity.id.to_string(),
-        attributes: crate::dean::attributes(netid.ip(), &settings.node_attributes),
-        picket: picket.clone(),
-        pastiche: store.clone(),
-        puller,
-        store: durable.clone(),
-        dir: picket_dir,
-        failed_hold: settings.picket.failed_hold,
-    })?;
-    dean_tx.send_replace(Some(dean.clone()));
-    tasks.spawn("dean", dean.clone().run(servers.clone()));
-    tasks.spawn(
-        "proctor",
-        crate::proctor::supervise(
-            handle.clone(),
-            durable.clone(),
-            dean.clone(),
-            steps.state.transport.clone(),
-            settings.grpc_port,
-            status_tx,
-            servers.clone(),
-        ),
-    );
-    placement_tx.send_replace(Some(crate::placement::PlacementLocal::new(
-        steps.state.clone(),
-        dean,
-        status_rx,
-        builtins,
-    )));
-    steps.done(5, began, "dean running; the proctor runs on the leader");
-    steps.state.set_ready();
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    info!(
-        elapsed_ms = steps.start.elapsed().as_millis() as u64,
-        "ready"
-    );
-    Ok(Some(Up {
-        tasks,
-        picket: Some(picket),
-    }))
+    outcome.map(|_| ())
 }
 
 /// The steward the reeve should link to, following the flock's leader: its id, term and NetID
@@ -711,7 +394,10 @@ fn steward_target(
     handle: &DriverHandle,
     grpc_port: u16,
     stop: CancellationToken,
-) -> tokio::sync::watch::Receiver<Option<Target>> {
+) -> (
+    tokio::sync::watch::Receiver<Option<Target>>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let of = move |snap: &crux_flock::driver::Snapshot| {
         snap.leader.map(|l| Target {
             leader: l.id.to_string(),
@@ -721,7 +407,7 @@ fn steward_target(
     };
     let mut flock = handle.watch();
     let (tx, rx) = tokio::sync::watch::channel(of(&flock.borrow_and_update()));
-    tokio::spawn(async move {
+    let task = async move {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -734,8 +420,8 @@ fn steward_target(
                 changed
             });
         }
-    });
-    rx
+    };
+    (rx, task)
 }
 
 /// Logs the flock's events until it stops; a node the flock revoked shuts down (`stop`).

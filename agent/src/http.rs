@@ -1,11 +1,12 @@
-//! HTTP endpoints: `GET /ready` (200 once the bootstrap is done, 503 before), `GET /metrics`
+//! HTTP endpoints: `GET /ready` (200 once the bootstrap is done, 503 before; `?verbose` adds a
+//! line per bootstrap step: its phase, since when, and what it does or waits for), `GET /metrics`
 //! (Prometheus text) and `GET /` (a plain-text status page).
 
 use std::fmt::Write;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -30,8 +31,8 @@ pub async fn serve(
         .await
 }
 
-async fn ready(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
-    if state.is_ready() {
+async fn ready(State(state): State<Arc<AgentState>>, uri: Uri) -> impl IntoResponse {
+    let (code, mut body) = if state.is_ready() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
         let step = state.pending_step().unwrap_or("shutdown");
@@ -39,7 +40,36 @@ async fn ready(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: bootstrap step {step}\n"),
         )
+    };
+    let verbose = uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "verbose" || p.starts_with("verbose="))
+    });
+    if verbose {
+        for step in state.steps() {
+            let _ = match &step.readiness {
+                Some(r) => writeln!(
+                    body,
+                    "  {:<8} {:<8} for {:.1?}: {}",
+                    step.name,
+                    r.phase.as_str(),
+                    r.since.elapsed(),
+                    r.detail
+                ),
+                None => writeln!(
+                    body,
+                    "  {:<8} pending  (after {})",
+                    step.name,
+                    if step.after.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        step.after.join(", ")
+                    }
+                ),
+            };
+        }
     }
+    (code, body)
 }
 
 async fn metrics(State(state): State<Arc<AgentState>>) -> impl IntoResponse {

@@ -167,16 +167,17 @@ pub fn bloc_keys(ring: &Keyring, bloc: &Bloc) -> Option<crux_transport::BlocKeys
 /// or spread by the flock) until the driver ends: a key installed is accepted from then on, a
 /// key put in use is the one this node connects with, a key removed closes the connections made
 /// under it and is refused.
+/// Returns the task that follows, for the caller to spawn and own.
 pub fn follow_bloc_keys(
     flock: &DriverHandle,
     bloc_id: &str,
     initial: &Keyring,
     transport: crux_transport::Transport,
-) {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let bloc = Bloc::new(bloc_id);
     transport.set_bloc_keys(bloc_keys(initial, &bloc));
     let mut watch = flock.keyring_watch();
-    tokio::spawn(async move {
+    async move {
         while watch.changed().await.is_ok() {
             let keys = watch
                 .borrow_and_update()
@@ -186,7 +187,7 @@ pub fn follow_bloc_keys(
                 transport.set_bloc_keys(keys);
             }
         }
-    });
+    }
 }
 
 /// A new random key as base64 text.

@@ -6,24 +6,25 @@
 //! (`crux sim`).
 //!
 //! This crate is the top of the graph and the only one that reads config files, `CRUX_*`
-//! variables and the command line. `agent.rs` brings a node up in DESIGN.md's bootstrap order
-//! and owns every task it starts; `rpc/` serves the local socket, `steward.rs` the node gRPC
-//! port (over `crux_transport`), `http.rs` `/ready`, `/metrics` and a status page. It also
-//! still carries the runtimes of the proctor, the dean, the store's voters and placement
-//! (`proctor.rs`, `dean.rs`, `store.rs`, `voters.rs`, `placement.rs`). `ARCHITECTURE.md` at the
-//! root is the map.
+//! variables and the command line. It only wires: `agent.rs` prepares a node and runs the
+//! bootstrap table of `bootstrap.rs` (flock → reeve → steward → store → picket → proctor →
+//! pastiche), owning every task the steps start; `rpc/` serves the local socket, `steward.rs` the
+//! node gRPC port (over `crux_transport`), `http.rs` `/ready`, `/metrics` and a status page. The
+//! services' runtimes live in their crates (`crux_store::supervise`, `crux_placement`), started
+//! through `crux_service::Service`. `ARCHITECTURE.md` at the root is the map.
 //!
-//! **Never.** No library depends on this crate. Keys and handles are made here and passed down
-//! (no process-global state); the clock is read here, never in the flock core.
+//! **Never.** No library depends on this crate, and it carries no service's runtime. Keys and
+//! handles are made here and passed down (no process-global state); the clock is read here,
+//! never in the flock core.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod bootstrap;
 mod client;
 mod config;
-mod dean;
 mod dev;
 mod http;
 mod identity;
@@ -31,7 +32,6 @@ mod keys;
 mod metrics;
 mod pastiche;
 mod placement;
-mod proctor;
 mod register;
 mod rpc;
 mod sim_cmd;
@@ -39,7 +39,7 @@ mod state;
 mod steward;
 mod store;
 mod store_cli;
-mod voters;
+mod view;
 
 /// Crux: a node agent that finds its peers, agrees on one flock with one leader, and runs the
 /// flock's services.

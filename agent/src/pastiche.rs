@@ -11,15 +11,18 @@ use crux_proto::grpc::pastiche::v1::{self as pb, cache_client::CacheClient};
 use crux_reeve::Reeve;
 use tokio_util::sync::CancellationToken;
 
-/// Starts the built-in pastiche1 service through picket (registered as `pastiche1`, inst
-/// `pastiche1_<node>`, at the node gRPC NetID, kept alive every `interval` until `stop`); returns
-/// it as `crux picket ps` lists it.
-pub fn start_builtin(
+/// The built-in pastiche1 service, run by picket's built-in supervision (registered as
+/// `pastiche1`, inst `pastiche1_<node>`, at the node gRPC NetID, kept alive every `interval` until
+/// `stop`): how `crux picket ps` lists it, and its task, for the caller to spawn and own.
+pub fn builtin(
     reeve: &Arc<Reeve>,
     netid: SocketAddr,
     interval: Duration,
     stop: CancellationToken,
-) -> anyhow::Result<Vec<crate::placement::BuiltinProc>> {
+) -> (
+    crate::placement::BuiltinProc,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let inst = format!("pastiche1_{}", reeve.config().node);
     let point = crux_picket::builtin::Fservice {
         api: "pastiche1".into(),
@@ -27,7 +30,7 @@ pub fn start_builtin(
         netid: netid.to_string(),
         healthy: true,
     };
-    crux_picket::builtin::run_builtin(
+    let task = crux_picket::builtin::builtin_task(
         Box::new(crux_picket::builtin::Static::new(
             "pastiche",
             vec![point],
@@ -40,13 +43,14 @@ pub fn start_builtin(
         },
         stop,
     );
-    Ok(vec![crate::placement::BuiltinProc {
+    let proc = crate::placement::BuiltinProc {
         name: "pastiche".into(),
         api: "pastiche1".into(),
         inst,
         addr: netid.to_string(),
         since_ms: crux_store::now_ms(),
-    }])
+    };
+    (proc, task)
 }
 
 /// `crux pastiche ...`.

@@ -1,29 +1,38 @@
 //! What the agent's servers (local socket, HTTP) share: the flock driver's handle, the bootstrap
-//! progress and readiness.
+//! progress and readiness (per step: phase and since when, from the step's or its service's
+//! [`ReadyWatch`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crux_flock::driver::DriverHandle;
+use crux_service::{Readiness, ReadyWatch};
 
 use crate::config::Settings;
 use crate::keys::Keys;
 
-/// The bootstrap steps, in DESIGN.md's order.
-pub const STEPS: [&str; 5] = ["flock", "reeve", "steward", "picket", "proctor"];
-
 /// One bootstrap step's progress.
 #[derive(Clone, Debug)]
 pub struct Step {
-    /// Step name (one of [`STEPS`]).
+    /// Step name (a row of the bootstrap table).
     pub name: &'static str,
+    /// The steps it needs.
+    pub after: &'static [&'static str],
     /// Finished.
     pub done: bool,
     /// How long it took.
     pub elapsed: Duration,
     /// What it did.
     pub detail: String,
+    /// Its readiness now (None: not started).
+    pub readiness: Option<Readiness>,
+}
+
+/// A step as kept: its progress and where its readiness is read.
+struct Kept {
+    step: Step,
+    ready: Option<ReadyWatch>,
 }
 
 /// Shared agent state.
@@ -41,12 +50,13 @@ pub struct AgentState {
     /// This node's end of the node plane.
     pub transport: crux_transport::Transport,
     started: Instant,
-    steps: Mutex<Vec<Step>>,
+    steps: Mutex<Vec<Kept>>,
     ready: AtomicBool,
 }
 
 impl AgentState {
-    /// New state: no step done, not ready.
+    /// New state: the steps of `table` (name, the steps it needs), none done; not ready.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         flock: DriverHandle,
         settings: Settings,
@@ -55,14 +65,20 @@ impl AgentState {
         store: crux_store::Store,
         transport: crux_transport::Transport,
         started: Instant,
+        table: &[(&'static str, &'static [&'static str])],
     ) -> Arc<AgentState> {
-        let steps = STEPS
+        let steps = table
             .iter()
-            .map(|name| Step {
-                name,
-                done: false,
-                elapsed: Duration::ZERO,
-                detail: String::new(),
+            .map(|&(name, after)| Kept {
+                step: Step {
+                    name,
+                    after,
+                    done: false,
+                    elapsed: Duration::ZERO,
+                    detail: String::new(),
+                    readiness: None,
+                },
+                ready: None,
             })
             .collect();
         Arc::new(AgentState {
@@ -78,19 +94,39 @@ impl AgentState {
         })
     }
 
-    /// Records a finished step.
-    pub fn step_done(&self, name: &str, elapsed: Duration, detail: &str) {
+    fn with_step(&self, name: &str, f: impl FnOnce(&mut Kept)) {
         let mut steps = self.steps.lock().expect("steps lock");
-        if let Some(s) = steps.iter_mut().find(|s| s.name == name) {
-            s.done = true;
-            s.elapsed = elapsed;
-            s.detail = detail.to_string();
+        if let Some(k) = steps.iter_mut().find(|k| k.step.name == name) {
+            f(k);
         }
     }
 
-    /// The steps so far.
+    /// From now on, the readiness of step `name` is read from `ready` (the step's own, or the
+    /// service's it started).
+    pub fn step_readiness(&self, name: &str, ready: ReadyWatch) {
+        self.with_step(name, |k| k.ready = Some(ready));
+    }
+
+    /// Records a finished step.
+    pub fn step_done(&self, name: &str, elapsed: Duration, detail: &str) {
+        self.with_step(name, |k| {
+            k.step.done = true;
+            k.step.elapsed = elapsed;
+            k.step.detail = detail.to_string();
+        });
+    }
+
+    /// The steps so far, each with its readiness now.
     pub fn steps(&self) -> Vec<Step> {
-        self.steps.lock().expect("steps lock").clone()
+        self.steps
+            .lock()
+            .expect("steps lock")
+            .iter()
+            .map(|k| Step {
+                readiness: k.ready.as_ref().map(ReadyWatch::get),
+                ..k.step.clone()
+            })
+            .collect()
     }
 
     /// Marks the bootstrap done.
@@ -109,8 +145,8 @@ impl AgentState {
             .lock()
             .expect("steps lock")
             .iter()
-            .find(|s| !s.done)
-            .map(|s| s.name)
+            .find(|k| !k.step.done)
+            .map(|k| k.step.name)
     }
 
     /// Time since the agent started.

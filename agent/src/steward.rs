@@ -104,7 +104,7 @@ pub async fn serve(
     current: watch::Receiver<Option<Arc<Steward>>>,
     pastiche: crux_pastiche::serve::PeerService,
     store: crux_store::StoreServer,
-    placement: crate::proctor::PlacementNode,
+    placement: crux_placement::PlacementNode,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (dean, proctor) = placement.servers();

@@ -89,7 +89,17 @@ pub fn run_builtin(
     network: Network,
     quit: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(supervise(b, reeve, network, quit))
+    tokio::spawn(builtin_task(b, reeve, network, quit))
+}
+
+/// What [`run_builtin`] spawns, for an owner that spawns (and owns) the task itself.
+pub fn builtin_task(
+    b: Box<dyn Builtin>,
+    reeve: Arc<Reeve>,
+    network: Network,
+    quit: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    supervise(b, reeve, network, quit)
 }
 
 async fn supervise(

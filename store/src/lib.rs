@@ -58,17 +58,26 @@
 //!
 //! A node never accepts a write it cannot commit through a majority of voters (a cut-off
 //! minority answers [`StoreError::NoQuorum`]), never takes Raft traffic from another group or
-//! one it abandoned, and never picks its own voters: the flock leader does, through the agent
-//! ([`Store::initialize`], [`Store::set_voters`]). Its peers are reached only through the
-//! [`crux_transport::Transport`] handle in its [`StoreConfig`]; nothing here is process-global,
-//! so tests run a fleet of stores in one process.
+//! one it abandoned, and never picks its own voters: only the flock leader's [`supervise`] does
+//! ([`Store::initialize`], [`Store::set_voters`], with [`voters::choose`]). Its peers are reached
+//! only through the [`crux_transport::Transport`] handle in its [`StoreConfig`]; nothing here is
+//! process-global, so tests run a fleet of stores in one process. It knows the flock only as the
+//! [`crux_service::FlockView`] the agent publishes, and never reads the agent's config.
+//!
+//! # In a flock
+//!
+//! [`supervise::start`] runs the store's supervision on every node (voters and learners on the
+//! flock leader, the Raft leader's address for nodes outside the group) and hands the agent its
+//! tasks, a stop handle and its readiness ([`crux_service::Service`]).
 
 pub mod merge;
 mod network;
 pub mod recover;
 mod service;
 mod storage;
+pub mod supervise;
 mod types;
+pub mod voters;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
@@ -91,6 +100,19 @@ pub use types::{
     hex, Applied, Change, Command, MusterEntry, Query, QueryResult, GROUP_KEY, MERGED_PREFIX,
     SEALED_KEY,
 };
+
+/// A store error as a gRPC status.
+pub fn grpc_status(e: StoreError) -> tonic::Status {
+    match e {
+        StoreError::NoQuorum(_)
+        | StoreError::NotInitialized
+        | StoreError::Raft(_)
+        | StoreError::Merged { .. } => tonic::Status::unavailable(e.to_string()),
+        StoreError::Unconfirmed(_) => tonic::Status::deadline_exceeded(e.to_string()),
+        StoreError::Invalid(_) => tonic::Status::invalid_argument(e.to_string()),
+        other => tonic::Status::internal(other.to_string()),
+    }
+}
 
 openraft::declare_raft_types!(
     /// openraft's type configuration for the store.

@@ -22,6 +22,11 @@ use crate::crypto::{
 };
 use crate::DropReason;
 
+/// How long a handshake of ours waits for its reply. A reply comes within a round trip; one
+/// that comes later (or to a request whose reply was lost) is unexpected, and the request is
+/// forgotten: no state waits forever for an answer that an attacker could then supply.
+const HANDSHAKE_REPLY_WINDOW: Duration = Duration::from_secs(3);
+
 /// The handshake state of one node: ours (the one pending, cookies given to us, the keyring key
 /// we use, our timestamps) and the ones we answer (rate limit, load, cookie secrets, the newest
 /// request of each initiator).
@@ -140,6 +145,7 @@ impl Sec {
         match bytes.len() {
             REQUEST_BYTES => self.on_request(now, from, bytes, counter, context, rng),
             REPLY_BYTES => {
+                self.expire_pending(now);
                 let pending = self.hs.pending.as_ref().ok_or(DropReason::Unexpected)?;
                 let joined = pending
                     .initiator
@@ -242,6 +248,7 @@ impl Sec {
         counter: &mut u64,
         rng: &mut R,
     ) -> Result<Opened, DropReason> {
+        self.expire_pending(now);
         let pending = self.hs.pending.as_ref().ok_or(DropReason::Unexpected)?;
         let (h, cookie) = pending
             .initiator
@@ -264,6 +271,19 @@ impl Sec {
         *counter += 1;
         let request = self.initiate(now, *counter, to, purpose, &context, false, rng);
         Ok(Opened::Retry { to, request })
+    }
+
+    /// Forgets our handshake once [`HANDSHAKE_REPLY_WINDOW`] has passed: a reply arriving
+    /// later is unexpected.
+    fn expire_pending(&mut self, now: Duration) {
+        if self
+            .hs
+            .pending
+            .as_ref()
+            .is_some_and(|p| now >= p.started + HANDSHAKE_REPLY_WINDOW)
+        {
+            self.hs.pending = None;
+        }
     }
 
     /// Starts a handshake with `to` under the keyring's primary key; returns the request

@@ -68,8 +68,10 @@ impl Flock {
             }
         };
         self.wire.reply_cap = Some((from, bytes.len(), header.sender));
+        self.wire.answering = self.keys.sec.is_some().then_some((from, header.key_id));
         self.on_message(now, from, header, msg);
         self.wire.reply_cap = None;
+        self.wire.answering = None;
     }
 
     /// A handshake datagram the opening produced: a cookie reply to a joiner (we are under
@@ -145,7 +147,10 @@ impl Flock {
         // Answer under the key the request came in (the stream's source port is not the peer's
         // flock address, so look the sender up).
         let to = self.member(sender).map(|m| m.info.addr).unwrap_or(from);
-        let sealed = self.seal_for(to, Some(sender), &body)?;
+        self.wire.answering = Some((to, header.key_id));
+        let sealed = self.seal_for(to, Some(sender), &body);
+        self.wire.answering = None;
+        let sealed = sealed?;
         self.stats.streams_out += 1;
         self.stats.stream_bytes_out += sealed.len() as u64;
         Some(sealed)
@@ -224,6 +229,7 @@ impl Flock {
     ) {
         if self.revoked.contains(&header.sender) {
             self.stats.drop(DropReason::Revoked);
+            self.tell_revoked(now, from, header.sender);
             return;
         }
         self.detect.refute_pending = false;

@@ -331,6 +331,12 @@ impl Flock {
             return;
         }
         self.send_handshake(from, Purpose::Join);
+        // The handshake needs a secondary key the member holds. If the flock changed its
+        // keyring while we were away, only a push-pull can bring the new ring: sealed under our
+        // key, which the member may still hold as its previous one, and answered under it.
+        if !self.leaving {
+            self.start_push_pull(from, false);
+        }
     }
 
     /// A member that holds no fresh key (missed rotations, partitioned, new) asks a member for

@@ -17,7 +17,7 @@ use super::secure::{Sec, SecurityTiming};
 use super::table::Table;
 use super::timer::{Timer, Timers};
 use super::wire::Wire;
-use super::{Command, Event, Identity, LeaderView, Member, Outbox, Stats, Transmit};
+use super::{Command, Event, FastMap, Identity, LeaderView, Member, Outbox, Stats, Transmit};
 use crate::config::{bloc_tag, Config, ConfigError};
 use crate::crypto::Keyring;
 
@@ -54,6 +54,8 @@ pub struct Flock {
     /// Nodes revoked by the flock (at most [`REVOKED_MAX`](super::membership::REVOKED_MAX)):
     /// kept out of the table, their datagrams dropped.
     pub(super) revoked: std::collections::BTreeSet<NodeId>,
+    /// Revoked nodes told so lately, by address (see [`Flock::tell_revoked`]).
+    pub(super) told_revoked: FastMap<SocketAddr, Duration>,
     pub(super) timers: Timers,
     pub(super) detect: Detection,
     pub(super) spread: Dissemination,
@@ -105,6 +107,15 @@ impl Flock {
         seed: u64,
         now: Duration,
     ) -> Result<Flock, ConfigError> {
+        Flock::with_rng(config, identity, ChaCha8Rng::seed_from_u64(seed), now)
+    }
+
+    fn with_rng(
+        config: Config,
+        identity: Identity,
+        rng: ChaCha8Rng,
+        now: Duration,
+    ) -> Result<Flock, ConfigError> {
         config.validate()?;
         let self_member = Member {
             info: MemberInfo {
@@ -122,13 +133,15 @@ impl Flock {
                 bloc_tag: bloc_tag(&config.bloc),
                 counter: 0,
                 reply_cap: None,
+                answering: None,
             },
             config,
             me: identity,
             self_member,
-            rng: ChaCha8Rng::seed_from_u64(seed),
+            rng,
             members: Table::default(),
             revoked: Default::default(),
+            told_revoked: FastMap::default(),
             timers: Timers::default(),
             detect: Detection::default(),
             spread: Dissemination::default(),

@@ -200,6 +200,27 @@ impl Flock {
         }
     }
 
+    /// A revoked node still sends to us (it may not have heard, since nobody gossips to a node
+    /// it forgot): tell it, under the key it sealed with, at most once per probe interval per
+    /// address, so that it leaves instead of waiting for a stray update.
+    pub(super) fn tell_revoked(&mut self, now: Duration, from: SocketAddr, id: NodeId) {
+        let period = self.config.timing.probe_interval;
+        if self
+            .told_revoked
+            .get(&from)
+            .is_some_and(|t| now < *t + period)
+            || self.left
+        {
+            return;
+        }
+        if self.told_revoked.len() >= 1024 {
+            self.told_revoked.clear();
+        }
+        self.told_revoked.insert(from, now);
+        let updates = vec![Update::Revoke { id }];
+        self.send(from, &Message::Gossip { updates });
+    }
+
     /// Revokes `id` (from a command, an update or a push-pull): forgets it, keeps it out, and
     /// spreads the news once. This node being the one revoked leaves the flock.
     pub(super) fn apply_revoke(&mut self, now: Duration, id: NodeId) {

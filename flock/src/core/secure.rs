@@ -14,7 +14,10 @@
 //! merging, or we lag behind); an older key a peer was last heard under, whichever leader made
 //! it, says nothing about what the peer holds *now* (probes reach a given peer only every N
 //! probe intervals), so those peers get our own key
-//! ([`TransientKeys::peer_key_better`]).
+//! ([`TransientKeys::peer_key_better`]). An *answer* (to the datagram or stream request being
+//! handled) goes under the key the request came under while we hold it: the peer holds that key
+//! now. A member that missed a rotation and a keyring change at once can then still read the
+//! push-pull answer that repairs its keyring, and ask for the new key.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -192,21 +195,27 @@ impl Sec {
         }
     }
 
-    /// Seals a flock body for `recipient` under our own key, or under `dest_epoch` (the key the
-    /// peer was last heard under) when [`TransientKeys::peer_key_better`]. False when this node
-    /// holds no key to seal with.
+    /// Seals a flock body for `recipient`: an answer under `answer_epoch` (the key the datagram
+    /// it answers came under) while we hold it; otherwise under our own key, or under
+    /// `dest_epoch` (the key the peer was last heard under) when
+    /// [`TransientKeys::peer_key_better`]. False when this node holds no key to seal with.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn seal<R: RngCore + CryptoRng>(
         &mut self,
         now: Duration,
         counter: u64,
+        answer_epoch: Option<u32>,
         dest_epoch: Option<u32>,
         recipient: NodeId,
         body: &[u8],
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> bool {
-        let Some((epoch, key)) = self.transient.sealing_key(dest_epoch, now) else {
+        let sealing = match answer_epoch.filter(|e| self.transient.holds(*e, now)) {
+            Some(e) => self.transient.key_for(e, now).ok().map(|k| (e, k)),
+            None => self.transient.sealing_key(dest_epoch, now),
+        };
+        let Some((epoch, key)) = sealing else {
             return false;
         };
         let header = Header {

@@ -47,6 +47,11 @@ pub(super) struct Wire {
     /// does not fit goes over a stream (TCP), anything else that does not fit is not sent. No
     /// amplification towards an address that may not have sent it (DESIGN.md "Node plane").
     pub(super) reply_cap: Option<(SocketAddr, usize, NodeId)>,
+    /// While a datagram is handled: its source and the key epoch it came under. An answer to
+    /// that source goes under the same key while we hold it, so that a member that missed a
+    /// rotation (and a keyring change that would let it ask for the new key) still reads the
+    /// answers — among them the push-pull that repairs its keyring.
+    pub(super) answering: Option<(SocketAddr, u32)>,
 }
 
 impl Flock {
@@ -67,6 +72,11 @@ impl Flock {
         self.wire.counter += 1;
         let mut out = Vec::with_capacity(HEADER_BYTES + ENVELOPE_OVERHEAD + body.len());
         let dest_epoch = self.keys.peer_epoch(to);
+        let answer_epoch = self
+            .wire
+            .answering
+            .filter(|(a, _)| *a == to)
+            .map(|(_, e)| e);
         let Some(sec) = self.keys.sec.as_mut() else {
             let header = Header {
                 kind: Kind::Flock,
@@ -91,6 +101,7 @@ impl Flock {
         if sec.seal(
             self.now,
             self.wire.counter,
+            answer_epoch,
             dest_epoch,
             recipient,
             body,

@@ -48,6 +48,7 @@ fn a_member_that_answers_over_a_stream_is_not_suspected() {
                             space,
                             &ring,
                             SecurityTiming::default(),
+                            0,
                         ))
                     })
                     .collect(),

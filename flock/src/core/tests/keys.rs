@@ -49,7 +49,9 @@ fn secure_nodes_join_by_handshake_share_one_key_and_follow_rotations() {
     for f in h.live() {
         assert!(held.contains(&f.key_epoch().unwrap()));
         assert_eq!(f.live_count(), 5);
-        assert!(f.key_epochs().len() <= 2, "{:?}", f.key_epochs());
+        // No key piles up: the previous key, the current one and, during the switch delay
+        // after an announcement, the next one (crate::core::secure's docs).
+        assert!(f.key_epochs().len() <= 3, "{:?}", f.key_epochs());
     }
 }
 
@@ -354,8 +356,12 @@ fn a_member_that_missed_a_rotation_gets_the_key_by_handshake() {
 /// members.
 #[test]
 fn a_node_that_missed_a_keyring_change_ends_with_the_same_ring() {
-    for away_id in [NodeId(4000), NodeId(2000)] {
-        let mut h = Harness::secure(5);
+    // Several seeds: with some, the second of cut-off also spans a transient key rotation, so
+    // the member that comes back holds neither the flock's secondary key (to ask for keys) nor
+    // its current transient key; only the push-pull it starts under its old transient key
+    // (which the others still hold as their previous one, and answer under) brings it back.
+    for (salt, away_id) in (0..12).flat_map(|s| [(s, NodeId(4000)), (s, NodeId(2000))]) {
+        let mut h = Harness::secure_salted(5, salt);
         h.run_for(Duration::from_secs(5));
         assert_eq!(h.agreed_leader(), Some(NodeId(2000)));
         let away_index = h
@@ -387,7 +393,7 @@ fn a_node_that_missed_a_keyring_change_ends_with_the_same_ring() {
         assert_eq!(
             f.keyring().unwrap().primary(),
             &old,
-            "{away_id}: not cut off"
+            "salt {salt}, {away_id}: not cut off"
         );
         for g in h.live().filter(|g| g.identity().id != away_id) {
             assert_eq!(g.keyring().unwrap().list(), [&new_key]);
@@ -397,10 +403,15 @@ fn a_node_that_missed_a_keyring_change_ends_with_the_same_ring() {
             assert_eq!(
                 g.keyring().unwrap().list(),
                 [&new_key],
-                "{away_id}: {} kept another ring",
+                "salt {salt}, {away_id}: {} kept another ring",
                 g.identity().id
             );
-            assert_eq!(g.live_count(), 5);
+            assert_eq!(
+                g.live_count(),
+                5,
+                "salt {salt}, {away_id}: {} does not see all",
+                g.identity().id
+            );
         }
     }
 }

@@ -80,11 +80,21 @@ pub(super) fn drain(f: &mut Flock) -> (Vec<Transmit>, Vec<Event>) {
 
 /// A secure node that rotates its transient key every 3–6 s (when it leads).
 pub(super) fn secure_node(i: u8, space: &str, keyring: &crate::crypto::Keyring) -> Flock {
+    secure_node_salted(i, space, keyring, 0)
+}
+
+/// A secure node whose rng seed also depends on `salt`: the same flock with other timer offsets.
+pub(super) fn secure_node_salted(
+    i: u8,
+    space: &str,
+    keyring: &crate::crypto::Keyring,
+    salt: u8,
+) -> Flock {
     let timing = SecurityTiming {
         rotation_min: Duration::from_secs(3),
         rotation_max: Duration::from_secs(6),
     };
-    secure_node_timed(i, space, keyring, timing)
+    secure_node_timed(i, space, keyring, timing, salt)
 }
 
 pub(super) fn secure_node_timed(
@@ -92,6 +102,7 @@ pub(super) fn secure_node_timed(
     space: &str,
     keyring: &crate::crypto::Keyring,
     timing: SecurityTiming,
+    salt: u8,
 ) -> Flock {
     let id = Identity {
         id: NodeId(i as u64 * 1000),
@@ -101,6 +112,7 @@ pub(super) fn secure_node_timed(
     };
     let mut seed = [0u8; 32];
     seed[0] = i;
+    seed[1] = salt;
     Flock::new_secure(
         config(space),
         id,
@@ -143,11 +155,15 @@ impl Harness {
     }
 
     pub(super) fn secure(n: u8) -> Harness {
+        Harness::secure_salted(n, 0)
+    }
+
+    pub(super) fn secure_salted(n: u8, salt: u8) -> Harness {
         let space = format!("127.0.0.2-127.0.0.{}", n + 1);
         let ring = test_keyring(7);
         Harness {
             nodes: (2..n + 2)
-                .map(|i| Some(secure_node(i, &space, &ring)))
+                .map(|i| Some(secure_node_salted(i, &space, &ring, salt)))
                 .collect(),
             now: Duration::ZERO,
             datagram_cut: None,

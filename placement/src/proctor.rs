@@ -20,16 +20,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crux_flock::driver::DriverHandle;
-use crux_flock::MemberState;
 use crux_proctor::{Intent, Node, Observed, Plan, UnitState};
 use crux_proto::grpc::proctor::v1 as pb;
-use crux_store::{Query, QueryResult, Store};
+use crux_service::{node_name, FlockWatch};
+use crux_store::{Query, QueryResult, Store, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 use tracing::{debug, info, warn};
 
 use crate::dean::{unit_from_pb, unit_pb, Dean};
@@ -79,22 +78,35 @@ struct Synced {
     at: tokio::time::Instant,
 }
 
+/// Why the stored intent could not be read. Nothing changed in either case.
+#[derive(Debug, thiserror::Error)]
+pub enum IntentError {
+    /// The store did not answer the consistent read (no quorum, not initialized, …).
+    #[error("reading the intent: {0}")]
+    Read(#[from] StoreError),
+    /// The stored document is not an intent.
+    #[error("the stored intent does not parse: {0}")]
+    Unparsable(String),
+    /// The store answered with something else than a document.
+    #[error("unexpected answer to an intent read: {0}")]
+    Unexpected(String),
+}
+
 /// The intent stored, and its generation (0: none stored).
-pub async fn read_intent(store: &Store) -> anyhow::Result<(Intent, u64)> {
+pub async fn read_intent(store: &Store) -> Result<(Intent, u64), IntentError> {
     match store
         .read(Query::DocGet {
             key: INTENT_KEY.into(),
         })
-        .await
+        .await?
     {
-        Ok(QueryResult::Doc(Some((json, generation)))) => {
-            let intent = Intent::from_json(&json)
-                .map_err(|e| anyhow::anyhow!("the stored intent does not parse: {e}"))?;
+        QueryResult::Doc(Some((json, generation))) => {
+            let intent =
+                Intent::from_json(&json).map_err(|e| IntentError::Unparsable(e.to_string()))?;
             Ok((intent, generation))
         }
-        Ok(QueryResult::Doc(None)) => Ok((Intent::default(), 0)),
-        Ok(other) => anyhow::bail!("unexpected answer to an intent read: {other:?}"),
-        Err(e) => anyhow::bail!("reading the intent: {e}"),
+        QueryResult::Doc(None) => Ok((Intent::default(), 0)),
+        other => Err(IntentError::Unexpected(format!("{other:?}"))),
     }
 }
 
@@ -159,7 +171,7 @@ fn status_pb(plan: &Plan, generation: u64, leader: &str, term: u64) -> pb::Statu
 /// Runs a proctor whenever this node leads the flock (a new one for each term), until `stop`.
 /// `status` carries the running proctor's doneness (None while this node runs none).
 pub async fn supervise(
-    handle: DriverHandle,
+    flock: FlockWatch,
     store: Store,
     dean: Arc<Dean>,
     transport: crux_transport::Transport,
@@ -167,19 +179,20 @@ pub async fn supervise(
     status: watch::Sender<Option<pb::StatusResponse>>,
     stop: CancellationToken,
 ) {
-    let mut flock = handle.watch();
+    let view = flock.clone();
+    let mut flock = flock;
     loop {
         let lead = {
             let snap = flock.borrow_and_update();
             snap.leader
-                .filter(|l| l.id == snap.identity.id && !snap.leaving)
-                .map(|l| (l.id.to_string(), l.term))
+                .filter(|l| l.id == snap.me && !snap.leaving)
+                .map(|l| (node_name(l.id), l.term))
         };
         if let Some((me, term)) = lead {
             info!(term, "proctor starting");
             let term_over = CancellationToken::new();
             let watcher = {
-                let mut flock = handle.watch();
+                let mut flock = view.clone();
                 let over = term_over.clone();
                 let me = me.clone();
                 tokio::spawn(async move {
@@ -187,7 +200,7 @@ pub async fn supervise(
                         let still = {
                             let snap = flock.borrow_and_update();
                             snap.leader.is_some_and(|l| {
-                                l.id.to_string() == me && l.term == term && !snap.leaving
+                                node_name(l.id) == me && l.term == term && !snap.leaving
                             })
                         };
                         if !still {
@@ -202,7 +215,7 @@ pub async fn supervise(
                 })
             };
             let run = Term {
-                handle: handle.clone(),
+                flock: view.clone(),
                 store: store.clone(),
                 dean: dean.clone(),
                 transport: transport.clone(),
@@ -234,7 +247,7 @@ pub async fn supervise(
 
 /// One term's proctor.
 struct Term {
-    handle: DriverHandle,
+    flock: FlockWatch,
     store: Store,
     dean: Arc<Dean>,
     transport: crux_transport::Transport,
@@ -327,14 +340,12 @@ impl Term {
 
     /// Live members: node id and node gRPC NetID.
     fn live(&self) -> Vec<(String, SocketAddr)> {
-        let snap = self.handle.snapshot();
-        snap.members
-            .iter()
-            .filter(|m| matches!(m.info.state, MemberState::Alive | MemberState::Suspect))
+        let snap = self.flock.borrow().clone();
+        snap.live_members()
             .map(|m| {
                 (
-                    m.info.id.to_string(),
-                    SocketAddr::new(m.info.addr.ip(), self.grpc_port),
+                    node_name(m.id),
+                    SocketAddr::new(m.addr.ip(), self.grpc_port),
                 )
             })
             .collect()
@@ -348,7 +359,7 @@ impl Term {
         plan: Option<&Plan>,
         generation: u64,
     ) -> bool {
-        let local_ip: IpAddr = self.handle.snapshot().identity.addr.ip();
+        let local_ip: IpAddr = self.flock.borrow().addr.ip();
         let now = tokio::time::Instant::now();
         let quiet = quiet_period(live.len());
         let mut calls = JoinSet::new();
@@ -454,76 +465,6 @@ impl Term {
         }
         refused
     }
-}
-
-/// The node gRPC services of placement: every node's dean, and the leader's proctor status.
-#[derive(Clone)]
-pub struct PlacementNode {
-    dean: watch::Receiver<Option<Arc<Dean>>>,
-    status: watch::Receiver<Option<pb::StatusResponse>>,
-}
-
-impl PlacementNode {
-    /// The two services for the node gRPC server.
-    pub fn servers(
-        self,
-    ) -> (
-        pb::dean_server::DeanServer<PlacementNode>,
-        pb::proctor_server::ProctorServer<PlacementNode>,
-    ) {
-        (
-            pb::dean_server::DeanServer::new(self.clone()),
-            pb::proctor_server::ProctorServer::new(self),
-        )
-    }
-
-    /// Serves the dean (once step 5 made it) and the proctor status in `status`, over the node
-    /// plane.
-    pub fn new(
-        dean: watch::Receiver<Option<Arc<Dean>>>,
-        status: watch::Receiver<Option<pb::StatusResponse>>,
-    ) -> PlacementNode {
-        PlacementNode { dean, status }
-    }
-
-    fn admitted<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        crux_transport::peer(req).map(|_| ())
-    }
-}
-
-#[tonic::async_trait]
-impl pb::dean_server::Dean for PlacementNode {
-    async fn sync(
-        &self,
-        req: Request<pb::SyncRequest>,
-    ) -> Result<Response<pb::SyncResponse>, Status> {
-        self.admitted(&req)?;
-        let dean = self.dean.borrow().clone();
-        match dean {
-            Some(d) => d.sync(req.into_inner()).map(Response::new),
-            None => Err(Status::unavailable("this node's dean is not up yet")),
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl pb::proctor_server::Proctor for PlacementNode {
-    async fn status(
-        &self,
-        req: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
-        self.admitted(&req)?;
-        local_status(&self.status).map(Response::new)
-    }
-}
-
-/// The status of the proctor running here, if one runs.
-pub fn local_status(
-    status: &watch::Receiver<Option<pb::StatusResponse>>,
-) -> Result<pb::StatusResponse, Status> {
-    status.borrow().clone().ok_or_else(|| {
-        Status::unavailable("no proctor runs on this node (it is not the flock leader, or the proctor has not finished its first round)")
-    })
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Which nodes are the store's Raft voters, as the flock leader decides: 1 while the flock has
 //! fewer than 3 live members, 3 from 3, 5 from 7. Voters are kept while they live; one the flock
 //! has held dead for longer than the grace period is replaced by a live member. Newcomers are
-//! taken in node id order, so every leader picks the same ones.
+//! taken in node id order, so every leader picks the same ones. Pure functions: [`crate::supervise`]
+//! applies them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -178,7 +178,7 @@ pub struct DeanParts {
 
 impl Dean {
     /// A dean; it acts once [`Dean::run`] runs.
-    pub fn new(p: DeanParts) -> anyhow::Result<Arc<Dean>> {
+    pub fn new(p: DeanParts) -> std::io::Result<Arc<Dean>> {
         let bin_dir = p.dir.join("bin");
         std::fs::create_dir_all(&bin_dir)?;
         let term_file = p.dir.join("dean-term");
@@ -401,7 +401,7 @@ impl Dean {
                     }
                     Err(e) => {
                         warn!(unit = %unit_key(&unit), error = %e, "cannot start unit");
-                        st.preparing.insert(unit.clone(), format!("{e:#}"));
+                        st.preparing.insert(unit.clone(), e);
                         drop(st);
                         // Tried again on a later round.
                         let me = me.clone();
@@ -439,19 +439,19 @@ impl Dean {
     }
 
     /// Checks the muster entry, fetches and pins the artifact, and returns an executable copy.
-    async fn prepare(&self, unit: &Unit) -> anyhow::Result<PathBuf> {
+    async fn prepare(&self, unit: &Unit) -> Result<PathBuf, String> {
         self.check_muster(unit).await?;
         let digest: Digest = unit
             .artifact
             .parse()
-            .map_err(|e| anyhow::anyhow!("artifact {}: {e}", unit.artifact))?;
+            .map_err(|e| format!("artifact {}: {e}", unit.artifact))?;
         self.lock()
             .preparing
             .insert(unit.clone(), format!("fetching {}", unit.artifact));
         self.puller
             .fetch(digest)
             .await
-            .map_err(|e| anyhow::anyhow!("fetching {}: {e}", unit.artifact))?;
+            .map_err(|e| format!("fetching {}: {e}", unit.artifact))?;
         if self.pastiche.pin(&digest).is_ok() {
             self.lock().pinned.insert(unit.artifact.clone());
         }
@@ -459,25 +459,28 @@ impl Dean {
         if !exe.exists() {
             let pastiche = self.pastiche.clone();
             let path = exe.clone();
-            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                let mut src = pastiche.open_blob(&digest)?;
-                let tmp = path.with_extension("tmp");
-                let mut f = std::fs::File::create(&tmp)?;
-                std::io::copy(&mut src, &mut f)?;
-                f.flush()?;
-                f.sync_all()?;
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
-                std::fs::rename(&tmp, &path)?;
-                Ok(())
+            tokio::task::spawn_blocking(move || -> Result<(), String> {
+                let mut src = pastiche.open_blob(&digest).map_err(|e| e.to_string())?;
+                let mut copy = |path: &std::path::Path| -> std::io::Result<()> {
+                    let tmp = path.with_extension("tmp");
+                    let mut f = std::fs::File::create(&tmp)?;
+                    std::io::copy(&mut src, &mut f)?;
+                    f.flush()?;
+                    f.sync_all()?;
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+                    std::fs::rename(&tmp, path)
+                };
+                copy(&path).map_err(|e| e.to_string())
             })
-            .await??;
+            .await
+            .map_err(|e| e.to_string())??;
         }
         Ok(exe)
     }
 
     /// Only a muster entry can name an executable: `(horde, api, inst)` must name this artifact
     /// and function.
-    async fn check_muster(&self, unit: &Unit) -> anyhow::Result<()> {
+    async fn check_muster(&self, unit: &Unit) -> Result<(), String> {
         let q = Query::MusterSearch {
             horde: Some(unit.horde.clone()),
             api: Some(unit.api.clone()),
@@ -491,15 +494,11 @@ impl Dean {
         }
         match self.store.read(q).await {
             Ok(QueryResult::Muster(es)) if es.iter().any(names) => Ok(()),
-            Ok(_) => anyhow::bail!(
+            Ok(_) => Err(format!(
                 "no muster entry names {} function {} for {}/{}/{}",
-                unit.artifact,
-                unit.function,
-                unit.horde,
-                unit.api,
-                unit.inst
-            ),
-            Err(e) => anyhow::bail!("reading the muster: {e}"),
+                unit.artifact, unit.function, unit.horde, unit.api, unit.inst
+            )),
+            Err(e) => Err(format!("reading the muster: {e}")),
         }
     }
 }
