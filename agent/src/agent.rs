@@ -230,15 +230,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let clock = tokio::time::Instant::now();
     let mut rng_seed = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut rng_seed);
-    let flock = Flock::new_secure(
-        settings.flock.clone(),
-        identity,
-        keyring.clone(),
-        SecurityTiming::default(),
-        rng_seed,
-        clock.elapsed(),
-    )
-    .map_err(|e| anyhow::anyhow!("config field `{}`: {}", e.field, e.reason))?;
+    let flock = Flock::builder(settings.flock.clone(), identity)
+        .keys(keyring.clone(), SecurityTiming::default())
+        .rng_seed(rng_seed)
+        .start(clock.elapsed())
+        .map_err(|e| anyhow::anyhow!("config field `{}`: {}", e.field, e.reason))?;
     let driver_config = DriverConfig {
         leave_timeout: settings.leave_timeout,
         ..Default::default()

@@ -327,6 +327,16 @@ fn sd_notify_ready_then_stopping() {
     // Ready means /ready is 200 and the local API answers.
     let body = http_get(c.agent(1).http, "/ready").unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    // Per step: every row of the bootstrap table serves.
+    let verbose = http_get(c.agent(1).http, "/ready?verbose").unwrap();
+    for step in [
+        "flock", "reeve", "steward", "store", "picket", "proctor", "pastiche",
+    ] {
+        assert!(
+            verbose.contains(&format!("  {step:<8} ready    for ")),
+            "{step}: {verbose}"
+        );
+    }
     assert!(c.members(1).is_ok());
     let status = c.sigterm(1, Duration::from_secs(15));
     assert!(status.success());
@@ -455,6 +465,14 @@ fn not_ready_until_the_bootstrap_is_done() {
     });
     assert!(body.starts_with("HTTP/1.1 503"), "{body}");
     assert!(body.contains("not ready: bootstrap step flock"), "{body}");
+    // Per step: the flock's is starting (since when, waiting for what), the others wait their
+    // turn after the steps they need.
+    let verbose = http_get(http, "/ready?verbose").unwrap();
+    assert!(verbose.contains("  flock    starting for "), "{verbose}");
+    assert!(
+        verbose.contains("  proctor  pending  (after store, picket)"),
+        "{verbose}"
+    );
     let metrics = http_get(http, "/metrics").unwrap();
     assert!(metrics.contains("crux_ready 0"), "{metrics}");
     let out = c.cli(1, &["members"]);

@@ -171,7 +171,10 @@ fn hostile_setup(seed: u64) -> (Flock, HostileTraffic, Duration) {
         key: None,
     };
     let (keyring, timing) = (Keyring::new(secondary.clone()), SecurityTiming::default());
-    let mut target = Flock::new_secure(config, identity, keyring, timing, [7; 32], Duration::ZERO)
+    let mut target = Flock::builder(config, identity)
+        .keys(keyring, timing)
+        .rng_seed([7; 32])
+        .start(Duration::ZERO)
         .expect("target");
     let mut now = Duration::ZERO;
     while target.key_epoch().is_none() {

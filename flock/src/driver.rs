@@ -685,16 +685,15 @@ mod tests {
                 key: None,
             };
             let flock = match keyring {
-                None => Flock::new(config, identity, i as u64, start.elapsed()).unwrap(),
-                Some(ring) => Flock::new_secure(
-                    config,
-                    identity,
-                    ring.clone(),
-                    crate::SecurityTiming::default(),
-                    [i as u8; 32],
-                    start.elapsed(),
-                )
-                .unwrap(),
+                None => Flock::builder(config, identity)
+                    .sim_seed(i as u64)
+                    .start(start.elapsed())
+                    .unwrap(),
+                Some(ring) => Flock::builder(config, identity)
+                    .keys(ring.clone(), crate::SecurityTiming::default())
+                    .rng_seed([i as u8; 32])
+                    .start(start.elapsed())
+                    .unwrap(),
             };
             let (driver, handle) = Driver::new(flock, udp, tcp, start, DriverConfig::default());
             let stop = CancellationToken::new();

@@ -49,8 +49,8 @@ pub mod driver;
 
 pub use crate::config::{AddressSpace, Config, ConfigError, Preset, Timing};
 pub use crate::core::{
-    Command, DropReason, Event, Flock, Identity, LeaderView, Member, SecurityTiming, Stats,
-    Transmit, TransmitKind, CLOCK_SKEW_MAX, TRANSIENT_KEYS_MAX,
+    Command, DropReason, Event, Flock, FlockBuilder, Identity, LeaderView, Member, SecurityTiming,
+    Stats, Transmit, TransmitKind, CLOCK_SKEW_MAX, TRANSIENT_KEYS_MAX,
 };
 pub use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId, NodeKey};
 

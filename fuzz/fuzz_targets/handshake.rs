@@ -27,7 +27,7 @@ fn node(i: u8, space: &str, keyring: &Keyring) -> Flock {
         addr: SocketAddr::from(([127, 0, 0, i], 7700)),
     };
     let timing = SecurityTiming::default();
-    Flock::new_secure(config, identity, keyring.clone(), timing, [i; 32], Duration::ZERO)
+    Flock::builder(config, identity).keys(keyring.clone(), timing).rng_seed([i; 32]).start(Duration::ZERO)
         .expect("node")
 }
 

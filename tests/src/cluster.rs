@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use crate::netns::Netns;
+
 /// A member as `crux members --json` prints it.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct Member {
@@ -95,6 +97,8 @@ pub struct Cluster {
     pub bloc: String,
     /// The secondary key every agent starts with (base64).
     pub key: String,
+    /// The namespaces the agents run in ([`Cluster::in_netns`]); dropped after the agents.
+    netns: Option<Netns>,
 }
 
 fn ip(block: (u8, u8), k: usize) -> IpAddr {
@@ -127,15 +131,51 @@ impl Cluster {
     /// Writes the configs of `n` agents (nothing runs yet). `test_id` (1-250) must differ between
     /// the tests of one test binary; `preset` is a timing preset name.
     pub fn new(bin: impl Into<PathBuf>, test_id: u8, n: usize, preset: &str) -> Cluster {
-        let bin: PathBuf = bin.into();
         assert!((1..=250).contains(&n));
         let block = (10 + (std::process::id() % 200) as u8, test_id);
+        let ips: Vec<IpAddr> = (1..=n).map(|k| ip(block, k)).collect();
+        let port = free_port(&ips);
+        let http: Vec<u16> = ips.iter().map(|ip| free_tcp_port(*ip)).collect();
+        Cluster::build(bin.into(), test_id, &ips, port, &http, preset, None)
+    }
+
+    /// N agents, each in a network namespace of its own on one bridge (see [`Netns`]): real
+    /// hosts whose links a test can cut ([`Cluster::netns`]). Every agent uses the same ports
+    /// (its namespace is its own). An error says why namespaces cannot be made here (not root);
+    /// tests skip with it.
+    pub fn in_netns(
+        bin: impl Into<PathBuf>,
+        test_id: u8,
+        n: usize,
+        preset: &str,
+    ) -> Result<Cluster, String> {
+        let netns = Netns::create(test_id, n)?;
+        let ips: Vec<IpAddr> = (1..=n).map(|k| IpAddr::V4(Netns::ip(k))).collect();
+        Ok(Cluster::build(
+            bin.into(),
+            test_id,
+            &ips,
+            7700,
+            &vec![7702; n],
+            preset,
+            Some(netns),
+        ))
+    }
+
+    fn build(
+        bin: PathBuf,
+        test_id: u8,
+        ips: &[IpAddr],
+        port: u16,
+        http_ports: &[u16],
+        preset: &str,
+        netns: Option<Netns>,
+    ) -> Cluster {
+        let n = ips.len();
         let dir = tempfile::Builder::new()
             .prefix("crux-e2e-")
             .tempdir()
             .expect("temp dir");
-        let ips: Vec<IpAddr> = (1..=n).map(|k| ip(block, k)).collect();
-        let port = free_port(&ips);
         let bloc = format!("e2e-{}-{test_id}", std::process::id());
         let space = format!("{}-{}", ips[0], ips[n - 1]);
         let key = keygen(&bin);
@@ -144,7 +184,7 @@ impl Cluster {
                 let node_dir = dir.path().join(format!("node{k}"));
                 std::fs::create_dir_all(&node_dir).expect("node dir");
                 let addr = SocketAddr::new(ips[k - 1], port);
-                let http = SocketAddr::new(ips[k - 1], free_tcp_port(ips[k - 1]));
+                let http = SocketAddr::new(ips[k - 1], http_ports[k - 1]);
                 let socket = node_dir.join("reeve.sock");
                 let grpc = SocketAddr::new(
                     ips[k - 1],
@@ -171,7 +211,14 @@ impl Cluster {
             port,
             bloc,
             key,
+            netns,
         }
+    }
+
+    /// The namespaces of a cluster made with [`Cluster::in_netns`] (None otherwise): cut and
+    /// heal links with it.
+    pub fn netns(&mut self) -> Option<&mut Netns> {
+        self.netns.as_mut()
     }
 
     /// The node-plane bloc key (key id, derived key) of secondary key `key` (base64, e.g. the
@@ -253,12 +300,7 @@ impl Cluster {
     /// A `crux` command with no `CRUX_*` variables inherited.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("CRUX_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env_remove("RUST_LOG");
+        clean_env(&mut cmd);
         cmd
     }
 
@@ -274,7 +316,14 @@ impl Cluster {
             .append(true)
             .open(self.agents[k - 1].dir.join("agent.log"))
             .expect("agent log");
-        let mut cmd = self.command();
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = ns.wrap(k, &self.bin);
+                clean_env(&mut cmd);
+                cmd
+            }
+            None => self.command(),
+        };
         cmd.arg("agent")
             .arg("--config")
             .arg(self.agents[k - 1].config())
@@ -519,6 +568,16 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Removes the `CRUX_*` and `RUST_LOG` variables the test runs with from `cmd`'s environment.
+fn clean_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CRUX_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env_remove("RUST_LOG");
 }
 
 /// The start time (`/proc/<pid>/stat` field 22) of process `pid`.

@@ -141,7 +141,7 @@ impl Flock {
         }
     }
 
-    /// Whether datagrams are sealed (a node built with [`Flock::new_secure`]).
+    /// Whether datagrams are sealed (a node built with [`FlockBuilder::keys`](super::FlockBuilder::keys)).
     pub fn is_secure(&self) -> bool {
         self.keys.sec.is_some()
     }

@@ -202,17 +202,24 @@ impl Flock {
             }
         }
         let live_n = self.live_count();
-        let need = match self.lead.claim {
-            None => true,
-            Some(c) => c.solo && live_n >= 2,
-        };
-        if !need {
+        // A leader that claimed alone claims again once it has company (a claim with company
+        // beats a solo one when flocks meet). Its followers leave that to it: another member
+        // claiming would move the leadership the flock already follows.
+        let upgrade = self
+            .lead
+            .claim
+            .is_some_and(|c| c.solo && c.leader == self.me.id && live_n >= 2);
+        if self.lead.claim.is_some() && !upgrade {
             return;
         }
         if now < self.lead.last_change + t.settle {
             return;
         }
-        let rank = self.lead.rank(&self.members, self.me.id);
+        let rank = if upgrade {
+            0
+        } else {
+            self.lead.rank(&self.members, self.me.id)
+        };
         if !self.lead.may_claim(now, &t, rank) {
             return;
         }

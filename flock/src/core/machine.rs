@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crux_proto::flock::{LeaderClaim, MemberInfo, MemberState, NodeId};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::detect::Detection;
@@ -72,48 +72,13 @@ pub struct Flock {
 }
 
 impl Flock {
-    /// A node with security on: every datagram sealed, discovery by join handshake under the
-    /// keyring's primary key, transient keys rotated by the leader. `rng_seed` must come from a
-    /// cryptographically secure source (the agent draws it from the OS); the simulator derives it
-    /// from its seed.
-    pub fn new_secure(
-        config: Config,
-        identity: Identity,
-        keyring: Keyring,
-        security: SecurityTiming,
-        rng_seed: [u8; 32],
-        now: Duration,
-    ) -> Result<Flock, ConfigError> {
-        let mut flock = Flock::new(config, identity, 0, now)?;
-        flock.rng = ChaCha8Rng::from_seed(rng_seed);
-        flock.keys.sec = Some(Sec::new(
-            &flock.config.bloc,
-            flock.config.mtu,
-            keyring,
-            security,
-            identity.id,
-            identity.boot,
-            identity.addr,
-            now,
-        ));
-        Ok(flock)
-    }
-
-    /// A node that knows nobody yet, sending plain (unsealed) datagrams: for tests of the protocol
-    /// alone. Agents use [`Flock::new_secure`]. It starts probing at once.
-    pub fn new(
-        config: Config,
-        identity: Identity,
-        seed: u64,
-        now: Duration,
-    ) -> Result<Flock, ConfigError> {
-        Flock::with_rng(config, identity, ChaCha8Rng::seed_from_u64(seed), now)
-    }
-
-    fn with_rng(
+    /// The node [`super::FlockBuilder::start`] makes: rng first, then everything that draws
+    /// from it.
+    pub(super) fn with_rng(
         config: Config,
         identity: Identity,
         rng: ChaCha8Rng,
+        keys: Option<(Keyring, SecurityTiming)>,
         now: Duration,
     ) -> Result<Flock, ConfigError> {
         config.validate()?;
@@ -155,6 +120,18 @@ impl Flock {
             out: Outbox::default(),
         };
 
+        flock.keys.sec = keys.map(|(keyring, security)| {
+            Sec::new(
+                &flock.config.bloc,
+                flock.config.mtu,
+                keyring,
+                security,
+                identity.id,
+                identity.boot,
+                identity.addr,
+                now,
+            )
+        });
         // Spread the periodic work of many nodes started together.
         let t = flock.config.timing.clone();
         let jitter = |rng: &mut ChaCha8Rng, d: Duration| {
@@ -173,6 +150,12 @@ impl Flock {
         flock.schedule(now + reap_period(&t), Timer::Reap);
         flock.schedule(now + election_tick(&t), Timer::Election);
         Ok(flock)
+    }
+
+    /// Every pending timer's deadline, soonest first (tests of the schedule).
+    #[cfg(test)]
+    pub(crate) fn timer_deadlines(&self) -> Vec<Duration> {
+        self.timers.deadlines()
     }
 
     // ----- queries -------------------------------------------------------------------------

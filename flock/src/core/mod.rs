@@ -7,6 +7,7 @@ use std::time::Duration;
 use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId, NodeKey};
 
 mod broadcast;
+mod builder;
 mod detect;
 mod discovery;
 mod dissemination;
@@ -25,6 +26,7 @@ mod tests;
 mod timer;
 mod wire;
 
+pub use builder::FlockBuilder;
 pub use machine::Flock;
 pub use secure::{SecurityTiming, CLOCK_SKEW_MAX, TRANSIENT_KEYS_MAX};
 

@@ -53,7 +53,7 @@ pub(super) const COOKIES_HELD_MAX: usize = 1024;
 /// freshly started node until the lag has passed, and still talks to every other node.
 pub const CLOCK_SKEW_MAX: Duration = Duration::from_secs(10);
 
-/// Security settings the core needs (given to [`Flock::new_secure`](crate::Flock::new_secure)).
+/// Security settings the core needs (given to [`FlockBuilder::keys`](crate::FlockBuilder::keys)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SecurityTiming {
     /// Shortest period between two rotations of the transient key.

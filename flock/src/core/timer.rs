@@ -73,6 +73,14 @@ impl Timers {
         self.heap.pop().map(|Reverse((_, _, timer))| timer)
     }
 
+    /// Every pending deadline, soonest first (tests of the schedule).
+    #[cfg(test)]
+    pub(super) fn deadlines(&self) -> Vec<Duration> {
+        let mut d: Vec<Duration> = self.heap.iter().map(|Reverse((t, _, _))| *t).collect();
+        d.sort();
+        d
+    }
+
     /// Drops every timer (the node left).
     pub(super) fn clear(&mut self) {
         self.heap.clear();

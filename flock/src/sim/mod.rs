@@ -728,16 +728,14 @@ impl Sim {
                 let ring = crate::crypto::Keyring::new(crate::crypto::SecretKey::from_bytes(
                     SIM_SECONDARY_KEY,
                 ));
-                Flock::new_secure(
-                    self.config.clone(),
-                    identity,
-                    ring,
-                    timing.clone(),
-                    rng_seed,
-                    now,
-                )
+                Flock::builder(self.config.clone(), identity)
+                    .keys(ring, timing.clone())
+                    .rng_seed(rng_seed)
+                    .start(now)
             }
-            None => Flock::new(self.config.clone(), identity, seed, now),
+            None => Flock::builder(self.config.clone(), identity)
+                .sim_seed(seed)
+                .start(now),
         }
         .expect("the simulator validated the config");
         self.flocks[i] = Some(flock);

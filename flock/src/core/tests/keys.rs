@@ -75,15 +75,11 @@ fn secure_nodes_of_another_bloc_or_key_never_merge() {
     let mut cfg = config(space);
     cfg.bloc = "another-bloc".into();
     nodes.push(Some(
-        Flock::new_secure(
-            cfg,
-            id,
-            ring.clone(),
-            SecurityTiming::default(),
-            [5; 32],
-            Duration::ZERO,
-        )
-        .unwrap(),
+        Flock::builder(cfg, id)
+            .keys(ring.clone(), SecurityTiming::default())
+            .rng_seed([5; 32])
+            .start(Duration::ZERO)
+            .unwrap(),
     ));
     let mut h = Harness {
         nodes,
@@ -414,4 +410,45 @@ fn a_node_that_missed_a_keyring_change_ends_with_the_same_ring() {
             );
         }
     }
+}
+
+/// Issue 20, item 2: the rng is seeded before anything draws from it, so that nodes powered up
+/// together do not schedule their first probe, gossip and dead probe at the same offsets.
+#[test]
+fn nodes_with_different_seeds_get_different_first_timer_offsets() {
+    let ring = test_keyring(7);
+    let first = |seed: u8| {
+        let mut s = [0u8; 32];
+        s[0] = seed;
+        let id = Identity {
+            id: NodeId(2000),
+            boot: crate::boot_id(1, 2),
+            addr: addr(2),
+            key: None,
+        };
+        Flock::builder(config("127.0.0.2-127.0.0.3"), id)
+            .keys(ring.clone(), SecurityTiming::default())
+            .rng_seed(s)
+            .start(Duration::ZERO)
+            .unwrap()
+            .timer_deadlines()
+    };
+    assert_eq!(first(1), first(1), "one seed, one schedule");
+    assert_ne!(first(1), first(2), "two seeds, the same first timers");
+}
+
+/// A flock is never seeded with zeros behind the caller's back: no seed, no flock.
+#[test]
+fn a_flock_without_a_seed_is_refused() {
+    let id = Identity {
+        id: NodeId(2000),
+        boot: crate::boot_id(1, 2),
+        addr: addr(2),
+        key: None,
+    };
+    let err = Flock::builder(config("127.0.0.2-127.0.0.3"), id)
+        .start(Duration::ZERO)
+        .err()
+        .expect("refused");
+    assert_eq!(err.field, "rng_seed");
 }

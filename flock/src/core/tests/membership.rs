@@ -40,7 +40,12 @@ fn restarted_node_with_new_boot_supersedes_its_old_entry_and_does_not_take_over(
     h.run_for(Duration::from_secs(6)); // the others elect a new leader meanwhile
     let new_leader = h.live().next().unwrap().leader().unwrap();
     assert_ne!(new_leader.id, leader);
-    h.nodes[0] = Some(Flock::new(cfg, ident, 99, h.now).unwrap());
+    h.nodes[0] = Some(
+        Flock::builder(cfg, ident)
+            .sim_seed(99)
+            .start(h.now)
+            .unwrap(),
+    );
     h.run_for(Duration::from_secs(5));
     for f in h.live() {
         assert_eq!(
@@ -110,15 +115,11 @@ fn a_revoked_node_is_forgotten_everywhere_and_kept_out() {
     let mut seed = [0u8; 32];
     seed[0] = 99;
     h.nodes[3] = Some(
-        Flock::new_secure(
-            cfg,
-            ident,
-            test_keyring(7),
-            SecurityTiming::default(),
-            seed,
-            h.now,
-        )
-        .unwrap(),
+        Flock::builder(cfg, ident)
+            .keys(test_keyring(7), SecurityTiming::default())
+            .rng_seed(seed)
+            .start(h.now)
+            .unwrap(),
     );
     h.run_for(Duration::from_secs(5));
     for f in h.live().filter(|f| f.identity().id != revoked) {

@@ -36,7 +36,10 @@ pub(super) fn node(i: u8, space: &str) -> Flock {
         addr: addr(i),
         key: None,
     };
-    Flock::new(config(space), id, i as u64, Duration::ZERO).unwrap()
+    Flock::builder(config(space), id)
+        .sim_seed(i as u64)
+        .start(Duration::ZERO)
+        .unwrap()
 }
 
 /// Builds a datagram as node `sender` would.
@@ -113,15 +116,11 @@ pub(super) fn secure_node_timed(
     let mut seed = [0u8; 32];
     seed[0] = i;
     seed[1] = salt;
-    Flock::new_secure(
-        config(space),
-        id,
-        keyring.clone(),
-        timing,
-        seed,
-        Duration::ZERO,
-    )
-    .unwrap()
+    Flock::builder(config(space), id)
+        .keys(keyring.clone(), timing)
+        .rng_seed(seed)
+        .start(Duration::ZERO)
+        .unwrap()
 }
 
 pub(super) fn test_keyring(b: u8) -> crate::crypto::Keyring {
