@@ -94,7 +94,14 @@ fn handshake(n: u32) {
     let secondary = SecretKey::generate(&mut rng);
     let keyring = Keyring::new(secondary.clone());
     let mut transient = TransientKeys::new(bloc.clone(), ROTATION_MAX);
-    transient.install(9, SecretKey::generate(&mut rng), Duration::ZERO);
+    transient.install(
+        9,
+        SecretKey::generate(&mut rng),
+        NodeId(2),
+        Duration::ZERO,
+        false,
+    );
+    transient.set_own(9);
     let now = Duration::from_secs(1);
     let me = Origin {
         sender: NodeId(1),

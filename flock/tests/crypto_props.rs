@@ -131,7 +131,8 @@ proptest! {
         let secondary = SecretKey::from_bytes([4; 32]);
         let keyring = Keyring::new(secondary.clone());
         let mut transient = TransientKeys::new(bloc(), ROTATION_MAX);
-        transient.install(1, SecretKey::from_bytes([5; 32]), Duration::ZERO);
+        transient.install(1, SecretKey::from_bytes([5; 32]), NodeId(2), Duration::ZERO, false);
+        transient.set_own(1);
         let origin = Origin { sender: NodeId(1), boot: BootId(1), counter: 0 };
         let r = respond(&keyring, &bloc(), &bytes, &transient, Duration::ZERO, origin, b"", &mut rng);
         prop_assert!(r.is_err());
@@ -145,7 +146,8 @@ proptest! {
         let secondary = SecretKey::from_bytes([4; 32]);
         let keyring = Keyring::new(secondary.clone());
         let mut transient = TransientKeys::new(bloc(), ROTATION_MAX);
-        transient.install(1, SecretKey::from_bytes([5; 32]), Duration::ZERO);
+        transient.install(1, SecretKey::from_bytes([5; 32]), NodeId(2), Duration::ZERO, false);
+        transient.set_own(1);
         let me = Origin { sender: NodeId(1), boot: BootId(1), counter: 0 };
         let them = Origin { sender: NodeId(2), boot: BootId(2), counter: 0 };
         let (state, request) = HandshakeInitiator::new(&mut rng, &secondary, &bloc(), &join_request(me));

@@ -49,7 +49,8 @@ fuzz_target!(|data: &[u8]| {
     let secondary = SecretKey::from_bytes([2; 32]);
     let keyring = Keyring::new(secondary.clone());
     let mut transient = TransientKeys::new(bloc.clone(), ROTATION_MAX);
-    transient.install(1, SecretKey::from_bytes([3; 32]), Duration::ZERO);
+    transient.install(1, SecretKey::from_bytes([3; 32]), NodeId(2), Duration::ZERO, false);
+    transient.set_own(1);
     let origin = Origin {
         sender: NodeId(1),
         boot: BootId(1),

@@ -8,12 +8,23 @@ use crux_proto::flock::{BootId, MemberInfo, MemberState, NodeId, NodeKey};
 
 mod broadcast;
 mod builder;
+mod detect;
+mod discovery;
+mod dissemination;
+mod handshake;
 mod idset;
+mod inbound;
+mod keys;
+mod leader;
 mod machine;
+mod membership;
+mod ring;
 mod secure;
 mod table;
 #[cfg(test)]
 mod tests;
+mod timer;
+mod wire;
 
 pub use builder::FlockBuilder;
 pub use machine::Flock;

@@ -449,7 +449,7 @@ impl HandshakeInitiator {
     }
 
     /// Opens a reply: its (authenticated) header, the transient keys it carries (install them
-    /// with [`TransientKeys::install_join`]) and the responder's context. Any failure is a drop
+    /// with [`TransientKeys::install`]) and the responder's context. Any failure is a drop
     /// ([`HandshakeError::drop_reason`]); the state stays usable for another reply to the same
     /// request.
     pub fn finish(&self, reply: &[u8]) -> Result<Joined, HandshakeError> {
@@ -516,7 +516,7 @@ pub struct Joined {
     /// The reply's authenticated header (the responder's id, boot and counter: record it with
     /// [`ReplayTable::accept`](super::ReplayTable::accept)).
     pub header: Header,
-    /// The transient keys ([`TransientKeys::install_join`]).
+    /// The transient keys ([`TransientKeys::join_keys`] of the responder).
     pub keys: JoinKeys,
     /// The responder's context.
     pub context: Vec<u8>,
@@ -725,8 +725,8 @@ pub struct Response {
     pub reply: Vec<u8>,
 }
 
-/// Answers a join request (or key request) with the current transient key (and the previous
-/// one while it is still accepted: [`TransientKeys::join_keys`]): [`open_request`], then
+/// Answers a join request (or key request) with the responder's own transient key and a second
+/// one of its leader ([`TransientKeys::join_keys`]): [`open_request`], then
 /// [`Request::answer`] with the keys fresh at `now`.
 ///
 /// A pure function: it does not check the request's destination nor its timestamp, which need
@@ -825,7 +825,8 @@ mod tests {
         let secondary = SecretKey::generate(&mut rng);
         let keyring = Keyring::new(secondary.clone());
         let mut transient = TransientKeys::new(bloc.clone(), ROTATION_MAX);
-        transient.install(77, SecretKey::generate(&mut rng), NOW);
+        transient.install(77, SecretKey::generate(&mut rng), NodeId(2), NOW, false);
+        transient.set_own(77);
         World {
             rng,
             bloc,
@@ -976,7 +977,10 @@ mod tests {
         assert_eq!(header.sender, NodeId(2));
         assert_eq!(header.boot, BootId(102));
         assert_eq!(keys.current.epoch, 77);
-        assert_eq!(&keys.current.key, w.transient.current().unwrap().1);
+        assert_eq!(
+            keys.current.key.as_bytes(),
+            &w.transient.key_bytes(77).unwrap()
+        );
         assert_eq!(keys.previous, None);
         let ann = keys;
         // A second reply (another responder) also completes the same state.
@@ -1092,20 +1096,26 @@ mod tests {
     #[test]
     fn during_a_switch_the_reply_carries_both_keys() {
         let mut w = world();
+        // The leader (node 2) made its next key: announced, not sealed with yet.
         let new = w
             .transient
-            .rotate(NOW + Duration::from_secs(30), &mut w.rng);
+            .make_key(NOW + Duration::from_secs(30), NodeId(2), &mut w.rng)
+            .unwrap();
         let later = NOW + Duration::from_secs(31);
         let (state, request) = w.initiate(Purpose::Join, b"");
         let resp = w.respond_at(&request, later, b"").unwrap();
         assert!(resp.reply.len() <= request.len());
         let keys = state.finish(&resp.reply).unwrap().keys;
-        assert_eq!(keys.current, new);
-        assert_eq!(keys.previous.as_ref().map(|p| p.epoch), Some(77));
+        assert_eq!(keys.current.epoch, 77);
+        assert_eq!(keys.previous.as_ref().map(|p| p.epoch), Some(new));
+        // The joiner installs both, as the core does, and seals like everyone else.
         let mut joiner = TransientKeys::new(w.bloc.clone(), ROTATION_MAX);
-        joiner.install_join(keys, later);
-        assert_eq!(joiner.sealing_key(later).unwrap().0, 77);
-        assert!(joiner.accepts(new.epoch, later));
+        for k in keys.previous.iter().chain([&keys.current]) {
+            assert!(joiner.install(k.epoch, k.key.clone(), NodeId(2), later, false));
+        }
+        joiner.set_own(keys.current.epoch);
+        assert_eq!(joiner.sealing_key(None, later).unwrap().0, 77);
+        assert!(joiner.key_for(new, later).is_ok());
     }
 
     #[test]
@@ -1206,7 +1216,7 @@ mod tests {
         open(&packet, &resp.reply, &mut rep_body).unwrap();
         let e_i: [u8; 32] = req_body[2..34].try_into().unwrap();
         let e_r: [u8; 32] = rep_body[1..33].try_into().unwrap();
-        let transient = w.transient.current().unwrap().1.clone();
+        let transient = SecretKey::from_bytes(w.transient.key_bytes(77).unwrap());
         assert!(
             !rep_body.windows(4).any(|win| win == 77u32.to_le_bytes()),
             "epoch is sealed too"

@@ -46,13 +46,14 @@
 //!    ([`HandshakeLoad`]: a cookie reply instead of an answer), see [`handshake`];
 //! 6. body decoding ([`decode_drop_reason`] for its errors).
 //!
-//! [`receive()`] does steps 1 to 5 for flock datagrams sealed with [`seal`] and hands handshake
-//! datagrams back after step 2. The flock core holds one node's whole state (keyring, the transient keys of its
-//! flock, replay table, rate limiter, counter, pending handshake, rotation schedule) and does all
-//! of it for each datagram given to [`Flock::handle_datagram`](crate::Flock::handle_datagram),
-//! counting every drop by reason in [`Flock::stats`](crate::Flock::stats).
-//! [`hostile::HostileTraffic`] makes deterministic hostile input for tests and benchmarks of
-//! this path.
+//! [`receive()`] does steps 1 to 5 for flock datagrams and frames (sealed with [`seal_for`]);
+//! the flock core runs it on everything sealed under a transient key, and opens handshake
+//! datagrams itself. The flock core holds one node's whole state (keyring, the transient keys of
+//! its flock, replay table, rate limiter, counter, pending handshake, rotation schedule) and
+//! does all of it for each datagram given to
+//! [`Flock::handle_datagram`](crate::Flock::handle_datagram), counting every drop by reason in
+//! [`Flock::stats`](crate::Flock::stats). [`hostile::HostileTraffic`] makes deterministic hostile
+//! input for tests and benchmarks of this path.
 //!
 //! Every failure maps to a [`DropReason`](crate::DropReason) ([`OpenError::drop_reason`],
 //! [`HandshakeError::drop_reason`]): the datagram is dropped, counted, and never answered.
@@ -76,14 +77,17 @@
 //!   `Debug`. [`PacketKey`]: a derived AEAD key; raw keys never seal anything directly.
 //! * [`Bloc`]: every derived key mixes in the bloc ID, so two blocs that share a secondary key (or
 //!   whose tags collide) still cannot read each other.
-//! * [`TransientKeys`]: current and previous epoch; a key is accepted for at most 1.5 × the
-//!   longest rotation period after it was installed. The leader [`rotate`](TransientKeys::rotate)s
-//!   at [`next_rotation`] and spreads the [`KeyAnnouncement`] (36 fixed bytes) sealed under the
-//!   old key; members [`install_announced`](TransientKeys::install_announced). Make before break:
-//!   every node accepts a new key at once but seals under the previous one for [`SWITCH_DELAY`]
-//!   ([`TransientKeys::sealing_key`]). A member whose key
-//!   [`is_stale`](TransientKeys::is_stale), or that sees an epoch ahead of its own
-//!   ([`TransientKeys::is_ahead`]), asks again through the handshake ([`Purpose::KeyRequest`]).
+//! * [`TransientKeys`]: the one key schedule. A node holds at most [`TRANSIENT_KEYS_MAX`] keys
+//!   (its flock's current and previous, and a merging flock's), each tagged with the leader that
+//!   made it and accepted for 1.5 × the longest rotation period after it was installed. The
+//!   leader makes a key under a random epoch ([`TransientKeys::make_key`]) every 30–60 s
+//!   ([`ROTATION_MIN`], [`ROTATION_MAX`]) and spreads it by gossip sealed under the current key;
+//!   make before break: it seals with the new key (and names it in its claim) only a third of the
+//!   shortest period later, and members switch as the claim names it
+//!   ([`TransientKeys::follow_claim`]). A member that holds no fresh key
+//!   ([`TransientKeys::needs_key`]) asks again through the handshake ([`Purpose::KeyRequest`]),
+//!   whose reply carries [`TransientKeys::join_keys`] ([`JoinKeys`]: two [`KeyAnnouncement`]s
+//!   of 36 fixed bytes).
 //! * [`Keyring`]: Serf-style install / use / remove / list; the primary key starts this node's
 //!   handshakes, every installed key admits a joiner. Stored as a text file, mode 0600, written
 //!   atomically. Changes spread as [`KeyringOp`]s (33 fixed bytes) under the transient key.
@@ -145,9 +149,9 @@ pub use keyring::{
 };
 pub use keys::{key_id, node_auth_key, Bloc, KeyParseError, PacketKey, SecretKey, KEY_BYTES};
 pub use ratelimit::{RateLimiter, HANDSHAKES_PER_SECOND, HANDSHAKE_BURST};
-pub use receive::{receive, Received};
+pub use receive::receive;
 pub use replay::{InitiationStamps, ReplayTable, ReplayWindow, REPLAY_WINDOW};
 pub use transient::{
-    next_rotation, Installed, JoinKeys, KeyAnnouncement, TransientKeys, ANNOUNCEMENT_BYTES,
-    ROTATION_MAX, ROTATION_MIN, SWITCH_DELAY,
+    JoinKeys, KeyAnnouncement, TransientKeys, ANNOUNCEMENT_BYTES, ROTATION_MAX, ROTATION_MIN,
+    TRANSIENT_KEYS_MAX,
 };

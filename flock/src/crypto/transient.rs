@@ -1,8 +1,25 @@
-//! Transient group keys: current and previous epoch, rotation by the leader, announcements.
+//! The transient keys a node holds: the one key schedule of the flock.
+//!
+//! A node holds the transient keys of its own flock (the current one and the previous one, the
+//! leader rotating them) and, while two flocks merge, those of the other flock: at most
+//! [`TRANSIENT_KEYS_MAX`]. Every key is tagged with the leader that made it and is accepted for
+//! 1.5 × the longest rotation period after this node installed it. One key is this node's own
+//! sealing key (the key the claim of the leader it follows names). Opening tries exactly the one
+//! key the header's key id names ([`TransientKeys::key_for`]). Keys once dropped are retired:
+//! never taken back unless wanted (a late or re-gossiped announcement of an old key would
+//! otherwise restart its life).
+//!
+//! The flock core (`core/secure.rs`) owns one [`TransientKeys`]: the leader makes keys
+//! ([`TransientKeys::make_key`]) on its rotation schedule and gossips them, members install
+//! them ([`TransientKeys::install`]) and switch as the leader's claim names them
+//! ([`TransientKeys::follow_claim`]), and a handshake responder hands out
+//! [`TransientKeys::join_keys`] ([`JoinKeys`], the payload of a join reply).
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use rand::{CryptoRng, Rng, RngCore};
+use crux_proto::flock::NodeId;
+use rand::{CryptoRng, RngCore};
 use zeroize::Zeroize;
 
 use super::envelope::OpenError;
@@ -12,115 +29,51 @@ use super::keys::{Bloc, PacketKey, SecretKey, KEY_BYTES};
 pub const ROTATION_MIN: Duration = Duration::from_secs(30);
 /// Longest rotation period.
 pub const ROTATION_MAX: Duration = Duration::from_secs(60);
-/// How long a node keeps sealing under the previous key after it installed a new one, while
-/// already accepting the new one: the time the announcement needs to reach every member by gossip
-/// (a third of the shortest period). Without it, members that have not heard of the new key yet
-/// would drop everything sealed under it.
-pub const SWITCH_DELAY: Duration = Duration::from_secs(10);
+/// Most transient keys held at once (own flock: current and previous; a merging flock's two).
+pub const TRANSIENT_KEYS_MAX: usize = 4;
+/// Epochs remembered as dropped (never installed again).
+const RETIRED_MAX: usize = 64;
 
-/// When the rotation after one made at `now` is due: `now` plus a period drawn uniformly from
-/// `[min, max]` (jitter, so that two leaders after a partition do not rotate in step). `min >
-/// max` is treated as `max..=max`.
-pub fn next_rotation<R: RngCore + CryptoRng>(
-    now: Duration,
-    min: Duration,
-    max: Duration,
-    rng: &mut R,
-) -> Duration {
-    let (lo, hi) = (min.min(max).as_millis() as u64, max.as_millis() as u64);
-    now + Duration::from_millis(rng.gen_range(lo..=hi))
-}
-
-/// One epoch's key.
-struct Epoch {
+/// One held key.
+struct TransientKey {
     epoch: u32,
     key: SecretKey,
     packet: PacketKey,
     since: Duration,
+    leader: NodeId,
 }
 
-impl Drop for Epoch {
-    fn drop(&mut self) {
-        // `key` and `packet` wipe themselves; this is only the epoch number.
-        self.epoch.zeroize();
-    }
-}
-
-/// The transient keys a node holds: the current epoch and the one before it.
-///
-/// A key is accepted for at most `max_age` after this node installed it: 1.5 × the longest
-/// rotation period by default ([`TransientKeys::new`]), so the previous key stays usable for the
-/// in-flight datagrams of a rotation and nothing older ever is. When the current key passes that
-/// age this node has missed rotations ([`TransientKeys::is_stale`]): it must run the handshake
-/// again (a key request). Replaced keys are wiped (`SecretKey` is `ZeroizeOnDrop`).
-///
-/// Rotation is make-before-break: a node that installs a new key accepts it at once but keeps
-/// *sealing* under the previous key for [`SWITCH_DELAY`] ([`TransientKeys::sealing_key`]), so the
-/// announcement (itself sealed under the previous key) has time to reach everyone first. A
-/// datagram under an epoch ahead of ours ([`TransientKeys::is_ahead`]) means this node missed an
-/// announcement: ask for the key again.
+/// The transient keys a node holds, its own sealing key among them, and the epochs it dropped.
 pub struct TransientKeys {
     bloc: Bloc,
+    keys: Vec<TransientKey>,
+    own: Option<u32>,
+    /// Epochs dropped lately, newest last: never installed again (unless wanted).
+    retired: VecDeque<u32>,
     max_age: Duration,
-    switch_delay: Duration,
-    current: Option<Epoch>,
-    previous: Option<Epoch>,
 }
 
 impl std::fmt::Debug for TransientKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<_> = self.keys.iter().map(|k| (k.epoch, k.since)).collect();
         f.debug_struct("TransientKeys")
-            .field(
-                "current",
-                &self.current.as_ref().map(|e| (e.epoch, e.since)),
-            )
-            .field(
-                "previous",
-                &self.previous.as_ref().map(|e| (e.epoch, e.since)),
-            )
+            .field("keys", &keys)
+            .field("own", &self.own)
             .field("max_age", &self.max_age)
             .finish()
     }
 }
 
-/// What [`TransientKeys::install_announced`] did with an announcement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Installed {
-    /// The key became current; the former current key is now the previous one.
-    New,
-    /// This epoch with this key is already current or previous: nothing changed.
-    Known,
-    /// Not newer than the current epoch (or a different key for a known epoch): ignored.
-    Ignored,
-}
-
 impl TransientKeys {
-    /// No key yet. Keys are accepted for 1.5 × `rotation_max` after they are installed; the
-    /// switch delay is [`SWITCH_DELAY`].
+    /// No key yet. Keys are accepted for 1.5 × `rotation_max` after they are installed.
     pub fn new(bloc: Bloc, rotation_max: Duration) -> TransientKeys {
         TransientKeys {
             bloc,
+            keys: Vec::new(),
+            own: None,
+            retired: VecDeque::new(),
             max_age: rotation_max * 3 / 2,
-            switch_delay: SWITCH_DELAY,
-            current: None,
-            previous: None,
         }
-    }
-
-    /// Changes the switch delay (the simulator's compressed timings; zero disables it).
-    pub fn with_switch_delay(mut self, delay: Duration) -> TransientKeys {
-        self.switch_delay = delay;
-        self
-    }
-
-    /// The switch delay ([`SWITCH_DELAY`] unless changed).
-    pub fn switch_delay(&self) -> Duration {
-        self.switch_delay
-    }
-
-    /// How long after installation a key is still accepted.
-    pub fn max_age(&self) -> Duration {
-        self.max_age
     }
 
     /// The bloc the packet keys are bound to.
@@ -128,205 +81,283 @@ impl TransientKeys {
         &self.bloc
     }
 
-    /// The current epoch, if any key is held.
-    pub fn current_epoch(&self) -> Option<u32> {
-        self.current.as_ref().map(|e| e.epoch)
+    /// How long after installation a key is still accepted.
+    pub fn max_age(&self) -> Duration {
+        self.max_age
     }
 
-    /// The previous epoch, if held.
-    pub fn previous_epoch(&self) -> Option<u32> {
-        self.previous.as_ref().map(|e| e.epoch)
+    fn fresh(&self, k: &TransientKey, now: Duration) -> bool {
+        now.saturating_sub(k.since) <= self.max_age
     }
 
-    /// The current epoch and its raw key.
-    pub fn current(&self) -> Option<(u32, &SecretKey)> {
-        self.current.as_ref().map(|e| (e.epoch, &e.key))
+    fn find(&self, epoch: u32) -> Option<&TransientKey> {
+        self.keys.iter().find(|k| k.epoch == epoch)
     }
 
-    /// The epoch and packet key to seal outgoing datagrams with at `now` (`header.key_id =
-    /// epoch`): the previous key during the [`SWITCH_DELAY`] after a new key was installed (if the
-    /// previous one is still accepted), the current key otherwise. Leaders seal the
-    /// announcement of a key they just made with this too, so members that hold only the old key
-    /// can open it.
-    pub fn sealing_key(&self, now: Duration) -> Option<(u32, &PacketKey)> {
-        let cur = self.current.as_ref()?;
-        if now.saturating_sub(cur.since) < self.switch_delay {
-            if let Some(prev) = &self.previous {
-                if now.saturating_sub(prev.since) <= self.max_age {
-                    return Some((prev.epoch, &prev.packet));
-                }
+    /// The epoch this node seals with by default, if it holds a fresh one.
+    pub fn own_epoch(&self, now: Duration) -> Option<u32> {
+        let e = self.own?;
+        self.find(e).filter(|k| self.fresh(k, now)).map(|k| k.epoch)
+    }
+
+    /// True when this node holds no fresh key to seal with: it must (re)join by handshake.
+    pub fn needs_key(&self, now: Duration) -> bool {
+        self.own_epoch(now).is_none()
+    }
+
+    /// Whether this node holds `epoch` with exactly these key bytes.
+    pub fn holds_key(&self, epoch: u32, key: &SecretKey) -> bool {
+        self.find(epoch).is_some_and(|k| &k.key == key)
+    }
+
+    /// Whether this node holds a fresh key of `epoch`.
+    pub fn holds(&self, epoch: u32, now: Duration) -> bool {
+        self.find(epoch).is_some_and(|k| self.fresh(k, now))
+    }
+
+    /// The packet key for `epoch` (a datagram's `key_id`): the one key to try.
+    /// [`OpenError::StaleKey`] for a held key past its age, [`OpenError::UnknownKey`] for an
+    /// epoch not held.
+    pub fn key_for(&self, epoch: u32, now: Duration) -> Result<&PacketKey, OpenError> {
+        match self.find(epoch) {
+            Some(k) if self.fresh(k, now) => Ok(&k.packet),
+            Some(_) => Err(OpenError::StaleKey(epoch)),
+            None => Err(OpenError::UnknownKey(epoch)),
+        }
+    }
+
+    /// The epoch and packet key to seal with for a peer last heard under `peer_epoch`: that
+    /// key when [`peer_key_better`](Self::peer_key_better), else our own. None when this node
+    /// holds no fresh key of its own (it must join).
+    pub fn sealing_key(&self, peer_epoch: Option<u32>, now: Duration) -> Option<(u32, &PacketKey)> {
+        let epoch = match peer_epoch.filter(|e| self.peer_key_better(*e, now)) {
+            Some(e) => e,
+            None => self.own_epoch(now)?,
+        };
+        Some((epoch, &self.find(epoch).expect("held").packet))
+    }
+
+    /// Makes `epoch` (held) this node's sealing key. This key, the one it replaces and keys
+    /// learnt after it (announced ahead of their use) stay: members accept the current and the
+    /// previous epoch (in a merge: the winning flock's key and the former one, for the members
+    /// that have not switched yet).
+    pub fn set_own(&mut self, epoch: u32) {
+        let Some(since) = self.find(epoch).map(|k| k.since) else {
+            return;
+        };
+        let previous = self.own.replace(epoch);
+        if previous != Some(epoch) {
+            self.keep(|k| k.epoch == epoch || Some(k.epoch) == previous || k.since >= since);
+        }
+    }
+
+    /// Keeps the keys `f` accepts; the others are wiped and retired.
+    fn keep(&mut self, f: impl Fn(&TransientKey) -> bool) {
+        let mut i = 0;
+        while i < self.keys.len() {
+            if f(&self.keys[i]) {
+                i += 1;
+            } else {
+                let k = self.keys.remove(i);
+                self.retire(k.epoch);
             }
         }
-        Some((cur.epoch, &cur.packet))
     }
 
-    /// True when `epoch` is newer than the current epoch (serial-number arithmetic): a datagram
-    /// under it means this node missed an announcement and should send a key request.
-    pub fn is_ahead(&self, epoch: u32) -> bool {
-        self.current
-            .as_ref()
-            .is_some_and(|cur| epoch_newer(epoch, cur.epoch))
-    }
-
-    /// What a handshake responder hands out at `now`: the current key and, if still accepted,
-    /// the previous one (the one still being sealed with during a switch). None when this node
-    /// holds no fresh key ([`is_stale`](Self::is_stale)).
-    pub fn join_keys(&self, now: Duration) -> Option<JoinKeys> {
-        if self.is_stale(now) {
-            return None;
+    fn retire(&mut self, epoch: u32) {
+        if !self.retired.contains(&epoch) {
+            if self.retired.len() >= RETIRED_MAX {
+                self.retired.pop_front();
+            }
+            self.retired.push_back(epoch);
         }
-        let cur = self.current.as_ref()?;
-        let previous = self
-            .previous
-            .as_ref()
-            .filter(|p| now.saturating_sub(p.since) <= self.max_age)
-            .map(|p| KeyAnnouncement {
-                epoch: p.epoch,
-                key: p.key.clone(),
+    }
+
+    /// Installs a key of `leader`; returns false if it was already held, or held before and
+    /// dropped — unless `wanted`: the key our leader's claim names, or the one a handshake
+    /// answer brings us when we need one (a key dropped while we lagged, or evicted by other
+    /// flocks' keys). Expired keys go; past [`TRANSIENT_KEYS_MAX`], the oldest go (never our own
+    /// sealing key, never the key just learnt). Dropped keys wipe themselves.
+    pub fn install(
+        &mut self,
+        epoch: u32,
+        key: SecretKey,
+        leader: NodeId,
+        now: Duration,
+        wanted: bool,
+    ) -> bool {
+        if self.find(epoch).is_some() {
+            return false;
+        }
+        if let Some(i) = self.retired.iter().position(|e| *e == epoch) {
+            if !wanted {
+                return false;
+            }
+            self.retired.remove(i);
+        }
+        let packet = PacketKey::transient(&key, &self.bloc);
+        self.keys.push(TransientKey {
+            epoch,
+            key,
+            packet,
+            since: now,
+            leader,
+        });
+        let max_age = self.max_age;
+        let own = self.own;
+        self.keep(|k| now.saturating_sub(k.since) <= max_age || Some(k.epoch) == own);
+        while self.keys.len() > TRANSIENT_KEYS_MAX {
+            let oldest = self
+                .keys
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| Some(k.epoch) != own && k.epoch != epoch)
+                .min_by_key(|(_, k)| k.since)
+                .map(|(i, _)| i);
+            match oldest {
+                Some(i) => {
+                    let k = self.keys.remove(i);
+                    self.retire(k.epoch);
+                }
+                None => break,
+            }
+        }
+        true
+    }
+
+    /// Leader side: makes and installs a fresh key under a random epoch (two leaders that
+    /// rotate apart, in a partition, never make two different keys under one epoch, which
+    /// members could not tell apart). Returns its epoch.
+    pub fn make_key<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Duration,
+        me: NodeId,
+        rng: &mut R,
+    ) -> Option<u32> {
+        let mut epoch = rng.next_u32();
+        while epoch == 0 || self.find(epoch).is_some() || self.retired.contains(&epoch) {
+            epoch = rng.next_u32();
+        }
+        let key = SecretKey::generate(rng);
+        self.install(epoch, key, me, now, false).then_some(epoch)
+    }
+
+    /// The keys a handshake responder hands out: our own key and, as the second one, the key
+    /// our leader announced next if we hold it (the asker needs it within seconds), else the
+    /// one before ours. None when this node holds no fresh key of its own.
+    pub fn join_keys(&self, now: Duration) -> Option<JoinKeys> {
+        let own = self.find(self.own?).filter(|k| self.fresh(k, now))?;
+        let others = || {
+            self.keys
+                .iter()
+                .filter(|k| k.leader == own.leader && k.epoch != own.epoch && self.fresh(k, now))
+        };
+        let next = others()
+            .filter(|k| k.since >= own.since)
+            .max_by_key(|k| k.since);
+        let previous = next
+            .or_else(|| others().max_by_key(|k| k.since))
+            .map(|k| KeyAnnouncement {
+                epoch: k.epoch,
+                key: k.key.clone(),
             });
         Some(JoinKeys {
             current: KeyAnnouncement {
-                epoch: cur.epoch,
-                key: cur.key.clone(),
+                epoch: own.epoch,
+                key: own.key.clone(),
             },
             previous,
         })
     }
 
-    /// Installs the keys a handshake brought ([`JoinKeys`]): the previous key (if any), then the
-    /// current one, both as of `now`. Replaces whatever this node held.
-    pub fn install_join(&mut self, keys: JoinKeys, now: Duration) {
-        self.current = None;
-        self.previous = None;
-        if let Some(prev) = keys.previous {
-            if prev.epoch != keys.current.epoch {
-                self.install(prev.epoch, prev.key, now);
-            }
-        }
-        self.install(keys.current.epoch, keys.current.key, now);
+    /// The raw key of a held epoch (to spread it to other members).
+    pub fn key_bytes(&self, epoch: u32) -> Option<[u8; 32]> {
+        self.find(epoch).map(|k| *k.key.as_bytes())
     }
 
-    /// When the current key was installed.
-    pub fn current_since(&self) -> Option<Duration> {
-        self.current.as_ref().map(|e| e.since)
-    }
-
-    /// True when no key is held, or the current one is older than [`max_age`](Self::max_age):
-    /// this node missed rotations and must ask for the key again through the handshake.
-    pub fn is_stale(&self, now: Duration) -> bool {
-        self.current
-            .as_ref()
-            .is_none_or(|e| now.saturating_sub(e.since) > self.max_age)
-    }
-
-    /// Whether a datagram under `epoch` is acceptable now: it is the current or the previous
-    /// epoch, and that key is at most [`max_age`](Self::max_age) old.
-    pub fn accepts(&self, epoch: u32, now: Duration) -> bool {
-        self.key_for(epoch, now).is_ok()
-    }
-
-    /// The packet key for `epoch` (a datagram's `key_id`): the one key to try. Errors with
-    /// [`OpenError::StaleKey`] for a known epoch past its age or an epoch just behind the
-    /// previous one, [`OpenError::UnknownKey`] for anything else.
-    pub fn key_for(&self, epoch: u32, now: Duration) -> Result<&PacketKey, OpenError> {
-        for e in [&self.current, &self.previous].into_iter().flatten() {
-            if e.epoch == epoch {
-                if now.saturating_sub(e.since) > self.max_age {
-                    return Err(OpenError::StaleKey(epoch));
-                }
-                return Ok(&e.packet);
-            }
-        }
-        match self.current.as_ref() {
-            Some(cur) if epoch_newer(cur.epoch, epoch) => Err(OpenError::StaleKey(epoch)),
-            _ => Err(OpenError::UnknownKey(epoch)),
-        }
-    }
-
-    /// Makes `key` the current key of `epoch` unconditionally (a key learnt from a handshake, or
-    /// made by this node); the former current key becomes the previous one, and the former
-    /// previous one is wiped. Installing the current epoch again with another key replaces it.
-    pub fn install(&mut self, epoch: u32, key: SecretKey, now: Duration) {
-        let packet = PacketKey::transient(&key, &self.bloc);
-        let fresh = Epoch {
-            epoch,
-            key,
-            packet,
-            since: now,
+    /// Whether a peer last heard under `epoch` should get that key rather than ours: a key learnt
+    /// after ours (a flock merging: the other flock's key a handshake just brought; or we lag
+    /// behind the peer). Any key older than ours, whichever leader made it, may be gone from the
+    /// peer by now (a key of a solo leader of the cold boot, last heard from that peer a minute
+    /// ago, is).
+    pub fn peer_key_better(&self, epoch: u32, now: Duration) -> bool {
+        let Some(k) = self.find(epoch).filter(|k| self.fresh(k, now)) else {
+            return false;
         };
-        match self.current.take() {
-            Some(cur) if cur.epoch == epoch => {
-                // Same epoch: a replacement, not a rotation; keep the previous key.
-                drop(cur);
-            }
-            Some(cur) => self.previous = Some(cur),
-            None => {}
-        }
-        self.current = Some(fresh);
-    }
-
-    /// Installs an announced key if its epoch is newer than the current one (serial-number
-    /// arithmetic, so epochs may wrap), as members do with the leader's announcements.
-    pub fn install_announced(&mut self, ann: KeyAnnouncement, now: Duration) -> Installed {
-        let known = [&self.current, &self.previous]
-            .into_iter()
-            .flatten()
-            .find(|e| e.epoch == ann.epoch);
-        if let Some(e) = known {
-            return if e.key == ann.key {
-                Installed::Known
-            } else {
-                Installed::Ignored
-            };
-        }
-        match self.current.as_ref() {
-            Some(cur) if !epoch_newer(ann.epoch, cur.epoch) => Installed::Ignored,
-            _ => {
-                self.install(ann.epoch, ann.key.clone(), now);
-                Installed::New
-            }
+        match self.own.and_then(|e| self.find(e)) {
+            Some(own) => k.since > own.since,
+            None => true,
         }
     }
 
-    /// Leader side: makes a fresh key for the next epoch (current + 1, or a random epoch when no
-    /// key is held), installs it, and returns the announcement to spread sealed under the *old*
-    /// current key (members that hold it can open the announcement; the new key is not usable by
-    /// anyone until they do). Schedule the next one with [`next_rotation`].
-    pub fn rotate<R: RngCore + CryptoRng>(
-        &mut self,
-        now: Duration,
-        rng: &mut R,
-    ) -> KeyAnnouncement {
-        let epoch = match self.current.as_ref() {
-            Some(cur) => cur.epoch.wrapping_add(1),
-            None => rng.next_u32(),
+    /// A datagram from a member came under `epoch`, a key of `leader` (the leader we follow)
+    /// learnt after our own sealing key: the leader switched to it and we missed the claim that
+    /// said so. Seal with it too. Returns whether we switched.
+    pub fn follow_newer(&mut self, epoch: u32, leader: NodeId, now: Duration) -> bool {
+        let newer = match (self.find(epoch), self.own.and_then(|e| self.find(e))) {
+            (Some(k), Some(own)) => {
+                k.leader == leader
+                    && own.leader == leader
+                    && k.since > own.since
+                    && self.fresh(k, now)
+            }
+            _ => false,
         };
-        let key = SecretKey::generate(rng);
-        self.install(epoch, key.clone(), now);
-        KeyAnnouncement { epoch, key }
+        if newer {
+            self.set_own(epoch);
+        }
+        newer
+    }
+
+    /// Seals with `epoch` (held), the key the claim of `leader` names, unless we already seal
+    /// with a key of that leader learnt after it ([`follow_newer`](Self::follow_newer) ran
+    /// ahead of the claim).
+    pub fn follow_claim(&mut self, epoch: u32, leader: NodeId, now: Duration) {
+        if self.own_epoch(now) == Some(epoch) {
+            return;
+        }
+        let ahead = match (self.find(epoch), self.own.and_then(|e| self.find(e))) {
+            (Some(k), Some(own)) => {
+                own.leader == leader && k.leader == leader && own.since > k.since
+            }
+            _ => false,
+        };
+        if !ahead || self.needs_key(now) {
+            self.set_own(epoch);
+        }
+    }
+
+    /// Epochs held (oldest first), for metrics and tests.
+    pub fn epochs(&self) -> Vec<u32> {
+        let mut v: Vec<_> = self.keys.iter().map(|k| (k.since, k.epoch)).collect();
+        v.sort();
+        v.into_iter().map(|x| x.1).collect()
+    }
+
+    /// Drops the keys past their age (our own sealing key too: we then need a key).
+    pub fn forget_expired(&mut self, now: Duration) {
+        let max_age = self.max_age;
+        self.keep(|k| now.saturating_sub(k.since) <= max_age);
+        if self.own.is_some_and(|e| self.find(e).is_none()) {
+            self.own = None;
+        }
     }
 }
 
-/// The transient keys a join reply carries: the responder's current key and, during a switch,
-/// the previous one.
+/// The transient keys a join reply carries: the responder's own key and a second one of the
+/// same leader ([`TransientKeys::join_keys`]).
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct JoinKeys {
-    /// The responder's current epoch and key.
+    /// The responder's sealing epoch and key.
     pub current: KeyAnnouncement,
-    /// The responder's previous epoch and key, if it still accepts it.
+    /// The key its leader announced next, or the one before the current, if held.
     pub previous: Option<KeyAnnouncement>,
-}
-
-/// RFC 1982 serial-number comparison: `a` is newer than `b`.
-fn epoch_newer(a: u32, b: u32) -> bool {
-    a != b && a.wrapping_sub(b) < 1 << 31
 }
 
 /// Bytes of an encoded [`KeyAnnouncement`].
 pub const ANNOUNCEMENT_BYTES: usize = 4 + KEY_BYTES;
 
-/// A new transient key, as the leader announces it (the body of a core message sealed under the
-/// current transient key) and as a handshake reply carries it. Encoded as fixed-size bytes:
+/// One transient key with its epoch, as a join reply carries it. Encoded as fixed-size bytes:
 /// `epoch (u32 little endian) || key (32 bytes)`. Wiped on drop.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct KeyAnnouncement {
@@ -368,6 +399,9 @@ mod tests {
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
 
+    const LEADER: NodeId = NodeId(1);
+    const OTHER: NodeId = NodeId(2);
+
     fn s(secs: u64) -> Duration {
         Duration::from_secs(secs)
     }
@@ -376,208 +410,126 @@ mod tests {
         TransientKeys::new(Bloc::new("b"), ROTATION_MAX)
     }
 
-    #[test]
-    fn next_rotation_is_jittered_within_30_to_60_seconds() {
-        let mut rng = ChaCha20Rng::seed_from_u64(1);
-        let draws: Vec<_> = (0..200)
-            .map(|_| next_rotation(s(100), ROTATION_MIN, ROTATION_MAX, &mut rng))
-            .collect();
-        assert!(draws.iter().all(|t| *t >= s(130) && *t <= s(160)));
-        let distinct: std::collections::BTreeSet<_> = draws.iter().collect();
-        assert!(distinct.len() > 150);
-        let mut a = ChaCha20Rng::seed_from_u64(9);
-        let mut b = ChaCha20Rng::seed_from_u64(9);
-        assert_eq!(
-            next_rotation(s(0), ROTATION_MIN, ROTATION_MAX, &mut a),
-            next_rotation(s(0), ROTATION_MIN, ROTATION_MAX, &mut b)
-        );
-        assert_eq!(next_rotation(s(0), s(5), s(5), &mut a), s(5));
-        assert_eq!(next_rotation(s(0), s(9), s(5), &mut a), s(5));
-    }
-
-    #[test]
-    fn accepts_current_and_previous_only() {
-        let mut rng = ChaCha20Rng::seed_from_u64(2);
-        let mut k = keys();
-        assert!(k.is_stale(s(0)));
-        assert_eq!(k.key_for(0, s(0)).unwrap_err(), OpenError::UnknownKey(0));
-        k.install(10, SecretKey::generate(&mut rng), s(0));
-        assert!(k.accepts(10, s(0)) && !k.accepts(9, s(0)) && !k.accepts(11, s(0)));
-        let ann = k.rotate(s(40), &mut rng);
-        assert_eq!(ann.epoch, 11);
-        assert_eq!(k.current_epoch(), Some(11));
-        assert_eq!(k.previous_epoch(), Some(10));
-        assert!(k.accepts(10, s(40)) && k.accepts(11, s(40)));
-        k.rotate(s(80), &mut rng);
-        assert!(!k.accepts(10, s(80)));
-        assert_eq!(k.key_for(10, s(80)).unwrap_err(), OpenError::StaleKey(10));
-        assert_eq!(k.key_for(13, s(80)).unwrap_err(), OpenError::UnknownKey(13));
-        assert!(k.accepts(11, s(80)) && k.accepts(12, s(80)));
+    fn key(b: u8) -> SecretKey {
+        SecretKey::from_bytes([b; 32])
     }
 
     #[test]
     fn nothing_older_than_one_and_a_half_periods() {
-        let mut rng = ChaCha20Rng::seed_from_u64(3);
         let mut k = keys();
         assert_eq!(k.max_age(), s(90));
-        k.install(1, SecretKey::generate(&mut rng), s(0));
-        k.rotate(s(60), &mut rng);
-        assert!(k.accepts(1, s(90)));
-        assert!(!k.accepts(1, s(91)), "previous key is past 1.5 × 60 s");
+        assert!(k.needs_key(s(0)));
+        assert_eq!(k.key_for(1, s(0)).unwrap_err(), OpenError::UnknownKey(1));
+        assert!(k.install(1, key(1), LEADER, s(0), false));
+        k.set_own(1);
+        assert_eq!(k.own_epoch(s(90)), Some(1));
+        assert!(k.key_for(1, s(90)).is_ok());
         assert_eq!(k.key_for(1, s(91)).unwrap_err(), OpenError::StaleKey(1));
-        assert!(k.accepts(2, s(91)));
-        assert!(!k.is_stale(s(150)));
-        assert!(k.is_stale(s(151)), "missed rotations: ask again");
-        assert!(!k.accepts(2, s(151)));
+        assert!(k.needs_key(s(91)), "missed rotations: ask again");
+        assert!(k.sealing_key(None, s(91)).is_none());
+        k.forget_expired(s(91));
+        assert_eq!(k.key_for(1, s(91)).unwrap_err(), OpenError::UnknownKey(1));
+        assert!(k.epochs().is_empty());
     }
 
     #[test]
-    fn announcements_install_only_newer_epochs() {
-        let mut rng = ChaCha20Rng::seed_from_u64(4);
-        let mut leader = keys();
-        let mut member = keys();
-        let first = leader.rotate(s(0), &mut rng);
-        assert_eq!(
-            member.install_announced(first.clone(), s(0)),
-            Installed::New
-        );
-        assert_eq!(
-            member.install_announced(first.clone(), s(1)),
-            Installed::Known
-        );
-        let second = leader.rotate(s(30), &mut rng);
-        assert_eq!(
-            member.install_announced(second.clone(), s(30)),
-            Installed::New
-        );
-        assert_eq!(
-            member.install_announced(first.clone(), s(31)),
-            Installed::Known
-        );
-        let forged = KeyAnnouncement {
-            epoch: second.epoch,
-            key: SecretKey::from_bytes([0; 32]),
-        };
-        assert_eq!(member.install_announced(forged, s(31)), Installed::Ignored);
-        let old = KeyAnnouncement {
-            epoch: first.epoch.wrapping_sub(1),
-            key: first.key.clone(),
-        };
-        assert_eq!(member.install_announced(old, s(31)), Installed::Ignored);
-        assert_eq!(member.current().unwrap().1, &second.key);
-        // The leader keeps sealing under the old key during the switch delay, then the new one.
-        assert_eq!(leader.sealing_key(s(30)).unwrap().0, first.epoch);
-        assert_eq!(leader.sealing_key(s(39)).unwrap().0, first.epoch);
-        assert_eq!(leader.sealing_key(s(40)).unwrap().0, second.epoch);
-        assert!(member.accepts(second.epoch, s(31)));
-    }
-
-    #[test]
-    fn make_before_break() {
-        let mut rng = ChaCha20Rng::seed_from_u64(5);
+    fn switching_keeps_the_previous_key_and_later_ones_and_retires_the_rest() {
         let mut k = keys();
-        assert!(k.sealing_key(s(0)).is_none());
-        k.install(1, SecretKey::generate(&mut rng), s(0));
-        assert_eq!(
-            k.sealing_key(s(0)).unwrap().0,
-            1,
-            "no previous key: seal under the new one"
-        );
-        k.install(2, SecretKey::generate(&mut rng), s(50));
-        assert_eq!(k.sealing_key(s(55)).unwrap().0, 1);
-        assert!(k.accepts(2, s(55)));
-        assert_eq!(k.sealing_key(s(60)).unwrap().0, 2);
-        // A previous key past its age is never sealed with.
-        let mut late = keys();
-        late.install(1, SecretKey::generate(&mut rng), s(0));
-        late.install(2, SecretKey::generate(&mut rng), s(95));
-        assert_eq!(late.sealing_key(s(95)).unwrap().0, 2);
-        let zero = keys().with_switch_delay(Duration::ZERO);
-        let mut zero = zero;
-        zero.install(1, SecretKey::generate(&mut rng), s(0));
-        zero.install(2, SecretKey::generate(&mut rng), s(1));
-        assert_eq!(zero.sealing_key(s(1)).unwrap().0, 2);
+        for (e, t) in [(1, 0), (2, 10), (3, 20)] {
+            assert!(k.install(e, key(e as u8), LEADER, s(t), false));
+        }
+        k.set_own(1);
+        k.set_own(2);
+        assert_eq!(k.epochs(), [1, 2, 3], "previous (1) and next (3) stay");
+        k.set_own(3);
+        assert_eq!(k.epochs(), [2, 3], "1 is neither current nor previous");
+        assert!(!k.install(1, key(1), LEADER, s(21), false), "retired");
+        assert!(k.install(1, key(1), LEADER, s(21), true), "unless wanted");
+        assert!(!k.install(1, key(1), LEADER, s(22), true), "already held");
     }
 
     #[test]
-    fn an_epoch_ahead_means_a_missed_announcement() {
+    fn at_most_four_keys_and_never_the_own_one_evicted() {
         let mut k = keys();
-        assert!(
-            !k.is_ahead(5),
-            "no key: nothing is ahead (the node joins instead)"
-        );
-        k.install(5, SecretKey::from_bytes([1; 32]), s(0));
-        assert!(k.is_ahead(6) && k.is_ahead(1000));
-        assert!(!k.is_ahead(5) && !k.is_ahead(4));
-        assert_eq!(k.key_for(6, s(0)).unwrap_err(), OpenError::UnknownKey(6));
+        k.install(10, key(10), LEADER, s(0), false);
+        k.set_own(10);
+        for e in 11..=15 {
+            k.install(e, key(e as u8), OTHER, s(e as u64), false);
+        }
+        assert_eq!(k.epochs().len(), TRANSIENT_KEYS_MAX);
+        assert_eq!(k.epochs(), [10, 13, 14, 15]);
+        assert_eq!(k.own_epoch(s(20)), Some(10));
     }
 
     #[test]
-    fn join_keys_carry_current_and_previous() {
+    fn a_peer_gets_its_own_key_only_when_learnt_after_ours() {
+        let mut k = keys();
+        k.install(1, key(1), LEADER, s(0), false);
+        k.install(2, key(2), OTHER, s(5), false);
+        k.set_own(1);
+        assert_eq!(
+            k.sealing_key(Some(2), s(6)).unwrap().0,
+            2,
+            "a merging flock's key"
+        );
+        assert_eq!(k.sealing_key(Some(1), s(6)).unwrap().0, 1);
+        assert_eq!(k.sealing_key(Some(9), s(6)).unwrap().0, 1, "unknown: ours");
+        k.set_own(2);
+        assert_eq!(k.sealing_key(Some(1), s(7)).unwrap().0, 2, "older: ours");
+    }
+
+    #[test]
+    fn members_follow_the_leaders_newer_keys_but_never_go_back() {
+        let mut k = keys();
+        k.install(1, key(1), LEADER, s(0), false);
+        k.set_own(1);
+        k.install(2, key(2), LEADER, s(10), false);
+        assert!(!k.follow_newer(2, OTHER, s(11)), "another leader's key");
+        assert!(k.follow_newer(2, LEADER, s(11)));
+        assert_eq!(k.own_epoch(s(11)), Some(2));
+        assert!(!k.follow_newer(1, LEADER, s(12)), "older");
+        k.follow_claim(1, LEADER, s(12));
+        assert_eq!(k.own_epoch(s(12)), Some(2), "a late claim of the older key");
+        k.install(3, key(3), LEADER, s(13), false);
+        k.follow_claim(3, LEADER, s(13));
+        assert_eq!(k.own_epoch(s(13)), Some(3));
+    }
+
+    #[test]
+    fn join_keys_carry_the_own_key_and_the_leaders_next_or_previous() {
         let mut rng = ChaCha20Rng::seed_from_u64(6);
-        let mut leader = keys();
-        assert!(leader.join_keys(s(0)).is_none());
-        let a = leader.rotate(s(0), &mut rng);
-        let only = leader.join_keys(s(1)).unwrap();
-        assert_eq!(
-            (only.current.clone(), only.previous.clone()),
-            (a.clone(), None)
+        let mut k = keys();
+        assert!(k.join_keys(s(0)).is_none(), "no key: nothing to hand out");
+        let a = k.make_key(s(0), LEADER, &mut rng).unwrap();
+        k.set_own(a);
+        let only = k.join_keys(s(1)).unwrap();
+        assert_eq!((only.current.epoch, only.previous), (a, None));
+        let b = k.make_key(s(30), LEADER, &mut rng).unwrap();
+        let ahead = k.join_keys(s(31)).unwrap();
+        assert_eq!(ahead.current.epoch, a);
+        assert_eq!(ahead.previous.map(|p| p.epoch), Some(b), "announced next");
+        k.set_own(b);
+        let after = k.join_keys(s(32)).unwrap();
+        assert_eq!(after.current.epoch, b);
+        assert_eq!(after.previous.map(|p| p.epoch), Some(a));
+        k.install(7, key(7), OTHER, s(33), false);
+        assert_ne!(
+            k.join_keys(s(33)).unwrap().previous.map(|p| p.epoch),
+            Some(7)
         );
-        let b = leader.rotate(s(40), &mut rng);
-        let both = leader.join_keys(s(41)).unwrap();
-        assert_eq!(both.current, b);
-        assert_eq!(both.previous, Some(a.clone()));
-        assert!(
-            leader.join_keys(s(91)).unwrap().previous.is_none(),
-            "a is past its age"
-        );
-        assert!(
-            leader.join_keys(s(131)).is_none(),
-            "b is stale: nothing to hand out"
-        );
-        let mut joiner = keys();
-        joiner.install(99, SecretKey::from_bytes([9; 32]), s(0));
-        joiner.install_join(both, s(41));
-        assert_eq!(joiner.current_epoch(), Some(b.epoch));
-        assert_eq!(joiner.previous_epoch(), Some(a.epoch));
-        assert_eq!(
-            joiner.sealing_key(s(41)).unwrap().0,
-            a.epoch,
-            "seals like everyone else"
-        );
-        joiner.install_join(only, s(42));
-        assert_eq!(
-            (joiner.current_epoch(), joiner.previous_epoch()),
-            (Some(a.epoch), None)
-        );
+        assert!(k.join_keys(s(121)).is_none(), "b is stale");
+        assert_eq!(k.key_bytes(b), Some(*after.current.key.as_bytes()));
     }
 
     #[test]
-    fn epochs_wrap() {
-        assert!(epoch_newer(0, u32::MAX));
-        assert!(!epoch_newer(u32::MAX, 0));
-        assert!(!epoch_newer(5, 5));
+    fn made_keys_take_fresh_random_epochs() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
         let mut k = keys();
-        k.install(u32::MAX, SecretKey::from_bytes([1; 32]), s(0));
-        let ann = KeyAnnouncement {
-            epoch: 0,
-            key: SecretKey::from_bytes([2; 32]),
-        };
-        assert_eq!(k.install_announced(ann, s(1)), Installed::New);
-        assert_eq!(
-            k.key_for(u32::MAX - 1, s(1)).unwrap_err(),
-            OpenError::StaleKey(u32::MAX - 1)
-        );
-    }
-
-    #[test]
-    fn reinstalling_the_current_epoch_keeps_the_previous() {
-        let mut k = keys();
-        k.install(1, SecretKey::from_bytes([1; 32]), s(0));
-        k.install(2, SecretKey::from_bytes([2; 32]), s(1));
-        k.install(2, SecretKey::from_bytes([3; 32]), s(2));
-        assert_eq!(k.previous_epoch(), Some(1));
-        assert_eq!(k.current().unwrap().1, &SecretKey::from_bytes([3; 32]));
+        let epochs: Vec<_> = (0..3)
+            .map(|i| k.make_key(s(i), LEADER, &mut rng).unwrap())
+            .collect();
+        assert!(epochs.iter().all(|e| *e != 0));
+        assert_eq!(k.epochs(), epochs);
     }
 
     #[test]
@@ -600,9 +552,9 @@ mod tests {
     #[test]
     fn debug_prints_no_key() {
         let mut k = keys();
-        k.install(3, SecretKey::from_bytes([0xee; 32]), s(0));
+        k.install(3, SecretKey::from_bytes([0xee; 32]), LEADER, s(0), false);
         let text = format!("{k:?}");
-        assert!(text.contains("current: Some((3,"), "{text}");
+        assert!(text.contains("keys: [(3,"), "{text}");
         assert!(!text.contains("238"));
     }
 }
