@@ -25,9 +25,13 @@ fn node(i: u8, space: &str, keyring: &Keyring) -> Flock {
         id: NodeId(i as u64),
         boot: BootId(i as u64),
         addr: SocketAddr::from(([127, 0, 0, i], 7700)),
+        key: None,
     };
     let timing = SecurityTiming::default();
-    Flock::builder(config, identity).keys(keyring.clone(), timing).rng_seed([i; 32]).start(Duration::ZERO)
+    Flock::builder(config, identity)
+        .keys(keyring.clone(), timing)
+        .rng_seed([i; 32])
+        .start(Duration::ZERO)
         .expect("node")
 }
 
