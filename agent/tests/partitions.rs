@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crux_tests::cluster::{Cluster, Leader};
 use serde::Deserialize;
 
+#[allow(dead_code)] // this test reads the store status only
 mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_crux");
