@@ -12,7 +12,6 @@ use anyhow::{bail, Context};
 use crux_proto::grpc::reeve::v1 as pb;
 use pb::reeve_server::{Reeve, ReeveServer};
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -41,8 +40,17 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The services of the local socket, as reflection lists them and health answers for them.
+pub const SERVICES: [&str; 3] = [
+    pb::reeve_server::SERVICE_NAME,
+    crux_proto::grpc::pastiche::v1::cache_server::SERVICE_NAME,
+    crux_proto::grpc::proctor::v1::placement_server::SERVICE_NAME,
+];
+
 /// Serves the reeve API, pastiche's cache API and placement (once step 5 made it) on `listener`
-/// until `shutdown` is cancelled.
+/// until `shutdown` is cancelled, with reflection and health beside them. Connections go
+/// through `crux_local` so that any stock gRPC client is answered, whatever `:authority` it
+/// sends.
 pub async fn serve(
     listener: UnixListener,
     state: Arc<AgentState>,
@@ -50,12 +58,29 @@ pub async fn serve(
     placement: tokio::sync::watch::Receiver<Option<crate::placement::PlacementLocal>>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    let (v1, v1alpha, health) = match crux_local::discovery(&SERVICES).await {
+        Ok(d) => (
+            Some(d.reflection_v1),
+            Some(d.reflection_v1alpha),
+            Some(d.health),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "local API: no reflection or health (descriptors)");
+            (None, None, None)
+        }
+    };
     tonic::transport::Server::builder()
-        .add_service(ReeveServer::new(Service { state }))
+        .http2_max_header_list_size(crux_local::HEADER_LIST_MAX as u32)
+        .add_service(ReeveServer::new(Service {
+            state: state.clone(),
+        }))
         .add_service(cache.into_server())
         .add_service(crate::placement::Later::new(placement).into_server())
+        .add_optional_service(v1)
+        .add_optional_service(v1alpha)
+        .add_optional_service(health)
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener),
+            crux_local::incoming(listener, state.local.clone()),
             shutdown.cancelled_owned(),
         )
         .await
