@@ -53,6 +53,8 @@ impl Raw {
         let mut s = UnixStream::connect(path).expect("connect to the local socket");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
+        s.set_write_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let mut out = PREFACE.to_vec();
         frame_header(0, 0x4, 0, 0, &mut out); // SETTINGS, defaults
         s.write_all(&out).expect("preface");
@@ -349,17 +351,42 @@ fn bad_input_gets_a_status_or_a_closed_connection_and_the_agent_serves_on() {
         ) >= 1
     );
 
-    // A client that opens 10,000 streams and never reads: the streams it may open are bounded
-    // (h2's max concurrent streams), and others are served meanwhile.
+    // A client that opens 10,000 streams and never reads: past STREAMS_MAX open at once, h2
+    // refuses streams (REFUSED_STREAM), and others are served meanwhile.
     let mut flood = Raw::connect(&sock, Encoder::indexing());
+    // The agent stops reading a client that does not read its answers: writes then block.
+    flood
+        .s
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     let watch = grpc_request("/crux.reeve.v1.Reeve/Watch", Some(b"localhost"));
+    let mut sent = 0u32;
     for i in 0..10_000u32 {
         if flood.call(2 * i + 1, &watch, &[]).is_err() {
             break;
         }
+        sent += 1;
     }
+    eprintln!("flood: {sent} streams sent before the agent stopped reading");
     check_good(&mut good);
+    if sent > crux_local::STREAMS_MAX {
+        // Somewhere in what the flood did not read: resets of the streams past the limit.
+        let mut refused = 0;
+        while let Some((kind, _, _, payload)) = flood.frame() {
+            if kind == 0x3 && payload == [0, 0, 0, 7] {
+                refused += 1;
+                break;
+            }
+        }
+        assert_eq!(
+            refused,
+            1,
+            "streams past {} are refused",
+            crux_local::STREAMS_MAX
+        );
+    }
     drop(flood);
+    still_serves(&sock);
 
     // A client that vanishes mid-stream (a heartbeat stream, half sent).
     let mut gone = Raw::connect(&sock, Encoder::indexing());
@@ -425,8 +452,8 @@ fn stock_clients_run_the_full_flow() {
     let node_ok = node_dir.join("node_modules/@grpc/grpc-js").exists()
         && Command::new("node")
             .arg("--version")
-            .status()
-            .is_ok_and(|s| s.success());
+            .output()
+            .is_ok_and(|o| o.status.success());
     if node_ok {
         run_client(
             &c,

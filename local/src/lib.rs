@@ -63,7 +63,7 @@ use tokio_stream::{Stream, StreamExt};
 
 pub use rewrite::{
     frame_header, header_frames, RewriteError, Rewriter, Seen, BLOCK_BYTES_MAX, FRAME_MAX,
-    HEADER_LIST_MAX, LOCALHOST, PREFACE,
+    HEADER_LIST_MAX, LOCALHOST, PREFACE, STREAMS_MAX,
 };
 
 /// Counters of the local listener, shared by its connections (one per agent; not global).

@@ -30,6 +30,12 @@ pub const FRAME_MAX: usize = 16_384;
 /// just past this size, so `h2` refuses that one stream (HTTP 431) and the connection lives.
 pub const HEADER_LIST_MAX: usize = 16 * 1024;
 
+/// The most streams one connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`,
+/// which the agent sets; tonic's default is no limit). A service holds one heartbeat stream per
+/// registration and a watch or two; a client opening more is refused the excess streams
+/// (REFUSED_STREAM) by `h2`.
+pub const STREAMS_MAX: u32 = 1024;
+
 /// The most header-block bytes (one HEADERS and its CONTINUATIONs) buffered before decoding.
 /// A client sending more loses its connection, as with `h2` itself, which ends a connection
 /// whose over-size block keeps coming.

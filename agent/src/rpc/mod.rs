@@ -71,6 +71,7 @@ pub async fn serve(
     };
     tonic::transport::Server::builder()
         .http2_max_header_list_size(crux_local::HEADER_LIST_MAX as u32)
+        .max_concurrent_streams(crux_local::STREAMS_MAX)
         .add_service(ReeveServer::new(Service {
             state: state.clone(),
         }))
