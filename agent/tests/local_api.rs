@@ -283,6 +283,11 @@ fn bad_input_gets_a_status_or_a_closed_connection_and_the_agent_serves_on() {
     check_good(&mut good);
 
     // A non-gRPC HTTP/2 request, an unknown service, an unknown method: statuses.
+    let not_grpc = metric(&c, "crux_local_api_rejected_total{reason=\"not_grpc\"}");
+    let unimplemented = metric(
+        &c,
+        "crux_local_api_rejected_total{reason=\"unimplemented\"}",
+    );
     let mut raw = Raw::connect(&sock, Encoder::indexing());
     let get = vec![
         Field::new(":method", "GET"),
@@ -309,6 +314,18 @@ fn bad_input_gets_a_status_or_a_closed_connection_and_the_agent_serves_on() {
             "{path} is UNIMPLEMENTED: {r:?}"
         );
     }
+    assert_eq!(
+        metric(&c, "crux_local_api_rejected_total{reason=\"not_grpc\"}"),
+        not_grpc + 1,
+        "the GET is counted"
+    );
+    assert!(
+        metric(
+            &c,
+            "crux_local_api_rejected_total{reason=\"unimplemented\"}"
+        ) >= unimplemented + 2,
+        "unknown service and method are counted"
+    );
 
     // Metadata over the header list limit (20 KiB): that stream is refused (431), the
     // connection serves on.

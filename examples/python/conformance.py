@@ -202,7 +202,11 @@ def main():
     check = ch1.unary_unary("/grpc.health.v1.Health/Check",
                             request_serializer=lambda b: b, response_deserializer=lambda b: b)
     assert check(b"", timeout=10) == b"\x08\x01"
-    print("Health: SERVING")
+    # HealthCheckRequest{service: "crux.proctor.v1.Placement"}: SERVING once the agent is ready.
+    name = b"crux.proctor.v1.Placement"
+    wait_for("placement SERVING",
+             lambda: check(b"\x0a" + bytes([len(name)]) + name, timeout=10) == b"\x08\x01")
+    print("Health: SERVING (the server, and crux.proctor.v1.Placement)")
 
     ch1.close()
     ch2.close()

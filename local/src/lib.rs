@@ -89,6 +89,10 @@ pub struct Counters {
     pub block_too_large: AtomicU64,
     /// Connections ended for header framing that is a connection error.
     pub protocol_error: AtomicU64,
+    /// HTTP/2 requests that are not gRPC (no `application/grpc` content type).
+    pub not_grpc: AtomicU64,
+    /// Calls answered UNIMPLEMENTED: unknown service or method.
+    pub unimplemented: AtomicU64,
 }
 
 impl Stats {
@@ -98,7 +102,7 @@ impl Stats {
     }
 
     /// Connections refused or ended by the layer, by reason (for a metric with a label).
-    pub fn rejected(&self) -> [(&'static str, u64); 5] {
+    pub fn rejected(&self) -> [(&'static str, u64); 7] {
         let c = &self.0;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
@@ -107,6 +111,8 @@ impl Stats {
             ("header_block_too_large", l(&c.block_too_large)),
             ("protocol", l(&c.protocol_error)),
             ("header_list_too_large", l(&c.header_list_over)),
+            ("not_grpc", l(&c.not_grpc)),
+            ("unimplemented", l(&c.unimplemented)),
         ]
     }
 }
@@ -330,4 +336,60 @@ pub async fn discovery(
         health,
         reporter,
     })
+}
+
+/// A tower layer for the local server that counts, into [`Stats`], requests that are not gRPC
+/// and calls answered UNIMPLEMENTED (unknown service or method). It changes nothing.
+#[derive(Clone, Debug)]
+pub struct CountLayer(pub Stats);
+
+impl<S> tower::Layer<S> for CountLayer {
+    type Service = Count<S>;
+
+    fn layer(&self, inner: S) -> Count<S> {
+        Count {
+            inner,
+            stats: self.0.clone(),
+        }
+    }
+}
+
+/// The service [`CountLayer`] makes.
+#[derive(Clone, Debug)]
+pub struct Count<S> {
+    inner: S,
+    stats: Stats,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Count<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if !grpc {
+            self.stats.0.not_grpc.fetch_add(1, Ordering::Relaxed);
+        }
+        let stats = self.stats.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await?;
+            if res.headers().get("grpc-status").is_some_and(|v| v == "12") {
+                stats.0.unimplemented.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(res)
+        })
+    }
 }

@@ -58,33 +58,59 @@ pub async fn serve(
     placement: tokio::sync::watch::Receiver<Option<crate::placement::PlacementLocal>>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let (v1, v1alpha, health) = match crux_local::discovery(&SERVICES).await {
+    let (v1, v1alpha, health, reporter) = match crux_local::discovery(&SERVICES).await {
         Ok(d) => (
             Some(d.reflection_v1),
             Some(d.reflection_v1alpha),
             Some(d.health),
+            Some(d.reporter),
         ),
         Err(e) => {
             tracing::warn!(error = %e, "local API: no reflection or health (descriptors)");
-            (None, None, None)
+            (None, None, None, None)
         }
     };
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_max_header_list_size(crux_local::HEADER_LIST_MAX as u32)
         .max_concurrent_streams(crux_local::STREAMS_MAX)
+        .layer(crux_local::CountLayer(state.local.clone()))
         .add_service(ReeveServer::new(Service {
             state: state.clone(),
         }))
         .add_service(cache.into_server())
-        .add_service(crate::placement::Later::new(placement).into_server())
+        .add_service(crate::placement::Later::new(placement.clone()).into_server())
         .add_optional_service(v1)
         .add_optional_service(v1alpha)
         .add_optional_service(health)
         .serve_with_incoming_shutdown(
             crux_local::incoming(listener, state.local.clone()),
-            shutdown.cancelled_owned(),
-        )
-        .await
+            shutdown.clone().cancelled_owned(),
+        );
+    let (served, ()) = tokio::join!(server, placement_health(reporter, placement, shutdown));
+    served
+}
+
+/// Health says placement is SERVING once step 5 made it, NOT_SERVING before.
+async fn placement_health(
+    reporter: Option<tonic_health::server::HealthReporter>,
+    mut placement: tokio::sync::watch::Receiver<Option<crate::placement::PlacementLocal>>,
+    shutdown: CancellationToken,
+) {
+    let Some(reporter) = reporter else { return };
+    let name = crux_proto::grpc::proctor::v1::placement_server::SERVICE_NAME;
+    loop {
+        let status = if placement.borrow_and_update().is_some() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status(name, status).await;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            changed = placement.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 struct Service {
