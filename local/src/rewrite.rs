@@ -132,6 +132,25 @@ impl Rewriter {
         }
     }
 
+    /// How many of the next client bytes pass unchanged whatever they are: the rest of a
+    /// passed-through frame's payload, or everything on a connection that is not HTTP/2. A
+    /// reader may hand them on directly and tell [`Rewriter::skip`].
+    pub fn direct(&self) -> usize {
+        match self.mode {
+            Mode::Passthrough => usize::MAX,
+            Mode::Frames => self.passing,
+            Mode::Preface(_) => 0,
+        }
+    }
+
+    /// Records that `n` (at most [`Rewriter::direct`]) bytes were handed on directly.
+    pub fn skip(&mut self, n: usize) {
+        debug_assert!(n <= self.direct());
+        if let Mode::Frames = self.mode {
+            self.passing -= n.min(self.passing);
+        }
+    }
+
     /// Feeds client bytes; appends what the server should read to `out`.
     pub fn push(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
         while !input.is_empty() {
