@@ -417,10 +417,19 @@ fn bad_input_gets_a_status_or_a_closed_connection_and_the_agent_serves_on() {
     );
     frame_header(3, 0x0, 0, 1, &mut out);
     out.extend_from_slice(&[0, 0, 0]);
+    let vanished = metric(&c, "crux_local_api_rejected_total{reason=\"vanished\"}");
     gone.s.write_all(&out).unwrap();
     drop(gone);
     check_good(&mut good);
     still_serves(&sock);
+    c.wait_for("the vanished client counted", WAIT, || {
+        let now = metric(&c, "crux_local_api_rejected_total{reason=\"vanished\"}");
+        if now > vanished {
+            Ok(())
+        } else {
+            Err(format!("vanished {now}"))
+        }
+    });
     assert!(metric(&c, "crux_local_api_rejected_total{reason=\"not_http2\"}") >= 1);
 }
 

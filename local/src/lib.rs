@@ -63,7 +63,7 @@ use tokio_stream::{Stream, StreamExt};
 
 pub use rewrite::{
     frame_header, header_frames, RewriteError, Rewriter, Seen, BLOCK_BYTES_MAX, FRAME_MAX,
-    HEADER_LIST_MAX, LOCALHOST, PREFACE, STREAMS_MAX,
+    HEADER_LIST_MAX, LOCALHOST, OPEN_TRACKED_MAX, PREFACE, STREAMS_MAX,
 };
 
 /// Counters of the local listener, shared by its connections (one per agent; not global).
@@ -93,6 +93,8 @@ pub struct Counters {
     pub not_grpc: AtomicU64,
     /// Calls answered UNIMPLEMENTED: unknown service or method.
     pub unimplemented: AtomicU64,
+    /// Connections whose client went away (end of its bytes) with streams it had not ended.
+    pub vanished: AtomicU64,
 }
 
 impl Stats {
@@ -102,7 +104,7 @@ impl Stats {
     }
 
     /// Connections refused or ended by the layer, by reason (for a metric with a label).
-    pub fn rejected(&self) -> [(&'static str, u64); 7] {
+    pub fn rejected(&self) -> [(&'static str, u64); 8] {
         let c = &self.0;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
@@ -113,6 +115,7 @@ impl Stats {
             ("header_list_too_large", l(&c.header_list_over)),
             ("not_grpc", l(&c.not_grpc)),
             ("unimplemented", l(&c.unimplemented)),
+            ("vanished", l(&c.vanished)),
         ]
     }
 }
@@ -126,6 +129,7 @@ pub struct Normalize<S> {
     out_pos: usize,
     reported: Seen,
     stats: Stats,
+    eof: bool,
 }
 
 impl<S> Normalize<S> {
@@ -139,6 +143,7 @@ impl<S> Normalize<S> {
             out_pos: 0,
             reported: Seen::default(),
             stats,
+            eof: false,
         }
     }
 
@@ -171,6 +176,20 @@ impl<S> Normalize<S> {
             tracing::debug!("local API: a connection without the HTTP/2 preface");
         }
         self.reported = now;
+    }
+
+    /// The client's bytes ended (end of file, or an error such as the reset a Unix socket gives
+    /// when its peer closed with our bytes unread): a client gone with streams it had not ended
+    /// is counted once.
+    fn end_of_input(&mut self) {
+        if !self.eof && self.rewriter.open_streams() > 0 {
+            self.stats.0.vanished.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                streams = self.rewriter.open_streams(),
+                "local API: client gone mid-stream"
+            );
+        }
+        self.eof = true;
     }
 
     fn failed(&self, e: RewriteError) -> io::Error {
@@ -208,9 +227,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Normalize<S> {
             }
             let mut tmp = [0u8; 8192];
             let mut rb = ReadBuf::new(&mut tmp);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            if let Err(e) = ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb)) {
+                this.end_of_input();
+                return Poll::Ready(Err(e));
+            }
             let got = rb.filled();
             if got.is_empty() {
+                this.end_of_input();
                 return Poll::Ready(Ok(()));
             }
             this.out.clear();
@@ -228,8 +251,15 @@ impl<S: AsyncRead + Unpin> Normalize<S> {
     /// whatever came past the bytes that pass unchanged goes through the rewriter.
     fn poll_direct(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        if let Err(e) = ready!(Pin::new(&mut self.inner).poll_read(cx, buf)) {
+            self.end_of_input();
+            return Poll::Ready(Err(e));
+        }
         let got = buf.filled().len() - before;
+        if got == 0 {
+            self.end_of_input();
+            return Poll::Ready(Ok(()));
+        }
         let pass = got.min(self.rewriter.direct());
         self.rewriter.skip(pass);
         if got > pass {

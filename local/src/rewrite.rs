@@ -41,7 +41,13 @@ pub const STREAMS_MAX: u32 = 1024;
 /// whose over-size block keeps coming.
 pub const BLOCK_BYTES_MAX: usize = 64 * 1024;
 
+/// The most client-open streams tracked per connection (past [`STREAMS_MAX`], `h2` refuses
+/// them anyway).
+pub const OPEN_TRACKED_MAX: usize = 2 * STREAMS_MAX as usize;
+
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -108,6 +114,10 @@ pub struct Rewriter {
     frame: Option<(u8, u8, u32, usize)>,
     block: Option<Block>,
     decoder: Decoder,
+    /// Streams the client opened and has not ended (END_STREAM) or reset, at most
+    /// [`OPEN_TRACKED_MAX`]: how [`Rewriter::open_streams`] tells a client that vanished
+    /// mid-stream.
+    open: std::collections::BTreeSet<u32>,
     /// Counts since creation.
     pub seen: Seen,
 }
@@ -128,8 +138,15 @@ impl Rewriter {
             frame: None,
             block: None,
             decoder: Decoder::default(),
+            open: std::collections::BTreeSet::new(),
             seen: Seen::default(),
         }
+    }
+
+    /// Streams the client opened and has neither ended nor reset (up to [`OPEN_TRACKED_MAX`]).
+    /// Non-zero when the client's bytes stop: it vanished mid-stream.
+    pub fn open_streams(&self) -> usize {
+        self.open.len()
     }
 
     /// How many of the next client bytes pass unchanged whatever they are: the rest of a
@@ -223,6 +240,10 @@ impl Rewriter {
             if self.block.is_some() {
                 return Err(RewriteError::Protocol("frame inside a header block"));
             }
+            let ends = (kind == DATA && flags & END_STREAM != 0) || kind == RST_STREAM;
+            if ends {
+                self.open.remove(&stream);
+            }
             out.extend_from_slice(&h);
             self.passing = len;
         }
@@ -289,6 +310,11 @@ impl Rewriter {
     }
 
     fn finish(&mut self, block: Block, out: &mut Vec<u8>) -> Result<(), RewriteError> {
+        if block.end_stream {
+            self.open.remove(&block.stream);
+        } else if self.open.len() < OPEN_TRACKED_MAX {
+            self.open.insert(block.stream);
+        }
         let mut decoded = self.decoder.decode(&block.bytes, HEADER_LIST_MAX)?;
         self.seen.blocks += 1;
         if decoded.over_limit {
@@ -462,6 +488,29 @@ mod tests {
                 assert_eq!(data.len(), 3, "DATA frames pass unchanged");
             }
         }
+    }
+
+    /// A unary call ends its half; a heartbeat-like stream left open is counted until reset.
+    #[test]
+    fn open_streams_are_those_the_client_has_not_ended() {
+        let mut enc = Encoder::indexing();
+        let mut input = PREFACE.to_vec();
+        header_frames(&mut enc, 1, &request(b"localhost"), false, &mut input);
+        frame_header(5, DATA, END_STREAM, 1, &mut input);
+        input.extend_from_slice(&[0; 5]);
+        header_frames(&mut enc, 3, &request(b"localhost"), false, &mut input);
+        frame_header(5, DATA, 0, 3, &mut input);
+        input.extend_from_slice(&[0; 5]);
+        header_frames(&mut enc, 5, &request(b"localhost"), true, &mut input);
+        let mut r = Rewriter::new();
+        let mut out = Vec::new();
+        r.push(&input, &mut out).unwrap();
+        assert_eq!(r.open_streams(), 1, "stream 3 is open");
+        let mut rst = Vec::new();
+        frame_header(4, RST_STREAM, 0, 3, &mut rst);
+        rst.extend_from_slice(&[0, 0, 0, 8]);
+        r.push(&rst, &mut out).unwrap();
+        assert_eq!(r.open_streams(), 0);
     }
 
     #[test]
