@@ -4,7 +4,7 @@
 //
 //   npm install
 //   node service.js --socket /run/crux/reeve.sock --api hello1 --inst hello1_1 \
-//       --addr 127.0.0.1:8080 --watch galumph2 [--proto /usr/share/crux/proto]
+//       --addr 127.0.0.1:8080 --watch galumph2 [--proto ../../proto/proto]
 'use strict';
 const { client, call, DEFAULT_PROTO } = require('./reeve');
 

@@ -6,7 +6,7 @@ deregisters cleanly on SIGTERM or SIGINT. Stubs come from the .proto files at st
 (grpcio-tools), so there is nothing to generate:
 
     python3 -m pip install -r requirements.txt
-    python3 service.py --socket /run/crux/reeve.sock --proto /usr/share/crux/proto \
+    python3 service.py --socket /run/crux/reeve.sock --proto ../../proto/proto \
         --api hello1 --inst hello1_1 --addr 127.0.0.1:8080 --watch galumph2
 """
 

@@ -26,10 +26,11 @@
 //! HTTP/2 connection of the process, the node plane and every client included, where the
 //! design wants no change; (2) freeze `h2` at the vendored copy: `cargo update` would no longer
 //! bring `h2`'s security releases (rapid reset, CONTINUATION flood, …) until someone re-applied
-//! the patch to each; (3) carry ~25,000 lines of someone else's code to change five. The layer
-//! costs one HPACK decode per request on a local socket, is ~600 lines that are ours, pure and
-//! property-tested, works with any `h2`, and is dropped by deleting one `map` in the agent the
-//! day `h2` accepts these authorities.
+//! the patch to each; (3) carry ~22,000 lines of someone else's code to change five. The layer
+//! costs one HPACK decode per request on a local socket (DATA passes straight through), is ~900
+//! lines that are ours (HPACK decoder and frame rewriter, docs included), pure and
+//! property-tested, works with any `h2`, and goes away the day `h2` accepts these authorities:
+//! the agent then serves `UnixListenerStream` instead of [`incoming`].
 //!
 //! Limits (all from the client's bytes, bounded): a header block is buffered up to
 //! [`BLOCK_BYTES_MAX`] (more ends the connection, as `h2` ends one whose over-size block keeps
