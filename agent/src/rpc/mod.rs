@@ -86,8 +86,14 @@ pub async fn serve(
             crux_local::incoming(listener, state.local.clone()),
             shutdown.clone().cancelled_owned(),
         );
-    let (served, ()) = tokio::join!(server, placement_health(reporter, placement, shutdown));
-    served
+    // Health follows placement while the server runs; the server's end (an error included)
+    // ends `serve` at once.
+    let health = placement_health(reporter, placement, shutdown);
+    tokio::pin!(server, health);
+    tokio::select! {
+        served = &mut server => served,
+        () = &mut health => server.await,
+    }
 }
 
 /// Health says placement is SERVING once step 5 made it, NOT_SERVING before.
