@@ -23,6 +23,12 @@ fn grpc() {
         Ok(fds) => fds,
         Err(e) => panic!("compiling .proto files: {e:?}"),
     };
+    // The same descriptors, encoded, for gRPC server reflection on the local socket.
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
+    let encoded = prost::Message::encode_to_vec(&fds);
+    if let Err(e) = std::fs::write(out.join("crux_descriptor.bin"), encoded) {
+        panic!("writing the file descriptor set: {e}");
+    }
     if let Err(e) = tonic_prost_build::configure().compile_fds(fds) {
         panic!("generating gRPC code: {e}");
     }

@@ -63,6 +63,24 @@ pub fn render(state: &AgentState) -> String {
         );
     }
     o.family(
+        "crux_local_api_rejected_total",
+        "counter",
+        "Local-socket connections closed or requests refused before the API saw them, by reason.",
+    );
+    for (reason, n) in state.local.rejected() {
+        o.value("crux_local_api_rejected_total", &[("reason", reason)], n);
+    }
+    o.one(
+        "crux_local_api_authority_fixed_total",
+        "counter",
+        "Local-socket requests whose :authority (a socket path, empty) became localhost.",
+        state
+            .local
+            .get()
+            .authority_fixed
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    o.family(
         "crux_bootstrap_step_seconds",
         "gauge",
         "Time each finished bootstrap step took.",

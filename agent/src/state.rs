@@ -49,6 +49,8 @@ pub struct AgentState {
     pub store: crux_store::Store,
     /// This node's end of the node plane.
     pub transport: crux_transport::Transport,
+    /// The local socket's listener counters (`crux_local`).
+    pub local: crux_local::Stats,
     started: Instant,
     steps: Mutex<Vec<Kept>>,
     ready: AtomicBool,
@@ -88,6 +90,7 @@ impl AgentState {
             reeve,
             store,
             transport,
+            local: crux_local::Stats::default(),
             started,
             steps: Mutex::new(steps),
             ready: AtomicBool::new(false),

@@ -9,6 +9,12 @@
 //! * [`proctor::v1`]: placement: dean sync, proctor status, and the local placement API.
 #![cfg(feature = "grpc")]
 
+/// Every file of `proto/crux/**` (and what they import) as an encoded
+/// `google.protobuf.FileDescriptorSet`, from the same compile as the code: what gRPC server
+/// reflection serves.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/crux_descriptor.bin"));
+
 /// The reeve API.
 pub mod reeve {
     /// Version 1.

@@ -12,7 +12,6 @@ use anyhow::{bail, Context};
 use crux_proto::grpc::reeve::v1 as pb;
 use pb::reeve_server::{Reeve, ReeveServer};
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -41,8 +40,17 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The services of the local socket, as reflection lists them and health answers for them.
+pub const SERVICES: [&str; 3] = [
+    pb::reeve_server::SERVICE_NAME,
+    crux_proto::grpc::pastiche::v1::cache_server::SERVICE_NAME,
+    crux_proto::grpc::proctor::v1::placement_server::SERVICE_NAME,
+];
+
 /// Serves the reeve API, pastiche's cache API and placement (once step 5 made it) on `listener`
-/// until `shutdown` is cancelled.
+/// until `shutdown` is cancelled, with reflection and health beside them. Connections go
+/// through `crux_local` so that any stock gRPC client is answered, whatever `:authority` it
+/// sends.
 pub async fn serve(
     listener: UnixListener,
     state: Arc<AgentState>,
@@ -50,15 +58,65 @@ pub async fn serve(
     placement: tokio::sync::watch::Receiver<Option<crate::placement::PlacementLocal>>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(ReeveServer::new(Service { state }))
+    let (v1, v1alpha, health, reporter) = match crux_local::discovery(&SERVICES).await {
+        Ok(d) => (
+            Some(d.reflection_v1),
+            Some(d.reflection_v1alpha),
+            Some(d.health),
+            Some(d.reporter),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "local API: no reflection or health (descriptors)");
+            (None, None, None, None)
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .http2_max_header_list_size(crux_local::HEADER_LIST_MAX as u32)
+        .max_concurrent_streams(crux_local::STREAMS_MAX)
+        .layer(crux_local::CountLayer(state.local.clone()))
+        .add_service(ReeveServer::new(Service {
+            state: state.clone(),
+        }))
         .add_service(cache.into_server())
-        .add_service(crate::placement::Later::new(placement).into_server())
+        .add_service(crate::placement::Later::new(placement.clone()).into_server())
+        .add_optional_service(v1)
+        .add_optional_service(v1alpha)
+        .add_optional_service(health)
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener),
-            shutdown.cancelled_owned(),
-        )
-        .await
+            crux_local::incoming(listener, state.local.clone()),
+            shutdown.clone().cancelled_owned(),
+        );
+    // Health follows placement while the server runs; the server's end (an error included)
+    // ends `serve` at once.
+    let health = placement_health(reporter, placement, shutdown);
+    tokio::pin!(server, health);
+    tokio::select! {
+        served = &mut server => served,
+        () = &mut health => server.await,
+    }
+}
+
+/// Health says placement is SERVING once step 5 made it, NOT_SERVING before.
+async fn placement_health(
+    reporter: Option<tonic_health::server::HealthReporter>,
+    mut placement: tokio::sync::watch::Receiver<Option<crate::placement::PlacementLocal>>,
+    shutdown: CancellationToken,
+) {
+    let Some(reporter) = reporter else { return };
+    let name = crux_proto::grpc::proctor::v1::placement_server::SERVICE_NAME;
+    loop {
+        let status = if placement.borrow_and_update().is_some() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status(name, status).await;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            changed = placement.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 struct Service {

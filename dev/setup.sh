@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Test set-up: installs the real gRPC clients the conformance test runs (issue 24), each where
+# its toolchain exists, into this checkout only:
+#   * Python: grpcio, grpcio-tools, grpcio-reflection from PyPI into .dev/venv
+#     (examples/python/requirements.txt);
+#   * Node: @grpc/grpc-js, @grpc/proto-loader from npm into examples/node/node_modules.
+# Idempotent and quick once done: each part is skipped while its stamp matches its requirements.
+# A missing toolchain or a failed install is said loudly and is not fatal: the test then says it
+# skips that client.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .dev
+
+python_clients() {
+    local req=examples/python/requirements.txt stamp=.dev/venv/.crux-requirements
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "dev/setup.sh: SKIPPED Python clients: no python3 on PATH"
+        return
+    fi
+    if [ -f "$stamp" ] && cmp -s "$req" "$stamp" && [ -x .dev/venv/bin/python ]; then
+        echo "dev/setup.sh: Python clients present (.dev/venv)"
+        return
+    fi
+    echo "dev/setup.sh: installing Python clients into .dev/venv ($req)"
+    if python3 -m venv .dev/venv &&
+        .dev/venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req"; then
+        cp "$req" "$stamp"
+    else
+        echo "dev/setup.sh: FAILED to install the Python clients: the conformance test will skip them"
+    fi
+}
+
+node_clients() {
+    local pkg=examples/node/package.json stamp=examples/node/node_modules/.crux-package.json
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        echo "dev/setup.sh: SKIPPED Node clients: no node and npm on PATH"
+        return
+    fi
+    if [ -f "$stamp" ] && cmp -s "$pkg" "$stamp"; then
+        echo "dev/setup.sh: Node clients present (examples/node/node_modules)"
+        return
+    fi
+    echo "dev/setup.sh: installing Node clients into examples/node/node_modules ($pkg)"
+    if npm install --prefix examples/node --no-audit --no-fund --loglevel=error; then
+        cp "$pkg" "$stamp"
+    else
+        echo "dev/setup.sh: FAILED to install the Node clients: the conformance test will skip them"
+    fi
+}
+
+python_clients
+node_clients
