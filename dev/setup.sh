@@ -48,5 +48,24 @@ node_clients() {
     fi
 }
 
+# The toolchains themselves, from Debian, where this runs as root with apt-get (CI does): python3
+# with venv, node and npm. Elsewhere a missing one is said and its clients skipped.
+system_tools() {
+    local missing=()
+    command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null ||
+        missing+=(python3 python3-venv)
+    command -v node >/dev/null 2>&1 || missing+=(nodejs)
+    command -v npm >/dev/null 2>&1 || missing+=(npm)
+    [ ${#missing[@]} -eq 0 ] && return
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "dev/setup.sh: cannot install ${missing[*]} (not root, or no apt-get)"
+        return
+    fi
+    echo "dev/setup.sh: installing ${missing[*]} from Debian"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" ||
+        echo "dev/setup.sh: FAILED to install ${missing[*]}"
+}
+
+system_tools
 python_clients
 node_clients
