@@ -19,7 +19,7 @@ use crux_service::{FlockWatch, Phase, Service};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::voters::{choose, plan_learners, Seen};
+use crate::voters::{choose, plan_learners, with_initializer, Seen};
 use crate::{hex, GroupNodes, GroupSeen, Store, StoreStatus};
 
 /// What the store's supervision runs on.
@@ -237,7 +237,10 @@ pub async fn supervise(
             })
             .collect();
         let current = known_voters(&store, &flock, grpc_port).await;
-        let want = choose(&current, &nodes, grace);
+        let mut want = choose(&current, &nodes, grace);
+        if current.is_empty() {
+            want = with_initializer(want, store.node());
+        }
         if want == current {
             if !current.is_empty() {
                 add_learners(&store, &flock, grpc_port, &nodes, grace).await;

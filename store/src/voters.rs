@@ -70,6 +70,19 @@ pub fn choose(
     next
 }
 
+/// The first voters of a new group, initialized by node `me`: `want`, with `me` in place of the
+/// highest other id when `want` leaves it out — openraft initializes a group only on one of its
+/// members, and the flock's leader (who initializes) need not have one of the lowest ids.
+pub fn with_initializer(mut want: BTreeSet<u64>, me: u64) -> BTreeSet<u64> {
+    if !want.is_empty() && !want.contains(&me) {
+        if let Some(&last) = want.iter().next_back() {
+            want.remove(&last);
+        }
+        want.insert(me);
+    }
+    want
+}
+
 /// Which learners to remove (the flock has held them gone for at least `grace`, or forgot them)
 /// and which live members to add as learners, in node id order, so that the group has at most
 /// `max` learners. Nothing is added while some are to be removed (a membership change at a time).
@@ -160,6 +173,17 @@ mod tests {
         assert_eq!(choose(&cur, &lost, GRACE), cur);
         let all_gone = flock(&[4, 5, 6], &[(1, 600), (2, 600), (3, 600)]);
         assert_eq!(choose(&cur, &all_gone, GRACE), cur);
+    }
+
+    #[test]
+    fn the_initializing_leader_is_among_the_first_voters() {
+        let nodes = flock(&[1, 2, 3, 4, 9], &[]);
+        let want = choose(&set(&[]), &nodes, GRACE);
+        assert_eq!(want, set(&[1, 2, 3]));
+        assert_eq!(with_initializer(want.clone(), 9), set(&[1, 2, 9]));
+        assert_eq!(with_initializer(want, 2), set(&[1, 2, 3]));
+        // Once the group exists, the choice keeps its live voters.
+        assert_eq!(choose(&set(&[1, 2, 9]), &nodes, GRACE), set(&[1, 2, 9]));
     }
 
     #[test]
