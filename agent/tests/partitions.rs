@@ -16,7 +16,6 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use crux_tests::cluster::{Cluster, Leader};
-use serde::Deserialize;
 
 #[allow(dead_code)] // this test reads the store status only
 mod common;
@@ -29,48 +28,12 @@ fn now() -> Instant {
     Instant::now()
 }
 
-/// `crux muster add` of instance `inst` on node k.
 fn add(c: &Cluster, k: usize, inst: &str) -> Result<(), String> {
-    let digest = format!("sha256:{}", "cd".repeat(32));
-    let args = [
-        "muster",
-        "add",
-        "--api",
-        "part",
-        "--inst",
-        inst,
-        "--file",
-        &digest,
-        "--function",
-        inst,
-    ];
-    let out = c.cli(k, &args);
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "node{k}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    common::muster_add(c, k, "part", inst)
 }
 
-#[derive(Deserialize)]
-struct Entry {
-    inst: String,
-}
-
-/// The instances of api `part` node k's muster holds.
 fn search(c: &Cluster, k: usize) -> Result<BTreeSet<String>, String> {
-    let out = c.cli(k, &["muster", "search", "--api", "part", "--json"]);
-    if !out.status.success() {
-        return Err(format!(
-            "node{k}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let v: Vec<Entry> = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-    Ok(v.into_iter().map(|e| e.inst).collect())
+    common::muster_search(c, k, "part")
 }
 
 /// Writes `inst` on one of `nodes` (the first that takes it), retrying up to `timeout` while the

@@ -7,7 +7,6 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use crux_tests::cluster::Cluster;
-use serde::Deserialize;
 
 mod common;
 use common::{put_doc, reeve, runtime, status};
@@ -16,16 +15,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_crux");
 const PRESET: &str = "local";
 const CONVERGE: Duration = Duration::from_secs(30);
 const GRACE: Duration = Duration::from_secs(3);
-
-#[derive(Debug, Deserialize)]
-#[allow(dead_code)]
-struct Entry {
-    horde: String,
-    api: String,
-    inst: String,
-    filename: String,
-    function: String,
-}
 
 #[allow(clippy::disallowed_methods)]
 fn now() -> Instant {
@@ -44,47 +33,12 @@ fn three_voters(c: &Cluster) -> common::Status {
     })
 }
 
-fn digest() -> String {
-    format!("sha256:{}", "cd".repeat(32))
-}
-
 fn add(c: &Cluster, k: usize, inst: &str) -> Result<(), String> {
-    let d = digest();
-    let out = c.cli(
-        k,
-        &[
-            "muster",
-            "add",
-            "--api",
-            "galumph2",
-            "--inst",
-            inst,
-            "--file",
-            &d,
-            "--function",
-            inst,
-        ],
-    );
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "node{k}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    common::muster_add(c, k, "galumph2", inst)
 }
 
 fn search(c: &Cluster, k: usize) -> Result<BTreeSet<String>, String> {
-    let out = c.cli(k, &["muster", "search", "--api", "galumph2", "--json"]);
-    if !out.status.success() {
-        return Err(format!(
-            "node{k}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let v: Vec<Entry> = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-    Ok(v.into_iter().map(|e| e.inst).collect())
+    common::muster_search(c, k, "galumph2")
 }
 
 fn set(names: &[&str]) -> BTreeSet<String> {

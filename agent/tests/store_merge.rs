@@ -7,7 +7,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crux_tests::cluster::Cluster;
-use serde::Deserialize;
 
 mod common;
 use common::{put_doc, reeve, runtime, status};
@@ -16,46 +15,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_crux");
 const PRESET: &str = "local";
 const CONVERGE: Duration = Duration::from_secs(60);
 
-fn ok(out: std::process::Output, k: usize) -> Result<Vec<u8>, String> {
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        Err(format!(
-            "node{k}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 fn add(c: &Cluster, k: usize, inst: &str) -> Result<(), String> {
-    let d = format!("sha256:{}", "ab".repeat(32));
-    let args = [
-        "muster",
-        "add",
-        "--api",
-        "merge",
-        "--inst",
-        inst,
-        "--file",
-        &d,
-        "--function",
-        inst,
-    ];
-    ok(c.cli(k, &args), k).map(|_| ())
-}
-
-#[derive(Debug, Deserialize)]
-struct Entry {
-    inst: String,
+    common::muster_add(c, k, "merge", inst)
 }
 
 fn search(c: &Cluster, k: usize) -> Result<BTreeSet<String>, String> {
-    let out = ok(
-        c.cli(k, &["muster", "search", "--api", "merge", "--json"]),
-        k,
-    )?;
-    let v: Vec<Entry> = serde_json::from_slice(&out).map_err(|e| e.to_string())?;
-    Ok(v.into_iter().map(|e| e.inst).collect())
+    common::muster_search(c, k, "merge")
 }
 
 fn get_doc(c: &Cluster, k: usize, key: &str) -> Result<Option<String>, String> {

@@ -1,5 +1,5 @@
-//! Helpers the store tests share: the local API of a node, document writes through it, and
-//! `crux store status`.
+//! Helpers the store tests share: the local API of a node, document writes through it,
+//! `crux store status`, and muster writes and reads through the CLI.
 
 use std::time::Duration;
 
@@ -72,4 +72,54 @@ pub fn status(c: &Cluster, k: usize) -> Result<Status, String> {
         ));
     }
     serde_json::from_slice(&out.stdout).map_err(|e| format!("node{k}: {e}"))
+}
+
+/// `crux muster add` on node k: instance `inst` of `api` (a fixed file digest; the function is
+/// the instance's name).
+#[allow(dead_code)] // not every test binary writes the muster
+pub fn muster_add(c: &Cluster, k: usize, api: &str, inst: &str) -> Result<(), String> {
+    let file = format!("sha256:{}", "cd".repeat(32));
+    let args = [
+        "muster",
+        "add",
+        "--api",
+        api,
+        "--inst",
+        inst,
+        "--file",
+        &file,
+        "--function",
+        inst,
+    ];
+    let out = c.cli(k, &args);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "node{k}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The instances of `api` node k's muster holds (`crux muster search --json`).
+#[allow(dead_code)] // not every test binary reads the muster
+pub fn muster_search(
+    c: &Cluster,
+    k: usize,
+    api: &str,
+) -> Result<std::collections::BTreeSet<String>, String> {
+    #[derive(Deserialize)]
+    struct Entry {
+        inst: String,
+    }
+    let out = c.cli(k, &["muster", "search", "--api", api, "--json"]);
+    if !out.status.success() {
+        return Err(format!(
+            "node{k}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let v: Vec<Entry> = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok(v.into_iter().map(|e| e.inst).collect())
 }
