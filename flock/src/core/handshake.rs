@@ -35,6 +35,9 @@ pub(crate) struct Handshakes {
     pub(super) limiter: RateLimiter,
     /// Initiator side: the handshake we wait on.
     pub(super) pending: Option<Pending>,
+    /// Initiator side: since when our handshakes go unanswered (the first one sent since the
+    /// last answer; None once one is answered).
+    pub(super) unanswered_since: Option<Duration>,
     /// Which keyring key our handshakes use (index into the list, primary first).
     pub(super) key_index: usize,
     /// The newest join request taken from each initiator.
@@ -56,6 +59,11 @@ impl Handshakes {
     /// When the handshake we wait on started (None: we wait on none).
     pub(crate) fn pending_since(&self) -> Option<Duration> {
         self.pending.as_ref().map(|p| p.started)
+    }
+
+    /// Since when our handshakes go unanswered (None: the last one was answered, or none sent).
+    pub(crate) fn unanswered_since(&self) -> Option<Duration> {
+        self.unanswered_since
     }
 }
 
@@ -156,6 +164,7 @@ impl Sec {
                     return Err(DropReason::Replay);
                 }
                 self.hs.pending = None;
+                self.hs.unanswered_since = None;
                 self.heard(from, h.sender);
                 Ok(Opened::Joined(joined))
             }
@@ -341,6 +350,7 @@ impl Sec {
             context,
         };
         let (initiator, request) = HandshakeInitiator::new(rng, secondary, &self.bloc, &initiation);
+        self.hs.unanswered_since.get_or_insert(now);
         self.hs.pending = Some(Pending {
             initiator,
             started: now,

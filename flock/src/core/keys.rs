@@ -330,11 +330,21 @@ impl Flock {
         if self.leaving || !self.keys.unreadable_due(from, now, period) {
             return;
         }
+        // The handshake needs a secondary key the member holds. If our handshakes have gone
+        // unanswered for a probe interval, the flock may have changed its keyring while we were
+        // away: only
+        // a push-pull can bring the new ring (sealed under our key, which the member may still
+        // hold as its previous one, and answered under it). Not at every unreadable datagram:
+        // a push-pull carries the whole member table, and after a rotation many datagrams are
+        // unreadable for a moment while the handshakes that settle them succeed.
+        let unanswered = self
+            .keys
+            .sec
+            .as_ref()
+            .and_then(|s| s.hs.unanswered_since())
+            .is_some_and(|t| now >= t + period);
         self.send_handshake(from, Purpose::Join);
-        // The handshake needs a secondary key the member holds. If the flock changed its
-        // keyring while we were away, only a push-pull can bring the new ring: sealed under our
-        // key, which the member may still hold as its previous one, and answered under it.
-        if !self.leaving {
+        if unanswered && !self.leaving {
             self.start_push_pull(from, false);
         }
     }

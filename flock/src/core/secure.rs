@@ -152,6 +152,7 @@ impl Sec {
             hs: Handshakes {
                 limiter: RateLimiter::new(HANDSHAKE_SOURCES_MAX),
                 pending: None,
+                unanswered_since: None,
                 key_index: 0,
                 stamps: InitiationStamps::new(INITIATORS_MAX),
                 cookie_secrets: CookieSecrets::new(),
