@@ -12,13 +12,12 @@ use super::handshake::{decode_claim, encode_claim};
 use super::machine::Flock;
 use super::secure::Sec;
 use super::table::addr_key;
+use super::throttle::AddrThrottle;
 use super::{DropReason, Event, FastMap, Transmit, TransmitKind};
 use crate::crypto::{JoinKeys, Joined, Keyring, KeyringOp, Purpose, SecretKey, TransientKeys};
 
 /// Unanswered key requests after which a node says it is shut out (and every as many after).
 pub(super) const SHUT_OUT_REQUESTS: u32 = 10;
-/// Most addresses remembered as unreadable.
-const UNREADABLE_MAX: usize = 1024;
 
 /// The key state of the state machine.
 #[derive(Default)]
@@ -30,7 +29,7 @@ pub(super) struct Keys {
     /// Key requests sent since a handshake of ours was last answered.
     pub(super) unanswered_requests: u32,
     /// Members we could not read lately, and when we last asked them for their keys.
-    pub(super) unreadable: FastMap<SocketAddr, Duration>,
+    pub(super) unreadable: AddrThrottle,
     /// Key epoch each peer address ([`addr_key`](super::table::addr_key())) last sealed with.
     pub(super) peer_epoch: FastMap<u64, u32>,
 }
@@ -96,25 +95,14 @@ impl Keys {
     }
 
     /// A member at `from` seals under keys we cannot open: whether to ask it for its keys now
-    /// (at most once per `period` per address, [`UNREADABLE_MAX`] addresses remembered).
+    /// (at most once per `period` per address).
     pub(super) fn unreadable_due(
         &mut self,
         from: SocketAddr,
         now: Duration,
         period: Duration,
     ) -> bool {
-        if self
-            .unreadable
-            .get(&from)
-            .is_some_and(|t| now < *t + period)
-        {
-            return false;
-        }
-        if self.unreadable.len() >= UNREADABLE_MAX {
-            self.unreadable.clear();
-        }
-        self.unreadable.insert(from, now);
-        true
+        self.unreadable.due(from, now, period)
     }
 
     /// A key request is sent: returns whether it makes [`SHUT_OUT_REQUESTS`] (or a multiple)

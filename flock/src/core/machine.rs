@@ -15,9 +15,10 @@ use super::leader::{election_tick, Leadership};
 use super::membership::reap_period;
 use super::secure::{Sec, SecurityTiming};
 use super::table::Table;
+use super::throttle::AddrThrottle;
 use super::timer::{Timer, Timers};
 use super::wire::Wire;
-use super::{Command, Event, FastMap, Identity, LeaderView, Member, Outbox, Stats, Transmit};
+use super::{Command, Event, Identity, LeaderView, Member, Outbox, Stats, Transmit};
 use crate::config::{bloc_tag, Config, ConfigError};
 use crate::crypto::Keyring;
 
@@ -55,7 +56,7 @@ pub struct Flock {
     /// kept out of the table, their datagrams dropped.
     pub(super) revoked: std::collections::BTreeSet<NodeId>,
     /// Revoked nodes told so lately, by address (see [`Flock::tell_revoked`]).
-    pub(super) told_revoked: FastMap<SocketAddr, Duration>,
+    pub(super) told_revoked: AddrThrottle,
     pub(super) timers: Timers,
     pub(super) detect: Detection,
     pub(super) spread: Dissemination,
@@ -106,7 +107,7 @@ impl Flock {
             rng,
             members: Table::default(),
             revoked: Default::default(),
-            told_revoked: FastMap::default(),
+            told_revoked: AddrThrottle::default(),
             timers: Timers::default(),
             detect: Detection::default(),
             spread: Dissemination::default(),

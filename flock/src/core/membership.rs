@@ -205,18 +205,9 @@ impl Flock {
     /// address, so that it leaves instead of waiting for a stray update.
     pub(super) fn tell_revoked(&mut self, now: Duration, from: SocketAddr, id: NodeId) {
         let period = self.config.timing.probe_interval;
-        if self
-            .told_revoked
-            .get(&from)
-            .is_some_and(|t| now < *t + period)
-            || self.left
-        {
+        if self.left || !self.told_revoked.due(from, now, period) {
             return;
         }
-        if self.told_revoked.len() >= 1024 {
-            self.told_revoked.clear();
-        }
-        self.told_revoked.insert(from, now);
         let updates = vec![Update::Revoke { id }];
         self.send(from, &Message::Gossip { updates });
     }

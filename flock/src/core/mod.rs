@@ -23,6 +23,7 @@ mod secure;
 mod table;
 #[cfg(test)]
 mod tests;
+mod throttle;
 mod timer;
 mod wire;
 
