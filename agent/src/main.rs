@@ -2,8 +2,8 @@
 //! the CLI that talks to an agent over its Unix socket (`crux status`, `crux members`,
 //! `crux leader`, `crux node revoke`, `crux keys`, `crux services`, `crux lookup`, `crux watch`,
 //! `crux pastiche`, `crux muster`, `crux store`, `crux proctor`, `crux picket`), `crux register`
-//! (keeps a command registered while it runs), `crux keygen` and the simulator front end
-//! (`crux sim`).
+//! (keeps a command registered while it runs), `crux keygen`, `crux completions` (shell
+//! completion scripts) and the simulator front end (`crux sim`).
 //!
 //! This crate is the top of the graph and the only one that reads config files, `CRUX_*`
 //! variables and the command line. It only wires: `agent.rs` prepares a node and runs the
@@ -177,6 +177,12 @@ enum Cmd {
     Keygen,
     /// Run the deterministic flock simulator.
     Sim(sim_cmd::SimArgs),
+    /// Print the shell completion script for bash, zsh, fish, elvish or powershell (the .deb
+    /// installs bash, zsh and fish ones).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -244,6 +250,11 @@ fn main() -> ExitCode {
             Ok(0)
         }
         Cmd::Sim(args) => sim_cmd::run(args).map(|()| 0),
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "crux", &mut std::io::stdout());
+            Ok(0)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
