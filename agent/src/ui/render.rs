@@ -147,7 +147,7 @@ pub fn nodes(snap: &Snapshot, rotated: Option<Duration>) -> String {
         let _ = write!(
             s,
             "<tr data-node=\"{id}\" data-state=\"{state}\" class=\"{state}\"><td><code>{id}</code>\
-             </td><td>{}</td><td>{state}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+             </td><td>{}</td><td class=\"st\">{state}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             i.addr,
             age(snap.now.saturating_sub(m.since)),
             i.incarnation,
@@ -213,7 +213,7 @@ pub fn registry(r: &rpb::ServicesResponse) -> String {
             s,
             "<tr data-api=\"{}\" data-inst=\"{}\" data-state=\"{state}\" data-health=\"{health}\" \
              class=\"{class}\"><td>{head}</td><td>{}</td><td>{}</td><td><code>{}</code></td>\
-             <td>{state}</td><td>{health}</td></tr>",
+             <td class=\"st\">{state}</td><td class=\"st\">{health}</td></tr>",
             esc(&i.api),
             esc(&i.inst),
             esc(&i.inst),
@@ -252,15 +252,11 @@ pub fn store(r: &Result<rpb::StoreStatusResponse, String>) -> String {
     }
     let _ = write!(
         s,
-        " · term {} · log index {} (applied {}) · this node: {}</p>",
+        " · term {} · log index {} (applied {}) · this node is {}a voter</p>",
         st.term,
         st.last_log,
         st.last_applied,
-        if st.voter {
-            format!("voter, {}", esc(&st.role))
-        } else {
-            "not a voter".to_string()
-        }
+        if st.voter { "" } else { "not " }
     );
     s.push_str(
         "<table><thead><tr><th>voter</th><th>address</th><th>behind the leader</th></tr></thead>\
@@ -314,7 +310,7 @@ pub fn placement(r: &Result<ppb::StatusResponse, String>) -> String {
         let _ = write!(
             s,
             "<tr data-api=\"{api}\" data-inst=\"{inst}\" data-state=\"{state}\" class=\"{class}\">\
-             <td>{api}</td><td>{inst}</td><td>{}</td><td>{}</td><td>{state}</td><td>{}</td>\
+             <td>{api}</td><td>{inst}</td><td>{}</td><td>{}</td><td class=\"st\">{state}</td><td>{}</td>\
              <td>{}</td></tr>",
             v.desired,
             v.running,
@@ -478,13 +474,13 @@ mod tests {
         let html = nodes(&snapshot(), Some(Duration::from_secs(12)));
         assert!(html
             .contains("<tr data-node=\"0000000000000002\" data-state=\"alive\" class=\"alive\">"));
-        assert!(
-            html.contains("<td>alive</td><td>1 min 30 s</td><td>3</td><td>leader, this node</td>")
-        );
+        assert!(html.contains(
+            "<td class=\"st\">alive</td><td>1 min 30 s</td><td>3</td><td>leader, this node</td>"
+        ));
         assert!(
             html.contains("<tr data-node=\"0000000000000003\" data-state=\"dead\" class=\"dead\">")
         );
-        assert!(html.contains("<td>dead</td><td>12 s</td>"));
+        assert!(html.contains("<td class=\"st\">dead</td><td>12 s</td>"));
         assert!(html.contains("term 4 · 1 live of 2"));
         assert!(html.contains("key epoch <b data-epoch=\"9\">9</b>, rotated 12 s ago"));
     }
@@ -543,7 +539,7 @@ mod tests {
         let html = placement(&r);
         assert!(html.contains("intent generation 3"));
         assert!(html.contains(
-            "<td>galumph2</td><td>galumph2_3</td><td>3</td><td>1</td><td>progressing</td>\
+            "<td>galumph2</td><td>galumph2_3</td><td>3</td><td>1</td><td class=\"st\">progressing</td>\
              <td>a, b</td><td>starting</td>"
         ));
         assert!(placement(&Err("no flock leader is known".into())).contains("no flock leader"));
