@@ -4,6 +4,7 @@
 //! the live page's routes under `/ui` ([`crate::ui`]).
 
 use std::fmt::Write;
+use std::future::IntoFuture;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -29,8 +30,16 @@ pub async fn serve(
         .route("/", get(status))
         .merge(ui)
         .with_state(state);
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
-    tokio::join!(async { served.await }, ui_task).0
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .into_future();
+    // The page's task ends with the shutdown, the server once its connections are done; the
+    // server's end (an error included) ends `serve` at once.
+    tokio::pin!(served, ui_task);
+    tokio::select! {
+        served = &mut served => served,
+        () = &mut ui_task => served.await,
+    }
 }
 
 async fn ready(State(state): State<Arc<AgentState>>, uri: Uri) -> impl IntoResponse {

@@ -86,7 +86,7 @@ impl Journal {
         self.note(at_ms, kind, text);
     }
 
-    /// Notes events the flock does not send: this node's lost events, and its readiness.
+    /// Notes that `n` flock events were lost (this journal fell behind).
     pub fn missed(&mut self, at_ms: u64, n: u64) {
         self.note(at_ms, "suspect", format!("{n} flock event(s) missed"));
     }
