@@ -3,7 +3,8 @@
 # its toolchain exists, into this checkout only:
 #   * Python: grpcio, grpcio-tools, grpcio-reflection from PyPI into .dev/venv
 #     (examples/python/requirements.txt);
-#   * Node: @grpc/grpc-js, @grpc/proto-loader from npm into examples/node/node_modules.
+#   * Node: @grpc/grpc-js, @grpc/proto-loader from npm into examples/node/node_modules;
+#   * Debian's chromium, the headless browser the live page's test (agent/tests/ui.rs) drives.
 # Idempotent and quick once done: each part is skipped while its stamp matches its requirements.
 # A missing toolchain or a failed install is said loudly and is not fatal: the test then says it
 # skips that client.
@@ -49,13 +50,14 @@ node_clients() {
 }
 
 # The toolchains themselves, from Debian, where this runs as root with apt-get (CI does): python3
-# with venv, node and npm. Elsewhere a missing one is said and its clients skipped.
+# with venv, node and npm, and chromium. Elsewhere a missing one is said and its tests skipped.
 system_tools() {
     local missing=()
     command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null ||
         missing+=(python3 python3-venv)
     command -v node >/dev/null 2>&1 || missing+=(nodejs)
     command -v npm >/dev/null 2>&1 || missing+=(npm)
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     [ ${#missing[@]} -eq 0 ] && return
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
         echo "dev/setup.sh: cannot install ${missing[*]} (not root, or no apt-get)"

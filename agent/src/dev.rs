@@ -196,8 +196,10 @@ async fn run(args: &DevArgs) -> anyhow::Result<i32> {
     let key = crate::keys::generate();
     // Generate every config first: a bad one stops us before anything runs.
     let mut configs = Vec::with_capacity(n);
+    let mut page = None;
     for k in 1..=n {
         let http = free_tcp_port(node_ip(k), &[port, port.saturating_add(1)])?;
+        page = page.or(Some(SocketAddr::new(node_ip(k), http)));
         let raw = node_config(&dir, k, n, port, http, &bloc, args);
         raw.validate()
             .map_err(|e| anyhow::anyhow!("generated config of node{k}: {e}"))?;
@@ -269,6 +271,9 @@ async fn run(args: &DevArgs) -> anyhow::Result<i32> {
         dir.display()
     );
     println!("try:   crux members --socket {}", nodes[0].socket.display());
+    if let Some(page) = page {
+        println!("page:  http://{page}/ui (node1's live page)");
+    }
     println!("stop:  Ctrl-C (kill an agent's pid to watch the flock react)");
     let _ = std::io::stdout().flush();
 

@@ -1,13 +1,15 @@
 //! HTTP endpoints: `GET /ready` (200 once the bootstrap is done, 503 before; `?verbose` adds a
 //! line per bootstrap step: its phase, since when, and what it does or waits for), `GET /metrics`
-//! (Prometheus text) and `GET /` (a plain-text status page).
+//! (Prometheus text), `GET /` (a plain-text status page; browsers are sent to the live page) and
+//! the live page's routes under `/ui` ([`crate::ui`]).
 
 use std::fmt::Write;
+use std::future::IntoFuture;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode, Uri};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
@@ -21,14 +23,23 @@ pub async fn serve(
     state: Arc<AgentState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let (ui, ui_task) = crate::ui::routes(state.clone(), shutdown.clone());
     let app = Router::new()
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/", get(status))
+        .merge(ui)
         .with_state(state);
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+        .into_future();
+    // The page's task ends with the shutdown, the server once its connections are done; the
+    // server's end (an error included) ends `serve` at once.
+    tokio::pin!(served, ui_task);
+    tokio::select! {
+        served = &mut served => served,
+        () = &mut ui_task => served.await,
+    }
 }
 
 async fn ready(State(state): State<Arc<AgentState>>, uri: Uri) -> impl IntoResponse {
@@ -82,7 +93,10 @@ async fn metrics(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
     )
 }
 
-async fn status(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
+async fn status(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Response {
+    if crate::ui::wants_page(&headers) {
+        return Redirect::to(crate::ui::PATH).into_response();
+    }
     let snap = state.flock.snapshot();
     let mut s = String::new();
     let me = snap.identity;
@@ -121,5 +135,5 @@ async fn status(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
             i.incarnation
         );
     }
-    s
+    s.into_response()
 }

@@ -9,7 +9,7 @@
 //! variables and the command line. It only wires: `agent.rs` prepares a node and runs the
 //! bootstrap table of `bootstrap.rs` (flock → reeve → steward → store → picket → proctor →
 //! pastiche), owning every task the steps start; `rpc/` serves the local socket, `steward.rs` the
-//! node gRPC port (over `crux_transport`), `http.rs` `/ready`, `/metrics` and a status page. The
+//! node gRPC port (over `crux_transport`), `http.rs` `/ready`, `/metrics` and a status page, `ui/` the live web page. The
 //! services' runtimes live in their crates (`crux_store::supervise`, `crux_placement`), started
 //! through `crux_service::Service`. `ARCHITECTURE.md` at the root is the map.
 //!
@@ -39,6 +39,7 @@ mod state;
 mod steward;
 mod store;
 mod store_cli;
+mod ui;
 mod view;
 
 /// Crux: a node agent that finds its peers, agrees on one flock with one leader, and runs the

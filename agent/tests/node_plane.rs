@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1248,47 +1247,6 @@ impl Drop for PacketCapture {
     }
 }
 
-/// A `crux register ... -- sleep 600` sidecar, killed with its command on drop.
-struct Sidecar(Option<Child>);
-
-impl Sidecar {
-    fn start(c: &Cluster, k: usize, api: &str, inst: &str, meta: &str) -> Sidecar {
-        let addr = SocketAddr::new(c.agent(k).addr.ip(), 9);
-        let child = c
-            .command()
-            .args(["register", "--api", api, "--inst", inst, "--meta", meta])
-            .arg("--addr")
-            .arg(addr.to_string())
-            .arg("--socket")
-            .arg(&c.agent(k).socket)
-            .args(["--", "sleep", "600"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start crux register");
-        Sidecar(Some(child))
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if let Some(mut ch) = self.0.take() {
-            let pid = ch.id();
-            let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-                .unwrap_or_default();
-            let _ = ch.kill();
-            let _ = ch.wait();
-            for p in text.split_whitespace().filter_map(|p| p.parse().ok()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(p),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-}
-
 /// A file of `len` pseudo-random bytes with `marker` written every 64 KiB.
 fn artifact(path: &Path, len: usize, marker: &str) {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1397,7 +1355,9 @@ fn a_loopback_capture_finds_no_marker_preface_or_grpc_path() {
 
     // A service registered on node 2, looked up on node 3.
     let inst = format!("{reg}_1");
-    let _sidecar = Sidecar::start(&c, 2, &reg, &inst, &format!("note={meta}"));
+    let note = format!("note={meta}");
+    let addr = SocketAddr::new(c.agent(2).addr.ip(), 9);
+    let _registration = c.register(2, &reg, &inst, addr, &["--meta", &note]);
     let found = c.wait_for("the service on node 3", CONVERGE, || {
         let out = c.cli(3, &["lookup", &reg, "--json"]);
         let text = String::from_utf8_lossy(&out.stdout).to_string();

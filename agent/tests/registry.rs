@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crux_tests::cluster::{http_get, wait_for, Cluster};
+use crux_tests::cluster::{http_get, wait_for, Cluster, Registration};
 use serde::Deserialize;
 
 const BIN: &str = env!("CARGO_BIN_EXE_crux");
@@ -75,59 +75,16 @@ fn steward_table(c: &Cluster, k: usize) -> Result<Vec<Inst>, String> {
     serde_json::from_slice(&out.stdout).map_err(|e| format!("node{k}: bad JSON: {e}"))
 }
 
-/// A `crux register ... -- sleep 600` sidecar, killed (with its command) on drop.
-struct Sidecar {
-    child: Option<Child>,
-}
-
-impl Sidecar {
-    fn start(c: &Cluster, k: usize, api: &str, inst: &str, port: u16) -> Sidecar {
-        let addr = SocketAddr::new(c.agent(k).addr.ip(), port);
-        let child = c
-            .command()
-            .args(["register", "--api", api, "--inst", inst])
-            .arg("--addr")
-            .arg(addr.to_string())
-            .arg("--socket")
-            .arg(&c.agent(k).socket)
-            .args(["--", "sleep", "600"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start crux register");
-        Sidecar { child: Some(child) }
-    }
-
-    /// The command's pid (the sidecar's child), once it runs.
-    fn command_pid(&self) -> Option<i32> {
-        let pid = self.child.as_ref()?.id();
-        let text =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        text.split_whitespace().next()?.parse().ok()
-    }
-
-    /// kill -9 of the sidecar (its heartbeats stop without a deregistration), then of its
-    /// command.
-    fn kill9(&mut self) {
-        let cmd = self.command_pid();
-        if let Some(mut ch) = self.child.take() {
-            let _ = ch.kill();
-            let _ = ch.wait();
-        }
-        if let Some(p) = cmd {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// `crux register ... -- sleep 600` on node k for instance `inst` of `api` at the node's address
+/// and `port`.
+fn register(c: &Cluster, k: usize, api: &str, inst: &str, port: u16) -> Registration {
+    c.register(
+        k,
+        api,
+        inst,
+        SocketAddr::new(c.agent(k).addr.ip(), port),
+        &[],
+    )
 }
 
 /// The state node k shows for `inst` (None: not listed).
@@ -158,7 +115,7 @@ fn registry_on_five_nodes() {
 
     // 1. Registered on node 2: visible on every node within two heartbeat intervals of being
     //    visible on node 2.
-    let _nine = Sidecar::start(&c, 2, "galumph2", "galumph2_9", 40009);
+    let _nine = register(&c, 2, "galumph2", "galumph2_9", 40009);
     c.wait_for("galumph2_9 live on node 2", CONVERGE, || {
         match state_of(&c, 2, "galumph2", "galumph2_9")? {
             Some(i) if i.live => Ok(()),
@@ -182,7 +139,7 @@ fn registry_on_five_nodes() {
     );
 
     // 2. galumph2_10 (on node 4) beats galumph2_9 everywhere.
-    let mut ten = Sidecar::start(&c, 4, "galumph2", "galumph2_10", 40010);
+    let mut ten = register(&c, 4, "galumph2", "galumph2_10", 40010);
     c.wait_for("galumph2_10 first on every node", CONVERGE, || {
         for k in all {
             let got = lookup(&c, k, "galumph2")?;
@@ -324,8 +281,7 @@ fn registry_on_five_nodes() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill the command");
-    let status = nine.child.as_mut().expect("sidecar").wait().expect("wait");
-    nine.child = None;
+    let status = nine.wait().expect("wait");
     assert_eq!(status.code(), Some(137), "sidecar exit status {status:?}");
     let t1 = now();
     c.wait_for("galumph2_9 deregistered everywhere", CONVERGE, || {
@@ -342,7 +298,7 @@ fn registry_on_five_nodes() {
     );
 }
 
-fn c_wait_pid(s: &Sidecar) -> i32 {
+fn c_wait_pid(s: &Registration) -> i32 {
     wait_for(CONVERGE, || {
         s.command_pid()
             .ok_or_else(|| "the sidecar's command is not running yet".to_string())
@@ -363,7 +319,7 @@ fn leader_crash_keeps_lookups_answering_and_the_new_steward_is_whole() {
     let rest: Vec<usize> = all.iter().copied().filter(|k| *k != dead).collect();
     let mut sidecars = Vec::new();
     for &k in &rest {
-        sidecars.push(Sidecar::start(
+        sidecars.push(register(
             &c,
             k,
             "svc",
@@ -371,7 +327,7 @@ fn leader_crash_keeps_lookups_answering_and_the_new_steward_is_whole() {
             41000 + k as u16,
         ));
     }
-    sidecars.push(Sidecar::start(&c, dead, "onleader", "onleader_1", 41100));
+    sidecars.push(register(&c, dead, "onleader", "onleader_1", 41100));
     let want: Vec<String> = rest.iter().map(|k| format!("svc_{k}")).collect();
     let live_svcs = |list: &[Inst]| -> Vec<String> {
         let mut v: Vec<String> = list

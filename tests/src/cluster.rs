@@ -759,3 +759,80 @@ impl Cluster {
         Ok(counts)
     }
 }
+
+/// A `crux register … -- sleep 600` on one node ([`Cluster::register`]): the instance stays
+/// registered while it runs; on drop the registration and its command get SIGKILL (so the
+/// heartbeats stop without a deregistration).
+#[derive(Debug)]
+pub struct Registration {
+    child: Option<Child>,
+}
+
+impl Cluster {
+    /// Registers instance `inst` of `api` at `addr` on node k through `crux register`, with
+    /// `extra` arguments (`--meta k=v`, …) before the command.
+    pub fn register(
+        &self,
+        k: usize,
+        api: &str,
+        inst: &str,
+        addr: SocketAddr,
+        extra: &[&str],
+    ) -> Registration {
+        let child = self
+            .command()
+            .args(["register", "--api", api, "--inst", inst])
+            .arg("--addr")
+            .arg(addr.to_string())
+            .arg("--socket")
+            .arg(&self.agents[k - 1].socket)
+            .args(extra)
+            .args(["--", "sleep", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start crux register");
+        Registration { child: Some(child) }
+    }
+}
+
+impl Registration {
+    /// The registered command's pid (the `crux register` process's child), once it runs.
+    pub fn command_pid(&self) -> Option<i32> {
+        let pid = self.child.as_ref()?.id();
+        let text =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        text.split_whitespace().next()?.parse().ok()
+    }
+
+    /// Waits for `crux register` to exit (it does once its command has) and returns its status.
+    pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self.child.take() {
+            Some(mut ch) => ch.wait(),
+            None => Err(std::io::Error::other("crux register was reaped already")),
+        }
+    }
+
+    /// kill -9 of `crux register` (its heartbeats stop without a deregistration), then of its
+    /// command.
+    pub fn kill9(&mut self) {
+        let cmd = self.command_pid();
+        if let Some(mut ch) = self.child.take() {
+            let _ = ch.kill();
+            let _ = ch.wait();
+        }
+        if let Some(p) = cmd {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
