@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Test set-up: installs the real gRPC clients the conformance test runs (issue 24), each where
-# its toolchain exists, into this checkout only:
+# Test set-up: installs the real components the tests run, each where its toolchain exists: the
+# Debian tools (system_tools below), cargo-deb, and the gRPC clients of the conformance test
+# (issue 24), those into this checkout only:
 #   * Python: grpcio, grpcio-tools, grpcio-reflection from PyPI into .dev/venv
 #     (examples/python/requirements.txt);
 #   * Node: @grpc/grpc-js, @grpc/proto-loader from npm into examples/node/node_modules;
@@ -50,7 +51,8 @@ node_clients() {
 }
 
 # The toolchains themselves, from Debian, where this runs as root with apt-get (CI does): python3
-# with venv, node and npm, and chromium. Elsewhere a missing one is said and its tests skipped.
+# with venv, node and npm, chromium (the live page's test) and systemd-nspawn (the .deb's test boots
+# a throwaway system with it). Elsewhere a missing one is said and its tests skipped.
 system_tools() {
     local missing=()
     command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null ||
@@ -58,6 +60,7 @@ system_tools() {
     command -v node >/dev/null 2>&1 || missing+=(nodejs)
     command -v npm >/dev/null 2>&1 || missing+=(npm)
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
     [ ${#missing[@]} -eq 0 ] && return
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
         echo "dev/setup.sh: cannot install ${missing[*]} (not root, or no apt-get)"
@@ -68,6 +71,19 @@ system_tools() {
         echo "dev/setup.sh: FAILED to install ${missing[*]}"
 }
 
+# cargo-deb, which builds the .deb (dist/deb.sh). A debug build: it installs in about a minute
+# instead of four, and packs the test's package (quick compression) as fast.
+cargo_deb() {
+    if cargo deb --version >/dev/null 2>&1; then
+        echo "dev/setup.sh: cargo-deb present"
+        return
+    fi
+    echo "dev/setup.sh: installing cargo-deb (cargo install --debug)"
+    cargo install --quiet --locked --debug cargo-deb --version '^2' ||
+        echo "dev/setup.sh: FAILED to install cargo-deb: the .deb test will skip"
+}
+
 system_tools
 python_clients
 node_clients
+cargo_deb
