@@ -4,7 +4,8 @@
 //! proctor → pastiche, each step logged with its elapsed time), and stays up until SIGTERM or
 //! SIGINT.
 //!
-//! Ready (sd_notify `READY=1`, HTTP `/ready` → 200) only once every step of the table is done.
+//! Ready (sd_notify `READY=1`, HTTP `/ready` → 200) only once every step of the table serves:
+//! the store, for one, once it takes writes (a leader whose first entry committed).
 //! On a signal the node leaves the flock first (so that the others stop routing to it), then the
 //! steps are stopped in reverse order — placement before the plugins, the plugins before the
 //! store, the node gRPC port and the local socket — and the store closes last; the agent exits 0.
@@ -28,6 +29,10 @@ use crux_reeve::{Reeve, ReeveConfig, Target};
 
 /// Exit code of a config error.
 pub const EXIT_CONFIG: i32 = 2;
+
+/// How often the agent looks whether every step serves (to send sd_notify `READY=1` and log the
+/// changes).
+const READY_LOOK_EVERY: Duration = Duration::from_millis(100);
 
 /// Runs the agent; returns the process exit code.
 pub fn main(flags: &AgentFlags) -> i32 {
@@ -327,10 +332,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let outcome = crate::bootstrap::run(&mut boot, began).await;
     match &outcome {
         Ok(true) => {
-            state.set_ready();
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-            info!(elapsed_ms = start.elapsed().as_millis() as u64, "ready");
+            state.set_bootstrapped();
+            info!(
+                elapsed_ms = start.elapsed().as_millis() as u64,
+                "bootstrap done: every step started"
+            );
             // ---- serve until a signal ----------------------------------------------------
+            // Ready (sd_notify READY=1, once) when every step serves; later changes are logged.
+            let mut notified = false;
+            let mut was_ready = false;
+            let mut look = tokio::time::interval(READY_LOOK_EVERY);
             loop {
                 tokio::select! {
                     biased;
@@ -341,6 +352,25 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                         }
                         _ => warn!(step, task = name, "task ended before shutdown"),
                     },
+                    _ = look.tick() => {
+                        let o = state.overall();
+                        if o.ready && !notified {
+                            notified = true;
+                            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                            info!(
+                                elapsed_ms = start.elapsed().as_millis() as u64,
+                                "ready: every step serves"
+                            );
+                        } else if o.ready && !was_ready {
+                            info!("ready again: every step serves");
+                        } else if !o.ready && was_ready {
+                            warn!(
+                                missing = o.missing.as_deref().unwrap_or(""),
+                                "not ready any more"
+                            );
+                        }
+                        was_ready = o.ready;
+                    }
                 }
             }
         }

@@ -15,12 +15,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crux_service::{FlockWatch, Phase, Service};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crux_service::{FlockView, FlockWatch, Phase, ReadySender, Service};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::voters::{choose, plan_learners, with_initializer, Seen};
-use crate::{hex, GroupNodes, GroupSeen, Store, StoreStatus};
+use crate::{hex, GroupNodes, GroupSeen, Serving, Store, StoreStatus};
 
 /// What the store's supervision runs on.
 pub struct Supervision {
@@ -41,19 +44,17 @@ pub struct Supervision {
     pub stop: CancellationToken,
 }
 
-/// Starts the store's supervision: its tasks `voters` ([`supervise`]) and `leader follower`
-/// ([`follow_leader`]). Ready as soon as they run: the store itself serves from the moment it
-/// was opened (a cut-off node answers `NoQuorum`, it does not wait).
+/// Starts the store's supervision: its tasks `voters` ([`supervise`]), `leader follower`
+/// ([`follow_leader`]) and `readiness` ([`readiness`]). Ready only while the store takes writes
+/// ([`crate::Serving::Yes`]: a leader is known and an entry of its term committed through a
+/// majority is applied here), so that a node reports ready only once a write made through it
+/// would be accepted; otherwise the readiness says what is missing ("electing a leader", "no
+/// quorum possible: 1 of 3 voters reachable", …). Once ready, a store that stops taking writes is
+/// [`Phase::Degraded`] until it does again.
 pub fn start(s: Supervision) -> Service {
     let (service, ready) = Service::new("store", s.stop.clone());
-    ready.set(
-        Phase::Ready,
-        format!(
-            "voters kept by the flock leader (grace {:?}); a node outside the group forwards to \
-             its leader",
-            s.grace
-        ),
-    );
+    ready.set(Phase::Starting, "looking for the store group");
+    let outside = Arc::new(AtomicBool::new(false));
     service
         .task(
             "voters",
@@ -69,8 +70,138 @@ pub fn start(s: Supervision) -> Service {
         )
         .task(
             "leader follower",
-            follow_leader(s.flock, s.store, s.grpc_port, s.every, s.stop),
+            follow_leader_marking(
+                s.flock.clone(),
+                s.store.clone(),
+                s.grpc_port,
+                s.every,
+                outside.clone(),
+                s.stop.clone(),
+            ),
         )
+        .task(
+            "readiness",
+            readiness(s.store, s.flock, s.settle, outside, ready, s.stop),
+        )
+}
+
+/// How often the store's readiness is looked at: often enough that a command waiting for it
+/// starts within a tenth of a second of the store taking writes.
+const READINESS_EVERY: Duration = Duration::from_millis(100);
+
+/// Keeps `ready` set to whether the store takes writes ([`crate::Store::serving`]), with what is
+/// missing when it does not. `outside`: whether the member a node outside the group learned its
+/// leader from said that leader takes writes ([`follow_leader`]).
+pub async fn readiness(
+    store: Store,
+    flock: FlockWatch,
+    settle: Duration,
+    outside: Arc<AtomicBool>,
+    ready: ReadySender,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(READINESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_ready = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                ready.set(Phase::Stopped, "stopped");
+                return;
+            }
+            _ = tick.tick() => {}
+        }
+        let serving = store.serving();
+        let view = flock.borrow().clone();
+        let (phase, detail) =
+            readiness_of(&serving, &view, outside.load(Ordering::Relaxed), settle);
+        let phase = match phase {
+            Phase::Starting if was_ready => Phase::Degraded,
+            p => p,
+        };
+        if phase == Phase::Ready && !was_ready {
+            info!(%serving, "the store takes writes");
+            was_ready = true;
+        }
+        ready.set(phase, detail);
+    }
+}
+
+/// The store's readiness phase and detail for `serving`, as a node seeing the flock as `view`
+/// tells it. `outside_serving`: for a node outside the group, whether the leader it forwards to
+/// takes writes.
+pub fn readiness_of(
+    serving: &Serving,
+    view: &FlockView,
+    outside_serving: bool,
+    settle: Duration,
+) -> (Phase, String) {
+    let reach = |voters: &[u64]| {
+        let live = voters
+            .iter()
+            .filter(|id| view.member(**id).is_some_and(|m| m.live))
+            .count();
+        (live, voters.len())
+    };
+    match serving {
+        Serving::Yes { .. } => (Phase::Ready, serving.to_string()),
+        Serving::Forwards { .. } if outside_serving => (Phase::Ready, serving.to_string()),
+        Serving::Forwards { leader } => (
+            Phase::Starting,
+            format!(
+                "outside the group: its leader {leader:016x} has not committed an entry of its \
+                 term yet"
+            ),
+        ),
+        Serving::NoGroup if view.leads() => (
+            Phase::Starting,
+            format!(
+                "no store group yet: this node (the flock leader) starts one once the flock has \
+                 held still for {settle:?}"
+            ),
+        ),
+        Serving::NoGroup => (
+            Phase::Starting,
+            "no store group known yet: waiting for the flock leader to start one, or to learn \
+             the leader from the members"
+                .into(),
+        ),
+        Serving::Electing { term, voters } => {
+            let (live, all) = reach(voters);
+            if live * 2 <= all {
+                (
+                    Phase::Starting,
+                    format!(
+                        "no quorum possible: {live} of {all} voters reachable (the flock holds \
+                         the others dead); no leader can be elected"
+                    ),
+                )
+            } else {
+                (
+                    Phase::Starting,
+                    format!("electing a leader (term {term}; {live} of {all} voters reachable)"),
+                )
+            }
+        }
+        Serving::Committing { .. } => (Phase::Starting, serving.to_string()),
+        Serving::CutOff { millis, voters } => {
+            let (live, all) = reach(voters);
+            let what = if live * 2 <= all {
+                "no quorum possible"
+            } else {
+                "no quorum"
+            };
+            (
+                Phase::Starting,
+                format!(
+                    "{what}: this node leads but no majority of voters has answered for {millis} \
+                     ms ({live} of {all} voters reachable in the flock)"
+                ),
+            )
+        }
+        Serving::Stopped(_) => (Phase::Failed, serving.to_string()),
+    }
 }
 
 /// Most learners the store's group has. Learners hold a copy (local reads) but the Raft leader
@@ -126,6 +257,20 @@ pub async fn follow_leader(
     every: Duration,
     stop: CancellationToken,
 ) {
+    let outside = Arc::new(AtomicBool::new(false));
+    follow_leader_marking(flock, store, grpc_port, every, outside, stop).await
+}
+
+/// [`follow_leader`], marking in `serving` whether the member it learned the leader from said
+/// that leader takes writes.
+async fn follow_leader_marking(
+    flock: FlockWatch,
+    store: Store,
+    grpc_port: u16,
+    every: Duration,
+    serving: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -137,12 +282,15 @@ pub async fn follow_leader(
             store.clear_join_only();
             continue;
         }
-        let leader = ask_members(&store, &flock, grpc_port, Duration::from_millis(500), |s| {
+        let answer = ask_members(&store, &flock, grpc_port, Duration::from_millis(500), |s| {
             s.leader.is_some()
         })
-        .await
-        .and_then(|s| s.leader);
-        store.set_outside_leader(leader);
+        .await;
+        serving.store(
+            answer.as_ref().is_some_and(|s| s.serving),
+            Ordering::Relaxed,
+        );
+        store.set_outside_leader(answer.and_then(|s| s.leader));
     }
 }
 
@@ -168,6 +316,9 @@ pub async fn supervise(
     // The groups last seen, when there were more than one (to log a split once, loudly).
     let mut split: Vec<u64> = Vec::new();
     let mut surveyed = Survey::default();
+    // Whether voter changes are held back for want of a store leader with a majority (to log the
+    // change once, not every tick).
+    let mut held_back = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -236,14 +387,40 @@ pub async fn supervise(
                 (m.id, seen)
             })
             .collect();
-        let current = known_voters(&store, &flock, grpc_port).await;
+        let known = known_voters(&store, &flock, grpc_port).await;
+        // Voters and learners are changed only through a Raft leader that holds a majority of
+        // the voters now, and from its view of the group: a flock leader cut off from them (a
+        // minority after a split, a lone node whose flock view is stale) could not get a change
+        // committed, and its idea of who lives is not the majority's.
+        let (current, group) = if known.is_empty() {
+            (known, None)
+        } else {
+            match group_view(&store, &flock, grpc_port).await {
+                Some(g) => (g.voters.iter().map(|m| m.id).collect(), Some(g)),
+                None => {
+                    if !held_back {
+                        info!(
+                            voters = ?known,
+                            "no store leader with a majority of its voters is in reach: the \
+                             store's voters and learners are left as they are"
+                        );
+                        held_back = true;
+                    }
+                    continue;
+                }
+            }
+        };
+        if held_back {
+            info!("a store leader with a majority is in reach again: voters are kept");
+            held_back = false;
+        }
         let mut want = choose(&current, &nodes, grace);
         if current.is_empty() {
             want = with_initializer(want, store.node());
         }
         if want == current {
-            if !current.is_empty() {
-                add_learners(&store, &flock, grpc_port, &nodes, grace).await;
+            if let Some(g) = &group {
+                add_learners(&store, &flock, grpc_port, g, &nodes, grace).await;
             }
             continue;
         }
@@ -486,21 +663,16 @@ async fn merge_groups(
 /// then hold the data (local reads) and know the leader, and a voter that was replaced while it
 /// was down learns that it no longer votes instead of calling elections nobody answers. Learners
 /// the flock has held gone for longer than `grace` are removed first, making room.
+///
+/// `view`: the group as its leader knows it ([`group_view`]).
 async fn add_learners(
     store: &Store,
     flock: &FlockWatch,
     grpc_port: u16,
+    view: &StoreStatus,
     nodes: &BTreeMap<u64, Seen>,
     grace: Duration,
 ) {
-    // The group as its leader knows it.
-    let mut view = store.status();
-    if let Some(l) = view.leader.filter(|l| l.id != view.node) {
-        match tokio::time::timeout(Duration::from_secs(1), store.remote_status(l.netid)).await {
-            Ok(Ok(s)) => view = s,
-            _ => return,
-        }
-    }
     if view.voters.is_empty() || view.leader.is_none() {
         return;
     }
@@ -532,6 +704,38 @@ async fn add_learners(
             }
         }
     }
+}
+
+/// The group as its Raft leader knows it, when that leader holds a majority of its voters now
+/// (one acknowledged it within the shortest election timeout): this node's own status when it
+/// leads, else the leader's, found through this node's Raft state or the members'. `None` when no
+/// such leader is in reach.
+async fn group_view(store: &Store, flock: &FlockWatch, grpc_port: u16) -> Option<StoreStatus> {
+    let stale = store.stale_quorum_millis();
+    let holds = |s: &StoreStatus| {
+        s.role == "leader"
+            && !s.voters.is_empty()
+            && s.millis_since_quorum_ack.is_none_or(|t| t <= stale)
+    };
+    let me = store.status();
+    if holds(&me) {
+        return Some(me);
+    }
+    let leader = match me.leader.filter(|l| l.id != me.node) {
+        Some(l) => l,
+        None => {
+            ask_members(store, flock, grpc_port, Duration::from_secs(1), |s| {
+                s.leader.is_some_and(|l| l.id != me.node)
+            })
+            .await?
+            .leader?
+        }
+    };
+    let s = tokio::time::timeout(Duration::from_secs(1), store.remote_status(leader.netid))
+        .await
+        .ok()?
+        .ok()?;
+    holds(&s).then_some(s)
 }
 
 #[cfg(test)]
