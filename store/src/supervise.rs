@@ -742,6 +742,89 @@ async fn group_view(store: &Store, flock: &FlockWatch, grpc_port: u16) -> Option
 mod tests {
     use super::*;
 
+    fn view(me: u64, live: &[u64], dead: &[u64], leader: u64) -> FlockView {
+        let addr: SocketAddr = "127.0.0.2:7700".parse().unwrap();
+        let mut v = FlockView::alone(me, addr);
+        v.leader = Some(crux_service::Leader {
+            id: leader,
+            addr,
+            term: 1,
+        });
+        v.members = live
+            .iter()
+            .map(|id| (*id, true))
+            .chain(dead.iter().map(|id| (*id, false)))
+            .map(|(id, live)| crux_service::Member {
+                id,
+                boot: 1,
+                addr,
+                live,
+                gone_for: Duration::ZERO,
+            })
+            .collect();
+        v.members.sort_by_key(|m| m.id);
+        v.live = live.len();
+        v
+    }
+
+    #[test]
+    fn readiness_says_what_is_missing() {
+        let settle = Duration::from_secs(5);
+        let all = view(1, &[1, 2, 3], &[], 2);
+        let alone = view(1, &[1], &[2, 3], 1);
+        let yes = Serving::Yes {
+            leader: 2,
+            term: 4,
+            applied: 9,
+        };
+        assert_eq!(
+            readiness_of(&yes, &all, false, settle),
+            (
+                Phase::Ready,
+                "takes writes: leader 0000000000000002, term 4, applied index 9".into()
+            )
+        );
+        let electing = Serving::Electing {
+            term: 5,
+            voters: vec![1, 2, 3],
+        };
+        assert_eq!(
+            readiness_of(&electing, &all, false, settle),
+            (
+                Phase::Starting,
+                "electing a leader (term 5; 3 of 3 voters reachable)".into()
+            )
+        );
+        let (phase, detail) = readiness_of(&electing, &alone, false, settle);
+        assert_eq!(phase, Phase::Starting);
+        assert!(
+            detail.starts_with("no quorum possible: 1 of 3 voters reachable"),
+            "{detail}"
+        );
+        let cut = Serving::CutOff {
+            millis: 900,
+            voters: vec![1, 2, 3],
+        };
+        let (_, detail) = readiness_of(&cut, &alone, false, settle);
+        assert!(
+            detail.starts_with("no quorum possible: this node leads"),
+            "{detail}"
+        );
+        // Outside the group: ready only when the member it asked says its leader takes writes.
+        let fwd = Serving::Forwards { leader: 2 };
+        assert_eq!(readiness_of(&fwd, &all, true, settle).0, Phase::Ready);
+        assert_eq!(readiness_of(&fwd, &all, false, settle).0, Phase::Starting);
+        let (_, detail) = readiness_of(&Serving::NoGroup, &alone, false, settle);
+        assert!(
+            detail.contains("this node (the flock leader) starts one"),
+            "{detail}"
+        );
+        assert_eq!(
+            readiness_of(&Serving::Stopped("x".into()), &all, false, settle).0,
+            Phase::Failed
+        );
+    }
+
     #[test]
     fn full_surveys_cost_at_most_a_hundred_calls_a_second() {
         assert_eq!(full_survey_period(1), Duration::from_secs(30));
