@@ -204,6 +204,10 @@ pub fn readiness_of(
     }
 }
 
+/// How long voter changes are held back for want of a store leader with a majority before the
+/// supervision says so (an election at a start or after a leader's loss is shorter).
+const HELD_BACK_SAID_AFTER: Duration = Duration::from_secs(3);
+
 /// Most learners the store's group has. Learners hold a copy (local reads) but the Raft leader
 /// replicates every entry to each: in a flock of hundreds, the members beyond this many stay plain
 /// clients, which forward their requests to the leader (see [`follow_leader`]).
@@ -316,9 +320,10 @@ pub async fn supervise(
     // The groups last seen, when there were more than one (to log a split once, loudly).
     let mut split: Vec<u64> = Vec::new();
     let mut surveyed = Survey::default();
-    // Whether voter changes are held back for want of a store leader with a majority (to log the
-    // change once, not every tick).
-    let mut held_back = false;
+    // Since when voter changes are held back for want of a store leader with a majority, and
+    // whether that was logged (once, not every tick).
+    let mut held_back: Option<tokio::time::Instant> = None;
+    let mut held_back_said = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -398,21 +403,22 @@ pub async fn supervise(
             match group_view(&store, &flock, grpc_port).await {
                 Some(g) => (g.voters.iter().map(|m| m.id).collect(), Some(g)),
                 None => {
-                    if !held_back {
+                    // An election takes well under a second: say it only when it lasts.
+                    let since = *held_back.get_or_insert_with(tokio::time::Instant::now);
+                    if !held_back_said && since.elapsed() >= HELD_BACK_SAID_AFTER {
                         info!(
                             voters = ?known,
                             "no store leader with a majority of its voters is in reach: the \
                              store's voters and learners are left as they are"
                         );
-                        held_back = true;
+                        held_back_said = true;
                     }
                     continue;
                 }
             }
         };
-        if held_back {
+        if held_back.take().is_some() && std::mem::take(&mut held_back_said) {
             info!("a store leader with a majority is in reach again: voters are kept");
-            held_back = false;
         }
         let mut want = choose(&current, &nodes, grace);
         if current.is_empty() {
