@@ -335,12 +335,13 @@ fn recover(a: &RecoverArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Runs `crux store` (`status` once the store serves, waiting up to `wait`; `recover` offline).
+/// Runs `crux store` (`status` once the agent answers, waiting up to `wait` — not for the store
+/// to serve: the status is how one sees why it does not; `recover` offline).
 pub async fn store(socket: &Path, wait: Duration, cmd: &StoreCmd) -> anyhow::Result<i32> {
     if let StoreCmd::Recover(a) = cmd {
         return recover(a);
     }
-    wait_for_steps(socket, &["store"], wait).await?;
+    wait_for_steps(socket, &[], wait).await?;
     let mut c = connect(socket).await?;
     match cmd {
         StoreCmd::Recover(a) => recover(a),
