@@ -4,7 +4,8 @@
 //! proctor → pastiche, each step logged with its elapsed time), and stays up until SIGTERM or
 //! SIGINT.
 //!
-//! Ready (sd_notify `READY=1`, HTTP `/ready` → 200) only once every step of the table is done.
+//! Ready (sd_notify `READY=1`, HTTP `/ready` → 200) only once every step of the table serves:
+//! the store, for one, once it takes writes (a leader whose first entry committed).
 //! On a signal the node leaves the flock first (so that the others stop routing to it), then the
 //! steps are stopped in reverse order — placement before the plugins, the plugins before the
 //! store, the node gRPC port and the local socket — and the store closes last; the agent exits 0.
@@ -29,12 +30,17 @@ use crux_reeve::{Reeve, ReeveConfig, Target};
 /// Exit code of a config error.
 pub const EXIT_CONFIG: i32 = 2;
 
+/// How often the agent looks whether every step serves (to send sd_notify `READY=1` and log the
+/// changes).
+const READY_LOOK_EVERY: Duration = Duration::from_millis(100);
+
 /// Runs the agent; returns the process exit code.
 pub fn main(flags: &AgentFlags) -> i32 {
-    let settings = match RawConfig::load(flags, std::env::vars()).and_then(|raw| raw.validate()) {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let settings = match RawConfig::load(flags, env.clone()).and_then(|raw| raw.validate()) {
         Ok(s) => s,
         Err(e) => {
-            report_config_error(&e);
+            report_config_error(&RawConfig::locate(e, flags, &env));
             return EXIT_CONFIG;
         }
     };
@@ -52,7 +58,7 @@ pub fn main(flags: &AgentFlags) -> i32 {
     match rt.block_on(run(settings)) {
         Ok(()) => 0,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // One line on stderr (where the log goes too): what, where, and that it stopped.
             eprintln!("crux agent: {e:#}");
             1
         }
@@ -89,6 +95,92 @@ fn unix_ms() -> u64 {
 #[allow(clippy::disallowed_methods)]
 fn now_instant() -> Instant {
     Instant::now()
+}
+
+/// The lock file in the data dir: held (an exclusive `flock`) by the agent that uses the dir.
+pub const LOCK_FILE: &str = "lock";
+
+/// Makes the data dir if need be, checks that this process may write it, and takes its lock:
+/// two agents on one data dir would share a node id and overwrite each other's files. The lock
+/// is held while the returned file is open (the agent's life); the file then holds this agent's
+/// pid, for the message the next one would show.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::Read;
+    let denied = |what: &str, e: &std::io::Error| {
+        anyhow::anyhow!(
+            "data dir {}: {what}: {e} (config field `data_dir`; the agent runs as uid {} and \
+             needs to create and write files there)",
+            dir.display(),
+            nix_uid()
+        )
+    };
+    std::fs::create_dir_all(dir).map_err(|e| denied("cannot create it", &e))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| denied("cannot write in it", &e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            anyhow::bail!(
+                "data dir {} is in use by another agent{} (it holds {}): each agent needs a \
+                 data dir of its own (config field `data_dir`); nothing was changed",
+                dir.display(),
+                if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(", pid {holder}")
+                },
+                path.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            anyhow::bail!("locking {}: {e}", path.display())
+        }
+    }
+    Ok(file)
+}
+
+/// Writes this agent's pid into the data dir's lock file it holds (once the start can no longer
+/// be refused: a refused start changes nothing in the data dir).
+fn record_pid(lock: &mut std::fs::File, dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::{Seek, Write};
+    lock.set_len(0)
+        .and_then(|()| lock.rewind())
+        .and_then(|()| writeln!(lock, "{}", std::process::id()))
+        .with_context(|| format!("writing {}", dir.join(LOCK_FILE).display()))
+}
+
+/// This process's user id (for messages).
+fn nix_uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+/// A listener that could not be bound, as one line: what, where, and which config field sets it.
+fn bind_error(what: &str, field: &str, addr: SocketAddr, e: std::io::Error) -> anyhow::Error {
+    let why = match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "port {} on {} is in use by another process",
+            addr.port(),
+            addr.ip()
+        ),
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!("{} is not an address of this host", addr.ip())
+        }
+        std::io::ErrorKind::PermissionDenied => format!(
+            "binding port {} needs privileges this process lacks",
+            addr.port()
+        ),
+        _ => format!("cannot bind {addr}"),
+    };
+    anyhow::anyhow!("{what} {addr}: {why} ({e}; config field `{field}`); nothing was changed")
 }
 
 /// Cancels `token` on SIGTERM or SIGINT; a second signal exits at once.
@@ -143,14 +235,14 @@ fn resolve_advertise(s: &Settings) -> Result<SocketAddr, ConfigError> {
     });
     match ip {
         Some(ip) => Ok(SocketAddr::new(ip, port)),
-        None => Err(ConfigError {
-            field: "advertise".into(),
-            reason: format!(
+        None => Err(ConfigError::new(
+            "advertise",
+            format!(
                 "bind address {} is a wildcard and no local address could be chosen from the \
                  seeds or the address space; set advertise to this node's ip:port",
                 s.bind
             ),
-        }),
+        )),
     }
 }
 
@@ -158,16 +250,39 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let start = now_instant();
     let stop = CancellationToken::new();
     watch_signals(stop.clone())?;
-    info!(version = env!("CARGO_PKG_VERSION"), bloc = %settings.flock.bloc, "crux agent starting");
 
     // ---- step 1: flock -------------------------------------------------------------------
+    // Everything that can refuse the start is checked before anything in the data dir is
+    // written: the data dir (writable, and not another agent's), every listener, the keyring.
     let began = tokio::time::Instant::now();
-    std::fs::create_dir_all(&settings.data_dir)
-        .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
+    let mut lock = lock_data_dir(&settings.data_dir)?;
+    // Every listener is bound before the node shows itself to the flock: a port in use fails
+    // the start without a join-then-vanish.
+    let udp = UdpSocket::bind(settings.bind)
+        .await
+        .map_err(|e| bind_error("flock UDP", "bind", settings.bind, e))?;
+    let tcp = TcpListener::bind(settings.bind)
+        .await
+        .map_err(|e| bind_error("flock TCP (push-pull streams)", "bind", settings.bind, e))?;
+    let grpc_addr = SocketAddr::new(settings.bind.ip(), settings.grpc_port);
+    let grpc_listener = TcpListener::bind(grpc_addr)
+        .await
+        .map_err(|e| bind_error("node gRPC", "grpc_port", grpc_addr, e))?;
+    let http_listener = match settings.http {
+        Some(http) => Some(
+            TcpListener::bind(http)
+                .await
+                .map_err(|e| bind_error("HTTP", "http_port", http, e))?,
+        ),
+        None => None,
+    };
+    let keyring = crate::keys::load(&settings.keyring)?;
+    let addr = resolve_advertise(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+    info!(version = env!("CARGO_PKG_VERSION"), bloc = %settings.flock.bloc, "crux agent starting");
+    record_pid(&mut lock, &settings.data_dir)?;
     let id = crate::identity::load_or_create_node_id(&settings.data_dir)?;
     let transport = crate::identity::node_transport(&settings.data_dir)?;
     let boot = crate::identity::next_boot_id(&settings.data_dir, unix_ms())?;
-    let keyring = crate::keys::load(&settings.keyring)?;
     let pastiche_store = {
         let (dir, max) = (settings.pastiche_dir.clone(), settings.pastiche_max);
         tokio::task::spawn_blocking(move || crux_pastiche::store::Store::open(&dir, max))
@@ -179,27 +294,6 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                     settings.pastiche_dir.display()
                 )
             })?
-    };
-    let addr = resolve_advertise(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let udp = UdpSocket::bind(settings.bind)
-        .await
-        .with_context(|| format!("binding flock UDP {}", settings.bind))?;
-    let tcp = TcpListener::bind(settings.bind)
-        .await
-        .with_context(|| format!("binding flock TCP {} (push-pull streams)", settings.bind))?;
-    // Every listener is bound before the node shows itself to the flock: a port in use fails
-    // the start without a join-then-vanish.
-    let grpc_addr = SocketAddr::new(settings.bind.ip(), settings.grpc_port);
-    let grpc_listener = TcpListener::bind(grpc_addr)
-        .await
-        .with_context(|| format!("binding node gRPC {grpc_addr}"))?;
-    let http_listener = match settings.http {
-        Some(http) => Some(
-            TcpListener::bind(http)
-                .await
-                .with_context(|| format!("binding HTTP {http}"))?,
-        ),
-        None => None,
     };
     let store = {
         let mut c = crux_store::StoreConfig::new(
@@ -327,10 +421,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let outcome = crate::bootstrap::run(&mut boot, began).await;
     match &outcome {
         Ok(true) => {
-            state.set_ready();
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-            info!(elapsed_ms = start.elapsed().as_millis() as u64, "ready");
+            state.set_bootstrapped();
+            info!(
+                elapsed_ms = start.elapsed().as_millis() as u64,
+                "bootstrap done: every step started"
+            );
             // ---- serve until a signal ----------------------------------------------------
+            // Ready (sd_notify READY=1, once) when every step serves; later changes are logged.
+            let mut notified = false;
+            let mut was_ready = false;
+            let mut look = tokio::time::interval(READY_LOOK_EVERY);
             loop {
                 tokio::select! {
                     biased;
@@ -341,6 +441,25 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                         }
                         _ => warn!(step, task = name, "task ended before shutdown"),
                     },
+                    _ = look.tick() => {
+                        let o = state.overall();
+                        if o.ready && !notified {
+                            notified = true;
+                            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                            info!(
+                                elapsed_ms = start.elapsed().as_millis() as u64,
+                                "ready: every step serves"
+                            );
+                        } else if o.ready && !was_ready {
+                            info!("ready again: every step serves");
+                        } else if !o.ready && was_ready {
+                            warn!(
+                                missing = o.missing.as_deref().unwrap_or(""),
+                                "not ready any more"
+                            );
+                        }
+                        was_ready = o.ready;
+                    }
                 }
             }
         }

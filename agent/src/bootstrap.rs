@@ -6,7 +6,7 @@
 //! | 1 | flock    | —               | a leader is known (this node's own, if alone)         |
 //! | 2 | reeve    | flock           | the local socket serves; the steward link runs        |
 //! | 3 | steward  | reeve           | the node gRPC port serves; the steward on the leader  |
-//! | 4 | store    | steward         | voters kept by the leader; others follow its leader   |
+//! | 4 | store    | steward         | it takes writes: a Raft leader's first entry committed |
 //! | 5 | picket   | reeve           | the plugins a previous agent left are re-adopted      |
 //! | 6 | proctor  | store, picket   | the dean runs; the proctor runs on the leader         |
 //! | 7 | pastiche | steward, picket | holdings announced; the built-in pastiche1 runs       |
@@ -22,6 +22,13 @@
 //! A step that fails is reported by name, and what the steps before it started is stopped the
 //! same way. Each step's readiness (phase, since when, detail) is in [`AgentState::steps`], for
 //! `/ready?verbose` and `crux status`.
+//!
+//! A step is *done* once its work is started; it *serves* once its readiness says
+//! [`Phase::Ready`]. The table runs on as each step is done (the proctor needs the store's handle,
+//! not a store that takes writes already), while the agent reports ready only once every step
+//! serves: the store's supervision starts in step 4, and its readiness turns ready when a Raft
+//! leader has committed an entry of its term that this node applied, i.e. when a write through
+//! this node would be accepted ("no quorum possible: 1 of 3 voters reachable" says why not).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -89,7 +96,8 @@ pub const TABLE: [StepDef; STEP_COUNT] = [
     StepDef {
         name: "store",
         after: &["steward"],
-        ready_when: "the store's supervision runs (voters on the leader, its leader elsewhere)",
+        ready_when:
+            "the store takes writes: a Raft leader's first entry is committed and applied here",
         run: |b| Box::pin(store(b)),
     },
     StepDef {
@@ -365,7 +373,7 @@ async fn steward(b: &mut Boot) -> anyhow::Result<Option<String>> {
 }
 
 /// Step 4, store: its voters and learners kept by the flock leader; a node outside the group
-/// learns its leader.
+/// learns its leader. Done once that runs; it serves once the store takes writes.
 async fn store(b: &mut Boot) -> anyhow::Result<Option<String>> {
     let stop = b.token("store");
     let service = crux_store::supervise::start(crux_store::supervise::Supervision {
@@ -377,9 +385,13 @@ async fn store(b: &mut Boot) -> anyhow::Result<Option<String>> {
         settle: Duration::from_secs(5),
         stop,
     });
-    let detail = service.ready().get().detail;
+    let now = service.ready().get().detail;
     b.adopt("store", service);
-    Ok(Some(detail))
+    Ok(Some(format!(
+        "supervision running (voters kept by the flock leader, grace {:?}); serves once it takes \
+         writes (now: {now})",
+        b.settings.store_voter_grace
+    )))
 }
 
 /// Step 5, picket: re-adopts the plugins a previous agent left running.

@@ -23,6 +23,117 @@ pub struct SocketArg {
     pub socket: PathBuf,
 }
 
+/// How long a command waits for the parts of the agent it needs.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WaitArg {
+    /// How long to wait for the parts of the agent this command needs (its socket, the store,
+    /// the proctor, …) to serve, showing what they wait for; then fail naming what is missing.
+    /// 0 does not wait.
+    #[arg(long, global = true, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+}
+
+/// How often a waiting command asks the agent again.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// What `crux` calls a bootstrap step in its messages.
+fn part_name(step: &str) -> String {
+    match step {
+        "reeve" => "the registry".into(),
+        other => format!("the {other}"),
+    }
+}
+
+/// Waits until the agent at `socket` answers and each of `steps` (bootstrap steps: `store`,
+/// `proctor`, …) serves, for up to `wait`, with a progress line on stderr (`waiting for the
+/// store: electing a leader (term 3; 3 of 3 voters reachable)… 1.2 s`; redrawn on a terminal,
+/// a line per change otherwise). A step that served once and is degraded now (an outage, not a
+/// start under way) is not waited for: the command runs and reports the outage itself. Fails
+/// naming what is missing once `wait` has passed, or at once for a step that failed.
+pub async fn wait_for_steps(socket: &Path, steps: &[&str], wait: Duration) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    if wait.is_zero() {
+        return Ok(());
+    }
+    let started = tokio::time::Instant::now();
+    let deadline = started + wait;
+    let tty = std::io::stderr().is_terminal();
+    let mut shown = String::new();
+    let mut drawn = false;
+    let clear = |drawn: bool| {
+        if drawn {
+            eprint!("\r\x1b[2K");
+        }
+    };
+    loop {
+        // What is missing now: (whose, what), or None when every step serves.
+        let missing: Option<(String, String)> = match connect(socket).await {
+            Err(e) => Some(("the agent".into(), format!("{e:#}"))),
+            Ok(mut c) => match c.status(pb::StatusRequest {}).await {
+                Err(e) => Some(("the agent".into(), format!("{:#}", status_error(e)))),
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let mut missing = None;
+                    for want in steps {
+                        let Some(st) = r.steps.iter().find(|st| st.name == *want) else {
+                            clear(drawn);
+                            anyhow::bail!(
+                                "the agent has no bootstrap step {want:?} (older agent?)"
+                            );
+                        };
+                        match st.phase.as_str() {
+                            "ready" | "degraded" => {}
+                            // An agent too old to report phases: its steps serve once done.
+                            "" if st.done => {}
+                            "failed" => {
+                                clear(drawn);
+                                anyhow::bail!("{} failed: {}", part_name(want), st.phase_detail);
+                            }
+                            "" | "pending" => {
+                                missing = Some((
+                                    part_name(want),
+                                    format!(
+                                        "the agent is starting (bootstrap step {want} pending)"
+                                    ),
+                                ));
+                                break;
+                            }
+                            _ => {
+                                missing = Some((part_name(want), st.phase_detail.clone()));
+                                break;
+                            }
+                        }
+                    }
+                    missing
+                }
+            },
+        };
+        let Some((whose, what)) = missing else {
+            clear(drawn);
+            return Ok(());
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            clear(drawn);
+            anyhow::bail!(
+                "{whose} is not ready after {}: {what}",
+                humantime::format_duration(Duration::from_secs(wait.as_secs().max(1)))
+            );
+        }
+        let line = format!("waiting for {whose}: {what}");
+        let waited = now.duration_since(started).as_secs_f64();
+        if tty {
+            eprint!("\r\x1b[2K{line}… {waited:.1} s");
+            let _ = std::io::stderr().flush();
+            drawn = true;
+        } else if line != shown {
+            eprintln!("{line}… {waited:.1} s");
+        }
+        shown = line;
+        tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+    }
+}
+
 /// Output format flag.
 #[derive(Clone, Debug, clap::Args)]
 pub struct JsonArg {
@@ -329,7 +440,8 @@ pub async fn keys(socket: &Path, cmd: &KeysCmd) -> anyhow::Result<()> {
     }
 }
 
-/// `crux status` (agent identity and bootstrap steps).
+/// `crux status` (agent identity, whether it is ready and for how long, and each bootstrap step
+/// with its phase and for how long).
 pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
     let s = c
@@ -343,13 +455,16 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             .iter()
             .map(|st| {
                 serde_json::json!({"name": st.name, "done": st.done,
-                    "elapsed_ms": st.elapsed_ms, "detail": st.detail})
+                    "elapsed_ms": st.elapsed_ms, "detail": st.detail, "phase": st.phase,
+                    "phase_for_ms": st.phase_for_ms, "phase_detail": st.phase_detail})
             })
             .collect();
         let v = serde_json::json!({
             "node_id": s.node_id, "boot_id": s.boot_id, "bloc": s.bloc, "addr": s.addr,
-            "ready": s.ready, "live_members": s.live_members, "key_epoch": s.key_epoch,
-            "version": s.version, "uptime_ms": s.uptime_ms, "steps": steps,
+            "ready": s.ready, "ready_for_ms": s.ready_for_ms, "not_ready": s.not_ready,
+            "bootstrapped": s.bootstrapped, "live_members": s.live_members,
+            "key_epoch": s.key_epoch, "version": s.version, "uptime_ms": s.uptime_ms,
+            "steps": steps,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -359,19 +474,29 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         s.node_id, s.boot_id, s.addr, s.bloc
     );
     println!(
-        "crux {}, up {}, {}, {} live member(s)",
+        "crux {}, up {}, {} live member(s)",
         s.version,
         fmt_age(s.uptime_ms),
-        if s.ready { "ready" } else { "not ready" },
         s.live_members
     );
-    let mut t = table(&["STEP", "DONE", "TOOK", "DETAIL"]);
+    if s.ready {
+        println!("ready for {}", fmt_age(s.ready_for_ms));
+    } else {
+        println!("not ready for {}: {}", fmt_age(s.ready_for_ms), s.not_ready);
+    }
+    let mut t = table(&["STEP", "DONE", "TOOK", "PHASE", "FOR", "NOW"]);
     for st in &s.steps {
         t.add_row(vec![
             st.name.clone(),
             if st.done { "yes".into() } else { "no".into() },
             format!("{} ms", st.elapsed_ms),
-            st.detail.clone(),
+            st.phase.clone(),
+            fmt_age(st.phase_for_ms),
+            if st.phase_detail.is_empty() {
+                st.detail.clone()
+            } else {
+                st.phase_detail.clone()
+            },
         ]);
     }
     println!("{t}");

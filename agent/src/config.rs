@@ -26,25 +26,104 @@ pub const DEFAULT_LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A config value that is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    /// The field as named in the config file (and, for env/flags, where the value came from).
+    /// The field as named in the config file, with its table (`timing.probe_interval`), and, for
+    /// env/flags, where the value came from.
     pub field: String,
     /// Why it is refused.
     pub reason: String,
+    /// Where the value is written, when it came from a file: `path:line` (or `path` alone, or
+    /// `line N` for text without a file).
+    pub at: Option<String>,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(at) = &self.at {
+            write!(f, "{at}: ")?;
+        }
         write!(f, "config field `{}`: {}", self.field, self.reason)
     }
 }
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// An error of `field`, not (yet) located in a file.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            field: field.into(),
+            reason: reason.into(),
+            at: None,
+        }
+    }
+}
+
 fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError {
-        field: field.into(),
-        reason: reason.into(),
-    })
+    Err(ConfigError::new(field, reason))
+}
+
+/// Longest bloc ID.
+pub const BLOC_MAX: usize = 64;
+
+/// Whether `bloc` has the shape of a bloc ID: 1 to [`BLOC_MAX`] ASCII letters, digits, `.`, `_`
+/// or `-`, starting with a letter or a digit (it names the flock in files, logs and metrics, so
+/// no spaces, slashes or control characters).
+pub fn bloc_shape_ok(bloc: &str) -> bool {
+    !bloc.is_empty()
+        && bloc.len() <= BLOC_MAX
+        && bloc.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && bloc
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// The 1-based line of `text` where `field` (`key`, or `table.key`) is set, if it is.
+pub fn line_of(text: &str, field: &str) -> Option<usize> {
+    let (table, key) = match field.rsplit_once('.') {
+        Some((t, k)) => (t, k),
+        None => ("", field),
+    };
+    let mut current = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(h) = t.strip_prefix('[') {
+            current = h
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            continue;
+        }
+        if current != table {
+            continue;
+        }
+        let Some((k, _)) = t.split_once('=') else {
+            continue;
+        };
+        if k.trim().trim_matches('"') == key {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
+/// The table (`timing`, `store`, …) in force at byte `at` of `text` ("" at the top level).
+fn table_at(text: &str, at: usize) -> String {
+    let mut current = String::new();
+    for line in text[..at.min(text.len())].lines() {
+        if let Some(h) = line.trim().strip_prefix('[') {
+            current = h
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+        }
+    }
+    current
 }
 
 /// Optional per-field overrides of the preset's timings (`[timing]` table; durations are
@@ -391,6 +470,28 @@ pub struct AgentFlags {
     pub log_level: Option<String>,
 }
 
+impl AgentFlags {
+    /// Whether a flag sets the top-level config field `field`.
+    pub fn sets(&self, field: &str) -> bool {
+        match field {
+            "bloc" => self.bloc.is_some(),
+            "data_dir" => self.data_dir.is_some(),
+            "keyring" => self.keyring.is_some(),
+            "bind" => self.bind.is_some(),
+            "advertise" => self.advertise.is_some(),
+            "space" => self.space.is_some(),
+            "ports" => self.ports.is_some(),
+            "seeds" => self.seeds.is_some(),
+            "preset" => self.preset.is_some(),
+            "socket" => self.socket.is_some(),
+            "grpc_port" => self.grpc_port.is_some(),
+            "http_port" => self.http_port.is_some(),
+            "log_level" => self.log_level.is_some(),
+            _ => false,
+        }
+    }
+}
+
 /// A checked config, ready to run an agent.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -436,26 +537,76 @@ pub struct Settings {
 }
 
 impl RawConfig {
-    /// Reads a TOML config file over the defaults.
+    /// Reads a TOML config file over the defaults. An error says `path:line`.
     pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             field: "config".into(),
             reason: format!("cannot read {}: {e}", path.display()),
+            at: None,
         })?;
         RawConfig::from_toml(&text).map_err(|mut e| {
-            e.reason = format!("{} (in {})", e.reason, path.display());
+            e.at = Some(
+                match e.at.as_deref().and_then(|a| a.strip_prefix("line ")) {
+                    Some(line) => format!("{}:{line}", path.display()),
+                    None => path.display().to_string(),
+                },
+            );
             e
         })
     }
 
-    /// Parses TOML text over the defaults.
+    /// Parses TOML text over the defaults. An error says `line N` and names the key with its
+    /// table (`timing.probe_intervall`).
     pub fn from_toml(text: &str) -> Result<RawConfig, ConfigError> {
         toml::from_str(text).map_err(|e: toml::de::Error| {
             // toml names unknown and mistyped keys in its message; pull the key out for `field`.
-            let msg = e.message().trim().to_string();
-            let field = toml_key_of(text, e.span()).unwrap_or_else(|| "config".into());
-            ConfigError { field, reason: msg }
+            let msg = e.message().trim().replace('\n', " ");
+            let span = e.span();
+            let key = toml_key_of(text, span.clone());
+            let line = span
+                .as_ref()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let field = match (key, &span) {
+                (Some(k), Some(s)) => {
+                    let table = table_at(text, s.start);
+                    if table.is_empty() {
+                        k
+                    } else {
+                        format!("{table}.{k}")
+                    }
+                }
+                (Some(k), None) => k,
+                (None, _) => "config".into(),
+            };
+            ConfigError {
+                field,
+                reason: msg,
+                at: line.map(|l| format!("line {l}")),
+            }
         })
+    }
+
+    /// `e` (from [`RawConfig::validate`] of the config loaded with `flags`) located in the config
+    /// file at `path:line`, when the field's value came from the file (not from a `CRUX_*`
+    /// variable in `env` or a flag).
+    pub fn locate(mut e: ConfigError, flags: &AgentFlags, env: &[(String, String)]) -> ConfigError {
+        let Some(path) = &flags.config else {
+            return e;
+        };
+        if e.at.is_some() || e.field.contains(" (from ") {
+            return e;
+        }
+        let top = e.field.split('.').next().unwrap_or("");
+        let var = format!("CRUX_{}", top.to_uppercase());
+        if env.iter().any(|(k, _)| *k == var) || flags.sets(top) {
+            return e;
+        }
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        e.at = Some(match line_of(&text, &e.field) {
+            Some(line) => format!("{}:{line}", path.display()),
+            None => path.display().to_string(),
+        });
+        e
     }
 
     /// Applies `CRUX_*` variables from `vars` (pass `std::env::vars()`).
@@ -548,6 +699,16 @@ impl RawConfig {
             return err(
                 "bloc",
                 "must be set (the bloc ID shared by every node of the flock)",
+            );
+        }
+        if !bloc_shape_ok(&self.bloc) {
+            return err(
+                "bloc",
+                format!(
+                    "{:?} is not a bloc ID: use 1 to {BLOC_MAX} letters, digits, `.`, `_` or \
+                     `-`, starting with a letter or a digit",
+                    self.bloc
+                ),
             );
         }
         if self.data_dir.as_os_str().is_empty() {
@@ -849,6 +1010,52 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.field, "http_port (from CRUX_HTTP_PORT)");
         assert!(e.to_string().contains("http_port"));
+    }
+
+    #[test]
+    fn a_bloc_id_has_a_shape() {
+        for ok in [
+            "b",
+            "prod-eu1",
+            "Prod-eu1.rack_7",
+            "7",
+            &"x".repeat(BLOC_MAX),
+        ] {
+            assert!(bloc_shape_ok(ok), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "my bloc",
+            "a/b",
+            "-lead",
+            ".hidden",
+            "tab\t",
+            "é",
+            &"x".repeat(BLOC_MAX + 1),
+        ] {
+            assert!(!bloc_shape_ok(bad), "{bad:?}");
+            let raw = RawConfig {
+                bloc: bad.to_string(),
+                ..RawConfig::default()
+            };
+            assert_eq!(raw.validate().unwrap_err().field, "bloc", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn errors_say_the_line_and_the_table() {
+        let e = RawConfig::from_toml("bloc = \"b\"\n\n[timing]\nprobe_intervall = \"1s\"\n")
+            .unwrap_err();
+        assert_eq!(e.field, "timing.probe_intervall");
+        assert_eq!(e.at.as_deref(), Some("line 4"));
+        assert!(e
+            .to_string()
+            .starts_with("line 4: config field `timing.probe_intervall`: "));
+        let text = "bloc = \"b\"\npreset = \"fast\"\n[store]\nvoter_grace = \"1s\"\n";
+        assert_eq!(line_of(text, "preset"), Some(2));
+        assert_eq!(line_of(text, "store.voter_grace"), Some(4));
+        assert_eq!(line_of(text, "voter_grace"), None);
+        assert_eq!(line_of(text, "timing.settle"), None);
     }
 
     #[test]

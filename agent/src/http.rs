@@ -1,7 +1,8 @@
-//! HTTP endpoints: `GET /ready` (200 once the bootstrap is done, 503 before; `?verbose` adds a
-//! line per bootstrap step: its phase, since when, and what it does or waits for), `GET /metrics`
-//! (Prometheus text), `GET /` (a plain-text status page; browsers are sent to the live page) and
-//! the live page's routes under `/ui` ([`crate::ui`]).
+//! HTTP endpoints: `GET /ready` (200 while every bootstrap step serves — the store only once it
+//! takes writes —, 503 naming the first that does not; `?verbose` adds a line per bootstrap step:
+//! its phase, for how long, and what it does or waits for), `GET /metrics` (Prometheus text),
+//! `GET /` (a plain-text status page; browsers are sent to the live page) and the live page's
+//! routes under `/ui` ([`crate::ui`]).
 
 use std::fmt::Write;
 use std::future::IntoFuture;
@@ -43,14 +44,13 @@ pub async fn serve(
 }
 
 async fn ready(State(state): State<Arc<AgentState>>, uri: Uri) -> impl IntoResponse {
-    let (code, mut body) = if state.is_ready() {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        let step = state.pending_step().unwrap_or("shutdown");
-        (
+    let overall = state.overall();
+    let (code, mut body) = match &overall.missing {
+        None => (StatusCode::OK, format!("ready for {:.1?}\n", overall.for_)),
+        Some(what) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: bootstrap step {step}\n"),
-        )
+            format!("not ready for {:.1?}: {what}\n", overall.for_),
+        ),
     };
     let verbose = uri.query().is_some_and(|q| {
         q.split('&')

@@ -150,6 +150,8 @@ enum Cmd {
     Muster {
         #[command(flatten)]
         socket: client::SocketArg,
+        #[command(flatten)]
+        wait: client::WaitArg,
         #[command(subcommand)]
         cmd: store_cli::MusterCmd,
     },
@@ -157,6 +159,8 @@ enum Cmd {
     Store {
         #[command(flatten)]
         socket: client::SocketArg,
+        #[command(flatten)]
+        wait: client::WaitArg,
         #[command(subcommand)]
         cmd: store_cli::StoreCmd,
     },
@@ -164,6 +168,8 @@ enum Cmd {
     Proctor {
         #[command(flatten)]
         socket: client::SocketArg,
+        #[command(flatten)]
+        wait: client::WaitArg,
         #[command(subcommand)]
         cmd: placement::ProctorCmd,
     },
@@ -171,6 +177,8 @@ enum Cmd {
     Picket {
         #[command(flatten)]
         socket: client::SocketArg,
+        #[command(flatten)]
+        wait: client::WaitArg,
         #[command(subcommand)]
         cmd: placement::PicketCmd,
     },
@@ -235,16 +243,18 @@ fn main() -> ExitCode {
             json,
         } => client::block_on(client::watch(&socket.socket, selector, horde, *json)).map(|()| 0),
         Cmd::Register(args) => register::main(args),
-        Cmd::Muster { socket, cmd } => {
-            client::block_on_code(store_cli::muster(&socket.socket, cmd))
+        Cmd::Muster { socket, wait, cmd } => {
+            client::block_on_code(store_cli::muster(&socket.socket, wait.wait, cmd))
         }
-        Cmd::Store { socket, cmd } => client::block_on_code(store_cli::store(&socket.socket, cmd)),
+        Cmd::Store { socket, wait, cmd } => {
+            client::block_on_code(store_cli::store(&socket.socket, wait.wait, cmd))
+        }
         Cmd::Pastiche { socket, cmd } => client::block_on_code(pastiche::run(&socket.socket, cmd)),
-        Cmd::Proctor { socket, cmd } => {
-            client::block_on_code(placement::proctor(&socket.socket, cmd))
+        Cmd::Proctor { socket, wait, cmd } => {
+            client::block_on_code(placement::proctor(&socket.socket, wait.wait, cmd))
         }
-        Cmd::Picket { socket, cmd } => {
-            client::block_on_code(placement::picket(&socket.socket, cmd))
+        Cmd::Picket { socket, wait, cmd } => {
+            client::block_on_code(placement::picket(&socket.socket, wait.wait, cmd))
         }
         Cmd::Keygen => {
             println!("{}", keys::generate());

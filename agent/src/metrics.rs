@@ -47,7 +47,7 @@ pub fn render(state: &AgentState) -> String {
     o.one(
         "crux_ready",
         "gauge",
-        "1 once the bootstrap is done.",
+        "1 while every bootstrap step serves (the store takes writes).",
         u8::from(state.is_ready()),
     );
     o.family(

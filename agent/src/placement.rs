@@ -25,8 +25,8 @@ pub enum ProctorCmd {
         if_generation: Option<u64>,
         /// Wait until every service is converged (exit 1 if one fails or the wait times out).
         #[arg(long)]
-        wait: bool,
-        /// How long --wait waits.
+        converge: bool,
+        /// How long --converge waits.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         timeout: Duration,
         #[command(flatten)]
@@ -97,14 +97,15 @@ fn print_status(s: &pb::StatusResponse) {
     println!("{t}");
 }
 
-/// Runs `crux proctor`.
-pub async fn proctor(socket: &Path, cmd: &ProctorCmd) -> anyhow::Result<i32> {
+/// Runs `crux proctor`, once the store and the proctor serve (waiting up to `wait`).
+pub async fn proctor(socket: &Path, wait: Duration, cmd: &ProctorCmd) -> anyhow::Result<i32> {
+    crate::client::wait_for_steps(socket, &["store", "proctor"], wait).await?;
     let mut c = client(socket).await?;
     match cmd {
         ProctorCmd::Apply {
             file,
             if_generation,
-            wait,
+            converge,
             timeout,
             json,
         } => {
@@ -117,7 +118,7 @@ pub async fn proctor(socket: &Path, cmd: &ProctorCmd) -> anyhow::Result<i32> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if json.json && !wait {
+            if json.json && !converge {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
@@ -130,7 +131,7 @@ pub async fn proctor(socket: &Path, cmd: &ProctorCmd) -> anyhow::Result<i32> {
                 }
                 println!("applied: intent generation {}", r.generation);
             }
-            if !wait {
+            if !converge {
                 return Ok(0);
             }
             let deadline = tokio::time::Instant::now() + *timeout;
@@ -198,8 +199,10 @@ pub async fn proctor(socket: &Path, cmd: &ProctorCmd) -> anyhow::Result<i32> {
     }
 }
 
-/// Runs `crux picket`.
-pub async fn picket(socket: &Path, cmd: &PicketCmd) -> anyhow::Result<i32> {
+/// Runs `crux picket`, once picket and the proctor (whose step serves the local placement API)
+/// serve (waiting up to `wait`).
+pub async fn picket(socket: &Path, wait: Duration, cmd: &PicketCmd) -> anyhow::Result<i32> {
+    crate::client::wait_for_steps(socket, &["picket", "proctor"], wait).await?;
     let mut c = client(socket).await?;
     match cmd {
         PicketCmd::Ps(json) => {

@@ -1,13 +1,19 @@
 //! What the agent's servers (local socket, HTTP) share: the flock driver's handle, the bootstrap
 //! progress and readiness (per step: phase and since when, from the step's or its service's
 //! [`ReadyWatch`]).
+//!
+//! Two facts are kept apart: the bootstrap is *done* once every step of the table has started
+//! its work (the local API then answers `Members`, `Leader`, …), and the agent is *ready* only
+//! while every step serves ([`Phase::Ready`]: the store, for one, only once a write through it
+//! would be accepted). `/ready`, sd_notify `READY=1`, `crux status` and `crux dev` report the
+//! second.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crux_flock::driver::DriverHandle;
-use crux_service::{Readiness, ReadyWatch};
+use crux_service::{Phase, Readiness, ReadyWatch};
 
 use crate::config::Settings;
 use crate::keys::Keys;
@@ -53,7 +59,20 @@ pub struct AgentState {
     pub local: crux_local::Stats,
     started: Instant,
     steps: Mutex<Vec<Kept>>,
-    ready: AtomicBool,
+    bootstrapped: AtomicBool,
+    /// Whether the agent was ready when last looked at, and since when (tokio's clock).
+    overall: Mutex<(bool, tokio::time::Instant)>,
+}
+
+/// The agent's readiness at one moment: every step serving, or the first that does not.
+#[derive(Clone, Debug)]
+pub struct Overall {
+    /// Every step of the table serves.
+    pub ready: bool,
+    /// How long the agent has been ready (or not ready).
+    pub for_: Duration,
+    /// When not ready: the first step that does not serve, and what it waits for.
+    pub missing: Option<String>,
 }
 
 impl AgentState {
@@ -93,7 +112,8 @@ impl AgentState {
             local: crux_local::Stats::default(),
             started,
             steps: Mutex::new(steps),
-            ready: AtomicBool::new(false),
+            bootstrapped: AtomicBool::new(false),
+            overall: Mutex::new((false, tokio::time::Instant::now())),
         })
     }
 
@@ -132,14 +152,52 @@ impl AgentState {
             .collect()
     }
 
-    /// Marks the bootstrap done.
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::SeqCst);
+    /// Marks the bootstrap done (every step started its work).
+    pub fn set_bootstrapped(&self) {
+        self.bootstrapped.store(true, Ordering::SeqCst);
     }
 
     /// Whether the bootstrap is done.
+    pub fn bootstrapped(&self) -> bool {
+        self.bootstrapped.load(Ordering::SeqCst)
+    }
+
+    /// Whether the agent is ready: the bootstrap is done and every step serves now.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.overall().ready
+    }
+
+    /// The agent's readiness now: every step serving, or the first that does not and why; and
+    /// for how long that has held.
+    pub fn overall(&self) -> Overall {
+        let missing = self.missing();
+        let ready = missing.is_none();
+        let mut o = self.overall.lock().expect("overall lock");
+        if o.0 != ready {
+            *o = (ready, tokio::time::Instant::now());
+        }
+        Overall {
+            ready,
+            for_: o.1.elapsed(),
+            missing,
+        }
+    }
+
+    /// The first step that does not serve, with its phase and what it waits for; `None` when
+    /// every step serves and the bootstrap is done.
+    fn missing(&self) -> Option<String> {
+        for step in self.steps() {
+            match &step.readiness {
+                Some(r) if r.phase == Phase::Ready => {}
+                Some(r) => return Some(format!("step {} {}: {}", step.name, r.phase, r.detail)),
+                None => return Some(format!("step {} pending (bootstrap)", step.name)),
+            }
+        }
+        if self.bootstrapped() {
+            None
+        } else {
+            Some("bootstrap not finished".into())
+        }
     }
 
     /// The first step not yet done.

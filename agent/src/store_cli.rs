@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::anyhow;
 use crux_proto::grpc::reeve::v1 as pb;
 
-use crate::client::{connect, status_error, JsonArg};
+use std::time::Duration;
+
+use crate::client::{connect, status_error, wait_for_steps, JsonArg};
 
 /// `crux muster ...`.
 #[derive(Debug, clap::Subcommand)]
@@ -122,8 +124,9 @@ fn store_error(s: tonic::Status) -> anyhow::Error {
     status_error(s)
 }
 
-/// Runs `crux muster`.
-pub async fn muster(socket: &Path, cmd: &MusterCmd) -> anyhow::Result<i32> {
+/// Runs `crux muster`, once the store serves (waiting up to `wait`).
+pub async fn muster(socket: &Path, wait: Duration, cmd: &MusterCmd) -> anyhow::Result<i32> {
+    wait_for_steps(socket, &["store"], wait).await?;
     let mut c = connect(socket).await?;
     match cmd {
         MusterCmd::Add {
@@ -332,11 +335,13 @@ fn recover(a: &RecoverArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Runs `crux store`.
-pub async fn store(socket: &Path, cmd: &StoreCmd) -> anyhow::Result<i32> {
+/// Runs `crux store` (`status` once the agent answers, waiting up to `wait` — not for the store
+/// to serve: the status is how one sees why it does not; `recover` offline).
+pub async fn store(socket: &Path, wait: Duration, cmd: &StoreCmd) -> anyhow::Result<i32> {
     if let StoreCmd::Recover(a) = cmd {
         return recover(a);
     }
+    wait_for_steps(socket, &[], wait).await?;
     let mut c = connect(socket).await?;
     match cmd {
         StoreCmd::Recover(a) => recover(a),

@@ -24,10 +24,16 @@ fn five_agents_converge_on_one_leader() {
     c.start_all();
     let leader = converged(&c, &[1, 2, 3, 4, 5]);
     assert!(leader.term >= 1);
-    // The HTTP side agrees: /ready is 200 on every node.
+    // The HTTP side agrees: /ready turns 200 on every node (once the store, too, takes writes).
     for a in &c.agents {
-        let body = http_get(a.http, "/ready").expect("GET /ready");
-        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        c.wait_for("/ready 200", CONVERGE, || {
+            let body = http_get(a.http, "/ready").map_err(|e| e.to_string())?;
+            if body.starts_with("HTTP/1.1 200") {
+                Ok(())
+            } else {
+                Err(body)
+            }
+        });
     }
     let metrics = http_get(c.agent(1).http, "/metrics").expect("GET /metrics");
     assert!(
@@ -427,6 +433,24 @@ fn crux_dev_runs_a_local_flock_and_stops_what_it_started() {
             Err(_) => panic!("crux dev did not show agreement:\n{}", seen.join("\n")),
         }
     }
+    // Issue 18: at the agree line every agent is ready, the store included: `proctor apply` at
+    // once, told not to wait, succeeds on each.
+    let intent = dev.dir.path().join("empty-intent.toml");
+    std::fs::write(&intent, "").unwrap();
+    for k in 1..=3 {
+        let socket = dev.dir.path().join(format!("node{k}/reeve.sock"));
+        let out = Command::new(BIN)
+            .args(["proctor", "apply", "--wait", "0s", "--socket"])
+            .arg(&socket)
+            .arg(&intent)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "node{k}: proctor apply at the agree line: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let pids = dev.agent_pids();
     assert_eq!(pids.len(), 3);
     for k in 1..=3 {
@@ -464,7 +488,8 @@ fn not_ready_until_the_bootstrap_is_done() {
         http_get(http, "/ready").map_err(|e| e.to_string())
     });
     assert!(body.starts_with("HTTP/1.1 503"), "{body}");
-    assert!(body.contains("not ready: bootstrap step flock"), "{body}");
+    assert!(body.contains("not ready for "), "{body}");
+    assert!(body.contains("step flock starting: "), "{body}");
     // Per step: the flock's is starting (since when, waiting for what), the others wait their
     // turn after the steps they need.
     let verbose = http_get(http, "/ready?verbose").unwrap();

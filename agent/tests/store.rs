@@ -522,3 +522,123 @@ fn recover_rebuilds_the_group_from_a_survivor_after_a_lost_majority() {
         wait_local_doc(&c, k, "recover/doc", "kept");
     }
 }
+
+/// Node k's agent log from byte `from` on.
+fn log_since(c: &Cluster, k: usize, from: usize) -> String {
+    let text = std::fs::read_to_string(c.agent(k).dir.join("agent.log")).unwrap_or_default();
+    text.get(from..).unwrap_or_default().to_string()
+}
+
+fn log_len(c: &Cluster, k: usize) -> usize {
+    std::fs::metadata(c.agent(k).dir.join("agent.log")).map_or(0, |m| m.len() as usize)
+}
+
+/// Issue 23, item 3, "the store follows the majority": a flock leader without a majority of the
+/// store's voters never tries to replace voters. The flock leader's store is cut off while a
+/// fellow voter dies for good (past the grace period): its flock still sees a majority of the
+/// voters alive (itself and the third), but no store leader with a majority is in reach, so it
+/// leaves the voters as they are (no "changing the store's voters", no "store voters not changed;
+/// will retry" loop) and says so once. Healed, it and the third voter are a majority: the dead
+/// voter is replaced (here: dropped, there is no spare member), and every acknowledged write is
+/// there.
+#[test]
+fn a_leader_cut_off_from_the_store_majority_never_changes_voters() {
+    let mut c = Cluster::new(BIN, 4, 3, PRESET);
+    for k in 1..=3 {
+        c.append_config(
+            k,
+            &format!(
+                "[store]\nvoter_grace = \"{}s\"\npartition_file_for_tests = {:?}\n",
+                GRACE.as_secs(),
+                cut_file(&c, k).display().to_string()
+            ),
+        );
+    }
+    c.start_all();
+    let all = [1, 2, 3];
+    let leader = c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
+    let f = c.index_of(&leader.id).expect("the flock leader is ours");
+    let st = c.wait_for("three voters and a leader", CONVERGE, || {
+        let s = status(&c, f)?;
+        if s.voters.len() == 3 && !s.leader_addr.is_empty() {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    assert!(st.voter_ids.contains(&leader.id), "{st:?}");
+    let mut want = set(&["before"]);
+    c.wait_for("a first write", CONVERGE, || add(&c, f, "before"));
+    let others: Vec<usize> = all.iter().copied().filter(|k| *k != f).collect();
+    let (dead, third) = (others[0], others[1]);
+    let dead_id = c.node_id(dead).expect("id");
+
+    // Cut the flock leader's store off, then kill a fellow voter for good.
+    let from = log_len(&c, f);
+    cut(&c, f);
+    c.kill_node(dead);
+    c.wait_for(
+        "the flock leader to hold the dead voter dead",
+        CONVERGE,
+        || match c.members(f)?.iter().find(|m| m.id == dead_id) {
+            Some(m) if m.state == "dead" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let dead_at = now();
+    c.wait_for(
+        "the flock leader to say it leaves the voters",
+        CONVERGE,
+        || {
+            let log = log_since(&c, f, from);
+            if log.contains("no store leader with a majority of its voters is in reach") {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    );
+    // Well past the grace period (the replacement would have been tried by now), nothing tried.
+    c.wait_for("three grace periods", CONVERGE, || {
+        if dead_at.elapsed() >= GRACE * 3 {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    let log = log_since(&c, f, from);
+    for never in ["changing the store's voters", "store voters not changed"] {
+        assert!(
+            !log.contains(never),
+            "the cut-off flock leader tried to change the voters ({never:?}):\n{log}"
+        );
+    }
+    let held = log
+        .matches("no store leader with a majority of its voters is in reach")
+        .count();
+    assert_eq!(held, 1, "said once, not every tick:\n{log}");
+    let st = status(&c, third).expect("status");
+    assert_eq!(st.voters.len(), 3, "voters changed while cut: {st:?}");
+
+    // Healed: the flock leader and the third voter are the majority; the dead voter goes.
+    heal(&c, f);
+    let st = c.wait_for("the voters to be the majority's", CONVERGE, || {
+        let s = status(&c, third)?;
+        if s.voter_ids.len() == 2 && !s.voter_ids.contains(&dead_id) && !s.leader_id.is_empty() {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    let mut ids: Vec<String> = [f, third].iter().filter_map(|k| c.node_id(*k)).collect();
+    ids.sort();
+    let mut got = st.voter_ids.clone();
+    got.sort();
+    assert_eq!(got, ids);
+    c.wait_for("a write after the heal", CONVERGE, || {
+        add(&c, third, "after")
+    });
+    want.insert("after".into());
+    sees_all(&c, f, &want);
+    sees_all(&c, third, &want);
+}

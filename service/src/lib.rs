@@ -10,8 +10,9 @@
 //!   one that ends early is reported by name, and shutdown waits for each of them;
 //! * **a stop handle** ([`Service::stop`]): cancels the token the service's tasks watch; they
 //!   return soon after;
-//! * **a readiness signal** ([`ReadyWatch`]): a [`Phase`] (starting, ready, failed, stopping,
-//!   stopped) and since when it holds, which the service sets through its [`ReadySender`].
+//! * **a readiness signal** ([`ReadyWatch`]): a [`Phase`] (starting, ready, degraded, failed,
+//!   stopping, stopped) and since when it holds, which the service sets through its
+//!   [`ReadySender`].
 //!
 //! ```text
 //!   agent ──ctx──▶ service::start ──▶ Service { tasks, stop, ready }

@@ -13,6 +13,9 @@ pub enum Phase {
     Starting,
     /// Serving.
     Ready,
+    /// Was serving, is not now (e.g. a store cut off from its voters); it may come back by
+    /// itself. Unlike [`Phase::Starting`], what is missing is an outage, not a start under way.
+    Degraded,
     /// Gave up (the detail says why); it does not come back by itself.
     Failed,
     /// Asked to stop, not stopped yet.
@@ -22,11 +25,12 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// Lower-case name: `starting`, `ready`, `failed`, `stopping`, `stopped`.
+    /// Lower-case name: `starting`, `ready`, `degraded`, `failed`, `stopping`, `stopped`.
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Starting => "starting",
             Phase::Ready => "ready",
+            Phase::Degraded => "degraded",
             Phase::Failed => "failed",
             Phase::Stopping => "stopping",
             Phase::Stopped => "stopped",

@@ -259,6 +259,99 @@ pub struct StoreStatus {
     /// Set once this group was merged into another: that group's id.
     #[serde(default)]
     pub sealed_into: Option<String>,
+    /// Whether this node's store takes writes now, as [`Store::serving`] tells ([`Serving::Yes`]).
+    /// `false` from an agent too old to say.
+    #[serde(default)]
+    pub serving: bool,
+}
+
+/// Whether a node's store takes writes now, as far as that node can tell from its own Raft state
+/// ([`Store::serving`]): the store's readiness.
+///
+/// "Takes writes" is proved, not assumed: a leader appends an entry of its term when it is
+/// elected, and that entry commits only once a majority of the voters has accepted it. So a node
+/// that has *applied* an entry of its leader's current term has seen that leader get a write
+/// through a majority; a write made now goes the same way. No probe write is needed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Serving {
+    /// A leader is known and an entry of its term is committed and applied on this node.
+    Yes {
+        /// The leader.
+        leader: u64,
+        /// Its term.
+        term: u64,
+        /// The last index applied here.
+        applied: u64,
+    },
+    /// This node is outside the group (it knows no voters) and forwards to `leader`, which the
+    /// members told it of.
+    Forwards {
+        /// The leader the members named.
+        leader: u64,
+    },
+    /// No group here and no leader learned from the members: none was started yet, or none is
+    /// in reach.
+    NoGroup,
+    /// Voters are known but no leader: an election runs (and can win only with a majority).
+    Electing {
+        /// The term this node is at.
+        term: u64,
+        /// The voters.
+        voters: Vec<u64>,
+    },
+    /// A leader is known, but no entry of its term is committed and applied here yet.
+    Committing {
+        /// The leader.
+        leader: u64,
+        /// Its term.
+        term: u64,
+    },
+    /// This node leads but no majority of its voters has acknowledged it for `millis`: it is most
+    /// likely cut off, and refuses writes.
+    CutOff {
+        /// Since the last majority acknowledgement, in milliseconds.
+        millis: u64,
+        /// The voters.
+        voters: Vec<u64>,
+    },
+    /// The Raft node stopped.
+    Stopped(String),
+}
+
+impl Serving {
+    /// Whether writes are taken ([`Serving::Yes`]).
+    pub fn is_yes(&self) -> bool {
+        matches!(self, Serving::Yes { .. })
+    }
+}
+
+impl std::fmt::Display for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Serving::Yes {
+                leader,
+                term,
+                applied,
+            } => write!(
+                f,
+                "takes writes: leader {leader:016x}, term {term}, applied index {applied}"
+            ),
+            Serving::Forwards { leader } => {
+                write!(f, "outside the group: forwards to leader {leader:016x}")
+            }
+            Serving::NoGroup => f.write_str("no store group known yet"),
+            Serving::Electing { term, .. } => write!(f, "electing a leader (term {term})"),
+            Serving::Committing { leader, term } => write!(
+                f,
+                "leader {leader:016x} elected in term {term}; its first entry is not committed yet"
+            ),
+            Serving::CutOff { millis, .. } => write!(
+                f,
+                "this node leads but no majority of voters has answered for {millis} ms"
+            ),
+            Serving::Stopped(why) => write!(f, "stopped: {why}"),
+        }
+    }
 }
 
 /// What [`Store::abandon`] did.
@@ -783,7 +876,60 @@ impl Store {
             millis_since_quorum_ack: m.millis_since_quorum_ack,
             group: inner.group().map(types::hex),
             sealed_into: inner.sealed().map(types::hex),
+            serving: self.serving().is_yes(),
         }
+    }
+
+    /// Whether this node's store takes writes now ([`Serving`]), from its own Raft state.
+    pub fn serving(&self) -> Serving {
+        let inner = self.inner();
+        let m = inner.raft.metrics().borrow().clone();
+        if m.state == ServerState::Shutdown || m.running_state.is_err() {
+            return Serving::Stopped(match m.running_state {
+                Err(e) => e.to_string(),
+                Ok(()) => "shut down".into(),
+            });
+        }
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        if voters.is_empty() {
+            let outside = *inner
+                .outside_leader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            return match outside {
+                Some(l) => Serving::Forwards { leader: l.id },
+                None => Serving::NoGroup,
+            };
+        }
+        let Some(leader) = m.current_leader else {
+            return Serving::Electing {
+                term: m.current_term,
+                voters,
+            };
+        };
+        if m.state == ServerState::Leader {
+            let stale = inner.config.election_timeout.0.as_millis() as u64;
+            if let Some(millis) = m.millis_since_quorum_ack.filter(|t| *t > stale) {
+                return Serving::CutOff { millis, voters };
+            }
+        }
+        match m.last_applied {
+            Some(l) if l.leader_id.term >= m.current_term => Serving::Yes {
+                leader,
+                term: m.current_term,
+                applied: l.index,
+            },
+            _ => Serving::Committing {
+                leader,
+                term: m.current_term,
+            },
+        }
+    }
+
+    /// The shortest election timeout: a leader whose last majority acknowledgement is older is
+    /// taken as cut off.
+    pub(crate) fn stale_quorum_millis(&self) -> u64 {
+        self.inner().config.election_timeout.0.as_millis() as u64
     }
 
     /// Asks the store at `netid` for its status.

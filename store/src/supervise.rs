@@ -15,12 +15,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crux_service::{FlockWatch, Phase, Service};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crux_service::{FlockView, FlockWatch, Phase, ReadySender, Service};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::voters::{choose, plan_learners, with_initializer, Seen};
-use crate::{hex, GroupNodes, GroupSeen, Store, StoreStatus};
+use crate::{hex, GroupNodes, GroupSeen, Serving, Store, StoreStatus};
 
 /// What the store's supervision runs on.
 pub struct Supervision {
@@ -41,19 +44,17 @@ pub struct Supervision {
     pub stop: CancellationToken,
 }
 
-/// Starts the store's supervision: its tasks `voters` ([`supervise`]) and `leader follower`
-/// ([`follow_leader`]). Ready as soon as they run: the store itself serves from the moment it
-/// was opened (a cut-off node answers `NoQuorum`, it does not wait).
+/// Starts the store's supervision: its tasks `voters` ([`supervise`]), `leader follower`
+/// ([`follow_leader`]) and `readiness` ([`readiness`]). Ready only while the store takes writes
+/// ([`crate::Serving::Yes`]: a leader is known and an entry of its term committed through a
+/// majority is applied here), so that a node reports ready only once a write made through it
+/// would be accepted; otherwise the readiness says what is missing ("electing a leader", "no
+/// quorum possible: 1 of 3 voters reachable", …). Once ready, a store that stops taking writes is
+/// [`Phase::Degraded`] until it does again.
 pub fn start(s: Supervision) -> Service {
     let (service, ready) = Service::new("store", s.stop.clone());
-    ready.set(
-        Phase::Ready,
-        format!(
-            "voters kept by the flock leader (grace {:?}); a node outside the group forwards to \
-             its leader",
-            s.grace
-        ),
-    );
+    ready.set(Phase::Starting, "looking for the store group");
+    let outside = Arc::new(AtomicBool::new(false));
     service
         .task(
             "voters",
@@ -69,9 +70,143 @@ pub fn start(s: Supervision) -> Service {
         )
         .task(
             "leader follower",
-            follow_leader(s.flock, s.store, s.grpc_port, s.every, s.stop),
+            follow_leader_marking(
+                s.flock.clone(),
+                s.store.clone(),
+                s.grpc_port,
+                s.every,
+                outside.clone(),
+                s.stop.clone(),
+            ),
+        )
+        .task(
+            "readiness",
+            readiness(s.store, s.flock, s.settle, outside, ready, s.stop),
         )
 }
+
+/// How often the store's readiness is looked at: often enough that a command waiting for it
+/// starts within a tenth of a second of the store taking writes.
+const READINESS_EVERY: Duration = Duration::from_millis(100);
+
+/// Keeps `ready` set to whether the store takes writes ([`crate::Store::serving`]), with what is
+/// missing when it does not. `outside`: whether the member a node outside the group learned its
+/// leader from said that leader takes writes ([`follow_leader`]).
+pub async fn readiness(
+    store: Store,
+    flock: FlockWatch,
+    settle: Duration,
+    outside: Arc<AtomicBool>,
+    ready: ReadySender,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(READINESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_ready = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                ready.set(Phase::Stopped, "stopped");
+                return;
+            }
+            _ = tick.tick() => {}
+        }
+        let serving = store.serving();
+        let view = flock.borrow().clone();
+        let (phase, detail) =
+            readiness_of(&serving, &view, outside.load(Ordering::Relaxed), settle);
+        let phase = match phase {
+            Phase::Starting if was_ready => Phase::Degraded,
+            p => p,
+        };
+        if phase == Phase::Ready && !was_ready {
+            info!(%serving, "the store takes writes");
+            was_ready = true;
+        }
+        ready.set(phase, detail);
+    }
+}
+
+/// The store's readiness phase and detail for `serving`, as a node seeing the flock as `view`
+/// tells it. `outside_serving`: for a node outside the group, whether the leader it forwards to
+/// takes writes.
+pub fn readiness_of(
+    serving: &Serving,
+    view: &FlockView,
+    outside_serving: bool,
+    settle: Duration,
+) -> (Phase, String) {
+    let reach = |voters: &[u64]| {
+        let live = voters
+            .iter()
+            .filter(|id| view.member(**id).is_some_and(|m| m.live))
+            .count();
+        (live, voters.len())
+    };
+    match serving {
+        Serving::Yes { .. } => (Phase::Ready, serving.to_string()),
+        Serving::Forwards { .. } if outside_serving => (Phase::Ready, serving.to_string()),
+        Serving::Forwards { leader } => (
+            Phase::Starting,
+            format!(
+                "outside the group: its leader {leader:016x} has not committed an entry of its \
+                 term yet"
+            ),
+        ),
+        Serving::NoGroup if view.leads() => (
+            Phase::Starting,
+            format!(
+                "no store group yet: this node (the flock leader) starts one once the flock has \
+                 held still for {settle:?}"
+            ),
+        ),
+        Serving::NoGroup => (
+            Phase::Starting,
+            "no store group known yet: waiting for the flock leader to start one, or to learn \
+             the leader from the members"
+                .into(),
+        ),
+        Serving::Electing { term, voters } => {
+            let (live, all) = reach(voters);
+            if live * 2 <= all {
+                (
+                    Phase::Starting,
+                    format!(
+                        "no quorum possible: {live} of {all} voters reachable (the flock holds \
+                         the others dead); no leader can be elected"
+                    ),
+                )
+            } else {
+                (
+                    Phase::Starting,
+                    format!("electing a leader (term {term}; {live} of {all} voters reachable)"),
+                )
+            }
+        }
+        Serving::Committing { .. } => (Phase::Starting, serving.to_string()),
+        Serving::CutOff { millis, voters } => {
+            let (live, all) = reach(voters);
+            let what = if live * 2 <= all {
+                "no quorum possible"
+            } else {
+                "no quorum"
+            };
+            (
+                Phase::Starting,
+                format!(
+                    "{what}: this node leads but no majority of voters has answered for {millis} \
+                     ms ({live} of {all} voters reachable in the flock)"
+                ),
+            )
+        }
+        Serving::Stopped(_) => (Phase::Failed, serving.to_string()),
+    }
+}
+
+/// How long voter changes are held back for want of a store leader with a majority before the
+/// supervision says so (an election at a start or after a leader's loss is shorter).
+const HELD_BACK_SAID_AFTER: Duration = Duration::from_secs(3);
 
 /// Most learners the store's group has. Learners hold a copy (local reads) but the Raft leader
 /// replicates every entry to each: in a flock of hundreds, the members beyond this many stay plain
@@ -126,6 +261,20 @@ pub async fn follow_leader(
     every: Duration,
     stop: CancellationToken,
 ) {
+    let outside = Arc::new(AtomicBool::new(false));
+    follow_leader_marking(flock, store, grpc_port, every, outside, stop).await
+}
+
+/// [`follow_leader`], marking in `serving` whether the member it learned the leader from said
+/// that leader takes writes.
+async fn follow_leader_marking(
+    flock: FlockWatch,
+    store: Store,
+    grpc_port: u16,
+    every: Duration,
+    serving: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -137,12 +286,15 @@ pub async fn follow_leader(
             store.clear_join_only();
             continue;
         }
-        let leader = ask_members(&store, &flock, grpc_port, Duration::from_millis(500), |s| {
+        let answer = ask_members(&store, &flock, grpc_port, Duration::from_millis(500), |s| {
             s.leader.is_some()
         })
-        .await
-        .and_then(|s| s.leader);
-        store.set_outside_leader(leader);
+        .await;
+        serving.store(
+            answer.as_ref().is_some_and(|s| s.serving),
+            Ordering::Relaxed,
+        );
+        store.set_outside_leader(answer.and_then(|s| s.leader));
     }
 }
 
@@ -168,6 +320,10 @@ pub async fn supervise(
     // The groups last seen, when there were more than one (to log a split once, loudly).
     let mut split: Vec<u64> = Vec::new();
     let mut surveyed = Survey::default();
+    // Since when voter changes are held back for want of a store leader with a majority, and
+    // whether that was logged (once, not every tick).
+    let mut held_back: Option<tokio::time::Instant> = None;
+    let mut held_back_said = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -236,14 +392,41 @@ pub async fn supervise(
                 (m.id, seen)
             })
             .collect();
-        let current = known_voters(&store, &flock, grpc_port).await;
+        let known = known_voters(&store, &flock, grpc_port).await;
+        // Voters and learners are changed only through a Raft leader that holds a majority of
+        // the voters now, and from its view of the group: a flock leader cut off from them (a
+        // minority after a split, a lone node whose flock view is stale) could not get a change
+        // committed, and its idea of who lives is not the majority's.
+        let (current, group) = if known.is_empty() {
+            (known, None)
+        } else {
+            match group_view(&store, &flock, grpc_port).await {
+                Some(g) => (g.voters.iter().map(|m| m.id).collect(), Some(g)),
+                None => {
+                    // An election takes well under a second: say it only when it lasts.
+                    let since = *held_back.get_or_insert_with(tokio::time::Instant::now);
+                    if !held_back_said && since.elapsed() >= HELD_BACK_SAID_AFTER {
+                        info!(
+                            voters = ?known,
+                            "no store leader with a majority of its voters is in reach: the \
+                             store's voters and learners are left as they are"
+                        );
+                        held_back_said = true;
+                    }
+                    continue;
+                }
+            }
+        };
+        if held_back.take().is_some() && std::mem::take(&mut held_back_said) {
+            info!("a store leader with a majority is in reach again: voters are kept");
+        }
         let mut want = choose(&current, &nodes, grace);
         if current.is_empty() {
             want = with_initializer(want, store.node());
         }
         if want == current {
-            if !current.is_empty() {
-                add_learners(&store, &flock, grpc_port, &nodes, grace).await;
+            if let Some(g) = &group {
+                add_learners(&store, &flock, grpc_port, g, &nodes, grace).await;
             }
             continue;
         }
@@ -486,21 +669,16 @@ async fn merge_groups(
 /// then hold the data (local reads) and know the leader, and a voter that was replaced while it
 /// was down learns that it no longer votes instead of calling elections nobody answers. Learners
 /// the flock has held gone for longer than `grace` are removed first, making room.
+///
+/// `view`: the group as its leader knows it ([`group_view`]).
 async fn add_learners(
     store: &Store,
     flock: &FlockWatch,
     grpc_port: u16,
+    view: &StoreStatus,
     nodes: &BTreeMap<u64, Seen>,
     grace: Duration,
 ) {
-    // The group as its leader knows it.
-    let mut view = store.status();
-    if let Some(l) = view.leader.filter(|l| l.id != view.node) {
-        match tokio::time::timeout(Duration::from_secs(1), store.remote_status(l.netid)).await {
-            Ok(Ok(s)) => view = s,
-            _ => return,
-        }
-    }
     if view.voters.is_empty() || view.leader.is_none() {
         return;
     }
@@ -534,9 +712,124 @@ async fn add_learners(
     }
 }
 
+/// The group as its Raft leader knows it, when that leader holds a majority of its voters now
+/// (one acknowledged it within the shortest election timeout): this node's own status when it
+/// leads, else the leader's, found through this node's Raft state or the members'. `None` when no
+/// such leader is in reach.
+async fn group_view(store: &Store, flock: &FlockWatch, grpc_port: u16) -> Option<StoreStatus> {
+    let stale = store.stale_quorum_millis();
+    let holds = |s: &StoreStatus| {
+        s.role == "leader"
+            && !s.voters.is_empty()
+            && s.millis_since_quorum_ack.is_none_or(|t| t <= stale)
+    };
+    let me = store.status();
+    if holds(&me) {
+        return Some(me);
+    }
+    let leader = match me.leader.filter(|l| l.id != me.node) {
+        Some(l) => l,
+        None => {
+            ask_members(store, flock, grpc_port, Duration::from_secs(1), |s| {
+                s.leader.is_some_and(|l| l.id != me.node)
+            })
+            .await?
+            .leader?
+        }
+    };
+    let s = tokio::time::timeout(Duration::from_secs(1), store.remote_status(leader.netid))
+        .await
+        .ok()?
+        .ok()?;
+    holds(&s).then_some(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(me: u64, live: &[u64], dead: &[u64], leader: u64) -> FlockView {
+        let addr: SocketAddr = "127.0.0.2:7700".parse().unwrap();
+        let mut v = FlockView::alone(me, addr);
+        v.leader = Some(crux_service::Leader {
+            id: leader,
+            addr,
+            term: 1,
+        });
+        v.members = live
+            .iter()
+            .map(|id| (*id, true))
+            .chain(dead.iter().map(|id| (*id, false)))
+            .map(|(id, live)| crux_service::Member {
+                id,
+                boot: 1,
+                addr,
+                live,
+                gone_for: Duration::ZERO,
+            })
+            .collect();
+        v.members.sort_by_key(|m| m.id);
+        v.live = live.len();
+        v
+    }
+
+    #[test]
+    fn readiness_says_what_is_missing() {
+        let settle = Duration::from_secs(5);
+        let all = view(1, &[1, 2, 3], &[], 2);
+        let alone = view(1, &[1], &[2, 3], 1);
+        let yes = Serving::Yes {
+            leader: 2,
+            term: 4,
+            applied: 9,
+        };
+        assert_eq!(
+            readiness_of(&yes, &all, false, settle),
+            (
+                Phase::Ready,
+                "takes writes: leader 0000000000000002, term 4, applied index 9".into()
+            )
+        );
+        let electing = Serving::Electing {
+            term: 5,
+            voters: vec![1, 2, 3],
+        };
+        assert_eq!(
+            readiness_of(&electing, &all, false, settle),
+            (
+                Phase::Starting,
+                "electing a leader (term 5; 3 of 3 voters reachable)".into()
+            )
+        );
+        let (phase, detail) = readiness_of(&electing, &alone, false, settle);
+        assert_eq!(phase, Phase::Starting);
+        assert!(
+            detail.starts_with("no quorum possible: 1 of 3 voters reachable"),
+            "{detail}"
+        );
+        let cut = Serving::CutOff {
+            millis: 900,
+            voters: vec![1, 2, 3],
+        };
+        let (_, detail) = readiness_of(&cut, &alone, false, settle);
+        assert!(
+            detail.starts_with("no quorum possible: this node leads"),
+            "{detail}"
+        );
+        // Outside the group: ready only when the member it asked says its leader takes writes.
+        let fwd = Serving::Forwards { leader: 2 };
+        assert_eq!(readiness_of(&fwd, &all, true, settle).0, Phase::Ready);
+        assert_eq!(readiness_of(&fwd, &all, false, settle).0, Phase::Starting);
+        let (_, detail) = readiness_of(&Serving::NoGroup, &alone, false, settle);
+        assert!(
+            detail.contains("this node (the flock leader) starts one"),
+            "{detail}"
+        );
+        assert_eq!(
+            readiness_of(&Serving::Stopped("x".into()), &all, false, settle).0,
+            Phase::Failed
+        );
+    }
 
     #[test]
     fn full_surveys_cost_at_most_a_hundred_calls_a_second() {

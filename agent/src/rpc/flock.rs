@@ -8,9 +8,9 @@ use tonic::{Response, Status};
 use crate::keys::KeyEntry;
 use crate::state::AgentState;
 
-/// UNAVAILABLE, naming the step under way, until the agent is ready.
+/// UNAVAILABLE, naming the step under way, until the bootstrap is done.
 pub(super) fn check_ready(state: &AgentState) -> Result<(), Status> {
-    if state.is_ready() {
+    if state.bootstrapped() {
         Ok(())
     } else {
         let step = state.pending_step().unwrap_or("shutdown");
@@ -26,24 +26,41 @@ pub(super) fn status(state: &AgentState) -> pb::StatusResponse {
     let steps = state
         .steps()
         .into_iter()
-        .map(|s| pb::BootstrapStep {
-            name: s.name.to_string(),
-            done: s.done,
-            elapsed_ms: s.elapsed.as_millis() as u64,
-            detail: s.detail,
+        .map(|s| {
+            let (phase, phase_for_ms, phase_detail) = match &s.readiness {
+                Some(r) => (
+                    r.phase.to_string(),
+                    r.since.elapsed().as_millis() as u64,
+                    r.detail.clone(),
+                ),
+                None => ("pending".to_string(), 0, String::new()),
+            };
+            pb::BootstrapStep {
+                name: s.name.to_string(),
+                done: s.done,
+                elapsed_ms: s.elapsed.as_millis() as u64,
+                detail: s.detail,
+                phase,
+                phase_for_ms,
+                phase_detail,
+            }
         })
         .collect();
+    let overall = state.overall();
     pb::StatusResponse {
         node_id: snap.identity.id.to_string(),
         boot_id: snap.identity.boot.to_string(),
         bloc: state.settings.flock.bloc.clone(),
         addr: snap.identity.addr.to_string(),
-        ready: state.is_ready(),
+        ready: overall.ready,
         steps,
         live_members: snap.live as u64,
         key_epoch: state.key_epoch(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_ms: state.uptime().as_millis() as u64,
+        ready_for_ms: overall.for_.as_millis() as u64,
+        not_ready: overall.missing.unwrap_or_default(),
+        bootstrapped: state.bootstrapped(),
     }
 }
 
