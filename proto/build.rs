@@ -15,6 +15,7 @@ fn grpc() {
         "proto/crux/store/v1/store.proto",
         "proto/crux/plugin/v1/plugin.proto",
         "proto/crux/proctor/v1/proctor.proto",
+        "proto/crux/kv/v1/kv.proto",
     ];
     for f in FILES {
         println!("cargo:rerun-if-changed={f}");

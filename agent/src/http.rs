@@ -1,6 +1,7 @@
 //! HTTP endpoints: `GET /ready` (200 once the bootstrap is done, 503 before; `?verbose` adds a
 //! line per bootstrap step: its phase, since when, and what it does or waits for), `GET /metrics`
-//! (Prometheus text) and `GET /` (a plain-text status page).
+//! (Prometheus text), `GET /` (a plain-text status page) and `GET /v1/kv/…` (K/V reads,
+//! `crate::kv`).
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -25,6 +26,8 @@ pub async fn serve(
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/", get(status))
+        .route("/v1/kv/", get(crate::kv::http_root))
+        .route("/v1/kv/{*key}", get(crate::kv::http_key))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
