@@ -336,9 +336,7 @@ impl kv_server::Kv for KvService {
                     e = events.recv() => e,
                 };
                 let Some(e) = e else {
-                    let _ = tx
-                        .send(Err(Status::unavailable("the store stopped")))
-                        .await;
+                    let _ = tx.send(Err(Status::unavailable("the store stopped"))).await;
                     return;
                 };
                 for m in messages(e) {
@@ -388,7 +386,12 @@ struct Params {
 
 fn params(uri: &Uri) -> Result<Params, String> {
     let mut p = Params::default();
-    for pair in uri.query().unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+    for pair in uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|s| !s.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "recurse" => p.recurse = v != "false",
@@ -475,7 +478,12 @@ async fn http_read(State(state): State<Arc<AgentState>>, uri: Uri, key: String) 
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
-        let value = r.items.into_iter().next().map(|r| r.spec).unwrap_or_default();
+        let value = r
+            .items
+            .into_iter()
+            .next()
+            .map(|r| r.spec)
+            .unwrap_or_default();
         return (StatusCode::OK, headers, value).into_response();
     }
     let body: Vec<serde_json::Value> = r
@@ -558,6 +566,9 @@ mod tests {
             ],
         });
         assert_eq!(m.len(), 1);
-        assert_eq!((m[0].entries.len(), m[0].deleted.as_slice()), (1, &["k2".to_string()][..]));
+        assert_eq!(
+            (m[0].entries.len(), m[0].deleted.as_slice()),
+            (1, &["k2".to_string()][..])
+        );
     }
 }

@@ -225,16 +225,17 @@ struct TxnOpJson {
 }
 
 fn txn_ops(text: &str) -> anyhow::Result<Vec<pb::TxnOp>> {
-    let ops: Vec<TxnOpJson> = serde_json::from_str(text).context(
-        "the transaction is not a JSON list of {\"op\", \"key\", ...} objects",
-    )?;
+    let ops: Vec<TxnOpJson> = serde_json::from_str(text)
+        .context("the transaction is not a JSON list of {\"op\", \"key\", ...} objects")?;
     ops.into_iter()
         .enumerate()
         .map(|(n, o)| {
             use pb::txn_op::Kind;
             let value = match (&o.value, &o.value_base64) {
                 (Some(_), Some(_)) => {
-                    return Err(anyhow!("operation {n}: give value or value_base64, not both"))
+                    return Err(anyhow!(
+                        "operation {n}: give value or value_base64, not both"
+                    ))
                 }
                 (Some(v), None) => v.as_bytes().to_vec(),
                 (None, Some(b)) => base64::engine::general_purpose::STANDARD
@@ -406,7 +407,10 @@ pub async fn run(socket: &Path, cmd: &KvCmd) -> anyhow::Result<i32> {
                 Err(e) => refused(e),
                 Ok(r) if r.done => {
                     match prefix {
-                        Some(p) => println!("deleted {} keys under {p:?} at index {}", r.deleted, r.index),
+                        Some(p) => println!(
+                            "deleted {} keys under {p:?} at index {}",
+                            r.deleted, r.index
+                        ),
                         None if r.deleted == 0 => {
                             println!("{:?} did not exist", key.as_deref().unwrap_or_default())
                         }
@@ -504,7 +508,11 @@ fn print_event(e: &pb::WatchEvent, json: bool) -> anyhow::Result<()> {
             out,
             "index {}: {}listing of {} keys{}",
             e.index,
-            if e.compacted { "fresh (compacted) " } else { "" },
+            if e.compacted {
+                "fresh (compacted) "
+            } else {
+                ""
+            },
             e.entries.len(),
             if e.more { " (more follows)" } else { "" }
         )?;
@@ -513,7 +521,13 @@ fn print_event(e: &pb::WatchEvent, json: bool) -> anyhow::Result<()> {
         }
     } else {
         for x in &e.entries {
-            writeln!(out, "index {}: put {} = {}", e.index, x.key, preview(&x.value))?;
+            writeln!(
+                out,
+                "index {}: put {} = {}",
+                e.index,
+                x.key,
+                preview(&x.value)
+            )?;
         }
         for k in &e.deleted {
             writeln!(out, "index {}: deleted {k}", e.index)?;
@@ -536,7 +550,10 @@ mod tests {
         .unwrap();
         assert_eq!(ops.len(), 4);
         assert_eq!((ops[0].index, ops[0].cas), (3, false));
-        assert_eq!((ops[1].index, ops[1].cas, ops[1].value.as_slice()), (0, true, &b"x"[..]));
+        assert_eq!(
+            (ops[1].index, ops[1].cas, ops[1].value.as_slice()),
+            (0, true, &b"x"[..])
+        );
         assert_eq!(ops[2].value, vec![0, 1]);
         for (bad, why) in [
             (r#"{"op":"put"}"#, "JSON list"),

@@ -152,7 +152,10 @@ impl Kv {
         .await
     }
 
-    async fn delete_req(&mut self, req: pb::DeleteRequest) -> Result<pb::DeleteResponse, ClientError> {
+    async fn delete_req(
+        &mut self,
+        req: pb::DeleteRequest,
+    ) -> Result<pb::DeleteResponse, ClientError> {
         Ok(self.client.delete(req).await?.into_inner())
     }
 
