@@ -194,7 +194,7 @@ fn entry_json(e: &pb::Entry) -> EntryJson {
 }
 
 fn preview(v: &[u8]) -> String {
-    match std::str::from_utf8(v) {
+    match std::str::from_utf8(v).map(|s| s.strip_suffix('\n').unwrap_or(s)) {
         Ok(s) if !s.chars().any(|c| c.is_control() && c != ' ') => {
             let mut p: String = s.chars().take(40).collect();
             if p.len() < s.len() {
