@@ -260,6 +260,9 @@ pub enum ResourceQuery {
         /// The name prefix ("" for all).
         prefix: String,
     },
+    /// Every resource of every type and horde (for a merge of groups), ordered by type, horde
+    /// and name.
+    Every,
 }
 
 /// The answer to a [`ResourceQuery`].
@@ -526,6 +529,10 @@ impl Table {
             } => ReadResult {
                 index: self.type_index(rtype),
                 items: self.range(rtype, horde, prefix).cloned().collect(),
+            },
+            ResourceQuery::Every => ReadResult {
+                index: self.type_index.values().copied().max().unwrap_or(0),
+                items: self.items.values().cloned().collect(),
             },
         }
     }

@@ -243,6 +243,7 @@ pub fn check_query(q: &ResourceQuery) -> Result<(), StoreError> {
             check_horde(horde)?;
             check_text(t, prefix, true)
         }
+        ResourceQuery::Every => Ok(()),
     }
 }
 
