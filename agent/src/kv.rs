@@ -73,7 +73,7 @@ impl KvService {
 
     async fn txn(&self, ops: Vec<Op>, system: bool) -> Result<Outcome, Status> {
         self.store
-            .resource_txn(Txn { ops }, system)
+            .resource_txn(Txn::new(ops), system)
             .await
             .map_err(grpc_status)
     }

@@ -245,7 +245,7 @@ pub fn plan_resources(
             t.ops.len() >= registry::TXN_OPS_MAX || bytes + size > registry::TXN_BYTES_MAX
         });
         if full {
-            txns.push(Txn { ops: Vec::new() });
+            txns.push(Txn::new(Vec::new()));
             bytes = 0;
         }
         bytes += size;

@@ -143,13 +143,13 @@ async fn two_groups_formed_apart_merge_into_one() {
     nodes[4].store.write(put("only-b", "2")).await.unwrap();
     nodes[4].store.write(put("shared", "from-b")).await.unwrap();
     // K/V keys (resources) likewise.
-    let kv = |k: &str, v: &str| Txn {
-        ops: vec![Op::Put {
+    let kv = |k: &str, v: &str| {
+        Txn::new(vec![Op::Put {
             id: ResourceId::kv("default", k),
             flags: 0,
             spec: v.as_bytes().to_vec(),
             if_version: None,
-        }],
+        }])
     };
     for (n, k, v) in [
         (1, "kv-a", "1"),

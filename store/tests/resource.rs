@@ -55,7 +55,7 @@ fn put(k: &str, v: &str, if_version: Option<u64>) -> Op {
 }
 
 fn one(ops: Vec<Op>) -> Txn {
-    Txn { ops }
+    Txn::new(ops)
 }
 
 fn applied_index(o: &Outcome) -> u64 {

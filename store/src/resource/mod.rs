@@ -167,7 +167,25 @@ pub enum Op {
 pub struct Txn {
     /// The operations.
     pub ops: Vec<Op>,
+    /// Idempotency token (0: none). A transaction whose token the state machine applied among
+    /// the last [`TOKENS_MAX`] is not applied again: the first answer is returned. Set by
+    /// [`crate::Store::resource_txn`], which may then resend a write whose answer was lost.
+    #[serde(default)]
+    pub token: u64,
 }
+
+impl Txn {
+    /// `ops`, without a token (see [`Txn::token`]).
+    pub fn new(ops: Vec<Op>) -> Txn {
+        Txn { ops, token: 0 }
+    }
+}
+
+/// How many transaction tokens the state machine remembers (and keeps in snapshots).
+pub const TOKENS_MAX: usize = 8192;
+
+/// How many times [`crate::Store::resource_txn`] resends a write whose answer was lost.
+pub const RESENDS_MAX: usize = 3;
 
 /// What one operation of an applied [`Txn`] did.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -325,13 +343,18 @@ pub(crate) struct Table {
     items: BTreeMap<Key, Resource>,
     /// Per type, the log index of its last change.
     type_index: BTreeMap<String, u64>,
+    /// The answers to the last [`TOKENS_MAX`] transactions with a token, oldest first.
+    tokens: VecDeque<(u64, Outcome)>,
+    token_index: BTreeMap<u64, Outcome>,
     history: History,
 }
 
 impl PartialEq for Table {
-    /// The stored resources; the history is a cache of recent changes, not state.
+    /// The stored resources and tokens; the history is a cache of recent changes, not state.
     fn eq(&self, other: &Table) -> bool {
-        self.items == other.items && self.type_index == other.type_index
+        self.items == other.items
+            && self.type_index == other.type_index
+            && self.tokens == other.tokens
     }
 }
 
@@ -342,6 +365,8 @@ impl Eq for Table {}
 pub(crate) struct TableFile {
     items: Vec<Resource>,
     type_index: BTreeMap<String, u64>,
+    #[serde(default)]
+    tokens: Vec<(u64, Outcome)>,
 }
 
 enum Undo {
@@ -353,6 +378,7 @@ impl Table {
         TableFile {
             items: self.items.values().cloned().collect(),
             type_index: self.type_index.clone(),
+            tokens: self.tokens.iter().cloned().collect(),
         }
     }
 
@@ -362,6 +388,8 @@ impl Table {
         Table {
             items: file.items.into_iter().map(|r| (key(&r.id), r)).collect(),
             type_index: file.type_index,
+            token_index: file.tokens.iter().cloned().collect(),
+            tokens: file.tokens.into(),
             history: History {
                 floor: index,
                 ..History::default()
@@ -390,6 +418,25 @@ impl Table {
     /// none of it. Returns the answer and, when something changed, the batch of changes (also
     /// recorded in the history).
     pub(crate) fn apply(&mut self, index: u64, txn: &Txn) -> (Outcome, Option<Arc<Batch>>) {
+        if txn.token != 0 {
+            if let Some(first) = self.token_index.get(&txn.token) {
+                return (first.clone(), None);
+            }
+        }
+        let (outcome, batch) = self.apply_txn(index, txn);
+        if txn.token != 0 {
+            self.tokens.push_back((txn.token, outcome.clone()));
+            self.token_index.insert(txn.token, outcome.clone());
+            while self.tokens.len() > TOKENS_MAX {
+                if let Some((t, _)) = self.tokens.pop_front() {
+                    self.token_index.remove(&t);
+                }
+            }
+        }
+        (outcome, batch)
+    }
+
+    fn apply_txn(&mut self, index: u64, txn: &Txn) -> (Outcome, Option<Arc<Batch>>) {
         let mut undo = Vec::new();
         let mut events = Vec::new();
         let mut results = Vec::with_capacity(txn.ops.len());
@@ -557,11 +604,27 @@ impl Store {
     /// [`registry`] accepts it: `system` lets it write a type's reserved namespace. A refused
     /// transaction ([`StoreError::Invalid`]) was never sent; a failed check is an
     /// [`Outcome::Failed`], with nothing applied.
-    pub async fn resource_txn(&self, txn: Txn, system: bool) -> Result<Outcome, StoreError> {
+    ///
+    /// The transaction gets an idempotency token (unless it has one): when the leader's answer is
+    /// lost ([`StoreError::Unconfirmed`]), it is sent again, up to [`RESENDS_MAX`] times, and
+    /// applied at most once; the answer is then definite. Only if every resend is lost too does
+    /// this return [`StoreError::Unconfirmed`].
+    pub async fn resource_txn(&self, mut txn: Txn, system: bool) -> Result<Outcome, StoreError> {
         registry::check_txn(&txn, system)?;
-        match self.write(Command::Resource(txn)).await? {
-            Applied::Resource(o) => Ok(o),
-            other => Err(StoreError::Raft(format!("unexpected answer {other:?}"))),
+        while txn.token == 0 {
+            txn.token = rand::random();
+        }
+        let mut resends = 0;
+        loop {
+            match self.write(Command::Resource(txn.clone())).await {
+                Ok(Applied::Resource(o)) => return Ok(o),
+                Ok(other) => return Err(StoreError::Raft(format!("unexpected answer {other:?}"))),
+                Err(StoreError::Unconfirmed(why)) if resends < RESENDS_MAX => {
+                    resends += 1;
+                    tracing::debug!(%why, resends, token = txn.token, "resending a write whose answer was lost");
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -600,7 +663,7 @@ mod tests {
     }
 
     fn txn(ops: Vec<Op>) -> Txn {
-        Txn { ops }
+        Txn::new(ops)
     }
 
     fn get(t: &Table, k: &str) -> Option<Resource> {
@@ -787,6 +850,46 @@ mod tests {
         assert_eq!(t.history().floor(), 5);
         assert_eq!(after(&t, 4), None);
         assert_eq!(after(&t, 5).unwrap().len(), HISTORY_BATCHES_MAX);
+    }
+
+    #[test]
+    fn a_token_is_applied_once_and_remembered_by_snapshots() {
+        let mut t = Table::default();
+        let mut w = txn(vec![put("a", "1", Some(0))]);
+        w.token = 77;
+        let (first, b) = t.apply(3, &w);
+        assert!(matches!(first, Outcome::Applied { index: 3, .. }));
+        assert!(b.is_some());
+        // Resent (its answer was lost): the first answer, nothing applied again, though a
+        // compare-and-swap on absence would now fail.
+        let before = t.clone();
+        let (again, b) = t.apply(5, &w);
+        assert_eq!(again, first);
+        assert!(b.is_none());
+        assert_eq!(t, before);
+        assert_eq!(get(&t, "a").unwrap().version, 3);
+        // Kept by snapshots: a new leader that installed one still knows it.
+        let back = Table::from_file(
+            serde_json::from_slice(&serde_json::to_vec(&t.to_file()).unwrap()).unwrap(),
+            5,
+        );
+        let mut back = back;
+        assert_eq!(back.apply(6, &w).0, first);
+        // Another token is another write.
+        w.token = 78;
+        assert!(matches!(
+            t.apply(7, &w).0,
+            Outcome::Failed { current: 3, .. }
+        ));
+        // Bounded.
+        for i in 0..TOKENS_MAX as u64 + 1 {
+            let mut x = txn(vec![put("b", "v", None)]);
+            x.token = 1000 + i;
+            t.apply(10 + i, &x);
+        }
+        assert_eq!(t.tokens.len(), TOKENS_MAX);
+        assert_eq!(t.token_index.len(), TOKENS_MAX);
+        assert!(!t.token_index.contains_key(&77));
     }
 
     #[test]

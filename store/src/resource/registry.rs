@@ -262,7 +262,7 @@ mod tests {
     }
 
     fn refused(txn: Vec<Op>, system: bool) -> String {
-        match check_txn(&Txn { ops: txn }, system) {
+        match check_txn(&Txn::new(txn), system) {
             Err(StoreError::Invalid(m)) => m,
             other => panic!("accepted: {other:?}"),
         }
@@ -270,29 +270,11 @@ mod tests {
 
     #[test]
     fn keys_and_values_within_the_limits_pass() {
-        check_txn(
-            &Txn {
-                ops: vec![put("a/b.c/d", 512 << 10)],
-            },
-            false,
-        )
-        .unwrap();
-        check_txn(
-            &Txn {
-                ops: vec![put(&"k".repeat(512), 0)],
-            },
-            false,
-        )
-        .unwrap();
-        check_txn(
-            &Txn {
-                ops: vec![put("crux/intent", 1)],
-            },
-            true,
-        )
-        .unwrap();
+        check_txn(&Txn::new(vec![put("a/b.c/d", 512 << 10)]), false).unwrap();
+        check_txn(&Txn::new(vec![put(&"k".repeat(512), 0)]), false).unwrap();
+        check_txn(&Txn::new(vec![put("crux/intent", 1)]), true).unwrap();
         let ops: Vec<Op> = (0..64).map(|i| put(&format!("k{i}"), 10)).collect();
-        check_txn(&Txn { ops }, false).unwrap();
+        check_txn(&Txn::new(ops), false).unwrap();
     }
 
     #[test]
@@ -320,20 +302,8 @@ mod tests {
         };
         assert!(refused(vec![del("", false)], false).contains("empty prefix"));
         assert!(refused(vec![del("crux/", false)], false).contains("reserved"));
-        check_txn(
-            &Txn {
-                ops: vec![del("c", false)],
-            },
-            false,
-        )
-        .unwrap();
-        check_txn(
-            &Txn {
-                ops: vec![del("crux/", true)],
-            },
-            true,
-        )
-        .unwrap();
+        check_txn(&Txn::new(vec![del("c", false)]), false).unwrap();
+        check_txn(&Txn::new(vec![del("crux/", true)]), true).unwrap();
         let mut bad_horde = put("a", 1);
         if let Op::Put { id, .. } = &mut bad_horde {
             id.horde = "Bad Horde".into();
