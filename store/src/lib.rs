@@ -37,6 +37,13 @@
 //! compare-and-swap). Generation 0 means absent: a compare-and-swap on 0 writes only a document
 //! that does not exist yet.
 //!
+//! # Resources
+//!
+//! Everything new that is stored is a resource of a registered type ([`resource`]): one generic
+//! path — read, list by prefix, transactions with compare-and-swap on the version (the Raft log
+//! index of the last write), and gapless, resumable watches — with Blueprint K/V as its first
+//! type. Muster entries and documents predate it and keep their own commands.
+//!
 //! # Groups
 //!
 //! Each Raft group has an id, a random `u64` that the group's first leader writes as the document

@@ -24,7 +24,7 @@
 //!
 //! # History
 //!
-//! The state machine keeps the recent changes in memory ([`History`]): every batch of changes
+//! The state machine keeps the recent changes in memory: every batch of changes
 //! (one per applied transaction that changed something) with its log index, up to
 //! [`HISTORY_BATCHES_MAX`] batches and [`HISTORY_BYTES_MAX`] bytes. A watcher that resumes from
 //! index L gets the batches after L from there. Older ones are dropped (the history's *floor*
