@@ -15,10 +15,15 @@ fn grpc() {
         "proto/crux/store/v1/store.proto",
         "proto/crux/plugin/v1/plugin.proto",
         "proto/crux/proctor/v1/proctor.proto",
+        "proto/crux/kv/v1/kv.proto",
     ];
     for f in FILES {
         println!("cargo:rerun-if-changed={f}");
     }
+    // The directory too (Cargo then watches every file in it), so that a new file is picked up
+    // by every build configuration, and this script itself.
+    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=build.rs");
     let fds = match protox::compile(FILES, ["proto"]) {
         Ok(fds) => fds,
         Err(e) => panic!("compiling .proto files: {e:?}"),

@@ -1,8 +1,8 @@
 //! HTTP endpoints: `GET /ready` (200 while every bootstrap step serves — the store only once it
 //! takes writes —, 503 naming the first that does not; `?verbose` adds a line per bootstrap step:
 //! its phase, for how long, and what it does or waits for), `GET /metrics` (Prometheus text),
-//! `GET /` (a plain-text status page; browsers are sent to the live page) and the live page's
-//! routes under `/ui` ([`crate::ui`]).
+//! `GET /` (a plain-text status page; browsers are sent to the live page), the live page's
+//! routes under `/ui` ([`crate::ui`]) and `GET /v1/kv/…` (K/V reads, [`crate::kv`]).
 
 use std::fmt::Write;
 use std::future::IntoFuture;
@@ -30,6 +30,8 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/", get(status))
         .merge(ui)
+        .route("/v1/kv/", get(crate::kv::http_root))
+        .route("/v1/kv/{*key}", get(crate::kv::http_key))
         .with_state(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -1,9 +1,9 @@
 //! The `crux` binary: the node agent (`crux agent`), a local flock in one command (`crux dev`),
 //! the CLI that talks to an agent over its Unix socket (`crux status`, `crux members`,
 //! `crux leader`, `crux node revoke`, `crux keys`, `crux services`, `crux lookup`, `crux watch`,
-//! `crux pastiche`, `crux muster`, `crux store`, `crux proctor`, `crux picket`), `crux register`
-//! (keeps a command registered while it runs), `crux keygen`, `crux completions` (shell
-//! completion scripts) and the simulator front end (`crux sim`).
+//! `crux pastiche`, `crux muster`, `crux kv`, `crux store`, `crux proctor`, `crux picket`),
+//! `crux register` (keeps a command registered while it runs), `crux keygen`, `crux completions`
+//! (shell completion scripts) and the simulator front end (`crux sim`).
 //!
 //! This crate is the top of the graph and the only one that reads config files, `CRUX_*`
 //! variables and the command line. It only wires: `agent.rs` prepares a node and runs the
@@ -29,6 +29,8 @@ mod dev;
 mod http;
 mod identity;
 mod keys;
+mod kv;
+mod kv_cli;
 mod metrics;
 mod pastiche;
 mod placement;
@@ -155,6 +157,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: store_cli::MusterCmd,
     },
+    /// Blueprint K/V (durable, linearizable): put, get, ls, rm, watch, txn.
+    Kv {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(subcommand)]
+        cmd: kv_cli::KvCmd,
+    },
     /// The durable store (Raft among the voters the flock picks): status, recover.
     Store {
         #[command(flatten)]
@@ -249,6 +258,7 @@ fn main() -> ExitCode {
         Cmd::Store { socket, wait, cmd } => {
             client::block_on_code(store_cli::store(&socket.socket, wait.wait, cmd))
         }
+        Cmd::Kv { socket, cmd } => client::block_on_code(kv_cli::run(&socket.socket, cmd)),
         Cmd::Pastiche { socket, cmd } => client::block_on_code(pastiche::run(&socket.socket, cmd)),
         Cmd::Proctor { socket, wait, cmd } => {
             client::block_on_code(placement::proctor(&socket.socket, wait.wait, cmd))

@@ -7,6 +7,7 @@
 //! * [`store::v1`]: the Raft-replicated store between nodes (Raft RPCs, forwarding, status).
 //! * [`plugin::v1`]: what a plugin process serves to picket (Shutdown, next to grpc.health.v1).
 //! * [`proctor::v1`]: placement: dean sync, proctor status, and the local placement API.
+//! * [`kv::v1`]: Blueprint K/V on the local socket.
 #![cfg(feature = "grpc")]
 
 /// Every file of `proto/crux/**` (and what they import) as an encoded
@@ -66,5 +67,14 @@ pub mod proctor {
     pub mod v1 {
         #![allow(missing_docs, clippy::all, clippy::pedantic)]
         tonic::include_proto!("crux.proctor.v1");
+    }
+}
+
+/// The K/V API.
+pub mod kv {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("crux.kv.v1");
     }
 }

@@ -10,6 +10,8 @@
 //!   come back down it into the replica.
 //! * [`client`]: the library services use: register and keep heartbeating, and
 //!   [`client::connect`], a channel that follows the best instance of a selector.
+//! * [`kv`]: Blueprint K/V through the agent: reads, compare-and-swap writes, transactions, and
+//!   a watch that resumes from its last index after a lost connection.
 //! * [`endpoint`]: sealed service endpoints: a service serves TLS 1.3 with its own key and
 //!   registers the public half; a [`endpoint::Dialer`] connects only to the key registered.
 //!
@@ -21,6 +23,7 @@
 
 pub mod client;
 pub mod endpoint;
+pub mod kv;
 pub mod link;
 pub mod node;
 

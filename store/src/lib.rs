@@ -37,6 +37,13 @@
 //! compare-and-swap). Generation 0 means absent: a compare-and-swap on 0 writes only a document
 //! that does not exist yet.
 //!
+//! # Resources
+//!
+//! Everything new that is stored is a resource of a registered type ([`resource`]): one generic
+//! path — read, list by prefix, transactions with compare-and-swap on the version (the Raft log
+//! index of the last write), and gapless, resumable watches — with Blueprint K/V as its first
+//! type. Muster entries and documents predate it and keep their own commands.
+//!
 //! # Groups
 //!
 //! Each Raft group has an id, a random `u64` that the group's first leader writes as the document
@@ -73,6 +80,7 @@
 pub mod merge;
 mod network;
 pub mod recover;
+pub mod resource;
 mod service;
 mod storage;
 pub mod supervise;
@@ -120,6 +128,11 @@ openraft::declare_raft_types!(
         D = Command,
         R = Applied,
 );
+
+/// The most log entries in one AppendEntries. An entry holds up to 512 KiB of resource values
+/// ([`resource::registry::TXN_BYTES_MAX`]), about 700 KB as JSON with base64: twenty stay under
+/// the node plane's 16 MiB message limit (openraft's default of 300 would not).
+const PAYLOAD_ENTRIES_MAX: u64 = 20;
 
 /// How long to wait for a catching-up learner or a membership change.
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -433,6 +446,8 @@ struct Slot {
     /// What the state machine applies; one channel for every Raft node this store runs, so that
     /// subscribers keep receiving after [`Store::abandon`] (which sends [`Change::Reset`]).
     changes: tokio::sync::broadcast::Sender<Change>,
+    /// What the resource path applies, likewise kept across [`Store::abandon`].
+    resources: tokio::sync::broadcast::Sender<resource::Feed>,
 }
 
 fn members(m: &RaftMetrics<u64, BasicNode>, ids: impl Iterator<Item = u64>) -> Vec<Member> {
@@ -466,6 +481,7 @@ fn node(addr: SocketAddr) -> BasicNode {
 async fn open_inner(
     config: &StoreConfig,
     changes: tokio::sync::broadcast::Sender<Change>,
+    resources: tokio::sync::broadcast::Sender<resource::Feed>,
 ) -> Result<Arc<Inner>, StoreError> {
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| StoreError::Storage(format!("{}: {e}", config.dir.display())))?;
@@ -473,7 +489,8 @@ async fn open_inner(
         .await
         .map_err(StoreError::Storage)?;
     let logs = storage::LogStore::new(db.clone());
-    let sm = storage::SmStore::open_with(db, config.node, changes).map_err(StoreError::Storage)?;
+    let sm = storage::SmStore::open_with(db, config.node, changes, resources)
+        .map_err(StoreError::Storage)?;
     let shared = sm.shared();
     let ms = |d: Duration| d.as_millis() as u64;
     let raft_config = openraft::Config {
@@ -484,6 +501,7 @@ async fn open_inner(
         install_snapshot_timeout: ms(config.election_timeout.1).max(1000),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every.max(1)),
         max_in_snapshot_log_to_keep: config.snapshot_every,
+        max_payload_entries: PAYLOAD_ENTRIES_MAX,
         ..Default::default()
     }
     .validate()
@@ -607,13 +625,15 @@ impl Store {
     /// its Raft node. It serves nothing until [`Store::service`] is added to the node gRPC server.
     pub async fn open(config: StoreConfig) -> Result<Store, StoreError> {
         let changes = tokio::sync::broadcast::channel(1024).0;
-        let inner = open_inner(&config, changes.clone()).await?;
+        let resources = tokio::sync::broadcast::channel(resource::watch::FEED_CAPACITY).0;
+        let inner = open_inner(&config, changes.clone(), resources.clone()).await?;
         Ok(Store {
             slot: Arc::new(Slot {
                 current: std::sync::RwLock::new(inner),
                 config,
                 reopen: tokio::sync::Mutex::new(()),
                 changes,
+                resources,
             }),
         })
     }
@@ -696,9 +716,15 @@ impl Store {
         let list: String = abandoned.iter().map(|g| types::hex(*g) + "\n").collect();
         std::fs::write(dir.join(ABANDONED_FILE), list)
             .map_err(|e| io(format!("{}: {e}", dir.join(ABANDONED_FILE).display())))?;
-        let new = open_inner(config, self.slot.changes.clone()).await?;
+        let new = open_inner(
+            config,
+            self.slot.changes.clone(),
+            self.slot.resources.clone(),
+        )
+        .await?;
         *self.slot.current.write().unwrap_or_else(|p| p.into_inner()) = new;
         let _ = self.slot.changes.send(Change::Reset);
+        let _ = self.slot.resources.send(resource::Feed::Reset);
         info!(aside = %aside.display(), "the abandoned store is set aside; a new, empty one is open");
         Ok(Abandoned {
             group: types::hex(group),

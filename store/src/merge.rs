@@ -16,7 +16,8 @@
 //!    are created (compare-and-swap on absence); a muster entry or document both hold with
 //!    different values keeps the survivor's, and the loser's is written under
 //!    `merged/<loser id>/<key>` (muster entries as `merged/<loser id>/muster/<horde>/<api>/<inst>`,
-//!    JSON) and logged. A conflicting concurrent write makes the plan be computed again. Document
+//!    JSON; resources, such as K/V keys, under the name `merged/<loser id>/<name>` of the same
+//!    type and horde: [`plan_resources`]) and logged. A conflicting concurrent write makes the plan be computed again. Document
 //!    generations are the survivor's (a copied document gets a new one).
 //! 3. **Record**: `store/merged/<loser id>` in the survivor holds the [`MergeReport`].
 //! 4. **Abandon**: every live node of the loser is told to abandon its store
@@ -39,6 +40,9 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::resource::{
+    registry, Op, Outcome, ReadResult, Resource, ResourceId, ResourceQuery, Txn,
+};
 use crate::types::{hex, GROUP_KEY, MERGED_PREFIX, SEALED_KEY};
 use crate::{
     Answer, Applied, Command, Fail, Forwarded, MusterEntry, Query, QueryResult, Store, StoreError,
@@ -71,7 +75,11 @@ pub struct MergeReport {
     pub muster_added: usize,
     /// Documents the survivor lacked, created.
     pub docs_added: usize,
-    /// Where the loser's values that differed from the survivor's were kept (`merged/...`).
+    /// Resources (K/V keys, …) the survivor lacked, created.
+    #[serde(default)]
+    pub resources_added: usize,
+    /// Where the loser's values that differed from the survivor's were kept (`merged/...`;
+    /// resources as `<type>:<horde>:merged/<loser id>/<name>`).
     pub kept_aside: Vec<String>,
     /// When the merge finished (Unix milliseconds).
     pub at_ms: u64,
@@ -178,12 +186,87 @@ pub fn plan(
     (out, report)
 }
 
+/// The resource transactions that bring the loser's resources into the survivor: those it lacks
+/// are created (compare-and-swap on absence); one both hold with a different spec or flags keeps
+/// the survivor's, and the loser's is written under the name `merged/<loser id>/<name>` (same
+/// type and horde). Each transaction stays within the registry's operation and byte limits.
+/// Pure, like [`plan`]; adds to `report`.
+pub fn plan_resources(
+    loser: u64,
+    loser_items: &[Resource],
+    survivor_items: &[Resource],
+    report: &mut MergeReport,
+) -> Vec<Txn> {
+    let have: BTreeMap<&ResourceId, &Resource> =
+        survivor_items.iter().map(|r| (&r.id, r)).collect();
+    let mut ops = Vec::new();
+    for r in loser_items {
+        match have.get(&r.id) {
+            None => {
+                ops.push(Op::Put {
+                    id: r.id.clone(),
+                    flags: r.flags,
+                    spec: r.spec.clone(),
+                    if_version: Some(0),
+                });
+                report.resources_added += 1;
+            }
+            Some(h) if h.spec == r.spec && h.flags == r.flags => {}
+            Some(_) => {
+                let id = ResourceId {
+                    name: aside_key(loser, &r.id.name),
+                    ..r.id.clone()
+                };
+                let same = have
+                    .get(&id)
+                    .is_some_and(|h| h.spec == r.spec && h.flags == r.flags);
+                if !same {
+                    ops.push(Op::Put {
+                        id: id.clone(),
+                        flags: r.flags,
+                        spec: r.spec.clone(),
+                        if_version: None,
+                    });
+                }
+                report
+                    .kept_aside
+                    .push(format!("{}:{}:{}", id.rtype, id.horde, id.name));
+            }
+        }
+    }
+    let mut txns: Vec<Txn> = Vec::new();
+    let mut bytes = 0;
+    for op in ops {
+        let size = match &op {
+            Op::Put { spec, .. } => spec.len(),
+            _ => 0,
+        };
+        let full = txns.last().is_none_or(|t| {
+            t.ops.len() >= registry::TXN_OPS_MAX || bytes + size > registry::TXN_BYTES_MAX
+        });
+        if full {
+            txns.push(Txn::new(Vec::new()));
+            bytes = 0;
+        }
+        bytes += size;
+        txns.last_mut().expect("pushed").ops.push(op);
+    }
+    txns
+}
+
 /// Documents as `(key, value, generation)`.
 type Docs = Vec<(String, String, u64)>;
 
 fn dump(r: QueryResult) -> Result<(Vec<MusterEntry>, Docs), StoreError> {
     match r {
         QueryResult::Dump { muster, docs } => Ok((muster, docs)),
+        other => Err(StoreError::Raft(format!("unexpected answer {other:?}"))),
+    }
+}
+
+fn resources(r: QueryResult) -> Result<ReadResult, StoreError> {
+    match r {
+        QueryResult::Resource(r) => Ok(r),
         other => Err(StoreError::Raft(format!("unexpected answer {other:?}"))),
     }
 }
@@ -389,6 +472,53 @@ impl Store {
                 break;
             }
         }
+        // The loser's resources, likewise.
+        let lres = resources(
+            self.read_at(&loser.nodes, Query::Resource(ResourceQuery::Every))
+                .await?,
+        )?;
+        for round in 0.. {
+            if round == 10 {
+                return Err(StoreError::Raft(
+                    "the survivor's resources kept changing under the merge (10 rounds of \
+                     conflicts)"
+                        .into(),
+                ));
+            }
+            let sres = resources(
+                self.read_at(&survivor.nodes, Query::Resource(ResourceQuery::Every))
+                    .await?,
+            )?;
+            let mut r = MergeReport::default();
+            let txns = plan_resources(loser.id, &lres.items, &sres.items, &mut r);
+            if round == 0 {
+                report.resources_added = r.resources_added;
+                report.kept_aside.extend(r.kept_aside);
+            }
+            let mut conflict = false;
+            for txn in txns {
+                match self
+                    .write_at(&survivor.nodes, Command::Resource(txn))
+                    .await?
+                {
+                    Applied::Resource(Outcome::Applied { .. }) => {}
+                    Applied::Resource(Outcome::Failed { id, .. }) => {
+                        info!(name = %id.name, "merge write conflicted with a concurrent write; planning again");
+                        conflict = true;
+                        break;
+                    }
+                    other => {
+                        return Err(StoreError::Raft(format!(
+                            "copying resources into {}: unexpected answer {other:?}",
+                            hex(survivor.id)
+                        )))
+                    }
+                }
+            }
+            if !conflict {
+                break;
+            }
+        }
         for k in &report.kept_aside {
             warn!(
                 key = %k,
@@ -411,6 +541,7 @@ impl Store {
             into = hex(survivor.id),
             muster_added = report.muster_added,
             docs_added = report.docs_added,
+            resources_added = report.resources_added,
             kept_aside = report.kept_aside.len(),
             "store groups merged: the loser's data is in the survivor"
         );
@@ -524,5 +655,54 @@ mod tests {
         }
         let (again, _) = plan(1, 2, &lm, &ld, &sm2, &sd2);
         assert!(again.is_empty(), "{again:?}");
+    }
+
+    fn kv(name: &str, spec: &[u8]) -> Resource {
+        Resource {
+            id: ResourceId::kv("default", name),
+            version: 7,
+            create_index: 7,
+            flags: 0,
+            spec: spec.to_vec(),
+            status: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn resources_missing_are_created_and_differing_ones_kept_aside_within_the_limits() {
+        let mut loser: Vec<Resource> = (0..70).map(|i| kv(&format!("k{i:02}"), b"v")).collect();
+        loser.push(kv("same", b"x"));
+        loser.push(kv("shared", b"from-loser"));
+        loser.push(kv("big1", &vec![1; 300 << 10]));
+        loser.push(kv("big2", &vec![2; 300 << 10]));
+        let survivor = vec![kv("same", b"x"), kv("shared", b"from-survivor")];
+        let mut report = MergeReport::default();
+        let txns = plan_resources(0xa, &loser, &survivor, &mut report);
+        assert_eq!(report.resources_added, 72);
+        assert_eq!(
+            report.kept_aside,
+            [format!("kv:default:merged/{}/shared", hex(0xa))]
+        );
+        let ops: usize = txns.iter().map(|t| t.ops.len()).sum();
+        assert_eq!(ops, 73);
+        for t in &txns {
+            registry::check_txn(t, true).unwrap();
+        }
+        assert!(txns.iter().flat_map(|t| &t.ops).any(|o| matches!(o,
+            Op::Put { id, spec, if_version: None, .. }
+                if id.name == format!("merged/{}/shared", hex(0xa)) && spec == b"from-loser")));
+        // Once applied, nothing more to do.
+        let mut after = survivor.clone();
+        for o in txns.iter().flat_map(|t| &t.ops) {
+            if let Op::Put { id, spec, .. } = o {
+                after.push(Resource {
+                    id: id.clone(),
+                    ..kv("", spec)
+                });
+            }
+        }
+        let mut again = MergeReport::default();
+        assert!(plan_resources(0xa, &loser, &after, &mut again).is_empty());
+        assert_eq!(again.resources_added, 0);
     }
 }

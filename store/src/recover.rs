@@ -176,7 +176,7 @@ fn read(db: &Database, node: u64, netid: Option<SocketAddr>) -> Result<Read, Sto
             match &e.payload {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(cmd) => {
-                    data.apply(cmd);
+                    data.apply_at(e.log_id.index, cmd);
                 }
                 EntryPayload::Membership(m) => membership = m.clone(),
             }

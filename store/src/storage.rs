@@ -19,6 +19,7 @@ use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::broadcast;
 
+use crate::resource::Feed;
 use crate::types::{Applied, Change, Data};
 use crate::TypeConfig;
 
@@ -270,6 +271,8 @@ pub(crate) struct SmState {
 pub(crate) struct Shared {
     pub(crate) state: RwLock<SmState>,
     pub(crate) changes: broadcast::Sender<Change>,
+    /// What the resource path applies ([`crate::resource::watch`]).
+    pub(crate) resources: broadcast::Sender<Feed>,
 }
 
 impl Shared {
@@ -297,22 +300,34 @@ impl SmStore {
     /// Loads the latest snapshot, if any, into a new state machine.
     #[cfg(test)]
     pub(crate) fn open(db: Arc<Database>, node: u64) -> Result<SmStore, String> {
-        SmStore::open_with(db, node, broadcast::channel(1024).0)
+        SmStore::open_with(
+            db,
+            node,
+            broadcast::channel(1024).0,
+            broadcast::channel(16).0,
+        )
     }
 
-    /// As [`SmStore::open`], announcing what it applies on `changes` (which outlives it when the
-    /// store replaces its Raft node).
+    /// As [`SmStore::open`], announcing what it applies on `changes` and `resources` (which
+    /// outlive it when the store replaces its Raft node).
     pub(crate) fn open_with(
         db: Arc<Database>,
         node: u64,
         changes: broadcast::Sender<Change>,
+        resources: broadcast::Sender<Feed>,
     ) -> Result<SmStore, String> {
         let (state, _) = match load_snapshot(&db).map_err(|e| e.to_string())? {
             Some((meta, bytes)) => (
                 SmState {
                     last_applied: meta.last_log_id,
                     membership: meta.last_membership.clone(),
-                    data: Data::from_bytes(&bytes).map_err(|e| format!("snapshot: {e}"))?,
+                    data: {
+                        let mut d =
+                            Data::from_bytes(&bytes).map_err(|e| format!("snapshot: {e}"))?;
+                        d.resources
+                            .reset_history(meta.last_log_id.map_or(0, |l| l.index));
+                        d
+                    },
                 },
                 Some(meta),
             ),
@@ -330,6 +345,7 @@ impl SmStore {
             shared: Arc::new(Shared {
                 state: RwLock::new(state),
                 changes,
+                resources,
             }),
             node,
             built: Arc::new(AtomicU64::new(0)),
@@ -420,9 +436,14 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             match e.payload {
                 EntryPayload::Blank => out.push(Applied::Ok),
                 EntryPayload::Normal(cmd) => {
-                    let (a, changes) = st.data.apply(&cmd);
+                    // Announced while the state lock is held: a watcher lists and subscribes
+                    // under the same lock, so it misses nothing and sees nothing twice.
+                    let (a, changes, batch) = st.data.apply_at(e.log_id.index, &cmd);
                     for c in changes {
                         let _ = self.shared.changes.send(c);
+                    }
+                    if let Some(b) = batch {
+                        let _ = self.shared.resources.send(Feed::Batch(b));
                     }
                     out.push(a);
                 }
@@ -458,7 +479,11 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         st.last_applied = meta.last_log_id;
         st.membership = meta.last_membership.clone();
         st.data = data;
+        st.data
+            .resources
+            .reset_history(meta.last_log_id.map_or(0, |l| l.index));
         let _ = self.shared.changes.send(Change::Reset);
+        let _ = self.shared.resources.send(Feed::Reset);
         Ok(())
     }
 

@@ -1,8 +1,11 @@
 //! What the store holds and the commands, answers and queries about it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use crate::resource::{self, Batch, Outcome, ReadResult, ResourceQuery, Txn};
 
 /// One muster entry: which executable (a pastiche digest and the function the runner starts) runs
 /// instance `inst` of `api` in `horde`. Keyed by `(horde, api, inst)`.
@@ -56,8 +59,12 @@ pub enum Command {
     },
     /// Several commands applied together, all or nothing: if one compare-and-swap fails, none is
     /// applied and the answer is that [`Applied::Conflict`]; otherwise [`Applied::Batch`] with one
-    /// answer per command.
+    /// answer per command. A resource transaction inside a batch is refused (it answers
+    /// [`Applied::Conflict`] on the key `(resource transaction in a batch)`): send it alone.
     Batch(Vec<Command>),
+    /// A resource transaction ([`crate::resource`]), applied at its log index, all or nothing;
+    /// answers [`Applied::Resource`].
+    Resource(Txn),
 }
 
 /// The answer to a [`Command`].
@@ -84,6 +91,8 @@ pub enum Applied {
     Removed(bool),
     /// The answers of a [`Command::Batch`], in order.
     Batch(Vec<Applied>),
+    /// The answer to a [`Command::Resource`].
+    Resource(Outcome),
     /// Nothing was applied: this group was merged into another (its [`SEALED_KEY`] document is
     /// set) and takes no more writes. [`crate::Store::write`] answers it as
     /// [`crate::StoreError::Merged`].
@@ -133,6 +142,8 @@ pub enum Query {
     },
     /// Everything: every muster entry and every document, read at one point of the log.
     Dump,
+    /// Resources ([`crate::resource`]).
+    Resource(ResourceQuery),
 }
 
 /// The answer to a [`Query`].
@@ -151,6 +162,8 @@ pub enum QueryResult {
         /// Every document `(key, value, generation)`, ordered by key.
         docs: Vec<(String, String, u64)>,
     },
+    /// For [`Query::Resource`].
+    Resource(ReadResult),
 }
 
 /// What the state machine applied on this node, in order (see [`crate::Store::changes`]).
@@ -196,6 +209,7 @@ pub(crate) struct Data {
     revision: u64,
     muster: BTreeMap<MusterKey, MusterEntry>,
     docs: BTreeMap<String, (String, u64)>,
+    pub(crate) resources: resource::Table,
 }
 
 /// How [`Data`] is written into a snapshot.
@@ -204,6 +218,9 @@ struct DataFile {
     revision: u64,
     muster: Vec<MusterEntry>,
     docs: Vec<(String, String, u64)>,
+    /// Absent in snapshots written before resources existed.
+    #[serde(default)]
+    resources: resource::TableFile,
 }
 
 enum Undo {
@@ -236,9 +253,20 @@ impl Data {
             .and_then(|(v, _)| u64::from_str_radix(v, 16).ok())
     }
 
-    /// Applies `cmd`; returns the answer and what changed (nothing on a conflict, nothing once
-    /// the group is sealed).
+    /// Applies `cmd` (as the entry at log index 0).
+    #[cfg(test)]
     pub(crate) fn apply(&mut self, cmd: &Command) -> (Applied, Vec<Change>) {
+        let (a, c, _) = self.apply_at(0, cmd);
+        (a, c)
+    }
+
+    /// Applies `cmd`, the log entry at `index`; returns the answer, what changed (nothing on a
+    /// conflict, nothing once the group is sealed) and the resource changes, if any.
+    pub(crate) fn apply_at(
+        &mut self,
+        index: u64,
+        cmd: &Command,
+    ) -> (Applied, Vec<Change>, Option<Arc<Batch>>) {
         if let Some(into) = self.sealed() {
             let group = self.group().map(hex).unwrap_or_default();
             return (
@@ -247,12 +275,17 @@ impl Data {
                     into: hex(into),
                 },
                 Vec::new(),
+                None,
             );
+        }
+        if let Command::Resource(txn) = cmd {
+            let (outcome, batch) = self.resources.apply(index, txn);
+            return (Applied::Resource(outcome), Vec::new(), batch);
         }
         let mut undo = Vec::new();
         let mut changes = Vec::new();
         match self.apply_one(cmd, &mut undo, &mut changes) {
-            Ok(a) => (a, changes),
+            Ok(a) => (a, changes, None),
             Err(conflict) => {
                 for u in undo.into_iter().rev() {
                     match u {
@@ -271,7 +304,7 @@ impl Data {
                         Undo::Revision(r) => self.revision = r,
                     }
                 }
-                (conflict, Vec::new())
+                (conflict, Vec::new(), None)
             }
         }
     }
@@ -353,6 +386,10 @@ impl Data {
                     None => Ok(Applied::Removed(false)),
                 }
             }
+            Command::Resource(_) => Err(Applied::Conflict {
+                key: "(resource transaction in a batch)".into(),
+                current: 0,
+            }),
             Command::Batch(cmds) => {
                 let mut out = Vec::with_capacity(cmds.len());
                 for c in cmds {
@@ -394,6 +431,7 @@ impl Data {
                     .map(|(k, (v, g))| (k.clone(), v.clone(), *g))
                     .collect(),
             },
+            Query::Resource(q) => QueryResult::Resource(self.resources.query(q)),
         }
     }
 
@@ -407,6 +445,7 @@ impl Data {
                 .iter()
                 .map(|(k, (v, g))| (k.clone(), v.clone(), *g))
                 .collect(),
+            resources: self.resources.to_file(),
         };
         serde_json::to_vec(&file).expect("plain data serializes")
     }
@@ -422,6 +461,7 @@ impl Data {
                 .map(|e| (muster_key(&e), e))
                 .collect(),
             docs: file.docs.into_iter().map(|(k, v, g)| (k, (v, g))).collect(),
+            resources: resource::Table::from_file(file.resources, 0),
         })
     }
 }

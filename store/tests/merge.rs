@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{rebind, Fleet, Node, LOCAL, SNAPSHOT_EVERY};
 use crux_store::merge::{aside_key, survivor};
+use crux_store::resource::{Op, ResourceId, ResourceQuery, Txn};
 use crux_store::{
     hex, Applied, Command, GroupNodes, GroupSeen, MusterEntry, Query, QueryResult, Store,
     StoreError, MERGED_PREFIX,
@@ -141,6 +142,22 @@ async fn two_groups_formed_apart_merge_into_one() {
     nodes[1].store.write(put("shared", "from-a")).await.unwrap();
     nodes[4].store.write(put("only-b", "2")).await.unwrap();
     nodes[4].store.write(put("shared", "from-b")).await.unwrap();
+    // K/V keys (resources) likewise.
+    let kv = |k: &str, v: &str| {
+        Txn::new(vec![Op::Put {
+            id: ResourceId::kv("default", k),
+            flags: 0,
+            spec: v.as_bytes().to_vec(),
+            if_version: None,
+        }])
+    };
+    for (n, k, v) in [
+        (1, "kv-a", "1"),
+        (1, "kv-shared", "from-a"),
+        (3, "kv-shared", "from-b"),
+    ] {
+        nodes[n].store.resource_txn(kv(k, v), false).await.unwrap();
+    }
 
     // The group id survives a restart (and is the same after it).
     nodes[4].restart(SNAPSHOT_EVERY).await;
@@ -191,10 +208,30 @@ async fn two_groups_formed_apart_merge_into_one() {
     let report = nodes[0].store.merge(&loser, &winner).await.unwrap();
     assert_eq!(report.muster_added, 2, "{report:?}");
     assert_eq!(report.docs_added, 1, "{report:?}");
-    assert_eq!(report.kept_aside.len(), 2, "{report:?}");
+    assert_eq!(report.resources_added, 1, "{report:?}");
+    assert_eq!(report.kept_aside.len(), 3, "{report:?}");
     // Run again: nothing new is copied.
     let again = nodes[1].store.merge(&loser, &winner).await.unwrap();
-    assert_eq!(again.muster_added + again.docs_added, 0, "{again:?}");
+    assert_eq!(
+        again.muster_added + again.docs_added + again.resources_added,
+        0,
+        "{again:?}"
+    );
+    for (k, want) in [
+        ("kv-a".to_string(), "1"),
+        ("kv-shared".to_string(), "from-b"),
+        (aside_key(a, "kv-shared"), "from-a"),
+    ] {
+        let got = nodes[2]
+            .store
+            .resource_read(ResourceQuery::Get(ResourceId::kv("default", &k)), true)
+            .await
+            .unwrap()
+            .items
+            .pop()
+            .map(|r| r.spec);
+        assert_eq!(got, Some(want.as_bytes().to_vec()), "{k}");
+    }
     assert_eq!(
         nodes[2]
             .store

@@ -16,6 +16,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// A client of node k's local API.
+#[allow(dead_code)] // not every test binary calls the reeve API directly
 pub async fn reeve(
     c: &Cluster,
     k: usize,
@@ -27,6 +28,7 @@ pub async fn reeve(
 }
 
 /// Puts document `key` = `value` (unconditionally) through node k.
+#[allow(dead_code)] // not every test binary writes documents
 pub fn put_doc(c: &Cluster, k: usize, key: &str, value: &str) -> Result<(), String> {
     runtime().block_on(async {
         let r = reeve(c, k)

@@ -1,7 +1,9 @@
 //! `store-bench [--crux PATH] [--writes N] [--concurrency C]`: five `crux agent` processes on
 //! loopback; prints the latency (p50, p99, max) of document writes made through a node that is
-//! not the Raft leader, the write rate with C writers, and the time from the Raft leader's kill -9
-//! to the first successful write. Figures only.
+//! not the Raft leader, the write rate with C writers; for Blueprint K/V (issue 16), the rate and
+//! p50/p99 of puts of 256-byte values with C writers, the rate of linearizable gets, and the time
+//! from a put's acknowledgement to a watch on another node seeing it; and the time from the Raft
+//! leader's kill -9 to the first successful write. Figures only.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -34,6 +36,96 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Blueprint K/V through the node at `socket`: puts of 256-byte values and linearizable gets
+/// with `conc` clients, then put-to-watch latency seen through `watch_socket`.
+async fn kv(socket: &std::path::Path, watch_socket: &std::path::Path, n: usize, conc: usize) {
+    use crux_reeve::kv::{Kv, WriteOptions};
+    let kv = Kv::connect(socket).await.expect("kv");
+    let value = vec![b'v'; 256];
+    let t = now();
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..conc {
+        let mut kv = kv.clone();
+        let value = value.clone();
+        set.spawn(async move {
+            let mut lat = Vec::new();
+            for k in 0..n / conc {
+                let t = now();
+                let r = kv
+                    .put(
+                        &format!("bench/{w}/{k}"),
+                        value.clone(),
+                        &WriteOptions::default(),
+                    )
+                    .await
+                    .expect("put");
+                assert!(r.written);
+                lat.push(t.elapsed());
+            }
+            lat
+        });
+    }
+    let mut lat = Vec::new();
+    while let Some(l) = set.join_next().await {
+        lat.extend(l.expect("writer"));
+    }
+    let took = t.elapsed();
+    lat.sort();
+    println!(
+        "kv: {conc} writers, {} puts of 256 B: {:.0} puts/s, p50 {:.2} ms, p99 {:.2} ms",
+        lat.len(),
+        lat.len() as f64 / took.as_secs_f64(),
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.99))
+    );
+    let t = now();
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..conc {
+        let mut kv = kv.clone();
+        set.spawn(async move {
+            for k in 0..n / conc {
+                let r = kv.get(&format!("bench/{w}/{k}"), false).await.expect("get");
+                assert!(r.found);
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let done = (n / conc) * conc;
+    println!(
+        "kv: {conc} readers, {done} linearizable gets: {:.0} gets/s",
+        done as f64 / t.elapsed().as_secs_f64()
+    );
+    // Put acknowledged → seen by a watch on another node.
+    let w = Kv::connect(watch_socket).await.expect("kv");
+    let mut rx = w.watch("lat/", true, 0).await.expect("watch");
+    let _listing = rx.recv().await;
+    let mut kv = kv;
+    let mut lat = Vec::new();
+    for k in 0..n.min(200) {
+        kv.put(&format!("lat/{k}"), value.clone(), &WriteOptions::default())
+            .await
+            .expect("put");
+        let acked = now();
+        loop {
+            let e = rx.recv().await.expect("watch").expect("event");
+            if e.entries.iter().any(|x| x.key == format!("lat/{k}")) {
+                break;
+            }
+        }
+        lat.push(acked.elapsed());
+    }
+    lat.sort();
+    println!(
+        "kv: watch on another node sees a put {:.2} ms (p50), {:.2} ms (p99) after its ack",
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.99))
+    );
+}
+
 fn main() {
     let crux = arg("--crux").unwrap_or_else(|| "target/release/crux".into());
     let writes: usize = arg("--writes").and_then(|v| v.parse().ok()).unwrap_or(500);
@@ -60,6 +152,10 @@ fn main() {
         st["voters"]
     );
     let socket = c.agent(via).socket.clone();
+    let watcher = (1..=5)
+        .find(|k| *k != leader && *k != via)
+        .expect("a third node");
+    let watch_socket = c.agent(watcher).socket.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -116,6 +212,7 @@ fn main() {
             "{conc} writers, {done} writes: {:.0} writes/s",
             done as f64 / t.elapsed().as_secs_f64()
         );
+        kv(&socket, &watch_socket, writes, conc).await;
     });
     // The Raft leader's kill -9: time to the first successful write through a survivor.
     c.kill9(leader);
