@@ -8,6 +8,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use base64::Engine;
@@ -278,8 +279,9 @@ fn txn_ops(text: &str) -> anyhow::Result<Vec<pb::TxnOp>> {
         .collect()
 }
 
-/// Runs `crux kv …`; the exit code.
-pub async fn run(socket: &Path, cmd: &KvCmd) -> anyhow::Result<i32> {
+/// Runs `crux kv …` once the store serves (waiting up to `wait`; a `--stale` read only for the
+/// agent to answer); the exit code.
+pub async fn run(socket: &Path, wait: Duration, cmd: &KvCmd) -> anyhow::Result<i32> {
     // Read local input before connecting: a bad file is bad input whatever the agent.
     let txn = match cmd {
         KvCmd::Txn { file, .. } => {
@@ -302,6 +304,9 @@ pub async fn run(socket: &Path, cmd: &KvCmd) -> anyhow::Result<i32> {
         }
         _ => None,
     };
+    let stale = matches!(cmd, KvCmd::Get { read, .. } | KvCmd::Ls { read, .. } if read.stale);
+    let needs: &[&str] = if stale { &[] } else { &["store"] };
+    crate::client::wait_for_steps(socket, needs, wait).await?;
     // A watch may rightly wait long for its first answer; other calls are bounded.
     let timeout = match cmd {
         KvCmd::Watch { .. } => None,

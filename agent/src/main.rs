@@ -161,6 +161,8 @@ enum Cmd {
     Kv {
         #[command(flatten)]
         socket: client::SocketArg,
+        #[command(flatten)]
+        wait: client::WaitArg,
         #[command(subcommand)]
         cmd: kv_cli::KvCmd,
     },
@@ -258,7 +260,9 @@ fn main() -> ExitCode {
         Cmd::Store { socket, wait, cmd } => {
             client::block_on_code(store_cli::store(&socket.socket, wait.wait, cmd))
         }
-        Cmd::Kv { socket, cmd } => client::block_on_code(kv_cli::run(&socket.socket, cmd)),
+        Cmd::Kv { socket, wait, cmd } => {
+            client::block_on_code(kv_cli::run(&socket.socket, wait.wait, cmd))
+        }
         Cmd::Pastiche { socket, cmd } => client::block_on_code(pastiche::run(&socket.socket, cmd)),
         Cmd::Proctor { socket, wait, cmd } => {
             client::block_on_code(placement::proctor(&socket.socket, wait.wait, cmd))
