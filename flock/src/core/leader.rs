@@ -127,7 +127,7 @@ impl Leadership {
     /// the old leader's death reaches members at different times) claims another term, so two
     /// leaders never share a term; the higher term wins and the other steps down.
     pub(super) fn next_term(&mut self, rank: usize) -> u64 {
-        self.max_term += 1 + rank.min(RANK_MAX) as u64;
+        self.max_term = self.max_term.saturating_add(1 + rank.min(RANK_MAX) as u64);
         self.max_term
     }
 }
@@ -223,16 +223,18 @@ impl Flock {
     /// A leader claim from the flock (gossip, push-pull, a handshake): a live leader's newer
     /// beat, or a better claim, which this node follows from now on.
     pub(super) fn apply_claim(&mut self, now: Duration, claim: LeaderClaim) {
-        self.lead.max_term = self.lead.max_term.max(claim.term);
         if claim.leader == self.me.id {
-            return; // our own claim coming back, or a claim from a previous boot of ours
+            // Our own claim coming back, or a claim from a previous boot of ours.
+            self.lead.max_term = self.lead.max_term.max(claim.term);
+            return;
         }
         if self.revoked.contains(&claim.leader) {
             return;
         }
         if !self.claim_is_live(&claim) {
-            return;
+            return; // a stale boot, a node we do not hold live: its term counts for nothing
         }
+        self.lead.max_term = self.lead.max_term.max(claim.term);
         match self.lead.judge(&claim) {
             Judgement::NewerBeat => {
                 self.lead.claim = Some(claim);

@@ -123,6 +123,11 @@ impl Flock {
             }
             return;
         }
+        if from != self.me.id && !self.members.is_live(from) {
+            // Declared by a node we hold dead or do not know: news from the other side of a
+            // partition that is healing (that side lost us all), not a death in our flock.
+            return;
+        }
         let update = Update::Dead {
             id,
             boot,
