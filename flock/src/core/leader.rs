@@ -58,6 +58,10 @@ pub(super) struct Leadership {
     pub(super) told: Option<u16>,
     /// When we last pinged the leader to tell it we follow it.
     pub(super) told_at: Option<Duration>,
+    /// The leader we last followed (kept when we lose it), for [`Stats::leader_changes`].
+    ///
+    /// [`Stats::leader_changes`]: super::Stats::leader_changes
+    pub(super) last_leader: Option<NodeId>,
 }
 
 impl Leadership {
@@ -73,6 +77,7 @@ impl Leadership {
             prev_tag: None,
             told: None,
             told_at: None,
+            last_leader: None,
         }
     }
 
@@ -154,6 +159,14 @@ impl Flock {
             self.membership_changed(now);
             self.out.events.push_back(Event::LeaderChanged(None));
         }
+    }
+
+    /// We follow `leader` from now on: a change if we last followed another.
+    fn now_following(&mut self, leader: NodeId) {
+        if self.lead.last_leader.is_some_and(|l| l != leader) {
+            self.stats.leader_changes += 1;
+        }
+        self.lead.last_leader = Some(leader);
     }
 
     /// A ping or an ack of member `id` (at `boot`, speaking for itself) says it follows the
@@ -258,6 +271,7 @@ impl Flock {
             Judgement::Stronger => {
                 let was_me = self.lead.claim.is_some_and(|c| c.leader == self.me.id);
                 self.lead.claim = Some(claim);
+                self.now_following(claim.leader);
                 self.sync_key_to_leader(now);
                 self.lead.last_beat = now;
                 self.spread.broadcasts.push(Update::Leader(claim));
@@ -345,6 +359,7 @@ impl Flock {
         };
         self.stats.claims += 1;
         self.lead.claim = Some(claim);
+        self.now_following(self.me.id);
         self.lead.last_beat = now;
         self.spread.broadcasts.push(Update::Leader(claim));
         let view = self.leader_view_of(&claim);

@@ -22,8 +22,13 @@ fn crash_of_the_leader_elects_the_next_best_with_a_higher_term() {
     let mut h = Harness::new(5);
     h.run_for(Duration::from_secs(5));
     let old_term = h.live().next().unwrap().leader().unwrap().term;
+    let changes: Vec<u64> = h.live().map(|f| f.stats().leader_changes).collect();
     h.nodes[0] = None; // crash the leader (lowest id)
     h.run_for(Duration::from_secs(10));
+    for (f, before) in h.live().zip(&changes[1..]) {
+        // One change of leader id for each survivor: losing the leader is not one.
+        assert_eq!(f.stats().leader_changes, before + 1, "{}", f.identity().id);
+    }
     assert_eq!(h.agreed_leader(), Some(NodeId(3000)));
     for f in h.live() {
         let l = f.leader().expect("a leader");
@@ -177,4 +182,31 @@ fn forged_and_replayed_leader_datagrams_are_dropped_and_counted() {
     assert_eq!(target.stats().dropped(DropReason::AuthFailed), failed + 1);
     h.run_for(Duration::from_secs(3));
     assert_eq!(h.agreed_leader(), Some(leader));
+}
+
+/// Issue 23, bad input: a member whose clock jumps (suspended, then its time leaps forward by a
+/// few seconds, or by longer than it takes to declare it dead: every timer of its fires at once)
+/// comes back following the same leader, and the flock's leader does not move.
+#[test]
+fn a_member_whose_clock_jumps_moves_no_leader() {
+    for jump in [Duration::from_secs(3), Duration::from_secs(20)] {
+        let mut h = Harness::new(5);
+        h.run_for(Duration::from_secs(5));
+        let leader = h.agreed_leader().expect("one leader");
+        let j = h
+            .nodes
+            .iter()
+            .rposition(|n| n.as_ref().unwrap().identity().id != leader)
+            .unwrap();
+        let changes: Vec<u64> = h.live().map(|f| f.stats().leader_changes).collect();
+        // Frozen: it runs no timer and what is sent to it is lost; then its time leaps.
+        let frozen = h.nodes[j].take();
+        h.run_for(jump);
+        h.nodes[j] = frozen;
+        h.run_for(Duration::from_secs(10));
+        assert_eq!(h.agreed_leader(), Some(leader), "jump {jump:?}");
+        for (i, f) in h.live().enumerate().filter(|(i, _)| *i != j) {
+            assert_eq!(f.stats().leader_changes, changes[i], "jump {jump:?}");
+        }
+    }
 }
