@@ -302,6 +302,7 @@ impl Insider {
                 target: Some(id),
                 me,
                 digest: u64::MAX,
+                follows: 0,
                 updates: padding(),
             },
         );
