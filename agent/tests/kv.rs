@@ -2,7 +2,8 @@
 //! processes: a put through a follower read on every node, compare-and-swap conflicts answered
 //! with the current index, prefix listings and deletes, atomic transactions, a watch that sees
 //! every change in order and resumes (by hand, and by the client library across an agent
-//! restart) with nothing lost or repeated, blocking HTTP reads, and bad input refused with a
+//! restart) with nothing lost or repeated, a kill -9 of the Raft leader in the middle of writes
+//! (no acknowledged write lost, the watch gapless), blocking HTTP reads, and bad input refused with a
 //! clear message, a distinct exit code and nothing changed.
 
 use std::time::{Duration, Instant};
@@ -253,6 +254,78 @@ fn kv_on_a_three_node_flock() {
     });
     assert_eq!(after, more, "nothing lost or repeated across the restart");
     drop(rx);
+
+    // kill -9 of the Raft leader in the middle of writes: no acknowledged write is lost, and a
+    // watch on a survivor (resumed there from the last index seen above) sees every one, in
+    // order, once.
+    let st = status(&c, other).expect("store status");
+    let raft_leader = c.index_of(&st.leader_id).expect("the Raft leader is ours");
+    let survivors: Vec<usize> = all.into_iter().filter(|k| *k != raft_leader).collect();
+    let from = after.last().unwrap().0;
+    let sock = c.agent(survivors[0]).socket.clone();
+    let mut rx = rt.block_on(async {
+        let w = Kv::connect(&sock).await.expect("connect");
+        w.watch("w/", true, from).await.expect("watch")
+    });
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        if i == 3 {
+            c.kill9(raft_leader);
+        }
+        let key = format!("w/k{i}");
+        let writer = survivors[i % 2];
+        let index = c.wait_for("a put acknowledged", WAIT, || {
+            let o = kv(&c, writer, &["put", &key, "v"]);
+            if o.code != 0 {
+                return Err(format!("exit {}: {}", o.code, o.stderr));
+            }
+            o.stdout
+                .trim()
+                .rsplit(' ')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .ok_or(o.stdout)
+        });
+        acked.push((index, key));
+    }
+    let last_acked = acked.iter().map(|a| a.0).max().unwrap();
+    let mut seen = Vec::new();
+    rt.block_on(async {
+        while seen
+            .last()
+            .is_none_or(|s: &(u64, Vec<String>)| s.0 < last_acked)
+        {
+            let e = next(&mut rx)
+                .await
+                .expect("a change after the leader's kill");
+            assert!(!e.compacted, "the survivor holds every change");
+            seen.extend(change(&e));
+        }
+    });
+    drop(rx);
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "in order, once: {seen:?}"
+    );
+    for (i, k) in &acked {
+        assert!(
+            seen.iter()
+                .any(|(j, ks)| j == i && ks == std::slice::from_ref(k)),
+            "{k} at {i} in {seen:?}"
+        );
+    }
+    for &k in &survivors {
+        let listed = keys(&c, k, "w/k");
+        for (_, key) in &acked {
+            assert!(listed.contains(key), "node{k}: {key} in {listed:?}");
+        }
+    }
+    c.start(raft_leader);
+    c.stable_agreement(&all, Duration::from_secs(1), CONVERGE);
+    c.wait_for("the old leader serves K/V again", CONVERGE, || {
+        let o = kv(&c, raft_leader, &["get", "w/k9"]);
+        (o.code == 0).then_some(()).ok_or(o.stderr)
+    });
 
     // Blocking HTTP reads: no change within the wait, the same answer after it; a change on
     // another node ends the wait early.
