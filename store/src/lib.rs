@@ -287,7 +287,9 @@ pub struct StoreStatus {
 /// through a majority; a write made now goes the same way. No probe write is needed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Serving {
-    /// A leader is known and an entry of its term is committed and applied on this node.
+    /// A leader is known — this node, acknowledged by a majority within the shortest election
+    /// timeout, or another, heard from within the longest — and an entry of its term is
+    /// committed and applied on this node.
     Yes {
         /// The leader.
         leader: u64,
@@ -305,14 +307,16 @@ pub enum Serving {
     /// No group here and no leader learned from the members: none was started yet, or none is
     /// in reach.
     NoGroup,
-    /// Voters are known but no leader: an election runs (and can win only with a majority).
+    /// Voters are known but no leader, or none heard from lately: an election runs (and can
+    /// win only with a majority).
     Electing {
         /// The term this node is at.
         term: u64,
         /// The voters.
         voters: Vec<u64>,
     },
-    /// A leader is known, but no entry of its term is committed and applied here yet.
+    /// A leader is known, but no entry of its term is committed and applied here yet (or, on
+    /// the leader, no majority has acknowledged it yet).
     Committing {
         /// The leader.
         leader: u64,
@@ -322,8 +326,9 @@ pub enum Serving {
     /// This node leads but no majority of its voters has acknowledged it for `millis`: it is most
     /// likely cut off, and refuses writes.
     CutOff {
-        /// Since the last majority acknowledgement, in milliseconds.
-        millis: u64,
+        /// Since the last majority acknowledgement, in milliseconds (`None`: none since it
+        /// leads, e.g. a leader restarted alone on its own committed vote).
+        millis: Option<u64>,
         /// The voters.
         voters: Vec<u64>,
     },
@@ -358,9 +363,16 @@ impl std::fmt::Display for Serving {
                 f,
                 "leader {leader:016x} elected in term {term}; its first entry is not committed yet"
             ),
-            Serving::CutOff { millis, .. } => write!(
+            Serving::CutOff {
+                millis: Some(millis),
+                ..
+            } => write!(
                 f,
                 "this node leads but no majority of voters has answered for {millis} ms"
+            ),
+            Serving::CutOff { millis: None, .. } => write!(
+                f,
+                "this node leads but no majority of voters has answered since it does"
             ),
             Serving::Stopped(why) => write!(f, "stopped: {why}"),
         }
@@ -424,6 +436,9 @@ struct Inner {
     pool: network::Pool,
     /// For a node outside the group (it knows no voters): the leader as learned from others.
     outside_leader: std::sync::Mutex<Option<Member>>,
+    /// When this node last took an append (entries or a heartbeat) from a leader, and that
+    /// leader's term: a follower serves only while its leader is heard from.
+    leader_contact: std::sync::Mutex<Option<(u64, Instant)>>,
     /// The groups this node abandoned ([`Store::abandon`]), from [`ABANDONED_FILE`]: their Raft
     /// traffic is refused.
     abandoned: BTreeSet<u64>,
@@ -527,6 +542,7 @@ async fn open_inner(
         config: config.clone(),
         pool,
         outside_leader: std::sync::Mutex::new(None),
+        leader_contact: std::sync::Mutex::new(None),
         abandoned: read_abandoned(&config.dir),
     });
     tokio::spawn(name_group(Arc::downgrade(&inner), inner.raft.metrics()));
@@ -934,9 +950,28 @@ impl Store {
             };
         };
         if m.state == ServerState::Leader {
+            // None: no majority has acknowledged this leader yet (e.g. one restarted on its
+            // own committed vote, alone).
             let stale = inner.config.election_timeout.0.as_millis() as u64;
-            if let Some(millis) = m.millis_since_quorum_ack.filter(|t| *t > stale) {
-                return Serving::CutOff { millis, voters };
+            match m.millis_since_quorum_ack {
+                Some(millis) if millis <= stale => {}
+                millis => return Serving::CutOff { millis, voters },
+            }
+        } else {
+            // A follower (or learner) knows its leader from a committed vote, which outlives
+            // the leader (a restart keeps it): it serves only while that leader is heard from.
+            let fresh = inner.config.election_timeout.1;
+            let heard = *inner
+                .leader_contact
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let live =
+                heard.is_some_and(|(term, at)| term == m.current_term && at.elapsed() <= fresh);
+            if !live {
+                return Serving::Electing {
+                    term: m.current_term,
+                    voters,
+                };
             }
         }
         match m.last_applied {
@@ -950,6 +985,27 @@ impl Store {
                 term: m.current_term,
             },
         }
+    }
+
+    /// Notes an append from the leader of `term` that this node took (`answer`: its answer; one
+    /// that names a higher vote was refused, the sender is a stale leader): see
+    /// [`Store::serving`].
+    pub(crate) fn note_leader_contact<E>(
+        &self,
+        term: u64,
+        answer: &Result<openraft::raft::AppendEntriesResponse<u64>, E>,
+    ) {
+        if matches!(
+            answer,
+            Ok(openraft::raft::AppendEntriesResponse::HigherVote(_)) | Err(_)
+        ) {
+            return;
+        }
+        *self
+            .inner()
+            .leader_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((term, Instant::now()));
     }
 
     /// The shortest election timeout: a leader whose last majority acknowledgement is older is

@@ -68,7 +68,10 @@ impl store_server::Store for StoreService {
         self.admit(&req)?;
         same_group(&self.store, req.get_ref())?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.get_ref().json)?;
-        reply(&self.store.inner().raft.append_entries(rpc).await)
+        let term = rpc.vote.leader_id().get_term();
+        let r = self.store.inner().raft.append_entries(rpc).await;
+        self.store.note_leader_contact(term, &r);
+        reply(&r)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

@@ -192,11 +192,15 @@ pub fn readiness_of(
             } else {
                 "no quorum"
             };
+            let since = match millis {
+                Some(ms) => format!("for {ms} ms"),
+                None => "since it does".into(),
+            };
             (
                 Phase::Starting,
                 format!(
-                    "{what}: this node leads but no majority of voters has answered for {millis} \
-                     ms ({live} of {all} voters reachable in the flock)"
+                    "{what}: {live} of {all} voters reachable (this node leads but no majority of \
+                     voters has answered {since})"
                 ),
             )
         }
@@ -713,7 +717,8 @@ async fn add_learners(
 }
 
 /// The group as its Raft leader knows it, when that leader holds a majority of its voters now
-/// (one acknowledged it within the shortest election timeout): this node's own status when it
+/// (one acknowledged it within the shortest election timeout; a leader no majority has
+/// acknowledged since it leads does not): this node's own status when it
 /// leads, else the leader's, found through this node's Raft state or the members'. `None` when no
 /// such leader is in reach.
 async fn group_view(store: &Store, flock: &FlockWatch, grpc_port: u16) -> Option<StoreStatus> {
@@ -721,7 +726,7 @@ async fn group_view(store: &Store, flock: &FlockWatch, grpc_port: u16) -> Option
     let holds = |s: &StoreStatus| {
         s.role == "leader"
             && !s.voters.is_empty()
-            && s.millis_since_quorum_ack.is_none_or(|t| t <= stale)
+            && s.millis_since_quorum_ack.is_some_and(|t| t <= stale)
     };
     let me = store.status();
     if holds(&me) {
@@ -808,12 +813,12 @@ mod tests {
             "{detail}"
         );
         let cut = Serving::CutOff {
-            millis: 900,
+            millis: Some(900),
             voters: vec![1, 2, 3],
         };
         let (_, detail) = readiness_of(&cut, &alone, false, settle);
         assert!(
-            detail.starts_with("no quorum possible: this node leads"),
+            detail.starts_with("no quorum possible: 1 of 3 voters reachable (this node leads"),
             "{detail}"
         );
         // Outside the group: ready only when the member it asked says its leader takes writes.
