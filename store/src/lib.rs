@@ -70,6 +70,7 @@
 //! flock leader, the Raft leader's address for nodes outside the group) and hands the agent its
 //! tasks, a stop handle and its readiness ([`crux_service::Service`]).
 
+mod disk;
 pub mod merge;
 mod network;
 pub mod recover;
@@ -94,6 +95,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+pub use disk::{is_full as is_disk_full, DiskStats, RESERVE_BYTES as DISK_RESERVE_BYTES};
 pub use merge::{GroupNodes, GroupSeen, MergeReport};
 pub use service::{StoreServer, StoreService};
 pub use types::{
@@ -110,6 +112,7 @@ pub fn grpc_status(e: StoreError) -> tonic::Status {
         | StoreError::Merged { .. } => tonic::Status::unavailable(e.to_string()),
         StoreError::Unconfirmed(_) => tonic::Status::deadline_exceeded(e.to_string()),
         StoreError::Invalid(_) => tonic::Status::invalid_argument(e.to_string()),
+        StoreError::DiskFull { .. } => tonic::Status::resource_exhausted(e.to_string()),
         other => tonic::Status::internal(other.to_string()),
     }
 }
@@ -199,6 +202,17 @@ pub enum StoreError {
     /// The database could not be opened or written.
     #[error("storage: {0}")]
     Storage(String),
+    /// The filesystem under the store's directory `path` (on the node that refused) has no
+    /// room: the write was refused before anything was appended, or the Raft node that was to
+    /// write it stopped on the failed write (it reopens by itself once space is freed; see
+    /// [`disk`]). Nothing was written; retry once space is freed.
+    #[error("disk full: {path}: {detail}")]
+    DiskFull {
+        /// The store's directory.
+        path: String,
+        /// How full, and what happens next.
+        detail: String,
+    },
     /// Raft stopped (shut down, or a fatal storage error).
     #[error("raft: {0}")]
     Raft(String),
@@ -340,6 +354,40 @@ struct Slot {
     /// What the state machine applies; one channel for every Raft node this store runs, so that
     /// subscribers keep receiving after [`Store::abandon`] (which sends [`Change::Reset`]).
     changes: tokio::sync::broadcast::Sender<Change>,
+    /// The disk under the store's directory: its room and its trouble (see [`disk`]).
+    disk: Arc<disk::Disk>,
+}
+
+impl Slot {
+    /// The Raft node in use now.
+    fn current_inner(&self) -> Arc<Inner> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the Raft node whose metrics are `stopped`, stopped by a storage error, by a new
+    /// one on the reopened database (see [`disk::watch`]). Ok(false), changing nothing, if it
+    /// was replaced meanwhile.
+    async fn reopen_stopped(
+        &self,
+        stopped: &tokio::sync::watch::Receiver<RaftMetrics<u64, BasicNode>>,
+    ) -> Result<bool, StoreError> {
+        let _reopen = self.reopen.lock().await;
+        let old = self.current_inner();
+        if !old.raft.metrics().same_channel(stopped) {
+            return Ok(false);
+        }
+        if let Err(e) = old.raft.shutdown().await {
+            debug!(%e, "raft shutdown");
+        }
+        old.pool.clear();
+        let new = open_inner(&self.config, self.changes.clone(), self.disk.clone()).await?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = new;
+        let _ = self.changes.send(Change::Reset);
+        Ok(true)
+    }
 }
 
 fn members(m: &RaftMetrics<u64, BasicNode>, ids: impl Iterator<Item = u64>) -> Vec<Member> {
@@ -373,14 +421,16 @@ fn node(addr: SocketAddr) -> BasicNode {
 async fn open_inner(
     config: &StoreConfig,
     changes: tokio::sync::broadcast::Sender<Change>,
+    disk: Arc<disk::Disk>,
 ) -> Result<Arc<Inner>, StoreError> {
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| StoreError::Storage(format!("{}: {e}", config.dir.display())))?;
     let db = storage::open_db(&config.dir.join(recover::DB_FILE), Duration::from_secs(5))
         .await
         .map_err(StoreError::Storage)?;
-    let logs = storage::LogStore::new(db.clone());
-    let sm = storage::SmStore::open_with(db, config.node, changes).map_err(StoreError::Storage)?;
+    let logs = storage::LogStore::new(db.clone(), disk.clone());
+    let sm = storage::SmStore::open_with(db, disk, config.node, changes)
+        .map_err(StoreError::Storage)?;
     let shared = sm.shared();
     let ms = |d: Duration| d.as_millis() as u64;
     let raft_config = openraft::Config {
@@ -514,24 +564,27 @@ impl Store {
     /// its Raft node. It serves nothing until [`Store::service`] is added to the node gRPC server.
     pub async fn open(config: StoreConfig) -> Result<Store, StoreError> {
         let changes = tokio::sync::broadcast::channel(1024).0;
-        let inner = open_inner(&config, changes.clone()).await?;
-        Ok(Store {
-            slot: Arc::new(Slot {
-                current: std::sync::RwLock::new(inner),
-                config,
-                reopen: tokio::sync::Mutex::new(()),
-                changes,
-            }),
-        })
+        let disk = disk::Disk::new(&config.dir, disk::RESERVE_BYTES);
+        let inner = open_inner(&config, changes.clone(), disk.clone()).await?;
+        let slot = Arc::new(Slot {
+            current: std::sync::RwLock::new(inner),
+            config,
+            reopen: tokio::sync::Mutex::new(()),
+            changes,
+            disk,
+        });
+        tokio::spawn(disk::watch(Arc::downgrade(&slot)));
+        Ok(Store { slot })
     }
 
     /// The Raft node in use now.
     fn inner(&self) -> Arc<Inner> {
-        self.slot
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.slot.current_inner()
+    }
+
+    /// This store's disk trouble so far (for `/metrics`).
+    pub fn disk_stats(&self) -> DiskStats {
+        self.slot.disk.stats()
     }
 
     /// Abandons this node's store because its group `group` was merged into group `into`: stops
@@ -603,7 +656,7 @@ impl Store {
         let list: String = abandoned.iter().map(|g| types::hex(*g) + "\n").collect();
         std::fs::write(dir.join(ABANDONED_FILE), list)
             .map_err(|e| io(format!("{}: {e}", dir.join(ABANDONED_FILE).display())))?;
-        let new = open_inner(config, self.slot.changes.clone()).await?;
+        let new = open_inner(config, self.slot.changes.clone(), self.slot.disk.clone()).await?;
         *self.slot.current.write().unwrap_or_else(|p| p.into_inner()) = new;
         let _ = self.slot.changes.send(Change::Reset);
         info!(aside = %aside.display(), "the abandoned store is set aside; a new, empty one is open");
@@ -875,16 +928,28 @@ impl Store {
 
     /// Runs `req` on the leader, wherever it is, within `budget`.
     async fn call(&self, req: Forwarded, budget: Duration) -> Result<Answer, StoreError> {
+        let deadline = Instant::now() + budget;
         {
             let m = self.inner().raft.metrics().borrow().clone();
-            if m.state == ServerState::Shutdown || m.running_state.is_err() {
-                return Err(StoreError::Raft(match m.running_state {
-                    Err(e) => e.to_string(),
-                    Ok(()) => "the store is shut down".into(),
-                }));
+            if let Err(fatal) = &m.running_state {
+                if disk::storage_stopped(fatal).is_some() {
+                    // This node's Raft node stopped on a storage error (it reopens once the disk
+                    // has room): the leader it knew may still take the request.
+                    let elsewhere = leader_of(&m).filter(|l| l.id != m.id);
+                    if let Some(l) = elsewhere {
+                        match self.forward(l.netid, &req, deadline).await {
+                            Ok(a) => return Ok(a),
+                            Err(Fail::Error(e)) => return Err(e),
+                            Err(other) => debug!(?other, "forwarding past a stopped store"),
+                        }
+                    }
+                }
+                return Err(self.fatal_error(fatal));
+            }
+            if m.state == ServerState::Shutdown {
+                return Err(StoreError::Raft("the store is shut down".into()));
             }
         }
-        let deadline = Instant::now() + budget;
         let mut hint: Option<Member> = None;
         let mut why = String::from("no leader known");
         let write = matches!(req, Forwarded::Write(_));
@@ -1021,6 +1086,19 @@ impl Store {
         self.exec(&req, Instant::now() + budget).await
     }
 
+    /// The error for a request whose Raft node stopped with `fatal`: [`StoreError::DiskFull`]
+    /// when a write found no room, [`StoreError::Raft`] otherwise.
+    fn fatal_error(&self, fatal: &openraft::error::Fatal<u64>) -> StoreError {
+        let why = disk::storage_stopped(fatal).or_else(|| {
+            let m = self.inner().raft.metrics().borrow().running_state.clone();
+            m.err().and_then(|f| disk::storage_stopped(&f))
+        });
+        match why {
+            Some(why) => self.slot.disk.stopped(&why),
+            None => StoreError::Raft(fatal.to_string()),
+        }
+    }
+
     fn not_leader(&self) -> Fail {
         Fail::NotLeader(leader_of(&self.inner().raft.metrics().borrow()))
     }
@@ -1056,6 +1134,14 @@ impl Store {
         let left = deadline.saturating_duration_since(start);
         match req {
             Forwarded::Write(cmd) => {
+                // Refused before it is appended when the disk has no room: an append that fails
+                // would stop this Raft node (and its reads) until the disk has room again.
+                let disk = self.slot.disk.clone();
+                match tokio::task::spawn_blocking(move || disk.room()).await {
+                    Ok(Err(e)) => return Err(Fail::Error(e)),
+                    Ok(Ok(())) => {}
+                    Err(e) => return Err(Fail::Error(StoreError::Storage(e.to_string()))),
+                }
                 match tokio::time::timeout(left, raft.client_write(cmd.clone())).await {
                     Err(_) => Err(self.no_quorum(
                         "the write (appended to this leader's log, applied only if it regains a \
@@ -1064,6 +1150,7 @@ impl Store {
                         start,
                     )),
                     Ok(Ok(r)) => Ok(Answer::Applied(r.data)),
+                    Ok(Err(RaftError::Fatal(f))) => Err(Fail::Error(self.fatal_error(&f))),
                     Ok(Err(e)) => Err(write_error(e)),
                 }
             }
