@@ -26,4 +26,4 @@ pub mod store;
 
 pub use digest::{sha256, Digest, DigestError, PIECE_SIZE};
 pub use manifest::{Manifest, MAX_PIECE_SIZE, MIN_PIECE_SIZE};
-pub use store::{Entry, Pull, Store, StoreError, VerifyReport};
+pub use store::{is_full, Entry, Pull, Store, StoreError, VerifyReport, WriteErrors};
