@@ -90,7 +90,13 @@ fn a_full_disk_fails_puts_and_pulls_cleanly_and_they_work_once_freed() {
     disk_full(&e, &dir);
     assert!(files_in(&dir.join("tmp")).is_empty());
     assert!(s.manifest(&m.digest).is_none());
-    assert_eq!(s.write_errors(), WriteErrors { disk_full: 2, io: 0 });
+    assert_eq!(
+        s.write_errors(),
+        WriteErrors {
+            disk_full: 2,
+            io: 0
+        }
+    );
     // What was there is intact and readable.
     assert_eq!(
         s.list().iter().map(|e| e.digest).collect::<Vec<_>>(),

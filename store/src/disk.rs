@@ -142,6 +142,8 @@ pub struct DiskStats {
 #[derive(Debug)]
 pub(crate) struct Disk {
     dir: PathBuf,
+    /// This node's id, named in the errors (a write forwarded to the leader fails on its disk).
+    node: u64,
     reserve: u64,
     /// A write failed for lack of room, and no probe has found room since.
     full: AtomicBool,
@@ -153,9 +155,10 @@ pub(crate) struct Disk {
 }
 
 impl Disk {
-    pub(crate) fn new(dir: &Path, reserve: u64) -> Arc<Disk> {
+    pub(crate) fn new(dir: &Path, node: u64, reserve: u64) -> Arc<Disk> {
         Arc::new(Disk {
             dir: dir.to_path_buf(),
+            node,
             reserve,
             full: AtomicBool::new(false),
             stopped_full: AtomicBool::new(false),
@@ -199,7 +202,7 @@ impl Disk {
         self.full.store(true, Ordering::SeqCst);
         let room = match free {
             Some(free) => format!(
-                "{free} bytes free, the store keeps {} in reserve for Raft's own records",
+                "{free} bytes free, the store keeps {} bytes in reserve for Raft's own records",
                 self.reserve
             ),
             None => "the last write found no room".into(),
@@ -207,7 +210,9 @@ impl Disk {
         StoreError::DiskFull {
             path: self.dir.display().to_string(),
             detail: format!(
-                "{room}; nothing was written; writes resume by themselves once space is freed"
+                "on node {:016x}, {room}; nothing was written; writes resume by themselves once \
+                 space is freed",
+                self.node
             ),
         }
     }
@@ -261,9 +266,12 @@ impl Disk {
         if self.stopped_full.load(Ordering::SeqCst) {
             StoreError::DiskFull {
                 path: self.dir.display().to_string(),
-                detail: "a write found no room and this node's store stopped; nothing more was \
-                         written, and it reopens by itself once space is freed"
-                    .into(),
+                detail: format!(
+                    "on node {:016x}, a write found no room and this node's store stopped (that \
+                     write may still be applied by the other voters: read it back); it reopens \
+                     by itself once space is freed",
+                    self.node
+                ),
             }
         } else {
             StoreError::Raft(fatal.to_string())
@@ -383,7 +391,7 @@ mod tests {
     #[test]
     fn a_full_write_is_counted_and_named_disk_full() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = Disk::new(dir.path(), RESERVE_BYTES);
+        let disk = Disk::new(dir.path(), 1, RESERVE_BYTES);
         let e = disk.write_failed(redb::CommitError::Storage(redb::StorageError::Io(
             io::Error::from_raw_os_error(28),
         )));
@@ -406,7 +414,7 @@ mod tests {
     fn below_the_reserve_writes_are_refused_with_the_path() {
         let dir = tempfile::tempdir().unwrap();
         // A reserve no disk has: every write is refused, with the directory in the message.
-        let disk = Disk::new(dir.path(), u64::MAX);
+        let disk = Disk::new(dir.path(), 1, u64::MAX);
         let e = disk.room().unwrap_err();
         let text = e.to_string();
         assert!(
@@ -414,10 +422,7 @@ mod tests {
             "{text}"
         );
         assert!(matches!(e, StoreError::DiskFull { .. }));
-        assert_eq!(
-            crate::grpc_status(e).code(),
-            tonic::Code::ResourceExhausted
-        );
+        assert_eq!(crate::grpc_status(e).code(), tonic::Code::ResourceExhausted);
         assert!(!disk.probe());
         assert_eq!(disk.stats().disk_full, 1);
     }

@@ -429,8 +429,8 @@ async fn open_inner(
         .await
         .map_err(StoreError::Storage)?;
     let logs = storage::LogStore::new(db.clone(), disk.clone());
-    let sm = storage::SmStore::open_with(db, disk, config.node, changes)
-        .map_err(StoreError::Storage)?;
+    let sm =
+        storage::SmStore::open_with(db, disk, config.node, changes).map_err(StoreError::Storage)?;
     let shared = sm.shared();
     let ms = |d: Duration| d.as_millis() as u64;
     let raft_config = openraft::Config {
@@ -564,7 +564,7 @@ impl Store {
     /// its Raft node. It serves nothing until [`Store::service`] is added to the node gRPC server.
     pub async fn open(config: StoreConfig) -> Result<Store, StoreError> {
         let changes = tokio::sync::broadcast::channel(1024).0;
-        let disk = disk::Disk::new(&config.dir, disk::RESERVE_BYTES);
+        let disk = disk::Disk::new(&config.dir, config.node, disk::RESERVE_BYTES);
         let inner = open_inner(&config, changes.clone(), disk.clone()).await?;
         let slot = Arc::new(Slot {
             current: std::sync::RwLock::new(inner),

@@ -202,9 +202,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Not fsynced on its own: the next durable commit (a log append or a vote) carries it. A
         // committed index lost in a crash only means fewer entries are re-applied at open; the
         // leader tells the rest.
-        put_meta(&self.db, &self.disk, vec![(COMMITTED, json(&committed))], false)
-            .await
-            .map_err(|e| StorageIOError::write(e).into())
+        put_meta(
+            &self.db,
+            &self.disk,
+            vec![(COMMITTED, json(&committed))],
+            false,
+        )
+        .await
+        .map_err(|e| StorageIOError::write(e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, SE> {
@@ -305,7 +310,7 @@ impl SmStore {
     /// Loads the latest snapshot, if any, into a new state machine.
     #[cfg(test)]
     pub(crate) fn open(db: Arc<Database>, node: u64) -> Result<SmStore, String> {
-        let disk = Disk::new(Path::new("."), 0);
+        let disk = Disk::new(Path::new("."), 0, 0);
         SmStore::open_with(db, disk, node, broadcast::channel(1024).0)
     }
 
@@ -497,7 +502,7 @@ mod tests {
                 .await
                 .expect("db");
             let sm = SmStore::open(db.clone(), 0).expect("state machine");
-            Ok((dir, LogStore::new(db, Disk::new(Path::new("."), 0)), sm))
+            Ok((dir, LogStore::new(db, Disk::new(Path::new("."), 0, 0)), sm))
         }
     }
 
@@ -526,7 +531,7 @@ mod tests {
         };
         {
             let db = open_db(&path, Duration::from_secs(1)).await.unwrap();
-            let mut logs = LogStore::new(db.clone(), Disk::new(&path, 0));
+            let mut logs = LogStore::new(db.clone(), Disk::new(&path, 1, 0));
             let mut sm = SmStore::open(db, 1).unwrap();
             logs.save_vote(&Vote::new(3, 1)).await.unwrap();
             logs.blocking_append(vec![
@@ -548,7 +553,7 @@ mod tests {
             logs.save_vote(&Vote::new(3, 1)).await.unwrap();
         }
         let db = open_db(&path, Duration::from_secs(5)).await.unwrap();
-        let mut logs = LogStore::new(db.clone(), Disk::new(&path, 0));
+        let mut logs = LogStore::new(db.clone(), Disk::new(&path, 1, 0));
         let mut sm = SmStore::open(db, 1).unwrap();
         assert_eq!(logs.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
         assert_eq!(logs.read_committed().await.unwrap(), Some(log_id(1, 2)));

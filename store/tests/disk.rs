@@ -34,7 +34,10 @@ impl Cluster {
         let fleet = Fleet::default();
         let mut disks = Vec::new();
         for i in 0..3 {
-            disks.push(Tmpfs::mount(&tmp.path().join(format!("disk{i}")), DISK_BYTES)?);
+            disks.push(Tmpfs::mount(
+                &tmp.path().join(format!("disk{i}")),
+                DISK_BYTES,
+            )?);
         }
         let mut nodes = Vec::new();
         for (i, disk) in disks.iter().enumerate() {
@@ -84,6 +87,19 @@ impl Cluster {
         }
     }
 
+    /// Waits until node `i`'s copy holds exactly the documents `want`.
+    async fn wait_docs(&self, i: usize, want: Vec<String>) {
+        let deadline = Instant::now() + WAIT;
+        while self.local_docs(i) != want {
+            assert!(
+                Instant::now() < deadline,
+                "node {i}: {:?}",
+                self.local_docs(i)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stops every store before the filesystems under them go.
     async fn stop(mut self) {
         for n in &mut self.nodes {
@@ -120,13 +136,17 @@ fn skip(why: &str) {
 /// every node and the leader stays; once space is freed, the very next write succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_disk_refuses_writes_keeps_reads_and_takes_the_next_write_once_freed() {
-    let c = match Cluster::new().await {
+    let mut c = match Cluster::new().await {
         Ok(c) => c,
         Err(why) => return skip(&why),
     };
     let l = c.leader(&[0, 1, 2]).await;
     for i in 0..5 {
-        c.nodes[l].store.write(put(&key(i), "v".into())).await.unwrap();
+        c.nodes[l]
+            .store
+            .write(put(&key(i), "v".into()))
+            .await
+            .unwrap();
     }
     let term = c.nodes[l].store.status().term;
     let last_log = c.nodes[l].store.status().last_log_index;
@@ -181,12 +201,11 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_takes_the_next_write_once_fr
         .expect("the next write once space is freed");
     assert!(!c.nodes[l].store.disk_stats().full);
     for i in 0..3 {
-        let deadline = Instant::now() + WAIT;
-        while c.local_docs(i) != keys(0..6) {
-            assert!(Instant::now() < deadline, "node {i}: {:?}", c.local_docs(i));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        c.wait_docs(i, keys(0..6)).await;
     }
+    // The database the full disk left opens with every acknowledged write.
+    c.nodes[l].restart(SNAPSHOT_EVERY).await;
+    c.wait_docs(l, keys(0..6)).await;
     c.stop().await;
 }
 
@@ -202,7 +221,11 @@ async fn a_write_that_finds_no_room_stops_that_node_which_reopens_by_itself() {
     };
     let l = c.leader(&[0, 1, 2]).await;
     for i in 0..3 {
-        c.nodes[l].store.write(put(&key(i), "v".into())).await.unwrap();
+        c.nodes[l]
+            .store
+            .write(put(&key(i), "v".into()))
+            .await
+            .unwrap();
     }
     // Room for the reserve and a little more, not for a 2 MiB document.
     let filler = c.disks[l].fill("filler", crux_store::DISK_RESERVE_BYTES + (256 << 10));

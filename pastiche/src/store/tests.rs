@@ -505,7 +505,10 @@ fn no_room_is_told_apart_named_after_the_store_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path(), 1 << 20).unwrap();
     let e = s.fault(io::Error::from_raw_os_error(28).into());
-    assert_eq!(e.to_string(), format!("disk full: {}", dir.path().display()));
+    assert_eq!(
+        e.to_string(),
+        format!("disk full: {}", dir.path().display())
+    );
     let status = crate::serve::status(e);
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert!(status.message().starts_with("disk full: "), "{status:?}");
@@ -517,7 +520,13 @@ fn no_room_is_told_apart_named_after_the_store_and_counted() {
         reserved: 1,
         max: 1,
     });
-    assert_eq!(s.write_errors(), WriteErrors { disk_full: 1, io: 1 });
+    assert_eq!(
+        s.write_errors(),
+        WriteErrors {
+            disk_full: 1,
+            io: 1
+        }
+    );
 
     // A put whose reader fails imports nothing and is not counted as a write error.
     struct Broken;
@@ -527,7 +536,13 @@ fn no_room_is_told_apart_named_after_the_store_and_counted() {
         }
     }
     assert!(matches!(s.put_reader(Broken), Err(StoreError::Input(_))));
-    assert_eq!(s.write_errors(), WriteErrors { disk_full: 1, io: 1 });
+    assert_eq!(
+        s.write_errors(),
+        WriteErrors {
+            disk_full: 1,
+            io: 1
+        }
+    );
     assert!(files_in(&dir.path().join("tmp")).is_empty());
 }
 
@@ -542,7 +557,10 @@ fn a_pull_that_found_no_room_gives_its_room_back_when_dropped() {
     assert_eq!(s.used_bytes(), m.size);
     // As a piece write on a full disk reports it.
     let e = pull.failed(io::Error::from_raw_os_error(28).into());
-    assert!(matches!(e, StoreError::NoSpace { ref path } if path == dir.path()), "{e:?}");
+    assert!(
+        matches!(e, StoreError::NoSpace { ref path } if path == dir.path()),
+        "{e:?}"
+    );
     drop(pull);
     assert!(files_in(&dir.path().join("tmp")).is_empty());
     assert_eq!(s.used_bytes(), 0);
