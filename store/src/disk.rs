@@ -196,6 +196,11 @@ impl Disk {
         Ok(s.f_bavail.saturating_mul(s.f_frsize))
     }
 
+    /// Whether the reserve is free (or the room cannot be told).
+    pub(crate) fn has_reserve(&self) -> bool {
+        self.free().map_or(true, |f| f >= self.reserve)
+    }
+
     /// The error a write refused for lack of room gets.
     fn refused(&self, free: Option<u64>) -> StoreError {
         self.disk_full.fetch_add(1, Ordering::Relaxed);

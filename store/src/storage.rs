@@ -49,10 +49,17 @@ pub(crate) async fn open_db(path: &Path, wait: Duration) -> Result<Arc<Database>
             .map_err(|e| e.to_string())?;
         match r {
             Ok(db) => {
-                let tx = db.begin_write().map_err(|e| e.to_string())?;
-                tx.open_table(LOG).map_err(|e| e.to_string())?;
-                tx.open_table(META).map_err(|e| e.to_string())?;
-                tx.commit().map_err(|e| e.to_string())?;
+                // The tables are made by the first open only: an existing store opens without a
+                // write, so it opens on a disk with no room left (and serves reads).
+                let made = db
+                    .begin_read()
+                    .is_ok_and(|tx| tx.open_table(LOG).is_ok() && tx.open_table(META).is_ok());
+                if !made {
+                    let tx = db.begin_write().map_err(|e| e.to_string())?;
+                    tx.open_table(LOG).map_err(|e| e.to_string())?;
+                    tx.open_table(META).map_err(|e| e.to_string())?;
+                    tx.commit().map_err(|e| e.to_string())?;
+                }
                 return Ok(Arc::new(db));
             }
             Err(redb::DatabaseError::DatabaseAlreadyOpen)
@@ -201,7 +208,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), SE> {
         // Not fsynced on its own: the next durable commit (a log append or a vote) carries it. A
         // committed index lost in a crash only means fewer entries are re-applied at open; the
-        // leader tells the rest.
+        // leader tells the rest. For that reason it is not written at all while the disk is
+        // below the store's reserve: a write that fails there would stop this Raft node (see
+        // `crate::disk`), for a record openraft can do without.
+        if !self.disk.has_reserve() {
+            return Ok(());
+        }
         put_meta(
             &self.db,
             &self.disk,

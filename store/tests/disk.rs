@@ -133,7 +133,8 @@ fn skip(why: &str) {
 
 /// All three disks full: writes through the leader and through a follower are refused with
 /// "disk full: <the leader's store dir>" and append nothing; consistent reads keep working on
-/// every node and the leader stays; once space is freed, the very next write succeeds.
+/// every node and the leader stays; a follower restarted on its full disk opens and follows;
+/// once space is freed, the very next write succeeds, and a restart finds every write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_disk_refuses_writes_keeps_reads_and_takes_the_next_write_once_freed() {
     let mut c = match Cluster::new().await {
@@ -190,6 +191,25 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_takes_the_next_write_once_fr
     assert!(stats.full, "{stats:?}");
     assert_eq!(stats.disk_full, 2, "{stats:?}");
     assert_eq!(stats.reopened, 0);
+    // A follower restarted on its full disk opens (an existing store opens without writing)
+    // and answers consistent reads again.
+    c.nodes[f].restart(SNAPSHOT_EVERY).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = c.nodes[f]
+            .store
+            .read(Query::DocList {
+                prefix: "k/".into(),
+            })
+            .await;
+        match r {
+            Ok(QueryResult::Docs(docs)) if docs.len() == 5 => break,
+            other => assert!(Instant::now() < deadline, "restarted follower: {other:?}"),
+        }
+    }
+    // It writes nothing it can do without (the committed index) on a disk below the reserve,
+    // so it stays a follower.
+    assert_eq!(c.nodes[f].store.status().role, "follower");
 
     for filler in fillers {
         filler.free();
