@@ -31,7 +31,7 @@ use openraft::error::Fatal;
 use openraft::AnyError;
 use tracing::{info, warn};
 
-use crate::{Slot, StoreError};
+use crate::{Slot, Store, StoreError};
 
 /// Free bytes the store keeps under its directory: below this, client writes are refused. A
 /// vote or a committed index is a redb commit of a few pages; 1 MiB leaves room for hundreds.
@@ -283,6 +283,14 @@ impl Disk {
         }
     }
 
+    /// The directory, while it has no room: a write found none and no probe has since, or
+    /// less than the reserve is free now (a small write may still fit in pages the database
+    /// already holds, a large one will not).
+    pub(crate) fn trouble(&self) -> Option<String> {
+        let full = self.full.load(Ordering::SeqCst) || !self.has_reserve();
+        full.then(|| self.dir.display().to_string())
+    }
+
     pub(crate) fn stats(&self) -> DiskStats {
         DiskStats {
             disk_full: self.disk_full.load(Ordering::Relaxed),
@@ -300,6 +308,54 @@ pub(crate) fn storage_stopped<NID: openraft::NodeId>(fatal: &Fatal<NID>) -> Opti
         Fatal::StorageError(_) => Some(fatal.to_string()),
         // A panic is a bug, not the disk: reopening would only hit it again.
         Fatal::Panicked | Fatal::Stopped => None,
+    }
+}
+
+/// How long the leader waits for each voter's status when a write was not confirmed (within
+/// the extra time a forwarding node gives the leader's answer).
+const ASK_VOTERS: Duration = Duration::from_millis(250);
+
+impl Store {
+    /// On a leader whose write was not confirmed by a majority: [`StoreError::DiskFull`] if that
+    /// is because too many voters have no room under their store directories (their Raft nodes
+    /// refuse or stopped on the append), naming one of them; None otherwise (or if they cannot
+    /// be asked).
+    pub(crate) async fn voters_out_of_room(&self) -> Option<StoreError> {
+        let me = self.status();
+        let mut asks = tokio::task::JoinSet::new();
+        for m in me.voters.iter().filter(|m| m.id != me.node) {
+            let (store, netid, id) = (self.clone(), m.netid, m.id);
+            asks.spawn(async move {
+                let s = tokio::time::timeout(ASK_VOTERS, store.remote_status(netid)).await;
+                (id, s.ok().and_then(|s| s.ok()).and_then(|s| s.disk_full))
+            });
+        }
+        let mut full: Vec<(u64, String)> = Vec::new();
+        if let (true, Some(dir)) = (me.voters.iter().any(|m| m.id == me.node), me.disk_full) {
+            full.push((me.node, dir));
+        }
+        while let Some(r) = asks.join_next().await {
+            if let Ok((id, Some(dir))) = r {
+                full.push((id, dir));
+            }
+        }
+        let voters = me.voters.len();
+        if full.is_empty() || voters - full.len() > voters / 2 {
+            return None;
+        }
+        full.sort();
+        let n = full.len();
+        let (id, dir) = full.swap_remove(0);
+        Some(StoreError::DiskFull {
+            path: dir,
+            detail: format!(
+                "on node {id:016x}; {} of {voters} voters have no room under their store \
+                 directories, so no write can be committed (this one stays in the leader's log \
+                 and is applied only if they get room back before another leader is elected); \
+                 writes resume by themselves once space is freed",
+                n
+            ),
+        })
     }
 }
 

@@ -273,6 +273,10 @@ pub struct StoreStatus {
     /// Set once this group was merged into another: that group's id.
     #[serde(default)]
     pub sealed_into: Option<String>,
+    /// This node's store directory, while it has no room for writes: a write found none, or
+    /// less than [`DISK_RESERVE_BYTES`] are free (see [`disk`]).
+    #[serde(default)]
+    pub disk_full: Option<String>,
 }
 
 /// What [`Store::abandon`] did.
@@ -836,6 +840,7 @@ impl Store {
             millis_since_quorum_ack: m.millis_since_quorum_ack,
             group: inner.group().map(types::hex),
             sealed_into: inner.sealed().map(types::hex),
+            disk_full: self.slot.disk.trouble(),
         }
     }
 
@@ -1125,6 +1130,11 @@ impl Store {
             // than append what may never commit.
             let stale = self.inner().config.election_timeout.0.as_millis() as u64;
             if m.millis_since_quorum_ack.is_some_and(|t| t > stale) {
+                if matches!(req, Forwarded::Write(_)) {
+                    if let Some(e) = self.voters_out_of_room().await {
+                        return Err(Fail::Error(e));
+                    }
+                }
                 return Err(Fail::Error(StoreError::NoQuorum(format!(
                     "this node leads but has not heard from a majority of voters for {} ms",
                     m.millis_since_quorum_ack.unwrap_or(0)
@@ -1143,12 +1153,15 @@ impl Store {
                     Err(e) => return Err(Fail::Error(StoreError::Storage(e.to_string()))),
                 }
                 match tokio::time::timeout(left, raft.client_write(cmd.clone())).await {
-                    Err(_) => Err(self.no_quorum(
-                        "the write (appended to this leader's log, applied only if it regains a \
-                         majority before another leader is elected) was",
-                        deadline,
-                        start,
-                    )),
+                    Err(_) => Err(match self.voters_out_of_room().await {
+                        Some(e) => Fail::Error(e),
+                        None => self.no_quorum(
+                            "the write (appended to this leader's log, applied only if it \
+                             regains a majority before another leader is elected) was",
+                            deadline,
+                            start,
+                        ),
+                    }),
                     Ok(Ok(r)) => Ok(Answer::Applied(r.data)),
                     Ok(Err(RaftError::Fatal(f))) => Err(Fail::Error(self.fatal_error(&f))),
                     Ok(Err(e)) => Err(write_error(e)),

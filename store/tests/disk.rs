@@ -302,3 +302,76 @@ async fn a_write_that_finds_no_room_stops_that_node_which_reopens_by_itself() {
         .expect("a write through the reopened node");
     c.stop().await;
 }
+
+/// Both followers' disks full, the leader's not. A write too large for the room the followers'
+/// databases already hold cannot be committed (only one voter has room for it); while the
+/// group sorts itself out (a follower whose append fails stops; one that can still record its
+/// vote may be elected and then refuses writes on its full disk), such writes never succeed
+/// and end up failing with "disk full: <a follower's store dir>" rather than a bare "no
+/// quorum". Space freed: the stopped nodes reopen by themselves and every node follows one
+/// leader with the same documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn followers_out_of_room_fail_writes_with_disk_full_until_freed() {
+    let c = match Cluster::new().await {
+        Ok(c) => c,
+        Err(why) => return skip(&why),
+    };
+    let l = c.leader(&[0, 1, 2]).await;
+    for i in 0..3 {
+        c.nodes[l]
+            .store
+            .write(put(&key(i), "v".into()))
+            .await
+            .unwrap();
+    }
+    let followers: Vec<usize> = (0..3).filter(|i| *i != l).collect();
+    let fillers: Vec<_> = followers
+        .iter()
+        .map(|&i| c.disks[i].fill("filler", 0))
+        .collect();
+    let follower_dirs: Vec<String> = followers
+        .iter()
+        .map(|&i| c.nodes[i].dir.display().to_string())
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    let path = loop {
+        match c.nodes[l]
+            .store
+            .write(put(&key(3), "v".repeat(2 << 20)))
+            .await
+        {
+            Ok(a) => panic!("a write no majority has room for was applied: {a:?}"),
+            Err(StoreError::DiskFull { path, .. }) => break path,
+            Err(e) => seen.push(e.to_string()),
+        }
+        assert!(Instant::now() < deadline, "no disk-full error: {seen:?}");
+    };
+    assert!(follower_dirs.contains(&path), "{path}");
+    eprintln!("disk full after {} other errors: {seen:?}", seen.len());
+
+    for filler in fillers {
+        filler.free();
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match c.nodes[l].store.write(put(&key(4), "v".into())).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let l2 = c.leader(&[0, 1, 2]).await;
+    let want = c.local_docs(l2);
+    assert!(
+        want.starts_with(&keys(0..3)) && want.contains(&key(4)),
+        "{want:?}"
+    );
+    for i in 0..3 {
+        c.wait_docs(i, want.clone()).await;
+        let s = c.nodes[i].store.status();
+        assert!(s.role == "leader" || s.role == "follower", "{s:?}");
+        assert_eq!(s.disk_full, None, "{s:?}");
+    }
+    c.stop().await;
+}
