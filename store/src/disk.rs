@@ -48,6 +48,9 @@ const PROBE_FILE: &str = ".space-probe";
 /// first; doubled after every failed reopen, up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// A reopened node that runs this long without stopping again is reopened at once the next
+/// time (RETRY_MIN after room is back).
+const STABLE: Duration = Duration::from_secs(60);
 
 /// Whether `e` says the filesystem has no room for the write: ENOSPC (28) or EDQUOT (122).
 pub fn is_full(e: &io::Error) -> bool {
@@ -363,6 +366,10 @@ impl Store {
 /// it, waits for room under the directory and reopens it (see the module doc). Ends once every
 /// clone of the store is dropped.
 pub(crate) async fn watch(slot: Weak<Slot>) {
+    // A node that stops again soon after a reopen (a fault that room does not cure) is reopened
+    // ever more slowly, up to RETRY_MAX apart.
+    let mut last_reopen: Option<tokio::time::Instant> = None;
+    let mut first_pause = RETRY_MIN;
     loop {
         let Some(s) = slot.upgrade() else { return };
         let mut metrics = s.current_inner().raft.metrics();
@@ -391,7 +398,11 @@ pub(crate) async fn watch(slot: Weak<Slot>) {
             continue;
         };
         warn!(error = %why, "a storage error stopped this node's store; it reopens once the disk has room");
-        let mut pause = RETRY_MIN;
+        first_pause = match last_reopen {
+            Some(t) if t.elapsed() < STABLE => (first_pause * 2).min(RETRY_MAX),
+            _ => RETRY_MIN,
+        };
+        let mut pause = first_pause;
         loop {
             tokio::time::sleep(pause).await;
             let Some(s) = slot.upgrade() else { return };
@@ -404,6 +415,7 @@ pub(crate) async fn watch(slot: Weak<Slot>) {
             }
             match s.reopen_stopped(&metrics).await {
                 Ok(true) => {
+                    last_reopen = Some(tokio::time::Instant::now());
                     s.disk.reopened.fetch_add(1, Ordering::Relaxed);
                     s.disk.stopped_full.store(false, Ordering::SeqCst);
                     info!("the store reopened after its storage error");
