@@ -114,7 +114,7 @@ pub enum StoreError {
 }
 
 impl From<io::Error> for StoreError {
-    /// Tells a full filesystem apart; the store names its directory ([`Store::fault`]) before
+    /// Tells a full filesystem apart; the store names its directory before
     /// the error leaves it.
     fn from(e: io::Error) -> StoreError {
         if is_full(&e) {

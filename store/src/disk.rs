@@ -3,7 +3,7 @@
 //! * **Classified.** A write the filesystem refuses for lack of room (ENOSPC, or EDQUOT: over a
 //!   quota) is told apart from other I/O errors ([`is_full`]) in every redb error it comes
 //!   wrapped in ([`Fault`]), counted ([`DiskStats`]) and reported to the caller as
-//!   [`StoreError::DiskFull`] ("disk full: <dir>"), a gRPC `RESOURCE_EXHAUSTED`.
+//!   [`StoreError::DiskFull`] (`disk full: <dir>`), a gRPC `RESOURCE_EXHAUSTED`.
 //! * **Refused before it breaks anything.** The leader checks the room left ([`Disk::room`])
 //!   before it appends a client write: below [`RESERVE_BYTES`] free (or after a write failed for
 //!   lack of room and no probe has succeeded since) it refuses with

@@ -30,6 +30,16 @@
 //! [`StoreConfig::snapshot_every`] log entries and stored durably in the same database before the
 //! log before them is purged.
 //!
+//! # Disk trouble
+//!
+//! A full filesystem (ENOSPC, EDQUOT) under the store's directory is told apart from other I/O
+//! errors and reported as [`StoreError::DiskFull`] (`disk full: <dir>`). The leader refuses
+//! client writes while less than [`DISK_RESERVE_BYTES`] are free, before appending anything, so
+//! a full disk costs writes only: reads, the leader and the followers stay. A storage error
+//! Raft cannot avoid (a follower's append, a race with whatever fills the disk) stops that
+//! node's Raft node, as openraft requires; the store reopens it by itself once the disk has
+//! room again, behind the same [`Store`] handle, and it catches up. See `disk.rs`.
+//!
 //! # Documents
 //!
 //! A document's generation is a store-wide revision: every document write takes the next one, so
@@ -202,10 +212,12 @@ pub enum StoreError {
     /// The database could not be opened or written.
     #[error("storage: {0}")]
     Storage(String),
-    /// The filesystem under the store's directory `path` (on the node that refused) has no
-    /// room: the write was refused before anything was appended, or the Raft node that was to
-    /// write it stopped on the failed write (it reopens by itself once space is freed; see
-    /// [`disk`]). Nothing was written; retry once space is freed.
+    /// The filesystem under the store directory `path` of the node `detail` names has no room.
+    /// Usually the leader refused the write before appending anything (nothing was written);
+    /// when a Raft node stopped on the failed append, or a majority of voters has no room for
+    /// it, the detail says that the write may yet be applied (read it back). Writes resume by
+    /// themselves once space is freed (see the crate doc). Never from bad input; a gRPC
+    /// `RESOURCE_EXHAUSTED`.
     #[error("disk full: {path}: {detail}")]
     DiskFull {
         /// The store's directory.
@@ -274,7 +286,7 @@ pub struct StoreStatus {
     #[serde(default)]
     pub sealed_into: Option<String>,
     /// This node's store directory, while it has no room for writes: a write found none, or
-    /// less than [`DISK_RESERVE_BYTES`] are free (see [`disk`]).
+    /// less than [`DISK_RESERVE_BYTES`] are free.
     #[serde(default)]
     pub disk_full: Option<String>,
 }
