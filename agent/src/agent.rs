@@ -393,6 +393,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         keys,
         reeve,
         store.clone(),
+        pastiche_store.clone(),
         transport,
         start,
         &crate::bootstrap::rows(),

@@ -92,6 +92,11 @@ pub fn render(state: &AgentState) -> String {
             s.elapsed.as_secs_f64(),
         );
     }
+    render_disk(
+        &mut o,
+        &state.store.disk_stats(),
+        state.pastiche.write_errors(),
+    );
     o.one(
         "crux_uptime_seconds",
         "gauge",
@@ -99,6 +104,52 @@ pub fn render(state: &AgentState) -> String {
         state.uptime().as_secs(),
     );
     o.0
+}
+
+/// The store's and pastiche's disk trouble.
+fn render_disk(o: &mut Out, store: &crux_store::DiskStats, pastiche: crux_pastiche::WriteErrors) {
+    o.family(
+        "crux_store_write_errors_total",
+        "counter",
+        "Store writes that failed or were refused, by reason (disk_full: no room under the store's directory).",
+    );
+    o.value(
+        "crux_store_write_errors_total",
+        &[("reason", "disk_full")],
+        store.disk_full,
+    );
+    o.value(
+        "crux_store_write_errors_total",
+        &[("reason", "io")],
+        store.io,
+    );
+    o.one(
+        "crux_store_disk_full",
+        "gauge",
+        "1 while the store refuses writes for lack of room.",
+        u8::from(store.full),
+    );
+    o.one(
+        "crux_store_reopened_total",
+        "counter",
+        "Times the store's Raft node was reopened after a storage error stopped it.",
+        store.reopened,
+    );
+    o.family(
+        "crux_pastiche_write_errors_total",
+        "counter",
+        "Pastiche writes (puts, pulls, pins) that failed, by reason (disk_full: no room).",
+    );
+    o.value(
+        "crux_pastiche_write_errors_total",
+        &[("reason", "disk_full")],
+        pastiche.disk_full,
+    );
+    o.value(
+        "crux_pastiche_write_errors_total",
+        &[("reason", "io")],
+        pastiche.io,
+    );
 }
 
 fn render_flock(o: &mut Out, snap: &Snapshot, key_epoch: Option<u64>) {
@@ -300,6 +351,31 @@ mod tests {
         assert!(text.contains("# TYPE crux_flock_leader_changes_total counter\n"));
         assert!(text.contains("crux_flock_leader_changes_total 0\n"));
         assert!(text.contains("crux_handshakes_total{side=\"answered\"} 0\n"));
+        let mut o = Out(String::new());
+        let store = crux_store::DiskStats {
+            disk_full: 3,
+            io: 1,
+            full: true,
+            reopened: 2,
+        };
+        let pastiche = crux_pastiche::WriteErrors {
+            disk_full: 4,
+            io: 0,
+        };
+        render_disk(&mut o, &store, pastiche);
+        let disk = o.0;
+        for line in [
+            "# TYPE crux_store_write_errors_total counter\n",
+            "crux_store_write_errors_total{reason=\"disk_full\"} 3\n",
+            "crux_store_write_errors_total{reason=\"io\"} 1\n",
+            "crux_store_disk_full 1\n",
+            "crux_store_reopened_total 2\n",
+            "crux_pastiche_write_errors_total{reason=\"disk_full\"} 4\n",
+            "crux_pastiche_write_errors_total{reason=\"io\"} 0\n",
+        ] {
+            assert!(disk.contains(line), "{line} in {disk}");
+        }
+        let text = text + &disk;
         // Every sample line is `name{labels} value` or `name value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();

@@ -53,6 +53,8 @@ pub struct AgentState {
     pub reeve: Arc<crux_reeve::Reeve>,
     /// The durable store (Raft).
     pub store: crux_store::Store,
+    /// This node's pastiche store.
+    pub pastiche: crux_pastiche::store::Store,
     /// This node's end of the node plane.
     pub transport: crux_transport::Transport,
     /// The local socket's listener counters (`crux_local`).
@@ -84,6 +86,7 @@ impl AgentState {
         keys: Keys,
         reeve: Arc<crux_reeve::Reeve>,
         store: crux_store::Store,
+        pastiche: crux_pastiche::store::Store,
         transport: crux_transport::Transport,
         started: Instant,
         table: &[(&'static str, &'static [&'static str])],
@@ -108,6 +111,7 @@ impl AgentState {
             keys,
             reeve,
             store,
+            pastiche,
             transport,
             local: crux_local::Stats::default(),
             started,

@@ -11,6 +11,12 @@
 //! * [`cache`]: the local API (`crux pastiche ...`) and the loop that tells the steward what this
 //!   node holds.
 //!
+//! **Disk full.** A write the filesystem refuses for lack of room (ENOSPC, EDQUOT) fails with
+//! [`StoreError::NoSpace`] (`disk full: <dir>`, a gRPC `RESOURCE_EXHAUSTED`), counted in
+//! [`Store::write_errors`], and leaves nothing behind: a pull allocates its room when it begins
+//! (so it fails then, not half way), and one that found no room drops its temp state. The next
+//! write after space is freed simply works.
+//!
 //! **Never.** A partial or corrupt blob is never visible under its digest: every piece is
 //! verified, then the whole digest, and only a fully written, fsynced file is renamed into
 //! place. A pinned blob is never evicted. The node service answers only callers the node plane
@@ -26,4 +32,4 @@ pub mod store;
 
 pub use digest::{sha256, Digest, DigestError, PIECE_SIZE};
 pub use manifest::{Manifest, MAX_PIECE_SIZE, MIN_PIECE_SIZE};
-pub use store::{Entry, Pull, Store, StoreError, VerifyReport};
+pub use store::{is_full, Entry, Pull, Store, StoreError, VerifyReport, WriteErrors};

@@ -55,6 +55,14 @@ pub enum PullError {
     },
 }
 
+/// Why one piece failed.
+enum PieceFailed {
+    /// The holder did not give it (or gave bad bytes): another holder may.
+    Holder(String),
+    /// This node's store could not write it (disk full, I/O error): the pull stops.
+    Local(StoreError),
+}
+
 /// What a pull did.
 #[derive(Clone, Debug, Default)]
 pub struct PullReport {
@@ -284,7 +292,9 @@ impl Puller {
         dropped: &mut HashSet<String>,
         report: &mut PullReport,
     ) -> Result<(), PullError> {
-        type Done = (String, u32, Result<(), String>, bool);
+        // (holder, piece, what went wrong, whether the holder sent bad bytes); a failure of
+        // this node's own store ends the pull (another holder would not help).
+        type Done = (String, u32, Result<(), PieceFailed>, bool);
         let n = pull.manifest().piece_count();
         let mut tasks: JoinSet<Done> = JoinSet::new();
         let mut in_flight: HashSet<u32> = HashSet::new();
@@ -387,18 +397,19 @@ impl Puller {
                                 indexes: vec![i],
                             })
                             .await;
+                        let holder = |why: String| Err(PieceFailed::Holder(why));
                         let data = match r {
                             Ok(s) => {
                                 let mut s = s.into_inner();
                                 match s.message().await {
                                     Ok(Some(p)) if p.index == i => p.data,
-                                    Ok(_) => return (node, i, Err("no piece".into()), false),
+                                    Ok(_) => return (node, i, holder("no piece".into()), false),
                                     Err(e) => {
-                                        return (node, i, Err(e.message().to_string()), false)
+                                        return (node, i, holder(e.message().to_string()), false)
                                     }
                                 }
                             }
-                            Err(e) => return (node, i, Err(e.message().to_string()), false),
+                            Err(e) => return (node, i, holder(e.message().to_string()), false),
                         };
                         let w =
                             tokio::task::spawn_blocking(move || pull.write_piece(i, &data)).await;
@@ -407,11 +418,11 @@ impl Puller {
                             Ok(Err(StoreError::PieceMismatch { .. })) => (
                                 node,
                                 i,
-                                Err("piece does not match the manifest".into()),
+                                holder("piece does not match the manifest".into()),
                                 true,
                             ),
-                            Ok(Err(e)) => (node, i, Err(e.to_string()), false),
-                            Err(e) => (node, i, Err(e.to_string()), false),
+                            Ok(Err(e)) => (node, i, Err(PieceFailed::Local(e)), false),
+                            Err(e) => (node, i, holder(e.to_string()), false),
                         }
                     });
                 }
@@ -442,7 +453,11 @@ impl Puller {
                     Ok(()) => {
                         *report.sources.entry(node).or_default() += 1;
                     }
-                    Err(why) => {
+                    Err(PieceFailed::Local(e)) => {
+                        warn!(%digest, piece = i, error = %e, "this node's store failed; pull stopped");
+                        return Err(e.into());
+                    }
+                    Err(PieceFailed::Holder(why)) => {
                         debug!(%digest, piece = i, holder = %node, %why, "piece failed");
                         if bad {
                             warn!(%digest, piece = i, holder = %node, "holder sent bad bytes; dropped");

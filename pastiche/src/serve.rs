@@ -16,7 +16,7 @@ pub const MESSAGE_MAX: usize = 5 << 20;
 pub fn status(e: StoreError) -> Status {
     match e {
         StoreError::NotFound(d) => Status::not_found(format!("unknown digest {d}")),
-        StoreError::TooLarge { .. } | StoreError::NoSpace => {
+        StoreError::TooLarge { .. } | StoreError::NoSpace { .. } => {
             Status::resource_exhausted(e.to_string())
         }
         StoreError::BadManifest(m) => Status::invalid_argument(m),

@@ -68,9 +68,14 @@ pub enum StoreError {
         /// The store's maximum size.
         max: u64,
     },
-    /// The filesystem reported ENOSPC.
-    #[error("disk full")]
-    NoSpace,
+    /// The filesystem under the store's directory `path` has no room (ENOSPC, or EDQUOT: over
+    /// a quota). Nothing is left behind: a put's temp file, and a pull's temp state, are
+    /// removed (the room is given back); blobs already there stay.
+    #[error("disk full: {}", path.display())]
+    NoSpace {
+        /// The store's directory.
+        path: PathBuf,
+    },
     /// No such blob (or no such piece of it).
     #[error("unknown digest {0}")]
     NotFound(Digest),
@@ -103,16 +108,40 @@ pub enum StoreError {
     /// Any other I/O error.
     #[error("i/o error: {0}")]
     Io(#[source] io::Error),
+    /// The reader a put imports from failed (nothing was imported; not a fault of the store).
+    #[error("reading the blob to import: {0}")]
+    Input(#[source] io::Error),
 }
 
 impl From<io::Error> for StoreError {
+    /// Tells a full filesystem apart; the store names its directory before
+    /// the error leaves it.
     fn from(e: io::Error) -> StoreError {
-        if e.kind() == io::ErrorKind::StorageFull {
-            StoreError::NoSpace
+        if is_full(&e) {
+            StoreError::NoSpace {
+                path: PathBuf::new(),
+            }
         } else {
             StoreError::Io(e)
         }
     }
+}
+
+/// Whether `e` says the filesystem has no room for the write: ENOSPC (28) or EDQUOT (122).
+pub fn is_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(28 | 122))
+}
+
+/// Writes that failed, by reason (for `/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteErrors {
+    /// For lack of room ([`StoreError::NoSpace`]).
+    pub disk_full: u64,
+    /// Another I/O error ([`StoreError::Io`]).
+    pub io: u64,
 }
 
 /// A complete blob, as listed by [`Store::list`].
@@ -144,6 +173,7 @@ pub struct Store {
 }
 
 struct Inner {
+    dir: PathBuf,
     max: u64,
     blobs_dir: PathBuf,
     tmp_dir: PathBuf,
@@ -152,6 +182,8 @@ struct Inner {
     used: AtomicU64,
     seq: AtomicU64,
     state: Mutex<State>,
+    disk_full: AtomicU64,
+    io_errors: AtomicU64,
 }
 
 struct Blob {
@@ -198,6 +230,20 @@ fn remove_if_exists(p: &Path) -> io::Result<()> {
     match fs::remove_file(p) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// Allocates the blocks of `f`'s first `len` bytes, so that a pull finds out at its start,
+/// not half way, that the disk has no room for it. A filesystem that cannot allocate ahead
+/// (EOPNOTSUPP) is left to find out as the pieces are written.
+fn allocate(f: &File, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -290,20 +336,51 @@ impl Store {
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Store, StoreError> {
         let blobs_dir = dir.join("blobs").join("sha256");
         let tmp_dir = dir.join("tmp");
-        fs::create_dir_all(&blobs_dir)?;
-        fs::create_dir_all(&tmp_dir)?;
         let store = Store {
             inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
                 max: max_bytes,
                 blobs_dir,
                 tmp_dir,
                 used: AtomicU64::new(0),
                 seq: AtomicU64::new(0),
                 state: Mutex::new(State::default()),
+                disk_full: AtomicU64::new(0),
+                io_errors: AtomicU64::new(0),
             }),
         };
-        store.load()?;
+        let made = fs::create_dir_all(&store.inner.blobs_dir)
+            .and_then(|()| fs::create_dir_all(&store.inner.tmp_dir));
+        made.map_err(|e| store.fault(e.into()))?;
+        store.load().map_err(|e| store.fault(e))?;
         Ok(store)
+    }
+
+    /// A write error as it leaves the store: a full disk named by the store's directory; I/O
+    /// errors counted by reason ([`Store::write_errors`]).
+    fn fault(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::NoSpace { .. } => {
+                self.inner.disk_full.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(dir = %self.inner.dir.display(), "pastiche write failed: disk full");
+                StoreError::NoSpace {
+                    path: self.inner.dir.clone(),
+                }
+            }
+            StoreError::Io(e) => {
+                self.inner.io_errors.fetch_add(1, Ordering::Relaxed);
+                StoreError::Io(e)
+            }
+            other => other,
+        }
+    }
+
+    /// The writes that failed so far, by reason.
+    pub fn write_errors(&self) -> WriteErrors {
+        WriteErrors {
+            disk_full: self.inner.disk_full.load(Ordering::Relaxed),
+            io: self.inner.io_errors.load(Ordering::Relaxed),
+        }
     }
 
     fn load(&self) -> Result<(), StoreError> {
@@ -647,14 +724,14 @@ impl Store {
     /// its end (without writing) so that it can be deduplicated against a present blob, and so
     /// that [`StoreError::TooLarge`] reports its true size.
     pub fn put_reader(&self, r: impl Read) -> Result<Manifest, StoreError> {
-        self.put_inner(r, None)
+        self.put_inner(r, None).map_err(|e| self.fault(e))
     }
 
     /// Imports a local file; see [`Store::put_reader`].
     pub fn put_file(&self, path: &Path) -> Result<Manifest, StoreError> {
         let f = File::open(path)?;
         let len = f.metadata()?.len();
-        self.put_inner(f, Some(len))
+        self.put_inner(f, Some(len)).map_err(|e| self.fault(e))
     }
 
     fn put_inner(&self, mut r: impl Read, hint: Option<u64>) -> Result<Manifest, StoreError> {
@@ -711,7 +788,7 @@ impl Store {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(StoreError::Input(e)),
             };
             h.update(&buf[..n]);
             if let Some(f) = file.as_mut() {
@@ -873,6 +950,10 @@ impl Store {
 
     /// Pins a complete blob: it is never evicted. Persists across [`Store::open`].
     pub fn pin(&self, d: &Digest) -> Result<(), StoreError> {
+        self.pin_inner(d).map_err(|e| self.fault(e))
+    }
+
+    fn pin_inner(&self, d: &Digest) -> Result<(), StoreError> {
         let mut st = self.lock();
         let b = st.blobs.get(d).ok_or(StoreError::NotFound(*d))?;
         if b.pinned {
@@ -889,6 +970,10 @@ impl Store {
 
     /// Unpins a complete blob. [`StoreError::NotFound`] if absent.
     pub fn unpin(&self, d: &Digest) -> Result<(), StoreError> {
+        self.unpin_inner(d).map_err(|e| self.fault(e))
+    }
+
+    fn unpin_inner(&self, d: &Digest) -> Result<(), StoreError> {
         let mut st = self.lock();
         let b = st.blobs.get(d).ok_or(StoreError::NotFound(*d))?;
         if !b.pinned {
@@ -961,6 +1046,10 @@ impl Store {
     /// If the blob is already complete, the returned pull has nothing missing and its
     /// [`Pull::finish`] returns the present blob's manifest.
     pub fn begin_pull(&self, m: Manifest) -> Result<Pull, StoreError> {
+        self.begin_pull_inner(m).map_err(|e| self.fault(e))
+    }
+
+    fn begin_pull_inner(&self, m: Manifest) -> Result<Pull, StoreError> {
         m.check().map_err(StoreError::BadManifest)?;
         let d = m.digest;
         let cancelled = Arc::new(AtomicBool::new(false));
@@ -1057,6 +1146,7 @@ impl Store {
                 if part.metadata()?.len() != m.size {
                     part.set_len(m.size)?;
                 }
+                allocate(&part, m.size)?;
                 let journal = match fs::read(&have_p) {
                     Ok(b) => b,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
@@ -1092,6 +1182,7 @@ impl Store {
                     .truncate(true)
                     .open(&part_p)?;
                 part.set_len(m.size)?;
+                allocate(&part, m.size)?;
                 File::create(&have_p)?;
                 // The manifest last: its presence makes the state resumable.
                 self.write_atomic(&man_p, &m.to_bytes())?;
@@ -1116,6 +1207,7 @@ impl Store {
                 pending_bytes: 0,
             }),
             cancelled,
+            no_room: AtomicBool::new(false),
         })
     }
 }
@@ -1142,6 +1234,9 @@ struct PullShared {
     /// arrive so that `finish` only hashes what is left.
     frontier: Mutex<Frontier>,
     cancelled: Arc<AtomicBool>,
+    /// A write found no room: the temp state is discarded when the pull is dropped (it would
+    /// only hold room the disk lacks), not kept for a resume.
+    no_room: AtomicBool,
 }
 
 struct Frontier {
@@ -1246,6 +1341,20 @@ impl Pull {
     /// are made durable every 16 MiB of pieces (and by [`Pull::flush`], and on drop), so a kill
     /// loses at most the pieces written since the last record.
     pub fn write_piece(&self, index: u32, bytes: &[u8]) -> Result<(), StoreError> {
+        self.write_piece_inner(index, bytes)
+            .map_err(|e| self.failed(e))
+    }
+
+    /// A failed write of this pull as it leaves the store (see [`Store::fault`]); one for lack
+    /// of room marks the temp state for removal once the pull is dropped.
+    fn failed(&self, e: StoreError) -> StoreError {
+        if let (StoreError::NoSpace { .. }, Some(sh)) = (&e, &self.shared) {
+            sh.no_room.store(true, Ordering::SeqCst);
+        }
+        self.store.fault(e)
+    }
+
+    fn write_piece_inner(&self, index: u32, bytes: &[u8]) -> Result<(), StoreError> {
         let m = &self.manifest;
         if index >= m.piece_count()
             || bytes.len() as u64 != m.piece_len(index)
@@ -1287,7 +1396,7 @@ impl Pull {
     pub fn flush(&self) -> Result<(), StoreError> {
         if let Some(sh) = &self.shared {
             let batch = sh.take_pending();
-            sh.record(&batch)?;
+            sh.record(&batch).map_err(|e| self.failed(e.into()))?;
         }
         Ok(())
     }
@@ -1298,7 +1407,12 @@ impl Pull {
     /// discarded. Otherwise fsyncs, renames into place, fsyncs the directory and indexes the
     /// blob. If the blob became complete meanwhile (a put), the temp state is discarded and
     /// the present blob's manifest returned.
-    pub fn finish(mut self) -> Result<Manifest, StoreError> {
+    pub fn finish(self) -> Result<Manifest, StoreError> {
+        let store = self.store.clone();
+        self.finish_inner().map_err(|e| store.fault(e))
+    }
+
+    fn finish_inner(mut self) -> Result<Manifest, StoreError> {
         let d = self.manifest.digest;
         let Some(sh) = self.shared.clone() else {
             self.done = true;
@@ -1317,8 +1431,13 @@ impl Pull {
         if missing > 0 {
             return Err(StoreError::Incomplete { missing });
         }
-        sh.part.sync_data()?;
-        sh.advance(true, None)?;
+        if let Err(e) = sh.part.sync_data().and_then(|()| sh.advance(true, None)) {
+            let e = StoreError::from(e);
+            if matches!(e, StoreError::NoSpace { .. }) {
+                sh.no_room.store(true, Ordering::SeqCst);
+            }
+            return Err(e);
+        }
         let got = {
             let f = sh.frontier.lock().unwrap_or_else(|e| e.into_inner());
             Digest(f.hasher.clone().finalize().into())
@@ -1379,14 +1498,24 @@ impl Drop for Pull {
         if sh.cancelled.load(Ordering::SeqCst) {
             return;
         }
-        let batch = sh.take_pending();
-        let _ = sh.record(&batch);
+        let no_room = sh.no_room.load(Ordering::SeqCst);
+        if !no_room {
+            let batch = sh.take_pending();
+            let _ = sh.record(&batch);
+        }
         let mut st = self.store.lock();
         if sh.cancelled.load(Ordering::SeqCst) {
             return;
         }
         let d = self.manifest.digest;
         if let Some(l) = st.live.remove(&d) {
+            if no_room {
+                // Give the room back: nothing of this pull stays on the full disk.
+                self.store.sub_used(l.reserved);
+                self.store.remove_pull_files(&d);
+                let _ = sync_dir(&self.store.inner.tmp_dir);
+                return;
+            }
             let tick = st.next_tick();
             st.dormant.insert(
                 d,

@@ -30,6 +30,16 @@
 //! [`StoreConfig::snapshot_every`] log entries and stored durably in the same database before the
 //! log before them is purged.
 //!
+//! # Disk trouble
+//!
+//! A full filesystem (ENOSPC, EDQUOT) under the store's directory is told apart from other I/O
+//! errors and reported as [`StoreError::DiskFull`] (`disk full: <dir>`). The leader refuses
+//! client writes while less than [`DISK_RESERVE_BYTES`] are free, before appending anything, so
+//! a full disk costs writes only: reads, the leader and the followers stay. A storage error
+//! Raft cannot avoid (a follower's append, a race with whatever fills the disk) stops that
+//! node's Raft node, as openraft requires; the store reopens it by itself once the disk has
+//! room again, behind the same [`Store`] handle, and it catches up. See `disk.rs`.
+//!
 //! # Documents
 //!
 //! A document's generation is a store-wide revision: every document write takes the next one, so
@@ -77,6 +87,7 @@
 //! flock leader, the Raft leader's address for nodes outside the group) and hands the agent its
 //! tasks, a stop handle and its readiness ([`crux_service::Service`]).
 
+mod disk;
 pub mod merge;
 mod network;
 pub mod recover;
@@ -102,6 +113,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+pub use disk::{is_full as is_disk_full, DiskStats, RESERVE_BYTES as DISK_RESERVE_BYTES};
 pub use merge::{GroupNodes, GroupSeen, MergeReport};
 pub use service::{StoreServer, StoreService};
 pub use types::{
@@ -118,6 +130,7 @@ pub fn grpc_status(e: StoreError) -> tonic::Status {
         | StoreError::Merged { .. } => tonic::Status::unavailable(e.to_string()),
         StoreError::Unconfirmed(_) => tonic::Status::deadline_exceeded(e.to_string()),
         StoreError::Invalid(_) => tonic::Status::invalid_argument(e.to_string()),
+        StoreError::DiskFull { .. } => tonic::Status::resource_exhausted(e.to_string()),
         other => tonic::Status::internal(other.to_string()),
     }
 }
@@ -212,6 +225,19 @@ pub enum StoreError {
     /// The database could not be opened or written.
     #[error("storage: {0}")]
     Storage(String),
+    /// The filesystem under the store directory `path` of the node `detail` names has no room.
+    /// Usually the leader refused the write before appending anything (nothing was written);
+    /// when a Raft node stopped on the failed append, or a majority of voters has no room for
+    /// it, the detail says that the write may yet be applied (read it back). Writes resume by
+    /// themselves once space is freed (see the crate doc). Never from bad input; a gRPC
+    /// `RESOURCE_EXHAUSTED`.
+    #[error("disk full: {path}: {detail}")]
+    DiskFull {
+        /// The store's directory.
+        path: String,
+        /// How full, and what happens next.
+        detail: String,
+    },
     /// Raft stopped (shut down, or a fatal storage error).
     #[error("raft: {0}")]
     Raft(String),
@@ -276,6 +302,10 @@ pub struct StoreStatus {
     /// `false` from an agent too old to say.
     #[serde(default)]
     pub serving: bool,
+    /// This node's store directory, while it has no room for writes: a write found none, or
+    /// less than [`DISK_RESERVE_BYTES`] are free.
+    #[serde(default)]
+    pub disk_full: Option<String>,
 }
 
 /// Whether a node's store takes writes now, as far as that node can tell from its own Raft state
@@ -463,6 +493,47 @@ struct Slot {
     changes: tokio::sync::broadcast::Sender<Change>,
     /// What the resource path applies, likewise kept across [`Store::abandon`].
     resources: tokio::sync::broadcast::Sender<resource::Feed>,
+    /// The disk under the store's directory: its room and its trouble (see [`disk`]).
+    disk: Arc<disk::Disk>,
+}
+
+impl Slot {
+    /// The Raft node in use now.
+    fn current_inner(&self) -> Arc<Inner> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the Raft node whose metrics are `stopped`, stopped by a storage error, by a new
+    /// one on the reopened database (see [`disk::watch`]). Ok(false), changing nothing, if it
+    /// was replaced meanwhile.
+    async fn reopen_stopped(
+        &self,
+        stopped: &tokio::sync::watch::Receiver<RaftMetrics<u64, BasicNode>>,
+    ) -> Result<bool, StoreError> {
+        let _reopen = self.reopen.lock().await;
+        let old = self.current_inner();
+        if !old.raft.metrics().same_channel(stopped) {
+            return Ok(false);
+        }
+        if let Err(e) = old.raft.shutdown().await {
+            debug!(%e, "raft shutdown");
+        }
+        old.pool.clear();
+        let new = open_inner(
+            &self.config,
+            self.changes.clone(),
+            self.resources.clone(),
+            self.disk.clone(),
+        )
+        .await?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = new;
+        let _ = self.changes.send(Change::Reset);
+        let _ = self.resources.send(resource::Feed::Reset);
+        Ok(true)
+    }
 }
 
 fn members(m: &RaftMetrics<u64, BasicNode>, ids: impl Iterator<Item = u64>) -> Vec<Member> {
@@ -497,14 +568,15 @@ async fn open_inner(
     config: &StoreConfig,
     changes: tokio::sync::broadcast::Sender<Change>,
     resources: tokio::sync::broadcast::Sender<resource::Feed>,
+    disk: Arc<disk::Disk>,
 ) -> Result<Arc<Inner>, StoreError> {
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| StoreError::Storage(format!("{}: {e}", config.dir.display())))?;
     let db = storage::open_db(&config.dir.join(recover::DB_FILE), Duration::from_secs(5))
         .await
         .map_err(StoreError::Storage)?;
-    let logs = storage::LogStore::new(db.clone());
-    let sm = storage::SmStore::open_with(db, config.node, changes, resources)
+    let logs = storage::LogStore::new(db.clone(), disk.clone());
+    let sm = storage::SmStore::open_with(db, disk, config.node, changes, resources)
         .map_err(StoreError::Storage)?;
     let shared = sm.shared();
     let ms = |d: Duration| d.as_millis() as u64;
@@ -642,25 +714,28 @@ impl Store {
     pub async fn open(config: StoreConfig) -> Result<Store, StoreError> {
         let changes = tokio::sync::broadcast::channel(1024).0;
         let resources = tokio::sync::broadcast::channel(resource::watch::FEED_CAPACITY).0;
-        let inner = open_inner(&config, changes.clone(), resources.clone()).await?;
-        Ok(Store {
-            slot: Arc::new(Slot {
-                current: std::sync::RwLock::new(inner),
-                config,
-                reopen: tokio::sync::Mutex::new(()),
-                changes,
-                resources,
-            }),
-        })
+        let disk = disk::Disk::new(&config.dir, config.node, disk::RESERVE_BYTES);
+        let inner = open_inner(&config, changes.clone(), resources.clone(), disk.clone()).await?;
+        let slot = Arc::new(Slot {
+            current: std::sync::RwLock::new(inner),
+            config,
+            reopen: tokio::sync::Mutex::new(()),
+            changes,
+            resources,
+            disk,
+        });
+        tokio::spawn(disk::watch(Arc::downgrade(&slot)));
+        Ok(Store { slot })
     }
 
     /// The Raft node in use now.
     fn inner(&self) -> Arc<Inner> {
-        self.slot
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.slot.current_inner()
+    }
+
+    /// This store's disk trouble so far (for `/metrics`).
+    pub fn disk_stats(&self) -> DiskStats {
+        self.slot.disk.stats()
     }
 
     /// Abandons this node's store because its group `group` was merged into group `into`: stops
@@ -736,6 +811,7 @@ impl Store {
             config,
             self.slot.changes.clone(),
             self.slot.resources.clone(),
+            self.slot.disk.clone(),
         )
         .await?;
         *self.slot.current.write().unwrap_or_else(|p| p.into_inner()) = new;
@@ -919,6 +995,7 @@ impl Store {
             group: inner.group().map(types::hex),
             sealed_into: inner.sealed().map(types::hex),
             serving: self.serving().is_yes(),
+            disk_full: self.slot.disk.trouble(),
         }
     }
 
@@ -1103,16 +1180,28 @@ impl Store {
 
     /// Runs `req` on the leader, wherever it is, within `budget`.
     async fn call(&self, req: Forwarded, budget: Duration) -> Result<Answer, StoreError> {
+        let deadline = Instant::now() + budget;
         {
             let m = self.inner().raft.metrics().borrow().clone();
-            if m.state == ServerState::Shutdown || m.running_state.is_err() {
-                return Err(StoreError::Raft(match m.running_state {
-                    Err(e) => e.to_string(),
-                    Ok(()) => "the store is shut down".into(),
-                }));
+            if let Err(fatal) = &m.running_state {
+                if disk::storage_stopped(fatal).is_some() {
+                    // This node's Raft node stopped on a storage error (it reopens once the disk
+                    // has room): the leader it knew may still take the request.
+                    let elsewhere = leader_of(&m).filter(|l| l.id != m.id);
+                    if let Some(l) = elsewhere {
+                        match self.forward(l.netid, &req, deadline).await {
+                            Ok(a) => return Ok(a),
+                            Err(Fail::Error(e)) => return Err(e),
+                            Err(other) => debug!(?other, "forwarding past a stopped store"),
+                        }
+                    }
+                }
+                return Err(self.fatal_error(fatal));
+            }
+            if m.state == ServerState::Shutdown {
+                return Err(StoreError::Raft("the store is shut down".into()));
             }
         }
-        let deadline = Instant::now() + budget;
         let mut hint: Option<Member> = None;
         let mut why = String::from("no leader known");
         let write = matches!(req, Forwarded::Write(_));
@@ -1249,6 +1338,19 @@ impl Store {
         self.exec(&req, Instant::now() + budget).await
     }
 
+    /// The error for a request whose Raft node stopped with `fatal`: [`StoreError::DiskFull`]
+    /// when a write found no room, [`StoreError::Raft`] otherwise.
+    fn fatal_error(&self, fatal: &openraft::error::Fatal<u64>) -> StoreError {
+        let why = disk::storage_stopped(fatal).or_else(|| {
+            let m = self.inner().raft.metrics().borrow().running_state.clone();
+            m.err().and_then(|f| disk::storage_stopped(&f))
+        });
+        match why {
+            Some(why) => self.slot.disk.stopped(&why),
+            None => StoreError::Raft(fatal.to_string()),
+        }
+    }
+
     fn not_leader(&self) -> Fail {
         Fail::NotLeader(leader_of(&self.inner().raft.metrics().borrow()))
     }
@@ -1275,6 +1377,11 @@ impl Store {
             // than append what may never commit.
             let stale = self.inner().config.election_timeout.0.as_millis() as u64;
             if m.millis_since_quorum_ack.is_some_and(|t| t > stale) {
+                if matches!(req, Forwarded::Write(_)) {
+                    if let Some(e) = self.voters_out_of_room().await {
+                        return Err(Fail::Error(e));
+                    }
+                }
                 return Err(Fail::Error(StoreError::NoQuorum(format!(
                     "this node leads but has not heard from a majority of voters for {} ms",
                     m.millis_since_quorum_ack.unwrap_or(0)
@@ -1284,14 +1391,26 @@ impl Store {
         let left = deadline.saturating_duration_since(start);
         match req {
             Forwarded::Write(cmd) => {
+                // Refused before it is appended when the disk has no room: an append that fails
+                // would stop this Raft node (and its reads) until the disk has room again.
+                let disk = self.slot.disk.clone();
+                match tokio::task::spawn_blocking(move || disk.room()).await {
+                    Ok(Err(e)) => return Err(Fail::Error(e)),
+                    Ok(Ok(())) => {}
+                    Err(e) => return Err(Fail::Error(StoreError::Storage(e.to_string()))),
+                }
                 match tokio::time::timeout(left, raft.client_write(cmd.clone())).await {
-                    Err(_) => Err(self.no_quorum(
-                        "the write (appended to this leader's log, applied only if it regains a \
-                         majority before another leader is elected) was",
-                        deadline,
-                        start,
-                    )),
+                    Err(_) => Err(match self.voters_out_of_room().await {
+                        Some(e) => Fail::Error(e),
+                        None => self.no_quorum(
+                            "the write (appended to this leader's log, applied only if it \
+                             regains a majority before another leader is elected) was",
+                            deadline,
+                            start,
+                        ),
+                    }),
                     Ok(Ok(r)) => Ok(Answer::Applied(r.data)),
+                    Ok(Err(RaftError::Fatal(f))) => Err(Fail::Error(self.fatal_error(&f))),
                     Ok(Err(e)) => Err(write_error(e)),
                 }
             }

@@ -19,6 +19,7 @@ use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::broadcast;
 
+use crate::disk::Disk;
 use crate::resource::Feed;
 use crate::types::{Applied, Change, Data};
 use crate::TypeConfig;
@@ -49,10 +50,17 @@ pub(crate) async fn open_db(path: &Path, wait: Duration) -> Result<Arc<Database>
             .map_err(|e| e.to_string())?;
         match r {
             Ok(db) => {
-                let tx = db.begin_write().map_err(|e| e.to_string())?;
-                tx.open_table(LOG).map_err(|e| e.to_string())?;
-                tx.open_table(META).map_err(|e| e.to_string())?;
-                tx.commit().map_err(|e| e.to_string())?;
+                // The tables are made by the first open only: an existing store opens without a
+                // write, so it opens on a disk with no room left (and serves reads).
+                let made = db
+                    .begin_read()
+                    .is_ok_and(|tx| tx.open_table(LOG).is_ok() && tx.open_table(META).is_ok());
+                if !made {
+                    let tx = db.begin_write().map_err(|e| e.to_string())?;
+                    tx.open_table(LOG).map_err(|e| e.to_string())?;
+                    tx.open_table(META).map_err(|e| e.to_string())?;
+                    tx.commit().map_err(|e| e.to_string())?;
+                }
                 return Ok(Arc::new(db));
             }
             Err(redb::DatabaseError::DatabaseAlreadyOpen)
@@ -77,22 +85,24 @@ fn get_meta<T: DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>, 
 /// Writes `rows` into META in one transaction; `durable`: fsynced before returning.
 async fn put_meta(
     db: &Arc<Database>,
+    disk: &Arc<Disk>,
     rows: Vec<(&'static str, Vec<u8>)>,
     durable: bool,
 ) -> Result<(), AnyError> {
-    let db = db.clone();
+    let (db, disk) = (db.clone(), disk.clone());
     tokio::task::spawn_blocking(move || {
-        let mut tx = db.begin_write().map_err(any)?;
+        let mut tx = db.begin_write().map_err(|e| disk.write_failed(e))?;
         if !durable {
             tx.set_durability(Durability::None);
         }
         {
-            let mut t = tx.open_table(META).map_err(any)?;
+            let mut t = tx.open_table(META).map_err(|e| disk.write_failed(e))?;
             for (k, v) in &rows {
-                t.insert(*k, v.as_slice()).map_err(any)?;
+                t.insert(*k, v.as_slice())
+                    .map_err(|e| disk.write_failed(e))?;
             }
         }
-        tx.commit().map_err(any)
+        tx.commit().map_err(|e| disk.write_failed(e))
     })
     .await
     .map_err(any)?
@@ -106,11 +116,12 @@ pub(crate) fn json<T: Serialize>(v: &T) -> Vec<u8> {
 #[derive(Clone)]
 pub(crate) struct LogStore {
     db: Arc<Database>,
+    disk: Arc<Disk>,
 }
 
 impl LogStore {
-    pub(crate) fn new(db: Arc<Database>) -> LogStore {
-        LogStore { db }
+    pub(crate) fn new(db: Arc<Database>, disk: Arc<Disk>) -> LogStore {
+        LogStore { db, disk }
     }
 
     /// Deletes the entries in `range` and, when given, records `purged`, durably.
@@ -119,18 +130,20 @@ impl LogStore {
         range: (Bound<u64>, Bound<u64>),
         purged: Option<LogId<u64>>,
     ) -> Result<(), AnyError> {
-        let db = self.db.clone();
+        let (db, disk) = (self.db.clone(), self.disk.clone());
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_write().map_err(any)?;
+            let tx = db.begin_write().map_err(|e| disk.write_failed(e))?;
             {
-                let mut t = tx.open_table(LOG).map_err(any)?;
-                t.retain_in(range, |_, _| false).map_err(any)?;
+                let mut t = tx.open_table(LOG).map_err(|e| disk.write_failed(e))?;
+                t.retain_in(range, |_, _| false)
+                    .map_err(|e| disk.write_failed(e))?;
                 if let Some(p) = purged {
-                    let mut m = tx.open_table(META).map_err(any)?;
-                    m.insert(PURGED, json(&p).as_slice()).map_err(any)?;
+                    let mut m = tx.open_table(META).map_err(|e| disk.write_failed(e))?;
+                    m.insert(PURGED, json(&p).as_slice())
+                        .map_err(|e| disk.write_failed(e))?;
                 }
             }
-            tx.commit().map_err(any)
+            tx.commit().map_err(|e| disk.write_failed(e))
         })
         .await
         .map_err(any)?
@@ -184,7 +197,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), SE> {
-        put_meta(&self.db, vec![(VOTE, json(vote))], true)
+        put_meta(&self.db, &self.disk, vec![(VOTE, json(vote))], true)
             .await
             .map_err(|e| StorageIOError::write_vote(e).into())
     }
@@ -196,10 +209,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), SE> {
         // Not fsynced on its own: the next durable commit (a log append or a vote) carries it. A
         // committed index lost in a crash only means fewer entries are re-applied at open; the
-        // leader tells the rest.
-        put_meta(&self.db, vec![(COMMITTED, json(&committed))], false)
-            .await
-            .map_err(|e| StorageIOError::write(e).into())
+        // leader tells the rest. For that reason it is not written at all while the disk is
+        // below the store's reserve: a write that fails there would stop this Raft node (see
+        // `crate::disk`), for a record openraft can do without.
+        if !self.disk.has_reserve() {
+            return Ok(());
+        }
+        put_meta(
+            &self.db,
+            &self.disk,
+            vec![(COMMITTED, json(&committed))],
+            false,
+        )
+        .await
+        .map_err(|e| StorageIOError::write(e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, SE> {
@@ -217,17 +240,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .into_iter()
             .map(|e| (e.log_id.index, json(&e)))
             .collect();
-        let db = self.db.clone();
+        let (db, disk) = (self.db.clone(), self.disk.clone());
         let r = tokio::task::spawn_blocking(move || {
-            let tx = db.begin_write().map_err(any)?;
+            let tx = db.begin_write().map_err(|e| disk.write_failed(e))?;
             {
-                let mut t = tx.open_table(LOG).map_err(any)?;
+                let mut t = tx.open_table(LOG).map_err(|e| disk.write_failed(e))?;
                 for (i, v) in &rows {
-                    t.insert(*i, v.as_slice()).map_err(any)?;
+                    t.insert(*i, v.as_slice())
+                        .map_err(|e| disk.write_failed(e))?;
                 }
             }
             // Durability::Immediate (the default): fsynced when commit returns.
-            tx.commit().map_err(any)
+            tx.commit().map_err(|e| disk.write_failed(e))
         })
         .await
         .map_err(any)
@@ -291,6 +315,7 @@ impl Shared {
 #[derive(Clone)]
 pub(crate) struct SmStore {
     db: Arc<Database>,
+    disk: Arc<Disk>,
     shared: Arc<Shared>,
     node: u64,
     built: Arc<AtomicU64>,
@@ -300,8 +325,10 @@ impl SmStore {
     /// Loads the latest snapshot, if any, into a new state machine.
     #[cfg(test)]
     pub(crate) fn open(db: Arc<Database>, node: u64) -> Result<SmStore, String> {
+        let disk = Disk::new(Path::new("."), 0, 0);
         SmStore::open_with(
             db,
+            disk,
             node,
             broadcast::channel(1024).0,
             broadcast::channel(16).0,
@@ -312,6 +339,7 @@ impl SmStore {
     /// outlive it when the store replaces its Raft node).
     pub(crate) fn open_with(
         db: Arc<Database>,
+        disk: Arc<Disk>,
         node: u64,
         changes: broadcast::Sender<Change>,
         resources: broadcast::Sender<Feed>,
@@ -342,6 +370,7 @@ impl SmStore {
         };
         Ok(SmStore {
             db,
+            disk,
             shared: Arc::new(Shared {
                 state: RwLock::new(state),
                 changes,
@@ -363,6 +392,7 @@ impl SmStore {
     ) -> Result<(), AnyError> {
         put_meta(
             &self.db,
+            &self.disk,
             vec![(SNAPSHOT_META, json(meta)), (SNAPSHOT_DATA, bytes)],
             true,
         )
@@ -510,7 +540,7 @@ mod tests {
                 .await
                 .expect("db");
             let sm = SmStore::open(db.clone(), 0).expect("state machine");
-            Ok((dir, LogStore::new(db), sm))
+            Ok((dir, LogStore::new(db, Disk::new(Path::new("."), 0, 0)), sm))
         }
     }
 
@@ -539,7 +569,7 @@ mod tests {
         };
         {
             let db = open_db(&path, Duration::from_secs(1)).await.unwrap();
-            let mut logs = LogStore::new(db.clone());
+            let mut logs = LogStore::new(db.clone(), Disk::new(&path, 1, 0));
             let mut sm = SmStore::open(db, 1).unwrap();
             logs.save_vote(&Vote::new(3, 1)).await.unwrap();
             logs.blocking_append(vec![
@@ -561,7 +591,7 @@ mod tests {
             logs.save_vote(&Vote::new(3, 1)).await.unwrap();
         }
         let db = open_db(&path, Duration::from_secs(5)).await.unwrap();
-        let mut logs = LogStore::new(db.clone());
+        let mut logs = LogStore::new(db.clone(), Disk::new(&path, 1, 0));
         let mut sm = SmStore::open(db, 1).unwrap();
         assert_eq!(logs.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
         assert_eq!(logs.read_committed().await.unwrap(), Some(log_id(1, 2)));

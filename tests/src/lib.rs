@@ -7,7 +7,8 @@
 //! cargo builds the `crux` executable for them; the store, pastiche, registry and placement
 //! benchmarks under `bench/` use it too. [`netns`] puts each agent of a cluster in a network
 //! namespace of its own on one bridge ([`cluster::Cluster::in_netns`]), so that a test can cut
-//! real links between them: partitions, one-way loss, a host cut off.
+//! real links between them: partitions, one-way loss, a host cut off. [`tmpfs`] mounts small
+//! filesystems for a node's directories and fills them (disk-full tests).
 //!
 //! **Never.** The harness signals only the agents it started and the plugins their pickets
 //! recorded (pid and start time checked), never a process by name; it binds no fixed port (each
@@ -19,3 +20,4 @@
 
 pub mod cluster;
 pub mod netns;
+pub mod tmpfs;

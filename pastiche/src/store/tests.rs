@@ -490,3 +490,88 @@ fn store_is_send_sync_and_pull_is_send() {
     send_sync::<Store>();
     send::<Pull>();
 }
+
+#[test]
+fn no_room_is_told_apart_named_after_the_store_and_counted() {
+    for (raw, full) in [(28, true), (122, true), (5, false), (13, false)] {
+        let e = StoreError::from(io::Error::from_raw_os_error(raw));
+        assert_eq!(matches!(e, StoreError::NoSpace { .. }), full, "errno {raw}");
+        assert_eq!(matches!(e, StoreError::Io(_)), !full, "errno {raw}");
+    }
+    assert!(is_full(&io::Error::from(io::ErrorKind::StorageFull)));
+    assert!(is_full(&io::Error::from(io::ErrorKind::QuotaExceeded)));
+    assert!(!is_full(&io::Error::other("disk full (only words)")));
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path(), 1 << 20).unwrap();
+    let e = s.fault(io::Error::from_raw_os_error(28).into());
+    assert_eq!(
+        e.to_string(),
+        format!("disk full: {}", dir.path().display())
+    );
+    let status = crate::serve::status(e);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().starts_with("disk full: "), "{status:?}");
+    let _ = s.fault(io::Error::from_raw_os_error(5).into());
+    // Not write errors: a reader that fails, a blob that does not fit.
+    let _ = s.fault(StoreError::Input(io::Error::other("upload interrupted")));
+    let _ = s.fault(StoreError::Busy {
+        size: 1,
+        reserved: 1,
+        max: 1,
+    });
+    assert_eq!(
+        s.write_errors(),
+        WriteErrors {
+            disk_full: 1,
+            io: 1
+        }
+    );
+
+    // A put whose reader fails imports nothing and is not counted as a write error.
+    struct Broken;
+    impl Read for Broken {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::other("the upload broke off"))
+        }
+    }
+    assert!(matches!(s.put_reader(Broken), Err(StoreError::Input(_))));
+    assert_eq!(
+        s.write_errors(),
+        WriteErrors {
+            disk_full: 1,
+            io: 1
+        }
+    );
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
+}
+
+#[test]
+fn a_pull_that_found_no_room_gives_its_room_back_when_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path(), 1 << 20).unwrap();
+    let bytes = data(3 * MIN_PIECE_SIZE as usize, 4);
+    let m = manifest_of(&bytes, MIN_PIECE_SIZE);
+    let pull = s.begin_pull(m.clone()).unwrap();
+    pull.write_piece(0, &piece(&bytes, &m, 0)).unwrap();
+    assert_eq!(s.used_bytes(), m.size);
+    // As a piece write on a full disk reports it.
+    let e = pull.failed(io::Error::from_raw_os_error(28).into());
+    assert!(
+        matches!(e, StoreError::NoSpace { ref path } if path == dir.path()),
+        "{e:?}"
+    );
+    drop(pull);
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
+    assert_eq!(s.used_bytes(), 0);
+    assert!(s.manifest(&m.digest).is_none());
+    assert_eq!(s.write_errors().disk_full, 1);
+    // A later pull starts afresh and completes.
+    let pull = s.begin_pull(m.clone()).unwrap();
+    assert_eq!(pull.missing().len(), 3);
+    for i in 0..3 {
+        pull.write_piece(i, &piece(&bytes, &m, i)).unwrap();
+    }
+    assert_eq!(pull.finish().unwrap(), m);
+    assert_eq!(read_all(&s, &m.digest), bytes);
+}
