@@ -51,6 +51,8 @@ pub struct AgentState {
     pub transport: crux_transport::Transport,
     /// The local socket's listener counters (`crux_local`).
     pub local: crux_local::Stats,
+    /// The DNS server's counters (`crux_dns_*`).
+    pub dns: Arc<crux_dns::Stats>,
     started: Instant,
     steps: Mutex<Vec<Kept>>,
     ready: AtomicBool,
@@ -91,6 +93,7 @@ impl AgentState {
             store,
             transport,
             local: crux_local::Stats::default(),
+            dns: Arc::default(),
             started,
             steps: Mutex::new(steps),
             ready: AtomicBool::new(false),
