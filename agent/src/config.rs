@@ -288,7 +288,10 @@ impl DnsSection {
             return Ok(None);
         }
         let bind: SocketAddr = self.bind.parse().or_else(|e| {
-            err("dns.bind", format!("{:?} is not an ip:port address: {e}", self.bind))
+            err(
+                "dns.bind",
+                format!("{:?} is not an ip:port address: {e}", self.bind),
+            )
         })?;
         if self.ttl.subsec_nanos() != 0 || self.ttl > Duration::from_secs(3600) {
             return err("dns.ttl", "must be whole seconds between 0s and 1h");

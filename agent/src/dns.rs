@@ -61,7 +61,9 @@ impl crux_dns::Catalog for NodeCatalog {
     }
 
     fn instance(&self, inst: &str, horde: &str) -> Option<crux_dns::Instance> {
-        self.lookup(format!("inst:{inst}"), horde).into_iter().next()
+        self.lookup(format!("inst:{inst}"), horde)
+            .into_iter()
+            .next()
     }
 
     fn node(&self, node: &str) -> Option<IpAddr> {
@@ -97,5 +99,58 @@ pub async fn start(b: &mut Boot, step: &'static str) {
             b.tasks.spawn(step, "dns", dns.run(stop));
         }
         Err(e) => error!(error = %e, "dns: not served (set dns.bind, or dns.enabled = false)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::DnsSection;
+
+    fn field_of(d: DnsSection) -> String {
+        d.check().expect_err("refused").field
+    }
+
+    #[test]
+    fn the_dns_section_is_checked_field_by_field() {
+        let on = DnsSection::default()
+            .check()
+            .unwrap()
+            .expect("on by default");
+        assert_eq!(on.bind, "127.0.0.1:8600".parse().unwrap());
+        assert_eq!((on.domain.as_str(), on.ttl_s), ("crux.", 5));
+        let off = DnsSection {
+            enabled: false,
+            bind: "not checked when off".into(),
+            ..Default::default()
+        };
+        assert!(off.check().unwrap().is_none());
+        let bad_bind = DnsSection {
+            bind: "8600".into(),
+            ..Default::default()
+        };
+        assert_eq!(field_of(bad_bind), "dns.bind");
+        for ttl in [Duration::from_millis(1500), Duration::from_secs(3601)] {
+            let d = DnsSection {
+                ttl,
+                ..Default::default()
+            };
+            assert_eq!(field_of(d), "dns.ttl");
+        }
+        let long_label = "a".repeat(64);
+        for domain in ["", ".", "a..b", long_label.as_str()] {
+            let d = DnsSection {
+                domain: domain.into(),
+                ..Default::default()
+            };
+            assert_eq!(field_of(d), "dns.domain", "{domain:?}");
+        }
+        let zero = DnsSection {
+            ttl: Duration::ZERO,
+            domain: "dc1.example".into(),
+            ..Default::default()
+        };
+        assert_eq!(zero.check().unwrap().unwrap().ttl_s, 0);
     }
 }

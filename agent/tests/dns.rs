@@ -45,7 +45,13 @@ fn have_dig() -> bool {
 fn dig(server: SocketAddr, args: &[&str]) -> Result<String, String> {
     let out = Command::new("dig")
         .arg(format!("@{}", server.ip()))
-        .args(["-p", &server.port().to_string(), "+time=2", "+tries=1", "+norecurse"])
+        .args([
+            "-p",
+            &server.port().to_string(),
+            "+time=2",
+            "+tries=1",
+            "+norecurse",
+        ])
         .args(args)
         .output()
         .map_err(|e| format!("dig: {e}"))?;
@@ -75,7 +81,12 @@ fn status(text: &str) -> String {
 }
 
 /// The records of one section as `dig +noall +SECTION` prints them: (name, type, data).
-fn section(server: SocketAddr, name: &str, qtype: &str, sec: &str) -> Vec<(String, String, String)> {
+fn section(
+    server: SocketAddr,
+    name: &str,
+    qtype: &str,
+    sec: &str,
+) -> Vec<(String, String, String)> {
     let text = dig(server, &["+noall", &format!("+{sec}"), name, qtype]).expect("dig");
     text.lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with(';'))
@@ -167,15 +178,19 @@ fn dns_on_three_nodes() {
     let _nine = register(&c, 1, "svc_9", 40009, &["--meta", "color=blue"]);
     let mut ten = register(&c, 2, "svc_10", 40010, &["--meta", "color=green"]);
     let both = vec![ip(&c, 2), ip(&c, 1)];
-    c.wait_for("svc_10 then svc_9 in A answers on every node", CONVERGE, || {
-        for k in all {
-            let got = short(c.agent(k).dns, "svc.service.crux", "A")?;
-            if got != both {
-                return Err(format!("node{k} answers {got:?}"));
+    c.wait_for(
+        "svc_10 then svc_9 in A answers on every node",
+        CONVERGE,
+        || {
+            for k in all {
+                let got = short(c.agent(k).dns, "svc.service.crux", "A")?;
+                if got != both {
+                    return Err(format!("node{k} answers {got:?}"));
+                }
             }
-        }
-        Ok(())
-    });
+            Ok(())
+        },
+    );
 
     // 2. SRV, by the name itself and by its RFC 2782 spelling: best first, with ports and
     //    targets whose addresses come in the additional section.
@@ -253,7 +268,9 @@ fn dns_on_three_nodes() {
         if n >= before + 2 {
             Ok(())
         } else {
-            Err(format!("crux_dns_dropped_total{{reason=\"malformed\"}} {n}, was {before}"))
+            Err(format!(
+                "crux_dns_dropped_total{{reason=\"malformed\"}} {n}, was {before}"
+            ))
         }
     });
     assert_eq!(short(dns3, "svc.service.crux", "A").unwrap(), both);
