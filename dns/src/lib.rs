@@ -1,10 +1,11 @@
 //! Crux DNS: the registry and the flock served as DNS names, over UDP and TCP, on
-//! `hickory-server`'s message types and TCP server (no DNS parsing of our own).
+//! `hickory-server`'s request, handler and response types (no DNS parsing of our own).
 //!
 //! ```text
 //!   UDP datagram ──► size check ─► rate limit (per source) ─► hickory Request::from_bytes ─┐
 //!                    (oversized)    (rate_limited)              (malformed: dropped)       │
-//!   TCP stream ──► hickory Server (framing, idle timeout) ─────────────────────────────────┤
+//!   TCP stream ──► ≤ 256 connections, 10 s idle ─► hickory Request::from_bytes ────────────┤
+//!                                                  (malformed: counted, connection closed) │
 //!                                                                                          ▼
 //!                     Handler: opcode / one question / class IN ─► Zone::answer(Catalog)
 //!                                                                                          │

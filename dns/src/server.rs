@@ -1,6 +1,6 @@
-//! The sockets: UDP read here (so that oversized, rate-limited and malformed packets are dropped
-//! and counted before anything else), TCP through `hickory_server::Server`; both answered by one
-//! [`Handler`].
+//! The sockets, read here so that oversized, rate-limited and malformed packets are dropped and
+//! counted before anything else (and nothing logs per packet above debug); both transports are
+//! answered by one [`Handler`] on hickory-server's request and response types.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -31,8 +31,9 @@ pub const UDP_QUERY_MAX: usize = 512;
 /// A TCP connection that sends nothing for this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
-/// Answers queued per TCP connection.
-const TCP_RESPONSE_BUFFER: usize = 32;
+/// TCP connections served at once; past it new ones are closed at once (counted as
+/// `rate_limited`).
+pub const TCP_CONNECTIONS_MAX: usize = 256;
 
 /// A bound DNS server, ready to run.
 pub struct Dns {
@@ -101,8 +102,7 @@ impl Dns {
             handler,
             limiter,
         } = self;
-        let mut tcp_server = hickory_server::Server::new(handler.clone());
-        tcp_server.register_listener(tcp, TCP_IDLE, TCP_RESPONSE_BUFFER);
+        let tcp_task = tokio::spawn(serve_tcp(tcp, handler.clone(), stop.clone()));
         let mut buf = vec![0u8; UDP_QUERY_MAX + 1];
         loop {
             let (len, src) = tokio::select! {
@@ -145,7 +145,104 @@ impl Dns {
             };
             handler.respond(&request, reply).await;
         }
-        let _ = tcp_server.shutdown_gracefully().await;
+        let _ = tcp_task.await;
+    }
+}
+
+/// TCP: each connection in its own task (at most [`TCP_CONNECTIONS_MAX`]), one query after the
+/// other, closed when idle for [`TCP_IDLE`] or on a malformed query (counted).
+async fn serve_tcp(listener: TcpListener, handler: Handler, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(TCP_CONNECTIONS_MAX));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, src) = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(got) => got,
+                Err(e) => {
+                    debug!(error = %e, "dns: tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        while conns.try_join_next().is_some() {}
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            handler.inner.stats.dropped(DropReason::RateLimited);
+            continue;
+        };
+        let handler = handler.clone();
+        let stop = stop.clone();
+        conns.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tcp_connection(stream, src, handler) => {}
+            }
+            drop(slot);
+        });
+    }
+    conns.shutdown().await;
+}
+
+async fn tcp_connection(mut stream: tokio::net::TcpStream, src: SocketAddr, handler: Handler) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut query = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
+            Ok(Ok(len)) => vec![0u8; usize::from(len)],
+            _ => return,
+        };
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let request = match Request::from_bytes(query, src, Protocol::Tcp) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(%src, error = %e, "dns: malformed tcp query, connection closed");
+                handler.inner.stats.dropped(DropReason::Malformed);
+                return;
+            }
+        };
+        let reply = TcpReply::default();
+        handler.respond(&request, reply.clone()).await;
+        let answer = reply.bytes.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(answer) = answer else { continue };
+        let Ok(len) = u16::try_from(answer.len()) else {
+            return;
+        };
+        let sent = async {
+            stream.write_all(&len.to_be_bytes()).await?;
+            stream.write_all(&answer).await
+        };
+        if !matches!(tokio::time::timeout(TCP_IDLE, sent).await, Ok(Ok(()))) {
+            return;
+        }
+    }
+}
+
+/// Holds one encoded TCP answer for its connection to write.
+#[derive(Clone, Default)]
+struct TcpReply {
+    bytes: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for TcpReply {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = encode_within(response, usize::from(u16::MAX))?;
+        *self.bytes.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
+        Ok(info)
     }
 }
 

@@ -284,6 +284,16 @@ async fn bad_packets_are_dropped_and_counted() {
         Message::from_vec(&a).unwrap().metadata.response_code,
         ResponseCode::FormErr
     );
+    // Over TCP: counted, and the connection closed.
+    let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+    tcp.write_all(&[0, 3, 0x12, 0x34, 0x01]).await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest))
+        .await
+        .expect("closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{rest:?}");
+    assert_eq!(s.count("malformed"), 4);
     // The server still answers.
     let (_, m) = s.ask("svc.service.crux.", RecordType::A, None).await;
     assert_eq!(ips(&m), ["127.0.0.1"]);
