@@ -2,7 +2,7 @@
 # Test set-up: installs the real components the tests run, each where its toolchain exists: the
 # Debian tools (system_tools below), cargo-deb, and the gRPC clients of the conformance test
 # (issue 24), those into this checkout only:
-#   * Python: grpcio, grpcio-tools, grpcio-reflection from PyPI into .dev/venv
+#   * Python: grpcio, grpcio-tools, grpcio-reflection and dnspython from PyPI into .dev/venv
 #     (examples/python/requirements.txt);
 #   * Node: @grpc/grpc-js, @grpc/proto-loader from npm into examples/node/node_modules;
 #   * Debian's chromium, the headless browser the live page's test (agent/tests/ui.rs) drives.
@@ -51,8 +51,9 @@ node_clients() {
 }
 
 # The toolchains themselves, from Debian, where this runs as root with apt-get (CI does): python3
-# with venv, node and npm, chromium (the live page's test) and systemd-nspawn (the .deb's test boots
-# a throwaway system with it). Elsewhere a missing one is said and its tests skipped.
+# with venv, node and npm, chromium (the live page's test), systemd-nspawn (the .deb's test boots
+# a throwaway system with it) and dig (dnsutils: the DNS test). Elsewhere a missing one is said
+# and its tests skipped.
 system_tools() {
     local missing=()
     command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null ||
@@ -61,6 +62,7 @@ system_tools() {
     command -v npm >/dev/null 2>&1 || missing+=(npm)
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
+    command -v dig >/dev/null 2>&1 || missing+=(dnsutils)
     [ ${#missing[@]} -eq 0 ] && return
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
         echo "dev/setup.sh: cannot install ${missing[*]} (not root, or no apt-get)"

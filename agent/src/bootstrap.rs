@@ -300,6 +300,7 @@ async fn reeve(b: &mut Boot) -> anyhow::Result<Option<String>> {
     });
     b.made.puller = Some(puller);
     b.made.placement = Some(placement_tx);
+    crate::dns::start(b, "reeve").await;
     Ok(Some(format!(
         "local API on {} (mode 0660); registry replica and steward link running, heartbeat \
          interval {:?}",

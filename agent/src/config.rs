@@ -334,6 +334,58 @@ impl Default for PicketSection {
     }
 }
 
+/// DNS over the registry and the flock (`[dns]` table): see README "DNS".
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSection {
+    /// Serve DNS.
+    pub enabled: bool,
+    /// UDP and TCP address, `ip:port`.
+    pub bind: String,
+    /// The domain answered (`crux.`); names outside it are refused.
+    pub domain: String,
+    /// TTL of every answer: whole seconds, at most 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        DnsSection {
+            enabled: true,
+            bind: crux_dns::DEFAULT_BIND.into(),
+            domain: crux_dns::DEFAULT_DOMAIN.into(),
+            ttl: Duration::from_secs(crux_dns::DEFAULT_TTL_S.into()),
+        }
+    }
+}
+
+impl DnsSection {
+    /// The server's settings (None: off), or the field at fault.
+    pub fn check(&self) -> Result<Option<crux_dns::DnsConfig>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let bind: SocketAddr = self.bind.parse().or_else(|e| {
+            err(
+                "dns.bind",
+                format!("{:?} is not an ip:port address: {e}", self.bind),
+            )
+        })?;
+        if self.ttl.subsec_nanos() != 0 || self.ttl > Duration::from_secs(3600) {
+            return err("dns.ttl", "must be whole seconds between 0s and 1h");
+        }
+        let ttl_s = self.ttl.as_secs() as u32;
+        crux_dns::Zone::new(&self.domain, ttl_s).or_else(|e| err("dns.domain", e))?;
+        Ok(Some(crux_dns::DnsConfig {
+            bind,
+            domain: self.domain.clone(),
+            ttl_s,
+            ..crux_dns::DnsConfig::default()
+        }))
+    }
+}
+
 /// The config as written: every source (file, environment, flags) fills this, unchecked.
 /// Field docs are the config reference (README.md "Config reference" mirrors them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -391,6 +443,8 @@ pub struct RawConfig {
     pub node: NodeSection,
     /// The service runner.
     pub picket: PicketSection,
+    /// DNS.
+    pub dns: DnsSection,
 }
 
 impl Default for RawConfig {
@@ -419,6 +473,7 @@ impl Default for RawConfig {
             store: StoreSection::default(),
             node: NodeSection::default(),
             picket: PicketSection::default(),
+            dns: DnsSection::default(),
         }
     }
 }
@@ -534,6 +589,8 @@ pub struct Settings {
     pub picket: PicketSection,
     /// Store test hook (see [`StoreSection::partition_file_for_tests`]).
     pub store_partition_file: Option<PathBuf>,
+    /// DNS server settings (None: off).
+    pub dns: Option<crux_dns::DnsConfig>,
 }
 
 impl RawConfig {
@@ -887,6 +944,7 @@ impl RawConfig {
             node_attributes: self.node.attributes.clone(),
             picket: self.picket.clone(),
             store_partition_file: self.store.partition_file_for_tests.clone(),
+            dns: self.dns.check()?,
         })
     }
 

@@ -154,6 +154,11 @@ pub fn node_config(
             stop_children_on_exit: true,
             ..Default::default()
         },
+        // DNS on the node's own IP, at the usual port.
+        dns: crate::config::DnsSection {
+            bind: SocketAddr::new(node_ip(k), 8600).to_string(),
+            ..Default::default()
+        },
         ..RawConfig::default()
     }
 }

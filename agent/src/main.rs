@@ -26,6 +26,7 @@ mod bootstrap;
 mod client;
 mod config;
 mod dev;
+mod dns;
 mod http;
 mod identity;
 mod keys;

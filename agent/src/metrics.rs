@@ -81,6 +81,22 @@ pub fn render(state: &AgentState) -> String {
             .load(std::sync::atomic::Ordering::Relaxed),
     );
     o.family(
+        "crux_dns_queries_total",
+        "counter",
+        "DNS queries answered, by response code.",
+    );
+    for (rcode, n) in state.dns.queries() {
+        o.value("crux_dns_queries_total", &[("rcode", rcode)], n);
+    }
+    o.family(
+        "crux_dns_dropped_total",
+        "counter",
+        "DNS packets dropped without an answer, by reason.",
+    );
+    for (reason, n) in state.dns.drops() {
+        o.value("crux_dns_dropped_total", &[("reason", reason)], n);
+    }
+    o.family(
         "crux_bootstrap_step_seconds",
         "gauge",
         "Time each finished bootstrap step took.",

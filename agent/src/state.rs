@@ -59,6 +59,8 @@ pub struct AgentState {
     pub transport: crux_transport::Transport,
     /// The local socket's listener counters (`crux_local`).
     pub local: crux_local::Stats,
+    /// The DNS server's counters (`crux_dns_*`).
+    pub dns: Arc<crux_dns::Stats>,
     started: Instant,
     steps: Mutex<Vec<Kept>>,
     bootstrapped: AtomicBool,
@@ -114,6 +116,7 @@ impl AgentState {
             pastiche,
             transport,
             local: crux_local::Stats::default(),
+            dns: Arc::default(),
             started,
             steps: Mutex::new(steps),
             bootstrapped: AtomicBool::new(false),

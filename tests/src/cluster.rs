@@ -61,6 +61,8 @@ pub struct Agent {
     pub http: SocketAddr,
     /// Node gRPC address.
     pub grpc: SocketAddr,
+    /// DNS address (UDP and TCP): its own free port on the agent's IP.
+    pub dns: SocketAddr,
     child: Option<Child>,
 }
 
@@ -190,10 +192,15 @@ impl Cluster {
                     ips[k - 1],
                     if port == u16::MAX { port - 1 } else { port + 1 },
                 );
+                let dns_port = std::iter::repeat_with(|| free_port(&ips[k - 1..k]))
+                    .find(|p| ![addr.port(), grpc.port(), http.port()].contains(p))
+                    .expect("a free port");
+                let dns = SocketAddr::new(ips[k - 1], dns_port);
                 let config = format!(
                     "bloc = {bloc:?}\ndata_dir = {data:?}\nbind = \"{addr}\"\nspace = [\"{space}\"]\n\
                      preset = \"{preset}\"\nsocket = {socket:?}\ngrpc_port = {grpc}\n\
-                     http_port = {http_port}\nlog_level = \"info,crux_flock=debug\"\n",
+                     http_port = {http_port}\nlog_level = \"info,crux_flock=debug\"\n\
+                     dns.bind = \"{dns}\"\n",
                     data = node_dir.display().to_string(),
                     socket = socket.display().to_string(),
                     grpc = grpc.port(),
@@ -201,7 +208,7 @@ impl Cluster {
                 );
                 std::fs::write(node_dir.join("crux.toml"), config).expect("write config");
                 write_keyring(&node_dir.join("keyring"), &key);
-                Agent { k, addr, dir: node_dir, socket, http, grpc, child: None }
+                Agent { k, addr, dir: node_dir, socket, http, grpc, dns, child: None }
             })
             .collect();
         Cluster {

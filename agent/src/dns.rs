@@ -1,0 +1,156 @@
+//! DNS on this node: the [`crux_dns::Catalog`] over the node's registry replica and its view of
+//! the flock, and the server started at the end of bootstrap step reeve (README "DNS").
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crux_proto::grpc::reeve::v1 as rpb;
+use crux_proto::grpc::steward::v1::Instance;
+use crux_service::{node_name, FlockWatch};
+use tracing::{error, info};
+
+use crate::bootstrap::Boot;
+
+/// What DNS reads: the replica (answers keep coming while the steward moves) and the flock view.
+struct NodeCatalog {
+    reeve: Arc<crux_reeve::Reeve>,
+    view: FlockWatch,
+}
+
+impl NodeCatalog {
+    fn lookup(&self, selector: String, horde: &str) -> Vec<crux_dns::Instance> {
+        let req = rpb::LookupRequest {
+            selector,
+            horde: horde.to_string(),
+            live_only: true,
+        };
+        match self.reeve.lookup(&req) {
+            Ok(r) => r.instances.iter().map(to_dns).collect(),
+            // A name that is no selector (odd characters) has no instances.
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+fn to_dns(i: &Instance) -> crux_dns::Instance {
+    let (ip, port) = match i.addr.parse::<SocketAddr>() {
+        Ok(a) => (Some(a.ip()), a.port()),
+        Err(_) => match i.addr.rsplit_once(':') {
+            Some((host, port)) => (host.parse().ok(), port.parse().unwrap_or(0)),
+            None => (i.addr.parse().ok(), 0),
+        },
+    };
+    let mut metadata: Vec<(String, String)> = i
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.sort();
+    crux_dns::Instance {
+        inst: i.inst.clone(),
+        ip,
+        port,
+        node: i.node.clone(),
+        metadata,
+    }
+}
+
+impl crux_dns::Catalog for NodeCatalog {
+    fn service(&self, api: &str, horde: &str) -> Vec<crux_dns::Instance> {
+        self.lookup(format!("api:{api}"), horde)
+    }
+
+    fn instance(&self, inst: &str, horde: &str) -> Option<crux_dns::Instance> {
+        self.lookup(format!("inst:{inst}"), horde)
+            .into_iter()
+            .next()
+    }
+
+    fn node(&self, node: &str) -> Option<IpAddr> {
+        let view = self.view.borrow();
+        let found = view
+            .live_members()
+            .find(|m| node_name(m.id).eq_ignore_ascii_case(node))
+            .map(|m| m.addr.ip());
+        found
+    }
+
+    fn leader(&self) -> Option<IpAddr> {
+        self.view.borrow().leader.map(|l| l.addr.ip())
+    }
+}
+
+/// Starts DNS (when `dns.enabled`) as a task of `step`. A bind failure does not stop the agent:
+/// it is logged as an error and DNS stays off on this node.
+pub async fn start(b: &mut Boot, step: &'static str) {
+    let Some(config) = b.settings.dns.clone() else {
+        info!("dns: off (dns.enabled = false)");
+        return;
+    };
+    let catalog = Arc::new(NodeCatalog {
+        reeve: b.state.reeve.clone(),
+        view: b.view.clone(),
+    });
+    match crux_dns::Dns::bind(&config, catalog, b.state.dns.clone()).await {
+        Ok(dns) => {
+            info!(addr = %dns.local_addr(), domain = %config.domain, ttl_s = config.ttl_s,
+                "dns: serving UDP and TCP");
+            let stop = b.tasks.token(step);
+            b.tasks.spawn(step, "dns", dns.run(stop));
+        }
+        Err(e) => error!(error = %e, "dns: not served (set dns.bind, or dns.enabled = false)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::DnsSection;
+
+    fn field_of(d: DnsSection) -> String {
+        d.check().expect_err("refused").field
+    }
+
+    #[test]
+    fn the_dns_section_is_checked_field_by_field() {
+        let on = DnsSection::default()
+            .check()
+            .unwrap()
+            .expect("on by default");
+        assert_eq!(on.bind, "127.0.0.1:8600".parse().unwrap());
+        assert_eq!((on.domain.as_str(), on.ttl_s), ("crux.", 5));
+        let off = DnsSection {
+            enabled: false,
+            bind: "not checked when off".into(),
+            ..Default::default()
+        };
+        assert!(off.check().unwrap().is_none());
+        let bad_bind = DnsSection {
+            bind: "8600".into(),
+            ..Default::default()
+        };
+        assert_eq!(field_of(bad_bind), "dns.bind");
+        for ttl in [Duration::from_millis(1500), Duration::from_secs(3601)] {
+            let d = DnsSection {
+                ttl,
+                ..Default::default()
+            };
+            assert_eq!(field_of(d), "dns.ttl");
+        }
+        let long_label = "a".repeat(64);
+        for domain in ["", ".", "a..b", long_label.as_str()] {
+            let d = DnsSection {
+                domain: domain.into(),
+                ..Default::default()
+            };
+            assert_eq!(field_of(d), "dns.domain", "{domain:?}");
+        }
+        let zero = DnsSection {
+            ttl: Duration::ZERO,
+            domain: "dc1.example".into(),
+            ..Default::default()
+        };
+        assert_eq!(zero.check().unwrap().unwrap().ttl_s, 0);
+    }
+}
