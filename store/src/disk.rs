@@ -155,6 +155,8 @@ pub(crate) struct Disk {
     disk_full: AtomicU64,
     io: AtomicU64,
     reopened: AtomicU64,
+    /// A [`Store::hand_over`] runs.
+    handing_over: AtomicBool,
 }
 
 impl Disk {
@@ -168,6 +170,7 @@ impl Disk {
             disk_full: AtomicU64::new(0),
             io: AtomicU64::new(0),
             reopened: AtomicU64::new(0),
+            handing_over: AtomicBool::new(false),
         })
     }
 
@@ -219,7 +222,8 @@ impl Disk {
             path: self.dir.display().to_string(),
             detail: format!(
                 "on node {:016x}, {room}; nothing was written; writes resume by themselves once \
-                 space is freed",
+                 space is freed, or once a voter with room leads (this one hands over when enough \
+                 have room)",
                 self.node
             ),
         }
@@ -318,12 +322,13 @@ pub(crate) fn storage_stopped<NID: openraft::NodeId>(fatal: &Fatal<NID>) -> Opti
 /// the extra time a forwarding node gives the leader's answer).
 const ASK_VOTERS: Duration = Duration::from_millis(250);
 
+/// A leader handing over waits this many of its longest election timeouts for another leader.
+const HAND_OVER_ELECTIONS: u32 = 10;
+
 impl Store {
-    /// On a leader whose write was not confirmed by a majority: [`StoreError::DiskFull`] if that
-    /// is because too many voters have no room under their store directories (their Raft nodes
-    /// refuse or stopped on the append), naming one of them; None otherwise (or if they cannot
-    /// be asked).
-    pub(crate) async fn voters_out_of_room(&self) -> Option<StoreError> {
+    /// The other voters' store directories with no room, as they answer (a voter that does not
+    /// answer is taken to have room); and how many voters there are.
+    async fn voters_without_room(&self) -> (Vec<(u64, String)>, usize) {
         let me = self.status();
         let mut asks = tokio::task::JoinSet::new();
         for m in me.voters.iter().filter(|m| m.id != me.node) {
@@ -333,16 +338,66 @@ impl Store {
                 (id, s.ok().and_then(|s| s.ok()).and_then(|s| s.disk_full))
             });
         }
-        let mut full: Vec<(u64, String)> = Vec::new();
-        if let (true, Some(dir)) = (me.voters.iter().any(|m| m.id == me.node), me.disk_full) {
-            full.push((me.node, dir));
-        }
+        let mut full = Vec::new();
         while let Some(r) = asks.join_next().await {
             if let Ok((id, Some(dir))) = r {
                 full.push((id, dir));
             }
         }
-        let voters = me.voters.len();
+        full.sort();
+        (full, me.voters.len())
+    }
+
+    /// On a leader that refused a write for lack of room: if enough of the other voters have
+    /// room to commit writes without it, hands leadership over (no more heartbeats, and no
+    /// campaign of its own, until another voter leads), so that one node's full disk does not
+    /// stop the group's writes. Runs once at a time; ends within a few election timeouts.
+    pub(crate) async fn hand_over(&self) {
+        let disk = self.slot.disk.clone();
+        if disk.handing_over.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (full, voters) = self.voters_without_room().await;
+        let with_room = voters.saturating_sub(full.len() + 1);
+        let raft = self.inner().raft.clone();
+        if with_room > voters / 2 {
+            info!(
+                voters,
+                with_room,
+                "this leader's disk has no room: handing leadership to a voter with room"
+            );
+            let rc = raft.runtime_config();
+            rc.heartbeat(false);
+            rc.elect(false);
+            let me = self.node();
+            let wait = self.inner().config.election_timeout.1 * HAND_OVER_ELECTIONS;
+            let r = raft
+                .wait(Some(wait))
+                .metrics(
+                    |m| m.current_leader.is_some_and(|l| l != me),
+                    "another leader",
+                )
+                .await;
+            rc.heartbeat(true);
+            rc.elect(true);
+            match r {
+                Ok(m) => info!(leader = ?m.current_leader, "leadership handed over"),
+                Err(e) => warn!(error = %e, "no other voter took the lead; this one leads on"),
+            }
+        }
+        disk.handing_over.store(false, Ordering::SeqCst);
+    }
+
+    /// On a leader whose write was not confirmed by a majority: [`StoreError::DiskFull`] if that
+    /// is because too many voters have no room under their store directories (their Raft nodes
+    /// refuse or stopped on the append), naming one of them; None otherwise (or if they cannot
+    /// be asked).
+    pub(crate) async fn voters_out_of_room(&self) -> Option<StoreError> {
+        let (mut full, voters) = self.voters_without_room().await;
+        let me = self.status();
+        if let (true, Some(dir)) = (me.voters.iter().any(|m| m.id == me.node), me.disk_full) {
+            full.push((me.node, dir));
+        }
         if full.is_empty() || voters - full.len() > voters / 2 {
             return None;
         }

@@ -375,3 +375,54 @@ async fn followers_out_of_room_fail_writes_with_disk_full_until_freed() {
     }
     c.stop().await;
 }
+
+/// Only the leader's disk full: it refuses the write ("disk full: <its dir>") and hands
+/// leadership to a voter with room, so writes succeed again with the disk still full; the old
+/// leader follows (or, if recording its vote found no room, reopens once space is freed) and
+/// every node ends with the same documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_out_of_room_hands_over_to_a_voter_with_room() {
+    let c = match Cluster::new().await {
+        Ok(c) => c,
+        Err(why) => return skip(&why),
+    };
+    let l = c.leader(&[0, 1, 2]).await;
+    for i in 0..3 {
+        c.nodes[l]
+            .store
+            .write(put(&key(i), "v".into()))
+            .await
+            .unwrap();
+    }
+    let filler = c.disks[l].fill("filler", 0);
+    let e = c.nodes[l]
+        .store
+        .write(put(&key(3), "v".into()))
+        .await
+        .expect_err("the leader has no room");
+    let StoreError::DiskFull { path, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(path, &c.nodes[l].dir.display().to_string());
+    // Through the old leader, with its disk still full: a new leader with room takes it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match c.nodes[l].store.write(put(&key(4), "v".into())).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rest: Vec<usize> = (0..3).filter(|i| *i != l).collect();
+    let l2 = c.leader(&rest).await;
+    assert_ne!(l2, l);
+    let want = [keys(0..3), vec![key(4)]].concat();
+    for &i in &rest {
+        c.wait_docs(i, want.clone()).await;
+    }
+    filler.free();
+    c.wait_docs(l, want).await;
+    let s = c.nodes[l].store.status();
+    assert!(s.role == "follower" || s.role == "leader", "{s:?}");
+    c.stop().await;
+}
