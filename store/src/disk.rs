@@ -60,6 +60,22 @@ pub fn is_full(e: &io::Error) -> bool {
     ) || matches!(e.raw_os_error(), Some(28 | 122))
 }
 
+/// `n` bytes, for people: "0 B", "512 KiB", "1 MiB", "2.5 GiB".
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 /// What kind of failure a redb error is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -213,8 +229,9 @@ impl Disk {
         self.full.store(true, Ordering::SeqCst);
         let room = match free {
             Some(free) => format!(
-                "{free} bytes free, the store keeps {} bytes in reserve for Raft's own records",
-                self.reserve
+                "{} free, {} kept in reserve for Raft's own records",
+                bytes(free),
+                bytes(self.reserve)
             ),
             None => "the last write found no room".into(),
         };
@@ -222,8 +239,7 @@ impl Disk {
             path: self.dir.display().to_string(),
             detail: format!(
                 "on node {:016x}, {room}; nothing was written; writes resume by themselves once \
-                 space is freed, or once a voter with room leads (this one hands over when enough \
-                 have room)",
+                 space is freed or a voter with room leads",
                 self.node
             ),
         }
@@ -499,6 +515,15 @@ mod tests {
         assert!(!is_full(&io::Error::from_raw_os_error(5)));
         assert!(!is_full(&io::Error::from(io::ErrorKind::PermissionDenied)));
         assert!(!is_full(&io::Error::other("no space left (just words)")));
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(512 << 10), "512 KiB");
+        assert_eq!(bytes(RESERVE_BYTES), "1 MiB");
+        assert_eq!(bytes(5 << 29), "2.5 GiB");
     }
 
     #[test]
