@@ -34,6 +34,11 @@ const STORE_DISK: u64 = 16 << 20;
 /// Node 2's pastiche filesystem.
 const PASTICHE_DISK: u64 = 32 << 20;
 
+#[allow(clippy::disallowed_methods)]
+fn now() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
 /// A file of `len` pseudo-random bytes in the cluster dir (on the ordinary disk).
 fn blob(c: &Cluster, name: &str, len: usize, seed: u64) -> PathBuf {
     let path = c.dir().join(name);
@@ -398,14 +403,12 @@ fn kill9_during_writes_and_a_pull_leaves_nothing_corrupt() {
         .expect("start get");
     let pdir = c.agent(2).dir.join("pastiche");
     let journal = pdir.join("tmp").join(format!("{hex}.have"));
-    c.wait_for(
-        "node 2 to record verified pieces",
-        CONVERGE,
-        || match std::fs::metadata(&journal) {
-            Ok(m) if m.len() >= 4 => Ok(()),
-            _ => Err(format!("no journal at {}", journal.display())),
-        },
-    );
+    // Polled closely: the kill must come while the pull is still under way.
+    let deadline = now() + CONVERGE;
+    while !std::fs::metadata(&journal).is_ok_and(|m| m.len() >= 4) {
+        assert!(now() < deadline, "no journal at {}", journal.display());
+        std::thread::sleep(Duration::from_millis(2));
+    }
     c.kill9(2);
     let _ = getter.kill();
     let _ = getter.wait();
