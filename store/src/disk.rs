@@ -8,8 +8,15 @@
 //!   before it appends a client write: below [`RESERVE_BYTES`] free (or after a write failed for
 //!   lack of room and no probe has succeeded since) it refuses with
 //!   [`StoreError::DiskFull`] and appends nothing. The reserve keeps room for what Raft must
-//!   still write with no client asking (votes, the committed index), so a leader on a full
-//!   disk keeps its followers and keeps answering consistent reads.
+//!   still write with no client asking (votes; the committed index, which Raft can do without,
+//!   is not written at all below the reserve), so a leader on a full disk keeps its followers
+//!   and keeps answering consistent reads. If enough of the other voters have room to commit
+//!   without it, the refusing leader hands the lead over ([`Store::hand_over`]): one node's full
+//!   disk does not stop the group's writes.
+//! * **Named when others lack room.** A leader whose write a majority did not confirm asks the
+//!   voters ([`Store::voters_out_of_room`], from [`crate::StoreStatus::disk_full`]): when too
+//!   many have no room, the write fails with [`StoreError::DiskFull`] naming one of them rather
+//!   than a bare "no quorum".
 //! * **Recovered without a restart.** A storage error the Raft node cannot avoid (a follower's
 //!   append on a full disk, a race with whatever fills the disk) stops that node's Raft core
 //!   (openraft treats every storage error as fatal) and poisons the redb handle. [`watch`]
@@ -191,7 +198,7 @@ impl Disk {
     }
 
     /// Records a failed write (a redb or I/O error) and returns it as openraft's error, saying
-    /// "disk full: <dir>" when the filesystem had no room.
+    /// `disk full: <dir>` when the filesystem had no room.
     pub(crate) fn write_failed(&self, e: impl Fault) -> AnyError {
         match e.kind() {
             Kind::Full => {
@@ -295,9 +302,9 @@ impl Disk {
             StoreError::DiskFull {
                 path: self.dir.display().to_string(),
                 detail: format!(
-                    "on node {:016x}, a write found no room and this node's store stopped (that \
-                     write may still be applied by the other voters: read it back); it reopens \
-                     by itself once space is freed",
+                    "on node {:016x}, this node's store stopped when a write found no room (an \
+                     entry it was appending may still be applied by the other voters: read it \
+                     back); it reopens by itself once space is freed",
                     self.node
                 ),
             }
