@@ -1,10 +1,12 @@
 //! Disk trouble (issue 18, item 5) with real `crux agent` processes on loopback.
 //!
 //! * Full disks (root only: each node's store directory, and node 2's pastiche directory, is a
-//!   small tmpfs the test mounts and fills): `crux muster add`, `crux pastiche put` and a pull
-//!   from a peer fail with "disk full: <dir>" and change nothing; reads, the flock, the Raft
-//!   leader and registry lookups keep working; the disk-full errors are counted in `/metrics`;
-//!   once space is freed the very next write, put and pull succeed, with no restart.
+//!   small tmpfs the test mounts and fills). The Raft leader's disk alone full: it refuses the
+//!   write ("disk full: <dir>") and a voter with room takes the lead. Every disk full: `crux
+//!   muster add`, `crux pastiche put` and a pull from a peer fail with "disk full: <dir>" and
+//!   change nothing; reads, the flock, the Raft leader and registry lookups keep working; the
+//!   disk-full errors are counted in `/metrics`; once space is freed the very next write, put
+//!   and pull succeed, with no restart.
 //! * kill -9 (runs anywhere): every agent killed during a stream of store writes comes back with
 //!   every acknowledged write; a node killed during a large pull comes back with no partial
 //!   blob visible, `crux pastiche verify` passes, and the pull then completes.
@@ -31,6 +33,11 @@ const MIB: usize = 1 << 20;
 const STORE_DISK: u64 = 16 << 20;
 /// Node 2's pastiche filesystem.
 const PASTICHE_DISK: u64 = 32 << 20;
+
+#[allow(clippy::disallowed_methods)]
+fn now() -> std::time::Instant {
+    std::time::Instant::now()
+}
 
 /// A file of `len` pseudo-random bytes in the cluster dir (on the ordinary disk).
 fn blob(c: &Cluster, name: &str, len: usize, seed: u64) -> PathBuf {
@@ -163,8 +170,32 @@ fn full_disks_refuse_writes_keep_serving_and_recover_by_themselves() {
     let digest = put(&c, 1, &file).expect("put on node 1");
     let members_before = c.members(2).expect("members");
 
-    // ---- full ---------------------------------------------------------------------------
-    let fillers: Vec<_> = disks.iter().map(|d| d.fill("filler", 0)).collect();
+    // ---- the Raft leader's disk full: it refuses, and hands over to a voter with room -------
+    let mut fillers = vec![disks[leader - 1].fill("filler", 0)];
+    let err = muster_add(&c, leader, "disk1", "disk1_3").expect_err("the leader has no room");
+    let old_store = c.agent(leader).dir.join("store");
+    assert!(
+        err.contains(&format!("disk full: {}", old_store.display())),
+        "{err}"
+    );
+    c.wait_for("a write once a voter with room leads", CONVERGE, || {
+        muster_add(&c, leader, "disk1", "disk1_3")
+    });
+    let old = leader;
+    let leader = store_leader(&c);
+    assert_ne!(leader, old, "a voter with room leads");
+    // Every write it refused is counted (the retries above until the hand-over, too).
+    let refused = metric(
+        &c,
+        old,
+        "crux_store_write_errors_total{reason=\"disk_full\"}",
+    );
+    assert!(refused >= 1, "{refused}");
+
+    // ---- every store disk full, and node 2's pastiche disk --------------------------------
+    for k in all.into_iter().filter(|k| *k != old) {
+        fillers.push(disks[k - 1].fill("filler", 0));
+    }
     let pastiche_filler = pastiche2.fill("filler", 0);
     let leader_store = c.agent(leader).dir.join("store");
     for k in [2, leader] {
@@ -179,7 +210,7 @@ fn full_disks_refuse_writes_keep_serving_and_recover_by_themselves() {
     for k in all {
         assert_eq!(
             muster_search(&c, k, "disk1").expect("search"),
-            set("disk1", 0..3),
+            set("disk1", 0..4),
             "node{k}"
         );
         let s = status(&c, k).expect("store status");
@@ -228,11 +259,11 @@ fn full_disks_refuse_writes_keep_serving_and_recover_by_themselves() {
         f.free();
     }
     pastiche_filler.free();
-    muster_add(&c, 2, "disk1", "disk1_3").expect("the next write once space is freed");
+    muster_add(&c, 2, "disk1", "disk1_4").expect("the next write once space is freed");
     for k in all {
         c.wait_for("every node to see the new entry", CONVERGE, || {
             let got = muster_search(&c, k, "disk1")?;
-            if got == set("disk1", 0..4) {
+            if got == set("disk1", 0..5) {
                 Ok(())
             } else {
                 Err(format!("node{k}: {got:?}"))
@@ -240,7 +271,10 @@ fn full_disks_refuse_writes_keep_serving_and_recover_by_themselves() {
         });
     }
     assert_eq!(metric(&c, leader, "crux_store_disk_full"), 0);
-    assert_eq!(metric(&c, leader, "crux_store_reopened_total"), 0);
+    for k in all {
+        let s = status(&c, k).expect("store status");
+        assert_eq!(c.index_of(&s.leader_id), Some(leader), "node{k}: {s:?}");
+    }
     put(&c, 2, &small).expect("the next put once space is freed");
     let got = get(&c, 2, &digest, &out).expect("the next pull once space is freed");
     assert_eq!(got["size"].as_u64(), Some(4 * MIB as u64));
@@ -369,14 +403,12 @@ fn kill9_during_writes_and_a_pull_leaves_nothing_corrupt() {
         .expect("start get");
     let pdir = c.agent(2).dir.join("pastiche");
     let journal = pdir.join("tmp").join(format!("{hex}.have"));
-    c.wait_for(
-        "node 2 to record verified pieces",
-        CONVERGE,
-        || match std::fs::metadata(&journal) {
-            Ok(m) if m.len() >= 4 => Ok(()),
-            _ => Err(format!("no journal at {}", journal.display())),
-        },
-    );
+    // Polled closely: the kill must come while the pull is still under way.
+    let deadline = now() + CONVERGE;
+    while !std::fs::metadata(&journal).is_ok_and(|m| m.len() >= 4) {
+        assert!(now() < deadline, "no journal at {}", journal.display());
+        std::thread::sleep(Duration::from_millis(2));
+    }
     c.kill9(2);
     let _ = getter.kill();
     let _ = getter.wait();

@@ -8,8 +8,15 @@
 //!   before it appends a client write: below [`RESERVE_BYTES`] free (or after a write failed for
 //!   lack of room and no probe has succeeded since) it refuses with
 //!   [`StoreError::DiskFull`] and appends nothing. The reserve keeps room for what Raft must
-//!   still write with no client asking (votes, the committed index), so a leader on a full
-//!   disk keeps its followers and keeps answering consistent reads.
+//!   still write with no client asking (votes; the committed index, which Raft can do without,
+//!   is not written at all below the reserve), so a leader on a full disk keeps its followers
+//!   and keeps answering consistent reads. If enough of the other voters have room to commit
+//!   without it, the refusing leader hands the lead over ([`Store::hand_over`]): one node's full
+//!   disk does not stop the group's writes.
+//! * **Named when others lack room.** A leader whose write a majority did not confirm asks the
+//!   voters ([`Store::voters_out_of_room`], from [`crate::StoreStatus::disk_full`]): when too
+//!   many have no room, the write fails with [`StoreError::DiskFull`] naming one of them rather
+//!   than a bare "no quorum".
 //! * **Recovered without a restart.** A storage error the Raft node cannot avoid (a follower's
 //!   append on a full disk, a race with whatever fills the disk) stops that node's Raft core
 //!   (openraft treats every storage error as fatal) and poisons the redb handle. [`watch`]
@@ -58,6 +65,22 @@ pub fn is_full(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
     ) || matches!(e.raw_os_error(), Some(28 | 122))
+}
+
+/// `n` bytes, for people: "0 B", "512 KiB", "1 MiB", "2.5 GiB".
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 /// What kind of failure a redb error is.
@@ -155,6 +178,8 @@ pub(crate) struct Disk {
     disk_full: AtomicU64,
     io: AtomicU64,
     reopened: AtomicU64,
+    /// A [`Store::hand_over`] runs.
+    handing_over: AtomicBool,
 }
 
 impl Disk {
@@ -168,11 +193,12 @@ impl Disk {
             disk_full: AtomicU64::new(0),
             io: AtomicU64::new(0),
             reopened: AtomicU64::new(0),
+            handing_over: AtomicBool::new(false),
         })
     }
 
     /// Records a failed write (a redb or I/O error) and returns it as openraft's error, saying
-    /// "disk full: <dir>" when the filesystem had no room.
+    /// `disk full: <dir>` when the filesystem had no room.
     pub(crate) fn write_failed(&self, e: impl Fault) -> AnyError {
         match e.kind() {
             Kind::Full => {
@@ -210,8 +236,9 @@ impl Disk {
         self.full.store(true, Ordering::SeqCst);
         let room = match free {
             Some(free) => format!(
-                "{free} bytes free, the store keeps {} bytes in reserve for Raft's own records",
-                self.reserve
+                "{} free, {} kept in reserve for Raft's own records",
+                bytes(free),
+                bytes(self.reserve)
             ),
             None => "the last write found no room".into(),
         };
@@ -219,7 +246,7 @@ impl Disk {
             path: self.dir.display().to_string(),
             detail: format!(
                 "on node {:016x}, {room}; nothing was written; writes resume by themselves once \
-                 space is freed",
+                 space is freed or a voter with room leads",
                 self.node
             ),
         }
@@ -275,9 +302,9 @@ impl Disk {
             StoreError::DiskFull {
                 path: self.dir.display().to_string(),
                 detail: format!(
-                    "on node {:016x}, a write found no room and this node's store stopped (that \
-                     write may still be applied by the other voters: read it back); it reopens \
-                     by itself once space is freed",
+                    "on node {:016x}, this node's store stopped when a write found no room (an \
+                     entry it was appending may still be applied by the other voters: read it \
+                     back); it reopens by itself once space is freed",
                     self.node
                 ),
             }
@@ -318,12 +345,13 @@ pub(crate) fn storage_stopped<NID: openraft::NodeId>(fatal: &Fatal<NID>) -> Opti
 /// the extra time a forwarding node gives the leader's answer).
 const ASK_VOTERS: Duration = Duration::from_millis(250);
 
+/// A leader handing over waits this many of its longest election timeouts for another leader.
+const HAND_OVER_ELECTIONS: u32 = 10;
+
 impl Store {
-    /// On a leader whose write was not confirmed by a majority: [`StoreError::DiskFull`] if that
-    /// is because too many voters have no room under their store directories (their Raft nodes
-    /// refuse or stopped on the append), naming one of them; None otherwise (or if they cannot
-    /// be asked).
-    pub(crate) async fn voters_out_of_room(&self) -> Option<StoreError> {
+    /// The other voters' store directories with no room, as they answer (a voter that does not
+    /// answer is taken to have room); and how many voters there are.
+    async fn voters_without_room(&self) -> (Vec<(u64, String)>, usize) {
         let me = self.status();
         let mut asks = tokio::task::JoinSet::new();
         for m in me.voters.iter().filter(|m| m.id != me.node) {
@@ -333,16 +361,66 @@ impl Store {
                 (id, s.ok().and_then(|s| s.ok()).and_then(|s| s.disk_full))
             });
         }
-        let mut full: Vec<(u64, String)> = Vec::new();
-        if let (true, Some(dir)) = (me.voters.iter().any(|m| m.id == me.node), me.disk_full) {
-            full.push((me.node, dir));
-        }
+        let mut full = Vec::new();
         while let Some(r) = asks.join_next().await {
             if let Ok((id, Some(dir))) = r {
                 full.push((id, dir));
             }
         }
-        let voters = me.voters.len();
+        full.sort();
+        (full, me.voters.len())
+    }
+
+    /// On a leader that refused a write for lack of room: if enough of the other voters have
+    /// room to commit writes without it, hands leadership over (no more heartbeats, and no
+    /// campaign of its own, until another voter leads), so that one node's full disk does not
+    /// stop the group's writes. Runs once at a time; ends within a few election timeouts.
+    pub(crate) async fn hand_over(&self) {
+        let disk = self.slot.disk.clone();
+        if disk.handing_over.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (full, voters) = self.voters_without_room().await;
+        let with_room = voters.saturating_sub(full.len() + 1);
+        let raft = self.inner().raft.clone();
+        if with_room > voters / 2 {
+            info!(
+                voters,
+                with_room,
+                "this leader's disk has no room: handing leadership to a voter with room"
+            );
+            let rc = raft.runtime_config();
+            rc.heartbeat(false);
+            rc.elect(false);
+            let me = self.node();
+            let wait = self.inner().config.election_timeout.1 * HAND_OVER_ELECTIONS;
+            let r = raft
+                .wait(Some(wait))
+                .metrics(
+                    |m| m.current_leader.is_some_and(|l| l != me),
+                    "another leader",
+                )
+                .await;
+            rc.heartbeat(true);
+            rc.elect(true);
+            match r {
+                Ok(m) => info!(leader = ?m.current_leader, "leadership handed over"),
+                Err(e) => warn!(error = %e, "no other voter took the lead; this one leads on"),
+            }
+        }
+        disk.handing_over.store(false, Ordering::SeqCst);
+    }
+
+    /// On a leader whose write was not confirmed by a majority: [`StoreError::DiskFull`] if that
+    /// is because too many voters have no room under their store directories (their Raft nodes
+    /// refuse or stopped on the append), naming one of them; None otherwise (or if they cannot
+    /// be asked).
+    pub(crate) async fn voters_out_of_room(&self) -> Option<StoreError> {
+        let (mut full, voters) = self.voters_without_room().await;
+        let me = self.status();
+        if let (true, Some(dir)) = (me.voters.iter().any(|m| m.id == me.node), me.disk_full) {
+            full.push((me.node, dir));
+        }
         if full.is_empty() || voters - full.len() > voters / 2 {
             return None;
         }
@@ -444,6 +522,15 @@ mod tests {
         assert!(!is_full(&io::Error::from_raw_os_error(5)));
         assert!(!is_full(&io::Error::from(io::ErrorKind::PermissionDenied)));
         assert!(!is_full(&io::Error::other("no space left (just words)")));
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(512 << 10), "512 KiB");
+        assert_eq!(bytes(RESERVE_BYTES), "1 MiB");
+        assert_eq!(bytes(5 << 29), "2.5 GiB");
     }
 
     #[test]

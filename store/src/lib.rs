@@ -1395,7 +1395,11 @@ impl Store {
                 // would stop this Raft node (and its reads) until the disk has room again.
                 let disk = self.slot.disk.clone();
                 match tokio::task::spawn_blocking(move || disk.room()).await {
-                    Ok(Err(e)) => return Err(Fail::Error(e)),
+                    Ok(Err(e)) => {
+                        let store = self.clone();
+                        tokio::spawn(async move { store.hand_over().await });
+                        return Err(Fail::Error(e));
+                    }
                     Ok(Ok(())) => {}
                     Err(e) => return Err(Fail::Error(StoreError::Storage(e.to_string()))),
                 }

@@ -20,6 +20,10 @@ use tokio::time::Instant;
 const WAIT: Duration = Duration::from_secs(15);
 /// Each node's filesystem.
 const DISK_BYTES: u64 = 8 << 20;
+/// A document (1.5 MiB) that needs more room than a database holds already (one of a few bytes
+/// may fit in pages freed earlier) and than the reserve, yet small enough for openraft to
+/// replicate it within a heartbeat interval (its time limit for an append) on a debug build.
+const BIG: usize = 3 << 19;
 
 struct Cluster {
     nodes: Vec<Node>,
@@ -71,7 +75,14 @@ impl Cluster {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "no common leader: {seen:?}");
+            if Instant::now() >= deadline {
+                let all: Vec<_> = self
+                    .nodes
+                    .iter()
+                    .map(|n| (n.store.status(), n.store.disk_stats()))
+                    .collect();
+                panic!("no common leader: {seen:?}: {all:#?}");
+            }
             let mut m = self.nodes[among[0]].store.metrics();
             let _ = tokio::time::timeout(Duration::from_millis(50), m.changed()).await;
         }
@@ -247,11 +258,11 @@ async fn a_write_that_finds_no_room_stops_that_node_which_reopens_by_itself() {
             .await
             .unwrap();
     }
-    // Room for the reserve and a little more, not for a 2 MiB document.
-    let filler = c.disks[l].fill("filler", crux_store::DISK_RESERVE_BYTES + (256 << 10));
+    // Room for the reserve and a little more, not for a 1.5 MiB document.
+    let filler = c.disks[l].fill("filler", crux_store::DISK_RESERVE_BYTES + (128 << 10));
     let e = c.nodes[l]
         .store
-        .write(put(&key(3), "x".repeat(2 << 20)))
+        .write(put(&key(3), "x".repeat(BIG)))
         .await
         .expect_err("a write larger than the room left");
     assert!(matches!(e, StoreError::DiskFull { .. }), "{e:?}");
@@ -304,7 +315,7 @@ async fn a_write_that_finds_no_room_stops_that_node_which_reopens_by_itself() {
 }
 
 /// Both followers' disks full, the leader's not. A write too large for the room the followers'
-/// databases already hold cannot be committed (only one voter has room for it); while the
+/// databases already hold (512 KiB) cannot be committed (only one voter has room for it); while the
 /// group sorts itself out (a follower whose append fails stops; one that can still record its
 /// vote may be elected and then refuses writes on its full disk), such writes never succeed
 /// and end up failing with "disk full: <a follower's store dir>" rather than a bare "no
@@ -336,11 +347,7 @@ async fn followers_out_of_room_fail_writes_with_disk_full_until_freed() {
     let deadline = Instant::now() + WAIT;
     let mut seen = Vec::new();
     let path = loop {
-        match c.nodes[l]
-            .store
-            .write(put(&key(3), "v".repeat(2 << 20)))
-            .await
-        {
+        match c.nodes[l].store.write(put(&key(3), "v".repeat(BIG))).await {
             Ok(a) => panic!("a write no majority has room for was applied: {a:?}"),
             Err(StoreError::DiskFull { path, .. }) => break path,
             Err(e) => seen.push(e.to_string()),
@@ -357,7 +364,13 @@ async fn followers_out_of_room_fail_writes_with_disk_full_until_freed() {
     loop {
         match c.nodes[l].store.write(put(&key(4), "v".into())).await {
             Ok(_) => break,
-            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+            Err(e) if Instant::now() >= deadline => {
+                let all: Vec<_> = (0..3)
+                    .map(|i| (c.nodes[i].store.status(), c.nodes[i].store.disk_stats()))
+                    .collect();
+                panic!("no write after space came back: {e}: {all:#?}");
+            }
+            Err(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -373,5 +386,56 @@ async fn followers_out_of_room_fail_writes_with_disk_full_until_freed() {
         assert!(s.role == "leader" || s.role == "follower", "{s:?}");
         assert_eq!(s.disk_full, None, "{s:?}");
     }
+    c.stop().await;
+}
+
+/// Only the leader's disk full: it refuses the write ("disk full: <its dir>") and hands
+/// leadership to a voter with room, so writes succeed again with the disk still full; the old
+/// leader follows (or, if recording its vote found no room, reopens once space is freed) and
+/// every node ends with the same documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_out_of_room_hands_over_to_a_voter_with_room() {
+    let c = match Cluster::new().await {
+        Ok(c) => c,
+        Err(why) => return skip(&why),
+    };
+    let l = c.leader(&[0, 1, 2]).await;
+    for i in 0..3 {
+        c.nodes[l]
+            .store
+            .write(put(&key(i), "v".into()))
+            .await
+            .unwrap();
+    }
+    let filler = c.disks[l].fill("filler", 0);
+    let e = c.nodes[l]
+        .store
+        .write(put(&key(3), "v".into()))
+        .await
+        .expect_err("the leader has no room");
+    let StoreError::DiskFull { path, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(path, &c.nodes[l].dir.display().to_string());
+    // Through the old leader, with its disk still full: a new leader with room takes it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match c.nodes[l].store.write(put(&key(4), "v".into())).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rest: Vec<usize> = (0..3).filter(|i| *i != l).collect();
+    let l2 = c.leader(&rest).await;
+    assert_ne!(l2, l);
+    let want = [keys(0..3), vec![key(4)]].concat();
+    for &i in &rest {
+        c.wait_docs(i, want.clone()).await;
+    }
+    filler.free();
+    c.wait_docs(l, want).await;
+    let s = c.nodes[l].store.status();
+    assert!(s.role == "follower" || s.role == "leader", "{s:?}");
     c.stop().await;
 }
