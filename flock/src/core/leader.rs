@@ -213,12 +213,6 @@ impl Flock {
         if claim.leader == self.me.id || self.lead.told == Some(claim.tag()) {
             return;
         }
-        // Not before we seal with the leader's key (a ping it cannot read makes it answer with
-        // a handshake, and at a cold boot that would be every member at once), and at most once
-        // per probe interval.
-        if self.keys.sec.is_some() && self.key_epoch() != Some(claim.epoch) {
-            return;
-        }
         let period = self.config.timing.probe_interval;
         if self.lead.told_at.is_some_and(|t| now < t + period)
             || self.detect.probes.values().any(|p| p.leader_check)
