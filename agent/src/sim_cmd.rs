@@ -216,32 +216,6 @@ mod tests {
     }
 
     #[test]
-    fn parses_the_split_scenarios() {
-        let cli = Cli::try_parse_from([
-            "crux",
-            "--nodes",
-            "1000",
-            "--scenario",
-            "split-heal",
-            "--minority",
-            "100",
-        ])
-        .expect("parses");
-        assert_eq!(cli.sim.scenario, Scenario::SplitHeal);
-        assert_eq!(cli.sim.scenario_config().expect("valid").minority, 100);
-        let cli = Cli::try_parse_from(["crux", "--scenario", "flap"]).expect("parses");
-        assert_eq!(cli.sim.scenario, Scenario::Flap);
-        for bad in ["0", "50", "99"] {
-            let cli = Cli::try_parse_from(["crux", "--scenario", "flap", "--minority", bad])
-                .expect("parses");
-            assert!(
-                cli.sim.scenario_config().is_err(),
-                "--minority {bad} of 100"
-            );
-        }
-    }
-
-    #[test]
     fn rejects_bad_values() {
         let cli = Cli::try_parse_from(["crux", "--loss", "1.5"]).expect("parses");
         assert!(cli.sim.scenario_config().is_err());

@@ -293,8 +293,7 @@ fn invariants_hold_seeds_30_to_59() {
 
 #[test]
 fn invariants_hold_seeds_60_to_89() {
-    // 88: see known_core_failures_secure_3.
-    run_seeds((SEEDS / 2..3 * SEEDS / 4).filter(|s| *s != 88));
+    run_seeds(SEEDS / 2..3 * SEEDS / 4);
 }
 
 #[test]
@@ -377,15 +376,4 @@ fn known_core_failures_secure() {
 #[test]
 fn known_core_failures_secure_2() {
     run_seeds_in([1159, 517].into_iter(), Mode::Default);
-}
-
-/// Seed 88 with the core of issue 23 (claims ranked by followers; the seed's schedule changed
-/// with it): at cold boot, while two groups still seal under different transient keys, a node of
-/// one (node 10) suspects a node of the other (node 7) at 1.49 s and declares it dead at 2.99 s,
-/// its refutation unread (another key); the same class as 517's second failure above, not a
-/// leadership one. Ignored so that CI stays green until the boot key switch is fixed.
-#[test]
-#[ignore = "core issue (boot-time key switch) reported to the lead; un-ignore once fixed"]
-fn known_core_failures_secure_3() {
-    run_seeds([88].into_iter());
 }

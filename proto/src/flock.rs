@@ -216,9 +216,6 @@ pub struct LeaderClaim {
     /// [`Message::Ping::follows`]) that they follow this claim, and that it holds live at that
     /// boot since. The larger flock's leader wins a merge on this count.
     pub followers: u32,
-    /// The highest term the leader has seen (at least `term`): a claim that won on followers
-    /// over a claim of a higher term carries that term on, so that no later election reuses it.
-    pub seen: u64,
 }
 
 impl LeaderClaim {
@@ -585,10 +582,9 @@ mod tests {
             any::<u32>(),
             any::<u64>(),
             any::<u32>(),
-            any::<u64>(),
         )
-            .prop_map(|(l, b, term, solo, beat, epoch, ring, followers, seen)| {
-                LeaderClaim {
+            .prop_map(
+                |(l, b, term, solo, beat, epoch, ring, followers)| LeaderClaim {
                     leader: NodeId(l),
                     boot: BootId(b),
                     term,
@@ -597,9 +593,8 @@ mod tests {
                     epoch,
                     ring,
                     followers,
-                    seen,
-                }
-            })
+                },
+            )
     }
 
     fn arb_update() -> impl Strategy<Value = Update> {

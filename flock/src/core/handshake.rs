@@ -364,7 +364,7 @@ impl Sec {
 
 /// Decodes the context a handshake carries: a leader claim (or nothing).
 pub(crate) fn decode_claim(context: &[u8]) -> Option<crux_proto::flock::LeaderClaim> {
-    if context.len() != 49 {
+    if context.len() != 41 {
         return None;
     }
     let u64_at = |i: usize| u64::from_le_bytes(context[i..i + 8].try_into().expect("8 bytes"));
@@ -377,16 +377,15 @@ pub(crate) fn decode_claim(context: &[u8]) -> Option<crux_proto::flock::LeaderCl
         epoch: u32::from_le_bytes(context[33..37].try_into().expect("4 bytes")),
         ring: 0, // not carried: the handshake's size is fixed
         followers: u32::from_le_bytes(context[37..41].try_into().expect("4 bytes")),
-        seen: u64_at(41),
     })
 }
 
-/// Encodes a leader claim as handshake context (49 bytes).
+/// Encodes a leader claim as handshake context (41 bytes).
 pub(crate) fn encode_claim(claim: Option<&crux_proto::flock::LeaderClaim>) -> Vec<u8> {
     let Some(c) = claim else {
         return Vec::new();
     };
-    let mut v = Vec::with_capacity(49);
+    let mut v = Vec::with_capacity(41);
     v.extend_from_slice(&c.leader.0.to_le_bytes());
     v.extend_from_slice(&c.boot.0.to_le_bytes());
     v.extend_from_slice(&c.term.to_le_bytes());
@@ -394,6 +393,5 @@ pub(crate) fn encode_claim(claim: Option<&crux_proto::flock::LeaderClaim>) -> Ve
     v.extend_from_slice(&c.beat.to_le_bytes());
     v.extend_from_slice(&c.epoch.to_le_bytes());
     v.extend_from_slice(&c.followers.to_le_bytes());
-    v.extend_from_slice(&c.seen.to_le_bytes());
     v
 }

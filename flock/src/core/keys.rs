@@ -622,7 +622,6 @@ mod tests {
             epoch: 0,
             ring: 0,
             followers: 1,
-            seen: term,
         };
         let ann = |epoch: u32, b: u8| KeyAnnouncement {
             epoch,

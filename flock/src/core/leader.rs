@@ -247,9 +247,7 @@ impl Flock {
         if !self.claim_is_live(&claim) {
             return; // a stale boot, a node we do not hold live: its term counts for nothing
         }
-        // The highest term its leader has seen counts too: a claim that won on followers over
-        // one of a higher term carries that term on, so no later election reuses it.
-        self.lead.max_term = self.lead.max_term.max(claim.term).max(claim.seen);
+        self.lead.max_term = self.lead.max_term.max(claim.term);
         match self.lead.judge(&claim) {
             Judgement::NewerBeat => {
                 self.lead.claim = Some(claim);
@@ -258,7 +256,14 @@ impl Flock {
             }
             Judgement::OldBeat => {}
             Judgement::Weaker(cur) => {
-                if cur.leader == self.me.id {
+                if cur.leader == self.me.id && claim.term >= cur.term && !self.leaving {
+                    // We win on followers over a claim of a term at least ours (a smaller
+                    // flock that elected during a split): claim again above it, keeping our
+                    // followers, so that the leader is always the one of the highest term
+                    // (two leaders never share a term, whichever order claims arrive in).
+                    let solo = cur.solo && self.live_count() == 1;
+                    self.claim(now, solo, 0);
+                } else if cur.leader == self.me.id {
                     // Let the other side hear about the better claim soon.
                     self.spread.broadcasts.push(Update::Leader(cur));
                 }
@@ -351,7 +356,6 @@ impl Flock {
             epoch: self.key_epoch().unwrap_or(0),
             ring: self.keys.sec.as_ref().map_or(0, |s| s.ring.version),
             followers: self.count_followers(),
-            seen: self.lead.max_term,
         };
         self.stats.claims += 1;
         self.lead.claim = Some(claim);
@@ -390,13 +394,11 @@ impl Flock {
             .unwrap_or(0);
         let ring = self.keys.sec.as_ref().map_or(0, |s| s.ring.version);
         let followers = self.count_followers();
-        let seen = self.lead.max_term;
         let claim = self.lead.claim.as_mut().expect("checked");
         claim.beat += 1;
         claim.epoch = epoch;
         claim.ring = ring;
         claim.followers = followers;
-        claim.seen = claim.seen.max(seen);
         let claim = *claim;
         self.spread.broadcasts.push(Update::Leader(claim));
         self.schedule(next, Timer::Beat { term });
@@ -428,7 +430,6 @@ mod tests {
             epoch: 0,
             ring: 0,
             followers: 1,
-            seen: term,
         }
     }
 
