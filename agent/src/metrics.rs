@@ -284,11 +284,6 @@ fn render_flock(o: &mut Out, snap: &Snapshot, key_epoch: Option<u64>) {
     );
     counter("crux_leader_claims_total", "Leader claims made.", s.claims);
     counter(
-        "crux_flock_leader_changes_total",
-        "Times this node went on to follow another leader (a change of leader id).",
-        s.leader_changes,
-    );
-    counter(
         "crux_key_rotations_total",
         "Transient keys made as leader.",
         s.rotations,
@@ -364,8 +359,6 @@ mod tests {
         assert!(text.contains("crux_dropped_total{reason=\"bad_magic\"} 0\n"));
         assert!(text.contains("crux_key_epoch 7\n"));
         assert!(text.contains("crux_leader_known 0\n"));
-        assert!(text.contains("# TYPE crux_flock_leader_changes_total counter\n"));
-        assert!(text.contains("crux_flock_leader_changes_total 0\n"));
         assert!(text.contains("crux_handshakes_total{side=\"answered\"} 0\n"));
         let mut o = Out(String::new());
         let store = crux_store::DiskStats {

@@ -23,12 +23,10 @@ pub struct SimArgs {
     /// Seed of the run: the same seed gives the same run, bit for bit.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// What to simulate: cold-boot, kill-leader, partition-heal, churn, rotation (5 simulated
+    /// What to simulate: cold-boot, kill-leader, partition-heal, churn or rotation (5 simulated
     /// minutes of transient-key rotations every 6-12 s, a secondary-keyring rotation and one node
     /// partitioned for 5 rotation periods; reports rotations, membership_losses,
-    /// rejoin_after_heal_s and keyring_rotated), split-heal (--minority random nodes cut off for
-    /// 30 s, then healed) or flap (the same cut 4 s / healed 4 s for 2 minutes); the last two
-    /// report leader_changes, majority_leader_kept and majority_false_deaths.
+    /// rejoin_after_heal_s and keyring_rotated).
     #[arg(long, default_value = "cold-boot")]
     pub scenario: Scenario,
     /// Print one JSON object instead of a table.
@@ -62,9 +60,6 @@ pub struct SimArgs {
     /// partition lasts 5 times this).
     #[arg(long)]
     pub rotation_max: Option<f64>,
-    /// Split-heal and flap: how many random nodes are cut off.
-    #[arg(long, default_value_t = 1)]
-    pub minority: usize,
     /// Longest wait, in simulated seconds, for each agreement of the scenario.
     #[arg(long, default_value_t = 120.0)]
     pub deadline: f64,
@@ -89,16 +84,7 @@ impl SimArgs {
         if self.plain && self.scenario == Scenario::Rotation {
             bail!("--scenario rotation rotates keys: it cannot run --plain");
         }
-        let splits = matches!(self.scenario, Scenario::SplitHeal | Scenario::Flap);
-        if splits && (self.minority == 0 || self.minority * 2 >= self.nodes) {
-            bail!(
-                "--minority {} must be at least 1 and under half of --nodes {}",
-                self.minority,
-                self.nodes
-            );
-        }
         let mut cfg = ScenarioConfig::new(self.scenario, self.nodes, self.seed);
-        cfg.minority = self.minority;
         cfg.preset = self.preset;
         cfg.loss = self.loss;
         cfg.duplicate = self.duplicate;

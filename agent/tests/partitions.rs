@@ -6,14 +6,8 @@
 //!    keeps taking writes; healed, it rejoins and holds every write;
 //! 2. one host that can receive but not send: the others' leader does not flap;
 //! 3. a 2|3 partition: the side without a majority of the store's voters has its writes refused
-//!    ("no quorum"), the other side's go on; healed, one flock with one leader — the three-node
-//!    side's (issue 23) — and every acknowledged write on every node;
-//! 4. a flapping link (issue 23): the 2|3 cut comes and goes (4 s cut, 4 s healed, 5 times), and
-//!    the three-node side, whose leader is not on the cut-off side, sees no leader change; then
-//!    one host's link flaps the same way, and the other four see no leader change.
-//!
-//! The lone host of 1 comes back without taking the lead either (issue 23). Leader changes are
-//! counted by polling every node's leader through the status API every 100 ms.
+//!    ("no quorum"), the other side's go on; healed, one flock with one leader, and every
+//!    acknowledged write on every node.
 //!
 //! It prints the figures (detection and heal times, leader changes, whether the majority's
 //! leader was kept) and asserts the behaviour. Root only: elsewhere it says so and skips.
@@ -67,65 +61,25 @@ fn alive(c: &Cluster, k: usize) -> Result<BTreeSet<String>, String> {
         .collect())
 }
 
-/// The leader each of `nodes` follows (None: none, or no answer).
-fn leaders(c: &Cluster, nodes: &[usize]) -> Vec<Option<String>> {
-    nodes
+/// Polls the leader of each of `nodes` every 250 ms for `span`, and counts the changes each saw.
+fn leader_changes(c: &Cluster, nodes: &[usize], span: Duration) -> usize {
+    let mut last: Vec<Option<String>> = nodes
         .iter()
         .map(|k| c.leader(*k).ok().flatten().map(|l| l.id))
-        .collect()
-}
-
-/// Polls the leader of each of `nodes` every 100 ms for `span`, counting in `changes` (one per
-/// node) the times each went on to follow another leader than the one it last followed.
-fn watch_leaders(
-    c: &Cluster,
-    nodes: &[usize],
-    span: Duration,
-    last: &mut [Option<String>],
-    changes: &mut [usize],
-) {
+        .collect();
+    let mut changes = 0;
     let end = now() + span;
     while now() < end {
-        std::thread::sleep(Duration::from_millis(100)); // sampling, not synchronisation
-        for (i, l) in leaders(c, nodes).into_iter().enumerate() {
+        std::thread::sleep(Duration::from_millis(250)); // sampling, not synchronisation
+        for (i, &k) in nodes.iter().enumerate() {
+            let l = c.leader(k).ok().flatten().map(|l| l.id);
             if l.is_some() && l != last[i] {
                 if last[i].is_some() {
-                    changes[i] += 1;
+                    changes += 1;
                 }
                 last[i] = l;
             }
         }
-    }
-}
-
-/// Polls the leader of each of `nodes` for `span`, and counts the changes they saw in all.
-fn leader_changes(c: &Cluster, nodes: &[usize], span: Duration) -> usize {
-    let mut last = leaders(c, nodes);
-    let mut changes = vec![0; nodes.len()];
-    watch_leaders(c, nodes, span, &mut last, &mut changes);
-    changes.iter().sum()
-}
-
-/// Cuts `cut` off from the rest and heals it again, `times` times (4 s cut, 4 s healed), and
-/// returns the leader changes each of `watched` saw from the first cut until 4 s after the last
-/// heal.
-fn flap(
-    c: &mut Cluster,
-    cut: &[usize],
-    rest: &[usize],
-    watched: &[usize],
-    times: usize,
-) -> Vec<usize> {
-    let mut last = leaders(c, watched);
-    let mut changes = vec![0; watched.len()];
-    for _ in 0..times {
-        c.netns()
-            .expect("netns")
-            .partition(&[cut, rest])
-            .expect("partition");
-        watch_leaders(c, watched, Duration::from_secs(4), &mut last, &mut changes);
-        c.netns().expect("netns").heal().expect("heal");
-        watch_leaders(c, watched, Duration::from_secs(4), &mut last, &mut changes);
     }
     changes
 }
@@ -183,10 +137,6 @@ fn real_hosts_survive_a_cut_host_a_one_way_link_and_a_minority_partition() {
         "figure: host cut off: seen dead by the other 4 in {detected:?}, rejoined in {rejoin:?}, \
          leader kept across the heal: {}",
         after.id == leader.id
-    );
-    assert_eq!(
-        after.id, leader.id,
-        "node{x} came back from its cut as the leader of all five (issue 23)"
     );
     c.wait_for(&format!("node{x} to hold every write"), CONVERGE, || {
         let got = search(&c, x)?;
@@ -292,11 +242,6 @@ fn real_hosts_survive_a_cut_host_a_one_way_link_and_a_minority_partition() {
         minority_leader.id,
         merged.id == leader.id
     );
-    assert_eq!(
-        merged.id, leader.id,
-        "the two-node side's leader {} took over the five at the heal (issue 23)",
-        minority_leader.id
-    );
     for k in all {
         c.wait_for(
             &format!("node{k} to hold every acknowledged write"),
@@ -311,48 +256,4 @@ fn real_hosts_survive_a_cut_host_a_one_way_link_and_a_minority_partition() {
             },
         );
     }
-
-    // 4. A flapping link between the two sides (the leader on the three-node side), then one
-    // host's link flapping (not the leader's).
-    let leader = agree(&c, &all);
-    let leader_k = c.index_of(&leader.id).expect("leader is a node");
-    let minority: Vec<usize> = all
-        .iter()
-        .copied()
-        .filter(|k| *k != leader_k)
-        .take(2)
-        .collect();
-    let majority: Vec<usize> = all
-        .iter()
-        .copied()
-        .filter(|k| !minority.contains(k))
-        .collect();
-    let changes = flap(&mut c, &minority, &majority, &majority, 5);
-    let after = agree(&c, &all);
-    eprintln!(
-        "figure: 2|3 link flapping (4 s cut / 4 s healed, 5 times): leader changes seen by the \
-         three-node side {changes:?}, leader kept: {} (issue 23)",
-        after.id == leader.id
-    );
-    assert!(
-        changes.iter().all(|n| *n == 0),
-        "the three-node side saw leader changes {changes:?} while the link flapped"
-    );
-    assert_eq!(after.id, leader.id, "the flapping link moved the leader");
-    let z = if leader_k == 5 { 4 } else { 5 };
-    let rest: Vec<usize> = all.iter().copied().filter(|k| *k != z).collect();
-    let changes = flap(&mut c, &[z], &rest, &rest, 3);
-    let after = agree(&c, &all);
-    eprintln!(
-        "figure: node{z}'s link flapping (4 s cut / 4 s healed, 3 times): leader changes seen by \
-         the other four {changes:?} (issue 23)"
-    );
-    assert!(
-        changes.iter().all(|n| *n == 0),
-        "the majority saw leader changes {changes:?} while node{z}'s link flapped"
-    );
-    assert_eq!(
-        after.id, leader.id,
-        "node{z}'s flapping link moved the leader"
-    );
 }

@@ -209,7 +209,6 @@ fn hostile_setup(seed: u64) -> (Flock, HostileTraffic, Duration) {
             target: None,
             me,
             digest: 0,
-            follows: 0,
             updates: vec![],
         };
         let (mut body, mut d) = (Vec::new(), Vec::new());

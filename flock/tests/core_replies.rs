@@ -515,7 +515,6 @@ fn a_datagram_sealed_for_another_node_does_not_open_and_one_for_this_node_opens_
             target: Some(me),
             me: entry,
             digest: u64::MAX,
-            follows: 0,
             updates: Vec::new(),
         },
         Message::PushPull(PushPull {
@@ -640,7 +639,6 @@ fn answers_to_a_source_that_is_not_the_senders_address_are_never_larger() {
         target: Some(me),
         me: entry,
         digest: u64::MAX,
-        follows: 0,
         updates,
     };
     // A small ping: acked, without the news (it does not fit).

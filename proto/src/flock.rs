@@ -211,37 +211,13 @@ pub struct LeaderClaim {
     /// security or before any change): a member whose ring is at another version repairs it by
     /// push-pull.
     pub ring: u64,
-    /// How many live members follow this claim, the leader included, as the leader counted them
-    /// at this beat: the members that told it directly (in their pings and acks,
-    /// [`Message::Ping::follows`]) that they follow this claim, and that it holds live at that
-    /// boot since. The larger flock's leader wins a merge on this count.
-    pub followers: u32,
 }
 
 impl LeaderClaim {
-    /// Precedence between two competing claims: the greater key wins. The claim more members
-    /// follow wins (when two flocks meet, the larger keeps its leader: the count is the
-    /// leader's own, carried in its beat, so every node compares the same two numbers, and
-    /// it counts members that follow, not members alive, so it does not converge while the
-    /// two views merge); then a claim made with company beats a solo claim, then the higher
-    /// term wins, then the lower node id.
-    pub fn precedence(&self) -> (u32, bool, u64, std::cmp::Reverse<NodeId>) {
-        (
-            self.followers,
-            !self.solo,
-            self.term,
-            std::cmp::Reverse(self.leader),
-        )
-    }
-
-    /// A 16-bit tag of this claim (leader, boot and term; never 0, which means "none"): what
-    /// a member puts in its pings and acks to tell whom it follows.
-    pub fn tag(&self) -> u16 {
-        let mut z = self.leader.0 ^ self.boot.0.rotate_left(21) ^ self.term.rotate_left(42);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z as u16).max(1)
+    /// Precedence between two competing claims: the greater key wins. A claim made with company
+    /// beats a solo claim, then the higher term wins, then the lower node id.
+    pub fn precedence(&self) -> (bool, u64, std::cmp::Reverse<NodeId>) {
+        (!self.solo, self.term, std::cmp::Reverse(self.leader))
     }
 }
 
@@ -328,9 +304,6 @@ pub enum Message {
         me: MemberInfo,
         /// Digest of the sender's live membership (see [`Message::Ack::digest`]).
         digest: u64,
-        /// [`LeaderClaim::tag`] of the claim the sender follows (0: none): how a leader counts
-        /// its followers ([`LeaderClaim::followers`]).
-        follows: u16,
         /// Piggybacked updates.
         updates: Vec<Update>,
     },
@@ -343,8 +316,6 @@ pub enum Message {
         /// Order-independent digest of the sender's set of live members (XOR of a hash of each
         /// live member's id and boot). Two nodes whose digests keep differing push-pull.
         digest: u64,
-        /// [`LeaderClaim::tag`] of the claim the node that answers follows (0: none).
-        follows: u16,
         /// Piggybacked updates.
         updates: Vec<Update>,
     },
@@ -581,20 +552,16 @@ mod tests {
             any::<u64>(),
             any::<u32>(),
             any::<u64>(),
-            any::<u32>(),
         )
-            .prop_map(
-                |(l, b, term, solo, beat, epoch, ring, followers)| LeaderClaim {
-                    leader: NodeId(l),
-                    boot: BootId(b),
-                    term,
-                    solo,
-                    beat,
-                    epoch,
-                    ring,
-                    followers,
-                },
-            )
+            .prop_map(|(l, b, term, solo, beat, epoch, ring)| LeaderClaim {
+                leader: NodeId(l),
+                boot: BootId(b),
+                term,
+                solo,
+                beat,
+                epoch,
+                ring,
+            })
     }
 
     fn arb_update() -> impl Strategy<Value = Update> {
@@ -643,31 +610,23 @@ mod tests {
                 proptest::option::of(any::<u64>()),
                 arb_member(),
                 any::<u64>(),
-                any::<u16>(),
                 updates()
             )
-                .prop_map(|(seq, t, me, digest, follows, updates)| Message::Ping {
+                .prop_map(|(seq, t, me, digest, updates)| Message::Ping {
                     seq,
                     target: t.map(NodeId),
                     me,
                     digest,
-                    follows,
                     updates
                 }),
-            (
-                any::<u32>(),
-                arb_member(),
-                any::<u64>(),
-                any::<u16>(),
-                updates()
-            )
-                .prop_map(|(seq, me, digest, follows, updates)| Message::Ack {
+            (any::<u32>(), arb_member(), any::<u64>(), updates()).prop_map(
+                |(seq, me, digest, updates)| Message::Ack {
                     seq,
                     me,
                     digest,
-                    follows,
                     updates
-                }),
+                }
+            ),
             (any::<u32>(), any::<u64>(), arb_addr(), updates()).prop_map(
                 |(seq, t, target_addr, updates)| Message::PingReq {
                     seq,

@@ -302,7 +302,6 @@ impl Insider {
                 target: Some(id),
                 me,
                 digest: u64::MAX,
-                follows: 0,
                 updates: padding(),
             },
         );

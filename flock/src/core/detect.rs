@@ -43,8 +43,6 @@ pub(super) struct Probe {
     pub(super) nacks: u32,
     /// Probe of the leader started because its beats stopped arriving.
     pub(super) leader_check: bool,
-    /// The [`LeaderClaim::tag`](crux_proto::flock::LeaderClaim::tag) the ping carried.
-    pub(super) follows: u16,
 }
 
 /// An indirect probe this node relays for `requester` (whose sequence number is `seq`).
@@ -255,7 +253,6 @@ impl Flock {
                 nacks_expected: 0,
                 nacks: 0,
                 leader_check,
-                follows: self.lead.follows(),
             },
         );
         let msg = Message::Ping {
@@ -263,7 +260,6 @@ impl Flock {
             target: Some(target),
             me: self.my_info(),
             digest: self.digest(),
-            follows: self.lead.follows(),
             updates: Vec::new(),
         };
         self.send_with_updates(addr, msg);
@@ -328,15 +324,8 @@ impl Flock {
         self.apply_suspect(now, info.id, info.boot, info.incarnation, self.me.id);
     }
 
-    /// An ack to probe `seq`, from `from` (the target itself, directly or through a relay),
-    /// saying which claim it follows (None: a stream ack, which does not say).
-    pub(super) fn on_probe_ack(
-        &mut self,
-        now: Duration,
-        seq: u32,
-        from: NodeId,
-        follows: Option<u16>,
-    ) {
+    /// An ack to probe `seq`, from `from` (the target itself, directly or through a relay).
+    pub(super) fn on_probe_ack(&mut self, now: Duration, seq: u32, from: NodeId) {
         let Some(probe) = self.detect.probes.get(&seq) else {
             return;
         };
@@ -345,18 +334,7 @@ impl Flock {
         }
         let probe = self.detect.probes.remove(&seq).expect("present");
         self.detect.health_better();
-        if let Some(claim) = self.lead.claim.filter(|c| c.leader == from) {
-            if probe.leader_check && follows.is_some_and(|f| f != claim.tag()) {
-                // Alive, but it no longer holds the claim we follow (it stepped down for a
-                // claim we have not heard, or claimed again): its beats will not come back.
-                self.lose_leader(now);
-                return;
-            }
-            self.lead.last_beat = now;
-            if probe.follows == claim.tag() {
-                self.lead.told = Some(probe.follows); // the leader counts us
-            }
-        } else if probe.leader_check {
+        if probe.leader_check || self.lead.claim.is_some_and(|c| c.leader == from) {
             self.lead.last_beat = now;
         }
     }
@@ -369,7 +347,6 @@ impl Flock {
             target,
             me: self.my_info(),
             digest: self.digest(),
-            follows: self.lead.follows(),
             updates: Vec::new(),
         };
         self.send_with_updates(addr, msg);
@@ -490,8 +467,6 @@ impl Flock {
         if incarnation >= self.self_member.info.incarnation {
             self.self_member.info.incarnation = incarnation + 1;
             self.stats.refutations += 1;
-            // Whoever held us dead forgot that we follow its claim: tell the leader again.
-            self.lead.told = None;
             self.detect.health_worse(self.config.timing.awareness_max);
             self.spread.broadcasts.push(Update::Alive {
                 member: self.self_member.info,
@@ -596,7 +571,6 @@ impl Flock {
                 seq,
                 me: self.my_info(),
                 digest: self.digest(),
-                follows: self.lead.follows(),
                 updates: Vec::new(),
             };
             self.send_with_updates(from, ack);

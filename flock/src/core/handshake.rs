@@ -364,7 +364,7 @@ impl Sec {
 
 /// Decodes the context a handshake carries: a leader claim (or nothing).
 pub(crate) fn decode_claim(context: &[u8]) -> Option<crux_proto::flock::LeaderClaim> {
-    if context.len() != 41 {
+    if context.len() != 37 {
         return None;
     }
     let u64_at = |i: usize| u64::from_le_bytes(context[i..i + 8].try_into().expect("8 bytes"));
@@ -376,22 +376,20 @@ pub(crate) fn decode_claim(context: &[u8]) -> Option<crux_proto::flock::LeaderCl
         beat: u64_at(25),
         epoch: u32::from_le_bytes(context[33..37].try_into().expect("4 bytes")),
         ring: 0, // not carried: the handshake's size is fixed
-        followers: u32::from_le_bytes(context[37..41].try_into().expect("4 bytes")),
     })
 }
 
-/// Encodes a leader claim as handshake context (41 bytes).
+/// Encodes a leader claim as handshake context (37 bytes).
 pub(crate) fn encode_claim(claim: Option<&crux_proto::flock::LeaderClaim>) -> Vec<u8> {
     let Some(c) = claim else {
         return Vec::new();
     };
-    let mut v = Vec::with_capacity(41);
+    let mut v = Vec::with_capacity(37);
     v.extend_from_slice(&c.leader.0.to_le_bytes());
     v.extend_from_slice(&c.boot.0.to_le_bytes());
     v.extend_from_slice(&c.term.to_le_bytes());
     v.push(c.solo as u8);
     v.extend_from_slice(&c.beat.to_le_bytes());
     v.extend_from_slice(&c.epoch.to_le_bytes());
-    v.extend_from_slice(&c.followers.to_le_bytes());
     v
 }

@@ -170,7 +170,7 @@ impl Flock {
             }
             StreamFrame::ProbeAck { seq, me } => {
                 self.apply_sender(now, from, header, me);
-                self.on_probe_ack(now, seq, header.sender, None);
+                self.on_probe_ack(now, seq, header.sender);
             }
             StreamFrame::Probe { .. } => self.stats.drop(DropReason::Unexpected),
         }
@@ -275,22 +275,14 @@ impl Flock {
                 target: _,
                 me,
                 digest,
-                follows,
                 updates,
-            } => {
-                self.on_ping(now, from, header, seq, me, digest, &updates);
-                self.heard_follows(header, me, follows);
-            }
+            } => self.on_ping(now, from, header, seq, me, digest, &updates),
             Message::Ack {
                 seq,
                 me,
                 digest,
-                follows,
                 updates,
-            } => {
-                self.on_ack(now, from, header, seq, me, digest, follows, &updates);
-                self.heard_follows(header, me, follows);
-            }
+            } => self.on_ack(now, from, header, seq, me, digest, &updates),
             Message::PingReq {
                 seq,
                 target,
@@ -305,14 +297,6 @@ impl Flock {
             Message::Nack { seq } => self.on_nack(seq),
             Message::Gossip { updates } => self.apply_updates(now, &updates),
             Message::PushPull(pp) => self.on_push_pull_message(now, from, sender, pp),
-        }
-    }
-
-    /// A ping or an ack says whom its sender follows (only a node speaks for itself: not an
-    /// ack a relay forwards).
-    fn heard_follows(&mut self, header: Header, me: MemberInfo, follows: u16) {
-        if me.id == header.sender && me.boot == header.boot && self.members.contains(me.id) {
-            self.note_follower(me.id, me.boot, follows);
         }
     }
 
@@ -336,7 +320,6 @@ impl Flock {
             seq,
             me: self.my_info(),
             digest: self.digest(),
-            follows: self.lead.follows(),
             updates: Vec::new(),
         };
         self.send_with_updates(from, ack);
@@ -356,7 +339,6 @@ impl Flock {
         seq: u32,
         me: MemberInfo,
         digest: u64,
-        follows: u16,
         updates: &[Update],
     ) {
         let unknown = self.take_peer_news(now, from, header, me, digest, updates);
@@ -365,12 +347,11 @@ impl Flock {
                 seq: relay.seq,
                 me,
                 digest,
-                follows,
                 updates: Vec::new(),
             };
             self.send_with_updates(relay.requester, fwd);
         } else {
-            self.on_probe_ack(now, seq, me.id, Some(follows));
+            self.on_probe_ack(now, seq, me.id);
         }
         if unknown && self.members.contains(me.id) && !self.leaving {
             // We found a node we did not know: join with it.

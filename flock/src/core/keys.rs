@@ -621,7 +621,6 @@ mod tests {
             beat: 0,
             epoch: 0,
             ring: 0,
-            followers: 1,
         };
         let ann = |epoch: u32, b: u8| KeyAnnouncement {
             epoch,

@@ -3,13 +3,12 @@
 
 use std::time::Duration;
 
-use crux_proto::flock::{BootId, LeaderClaim, NodeId, Update};
+use crux_proto::flock::{LeaderClaim, NodeId, Update};
 use tracing::debug;
 
 use super::machine::Flock;
 use super::table::Table;
 use super::timer::Timer;
-use super::FastMap;
 use super::{is_live, Event, LeaderView};
 use crate::config::Timing;
 
@@ -44,24 +43,6 @@ pub(super) struct Leadership {
     pub(super) last_change: Duration,
     /// This node's rank among the live members, as of `last_change`.
     pub(super) rank_cache: Option<(Duration, usize)>,
-    /// While this node leads: the members that told it directly (a ping or an ack with its
-    /// claim's [`LeaderClaim::tag`]) that they follow its claim, at the boot they spoke from.
-    /// A member leaves the set when it says it follows another claim, and when this node holds
-    /// it dead, left, revoked or restarted: a member counted before a split is not counted again
-    /// when it comes back from the other side, where it may follow another leader.
-    pub(super) followers: FastMap<NodeId, BootId>,
-    /// The tag of our previous claim when we claimed again without stepping down (a solo claim
-    /// made again with company): its followers follow us still, and count for the new claim.
-    pub(super) prev_tag: Option<u16>,
-    /// The tag of the claim whose leader answered a ping of ours that carried it: the leader
-    /// counts us. Until then, the election check pings the leader (see [`Flock::tell_leader`]).
-    pub(super) told: Option<u16>,
-    /// When we last pinged the leader to tell it we follow it.
-    pub(super) told_at: Option<Duration>,
-    /// The leader we last followed (kept when we lose it), for [`Stats::leader_changes`].
-    ///
-    /// [`Stats::leader_changes`]: super::Stats::leader_changes
-    pub(super) last_leader: Option<NodeId>,
 }
 
 impl Leadership {
@@ -73,17 +54,7 @@ impl Leadership {
             max_term: 0,
             last_change: now,
             rank_cache: None,
-            followers: FastMap::default(),
-            prev_tag: None,
-            told: None,
-            told_at: None,
-            last_leader: None,
         }
-    }
-
-    /// The tag of the claim we follow (0: none), carried in our pings and acks.
-    pub(super) fn follows(&self) -> u16 {
-        self.claim.map_or(0, |c| c.tag())
     }
 
     /// The live membership changed at `now`: the election waits for it to settle again.
@@ -132,7 +103,7 @@ impl Leadership {
     /// the old leader's death reaches members at different times) claims another term, so two
     /// leaders never share a term; the higher term wins and the other steps down.
     pub(super) fn next_term(&mut self, rank: usize) -> u64 {
-        self.max_term = self.max_term.saturating_add(1 + rank.min(RANK_MAX) as u64);
+        self.max_term += 1 + rank.min(RANK_MAX) as u64;
         self.max_term
     }
 }
@@ -156,71 +127,10 @@ impl Flock {
     /// The leader we followed is gone (dead, left, restarted, revoked).
     pub(super) fn lose_leader(&mut self, now: Duration) {
         if self.lead.claim.take().is_some() {
+            debug!("leader lost");
             self.membership_changed(now);
             self.out.events.push_back(Event::LeaderChanged(None));
         }
-    }
-
-    /// We follow `leader` from now on: a change if we last followed another.
-    fn now_following(&mut self, leader: NodeId) {
-        if self.lead.last_leader.is_some_and(|l| l != leader) {
-            self.stats.leader_changes += 1;
-        }
-        self.lead.last_leader = Some(leader);
-    }
-
-    /// A ping or an ack of member `id` (at `boot`, speaking for itself) says it follows the
-    /// claim tagged `tag`: while we lead, it counts among our followers if that is our claim.
-    pub(super) fn note_follower(&mut self, id: NodeId, boot: BootId, tag: u16) {
-        let Some(claim) = self.lead.claim.filter(|c| c.leader == self.me.id) else {
-            return;
-        };
-        if tag == claim.tag() || Some(tag) == self.lead.prev_tag {
-            self.lead.followers.insert(id, boot);
-        } else {
-            self.lead.followers.remove(&id);
-        }
-    }
-
-    /// Member `id` is no longer counted as a follower (we hold it dead, left, revoked or
-    /// restarted: when it is back, it says again whom it follows).
-    pub(super) fn forget_follower(&mut self, id: NodeId) {
-        self.lead.followers.remove(&id);
-    }
-
-    /// The followers of our claim: ourselves and the members that told us they follow it, as
-    /// long as we hold them live at the boot they spoke from. Only what members said counts:
-    /// not the members we merely see alive (as views merge, both sides come to see everyone),
-    /// nor the members we saw when we claimed (a member that falsely lost the leader would
-    /// claim with the whole flock's count and take it over).
-    pub(super) fn count_followers(&self) -> u32 {
-        let others = self
-            .lead
-            .followers
-            .iter()
-            .filter(|(id, boot)| self.members.is_live_at(**id, **boot))
-            .count();
-        u32::try_from(others + 1).unwrap_or(u32::MAX)
-    }
-
-    /// The election check, while we follow another node's claim that has not heard from us:
-    /// ping its leader (a leader check: an unanswered ping is a failed probe of the leader),
-    /// at most once per probe interval, until it answers a ping that carried the claim's tag.
-    pub(super) fn tell_leader(&mut self, now: Duration) {
-        let Some(claim) = self.lead.claim else {
-            return;
-        };
-        if claim.leader == self.me.id || self.lead.told == Some(claim.tag()) {
-            return;
-        }
-        let period = self.config.timing.probe_interval;
-        if self.lead.told_at.is_some_and(|t| now < t + period)
-            || self.detect.probes.values().any(|p| p.leader_check)
-        {
-            return;
-        }
-        self.lead.told_at = Some(now);
-        self.start_probe(now, claim.leader, true);
     }
 
     /// Whether a claim names a leader we hold live at the claim's boot.
@@ -236,18 +146,16 @@ impl Flock {
     /// A leader claim from the flock (gossip, push-pull, a handshake): a live leader's newer
     /// beat, or a better claim, which this node follows from now on.
     pub(super) fn apply_claim(&mut self, now: Duration, claim: LeaderClaim) {
+        self.lead.max_term = self.lead.max_term.max(claim.term);
         if claim.leader == self.me.id {
-            // Our own claim coming back, or a claim from a previous boot of ours.
-            self.lead.max_term = self.lead.max_term.max(claim.term);
-            return;
+            return; // our own claim coming back, or a claim from a previous boot of ours
         }
         if self.revoked.contains(&claim.leader) {
             return;
         }
         if !self.claim_is_live(&claim) {
-            return; // a stale boot, a node we do not hold live: its term counts for nothing
+            return;
         }
-        self.lead.max_term = self.lead.max_term.max(claim.term);
         match self.lead.judge(&claim) {
             Judgement::NewerBeat => {
                 self.lead.claim = Some(claim);
@@ -256,14 +164,7 @@ impl Flock {
             }
             Judgement::OldBeat => {}
             Judgement::Weaker(cur) => {
-                if cur.leader == self.me.id && claim.term >= cur.term && !self.leaving {
-                    // We win on followers over a claim of a term at least ours (a smaller
-                    // flock that elected during a split): claim again above it, keeping our
-                    // followers, so that the leader is always the one of the highest term
-                    // (two leaders never share a term, whichever order claims arrive in).
-                    let solo = cur.solo && self.live_count() == 1;
-                    self.claim(now, solo, 0);
-                } else if cur.leader == self.me.id {
+                if cur.leader == self.me.id {
                     // Let the other side hear about the better claim soon.
                     self.spread.broadcasts.push(Update::Leader(cur));
                 }
@@ -271,7 +172,6 @@ impl Flock {
             Judgement::Stronger => {
                 let was_me = self.lead.claim.is_some_and(|c| c.leader == self.me.id);
                 self.lead.claim = Some(claim);
-                self.now_following(claim.leader);
                 self.sync_key_to_leader(now);
                 self.lead.last_beat = now;
                 self.spread.broadcasts.push(Update::Leader(claim));
@@ -301,7 +201,6 @@ impl Flock {
                 self.start_probe(now, claim.leader, true);
             }
         }
-        self.tell_leader(now);
         let live_n = self.live_count();
         // A leader that claimed alone claims again once it has company (a claim with company
         // beats a solo one when flocks meet). Its followers leave that to it: another member
@@ -339,14 +238,6 @@ impl Flock {
     /// Claims leadership, in the term [`Leadership::next_term`] gives, and starts beating.
     pub(super) fn claim(&mut self, now: Duration, solo: bool, rank: usize) {
         let term = self.lead.next_term(rank);
-        // Claiming again while we lead keeps our followers; otherwise we start alone.
-        match self.lead.claim.filter(|c| c.leader == self.me.id) {
-            Some(ours) => self.lead.prev_tag = Some(ours.tag()),
-            None => {
-                self.lead.prev_tag = None;
-                self.lead.followers.clear();
-            }
-        }
         let claim = LeaderClaim {
             leader: self.me.id,
             boot: self.me.boot,
@@ -355,11 +246,10 @@ impl Flock {
             beat: 0,
             epoch: self.key_epoch().unwrap_or(0),
             ring: self.keys.sec.as_ref().map_or(0, |s| s.ring.version),
-            followers: self.count_followers(),
         };
+        debug!(term, solo, "claiming leadership");
         self.stats.claims += 1;
         self.lead.claim = Some(claim);
-        self.now_following(self.me.id);
         self.lead.last_beat = now;
         self.spread.broadcasts.push(Update::Leader(claim));
         let view = self.leader_view_of(&claim);
@@ -379,29 +269,21 @@ impl Flock {
     /// version) while this node still leads in that term.
     pub(super) fn on_beat_timer(&mut self, now: Duration, term: u64) {
         let next = now + self.config.timing.leader_beat_interval;
-        let ours = self
-            .lead
-            .claim
-            .is_some_and(|c| c.leader == self.me.id && c.term == term);
-        if !ours || self.leaving {
-            return;
+        if let Some(claim) = self.lead.claim.as_mut() {
+            if claim.leader == self.me.id && claim.term == term && !self.leaving {
+                claim.beat += 1;
+                claim.epoch = self
+                    .keys
+                    .sec
+                    .as_ref()
+                    .and_then(|s| s.transient.own_epoch(now))
+                    .unwrap_or(0);
+                claim.ring = self.keys.sec.as_ref().map_or(0, |s| s.ring.version);
+                let claim = *claim;
+                self.spread.broadcasts.push(Update::Leader(claim));
+                self.schedule(next, Timer::Beat { term });
+            }
         }
-        let epoch = self
-            .keys
-            .sec
-            .as_ref()
-            .and_then(|s| s.transient.own_epoch(now))
-            .unwrap_or(0);
-        let ring = self.keys.sec.as_ref().map_or(0, |s| s.ring.version);
-        let followers = self.count_followers();
-        let claim = self.lead.claim.as_mut().expect("checked");
-        claim.beat += 1;
-        claim.epoch = epoch;
-        claim.ring = ring;
-        claim.followers = followers;
-        let claim = *claim;
-        self.spread.broadcasts.push(Update::Leader(claim));
-        self.schedule(next, Timer::Beat { term });
     }
 
     /// Timer: the election check.
@@ -429,7 +311,6 @@ mod tests {
             beat,
             epoch: 0,
             ring: 0,
-            followers: 1,
         }
     }
 

@@ -83,9 +83,6 @@ impl Flock {
         }
         let restarted = info.boot > old.boot;
         let was_live = is_live(old.state);
-        if restarted {
-            self.forget_follower(info.id);
-        }
         self.members.set(info, now);
         self.detect.suspicions.remove(&info.id);
         if gossip {
@@ -121,11 +118,6 @@ impl Flock {
             if boot == self.me.boot {
                 self.refute(inc);
             }
-            return;
-        }
-        if from != self.me.id && !self.members.is_live(from) {
-            // Declared by a node we hold dead or do not know: news from the other side of a
-            // partition that is healing (that side lost us all), not a death in our flock.
             return;
         }
         let update = Update::Dead {
@@ -200,7 +192,6 @@ impl Flock {
         };
         self.members.set(info, now);
         self.detect.suspicions.remove(&id);
-        self.forget_follower(id);
         self.membership_changed(now);
         self.spread.broadcasts.push(update);
         self.out.events.push_back(event(info));
@@ -236,7 +227,6 @@ impl Flock {
         }
         self.revoked.insert(id);
         self.spread.broadcasts.push(Update::Revoke { id });
-        self.forget_follower(id);
         if self.members.remove(id).is_some() {
             self.detect.suspicions.remove(&id);
             self.spread.last_heal.remove(&id);
@@ -267,7 +257,6 @@ impl Flock {
             .collect();
         for id in expired {
             self.members.remove(id);
-            self.forget_follower(id);
             self.detect.suspicions.remove(&id);
             self.spread.last_heal.remove(&id);
             self.out.events.push_back(Event::MemberReaped(id));

@@ -254,10 +254,6 @@ pub struct Stats {
     pub refutations: u64,
     /// Leader claims this node made.
     pub claims: u64,
-    /// Times this node went on to follow another leader than the one it last followed (a change
-    /// of leader id: losing the leader and finding the same one again, or the same leader
-    /// claiming a new term, is not one).
-    pub leader_changes: u64,
     /// Handshakes (join or key requests) this node started.
     pub handshakes_sent: u64,
     /// Handshakes this node answered.

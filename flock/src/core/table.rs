@@ -122,13 +122,6 @@ impl Table {
         self.slots.get(&id).is_some_and(|s| is_live(s.state))
     }
 
-    /// Whether `id` is live at boot `boot`.
-    pub(crate) fn is_live_at(&self, id: NodeId, boot: BootId) -> bool {
-        self.slots
-            .get(&id)
-            .is_some_and(|s| s.boot == boot && is_live(s.state))
-    }
-
     pub(crate) fn iter(&self) -> impl Iterator<Item = Member> + '_ {
         self.slots.iter().map(|(id, s)| self.member_of(*id, s))
     }

@@ -168,10 +168,6 @@ pub struct Metrics {
     pub live_deaths_total: u64,
     /// `LeaderChanged` events.
     pub leader_changes: u64,
-    /// Per node index: the leader it last followed, and how many times it went on to follow
-    /// another leader (a change of leader id; losing the leader and finding the same one again,
-    /// or the same leader claiming a new term, is not a change).
-    pub leader_switches: Vec<(Option<NodeId>, u32)>,
     /// While terms are watched ([`Sim::watch_terms`]): for each term, the leaders some node other
     /// than the leader itself adopted.
     pub term_leaders: BTreeMap<u64, BTreeSet<NodeId>>,
@@ -1150,17 +1146,6 @@ impl World {
             }
             Event::LeaderChanged(view) => {
                 self.metrics.leader_changes += 1;
-                if let Some(v) = view {
-                    let s = &mut self.metrics.leader_switches;
-                    if s.len() <= i {
-                        s.resize(i + 1, (None, 0));
-                    }
-                    let (last, n) = &mut s[i];
-                    if last.is_some_and(|l| l != v.id) {
-                        *n += 1;
-                    }
-                    *last = Some(v.id);
-                }
                 if let Some(v) = view {
                     if self.watch_terms && v.id != self.nodes[i].id {
                         self.metrics

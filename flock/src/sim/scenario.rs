@@ -105,25 +105,16 @@ pub enum Scenario {
     /// 5 minutes of transient-key rotations, a secondary-keyring rotation and a node partitioned
     /// for 5 rotation periods.
     Rotation,
-    /// Once the flock agrees, [`ScenarioConfig::minority`] random nodes are cut off for
-    /// [`ScenarioConfig::split_for`], then the partition heals.
-    SplitHeal,
-    /// Once the flock agrees, [`ScenarioConfig::minority`] random nodes are cut off for
-    /// [`ScenarioConfig::flap_cut`] and reconnected for [`ScenarioConfig::flap_heal`], again and
-    /// again for [`ScenarioConfig::flap_run`].
-    Flap,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::ColdBoot,
         Scenario::KillLeader,
         Scenario::PartitionHeal,
         Scenario::Churn,
         Scenario::Rotation,
-        Scenario::SplitHeal,
-        Scenario::Flap,
     ];
 
     /// The name used on the command line and in JSON.
@@ -134,8 +125,6 @@ impl Scenario {
             Scenario::PartitionHeal => "partition-heal",
             Scenario::Churn => "churn",
             Scenario::Rotation => "rotation",
-            Scenario::SplitHeal => "split-heal",
-            Scenario::Flap => "flap",
         }
     }
 }
@@ -150,7 +139,7 @@ impl FromStr for Scenario {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Scenario::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| {
-            format!("unknown scenario {s:?} (expected cold-boot, kill-leader, partition-heal, churn, rotation, split-heal or flap)")
+            format!("unknown scenario {s:?} (expected cold-boot, kill-leader, partition-heal, churn or rotation)")
         })
     }
 }
@@ -214,16 +203,6 @@ pub struct ScenarioConfig {
     pub keyring_step: Duration,
     /// Rotation: the partition lasts this many times `rotation_max`.
     pub partition_periods: u32,
-    /// Split-heal and flap: how many random nodes are cut off (the minority).
-    pub minority: usize,
-    /// Split-heal: how long the minority stays cut off.
-    pub split_for: Duration,
-    /// Flap: how long each cut lasts.
-    pub flap_cut: Duration,
-    /// Flap: how long the link comes back between two cuts.
-    pub flap_heal: Duration,
-    /// Flap: how long the cuts go on (the last one heals at the end).
-    pub flap_run: Duration,
 }
 
 impl ScenarioConfig {
@@ -261,11 +240,6 @@ impl ScenarioConfig {
             rotation_run: Duration::from_secs(300),
             keyring_step: Duration::from_secs(20),
             partition_periods: 5,
-            minority: 1,
-            split_for: Duration::from_secs(30),
-            flap_cut: Duration::from_secs(4),
-            flap_heal: Duration::from_secs(4),
-            flap_run: Duration::from_secs(120),
         }
     }
 
@@ -395,22 +369,6 @@ pub struct Report {
     pub keyring_old_primary: Option<usize>,
     /// Rotation: running nodes that still hold the old secondary key at the end.
     pub keyring_old_held: Option<usize>,
-    /// Split-heal and flap: the nodes cut off.
-    pub minority: Option<usize>,
-    /// Split-heal and flap: from the first cut to the end of the run, the most times a node of
-    /// the majority went on to follow another leader (a change of leader id).
-    pub leader_changes: Option<u32>,
-    /// Split-heal and flap: the same, over the nodes of the minority.
-    pub minority_leader_changes: Option<u32>,
-    /// Split-heal and flap: whether the leader the majority followed just before the last heal
-    /// leads the whole flock at the end.
-    pub majority_leader_kept: Option<bool>,
-    /// Split-heal and flap: whether the leader of the whole flock at the first cut was in the
-    /// minority.
-    pub leader_was_cut_off: Option<bool>,
-    /// Split-heal and flap: `MemberDead` events declared by a node of the majority about
-    /// another, from the first cut to the end (both always reach each other: false deaths).
-    pub majority_false_deaths: Option<u64>,
     /// Wall-clock seconds the run took.
     pub wall_s: f64,
     /// Peak resident memory of the process at the end of the run, in MiB (Linux; None
@@ -518,27 +476,6 @@ impl Report {
                         self.keyring_old_held.unwrap_or(0)
                     )
                 },
-            ));
-        }
-        if let (Some(m), Some(c), Some(k)) = (
-            self.minority,
-            self.leader_changes,
-            self.majority_leader_kept,
-        ) {
-            rows.push((
-                "split",
-                format!(
-                    "{m} nodes cut off{}: majority leader kept {}, leader changes {c} on the \
-                     majority ({} on the minority), {} false deaths in the majority",
-                    if self.leader_was_cut_off == Some(true) {
-                        " with the leader"
-                    } else {
-                        ""
-                    },
-                    if k { "yes" } else { "NO" },
-                    self.minority_leader_changes.unwrap_or(0),
-                    self.majority_false_deaths.unwrap_or(0)
-                ),
             ));
         }
         if let Some(p) = &self.failed_phase {
@@ -1104,91 +1041,6 @@ impl Run<'_> {
     }
 }
 
-/// What [`Run::split`] measured.
-struct SplitOutcome {
-    minority: usize,
-    leader_was_cut_off: bool,
-    heal: Duration,
-    majority_leader: Option<crux_proto::flock::NodeId>,
-    in_minority: Vec<bool>,
-    switches_before: Vec<u32>,
-    deaths_from: usize,
-    agreement: (Option<Duration>, Option<Duration>),
-}
-
-impl Run<'_> {
-    /// The leader most running nodes of `side` (true: the minority) follow.
-    fn side_leader(&self, in_minority: &[bool], side: bool) -> Option<crux_proto::flock::NodeId> {
-        let mut votes: std::collections::BTreeMap<crux_proto::flock::NodeId, usize> =
-            Default::default();
-        for i in (0..self.sim.len()).filter(|&i| in_minority[i] == side) {
-            if let Some(l) = self.sim.flock(i).and_then(|f| f.leader()) {
-                *votes.entry(l.id).or_default() += 1;
-            }
-        }
-        votes.into_iter().max_by_key(|(_, n)| *n).map(|(id, _)| id)
-    }
-
-    /// Split-heal and flap after the initial agreement: cuts `cfg.minority` random nodes off,
-    /// once for `split_for` or again and again (`flap`), heals, and waits for agreement.
-    fn split(&mut self, flap: bool) -> Option<SplitOutcome> {
-        let cfg = self.cfg;
-        self.phase = "settle";
-        self.run_for(cfg.settle);
-        if self.out_of_time() {
-            return None;
-        }
-        let n = self.sim.len();
-        let k = cfg.minority.clamp(1, n.saturating_sub(1).max(1));
-        let leader = self.common_leader();
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(self.sim.rng());
-        let mut in_minority = vec![false; n];
-        for &i in &order[..k] {
-            in_minority[i] = true;
-        }
-        let cut: Vec<usize> = order[..k].to_vec();
-        let switches = |r: &Run| -> Vec<u32> {
-            let s = &r.sim.metrics().leader_switches;
-            (0..n).map(|i| s.get(i).map_or(0, |x| x.1)).collect()
-        };
-        let switches_before = switches(self);
-        let deaths_from = self.sim.metrics().live_deaths.len();
-        let start = self.now();
-        let (cut_for, heal_for, until) = if flap {
-            (cfg.flap_cut, cfg.flap_heal, start + cfg.flap_run)
-        } else {
-            (cfg.split_for, Duration::ZERO, start + cfg.split_for)
-        };
-        let mut majority_leader;
-        loop {
-            self.phase = "split";
-            self.sim.partition(std::slice::from_ref(&cut));
-            self.run_for(cut_for);
-            majority_leader = self.side_leader(&in_minority, false);
-            self.sim.heal();
-            self.phase = "after-heal";
-            let next = self.now() + heal_for;
-            if !flap || next + cut_for > until || self.out_of_time() {
-                break;
-            }
-            self.run_for(heal_for);
-        }
-        let heal = self.now();
-        let agreement = self.until_agreed(heal + cfg.phase_deadline);
-        Some(SplitOutcome {
-            minority: k,
-            leader_was_cut_off: leader.is_some_and(|l| in_minority[l]),
-            heal,
-            majority_leader,
-            in_minority,
-            switches_before,
-            deaths_from,
-            agreement,
-        })
-    }
-}
-
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -1258,7 +1110,6 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) 
     let mut leaders_before_heal = None;
     let mut rotation: Option<RotationOutcome> = None;
     let mut rotation_warmup = Duration::ZERO;
-    let mut split: Option<SplitOutcome> = None;
 
     if cfg.scenario == Scenario::PartitionHeal {
         let mut order: Vec<usize> = (0..n).collect();
@@ -1330,17 +1181,6 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) 
             agreement = o.agreement;
             rotation = Some(o);
         }
-        Scenario::SplitHeal | Scenario::Flap => {
-            initial = first.0;
-            match r.split(cfg.scenario == Scenario::Flap) {
-                Some(o) => {
-                    trigger = o.heal;
-                    agreement = o.agreement;
-                    split = Some(o);
-                }
-                None => failed_phase = Some("settle"),
-            }
-        }
     }
     if failed_phase.is_none() && agreement.0.is_none() {
         failed_phase = Some(match cfg.scenario {
@@ -1348,7 +1188,7 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) 
             Scenario::KillLeader => "after-crash",
             Scenario::PartitionHeal => "after-heal",
             Scenario::Churn => "after-churn",
-            Scenario::Rotation | Scenario::SplitHeal | Scenario::Flap => "after-heal",
+            Scenario::Rotation => "after-heal",
         });
     }
     if agreement.0.is_some() {
@@ -1370,24 +1210,6 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) 
     };
     let m = r.sim.metrics();
     let since = |t: Option<Duration>| t.map(|t| secs(t.saturating_sub(trigger)));
-    let split_changes = |side: bool| {
-        split.as_ref().map(|o| {
-            (0..n)
-                .filter(|&i| o.in_minority[i] == side)
-                .map(|i| {
-                    let now = m.leader_switches.get(i).map_or(0, |x| x.1);
-                    now.saturating_sub(o.switches_before[i])
-                })
-                .max()
-                .unwrap_or(0)
-        })
-    };
-    let majority_false_deaths = split.as_ref().map(|o| {
-        m.live_deaths[o.deaths_from.min(m.live_deaths.len())..]
-            .iter()
-            .filter(|(_, a, b)| !o.in_minority[*a as usize] && !o.in_minority[*b as usize])
-            .count() as u64
-    });
     Report {
         nodes: n,
         seed: cfg.seed,
@@ -1439,16 +1261,6 @@ fn run_sim(cfg: &ScenarioConfig, sim: Sim, progress: &mut dyn FnMut(&Progress)) 
         keyring_rotated: rotation.as_ref().map(|o| o.keyring_rotated),
         keyring_old_primary: rotation.as_ref().map(|o| o.keyring_old_primary),
         keyring_old_held: rotation.as_ref().map(|o| o.keyring_old_held),
-        minority: split.as_ref().map(|o| o.minority),
-        leader_changes: split_changes(false),
-        minority_leader_changes: split_changes(true),
-        majority_leader_kept: split.as_ref().map(|o| {
-            single
-                && o.majority_leader.is_some()
-                && end.leaders.iter().next() == o.majority_leader.as_ref()
-        }),
-        leader_was_cut_off: split.as_ref().map(|o| o.leader_was_cut_off),
-        majority_false_deaths,
         wall_s: 0.0,
         peak_rss_mb: None,
     }

@@ -16,7 +16,6 @@ fn ping_from_unknown_node_is_acked_and_adds_it() {
         target: None,
         me,
         digest: 0,
-        follows: 0,
         updates: vec![],
     };
     f.handle_datagram(
@@ -60,7 +59,6 @@ fn hostile_datagrams_are_dropped_counted_and_unanswered() {
         target: None,
         me: peer_info(7, addr(9)),
         digest: 0,
-        follows: 0,
         updates: vec![],
     };
     f.handle_datagram(now, addr(9), &datagram(7, "other-bloc", &ping));
