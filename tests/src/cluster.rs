@@ -199,8 +199,8 @@ impl Cluster {
                 let config = format!(
                     "bloc = {bloc:?}\ndata_dir = {data:?}\nbind = \"{addr}\"\nspace = [\"{space}\"]\n\
                      preset = \"{preset}\"\nsocket = {socket:?}\ngrpc_port = {grpc}\n\
-                     http_port = {http_port}\nlog_level = \"info,crux_flock=debug\"\n\
-                     dns.bind = \"{dns}\"\n",
+                     http_port = {http_port}\ndns.bind = \"{dns}\"\n\
+                     log_level = \"info,crux_flock=debug\"\n",
                     data = node_dir.display().to_string(),
                     socket = socket.display().to_string(),
                     grpc = grpc.port(),
