@@ -192,9 +192,15 @@ impl Cluster {
                     ips[k - 1],
                     if port == u16::MAX { port - 1 } else { port + 1 },
                 );
-                let dns_port = std::iter::repeat_with(|| free_port(&ips[k - 1..k]))
-                    .find(|p| ![addr.port(), grpc.port(), http.port()].contains(p))
-                    .expect("a free port");
+                // In a namespace of its own every port is free (and its address is not bound
+                // here to probe one).
+                let dns_port = if netns.is_some() {
+                    8600
+                } else {
+                    std::iter::repeat_with(|| free_port(&ips[k - 1..k]))
+                        .find(|p| ![addr.port(), grpc.port(), http.port()].contains(p))
+                        .expect("a free port")
+                };
                 let dns = SocketAddr::new(ips[k - 1], dns_port);
                 let config = format!(
                     "bloc = {bloc:?}\ndata_dir = {data:?}\nbind = \"{addr}\"\nspace = [\"{space}\"]\n\
