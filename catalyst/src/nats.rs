@@ -7,7 +7,10 @@
 //! | offset `o`          | stream sequence `o + 1` (sequences count from 1, offsets 0)   |
 //! | subscription        | an ordered pull consumer from that sequence, made again from   |
 //! |                     | the next offset after any error (the server away, …)          |
-//! | group `G`'s offset  | key `T.G` of the key/value bucket `crux_catalyst_groups`      |
+//! | group `G`'s offset  | the last message on subject `crux.group.T.G` of the stream    |
+//! |                     | `CRUX-GROUPS` (one message kept per subject, as JetStream's    |
+//! |                     | own key/value buckets; those are not used as such because     |
+//! |                     | the client's bucket calls do not parse nats-server 2.9's)     |
 //!
 //! The client connects in the background and reconnects with back-off
 //! ([`RECONNECT_FIRST`] doubling to [`RECONNECT_MAX`]); a publish is acknowledged only once
@@ -33,8 +36,8 @@ pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// How long a JetStream request (a publish's acknowledgement included) may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// The key/value bucket of groups' offsets.
-pub const GROUPS_BUCKET: &str = "crux_catalyst_groups";
+/// The stream of groups' offsets (one message kept per group).
+pub const GROUPS_STREAM: &str = "CRUX-GROUPS";
 
 /// The pause before reconnection attempt `n` (0-based).
 pub fn backoff(n: usize) -> Duration {
@@ -50,6 +53,10 @@ fn stream_name(topic: &str) -> String {
 
 fn subject(topic: &str) -> String {
     format!("crux.topic.{topic}")
+}
+
+fn group_subject(topic: &str, group: &str) -> String {
+    format!("crux.group.{topic}.{group}")
 }
 
 fn unavailable(e: impl std::fmt::Display) -> CatalystError {
@@ -131,39 +138,49 @@ impl NatsBus {
         }
     }
 
-    async fn groups(&self) -> Result<jetstream::kv::Store, CatalystError> {
-        if let Ok(kv) = self.0.js.get_key_value(GROUPS_BUCKET).await {
-            return Ok(kv);
-        }
+    async fn groups(&self) -> Result<stream::Stream, CatalystError> {
         self.0
             .js
-            .create_key_value(jetstream::kv::Config {
-                bucket: GROUPS_BUCKET.into(),
-                history: 1,
+            .get_or_create_stream(stream::Config {
+                name: GROUPS_STREAM.into(),
+                subjects: vec!["crux.group.>".into()],
+                max_messages_per_subject: 1,
                 storage: stream::StorageType::File,
+                discard: stream::DiscardPolicy::Old,
                 ..Default::default()
             })
             .await
             .map_err(unavailable)
     }
 
-    async fn info(&self, topic: &str, s: &mut stream::Stream) -> Result<TopicInfo, CatalystError> {
-        let info = s.info().await.map_err(unavailable)?.clone();
-        let prefix = format!("{topic}.");
-        let mut groups = Vec::new();
-        let kv = self.groups().await?;
-        let mut keys = kv.keys().await.map_err(unavailable)?;
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(unavailable)?;
-            if let Some(g) = k.strip_prefix(&prefix) {
-                if let Some(v) = kv.get(&k).await.map_err(unavailable)? {
-                    if let Some(o) = std::str::from_utf8(&v).ok().and_then(|v| v.parse().ok()) {
-                        groups.push((g.to_string(), o));
-                    }
-                }
+    /// Every group of `topic` with its committed offset.
+    async fn topic_groups(&self, topic: &str) -> Result<Vec<(String, u64)>, CatalystError> {
+        let groups = self.groups().await?;
+        let prefix = format!("crux.group.{topic}.");
+        let mut subjects = groups
+            .info_with_subjects(format!("{prefix}*"))
+            .await
+            .map_err(unavailable)?;
+        let mut names = Vec::new();
+        while let Some(s) = subjects.next().await {
+            let (subject, _) = s.map_err(unavailable)?;
+            if let Some(g) = subject.strip_prefix(&prefix) {
+                names.push(g.to_string());
             }
         }
-        groups.sort();
+        names.sort();
+        let mut out = Vec::new();
+        for g in names {
+            if let Some(o) = self.committed(topic, &g).await? {
+                out.push((g, o));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn info(&self, topic: &str, s: &mut stream::Stream) -> Result<TopicInfo, CatalystError> {
+        let info = s.info().await.map_err(unavailable)?.clone();
+        let groups = self.topic_groups(topic).await?;
         let st = &info.state;
         Ok(TopicInfo {
             name: topic.to_string(),
@@ -247,19 +264,12 @@ impl NatsBus {
             .delete_stream(stream_name(topic))
             .await
             .map_err(unavailable)?;
-        let kv = self.groups().await?;
-        let prefix = format!("{topic}.");
-        let mut keys = kv.keys().await.map_err(unavailable)?;
-        let mut gone = Vec::new();
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(unavailable)?;
-            if k.starts_with(&prefix) {
-                gone.push(k);
-            }
-        }
-        for k in gone {
-            kv.purge(&k).await.map_err(unavailable)?;
-        }
+        self.groups()
+            .await?
+            .purge()
+            .filter(format!("crux.group.{topic}.>"))
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 
@@ -293,22 +303,29 @@ impl NatsBus {
                 next: end,
             });
         }
-        self.groups()
-            .await?
-            .put(format!("{topic}.{group}"), next.to_string().into())
+        self.groups().await?;
+        self.0
+            .js
+            .publish(group_subject(topic, group), next.to_string().into())
+            .await
+            .map_err(unavailable)?
             .await
             .map_err(unavailable)?;
         Ok(())
     }
 
     async fn committed(&self, topic: &str, group: &str) -> Result<Option<u64>, CatalystError> {
-        let v = self
-            .groups()
-            .await?
-            .get(format!("{topic}.{group}"))
+        let groups = self.groups().await?;
+        match groups
+            .get_last_raw_message_by_subject(&group_subject(topic, group))
             .await
-            .map_err(unavailable)?;
-        Ok(v.and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok()))
+        {
+            Ok(m) => Ok(std::str::from_utf8(&m.payload)
+                .ok()
+                .and_then(|v| v.parse().ok())),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// A subscription: an ordered consumer from the start offset, made again from the next
