@@ -303,7 +303,14 @@ async fn reeve(b: &mut Boot) -> anyhow::Result<Option<String>> {
     let listener = crate::rpc::bind(&b.settings.socket).await?;
     let (placement_tx, placement_rx) = watch::channel(None);
     let catalyst = b.catalyst.subscribe();
-    let local = crate::rpc::serve(listener, b.state.clone(), cache, placement_rx, catalyst, stop);
+    let local = crate::rpc::serve(
+        listener,
+        b.state.clone(),
+        cache,
+        placement_rx,
+        catalyst,
+        stop,
+    );
     b.tasks.spawn("reeve", "local API", async move {
         if let Err(e) = local.await {
             warn!(error = %e, "local API server ended");

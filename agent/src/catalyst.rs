@@ -33,7 +33,9 @@ impl CatalystSection {
     pub fn check(&self, data_dir: &Path) -> Result<crux_catalyst::Backend, ConfigError> {
         let b = self.backend.trim();
         if b.is_empty() || b == "standalone" {
-            return Ok(crux_catalyst::Backend::Standalone(data_dir.join("catalyst")));
+            return Ok(crux_catalyst::Backend::Standalone(
+                data_dir.join("catalyst"),
+            ));
         }
         let Some(rest) = b.strip_prefix("nats://") else {
             return Err(ConfigError::new(

@@ -183,7 +183,11 @@ pub async fn run(socket: &Path, wait: Duration, cmd: &TopicCmd) -> anyhow::Resul
                             max_bytes: r.max_bytes,
                             max_age_ms: r.max_age_ms,
                             subscribers: t.subscribers,
-                            groups: t.groups.into_iter().map(|g| (g.name, g.committed)).collect(),
+                            groups: t
+                                .groups
+                                .into_iter()
+                                .map(|g| (g.name, g.committed))
+                                .collect(),
                         }
                     })
                     .collect();

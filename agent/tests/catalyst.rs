@@ -136,7 +136,14 @@ impl Nats {
 
     fn run(&mut self) {
         let child = Command::new(&self.bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -222,7 +229,11 @@ fn conformance(c: &Cluster, k: usize) {
     let o = topic(c, k, &["sub", "orders", "--count", "104"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(o.stdout.lines().collect::<Vec<_>>(), want);
-    let o = topic(c, k, &["sub", "orders", "--from", "2", "--count", "2", "--json"]);
+    let o = topic(
+        c,
+        k,
+        &["sub", "orders", "--from", "2", "--count", "2", "--json"],
+    );
     assert_eq!(o.code, 0, "{}", o.stderr);
     let lines: Vec<serde_json::Value> = o
         .stdout
@@ -230,14 +241,28 @@ fn conformance(c: &Cluster, k: usize) {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2);
-    assert_eq!((lines[0]["offset"].as_u64(), lines[0]["payload"].as_str()), (Some(2), Some("b")));
-    assert_eq!((lines[1]["offset"].as_u64(), lines[1]["payload"].as_str()), (Some(3), Some("c")));
+    assert_eq!(
+        (lines[0]["offset"].as_u64(), lines[0]["payload"].as_str()),
+        (Some(2), Some("b"))
+    );
+    assert_eq!(
+        (lines[1]["offset"].as_u64(), lines[1]["payload"].as_str()),
+        (Some(3), Some("c"))
+    );
     assert!(lines[0]["time_ms"].as_u64().unwrap() > 1_600_000_000_000);
 
     // Consumer groups: each resumes from its own committed offset.
-    let o = topic(c, k, &["sub", "orders", "--group", "billing", "--count", "10"]);
+    let o = topic(
+        c,
+        k,
+        &["sub", "orders", "--group", "billing", "--count", "10"],
+    );
     assert_eq!(o.stdout.lines().collect::<Vec<_>>(), want[..10]);
-    let o = topic(c, k, &["sub", "orders", "--group", "billing", "--count", "5"]);
+    let o = topic(
+        c,
+        k,
+        &["sub", "orders", "--group", "billing", "--count", "5"],
+    );
     assert_eq!(o.stdout.lines().collect::<Vec<_>>(), want[10..15]);
     let o = topic(c, k, &["sub", "orders", "--group", "audit", "--count", "3"]);
     assert_eq!(o.stdout.lines().collect::<Vec<_>>(), want[..3]);
@@ -271,7 +296,11 @@ fn conformance(c: &Cluster, k: usize) {
     let _ = sub.wait();
     rt.block_on(client.publish("orders", vec![b"after".to_vec()]))
         .unwrap();
-    let o = topic(c, k, &["sub", "orders", "--group", "crashy", "--count", "1"]);
+    let o = topic(
+        c,
+        k,
+        &["sub", "orders", "--group", "crashy", "--count", "1"],
+    );
     assert_eq!(o.stdout.trim(), "after");
 
     // A subscriber waiting at the end gets a new message; one that goes away is counted out.
@@ -337,7 +366,11 @@ fn conformance(c: &Cluster, k: usize) {
     let o = topic(c, k, &["create", "bad.name"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("only letters, digits"), "{}", o.stderr);
-    let o = topic(c, k, &["pub", "orders", "x", "--socket", "/nonexistent/sock"]);
+    let o = topic(
+        c,
+        k,
+        &["pub", "orders", "x", "--socket", "/nonexistent/sock"],
+    );
     assert_ne!(o.code, 0);
     let after = get(c, k, "orders").unwrap();
     assert_eq!(after.next_offset, before.next_offset);
@@ -345,7 +378,11 @@ fn conformance(c: &Cluster, k: usize) {
     assert!(get(c, k, "bad.name").is_err() && get(c, k, "nope").is_err());
 
     // Retention by size: a 4 MiB topic given 12 MiB keeps at most 4 MiB, the oldest dropped.
-    let o = topic(c, k, &["create", "logs", "--max-bytes", "4MiB", "--max-age", "1h"]);
+    let o = topic(
+        c,
+        k,
+        &["create", "logs", "--max-bytes", "4MiB", "--max-age", "1h"],
+    );
     assert_eq!(o.code, 0, "{}", o.stderr);
     for _ in 0..12 {
         let batch: Vec<Vec<u8>> = (0..64).map(|_| vec![7u8; 16 << 10]).collect();
@@ -358,7 +395,11 @@ fn conformance(c: &Cluster, k: usize) {
             .ok_or(format!("{t:?}"))
     });
     assert_eq!(t.next_offset, 12 * 64);
-    let o = topic(c, k, &["sub", "logs", "--from", "0", "--count", "1", "--json"]);
+    let o = topic(
+        c,
+        k,
+        &["sub", "logs", "--from", "0", "--count", "1", "--json"],
+    );
     let first: serde_json::Value = serde_json::from_str(o.stdout.trim()).unwrap();
     assert_eq!(first["offset"].as_u64(), Some(t.first_offset));
 
@@ -378,7 +419,9 @@ fn conformance_standalone() {
     let mut c = c;
     c.kill9(1);
     c.start(1);
-    let t = c.wait_for("the topic back after a restart", CONVERGE, || get(&c, 1, "orders"));
+    let t = c.wait_for("the topic back after a restart", CONVERGE, || {
+        get(&c, 1, "orders")
+    });
     assert_eq!(t.next_offset, 106);
     assert_eq!(t.groups.get("billing"), Some(&15));
 }
@@ -418,7 +461,11 @@ fn conformance_nats() {
     nats.stop();
     let o = topic(&c, 1, &["pub", "orders", "lost?"]);
     assert_eq!(o.code, 5, "{}", o.stderr);
-    assert!(o.stderr.contains("NATS backend is unavailable"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("NATS backend is unavailable"),
+        "{}",
+        o.stderr
+    );
     nats.run();
     let after = c.wait_for("publishing again after NATS came back", CONVERGE, || {
         let o = topic(&c, 1, &["pub", "orders", "after-restart"]);
@@ -434,7 +481,14 @@ fn conformance_nats() {
     let o = topic(
         &c,
         2,
-        &["sub", "orders", "--from", "0", "--count", &t.next_offset.to_string()],
+        &[
+            "sub",
+            "orders",
+            "--from",
+            "0",
+            "--count",
+            &t.next_offset.to_string(),
+        ],
     );
     let lines: Vec<&str> = o.stdout.lines().collect();
     assert_eq!(lines.len() as u64, t.next_offset);
@@ -448,5 +502,8 @@ fn conformance_nats() {
         .unwrap()
         .unwrap();
     assert_eq!(next.messages[0].offset, acked[0] + 1);
-    assert_eq!(next.messages[0].payload, lines[acked[0] as usize + 1].as_bytes());
+    assert_eq!(
+        next.messages[0].payload,
+        lines[acked[0] as usize + 1].as_bytes()
+    );
 }

@@ -175,7 +175,8 @@ pub enum Start {
 }
 
 /// A subscription: batches of messages in offset order, ending only on an error.
-pub type Subscription = futures_util::stream::BoxStream<'static, Result<Vec<Message>, CatalystError>>;
+pub type Subscription =
+    futures_util::stream::BoxStream<'static, Result<Vec<Message>, CatalystError>>;
 
 /// Checks a topic or group name: 1–128 of `A-Z a-z 0-9 _ -` (what NATS stream names and
 /// subjects, and file names, all take).
@@ -204,7 +205,9 @@ pub fn check_name(what: &'static str, name: &str) -> Result<(), CatalystError> {
 /// [`PUBLISH_BYTES_MAX`] in all.
 pub fn check_batch(messages: &[Bytes]) -> Result<(), CatalystError> {
     if messages.is_empty() {
-        return Err(CatalystError::BadBatch("a publish needs at least one message".into()));
+        return Err(CatalystError::BadBatch(
+            "a publish needs at least one message".into(),
+        ));
     }
     let mut total = 0;
     for (index, m) in messages.iter().enumerate() {
@@ -253,7 +256,11 @@ impl Bus {
     }
 
     /// Makes a topic.
-    pub async fn create(&self, name: &str, retention: Retention) -> Result<TopicInfo, CatalystError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        retention: Retention,
+    ) -> Result<TopicInfo, CatalystError> {
         check_name("topic", name)?;
         match self {
             Bus::Standalone(s) => s.create(name, retention),
@@ -279,7 +286,11 @@ impl Bus {
     }
 
     /// Appends `messages` to `topic`: the offset of each.
-    pub async fn publish(&self, topic: &str, messages: Vec<Bytes>) -> Result<Vec<u64>, CatalystError> {
+    pub async fn publish(
+        &self,
+        topic: &str,
+        messages: Vec<Bytes>,
+    ) -> Result<Vec<u64>, CatalystError> {
         check_name("topic", topic)?;
         check_batch(&messages)?;
         match self {

@@ -235,7 +235,8 @@ impl TopicLog {
             max_bytes: retention.max_bytes,
             max_age_ms: retention.max_age.as_millis() as u64,
         };
-        let json = serde_json::to_vec_pretty(&meta).map_err(|e| CatalystError::Io(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&meta).map_err(|e| CatalystError::Io(e.to_string()))?;
         write_atomically(&dir.join("topic.json"), &json)?;
         TopicLog::open(name, dir)
     }
@@ -341,7 +342,9 @@ impl TopicLog {
         };
         if active.size >= self.segment_bytes {
             let (seg, w) = new_segment(&self.dir, active.next())?;
-            writer.sync_data().map_err(|e| io("syncing", &active.path, e))?;
+            writer
+                .sync_data()
+                .map_err(|e| io("syncing", &active.path, e))?;
             segments.push(seg);
             *writer = w;
         }
@@ -415,7 +418,9 @@ impl TopicLog {
         let mut header = [0u8; HEADER_BYTES];
         while offset < from {
             rd(&mut header[..4], pos)?;
-            pos += (HEADER_BYTES + u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize) as u64;
+            pos += (HEADER_BYTES
+                + u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize)
+                as u64;
             offset += 1;
         }
         rd(&mut header, pos)?;
@@ -476,8 +481,7 @@ impl TopicLog {
             });
         }
         let before = st.groups.insert(group.to_string(), next);
-        let json =
-            serde_json::to_vec(&st.groups).map_err(|e| CatalystError::Io(e.to_string()))?;
+        let json = serde_json::to_vec(&st.groups).map_err(|e| CatalystError::Io(e.to_string()))?;
         if let Err(e) = write_atomically(&self.dir.join("groups.json"), &json) {
             match before {
                 Some(b) => st.groups.insert(group.to_string(), b),

@@ -24,11 +24,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, context::PublishErrorKind, stream};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use crux_service::{Phase, ReadySender};
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CatalystError, Message, Retention, Start, Subscription, TopicInfo, BATCH_MESSAGES_MAX};
+use crate::{
+    CatalystError, Message, Retention, Start, Subscription, TopicInfo, BATCH_MESSAGES_MAX,
+};
 
 /// The first pause before reconnecting; it doubles up to [`RECONNECT_MAX`].
 pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
@@ -198,7 +200,11 @@ impl NatsBus {
     }
 
     /// Makes a topic.
-    pub async fn create(&self, topic: &str, retention: Retention) -> Result<TopicInfo, CatalystError> {
+    pub async fn create(
+        &self,
+        topic: &str,
+        retention: Retention,
+    ) -> Result<TopicInfo, CatalystError> {
         match self.stream(topic).await {
             Ok(_) => return Err(CatalystError::TopicExists(topic.to_string())),
             Err(CatalystError::NoTopic(_)) => {}
@@ -274,7 +280,11 @@ impl NatsBus {
     }
 
     /// Publishes, pipelined: every message is sent, then every acknowledgement awaited.
-    pub async fn publish(&self, topic: &str, messages: Vec<Bytes>) -> Result<Vec<u64>, CatalystError> {
+    pub async fn publish(
+        &self,
+        topic: &str,
+        messages: Vec<Bytes>,
+    ) -> Result<Vec<u64>, CatalystError> {
         let subj = subject(topic);
         let mut acks = Vec::with_capacity(messages.len());
         let map = |e: jetstream::context::PublishError| match e.kind() {
@@ -368,14 +378,22 @@ impl NatsBus {
             failures: 0,
             _counted: Counted(counter),
         };
-        Ok(Box::pin(futures_util::stream::unfold(state, |mut r| async move {
-            let batch = r.next_batch().await;
-            Some((batch, r))
-        })))
+        Ok(Box::pin(futures_util::stream::unfold(
+            state,
+            |mut r| async move {
+                let batch = r.next_batch().await;
+                Some((batch, r))
+            },
+        )))
     }
 
     /// Sets `ready` from the connection's state every `every` until `stop`.
-    pub async fn watch_connection(self, ready: ReadySender, every: Duration, stop: CancellationToken) {
+    pub async fn watch_connection(
+        self,
+        ready: ReadySender,
+        every: Duration,
+        stop: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
@@ -384,12 +402,16 @@ impl NatsBus {
                 _ = tick.tick() => {}
             }
             match self.0.client.connection_state() {
-                async_nats::connection::State::Connected => {
-                    ready.set(Phase::Ready, format!("passing topics through to NATS at {}", self.0.url))
-                }
+                async_nats::connection::State::Connected => ready.set(
+                    Phase::Ready,
+                    format!("passing topics through to NATS at {}", self.0.url),
+                ),
                 s => ready.set(
                     Phase::Degraded,
-                    format!("NATS at {} is {s:?}: reconnecting with back-off", self.0.url),
+                    format!(
+                        "NATS at {} is {s:?}: reconnecting with back-off",
+                        self.0.url
+                    ),
                 ),
             }
         }

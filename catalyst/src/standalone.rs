@@ -141,9 +141,8 @@ impl Standalone {
             .remove(name)
             .ok_or_else(|| CatalystError::NoTopic(name.to_string()))?;
         topic.deleted.cancel();
-        std::fs::remove_dir_all(topic.log.dir()).map_err(|e| {
-            CatalystError::Io(format!("removing {}: {e}", topic.log.dir().display()))
-        })
+        std::fs::remove_dir_all(topic.log.dir())
+            .map_err(|e| CatalystError::Io(format!("removing {}: {e}", topic.log.dir().display())))
     }
 
     /// Appends to a topic.

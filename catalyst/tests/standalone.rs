@@ -150,7 +150,9 @@ fn group_offsets_survive_a_reopen_and_a_commit_past_the_end_is_refused() {
     log.append(&msgs(5, 10, 0), 1).unwrap();
     log.commit("g", 3).unwrap();
     match log.commit("g", 6) {
-        Err(CatalystError::OffsetPastEnd { offset, next, .. }) => assert_eq!((offset, next), (6, 5)),
+        Err(CatalystError::OffsetPastEnd { offset, next, .. }) => {
+            assert_eq!((offset, next), (6, 5))
+        }
         other => panic!("{other:?}"),
     }
     drop(log);
@@ -168,10 +170,7 @@ async fn a_subscription_reads_lazily_and_wakes_on_new_messages() {
     let mut sub = s.subscribe("t", Start::Offset(1), None).unwrap();
     assert_eq!(s.subscribers("t"), 1);
     let first = sub.next().await.unwrap().unwrap();
-    assert_eq!(
-        first.iter().map(|m| m.offset).collect::<Vec<_>>(),
-        [1, 2]
-    );
+    assert_eq!(first.iter().map(|m| m.offset).collect::<Vec<_>>(), [1, 2]);
     let waiting = tokio::spawn(async move {
         let b = sub.next().await.unwrap().unwrap();
         (b, sub)

@@ -56,7 +56,10 @@ async fn run(sockets: &[PathBuf], topic: &str, secs: f64, batch: usize, rate: Op
     let mut subs = Vec::new();
     for s in sockets {
         let mut t = Topics::connect(s).await.expect("connect");
-        let mut stream = t.subscribe(topic, Start::Latest, None).await.expect("subscribe");
+        let mut stream = t
+            .subscribe(topic, Start::Latest, None)
+            .await
+            .expect("subscribe");
         subs.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut n = 0u64;
@@ -86,7 +89,10 @@ async fn run(sockets: &[PathBuf], topic: &str, secs: f64, batch: usize, rate: Op
                 let every = rate.map(|r| {
                     // A batch every 2 ms per publisher.
                     let per_pub = r as f64 / (NODES * per_node) as f64;
-                    (Duration::from_millis(2), ((per_pub * 0.002).round() as usize).max(1))
+                    (
+                        Duration::from_millis(2),
+                        ((per_pub * 0.002).round() as usize).max(1),
+                    )
                 });
                 let size = every.map(|(_, n)| n).unwrap_or(batch);
                 let mut tick = every.map(|(d, _)| {
@@ -149,7 +155,9 @@ fn report(what: &str, r: &Run) {
 
 fn main() {
     let crux = arg("--crux").unwrap_or_else(|| "target/release/crux".into());
-    let secs: f64 = arg("--seconds").and_then(|v| v.parse().ok()).unwrap_or(10.0);
+    let secs: f64 = arg("--seconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10.0);
     let batch: usize = arg("--batch").and_then(|v| v.parse().ok()).unwrap_or(256);
     let rate: u64 = arg("--rate").and_then(|v| v.parse().ok()).unwrap_or(50_000);
     let mut c = Cluster::new(PathBuf::from(&crux), 201, NODES, "local");
@@ -187,7 +195,9 @@ fn main() {
             "{NODES} agents (release), standalone topics, {MESSAGE_BYTES}-byte messages, \
              {PUBLISHERS_PER_NODE} publishers and 1 subscriber per agent, all on this machine ({} \
              CPUs)",
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0)
         );
         let r = run(&sockets, "full", secs, batch, None).await;
         report(&format!("full rate, batches of {batch}"), &r);
