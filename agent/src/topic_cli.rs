@@ -208,7 +208,7 @@ pub async fn run(socket: &Path, wait: Duration, cmd: &TopicCmd) -> anyhow::Resul
                     let r = tp.retention.unwrap_or_default();
                     let mut ret = Vec::new();
                     if r.max_bytes > 0 {
-                        ret.push(format!("{} B", r.max_bytes));
+                        ret.push(size(r.max_bytes));
                     }
                     if r.max_age_ms > 0 {
                         ret.push(
@@ -277,6 +277,21 @@ pub async fn run(socket: &Path, wait: Duration, cmd: &TopicCmd) -> anyhow::Resul
         },
     }
     Ok(0)
+}
+
+/// Bytes in the largest binary unit that divides them (`1 GiB`, `512 KiB`, `1000 B`).
+fn size(b: u64) -> String {
+    for (unit, name) in [
+        (1u64 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ] {
+        if b >= unit && b.is_multiple_of(unit) {
+            return format!("{} {name}", b / unit);
+        }
+    }
+    format!("{b} B")
 }
 
 async fn publish_stdin(t: &mut Topics, topic: &str) -> anyhow::Result<i32> {

@@ -140,7 +140,7 @@ fn load_segment(path: &Path, base: u64) -> Result<Segment, CatalystError> {
     let (mut pos, mut count, mut index) = (0usize, 0u64, Vec::new());
     let (mut first_time_ms, mut last_time_ms) = (0, 0);
     while let Some((t, _, len)) = decode(&data[pos..]) {
-        if count % INDEX_EVERY == 0 {
+        if count.is_multiple_of(INDEX_EVERY) {
             index.push(pos as u64);
         }
         if count == 0 {
@@ -358,7 +358,7 @@ impl TopicLog {
         );
         let mut positions = Vec::new();
         for (i, m) in messages.iter().enumerate() {
-            if (seg.count + i as u64) % INDEX_EVERY == 0 {
+            if (seg.count + i as u64).is_multiple_of(INDEX_EVERY) {
                 positions.push(seg.size + buf.len() as u64);
             }
             encode(&mut buf, time_ms, m);
