@@ -5,6 +5,7 @@
 //! `crux topic` and the client library alike: offsets in order, `--from`, consumer groups that
 //! resume from their committed offset (and a subscriber killed mid-stream that resumes
 //! at-least-once), a subscriber that waits for new messages, one that goes away (counted out),
+//! one that takes nothing while 64 MiB are published (the agent does not grow: backpressure),
 //! retention by size, and bad input (unknown topic, oversized message, malformed offset, offset
 //! past the end, bad names) refused with a clear message, a distinct exit code and nothing
 //! changed. The NATS half also stops the server in the middle: publishes fail (unacknowledged)
@@ -94,6 +95,17 @@ fn get(c: &Cluster, k: usize, name: &str) -> Result<TopicJson, String> {
         .into_iter()
         .find(|t| t.name == name)
         .ok_or_else(|| format!("no topic {name}"))
+}
+
+/// The resident memory of process `pid`.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
 }
 
 /// A `nats-server -js` on a free loopback port with its store in a temp dir; killed on drop.
@@ -402,6 +414,33 @@ fn conformance(c: &Cluster, k: usize) {
     );
     let first: serde_json::Value = serde_json::from_str(o.stdout.trim()).unwrap();
     assert_eq!(first["offset"].as_u64(), Some(t.first_offset));
+
+    // Backpressure: a subscriber that takes nothing while 64 MiB are published does not make
+    // the agent hold them (it lags on disk, or in the NATS server).
+    let o = topic(c, k, &["create", "bulk"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let pid = c.agent(k).pid().expect("agent running");
+    rt.block_on(async {
+        let mut stalled = client
+            .subscribe("bulk", Start::Earliest, None)
+            .await
+            .unwrap();
+        let batch = || -> Vec<Vec<u8>> { (0..64).map(|_| vec![3u8; 16 << 10]).collect() };
+        client.publish("bulk", batch()).await.unwrap();
+        let before = rss_bytes(pid);
+        for _ in 0..63 {
+            client.publish("bulk", batch()).await.unwrap();
+        }
+        let after = rss_bytes(pid);
+        assert!(
+            after < before + (24 << 20),
+            "the agent grew from {before} to {after} bytes while a subscriber took nothing of \
+             64 MiB"
+        );
+        // The stalled subscriber is still served, from where it was.
+        let first = stalled.message().await.unwrap().unwrap();
+        assert_eq!(first.messages[0].offset, 0);
+    });
 
     // Removal.
     let o = topic(c, k, &["rm", "logs"]);
