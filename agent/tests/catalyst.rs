@@ -432,6 +432,7 @@ fn conformance(c: &Cluster, k: usize) {
             client.publish("bulk", batch()).await.unwrap();
         }
         let after = rss_bytes(pid);
+        eprintln!("agent RSS {before} -> {after} bytes while 64 MiB passed a stalled subscriber");
         assert!(
             after < before + (24 << 20),
             "the agent grew from {before} to {after} bytes while a subscriber took nothing of \
