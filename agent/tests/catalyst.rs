@@ -22,6 +22,7 @@ use crux_catalyst::client::Topics;
 use crux_catalyst::Start;
 use crux_tests::cluster::{wait_for, Cluster};
 
+#[allow(dead_code)] // the store's helpers are not all used here
 mod common;
 use common::runtime;
 
@@ -78,7 +79,6 @@ struct TopicJson {
     first_offset: u64,
     next_offset: u64,
     bytes: u64,
-    subscribers: u32,
     groups: std::collections::BTreeMap<String, u64>,
 }
 
