@@ -73,3 +73,35 @@ pub async fn step(b: &mut Boot, step: &'static str) -> anyhow::Result<Option<Str
     b.adopt(step, service);
     Ok(Some(detail))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crux_catalyst::Backend;
+
+    fn check(backend: &str) -> Result<Backend, String> {
+        CatalystSection {
+            backend: backend.into(),
+        }
+        .check(Path::new("/d"))
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_backend_is_standalone_in_the_data_dir_or_a_nats_url() {
+        let standalone = Backend::Standalone("/d/catalyst".into());
+        assert_eq!(check("standalone"), Ok(standalone.clone()));
+        assert_eq!(check(""), Ok(standalone));
+        assert_eq!(
+            check("nats://10.0.0.1:4222"),
+            Ok(Backend::Nats("nats://10.0.0.1:4222".into()))
+        );
+        let e = check("kafka://k:9092").unwrap_err();
+        assert!(
+            e.contains("catalyst.backend") && e.contains("nats://host:port"),
+            "{e}"
+        );
+        let e = check("nats://").unwrap_err();
+        assert!(e.contains("no host"), "{e}");
+    }
+}
