@@ -9,8 +9,9 @@
 //!   whole segments, a consumer group's committed offset is a small file replaced atomically;
 //! * **NATS** ([`nats`]): `[catalyst] backend = "nats://…"` passes every call to a NATS server's
 //!   JetStream: a topic is the stream `CRUX_<topic>` on subject `crux.topic.<topic>`, an offset is
-//!   the stream sequence minus one (so both backends count from 0), groups' offsets are kept in
-//!   the JetStream key/value bucket `crux_catalyst_groups`. The client reconnects by itself
+//!   the stream sequence minus one (so both backends count from 0), a group's offset is the last
+//!   message on subject `crux.group.<topic>.<group>` of the stream `CRUX-GROUPS` (one kept per
+//!   subject, as a key/value bucket does it). The client reconnects by itself
 //!   with back-off; a publish made while the server is away fails (not acknowledged).
 //!
 //! ```text
