@@ -10,6 +10,7 @@
 //! | 5 | picket   | reeve           | the plugins a previous agent left are re-adopted      |
 //! | 6 | proctor  | store, picket   | the dean runs; the proctor runs on the leader         |
 //! | 7 | pastiche | steward, picket | holdings announced; the built-in pastiche1 runs       |
+//! | 8 | catalyst | reeve           | topics open (standalone) or NATS connected             |
 //!
 //! The order is the seed's (`002_…`, "Bootstrapping"): flocking, the heartbeater and the reeve
 //! (with the steward), picket, then the proctor, through which the built-ins such as pastiche
@@ -71,7 +72,7 @@ type StepFn = for<'a> fn(&'a mut Boot) -> StepFuture<'a>;
 type StepFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Option<String>>> + Send + 'a>>;
 
 /// How many steps the table has.
-const STEP_COUNT: usize = 7;
+const STEP_COUNT: usize = 8;
 
 /// The table, in the order the steps run.
 pub const TABLE: [StepDef; STEP_COUNT] = [
@@ -118,6 +119,12 @@ pub const TABLE: [StepDef; STEP_COUNT] = [
         ready_when: "this node's holdings are announced and the built-in pastiche1 runs",
         run: |b| Box::pin(pastiche(b)),
     },
+    StepDef {
+        name: "catalyst",
+        after: &["reeve"],
+        ready_when: "its topics are open (standalone) or its NATS server is connected",
+        run: |b| Box::pin(crate::catalyst::step(b, "catalyst")),
+    },
 ];
 
 /// Each step's name and the steps it needs, in order.
@@ -145,6 +152,8 @@ pub struct Boot {
     pub pastiche: crux_pastiche::store::Store,
     /// The runner of plugins, once step picket opened it.
     pub picket: Option<crux_picket::runner::Picket>,
+    /// The bus the local API serves, once step catalyst made it.
+    pub catalyst: watch::Sender<Option<crux_catalyst::Bus>>,
     made: Made,
 }
 
@@ -185,6 +194,7 @@ impl Boot {
             grpc: Some(grpc),
             pastiche,
             picket: None,
+            catalyst: watch::Sender::new(None),
             made: Made::default(),
         }
     }
@@ -195,7 +205,7 @@ impl Boot {
     }
 
     /// Spawns a started service's tasks under `step`; the step's readiness is the service's.
-    fn adopt(&mut self, step: &'static str, mut service: Service) {
+    pub fn adopt(&mut self, step: &'static str, mut service: Service) {
         for (name, task) in service.take_tasks() {
             self.tasks.spawn(step, name, task);
         }
@@ -292,7 +302,15 @@ async fn reeve(b: &mut Boot) -> anyhow::Result<Option<String>> {
         crux_pastiche::cache::CacheService::new(b.pastiche.clone(), puller.clone(), reeve.clone());
     let listener = crate::rpc::bind(&b.settings.socket).await?;
     let (placement_tx, placement_rx) = watch::channel(None);
-    let local = crate::rpc::serve(listener, b.state.clone(), cache, placement_rx, stop);
+    let catalyst = b.catalyst.subscribe();
+    let local = crate::rpc::serve(
+        listener,
+        b.state.clone(),
+        cache,
+        placement_rx,
+        catalyst,
+        stop,
+    );
     b.tasks.spawn("reeve", "local API", async move {
         if let Err(e) = local.await {
             warn!(error = %e, "local API server ended");
@@ -638,7 +656,7 @@ mod tests {
         let names: Vec<_> = TABLE.iter().map(|s| s.name).collect();
         assert_eq!(
             names,
-            ["flock", "reeve", "steward", "store", "picket", "proctor", "pastiche"]
+            ["flock", "reeve", "steward", "store", "picket", "proctor", "pastiche", "catalyst"]
         );
     }
 

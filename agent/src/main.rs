@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod bootstrap;
+mod catalyst;
 mod client;
 mod config;
 mod dev;
@@ -42,6 +43,7 @@ mod state;
 mod steward;
 mod store;
 mod store_cli;
+mod topic_cli;
 mod ui;
 mod view;
 
@@ -167,6 +169,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: kv_cli::KvCmd,
     },
+    /// Catalyst durable topics: create, ls, rm, pub, sub (offsets, consumer groups), commit.
+    Topic {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(flatten)]
+        wait: client::WaitArg,
+        #[command(subcommand)]
+        cmd: topic_cli::TopicCmd,
+    },
     /// The durable store (Raft among the voters the flock picks): status, recover.
     Store {
         #[command(flatten)]
@@ -263,6 +274,9 @@ fn main() -> ExitCode {
         }
         Cmd::Kv { socket, wait, cmd } => {
             client::block_on_code(kv_cli::run(&socket.socket, wait.wait, cmd))
+        }
+        Cmd::Topic { socket, wait, cmd } => {
+            client::block_on_code(topic_cli::run(&socket.socket, wait.wait, cmd))
         }
         Cmd::Pastiche { socket, cmd } => client::block_on_code(pastiche::run(&socket.socket, cmd)),
         Cmd::Proctor { socket, wait, cmd } => {

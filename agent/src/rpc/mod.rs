@@ -41,11 +41,12 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// The services of the local socket, as reflection lists them and health answers for them.
-pub const SERVICES: [&str; 4] = [
+pub const SERVICES: [&str; 5] = [
     pb::reeve_server::SERVICE_NAME,
     crux_proto::grpc::kv::v1::kv_server::SERVICE_NAME,
     crux_proto::grpc::pastiche::v1::cache_server::SERVICE_NAME,
     crux_proto::grpc::proctor::v1::placement_server::SERVICE_NAME,
+    crux_proto::grpc::catalyst::v1::catalyst_server::SERVICE_NAME,
 ];
 
 /// Serves the reeve API, pastiche's cache API and placement (once step 5 made it) on `listener`
@@ -57,6 +58,7 @@ pub async fn serve(
     state: Arc<AgentState>,
     cache: crux_pastiche::cache::CacheService,
     placement: tokio::sync::watch::Receiver<Option<crate::placement::PlacementLocal>>,
+    catalyst: tokio::sync::watch::Receiver<Option<crux_catalyst::Bus>>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (v1, v1alpha, health, reporter) = match crux_local::discovery(&SERVICES).await {
@@ -81,6 +83,7 @@ pub async fn serve(
         .add_service(crate::kv::KvService::server(state.store.clone()))
         .add_service(cache.into_server())
         .add_service(crate::placement::Later::new(placement.clone()).into_server())
+        .add_service(crux_catalyst::grpc::CatalystService::server(catalyst))
         .add_optional_service(v1)
         .add_optional_service(v1alpha)
         .add_optional_service(health)
