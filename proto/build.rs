@@ -16,6 +16,7 @@ fn grpc() {
         "proto/crux/plugin/v1/plugin.proto",
         "proto/crux/proctor/v1/proctor.proto",
         "proto/crux/kv/v1/kv.proto",
+        "proto/crux/fuse/v1/fuse.proto",
     ];
     for f in FILES {
         println!("cargo:rerun-if-changed={f}");
