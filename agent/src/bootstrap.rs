@@ -10,6 +10,7 @@
 //! | 5 | picket   | reeve           | the plugins a previous agent left are re-adopted      |
 //! | 6 | proctor  | store, picket   | the dean runs; the proctor runs on the leader         |
 //! | 7 | pastiche | steward, picket | holdings announced; the built-in pastiche1 runs       |
+//! | 8 | fuse     | store           | the routes are read; ADS serves on `fuse.ads_bind`    |
 //!
 //! The order is the seed's (`002_…`, "Bootstrapping"): flocking, the heartbeater and the reeve
 //! (with the steward), picket, then the proctor, through which the built-ins such as pastiche
@@ -71,7 +72,7 @@ type StepFn = for<'a> fn(&'a mut Boot) -> StepFuture<'a>;
 type StepFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Option<String>>> + Send + 'a>>;
 
 /// How many steps the table has.
-const STEP_COUNT: usize = 7;
+const STEP_COUNT: usize = 8;
 
 /// The table, in the order the steps run.
 pub const TABLE: [StepDef; STEP_COUNT] = [
@@ -117,6 +118,12 @@ pub const TABLE: [StepDef; STEP_COUNT] = [
         after: &["steward", "picket"],
         ready_when: "this node's holdings are announced and the built-in pastiche1 runs",
         run: |b| Box::pin(pastiche(b)),
+    },
+    StepDef {
+        name: "fuse",
+        after: &["store"],
+        ready_when: "the routes are read from the store; ADS serves (when fuse.enabled)",
+        run: |b| Box::pin(crate::fuse::step(b)),
     },
 ];
 
@@ -190,12 +197,12 @@ impl Boot {
     }
 
     /// The token a task of `step` watches: cancelled when shutdown reaches that step.
-    fn token(&mut self, step: &'static str) -> CancellationToken {
+    pub(crate) fn token(&mut self, step: &'static str) -> CancellationToken {
         self.tasks.token(step)
     }
 
     /// Spawns a started service's tasks under `step`; the step's readiness is the service's.
-    fn adopt(&mut self, step: &'static str, mut service: Service) {
+    pub(crate) fn adopt(&mut self, step: &'static str, mut service: Service) {
         for (name, task) in service.take_tasks() {
             self.tasks.spawn(step, name, task);
         }

@@ -445,6 +445,8 @@ pub struct RawConfig {
     pub picket: PicketSection,
     /// DNS.
     pub dns: DnsSection,
+    /// Fuse: routes served as xDS.
+    pub fuse: crate::fuse::FuseSection,
 }
 
 impl Default for RawConfig {
@@ -474,6 +476,7 @@ impl Default for RawConfig {
             node: NodeSection::default(),
             picket: PicketSection::default(),
             dns: DnsSection::default(),
+            fuse: crate::fuse::FuseSection::default(),
         }
     }
 }
@@ -591,6 +594,8 @@ pub struct Settings {
     pub store_partition_file: Option<PathBuf>,
     /// DNS server settings (None: off).
     pub dns: Option<crux_dns::DnsConfig>,
+    /// Fuse settings.
+    pub fuse: crate::fuse::FuseSettings,
 }
 
 impl RawConfig {
@@ -945,6 +950,7 @@ impl RawConfig {
             picket: self.picket.clone(),
             store_partition_file: self.store.partition_file_for_tests.clone(),
             dns: self.dns.check()?,
+            fuse: self.fuse.check()?,
         })
     }
 

@@ -30,8 +30,10 @@ mod dns;
 mod http;
 mod identity;
 mod keys;
+mod fuse;
 mod kv;
 mod kv_cli;
+mod route_cli;
 mod metrics;
 mod pastiche;
 mod placement;
@@ -167,6 +169,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: kv_cli::KvCmd,
     },
+    /// Fuse routes served to proxies as xDS: add, ls, rm, proxies.
+    Route {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(flatten)]
+        wait: client::WaitArg,
+        #[command(subcommand)]
+        cmd: route_cli::RouteCmd,
+    },
     /// The durable store (Raft among the voters the flock picks): status, recover.
     Store {
         #[command(flatten)]
@@ -263,6 +274,9 @@ fn main() -> ExitCode {
         }
         Cmd::Kv { socket, wait, cmd } => {
             client::block_on_code(kv_cli::run(&socket.socket, wait.wait, cmd))
+        }
+        Cmd::Route { socket, wait, cmd } => {
+            client::block_on_code(route_cli::run(&socket.socket, wait.wait, cmd))
         }
         Cmd::Pastiche { socket, cmd } => client::block_on_code(pastiche::run(&socket.socket, cmd)),
         Cmd::Proctor { socket, wait, cmd } => {

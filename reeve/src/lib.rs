@@ -25,6 +25,7 @@ pub mod client;
 pub mod endpoint;
 pub mod kv;
 pub mod link;
+pub mod route;
 pub mod node;
 
 pub use node::{HeartbeatStream, LinkStatus, Reeve, ReeveConfig, Target, WatchStream};
