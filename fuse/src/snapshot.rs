@@ -36,6 +36,9 @@ use crate::route::{RouteSpec, Select, Target};
 /// The one route configuration every listener names (RDS).
 pub const ROUTE_CONFIG: &str = "crux";
 
+/// The one locality endpoints are put in (the flock; zones come with node attributes later).
+pub const LOCALITY: &str = "crux";
+
 /// The retry conditions of a route with retries: the ones both Envoy and gRPC understand.
 pub const RETRY_ON: &str = "unavailable,reset,connect-failure";
 
@@ -306,6 +309,11 @@ fn load_assignment(name: &str, addrs: &[SocketAddr]) -> endpoint::ClusterLoadAss
     endpoint::ClusterLoadAssignment {
         cluster_name: name.to_string(),
         endpoints: vec![endpoint::LocalityLbEndpoints {
+            // gRPC refuses an assignment without a locality.
+            locality: Some(core::Locality {
+                region: LOCALITY.into(),
+                ..Default::default()
+            }),
             lb_endpoints,
             // gRPC ignores a locality without a weight.
             load_balancing_weight: Some(UInt32Value { value: 1 }),
