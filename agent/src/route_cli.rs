@@ -137,7 +137,10 @@ fn route_json(r: &pb::Route) -> serde_json::Value {
 
 /// Runs `crux route …`; returns the exit code.
 pub async fn run(socket: &Path, wait: Duration, cmd: &RouteCmd) -> anyhow::Result<i32> {
-    let stale = matches!(cmd, RouteCmd::Ls { stale: true, .. } | RouteCmd::Proxies { .. });
+    let stale = matches!(
+        cmd,
+        RouteCmd::Ls { stale: true, .. } | RouteCmd::Proxies { .. }
+    );
     let needs: &[&str] = if stale { &[] } else { &["store"] };
     crate::client::wait_for_steps(socket, needs, wait).await?;
     let ch = crate::client::channel(socket, Some(crate::client::CALL_TIMEOUT)).await?;
@@ -202,24 +205,29 @@ pub async fn run(socket: &Path, wait: Duration, cmd: &RouteCmd) -> anyhow::Resul
             }
             let mut t = comfy_table::Table::new();
             t.load_preset(comfy_table::presets::NOTHING);
-            t.set_header(["NAME", "MATCH", "HOST", "TO", "TIMEOUT", "RETRIES", "VERSION"]);
+            t.set_header([
+                "NAME", "MATCH", "HOST", "TO", "TIMEOUT", "RETRIES", "VERSION",
+            ]);
             for r in &r.routes {
-                let to: Vec<String> = r
-                    .to
-                    .iter()
-                    .map(|x| {
-                        let api = if x.selector.is_empty() {
-                            x.api.clone()
-                        } else {
-                            format!("{}:{}", x.api, x.selector)
-                        };
-                        format!("{api}={}", x.weight)
-                    })
-                    .collect();
+                let to: Vec<String> =
+                    r.to.iter()
+                        .map(|x| {
+                            let api = if x.selector.is_empty() {
+                                x.api.clone()
+                            } else {
+                                format!("{}:{}", x.api, x.selector)
+                            };
+                            format!("{api}={}", x.weight)
+                        })
+                        .collect();
                 t.add_row([
                     r.name.clone(),
                     r.prefix.clone(),
-                    if r.host.is_empty() { "*".into() } else { r.host.clone() },
+                    if r.host.is_empty() {
+                        "*".into()
+                    } else {
+                        r.host.clone()
+                    },
                     to.join(" "),
                     if r.timeout_ms == 0 {
                         "-".into()
@@ -269,20 +277,37 @@ pub async fn run(socket: &Path, wait: Duration, cmd: &RouteCmd) -> anyhow::Resul
             }
             println!(
                 "ADS: {}",
-                if r.ads_addr.is_empty() { "not served" } else { &r.ads_addr }
+                if r.ads_addr.is_empty() {
+                    "not served"
+                } else {
+                    &r.ads_addr
+                }
             );
             for p in &r.problems {
                 println!("problem: {p}");
             }
             let mut t = comfy_table::Table::new();
             t.load_preset(comfy_table::presets::NOTHING);
-            t.set_header(["NODE", "PEER", "MODE", "TYPE", "SENT", "ACKED", "NACKS", "LAST ERROR"]);
+            t.set_header([
+                "NODE",
+                "PEER",
+                "MODE",
+                "TYPE",
+                "SENT",
+                "ACKED",
+                "NACKS",
+                "LAST ERROR",
+            ]);
             for p in &r.proxies {
                 for ty in &p.types {
                     t.add_row([
                         p.node_id.clone(),
                         p.peer.clone(),
-                        if p.delta { "delta".into() } else { "sotw".to_string() },
+                        if p.delta {
+                            "delta".into()
+                        } else {
+                            "sotw".to_string()
+                        },
                         ty.type_url.clone(),
                         ty.sent.clone(),
                         ty.acked.clone(),

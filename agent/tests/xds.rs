@@ -196,7 +196,11 @@ fn calls_until(
     }
     panic!(
         "the xDS client did not reach the expected state within {wait:?}; last calls: {:?}",
-        seen.iter().rev().take(10).map(|(_, l)| l).collect::<Vec<_>>()
+        seen.iter()
+            .rev()
+            .take(10)
+            .map(|(_, l)| l)
+            .collect::<Vec<_>>()
     );
 }
 
@@ -234,19 +238,25 @@ fn grpc_xds_client_follows_routes_and_registry() {
     let (_s2, a2) = echo(&python, &c, 2, "echo_2");
     let _r1: Registration = c.register(1, "echo", "echo_1", a1, &[]);
     let mut r2 = c.register(2, "echo", "echo_2", a2, &[]);
-    c.wait_for("echo_1 and echo_2 in node 1's and 3's registry", CONVERGE, || {
-        for k in [1, 3] {
-            let s = services(&c, k);
-            if !(s.contains(&"echo_1".into()) && s.contains(&"echo_2".into())) {
-                return Err(format!("node{k}: {s:?}"));
+    c.wait_for(
+        "echo_1 and echo_2 in node 1's and 3's registry",
+        CONVERGE,
+        || {
+            for k in [1, 3] {
+                let s = services(&c, k);
+                if !(s.contains(&"echo_1".into()) && s.contains(&"echo_2".into())) {
+                    return Err(format!("node{k}: {s:?}"));
+                }
             }
-        }
-        Ok(())
-    });
+            Ok(())
+        },
+    );
     let (code, text) = route(
         &c,
         1,
-        &["add", "bad", "--match", "/x/", "--to", "echo", "--weight", "0"],
+        &[
+            "add", "bad", "--match", "/x/", "--to", "echo", "--weight", "0",
+        ],
     );
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("sum to zero"), "{text}");
@@ -260,10 +270,22 @@ fn grpc_xds_client_follows_routes_and_registry() {
     route_ok(
         &c,
         1,
-        &["add", "greet", "--match", "/crux.test.Echo/", "--to", "echo", "--timeout", "5s"],
+        &[
+            "add",
+            "greet",
+            "--match",
+            "/crux.test.Echo/",
+            "--to",
+            "echo",
+            "--timeout",
+            "5s",
+        ],
     );
     let (_, ls) = route(&c, 3, &["ls"]);
-    assert!(ls.contains("greet") && ls.contains("/crux.test.Echo/"), "{ls}");
+    assert!(
+        ls.contains("greet") && ls.contains("/crux.test.Echo/"),
+        "{ls}"
+    );
 
     // gRPC's xDS client on node 3's ADS server.
     let ads = c.agent(3).ads;
@@ -299,7 +321,9 @@ fn grpc_xds_client_follows_routes_and_registry() {
     let pid = r2.command_pid().expect("sidecar command pid");
     let killed = now();
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    let seen = calls_until(&client, Duration::from_secs(10), |s| last_all(s, 20, "echo_1"));
+    let seen = calls_until(&client, Duration::from_secs(10), |s| {
+        last_all(s, 20, "echo_1")
+    });
     let last_two = seen
         .iter()
         .filter(|(_, l)| l == "ok echo_2")
@@ -320,15 +344,28 @@ fn grpc_xds_client_follows_routes_and_registry() {
     calls_until(&client, CONVERGE, |s| {
         s.iter().any(|(_, l)| l == "ok echo_3")
     });
-    eprintln!("xds: echo_3 called {:?} after it registered", added.elapsed());
+    eprintln!(
+        "xds: echo_3 called {:?} after it registered",
+        added.elapsed()
+    );
 
     // 3. Weights: all to echo_1, then all to echo_3 (RDS).
     route_ok(
         &c,
         1,
         &[
-            "add", "greet", "--match", "/crux.test.Echo/", "--to", "echo:echo_1", "--weight",
-            "1", "--to", "echo:echo_3", "--weight", "0",
+            "add",
+            "greet",
+            "--match",
+            "/crux.test.Echo/",
+            "--to",
+            "echo:echo_1",
+            "--weight",
+            "1",
+            "--to",
+            "echo:echo_3",
+            "--weight",
+            "0",
         ],
     );
     calls_until(&client, CONVERGE, |s| last_all(s, 20, "echo_1"));
@@ -337,12 +374,25 @@ fn grpc_xds_client_follows_routes_and_registry() {
         &c,
         1,
         &[
-            "add", "greet", "--match", "/crux.test.Echo/", "--to", "echo:echo_1", "--weight",
-            "0", "--to", "echo:echo_3", "--weight", "1",
+            "add",
+            "greet",
+            "--match",
+            "/crux.test.Echo/",
+            "--to",
+            "echo:echo_1",
+            "--weight",
+            "0",
+            "--to",
+            "echo:echo_3",
+            "--weight",
+            "1",
         ],
     );
     calls_until(&client, CONVERGE, |s| last_all(s, 20, "echo_3"));
-    eprintln!("xds: weight change followed within {:?}", switched.elapsed());
+    eprintln!(
+        "xds: weight change followed within {:?}",
+        switched.elapsed()
+    );
 
     // 4. A raw ADS client on xds-protos: decodes the listener, NACKs it; nothing is resent,
     //    the agent logs the proxy's error; the gRPC client goes on.
@@ -364,23 +414,31 @@ fn grpc_xds_client_follows_routes_and_registry() {
     // 5. A silent proxy: one response, then nothing while it does not ACK; its wait shows.
     let mut silent = Lines::spawn(py(&python, &["silent", &ads.to_string(), "greet"]));
     silent.expect("first", Duration::from_secs(20));
-    c.wait_for("the silent proxy listed as waiting", Duration::from_secs(10), || {
-        let p = proxies(&c, 3);
-        let found = p["proxies"].as_array().into_iter().flatten().any(|x| {
-            x["node_id"] == "crux-test-silent"
-                && x["types"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|t| t["type"] == "LDS" && t["acked"] == "" && t["sent"] != "")
-        });
-        if found {
-            Ok(())
-        } else {
-            Err(format!("{p}"))
-        }
-    });
-    route_ok(&c, 1, &["add", "other", "--match", "/other/", "--to", "echo"]);
+    c.wait_for(
+        "the silent proxy listed as waiting",
+        Duration::from_secs(10),
+        || {
+            let p = proxies(&c, 3);
+            let found = p["proxies"].as_array().into_iter().flatten().any(|x| {
+                x["node_id"] == "crux-test-silent"
+                    && x["types"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|t| t["type"] == "LDS" && t["acked"] == "" && t["sent"] != "")
+            });
+            if found {
+                Ok(())
+            } else {
+                Err(format!("{p}"))
+            }
+        },
+    );
+    route_ok(
+        &c,
+        1,
+        &["add", "other", "--match", "/other/", "--to", "echo"],
+    );
     silent.say("go");
     assert_eq!(silent.expect("more", Duration::from_secs(20)), "more 0");
 
@@ -391,12 +449,16 @@ fn grpc_xds_client_follows_routes_and_registry() {
         status.starts_with("status INVALID_ARGUMENT") && status.contains("malformed"),
         "{status}"
     );
-    calls_until(&client, Duration::from_secs(10), |s| last_all(s, 10, "echo_3"));
+    calls_until(&client, Duration::from_secs(10), |s| {
+        last_all(s, 10, "echo_3")
+    });
 
     // 7. A route to an api that is gone is refused; the last good routes stay served.
     let (code, text) = route(&c, 1, &["add", "greet", "--match", "/", "--to", "gone"]);
     assert_eq!(code, 2, "{text}");
-    calls_until(&client, Duration::from_secs(10), |s| last_all(s, 10, "echo_3"));
+    calls_until(&client, Duration::from_secs(10), |s| {
+        last_all(s, 10, "echo_3")
+    });
     let p = proxies(&c, 3);
     assert_eq!(p["ads_addr"], ads.to_string());
     let grpc_client = p["proxies"]

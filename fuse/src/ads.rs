@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
-    aggregated_discovery_service_server::{AggregatedDiscoveryService, AggregatedDiscoveryServiceServer},
+    aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    },
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use tokio::sync::{mpsc, watch};
@@ -247,11 +249,11 @@ impl Ads {
         let mut node = String::new();
         let mut nonce_n = 0u64;
         loop {
-            let deadline = earliest(st.iter().filter(|t| !t.warned).map(|t| {
-                t.status
-                    .waiting_since
-                    .map(|s| s + self.config.ack_timeout)
-            }));
+            let deadline = earliest(
+                st.iter()
+                    .filter(|t| !t.warned)
+                    .map(|t| t.status.waiting_since.map(|s| s + self.config.ack_timeout)),
+            );
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
@@ -428,11 +430,11 @@ impl Ads {
         let mut node = String::new();
         let mut nonce_n = 0u64;
         loop {
-            let deadline = earliest(st.iter().filter(|t| !t.warned).map(|t| {
-                t.status
-                    .waiting_since
-                    .map(|s| s + self.config.ack_timeout)
-            }));
+            let deadline = earliest(
+                st.iter()
+                    .filter(|t| !t.warned)
+                    .map(|t| t.status.waiting_since.map(|s| s + self.config.ack_timeout)),
+            );
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
@@ -555,7 +557,10 @@ impl Ads {
         let wanted: Vec<&String> = if t.wildcard {
             ts.items.keys().collect()
         } else {
-            t.names.iter().filter(|n| ts.items.contains_key(*n)).collect()
+            t.names
+                .iter()
+                .filter(|n| ts.items.contains_key(*n))
+                .collect()
         };
         let mut resources = Vec::new();
         let mut sent = Vec::new();

@@ -167,9 +167,8 @@ impl routes_server::Routes for RoutesService {
             .map_err(grpc_status)?;
         let mut routes = Vec::with_capacity(r.items.len());
         for item in r.items {
-            let spec = RouteSpec::decode(&item.spec).map_err(|e| {
-                Status::internal(format!("stored route {:?}: {e}", item.id.name))
-            })?;
+            let spec = RouteSpec::decode(&item.spec)
+                .map_err(|e| Status::internal(format!("stored route {:?}: {e}", item.id.name)))?;
             routes.push(spec.to_pb(&item.id.name, item.version));
         }
         Ok(Response::new(pb::ListResponse {
@@ -242,11 +241,7 @@ impl routes_server::Routes for RoutesService {
             .collect();
         let snap = self.board.snapshot();
         Ok(Response::new(pb::ProxiesResponse {
-            ads_addr: self
-                .board
-                .addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
+            ads_addr: self.board.addr().map(|a| a.to_string()).unwrap_or_default(),
             proxies,
             versions: Kind::ALL
                 .into_iter()

@@ -185,9 +185,7 @@ async fn controller(
         if !listed {
             continue;
         }
-        let instances = reeve
-            .services(&rpb::ServicesRequest::default())
-            .instances;
+        let instances = reeve.services(&rpb::ServicesRequest::default()).instances;
         let list: Vec<(String, route::RouteSpec)> =
             routes.iter().map(|(n, s)| (n.clone(), s.clone())).collect();
         let snap = snapshot::build(&horde, &list, &instances);

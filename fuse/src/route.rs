@@ -207,18 +207,17 @@ impl RouteSpec {
                 r.name
             )));
         }
-        let to = r
-            .to
-            .iter()
-            .map(|t| {
-                let text = if t.selector.is_empty() {
-                    t.api.clone()
-                } else {
-                    format!("{}:{}", t.api, t.selector)
-                };
-                parse_target(&text, t.weight)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let to =
+            r.to.iter()
+                .map(|t| {
+                    let text = if t.selector.is_empty() {
+                        t.api.clone()
+                    } else {
+                        format!("{}:{}", t.api, t.selector)
+                    };
+                    parse_target(&text, t.weight)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
         let spec = RouteSpec {
             prefix: if r.prefix.is_empty() {
                 "/".into()
@@ -291,7 +290,10 @@ mod tests {
     fn targets_parse_as_api_latest_or_instance() {
         let t = parse_target("ntp2", 1).unwrap();
         assert_eq!((t.api.as_str(), &t.select), ("ntp2", &Select::All));
-        assert_eq!(parse_target("ntp2:latest", 1).unwrap().select, Select::Latest);
+        assert_eq!(
+            parse_target("ntp2:latest", 1).unwrap().select,
+            Select::Latest
+        );
         assert_eq!(
             parse_target("ntp2:ntp2_10", 1).unwrap().select,
             Select::Inst("ntp2_10".into())

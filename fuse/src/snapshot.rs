@@ -186,10 +186,12 @@ fn duration_ms(ms: u64) -> PbDuration {
 fn api_listener(name: &str) -> listener::Listener {
     let manager = hcm::HttpConnectionManager {
         stat_prefix: name.to_string(),
-        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
-            config_source: Some(ads()),
-            route_config_name: ROUTE_CONFIG.into(),
-        })),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                config_source: Some(ads()),
+                route_config_name: ROUTE_CONFIG.into(),
+            },
+        )),
         http_filters: vec![hcm::HttpFilter {
             name: "envoy.filters.http.router".into(),
             config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
@@ -288,17 +290,13 @@ fn load_assignment(name: &str, addrs: &[SocketAddr]) -> endpoint::ClusterLoadAss
             host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
                 endpoint::Endpoint {
                     address: Some(core::Address {
-                        address: Some(core::address::Address::SocketAddress(
-                            core::SocketAddress {
-                                address: a.ip().to_string(),
-                                port_specifier: Some(
-                                    core::socket_address::PortSpecifier::PortValue(
-                                        u32::from(a.port()),
-                                    ),
-                                ),
-                                ..Default::default()
-                            },
-                        )),
+                        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                            address: a.ip().to_string(),
+                            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(
+                                u32::from(a.port()),
+                            )),
+                            ..Default::default()
+                        })),
                     }),
                     ..Default::default()
                 },
@@ -447,7 +445,10 @@ mod tests {
         RouteSpec {
             prefix: prefix.into(),
             host: host.map(str::to_string),
-            to: to.iter().map(|(t, w)| parse_target(t, *w).unwrap()).collect(),
+            to: to
+                .iter()
+                .map(|(t, w)| parse_target(t, *w).unwrap())
+                .collect(),
             timeout_ms: 0,
             retries: 0,
         }
@@ -460,8 +461,14 @@ mod tests {
     #[test]
     fn routes_and_instances_make_listeners_one_route_config_clusters_and_endpoints() {
         let routes = vec![
-            ("greet".to_string(), spec("/hello.Greeter/", None, &[("greeter", 1)])),
-            ("web".to_string(), spec("/", Some("web.example"), &[("web:latest", 3), ("old", 1)])),
+            (
+                "greet".to_string(),
+                spec("/hello.Greeter/", None, &[("greeter", 1)]),
+            ),
+            (
+                "web".to_string(),
+                spec("/", Some("web.example"), &[("web:latest", 3), ("old", 1)]),
+            ),
         ];
         let instances = vec![
             inst("greeter", "greeter_1", "127.0.0.1:5001", true),
@@ -476,36 +483,72 @@ mod tests {
         assert_eq!(names(Kind::Cluster), ["greeter", "old", "web:latest"]);
         assert_eq!(s.problems, ["cluster old: no live instance"]);
         let cla: endpoint::ClusterLoadAssignment = decode(&s.of(Kind::Endpoint).items["greeter"]);
-        assert_eq!(cla.endpoints[0].lb_endpoints.len(), 1, "the stopping one is out");
+        assert_eq!(
+            cla.endpoints[0].lb_endpoints.len(),
+            1,
+            "the stopping one is out"
+        );
         // `latest`: web_10 > web_9 (digit runs as numbers).
-        assert_eq!(endpoints("default", &parse_target("web:latest", 1).unwrap(), &instances),
-            ["127.0.0.1:6010".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            endpoints(
+                "default",
+                &parse_target("web:latest", 1).unwrap(),
+                &instances
+            ),
+            ["127.0.0.1:6010".parse::<SocketAddr>().unwrap()]
+        );
         let rc: route::RouteConfiguration = decode(&s.of(Kind::Route).items[ROUTE_CONFIG]);
         let domains: Vec<_> = rc.virtual_hosts.iter().map(|v| v.domains.clone()).collect();
-        assert_eq!(domains, [vec!["*".to_string()], vec!["web.example".to_string()]]);
+        assert_eq!(
+            domains,
+            [vec!["*".to_string()], vec!["web.example".to_string()]]
+        );
         let web = &rc.virtual_hosts[1].routes[0];
-        let Some(route::route::Action::Route(a)) = &web.action else { panic!() };
+        let Some(route::route::Action::Route(a)) = &web.action else {
+            panic!()
+        };
         let Some(route::route_action::ClusterSpecifier::WeightedClusters(w)) = &a.cluster_specifier
         else {
             panic!("weighted: {a:?}")
         };
-        let weights: Vec<_> = w.clusters.iter().map(|c| (c.name.clone(), c.weight.unwrap().value)).collect();
-        assert_eq!(weights, [("web:latest".to_string(), 3), ("old".to_string(), 1)]);
+        let weights: Vec<_> = w
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), c.weight.unwrap().value))
+            .collect();
+        assert_eq!(
+            weights,
+            [("web:latest".to_string(), 3), ("old".to_string(), 1)]
+        );
         let l: listener::Listener = decode(&s.of(Kind::Listener).items["greet"]);
         let m = hcm::HttpConnectionManager::decode(
-            l.api_listener.unwrap().api_listener.unwrap().value.as_slice(),
+            l.api_listener
+                .unwrap()
+                .api_listener
+                .unwrap()
+                .value
+                .as_slice(),
         )
         .unwrap();
-        assert!(matches!(m.route_specifier, Some(hcm::http_connection_manager::RouteSpecifier::Rds(ref r)) if r.route_config_name == ROUTE_CONFIG));
+        assert!(
+            matches!(m.route_specifier, Some(hcm::http_connection_manager::RouteSpecifier::Rds(ref r)) if r.route_config_name == ROUTE_CONFIG)
+        );
     }
 
     #[test]
     fn versions_follow_content_only() {
         let routes = vec![("a".to_string(), spec("/", None, &[("x", 1)]))];
         let one = vec![inst("x", "x_1", "127.0.0.1:1", true)];
-        let two = vec![inst("x", "x_1", "127.0.0.1:1", true), inst("x", "x_2", "127.0.0.1:2", true)];
+        let two = vec![
+            inst("x", "x_1", "127.0.0.1:1", true),
+            inst("x", "x_2", "127.0.0.1:2", true),
+        ];
         let s1 = build("default", &routes, &one);
-        assert_eq!(s1, build("default", &routes, &one), "same input, same versions");
+        assert_eq!(
+            s1,
+            build("default", &routes, &one),
+            "same input, same versions"
+        );
         let s2 = build("default", &routes, &two);
         for k in [Kind::Listener, Kind::Route, Kind::Cluster] {
             assert_eq!(s1.of(k).version, s2.of(k).version, "{k:?} unchanged");
@@ -515,7 +558,12 @@ mod tests {
         let routes = vec![("a".to_string(), spec("/", None, &[("x", 1), ("y", 0)]))];
         let s3 = build("default", &routes, &two);
         let rc: route::RouteConfiguration = decode(&s3.of(Kind::Route).items[ROUTE_CONFIG]);
-        let Some(route::route::Action::Route(a)) = &rc.virtual_hosts[0].routes[0].action else { panic!() };
-        assert_eq!(a.cluster_specifier, Some(route::route_action::ClusterSpecifier::Cluster("x".into())));
+        let Some(route::route::Action::Route(a)) = &rc.virtual_hosts[0].routes[0].action else {
+            panic!()
+        };
+        assert_eq!(
+            a.cluster_specifier,
+            Some(route::route_action::ClusterSpecifier::Cluster("x".into()))
+        );
     }
 }

@@ -145,7 +145,9 @@ async fn sotw_versions_nonces_ack_and_nack() {
         .await
         .unwrap();
     // EDS for one cluster.
-    tx.send(req(Kind::Endpoint, &["echo"], "", "")).await.unwrap();
+    tx.send(req(Kind::Endpoint, &["echo"], "", ""))
+        .await
+        .unwrap();
     let e1 = next(&mut s).await;
     assert_eq!(e1.type_url, Kind::Endpoint.url());
     // NACK it: nothing is resent while the snapshot stays.

@@ -25,7 +25,7 @@ pub mod client;
 pub mod endpoint;
 pub mod kv;
 pub mod link;
-pub mod route;
 pub mod node;
+pub mod route;
 
 pub use node::{HeartbeatStream, LinkStatus, Reeve, ReeveConfig, Target, WatchStream};
