@@ -399,6 +399,9 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// Per name, the version sent (None: removed).
+type Sent = Vec<(String, Option<String>)>;
+
 /// What a delta stream keeps per type.
 #[derive(Default)]
 struct Delta {
@@ -408,7 +411,7 @@ struct Delta {
     /// What the proxy has: name → version.
     known: HashMap<String, String>,
     /// The response waiting for its ACK: nonce, and per name the version sent (None: removed).
-    inflight: Option<(String, Vec<(String, Option<String>)>)>,
+    inflight: Option<(String, Sent)>,
     /// Versions the proxy rejected: not sent again.
     rejected: HashMap<String, String>,
     responded: bool,

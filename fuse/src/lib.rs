@@ -71,16 +71,16 @@ pub fn start(ctx: Context) -> Service {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let addr = ctx.listener.as_ref().and_then(|l| l.local_addr().ok());
     ctx.board.set_addr(addr);
-    let controller = controller(
-        ctx.store.clone(),
-        ctx.reeve.clone(),
-        ctx.horde.clone(),
+    let controller = controller(Controller {
+        store: ctx.store.clone(),
+        reeve: ctx.reeve.clone(),
+        horde: ctx.horde.clone(),
         tx,
         ready,
         addr,
-        ctx.board.clone(),
-        ctx.stop.clone(),
-    );
+        board: ctx.board.clone(),
+        stop: ctx.stop.clone(),
+    });
     let mut service = service.task("controller", controller);
     if let Some(listener) = ctx.listener {
         let ads = Ads::new(rx, ctx.board.clone(), ctx.ads.clone(), ctx.stop.clone());
@@ -133,7 +133,8 @@ fn apply(routes: &mut BTreeMap<String, route::RouteSpec>, e: WatchEvent) {
     }
 }
 
-async fn controller(
+/// What the controller task owns.
+struct Controller {
     store: crux_store::Store,
     reeve: Arc<crux_reeve::Reeve>,
     horde: String,
@@ -142,7 +143,19 @@ async fn controller(
     addr: Option<SocketAddr>,
     board: Arc<Board>,
     stop: CancellationToken,
-) {
+}
+
+async fn controller(c: Controller) {
+    let Controller {
+        store,
+        reeve,
+        horde,
+        tx,
+        ready,
+        addr,
+        board,
+        stop,
+    } = c;
     let filter = Filter {
         rtype: registry::ROUTE.name.into(),
         horde: horde.clone(),

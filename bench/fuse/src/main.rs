@@ -22,7 +22,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use crux_fuse::ads::{Ads, AdsConfig, Board};
 use crux_fuse::route::{parse_target, RouteSpec};
-use crux_fuse::snapshot::{build, Kind, Snapshot, ROUTE_CONFIG};
+use crux_fuse::snapshot::{build, Kind, ROUTE_CONFIG};
 use crux_proto::grpc::steward::v1::{Health, Instance, RunState};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -351,7 +351,7 @@ async fn main() -> anyhow::Result<()> {
     let mut removed: Option<Instance> = None;
     let mut worst = Duration::ZERO;
     let mut total = Duration::ZERO;
-    for round in 1..=5 {
+    for _ in 0..5 {
         // One instance leaves the registry (odd rounds) and comes back (even rounds).
         let t = now();
         match removed.take() {
