@@ -166,6 +166,8 @@ async fn controller(c: Controller) {
     let mut changes = reeve.replica_changes();
     let mut routes: BTreeMap<String, route::RouteSpec> = BTreeMap::new();
     let mut listed = false;
+    // The routes changed since the last build (else only the endpoints are built again).
+    let mut routes_changed = true;
     let mut announced = false;
     let mut resync = tokio::time::interval(RESYNC);
     loop {
@@ -179,6 +181,7 @@ async fn controller(c: Controller) {
                         apply(&mut routes, e);
                     }
                     listed = true;
+                    routes_changed = true;
                 }
                 None => {
                     warn!("fuse: the store's route watch ended; watching again");
@@ -201,7 +204,12 @@ async fn controller(c: Controller) {
         let instances = reeve.services(&rpb::ServicesRequest::default()).instances;
         let list: Vec<(String, route::RouteSpec)> =
             routes.iter().map(|(n, s)| (n.clone(), s.clone())).collect();
-        let snap = snapshot::build(&horde, &list, &instances);
+        let snap = if routes_changed {
+            snapshot::build(&horde, &list, &instances)
+        } else {
+            snapshot::endpoints_only(&tx.borrow(), &horde, &list, &instances)
+        };
+        routes_changed = false;
         let changed = tx.send_if_modified(|old| {
             if **old == snap {
                 false

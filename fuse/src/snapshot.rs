@@ -104,13 +104,25 @@ pub struct TypeSnap {
     pub items: BTreeMap<String, Arc<Res>>,
 }
 
-/// Everything ADS serves, at one moment.
-#[derive(Debug, Default, PartialEq)]
+/// Everything ADS serves, at one moment. Two snapshots are equal when their type versions (and
+/// problems) are: versions are content hashes.
+#[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Per [`Kind::index`].
-    pub types: [TypeSnap; 4],
+    /// Per [`Kind::index`] (shared with the next snapshot when unchanged).
+    pub types: [Arc<TypeSnap>; 4],
     /// What could not be served and why.
     pub problems: Vec<String>,
+}
+
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Snapshot) -> bool {
+        self.problems == other.problems
+            && self
+                .types
+                .iter()
+                .zip(other.types.iter())
+                .all(|(a, b)| a.version == b.version)
+    }
 }
 
 impl Snapshot {
@@ -343,8 +355,6 @@ pub fn endpoints(horde: &str, t: &Target, instances: &[Instance]) -> Vec<SocketA
 pub fn build(horde: &str, routes: &[(String, RouteSpec)], instances: &[Instance]) -> Snapshot {
     let mut listeners = BTreeMap::new();
     let mut clusters = BTreeMap::new();
-    let mut assignments = BTreeMap::new();
-    let mut problems = Vec::new();
     // Virtual hosts: by host ("" for any), routes longest prefix first, then by name.
     let mut hosts: BTreeMap<&str, Vec<(&String, &RouteSpec)>> = BTreeMap::new();
     let mut targets: BTreeMap<String, &Target> = BTreeMap::new();
@@ -363,14 +373,10 @@ pub fn build(horde: &str, routes: &[(String, RouteSpec)], instances: &[Instance]
             targets.entry(cluster_name(horde, t)).or_insert(t);
         }
     }
-    for (cname, t) in &targets {
+    for cname in targets.keys() {
         clusters.insert(cname.clone(), res(&eds_cluster(cname)));
-        let addrs = endpoints(horde, t, instances);
-        if addrs.is_empty() {
-            problems.push(format!("cluster {cname}: no live instance"));
-        }
-        assignments.insert(cname.clone(), res(&load_assignment(cname, &addrs)));
     }
+    let (assignments, problems) = assignments(&targets, horde, instances);
     let mut vhosts = Vec::new();
     for (host, mut rs) in hosts {
         rs.sort_by(|a, b| {
@@ -410,10 +416,57 @@ pub fn build(horde: &str, routes: &[(String, RouteSpec)], instances: &[Instance]
     }
     Snapshot {
         types: [
-            type_snap(listeners),
-            type_snap(route_configs),
-            type_snap(clusters),
-            type_snap(assignments),
+            Arc::new(type_snap(listeners)),
+            Arc::new(type_snap(route_configs)),
+            Arc::new(type_snap(clusters)),
+            Arc::new(assignments),
+        ],
+        problems,
+    }
+}
+
+fn targets<'a>(horde: &str, routes: &'a [(String, RouteSpec)]) -> BTreeMap<String, &'a Target> {
+    let mut targets = BTreeMap::new();
+    for (_, spec) in routes {
+        for t in &spec.to {
+            targets.entry(cluster_name(horde, t)).or_insert(t);
+        }
+    }
+    targets
+}
+
+fn assignments(
+    targets: &BTreeMap<String, &Target>,
+    horde: &str,
+    instances: &[Instance],
+) -> (TypeSnap, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut out = BTreeMap::new();
+    for (cname, t) in targets {
+        let addrs = endpoints(horde, t, instances);
+        if addrs.is_empty() {
+            problems.push(format!("cluster {cname}: no live instance"));
+        }
+        out.insert(cname.clone(), res(&load_assignment(cname, &addrs)));
+    }
+    (type_snap(out), problems)
+}
+
+/// [`build`] when only the registry changed since `prev` (built from the same `routes`): LDS,
+/// RDS and CDS are `prev`'s, only the endpoints are made again.
+pub fn endpoints_only(
+    prev: &Snapshot,
+    horde: &str,
+    routes: &[(String, RouteSpec)],
+    instances: &[Instance],
+) -> Snapshot {
+    let (eds, problems) = assignments(&targets(horde, routes), horde, instances);
+    Snapshot {
+        types: [
+            prev.types[0].clone(),
+            prev.types[1].clone(),
+            prev.types[2].clone(),
+            Arc::new(eds),
         ],
         problems,
     }
@@ -554,6 +607,12 @@ mod tests {
             assert_eq!(s1.of(k).version, s2.of(k).version, "{k:?} unchanged");
         }
         assert_ne!(s1.of(Kind::Endpoint).version, s2.of(Kind::Endpoint).version);
+        let again = endpoints_only(&s1, "default", &routes, &two);
+        assert_eq!(
+            again, s2,
+            "an endpoints-only rebuild gives what a full one does"
+        );
+        assert!(Arc::ptr_eq(&again.types[0], &s1.types[0]), "LDS shared");
         // A zero weight drops the target from the route but keeps its cluster.
         let routes = vec![("a".to_string(), spec("/", None, &[("x", 1), ("y", 0)]))];
         let s3 = build("default", &routes, &two);

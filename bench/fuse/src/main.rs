@@ -10,6 +10,45 @@
 //!   the new EDS, and the server's resident memory per stream.
 //!
 //! Run: `cargo run --release -p crux-bench-fuse -- [--streams 100]`.
+//!
+//! Memory is given two ways: resident (RSS, which keeps what the allocator freed but did not
+//! return) and live heap (bytes allocated and not freed, counted by the allocator below).
+
+// The counting allocator wraps the system one; nothing else here is unsafe.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed to `System` unchanged; only the byte count is kept beside it.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            LIVE.fetch_add(new, Ordering::Relaxed);
+            LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -22,7 +61,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use crux_fuse::ads::{Ads, AdsConfig, Board};
 use crux_fuse::route::{parse_target, RouteSpec};
-use crux_fuse::snapshot::{build, Kind, ROUTE_CONFIG};
+use crux_fuse::snapshot::{build, endpoints_only, Kind, ROUTE_CONFIG};
 use crux_proto::grpc::steward::v1::{Health, Instance, RunState};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -316,6 +355,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before = rss_bytes();
+    let live_before = LIVE.load(Ordering::Relaxed);
     let mut child = Command::new(std::env::current_exe()?)
         .args(["--clients-of", &addr.to_string()])
         .args(["--streams", &args.streams.to_string()])
@@ -342,11 +382,18 @@ async fn main() -> anyhow::Result<()> {
         t.elapsed()
     );
     let after = rss_bytes();
+    let live_after = LIVE.load(Ordering::Relaxed);
     println!(
         "server memory: {} MiB before the streams, {} MiB with them: {} KiB per stream",
         before >> 20,
         after >> 20,
         (after.saturating_sub(before) / args.streams as u64) >> 10
+    );
+    println!(
+        "server live heap: {} MiB before the streams, {} MiB with them: {} KiB per stream",
+        live_before >> 20,
+        live_after >> 20,
+        (live_after.saturating_sub(live_before) / args.streams) >> 10
     );
     let mut removed: Option<Instance> = None;
     let mut worst = Duration::ZERO;
@@ -358,7 +405,7 @@ async fn main() -> anyhow::Result<()> {
             None => removed = Some(insts.remove(1)),
             Some(i) => insts.insert(1, i),
         }
-        let snap = build("default", &routes, &insts);
+        let snap = endpoints_only(&tx.borrow(), "default", &routes, &insts);
         let rebuilt = t.elapsed();
         let _ = tx.send(Arc::new(snap));
         let line = lines.recv().await.context("the clients ended")?;
