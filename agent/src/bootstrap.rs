@@ -645,7 +645,7 @@ mod tests {
         let names: Vec<_> = TABLE.iter().map(|s| s.name).collect();
         assert_eq!(
             names,
-            ["flock", "reeve", "steward", "store", "picket", "proctor", "pastiche"]
+            ["flock", "reeve", "steward", "store", "picket", "proctor", "pastiche", "fuse"]
         );
     }
 
