@@ -2,7 +2,8 @@
 # Test set-up: installs the real components the tests run, each where its toolchain exists: the
 # Debian tools (system_tools below), cargo-deb, and the gRPC clients of the conformance test
 # (issue 24), those into this checkout only:
-#   * Python: grpcio, grpcio-tools, grpcio-reflection and dnspython from PyPI into .dev/venv
+#   * Python: grpcio, grpcio-tools, grpcio-reflection, dnspython and xds-protos (the xDS test,
+#     agent/tests/xds.rs) from PyPI into .dev/venv
 #     (examples/python/requirements.txt);
 #   * Node: @grpc/grpc-js, @grpc/proto-loader from npm into examples/node/node_modules;
 #   * Debian's chromium, the headless browser the live page's test (agent/tests/ui.rs) drives.

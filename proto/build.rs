@@ -17,6 +17,7 @@ fn grpc() {
         "proto/crux/proctor/v1/proctor.proto",
         "proto/crux/kv/v1/kv.proto",
         "proto/crux/catalyst/v1/catalyst.proto",
+        "proto/crux/fuse/v1/fuse.proto",
     ];
     for f in FILES {
         println!("cargo:rerun-if-changed={f}");

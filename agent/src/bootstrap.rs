@@ -11,6 +11,7 @@
 //! | 6 | proctor  | store, picket   | the dean runs; the proctor runs on the leader         |
 //! | 7 | pastiche | steward, picket | holdings announced; the built-in pastiche1 runs       |
 //! | 8 | catalyst | reeve           | topics open (standalone) or NATS connected             |
+//! | 9 | fuse     | store           | the routes are read; ADS serves on `fuse.ads_bind`    |
 //!
 //! The order is the seed's (`002_…`, "Bootstrapping"): flocking, the heartbeater and the reeve
 //! (with the steward), picket, then the proctor, through which the built-ins such as pastiche
@@ -72,7 +73,7 @@ type StepFn = for<'a> fn(&'a mut Boot) -> StepFuture<'a>;
 type StepFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Option<String>>> + Send + 'a>>;
 
 /// How many steps the table has.
-const STEP_COUNT: usize = 8;
+const STEP_COUNT: usize = 9;
 
 /// The table, in the order the steps run.
 pub const TABLE: [StepDef; STEP_COUNT] = [
@@ -124,6 +125,12 @@ pub const TABLE: [StepDef; STEP_COUNT] = [
         after: &["reeve"],
         ready_when: "its topics are open (standalone) or its NATS server is connected",
         run: |b| Box::pin(crate::catalyst::step(b, "catalyst")),
+    },
+    StepDef {
+        name: "fuse",
+        after: &["store"],
+        ready_when: "the routes are read from the store; ADS serves (when fuse.enabled)",
+        run: |b| Box::pin(crate::fuse::step(b)),
     },
 ];
 
@@ -200,7 +207,7 @@ impl Boot {
     }
 
     /// The token a task of `step` watches: cancelled when shutdown reaches that step.
-    fn token(&mut self, step: &'static str) -> CancellationToken {
+    pub(crate) fn token(&mut self, step: &'static str) -> CancellationToken {
         self.tasks.token(step)
     }
 
@@ -656,7 +663,10 @@ mod tests {
         let names: Vec<_> = TABLE.iter().map(|s| s.name).collect();
         assert_eq!(
             names,
-            ["flock", "reeve", "steward", "store", "picket", "proctor", "pastiche", "catalyst"]
+            [
+                "flock", "reeve", "steward", "store", "picket", "proctor", "pastiche", "catalyst",
+                "fuse"
+            ]
         );
     }
 

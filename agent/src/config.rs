@@ -447,6 +447,8 @@ pub struct RawConfig {
     pub dns: DnsSection,
     /// Catalyst (durable topics).
     pub catalyst: crate::catalyst::CatalystSection,
+    /// Fuse: routes served as xDS.
+    pub fuse: crate::fuse::FuseSection,
 }
 
 impl Default for RawConfig {
@@ -477,6 +479,7 @@ impl Default for RawConfig {
             picket: PicketSection::default(),
             dns: DnsSection::default(),
             catalyst: Default::default(),
+            fuse: crate::fuse::FuseSection::default(),
         }
     }
 }
@@ -596,6 +599,8 @@ pub struct Settings {
     pub dns: Option<crux_dns::DnsConfig>,
     /// Catalyst's backend.
     pub catalyst: crux_catalyst::Backend,
+    /// Fuse settings.
+    pub fuse: crate::fuse::FuseSettings,
 }
 
 impl RawConfig {
@@ -951,6 +956,7 @@ impl RawConfig {
             store_partition_file: self.store.partition_file_for_tests.clone(),
             dns: self.dns.check()?,
             catalyst: self.catalyst.check(&self.data_dir)?,
+            fuse: self.fuse.check()?,
         })
     }
 

@@ -159,6 +159,11 @@ pub fn node_config(
             bind: SocketAddr::new(node_ip(k), 8600).to_string(),
             ..Default::default()
         },
+        // ADS on the node's own IP, at the usual port.
+        fuse: crate::fuse::FuseSection {
+            ads_bind: SocketAddr::new(node_ip(k), 7703).to_string(),
+            ..Default::default()
+        },
         ..RawConfig::default()
     }
 }

@@ -28,6 +28,7 @@ mod client;
 mod config;
 mod dev;
 mod dns;
+mod fuse;
 mod http;
 mod identity;
 mod keys;
@@ -37,6 +38,7 @@ mod metrics;
 mod pastiche;
 mod placement;
 mod register;
+mod route_cli;
 mod rpc;
 mod sim_cmd;
 mod state;
@@ -178,6 +180,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: topic_cli::TopicCmd,
     },
+    /// Fuse routes served to proxies as xDS: add, ls, rm, proxies.
+    Route {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(flatten)]
+        wait: client::WaitArg,
+        #[command(subcommand)]
+        cmd: route_cli::RouteCmd,
+    },
     /// The durable store (Raft among the voters the flock picks): status, recover.
     Store {
         #[command(flatten)]
@@ -277,6 +288,9 @@ fn main() -> ExitCode {
         }
         Cmd::Topic { socket, wait, cmd } => {
             client::block_on_code(topic_cli::run(&socket.socket, wait.wait, cmd))
+        }
+        Cmd::Route { socket, wait, cmd } => {
+            client::block_on_code(route_cli::run(&socket.socket, wait.wait, cmd))
         }
         Cmd::Pastiche { socket, cmd } => client::block_on_code(pastiche::run(&socket.socket, cmd)),
         Cmd::Proctor { socket, wait, cmd } => {

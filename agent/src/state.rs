@@ -53,6 +53,8 @@ pub struct AgentState {
     pub reeve: Arc<crux_reeve::Reeve>,
     /// The durable store (Raft).
     pub store: crux_store::Store,
+    /// Fuse's ADS address, proxies and snapshot (for `crux route proxies`).
+    pub fuse: Arc<crux_fuse::Board>,
     /// This node's pastiche store.
     pub pastiche: crux_pastiche::store::Store,
     /// This node's end of the node plane.
@@ -117,6 +119,7 @@ impl AgentState {
             transport,
             local: crux_local::Stats::default(),
             dns: Arc::default(),
+            fuse: Arc::default(),
             started,
             steps: Mutex::new(steps),
             bootstrapped: AtomicBool::new(false),

@@ -336,7 +336,7 @@ fn sd_notify_ready_then_stopping() {
     // Per step: every row of the bootstrap table serves.
     let verbose = http_get(c.agent(1).http, "/ready?verbose").unwrap();
     for step in [
-        "flock", "reeve", "steward", "store", "picket", "proctor", "pastiche", "catalyst",
+        "flock", "reeve", "steward", "store", "picket", "proctor", "pastiche", "catalyst", "fuse",
     ] {
         assert!(
             verbose.contains(&format!("  {step:<8} ready    for ")),

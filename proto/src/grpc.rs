@@ -9,6 +9,7 @@
 //! * [`proctor::v1`]: placement: dean sync, proctor status, and the local placement API.
 //! * [`kv::v1`]: Blueprint K/V on the local socket.
 //! * [`catalyst::v1`]: Catalyst durable topics on the local socket.
+//! * [`fuse::v1`]: Fuse routes on the local socket.
 #![cfg(feature = "grpc")]
 
 /// Every file of `proto/crux/**` (and what they import) as an encoded
@@ -86,5 +87,14 @@ pub mod catalyst {
     pub mod v1 {
         #![allow(missing_docs, clippy::all, clippy::pedantic)]
         tonic::include_proto!("crux.catalyst.v1");
+    }
+}
+
+/// The Fuse routes API (routes served to proxies as xDS).
+pub mod fuse {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("crux.fuse.v1");
     }
 }

@@ -26,5 +26,6 @@ pub mod endpoint;
 pub mod kv;
 pub mod link;
 pub mod node;
+pub mod route;
 
 pub use node::{HeartbeatStream, LinkStatus, Reeve, ReeveConfig, Target, WatchStream};

@@ -210,6 +210,12 @@ impl Reeve {
         self.lock().replica.iter().cloned().collect()
     }
 
+    /// The replica's changes as they are committed (Fuse rebuilds its xDS snapshot on each;
+    /// a lagging receiver re-reads [`Reeve::replica`]).
+    pub fn replica_changes(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.lock().replica.subscribe()
+    }
+
     /// Instances in the replica.
     pub fn replica_len(&self) -> usize {
         self.lock().replica.len()

@@ -63,6 +63,8 @@ pub struct Agent {
     pub grpc: SocketAddr,
     /// DNS address (UDP and TCP): its own free port on the agent's IP.
     pub dns: SocketAddr,
+    /// Fuse's ADS address (gRPC): its own free port on the agent's IP.
+    pub ads: SocketAddr,
     child: Option<Child>,
 }
 
@@ -202,10 +204,18 @@ impl Cluster {
                         .expect("a free port")
                 };
                 let dns = SocketAddr::new(ips[k - 1], dns_port);
+                let ads_port = if netns.is_some() {
+                    7703
+                } else {
+                    std::iter::repeat_with(|| free_tcp_port(ips[k - 1]))
+                        .find(|p| ![addr.port(), grpc.port(), http.port(), dns_port].contains(p))
+                        .expect("a free port")
+                };
+                let ads = SocketAddr::new(ips[k - 1], ads_port);
                 let config = format!(
                     "bloc = {bloc:?}\ndata_dir = {data:?}\nbind = \"{addr}\"\nspace = [\"{space}\"]\n\
                      preset = \"{preset}\"\nsocket = {socket:?}\ngrpc_port = {grpc}\n\
-                     http_port = {http_port}\ndns.bind = \"{dns}\"\n\
+                     http_port = {http_port}\ndns.bind = \"{dns}\"\nfuse.ads_bind = \"{ads}\"\n\
                      log_level = \"info,crux_flock=debug\"\n",
                     data = node_dir.display().to_string(),
                     socket = socket.display().to_string(),
@@ -214,7 +224,7 @@ impl Cluster {
                 );
                 std::fs::write(node_dir.join("crux.toml"), config).expect("write config");
                 write_keyring(&node_dir.join("keyring"), &key);
-                Agent { k, addr, dir: node_dir, socket, http, grpc, dns, child: None }
+                Agent { k, addr, dir: node_dir, socket, http, grpc, dns, ads, child: None }
             })
             .collect();
         Cluster {

@@ -41,9 +41,10 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// The services of the local socket, as reflection lists them and health answers for them.
-pub const SERVICES: [&str; 5] = [
+pub const SERVICES: [&str; 6] = [
     pb::reeve_server::SERVICE_NAME,
     crux_proto::grpc::kv::v1::kv_server::SERVICE_NAME,
+    crux_proto::grpc::fuse::v1::routes_server::SERVICE_NAME,
     crux_proto::grpc::pastiche::v1::cache_server::SERVICE_NAME,
     crux_proto::grpc::proctor::v1::placement_server::SERVICE_NAME,
     crux_proto::grpc::catalyst::v1::catalyst_server::SERVICE_NAME,
@@ -81,6 +82,11 @@ pub async fn serve(
             state: state.clone(),
         }))
         .add_service(crate::kv::KvService::server(state.store.clone()))
+        .add_service(crux_fuse::api::RoutesService::server(
+            state.store.clone(),
+            state.reeve.clone(),
+            state.fuse.clone(),
+        ))
         .add_service(cache.into_server())
         .add_service(crate::placement::Later::new(placement.clone()).into_server())
         .add_service(crux_catalyst::grpc::CatalystService::server(catalyst))

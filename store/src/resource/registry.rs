@@ -11,6 +11,7 @@
 //! | operations per transaction | ≤ 64 | Consul's transaction limit |
 //! | bytes of values (specs) per transaction | ≤ 512 KiB (names add at most 64 × 512 B) | Consul's `txn_max_req_len`; one Raft entry stays well under the node plane's 16 MiB message limit |
 //! | horde | 1–64 bytes of `a-z 0-9 - _ .` | as registry hordes |
+//! | `route` name / spec | ≤ 128 bytes / ≤ 16 KiB (Fuse checks them further) | an xDS target name; a route is small |
 //!
 //! The `kv` names starting with `crux/` are reserved for the system (intents, placement, keys):
 //! writing them needs the `system` flag; a delete by prefix without it spares them.
@@ -42,8 +43,18 @@ pub const KV: TypeSpec = TypeSpec {
     noun: "key",
 };
 
+/// The route type (Fuse): a route's name (also its xDS target name) and its spec, JSON that
+/// `crux_fuse::route` writes and checks.
+pub const ROUTE: TypeSpec = TypeSpec {
+    name: "route",
+    name_bytes_max: 128,
+    spec_bytes_max: 16 << 10,
+    reserved_prefix: None,
+    noun: "route",
+};
+
 /// Every type the store knows.
-pub const TYPES: &[TypeSpec] = &[KV];
+pub const TYPES: &[TypeSpec] = &[KV, ROUTE];
 
 /// The most operations in one transaction.
 pub const TXN_OPS_MAX: usize = 64;
