@@ -145,6 +145,8 @@ pub struct Boot {
     pub pastiche: crux_pastiche::store::Store,
     /// The runner of plugins, once step picket opened it.
     pub picket: Option<crux_picket::runner::Picket>,
+    /// SIGHUP, caught since the start; step reeve starts reloading on it.
+    pub hup: Option<tokio::signal::unix::Signal>,
     made: Made,
 }
 
@@ -185,6 +187,7 @@ impl Boot {
             grpc: Some(grpc),
             pastiche,
             picket: None,
+            hup: None,
             made: Made::default(),
         }
     }
@@ -292,7 +295,7 @@ async fn reeve(b: &mut Boot) -> anyhow::Result<Option<String>> {
         crux_pastiche::cache::CacheService::new(b.pastiche.clone(), puller.clone(), reeve.clone());
     let listener = crate::rpc::bind(&b.settings.socket).await?;
     let (placement_tx, placement_rx) = watch::channel(None);
-    let local = crate::rpc::serve(listener, b.state.clone(), cache, placement_rx, stop);
+    let local = crate::rpc::serve(listener, b.state.clone(), cache, placement_rx, stop.clone());
     b.tasks.spawn("reeve", "local API", async move {
         if let Err(e) = local.await {
             warn!(error = %e, "local API server ended");
@@ -301,6 +304,18 @@ async fn reeve(b: &mut Boot) -> anyhow::Result<Option<String>> {
     b.made.puller = Some(puller);
     b.made.placement = Some(placement_tx);
     crate::dns::start(b, "reeve").await;
+    b.tasks.spawn(
+        "reeve",
+        "log filter reverts",
+        b.state.ops.logs().clone().run_reverts(stop.clone()),
+    );
+    if let Some(hup) = b.hup.take() {
+        b.tasks.spawn(
+            "reeve",
+            "reload on SIGHUP",
+            crate::ops::on_sighup(hup, b.state.ops.clone(), stop.clone()),
+        );
+    }
     Ok(Some(format!(
         "local API on {} (mode 0660); registry replica and steward link running, heartbeat \
          interval {:?}",
@@ -434,7 +449,10 @@ async fn proctor(b: &mut Boot) -> anyhow::Result<Option<String>> {
     let started = crux_placement::start(crux_placement::Placement {
         dean: crux_placement::DeanParts {
             node: b.handle.snapshot().identity.id.to_string(),
-            attributes: crux_placement::dean::attributes(netid.ip(), &settings.node_attributes),
+            attributes: crux_placement::dean::attributes(
+                netid.ip(),
+                &b.state.ops.config_attributes(),
+            ),
             picket,
             pastiche: b.pastiche.clone(),
             puller,
@@ -462,6 +480,7 @@ async fn proctor(b: &mut Boot) -> anyhow::Result<Option<String>> {
         status_rx,
         builtins_rx,
     );
+    b.state.ops.set_dean(started.dean.clone());
     if let Some(d) = &b.made.dean {
         d.send_replace(Some(started.dean));
     }

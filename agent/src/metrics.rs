@@ -50,6 +50,19 @@ pub fn render(state: &AgentState) -> String {
         "1 while every bootstrap step serves (the store takes writes).",
         u8::from(state.is_ready()),
     );
+    let logs = state.ops.logs();
+    o.one(
+        "crux_log_watchers",
+        "gauge",
+        "Log watchers connected (`crux monitor`, `crux debug`).",
+        logs.watchers(),
+    );
+    o.one(
+        "crux_log_lines_dropped_total",
+        "counter",
+        "Log lines not sent to a watcher that read too slowly (it was told how many).",
+        logs.dropped_total(),
+    );
     o.family(
         "crux_node_plane_rejected_total",
         "counter",

@@ -61,6 +61,8 @@ pub struct AgentState {
     pub local: crux_local::Stats,
     /// The DNS server's counters (`crux_dns_*`).
     pub dns: Arc<crux_dns::Stats>,
+    /// Reload, the log controls, debug info (README "Operating a running agent").
+    pub ops: Arc<crate::ops::Ops>,
     started: Instant,
     steps: Mutex<Vec<Kept>>,
     bootstrapped: AtomicBool,
@@ -90,6 +92,7 @@ impl AgentState {
         store: crux_store::Store,
         pastiche: crux_pastiche::store::Store,
         transport: crux_transport::Transport,
+        ops: Arc<crate::ops::Ops>,
         started: Instant,
         table: &[(&'static str, &'static [&'static str])],
     ) -> Arc<AgentState> {
@@ -117,6 +120,7 @@ impl AgentState {
             transport,
             local: crux_local::Stats::default(),
             dns: Arc::default(),
+            ops,
             started,
             steps: Mutex::new(steps),
             bootstrapped: AtomicBool::new(false),
