@@ -198,9 +198,9 @@ pub fn parse_level(text: &str) -> Result<LevelFilter, String> {
     if text.trim().is_empty() {
         return Ok(LevelFilter::INFO);
     }
-    text.trim().parse::<LevelFilter>().map_err(|_| {
-        format!("{text:?} is not a level: use error, warn, info, debug, trace or off")
-    })
+    text.trim()
+        .parse::<LevelFilter>()
+        .map_err(|_| format!("{text:?} is not a level: use error, warn, info, debug, trace or off"))
 }
 
 fn rank(level: LevelFilter) -> u8 {
@@ -481,9 +481,7 @@ impl tracing::field::Visit for LineVisitor {
 pub fn format_line(l: &pb::LogLine) -> String {
     let mut out = format!(
         "{} {:>5} {}: {}",
-        humantime::format_rfc3339_millis(
-            std::time::UNIX_EPOCH + Duration::from_millis(l.unix_ms)
-        ),
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(l.unix_ms)),
         l.level,
         l.target,
         l.message
@@ -544,13 +542,19 @@ mod tests {
             got.push(l);
         }
         assert_eq!(got.len(), WATCHER_LINES_MAX);
-        assert_eq!(got.last().unwrap().message, format!("line {}", WATCHER_LINES_MAX - 1));
+        assert_eq!(
+            got.last().unwrap().message,
+            format!("line {}", WATCHER_LINES_MAX - 1)
+        );
         // With room again, the next line is preceded by the count of those missed.
         hub.publish(&Level::INFO, || meta_line(total));
         let marker = stream.rx.try_recv().unwrap();
         assert_eq!(marker.dropped, 500);
         assert_eq!(marker.message, "500 lines dropped");
-        assert_eq!(stream.rx.try_recv().unwrap().message, format!("line {total}"));
+        assert_eq!(
+            stream.rx.try_recv().unwrap().message,
+            format!("line {total}")
+        );
     }
 
     #[test]

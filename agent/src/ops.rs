@@ -100,14 +100,22 @@ impl Ops {
         *self.dns.lock().expect("dns lock") = Some(tx);
     }
 
-    /// This node's attributes as placement sees them (empty before step proctor).
+    /// This node's attributes as placement sees them (empty before step proctor), the values
+    /// of secret-looking names (`db_password`) redacted.
     pub fn node_attributes(&self) -> BTreeMap<String, String> {
-        self.dean
+        let mut a = self
+            .dean
             .lock()
             .expect("dean lock")
             .as_ref()
             .map(|d| d.attributes())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        for (k, v) in a.iter_mut() {
+            if is_secret(k) {
+                *v = "\"<redacted>\"".into();
+            }
+        }
+        a
     }
 
     /// The config attributes in force (`[node.attributes]`, before the built-ins).
@@ -156,9 +164,11 @@ impl Ops {
         if live.iter().any(|f| f.starts_with("dns.")) {
             let tx = self.dns.lock().expect("dns lock").clone();
             let Some(tx) = tx else {
-                return Err("dns: the DNS server is not started yet (bootstrap step reeve); \
+                return Err(
+                    "dns: the DNS server is not started yet (bootstrap step reeve); \
                             nothing was changed"
-                    .into());
+                        .into(),
+                );
             };
             let (done_tx, done_rx) = oneshot::channel();
             tx.send((checked.dns.clone(), done_tx))
@@ -189,10 +199,10 @@ impl Ops {
             .config_path()
             .map(|p| p.display().to_string())
             .unwrap_or_default();
-        info!(applied = ?live, refused = fixed.len(), config = %path, "config reloaded");
         for r in &refused {
             warn!("reload: {r}");
         }
+        info!(applied = ?live, refused = fixed.len(), config = %path, "config reloaded");
         Ok(pb::ReloadResponse {
             applied: live,
             refused,
@@ -256,9 +266,16 @@ pub fn build_info() -> String {
 fn is_secret(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     n == "keyring"
-        || ["secret", "password", "passwd", "token", "private", "credential"]
-            .iter()
-            .any(|s| n.contains(s))
+        || [
+            "secret",
+            "password",
+            "passwd",
+            "token",
+            "private",
+            "credential",
+        ]
+        .iter()
+        .any(|s| n.contains(s))
 }
 
 /// The config as TOML with secret-looking fields replaced by `"<redacted>"`.

@@ -116,18 +116,27 @@ pub struct DebugArgs {
 /// The files of a bundle and what each holds (written as `index.txt`, the bundle's first file).
 const BUNDLE_FILES: [(&str, &str); 11] = [
     ("index.txt", "this list"),
-    ("version.txt", "the agent's version and build; the CLI's version"),
+    (
+        "version.txt",
+        "the agent's version and build; the CLI's version",
+    ),
     ("status.json", "`crux status --json` at the start"),
     ("members.json", "`crux members --json` at the start"),
     ("leader.json", "`crux leader --json` at the start"),
-    ("store-status.json", "`crux store status --json` at the start"),
+    (
+        "store-status.json",
+        "`crux store status --json` at the start",
+    ),
     (
         "config.toml",
         "the config in force, secrets and the keyring location redacted",
     ),
     ("metrics-start.prom", "the metrics at the start"),
     ("metrics-end.prom", "the metrics at the end"),
-    ("agent.log", "the agent's log at debug level for the duration"),
+    (
+        "agent.log",
+        "the agent's log at debug level for the duration",
+    ),
     ("errors.txt", "what could not be collected, and why"),
 ];
 
@@ -258,7 +267,9 @@ pub async fn debug(socket: &Path, args: &DebugArgs) -> anyhow::Result<i32> {
         .collect();
     files.insert(0, ("index.txt", index.into_bytes()));
     write_bundle(&args.output, &files)?;
-    let bytes = std::fs::metadata(&args.output).map(|m| m.len()).unwrap_or(0);
+    let bytes = std::fs::metadata(&args.output)
+        .map(|m| m.len())
+        .unwrap_or(0);
     println!(
         "wrote {} ({} files, {bytes} bytes)",
         args.output.display(),

@@ -195,8 +195,8 @@ impl Reeve for Service {
         req: Request<pb::MonitorRequest>,
     ) -> Result<Response<Self::MonitorStream>, Status> {
         use futures_util::StreamExt;
-        let level = crate::logs::parse_level(&req.into_inner().level)
-            .map_err(Status::invalid_argument)?;
+        let level =
+            crate::logs::parse_level(&req.into_inner().level).map_err(Status::invalid_argument)?;
         let lines = self
             .state
             .ops
