@@ -126,8 +126,18 @@ struct Running {
 }
 
 fn same(a: &crux_dns::DnsConfig, b: &crux_dns::DnsConfig) -> bool {
-    (a.bind, &a.domain, a.ttl_s, a.rate_per_s, a.burst)
-        == (b.bind, &b.domain, b.ttl_s, b.rate_per_s, b.burst)
+    let key = |c: &crux_dns::DnsConfig| {
+        (
+            c.bind,
+            c.domain.clone(),
+            c.ttl_s,
+            c.rate_per_s,
+            c.burst,
+            c.forward.clone(),
+            c.forward_timeout,
+        )
+    };
+    key(a) == key(b)
 }
 
 impl Supervisor {
@@ -236,6 +246,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(field_of(bad_bind), "dns.bind");
+        let forward = DnsSection {
+            forward: vec!["10.0.0.53".into(), "127.0.0.1:5353".into()],
+            ..Default::default()
+        };
+        let on = forward.check().unwrap().unwrap();
+        assert_eq!(
+            on.forward,
+            vec![
+                "10.0.0.53:53".parse().unwrap(),
+                "127.0.0.1:5353".parse().unwrap()
+            ]
+        );
+        for bad in ["resolver.example", "127.0.0.1:8600"] {
+            let d = DnsSection {
+                forward: vec![bad.into()],
+                ..Default::default()
+            };
+            assert_eq!(field_of(d), "dns.forward", "{bad}");
+        }
+        let d = DnsSection {
+            forward_timeout: Duration::from_secs(60),
+            ..Default::default()
+        };
+        assert_eq!(field_of(d), "dns.forward_timeout");
         for ttl in [Duration::from_millis(1500), Duration::from_secs(3601)] {
             let d = DnsSection {
                 ttl,

@@ -110,6 +110,14 @@ pub fn render(state: &AgentState) -> String {
         o.value("crux_dns_dropped_total", &[("reason", reason)], n);
     }
     o.family(
+        "crux_dns_forwarded_total",
+        "counter",
+        "DNS queries outside the domain forwarded to the upstream resolvers (dns.forward), by result: ok (relayed), failed (no upstream answered: SERVFAIL), busy (too many in flight: dropped).",
+    );
+    for (result, n) in state.dns.forwards() {
+        o.value("crux_dns_forwarded_total", &[("result", result)], n);
+    }
+    o.family(
         "crux_bootstrap_step_seconds",
         "gauge",
         "Time each finished bootstrap step took.",
