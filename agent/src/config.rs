@@ -353,6 +353,11 @@ pub struct DnsSection {
     /// How long each upstream is given to answer a forwarded query.
     #[serde(with = "humantime_serde")]
     pub forward_timeout: Duration,
+    /// UDP queries a second answered per source address (a flood from one source is cut to
+    /// it); 0: no limit (a local caching resolver in front, a benchmark).
+    pub rate_per_s: u32,
+    /// Queries a source may send at once above its rate.
+    pub burst: u32,
 }
 
 impl Default for DnsSection {
@@ -364,6 +369,8 @@ impl Default for DnsSection {
             ttl: Duration::from_secs(crux_dns::DEFAULT_TTL_S.into()),
             forward: Vec::new(),
             forward_timeout: crux_dns::DEFAULT_FORWARD_TIMEOUT,
+            rate_per_s: crux_dns::DEFAULT_RATE_PER_S,
+            burst: crux_dns::DEFAULT_BURST,
         }
     }
 }
@@ -409,13 +416,20 @@ impl DnsSection {
         {
             return err("dns.forward_timeout", "must be between 10ms and 30s");
         }
+        if self.rate_per_s > 0 && self.burst == 0 {
+            return err(
+                "dns.burst",
+                "must be at least 1 while dns.rate_per_s limits",
+            );
+        }
         Ok(Some(crux_dns::DnsConfig {
             bind,
             domain: self.domain.clone(),
             ttl_s,
             forward,
             forward_timeout: self.forward_timeout,
-            ..crux_dns::DnsConfig::default()
+            rate_per_s: self.rate_per_s,
+            burst: self.burst,
         }))
     }
 }
