@@ -136,6 +136,14 @@ impl Ops {
     /// Reads the config again and applies what can change live (see the module doc). `Err`:
     /// the config has an error (or the DNS restart failed) and nothing changed.
     pub async fn reload(&self) -> Result<pb::ReloadResponse, String> {
+        let done = self.reload_once().await;
+        if let Err(e) = &done {
+            warn!("reload refused, nothing changed: {e}");
+        }
+        done
+    }
+
+    async fn reload_once(&self) -> Result<pb::ReloadResponse, String> {
         let _one = self.busy.lock().await;
         let new = RawConfig::load(&self.flags, self.env.clone())
             .and_then(|raw| raw.validate().map(|_| raw))
@@ -239,9 +247,8 @@ pub async fn on_sighup(
             got = hup.recv() => if got.is_none() { return },
         }
         info!("SIGHUP: reloading the config");
-        if let Err(e) = ops.reload().await {
-            warn!("reload refused: {e}");
-        }
+        // The outcome is logged by the reload.
+        let _ = ops.reload().await;
     }
 }
 
