@@ -53,9 +53,9 @@ node_clients() {
 
 # The toolchains themselves, from Debian, where this runs as root with apt-get (CI does): python3
 # with venv, node and npm, chromium (the live page's test), systemd-nspawn (the .deb's test boots
-# a throwaway system with it), dig (dnsutils: the DNS test) and nats-server (Catalyst's NATS
-# pass-through test, agent/tests/catalyst.rs). Elsewhere a missing one is said
-# and its tests skipped.
+# a throwaway system with it), dig (dnsutils: the DNS test), nats-server (Catalyst's NATS
+# pass-through test, agent/tests/catalyst.rs) and dnsperf (bench/dns.sh). Elsewhere a missing one
+# is said and its tests skipped.
 system_tools() {
     local missing=()
     command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null ||
@@ -66,6 +66,7 @@ system_tools() {
     command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
     command -v dig >/dev/null 2>&1 || missing+=(dnsutils)
     command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+    command -v dnsperf >/dev/null 2>&1 || missing+=(dnsperf)
     [ ${#missing[@]} -eq 0 ] && return
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
         echo "dev/setup.sh: cannot install ${missing[*]} (not root, or no apt-get)"

@@ -37,14 +37,22 @@ const READY_LOOK_EVERY: Duration = Duration::from_millis(100);
 /// Runs the agent; returns the process exit code.
 pub fn main(flags: &AgentFlags) -> i32 {
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let settings = match RawConfig::load(flags, env.clone()).and_then(|raw| raw.validate()) {
+    let loaded = RawConfig::load(flags, env.clone())
+        .and_then(|raw| raw.validate().map(|settings| (raw, settings)));
+    let (raw, settings) = match loaded {
         Ok(s) => s,
         Err(e) => {
             report_config_error(&RawConfig::locate(e, flags, &env));
             return EXIT_CONFIG;
         }
     };
-    init_logging(&settings.log_level);
+    let logs = init_logging(&settings.log_level);
+    let started_with = Started {
+        flags: flags.clone(),
+        env,
+        raw,
+        logs,
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -55,7 +63,7 @@ pub fn main(flags: &AgentFlags) -> i32 {
             return 1;
         }
     };
-    match rt.block_on(run(settings)) {
+    match rt.block_on(run(settings, started_with)) {
         Ok(()) => 0,
         Err(e) => {
             // One line on stderr (where the log goes too): what, where, and that it stopped.
@@ -69,17 +77,22 @@ fn report_config_error(e: &ConfigError) {
     eprintln!("crux agent: {e}");
 }
 
-fn init_logging(level: &str) {
+/// The log: `RUST_LOG` when set and valid, else the config's `log_level`; reloadable, with
+/// watchers (`crate::logs`).
+fn init_logging(level: &str) -> std::sync::Arc<crate::logs::Logs> {
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
-    use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .filter(|v| crate::logs::check_filter(v).is_ok())
+        .unwrap_or_else(|| level.to_string());
+    crate::logs::init(&filter)
+}
+
+/// How the agent was started: what a reload reads again, and the log controls.
+struct Started {
+    flags: AgentFlags,
+    env: Vec<(String, String)>,
+    raw: RawConfig,
+    logs: std::sync::Arc<crate::logs::Logs>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch (for the boot id).
@@ -246,10 +259,14 @@ fn resolve_advertise(s: &Settings) -> Result<SocketAddr, ConfigError> {
     }
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
+async fn run(settings: Settings, started_with: Started) -> anyhow::Result<()> {
     let start = now_instant();
     let stop = CancellationToken::new();
     watch_signals(stop.clone())?;
+    // SIGHUP reloads the config (from bootstrap step reeve on); caught from here on so that an
+    // early one does not end the process.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing SIGHUP handler")?;
 
     // ---- step 1: flock -------------------------------------------------------------------
     // Everything that can refuse the start is checked before anything in the data dir is
@@ -387,6 +404,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         target,
     );
+    let ops = std::sync::Arc::new(crate::ops::Ops::new(
+        started_with.flags,
+        started_with.env,
+        started_with.raw,
+        started_with.logs,
+        pastiche_store.clone(),
+        addr.ip(),
+    ));
     let state = AgentState::new(
         handle.clone(),
         settings.clone(),
@@ -395,6 +420,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         store.clone(),
         pastiche_store.clone(),
         transport,
+        ops,
         start,
         &crate::bootstrap::rows(),
     );
@@ -418,6 +444,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         grpc_listener,
         pastiche_store,
     );
+    boot.hup = Some(hup);
     // Step 1's work began with the data dir; its row of the table waits for a leader.
     let outcome = crate::bootstrap::run(&mut boot, began).await;
     match &outcome {

@@ -161,6 +161,8 @@ pub struct Boot {
     pub picket: Option<crux_picket::runner::Picket>,
     /// The bus the local API serves, once step catalyst made it.
     pub catalyst: watch::Sender<Option<crux_catalyst::Bus>>,
+    /// SIGHUP, caught since the start; step reeve starts reloading on it.
+    pub hup: Option<tokio::signal::unix::Signal>,
     made: Made,
 }
 
@@ -202,6 +204,7 @@ impl Boot {
             pastiche,
             picket: None,
             catalyst: watch::Sender::new(None),
+            hup: None,
             made: Made::default(),
         }
     }
@@ -316,7 +319,7 @@ async fn reeve(b: &mut Boot) -> anyhow::Result<Option<String>> {
         cache,
         placement_rx,
         catalyst,
-        stop,
+        stop.clone(),
     );
     b.tasks.spawn("reeve", "local API", async move {
         if let Err(e) = local.await {
@@ -326,6 +329,18 @@ async fn reeve(b: &mut Boot) -> anyhow::Result<Option<String>> {
     b.made.puller = Some(puller);
     b.made.placement = Some(placement_tx);
     crate::dns::start(b, "reeve").await;
+    b.tasks.spawn(
+        "reeve",
+        "log filter reverts",
+        b.state.ops.logs().clone().run_reverts(stop.clone()),
+    );
+    if let Some(hup) = b.hup.take() {
+        b.tasks.spawn(
+            "reeve",
+            "reload on SIGHUP",
+            crate::ops::on_sighup(hup, b.state.ops.clone(), stop.clone()),
+        );
+    }
     Ok(Some(format!(
         "local API on {} (mode 0660); registry replica and steward link running, heartbeat \
          interval {:?}",
@@ -459,7 +474,10 @@ async fn proctor(b: &mut Boot) -> anyhow::Result<Option<String>> {
     let started = crux_placement::start(crux_placement::Placement {
         dean: crux_placement::DeanParts {
             node: b.handle.snapshot().identity.id.to_string(),
-            attributes: crux_placement::dean::attributes(netid.ip(), &settings.node_attributes),
+            attributes: crux_placement::dean::attributes(
+                netid.ip(),
+                &b.state.ops.config_attributes(),
+            ),
             picket,
             pastiche: b.pastiche.clone(),
             puller,
@@ -487,6 +505,7 @@ async fn proctor(b: &mut Boot) -> anyhow::Result<Option<String>> {
         status_rx,
         builtins_rx,
     );
+    b.state.ops.set_dean(started.dean.clone());
     if let Some(d) = &b.made.dean {
         d.send_replace(Some(started.dean));
     }

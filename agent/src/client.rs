@@ -464,7 +464,10 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             "ready": s.ready, "ready_for_ms": s.ready_for_ms, "not_ready": s.not_ready,
             "bootstrapped": s.bootstrapped, "live_members": s.live_members,
             "key_epoch": s.key_epoch, "version": s.version, "uptime_ms": s.uptime_ms,
-            "steps": steps,
+            "steps": steps, "log_filter": s.log_filter,
+            "log_filter_reverts_in_ms": s.log_filter_reverts_in_ms,
+            "log_filter_reverts_to": s.log_filter_reverts_to,
+            "node_attributes": s.node_attributes,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -483,6 +486,16 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         println!("ready for {}", fmt_age(s.ready_for_ms));
     } else {
         println!("not ready for {}: {}", fmt_age(s.ready_for_ms), s.not_ready);
+    }
+    if s.log_filter_reverts_in_ms > 0 {
+        println!(
+            "log filter {} (reverts to {} in {})",
+            s.log_filter,
+            s.log_filter_reverts_to,
+            fmt_age(s.log_filter_reverts_in_ms)
+        );
+    } else if !s.log_filter.is_empty() {
+        println!("log filter {}", s.log_filter);
     }
     let mut t = table(&["STEP", "DONE", "TOOK", "PHASE", "FOR", "NOW"]);
     for st in &s.steps {

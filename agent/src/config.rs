@@ -347,6 +347,17 @@ pub struct DnsSection {
     /// TTL of every answer: whole seconds, at most 1 hour.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Upstream resolvers (`ip` or `ip:port`, port 53 by default) that names outside the domain
+    /// are forwarded to, tried in order. Empty: such names are REFUSED.
+    pub forward: Vec<String>,
+    /// How long each upstream is given to answer a forwarded query.
+    #[serde(with = "humantime_serde")]
+    pub forward_timeout: Duration,
+    /// UDP queries a second answered per source address (a flood from one source is cut to
+    /// it); 0: no limit (a local caching resolver in front, a benchmark).
+    pub rate_per_s: u32,
+    /// Queries a source may send at once above its rate.
+    pub burst: u32,
 }
 
 impl Default for DnsSection {
@@ -356,6 +367,10 @@ impl Default for DnsSection {
             bind: crux_dns::DEFAULT_BIND.into(),
             domain: crux_dns::DEFAULT_DOMAIN.into(),
             ttl: Duration::from_secs(crux_dns::DEFAULT_TTL_S.into()),
+            forward: Vec::new(),
+            forward_timeout: crux_dns::DEFAULT_FORWARD_TIMEOUT,
+            rate_per_s: crux_dns::DEFAULT_RATE_PER_S,
+            burst: crux_dns::DEFAULT_BURST,
         }
     }
 }
@@ -377,11 +392,44 @@ impl DnsSection {
         }
         let ttl_s = self.ttl.as_secs() as u32;
         crux_dns::Zone::new(&self.domain, ttl_s).or_else(|e| err("dns.domain", e))?;
+        let mut forward = Vec::with_capacity(self.forward.len());
+        for f in &self.forward {
+            let up: SocketAddr = match f.parse::<IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, 53),
+                Err(_) => f.parse().or_else(|_| {
+                    err(
+                        "dns.forward",
+                        format!("{f:?} is not an ip or an ip:port of a resolver"),
+                    )
+                })?,
+            };
+            if up == bind || (up.port() == bind.port() && up.ip().is_unspecified()) {
+                return err(
+                    "dns.forward",
+                    format!("{f:?} is this server itself (dns.bind): queries would loop"),
+                );
+            }
+            forward.push(up);
+        }
+        if self.forward_timeout < Duration::from_millis(10)
+            || self.forward_timeout > Duration::from_secs(30)
+        {
+            return err("dns.forward_timeout", "must be between 10ms and 30s");
+        }
+        if self.rate_per_s > 0 && self.burst == 0 {
+            return err(
+                "dns.burst",
+                "must be at least 1 while dns.rate_per_s limits",
+            );
+        }
         Ok(Some(crux_dns::DnsConfig {
             bind,
             domain: self.domain.clone(),
             ttl_s,
-            ..crux_dns::DnsConfig::default()
+            forward,
+            forward_timeout: self.forward_timeout,
+            rate_per_s: self.rate_per_s,
+            burst: self.burst,
         }))
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crux_proto::grpc::reeve::v1 as rpb;
 use crux_proto::grpc::steward::v1::Instance;
 use crux_service::{node_name, FlockWatch};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::bootstrap::Boot;
@@ -80,25 +81,139 @@ impl crux_dns::Catalog for NodeCatalog {
     }
 }
 
-/// Starts DNS (when `dns.enabled`) as a task of `step`. A bind failure does not stop the agent:
-/// it is logged as an error and DNS stays off on this node.
+/// Starts DNS (when `dns.enabled`) under a supervisor task of `step`, which a reload asks to
+/// run on new settings ([`crate::ops::Ops::reload`]). A bind failure at start does not stop the
+/// agent: it is logged as an error and DNS stays off on this node until a reload turns it on.
 pub async fn start(b: &mut Boot, step: &'static str) {
-    let Some(config) = b.settings.dns.clone() else {
-        info!("dns: off (dns.enabled = false)");
-        return;
-    };
-    let catalog = Arc::new(NodeCatalog {
+    let catalog: Arc<dyn crux_dns::Catalog> = Arc::new(NodeCatalog {
         reeve: b.state.reeve.clone(),
         view: b.view.clone(),
     });
-    match crux_dns::Dns::bind(&config, catalog, b.state.dns.clone()).await {
-        Ok(dns) => {
-            info!(addr = %dns.local_addr(), domain = %config.domain, ttl_s = config.ttl_s,
-                "dns: serving UDP and TCP");
-            let stop = b.tasks.token(step);
-            b.tasks.spawn(step, "dns", dns.run(stop));
+    let stats = b.state.dns.clone();
+    let stop = b.tasks.token(step);
+    let mut sup = Supervisor {
+        catalog,
+        stats,
+        stop: stop.clone(),
+        running: None,
+    };
+    match b.settings.dns.clone() {
+        None => info!("dns: off (dns.enabled = false)"),
+        Some(config) => {
+            if let Err(e) = sup.apply(Some(config)).await {
+                error!(error = %e, "dns: not served (set dns.bind, or dns.enabled = false)");
+            }
         }
-        Err(e) => error!(error = %e, "dns: not served (set dns.bind, or dns.enabled = false)"),
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    b.state.ops.set_dns(tx);
+    b.tasks.spawn(step, "dns", sup.run(rx));
+}
+
+/// Owns the DNS server task and restarts it on new settings.
+struct Supervisor {
+    catalog: Arc<dyn crux_dns::Catalog>,
+    stats: Arc<crux_dns::Stats>,
+    stop: CancellationToken,
+    running: Option<Running>,
+}
+
+struct Running {
+    config: crux_dns::DnsConfig,
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn same(a: &crux_dns::DnsConfig, b: &crux_dns::DnsConfig) -> bool {
+    let key = |c: &crux_dns::DnsConfig| {
+        (
+            c.bind,
+            c.domain.clone(),
+            c.ttl_s,
+            c.rate_per_s,
+            c.burst,
+            c.forward.clone(),
+            c.forward_timeout,
+        )
+    };
+    key(a) == key(b)
+}
+
+impl Supervisor {
+    async fn run(mut self, mut rx: tokio::sync::mpsc::Receiver<crate::ops::DnsApply>) {
+        loop {
+            let (config, done) = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                got = rx.recv() => match got {
+                    Some(got) => got,
+                    None => break,
+                },
+            };
+            let _ = done.send(self.apply(config).await);
+        }
+        self.stop_running().await;
+    }
+
+    async fn stop_running(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop.cancel();
+            let _ = r.task.await;
+        }
+    }
+
+    async fn bind(&self, config: &crux_dns::DnsConfig) -> Result<crux_dns::Dns, String> {
+        crux_dns::Dns::bind(config, self.catalog.clone(), self.stats.clone())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn spawn(&mut self, dns: crux_dns::Dns, config: crux_dns::DnsConfig) -> String {
+        let addr = dns.local_addr();
+        info!(%addr, domain = %config.domain, ttl_s = config.ttl_s, "dns: serving UDP and TCP");
+        let stop = self.stop.child_token();
+        let task = tokio::spawn(dns.run(stop.clone()));
+        self.running = Some(Running {
+            config,
+            addr,
+            stop,
+            task,
+        });
+        format!("serving on {addr}")
+    }
+
+    /// Runs on `config` (None: off). On an error the server that ran keeps running.
+    async fn apply(&mut self, config: Option<crux_dns::DnsConfig>) -> Result<String, String> {
+        let Some(config) = config else {
+            self.stop_running().await;
+            info!("dns: off (dns.enabled = false)");
+            return Ok("off".into());
+        };
+        match &self.running {
+            Some(r) if same(&r.config, &config) => return Ok(format!("serving on {}", r.addr)),
+            // A new address: bound before the old server stops, so a failure changes nothing.
+            Some(r) if r.config.bind != config.bind => {
+                let dns = self.bind(&config).await?;
+                self.stop_running().await;
+                return Ok(self.spawn(dns, config));
+            }
+            _ => {}
+        }
+        // The same address (or nothing ran): the old server lets go of it first.
+        let old = self.running.as_ref().map(|r| r.config.clone());
+        self.stop_running().await;
+        match self.bind(&config).await {
+            Ok(dns) => Ok(self.spawn(dns, config)),
+            Err(e) => {
+                if let Some(old) = old {
+                    if let Ok(dns) = self.bind(&old).await {
+                        self.spawn(dns, old);
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 }
 
@@ -131,6 +246,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(field_of(bad_bind), "dns.bind");
+        let forward = DnsSection {
+            forward: vec!["10.0.0.53".into(), "127.0.0.1:5353".into()],
+            ..Default::default()
+        };
+        let on = forward.check().unwrap().unwrap();
+        assert_eq!(
+            on.forward,
+            vec![
+                "10.0.0.53:53".parse().unwrap(),
+                "127.0.0.1:5353".parse().unwrap()
+            ]
+        );
+        for bad in ["resolver.example", "127.0.0.1:8600"] {
+            let d = DnsSection {
+                forward: vec![bad.into()],
+                ..Default::default()
+            };
+            assert_eq!(field_of(d), "dns.forward", "{bad}");
+        }
+        let d = DnsSection {
+            forward_timeout: Duration::from_secs(60),
+            ..Default::default()
+        };
+        assert_eq!(field_of(d), "dns.forward_timeout");
         for ttl in [Duration::from_millis(1500), Duration::from_secs(3601)] {
             let d = DnsSection {
                 ttl,

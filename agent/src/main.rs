@@ -1,7 +1,8 @@
 //! The `crux` binary: the node agent (`crux agent`), a local flock in one command (`crux dev`),
 //! the CLI that talks to an agent over its Unix socket (`crux status`, `crux members`,
 //! `crux leader`, `crux node revoke`, `crux keys`, `crux services`, `crux lookup`, `crux watch`,
-//! `crux pastiche`, `crux muster`, `crux kv`, `crux store`, `crux proctor`, `crux picket`),
+//! `crux pastiche`, `crux muster`, `crux kv`, `crux store`, `crux proctor`, `crux picket`,
+//! `crux monitor`, `crux log-level`, `crux reload`, `crux debug`),
 //! `crux register` (keeps a command registered while it runs), `crux keygen`, `crux completions`
 //! (shell completion scripts) and the simulator front end (`crux sim`).
 //!
@@ -34,7 +35,10 @@ mod identity;
 mod keys;
 mod kv;
 mod kv_cli;
+mod logs;
 mod metrics;
+mod ops;
+mod ops_cli;
 mod pastiche;
 mod placement;
 mod register;
@@ -216,6 +220,45 @@ enum Cmd {
         #[command(subcommand)]
         cmd: placement::PicketCmd,
     },
+    /// Stream the running agent's log lines from now on (at --level, whatever the agent's own
+    /// filter), until interrupted.
+    Monitor {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        /// The most verbose level shown: error, warn, info, debug or trace.
+        #[arg(long, default_value = "info")]
+        level: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the running agent's log filter at once (a level, or a filter such as
+    /// `crux_flock=debug,info`); with --for, the filter before comes back after that long.
+    LogLevel {
+        /// The new filter.
+        filter: String,
+        /// Revert after this long (`30s`, `5m`).
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        for_: Option<std::time::Duration>,
+        #[command(flatten)]
+        socket: client::SocketArg,
+    },
+    /// Make the running agent read its config file again (as SIGHUP does): what can change
+    /// live is applied, what cannot is refused naming the field; a config with an error
+    /// changes nothing. Exit 1 when anything was refused.
+    Reload {
+        #[command(flatten)]
+        socket: client::SocketArg,
+    },
+    /// Collect what a bug report needs from the running agent into a .tar.gz: status, members,
+    /// leader, store status, metrics at the start and the end, the debug-level log for the
+    /// duration, the config (secrets redacted), version and build.
+    Debug {
+        #[command(flatten)]
+        socket: client::SocketArg,
+        #[command(flatten)]
+        args: ops_cli::DebugArgs,
+    },
     /// Print a new random secondary key (base64) for `crux keys install` or a keyring file.
     Keygen,
     /// Run the deterministic flock simulator.
@@ -299,6 +342,18 @@ fn main() -> ExitCode {
         Cmd::Picket { socket, wait, cmd } => {
             client::block_on_code(placement::picket(&socket.socket, wait.wait, cmd))
         }
+        Cmd::Monitor {
+            socket,
+            level,
+            json,
+        } => client::block_on_code(ops_cli::monitor(&socket.socket, level, *json)),
+        Cmd::LogLevel {
+            filter,
+            for_,
+            socket,
+        } => client::block_on_code(ops_cli::log_level(&socket.socket, filter, *for_)),
+        Cmd::Reload { socket } => client::block_on_code(ops_cli::reload(&socket.socket)),
+        Cmd::Debug { socket, args } => client::block_on_code(ops_cli::debug(&socket.socket, args)),
         Cmd::Keygen => {
             println!("{}", keys::generate());
             Ok(0)

@@ -50,6 +50,19 @@ pub fn render(state: &AgentState) -> String {
         "1 while every bootstrap step serves (the store takes writes).",
         u8::from(state.is_ready()),
     );
+    let logs = state.ops.logs();
+    o.one(
+        "crux_log_watchers",
+        "gauge",
+        "Log watchers connected (`crux monitor`, `crux debug`).",
+        logs.watchers(),
+    );
+    o.one(
+        "crux_log_lines_dropped_total",
+        "counter",
+        "Log lines not sent to a watcher that read too slowly (it was told how many).",
+        logs.dropped_total(),
+    );
     o.family(
         "crux_node_plane_rejected_total",
         "counter",
@@ -95,6 +108,14 @@ pub fn render(state: &AgentState) -> String {
     );
     for (reason, n) in state.dns.drops() {
         o.value("crux_dns_dropped_total", &[("reason", reason)], n);
+    }
+    o.family(
+        "crux_dns_forwarded_total",
+        "counter",
+        "DNS queries outside the domain forwarded to the upstream resolvers (dns.forward), by result: ok (relayed), failed (no upstream answered: SERVFAIL), busy (too many in flight: dropped).",
+    );
+    for (result, n) in state.dns.forwards() {
+        o.value("crux_dns_forwarded_total", &[("result", result)], n);
     }
     o.family(
         "crux_bootstrap_step_seconds",

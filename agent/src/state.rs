@@ -63,6 +63,8 @@ pub struct AgentState {
     pub local: crux_local::Stats,
     /// The DNS server's counters (`crux_dns_*`).
     pub dns: Arc<crux_dns::Stats>,
+    /// Reload, the log controls, debug info (README "Operating a running agent").
+    pub ops: Arc<crate::ops::Ops>,
     started: Instant,
     steps: Mutex<Vec<Kept>>,
     bootstrapped: AtomicBool,
@@ -92,6 +94,7 @@ impl AgentState {
         store: crux_store::Store,
         pastiche: crux_pastiche::store::Store,
         transport: crux_transport::Transport,
+        ops: Arc<crate::ops::Ops>,
         started: Instant,
         table: &[(&'static str, &'static [&'static str])],
     ) -> Arc<AgentState> {
@@ -120,6 +123,7 @@ impl AgentState {
             local: crux_local::Stats::default(),
             dns: Arc::default(),
             fuse: Arc::default(),
+            ops,
             started,
             steps: Mutex::new(steps),
             bootstrapped: AtomicBool::new(false),

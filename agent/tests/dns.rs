@@ -319,3 +319,60 @@ fn dns_on_three_nodes() {
         "svc_10 took {gone:?} to leave the answers (validity {VALIDITY:?}, heartbeat {HB:?})"
     );
 }
+
+/// Names outside the domain go to `dns.forward` (issue 25, item 1's last sentence): node 1
+/// forwards to node 2's DNS server, which serves the domain `upstream.` instead of `crux.`.
+#[test]
+fn names_outside_the_domain_are_forwarded_to_the_upstream_resolvers() {
+    if !have_dig() {
+        skipped("the DNS forwarding test: no `dig` (Debian dnsutils: run dev/setup.sh)");
+        return;
+    }
+    let mut c = Cluster::new(BIN, 2, 2, PRESET);
+    let upstream = c.agent(2).dns;
+    c.append_config(
+        1,
+        &format!("dns.forward = [\"{upstream}\"]\ndns.forward_timeout = \"500ms\"\n"),
+    );
+    c.append_config(2, "dns.domain = \"upstream.\"\n");
+    c.start_all();
+    let leader = c.stable_agreement(&[1, 2], Duration::from_secs(1), CONVERGE);
+    let leader_ip = leader.addr.rsplit_once(':').unwrap().0.to_string();
+    let dns1 = c.agent(1).dns;
+
+    // The upstream's own name, asked of node 1: forwarded, over UDP and over TCP.
+    c.wait_for("leader.upstream through node 1", CONVERGE, || {
+        let got = short(dns1, "leader.upstream", "A")?;
+        if got == vec![leader_ip.clone()] {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
+    let tcp = dig(dns1, &["+tcp", "+short", "leader.upstream", "A"]).expect("dig +tcp");
+    assert_eq!(tcp.trim(), leader_ip, "over TCP");
+    // Node 1's own domain is still its own.
+    assert_eq!(
+        short(dns1, "leader.crux", "A").unwrap(),
+        vec![leader_ip.clone()]
+    );
+    // What the upstream refuses comes back as it said.
+    let text = dig(dns1, &["example.org", "A"]).expect("dig");
+    assert_eq!(status(&text), "REFUSED", "{text}");
+    // Node 2 does not forward (none configured): outside its domain is REFUSED.
+    let text = dig(upstream, &["leader.crux", "A"]).expect("dig");
+    assert_eq!(status(&text), "REFUSED", "{text}");
+    let ok = metric(&c, 1, "crux_dns_forwarded_total{result=\"ok\"}");
+    assert!(ok >= 3, "forwards relayed: {ok}");
+
+    // No upstream answers: SERVFAIL, after the timeout, and node 1 goes on answering its own.
+    c.kill9(2);
+    let text = dig(dns1, &["leader.upstream", "A"]).expect("dig");
+    assert_eq!(status(&text), "SERVFAIL", "{text}");
+    assert!(metric(&c, 1, "crux_dns_forwarded_total{result=\"failed\"}") >= 1);
+    let text = dig(dns1, &["nothing.service.crux", "A"]).expect("dig");
+    assert!(
+        ["NOERROR", "NXDOMAIN"].contains(&status(&text).as_str()),
+        "{text}"
+    );
+}

@@ -108,6 +108,11 @@ impl Zone {
         Record::from_rdata(owner.clone(), self.ttl, rdata)
     }
 
+    /// Whether `name` is at or below the domain (the names this server answers itself).
+    pub fn contains(&self, name: &Name) -> bool {
+        !matches!(parse(name.iter(), &self.labels), Parsed::Outside)
+    }
+
     /// The answer to `qname`/`qtype`, from `catalog`.
     pub fn answer(&self, catalog: &dyn Catalog, qname: &Name, qtype: RecordType) -> Reply {
         let target = match parse(qname.iter(), &self.labels) {

@@ -16,13 +16,15 @@
 //! Names (domain `crux.` by default; see [`name`]): `API.service[.HORDE]` (A/AAAA of the live
 //! instances best first, SRV with their ports, TXT with their metadata), `_API._tcp.service[.HORDE]`
 //! (the RFC 2782 spelling of the same), `INST.inst[.HORDE]`, `NODE.node`, `leader`. Unknown names
-//! inside the domain get NXDOMAIN with the zone's SOA; names outside it get REFUSED (no
-//! forwarding). `ANY` gets one HINFO record (RFC 8482).
+//! inside the domain get NXDOMAIN with the zone's SOA; names outside it are forwarded to the
+//! upstream resolvers configured ([`forward`]), or get REFUSED when there are none. `ANY` gets
+//! one HINFO record (RFC 8482).
 //!
 //! The crate knows nothing of the agent: it reads a [`Catalog`], which the agent implements over
 //! its registry replica and its view of the flock, and counts into [`Stats`].
 
 pub mod answer;
+pub mod forward;
 pub mod limit;
 pub mod name;
 pub mod server;
@@ -45,6 +47,8 @@ pub const DEFAULT_TTL_S: u32 = 5;
 pub const DEFAULT_RATE_PER_S: u32 = 2_000;
 /// Default burst per source address, in queries.
 pub const DEFAULT_BURST: u32 = 4_000;
+/// How long one upstream resolver is given to answer a forwarded query.
+pub const DEFAULT_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Sources tracked by the rate limiter at most.
 pub const RATE_SOURCES_MAX: usize = 65_536;
 
@@ -89,6 +93,10 @@ pub struct DnsConfig {
     pub rate_per_s: u32,
     /// Burst per source address.
     pub burst: u32,
+    /// Upstream resolvers for names outside the domain, tried in order (empty: REFUSED).
+    pub forward: Vec<SocketAddr>,
+    /// How long each upstream is given.
+    pub forward_timeout: std::time::Duration,
 }
 
 impl Default for DnsConfig {
@@ -99,6 +107,8 @@ impl Default for DnsConfig {
             ttl_s: DEFAULT_TTL_S,
             rate_per_s: DEFAULT_RATE_PER_S,
             burst: DEFAULT_BURST,
+            forward: Vec::new(),
+            forward_timeout: DEFAULT_FORWARD_TIMEOUT,
         }
     }
 }

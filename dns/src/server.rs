@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::forward::{self, Forwarder, FORWARDS_MAX};
 use crate::limit::{udp_answer_limit, RateLimiter, EDNS_PAYLOAD_MAX};
 use crate::{Catalog, DnsConfig, DnsError, DropReason, Reply, Stats, Zone, RATE_SOURCES_MAX};
 
@@ -53,6 +54,10 @@ struct Inner {
     zone: Zone,
     catalog: Arc<dyn Catalog>,
     stats: Arc<Stats>,
+    /// Upstreams for names outside the zone (None: REFUSED).
+    forwarder: Option<Forwarder>,
+    /// Forwards in flight, both transports.
+    forward_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Dns {
@@ -77,6 +82,11 @@ impl Dns {
                     zone,
                     catalog,
                     stats,
+                    forwarder: (!config.forward.is_empty()).then(|| Forwarder {
+                        upstreams: config.forward.clone(),
+                        timeout: config.forward_timeout,
+                    }),
+                    forward_slots: Arc::new(tokio::sync::Semaphore::new(FORWARDS_MAX)),
                 }),
             },
             limiter: Mutex::new(RateLimiter::new(
@@ -104,7 +114,10 @@ impl Dns {
         } = self;
         let tcp_task = tokio::spawn(serve_tcp(tcp, handler.clone(), stop.clone()));
         let mut buf = vec![0u8; UDP_QUERY_MAX + 1];
+        // Forwarded queries waiting for an upstream (aborted with the server).
+        let mut forwards = tokio::task::JoinSet::new();
         loop {
+            while forwards.try_join_next().is_some() {}
             let (len, src) = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -138,6 +151,23 @@ impl Dns {
                 }
             };
             let limit = udp_answer_limit(len, request.edns.as_ref().map(Edns::max_payload));
+            if let Some(fw) = handler.forwards(&request) {
+                let Ok(slot) = handler.inner.forward_slots.clone().try_acquire_owned() else {
+                    stats.forwarded("busy");
+                    continue;
+                };
+                let query = buf[..len].to_vec();
+                let (udp, stats) = (udp.clone(), stats.clone());
+                forwards.spawn(async move {
+                    let reply = fw.udp(&query).await;
+                    stats.forwarded(if reply.is_some() { "ok" } else { "failed" });
+                    if let Some(answer) = forward::udp_answer(&query, reply.as_deref(), limit) {
+                        let _ = udp.send_to(&answer, src).await;
+                    }
+                    drop(slot);
+                });
+                continue;
+            }
             let reply = UdpReply {
                 socket: udp.clone(),
                 dst: src,
@@ -145,6 +175,7 @@ impl Dns {
             };
             handler.respond(&request, reply).await;
         }
+        forwards.shutdown().await;
         let _ = tcp_task.await;
     }
 }
@@ -196,6 +227,7 @@ async fn tcp_connection(mut stream: tokio::net::TcpStream, src: SocketAddr, hand
             Ok(Ok(_)) => {}
             _ => return,
         }
+        let raw = handler.inner.forwarder.is_some().then(|| query.clone());
         let request = match Request::from_bytes(query, src, Protocol::Tcp) {
             Ok(r) => r,
             Err(e) => {
@@ -204,9 +236,15 @@ async fn tcp_connection(mut stream: tokio::net::TcpStream, src: SocketAddr, hand
                 return;
             }
         };
-        let reply = TcpReply::default();
-        handler.respond(&request, reply.clone()).await;
-        let answer = reply.bytes.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let answer = match (handler.forwards(&request), raw) {
+            (Some(fw), Some(raw)) => handler.forward_tcp(&fw, &raw).await,
+            _ => {
+                let reply = TcpReply::default();
+                handler.respond(&request, reply.clone()).await;
+                let answer = reply.bytes.lock().unwrap_or_else(|p| p.into_inner()).take();
+                answer
+            }
+        };
         let Some(answer) = answer else { continue };
         let Ok(len) = u16::try_from(answer.len()) else {
             return;
@@ -254,6 +292,33 @@ fn no_reply(meta: &Metadata) -> ResponseInfo {
 }
 
 impl Handler {
+    /// The forwarder, when `request` is one question outside the zone and upstreams are set.
+    pub fn forwards(&self, request: &Request) -> Option<Forwarder> {
+        let fw = self.inner.forwarder.as_ref()?;
+        let meta = &request.metadata;
+        if meta.message_type != MessageType::Query
+            || meta.op_code != OpCode::Query
+            || request.queries.len() != 1
+        {
+            return None;
+        }
+        let name = request.queries.queries()[0].original().name();
+        (!self.inner.zone.contains(name)).then(|| fw.clone())
+    }
+
+    /// A TCP query forwarded: the upstream's reply, or SERVFAIL (also when too many forwards
+    /// are in flight).
+    async fn forward_tcp(&self, fw: &Forwarder, raw: &[u8]) -> Option<Vec<u8>> {
+        let stats = &self.inner.stats;
+        let Ok(_slot) = self.inner.forward_slots.clone().try_acquire_owned() else {
+            stats.forwarded("busy");
+            return forward::minimal_reply(raw, 2, false, None);
+        };
+        let reply = fw.tcp(raw).await;
+        stats.forwarded(if reply.is_some() { "ok" } else { "failed" });
+        reply.or_else(|| forward::minimal_reply(raw, 2, false, None))
+    }
+
     /// Answers `request` through `handle`; counts the answer, or the drop.
     pub async fn respond<R: ResponseHandler>(
         &self,

@@ -46,11 +46,16 @@ impl DropReason {
     }
 }
 
-/// Queries answered by response code, and packets dropped by reason.
+/// How a forwarded query ended, as its metric label: relayed, no upstream answered (SERVFAIL
+/// sent), or too many forwards in flight (dropped).
+pub const FORWARD_RESULTS: [&str; 3] = ["ok", "failed", "busy"];
+
+/// Queries answered by response code, packets dropped by reason, forwards by result.
 #[derive(Debug, Default)]
 pub struct Stats {
     answered: [AtomicU64; RCODES.len()],
     dropped: [AtomicU64; DropReason::ALL.len()],
+    forwarded: [AtomicU64; FORWARD_RESULTS.len()],
 }
 
 impl Stats {
@@ -78,6 +83,22 @@ impl Stats {
             .iter()
             .zip(&self.answered)
             .map(|(l, n)| (*l, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Counts one forwarded query by its result (one of [`FORWARD_RESULTS`]).
+    pub fn forwarded(&self, result: &str) {
+        if let Some(i) = FORWARD_RESULTS.iter().position(|r| *r == result) {
+            self.forwarded[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `(result label, count)` for each forward result.
+    pub fn forwards(&self) -> Vec<(&'static str, u64)> {
+        FORWARD_RESULTS
+            .iter()
+            .zip(&self.forwarded)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
             .collect()
     }
 

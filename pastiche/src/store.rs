@@ -174,7 +174,8 @@ pub struct Store {
 
 struct Inner {
     dir: PathBuf,
-    max: u64,
+    /// The most bytes kept; [`Store::set_max_bytes`] changes it while the store runs.
+    max: AtomicU64,
     blobs_dir: PathBuf,
     tmp_dir: PathBuf,
     /// Complete blobs + dormant pulls + reservations of live pulls and puts. Changed only under
@@ -339,7 +340,7 @@ impl Store {
         let store = Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
-                max: max_bytes,
+                max: AtomicU64::new(max_bytes),
                 blobs_dir,
                 tmp_dir,
                 used: AtomicU64::new(0),
@@ -498,7 +499,7 @@ impl Store {
             }
         }
         inner.used.store(used, Ordering::Relaxed);
-        if used > inner.max {
+        if used > inner.max.load(Ordering::Relaxed) {
             // The maximum was lowered: evict down to it (pinned blobs stay regardless).
             let _ = self.make_room(&mut st, 0, 0);
         }
@@ -577,7 +578,7 @@ impl Store {
     /// Reserves `inc` more bytes for a blob of (at least) `total` bytes, evicting
     /// least-recently-used unpinned blobs and dormant pulls as needed. Call with the lock held.
     fn make_room(&self, st: &mut State, total: u64, inc: u64) -> Result<(), StoreError> {
-        let max = self.inner.max;
+        let max = self.inner.max.load(Ordering::Relaxed);
         let pinned = st.pinned_bytes;
         if total > max.saturating_sub(pinned) {
             return Err(StoreError::TooLarge {
@@ -809,7 +810,7 @@ impl Store {
                 self.touch(&mut st, &m.digest, None);
                 return Ok((*st.blobs[&m.digest].manifest).clone());
             }
-            let max = self.inner.max;
+            let max = self.inner.max.load(Ordering::Relaxed);
             return Err(match no_room {
                 Some(StoreError::Busy { reserved, .. }) => StoreError::Busy {
                     size: m.size,
@@ -1028,7 +1029,17 @@ impl Store {
 
     /// The configured maximum.
     pub fn max_bytes(&self) -> u64 {
-        self.inner.max
+        self.inner.max.load(Ordering::Relaxed)
+    }
+
+    /// Changes the maximum while the store runs (a config reload). A lower one evicts least
+    /// recently used unpinned blobs down to it at once (pinned blobs stay regardless).
+    pub fn set_max_bytes(&self, max_bytes: u64) {
+        let mut st = self.lock();
+        self.inner.max.store(max_bytes, Ordering::Relaxed);
+        if self.used_bytes() > max_bytes {
+            let _ = self.make_room(&mut st, 0, 0);
+        }
     }
 
     /// Begins (or resumes) a pull of the blob described by `m`.
@@ -1484,7 +1495,7 @@ impl std::fmt::Debug for Store {
         f.debug_struct("Store")
             .field("dir", &self.inner.blobs_dir)
             .field("used", &self.used_bytes())
-            .field("max", &self.inner.max)
+            .field("max", &self.max_bytes())
             .finish()
     }
 }

@@ -37,7 +37,8 @@ const FAILED_HOLD_MAX: Duration = Duration::from_secs(600);
 /// This node's dean.
 pub struct Dean {
     node: String,
-    attributes: BTreeMap<String, String>,
+    /// Changed by a config reload ([`Dean::set_attributes`]); reported on every sync.
+    attributes: Mutex<BTreeMap<String, String>>,
     picket: Picket,
     pastiche: crux_pastiche::store::Store,
     puller: Puller,
@@ -192,7 +193,7 @@ impl Dean {
             .unwrap_or(0);
         Ok(Arc::new(Dean {
             node: p.node,
-            attributes: p.attributes,
+            attributes: Mutex::new(p.attributes),
             picket: p.picket,
             pastiche: p.pastiche,
             puller: p.puller,
@@ -206,6 +207,20 @@ impl Dean {
             }),
             wake: Notify::new(),
         }))
+    }
+
+    /// This node's attributes as the proctor sees them (see [`attributes`]).
+    pub fn attributes(&self) -> BTreeMap<String, String> {
+        self.attributes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces this node's attributes (a config reload); the proctor gets them at its next
+    /// sync and places by them from then on.
+    pub fn set_attributes(&self, attributes: BTreeMap<String, String>) {
+        *self.attributes.lock().unwrap_or_else(|e| e.into_inner()) = attributes;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -315,7 +330,7 @@ impl Dean {
         pb::SyncResponse {
             node: self.node.clone(),
             units: out.into_values().collect(),
-            attributes: self.attributes.clone().into_iter().collect(),
+            attributes: self.attributes().into_iter().collect(),
             term: st.term,
         }
     }

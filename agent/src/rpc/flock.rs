@@ -47,6 +47,8 @@ pub(super) fn status(state: &AgentState) -> pb::StatusResponse {
         })
         .collect();
     let overall = state.overall();
+    let logs = state.ops.logs();
+    let revert = logs.pending_revert();
     pb::StatusResponse {
         node_id: snap.identity.id.to_string(),
         boot_id: snap.identity.boot.to_string(),
@@ -61,6 +63,16 @@ pub(super) fn status(state: &AgentState) -> pb::StatusResponse {
         ready_for_ms: overall.for_.as_millis() as u64,
         not_ready: overall.missing.unwrap_or_default(),
         bootstrapped: state.bootstrapped(),
+        log_filter: logs.filter(),
+        log_filter_reverts_in_ms: revert
+            .as_ref()
+            .map(|r| {
+                r.at.saturating_duration_since(tokio::time::Instant::now())
+                    .as_millis() as u64
+            })
+            .unwrap_or(0),
+        log_filter_reverts_to: revert.map(|r| r.to).unwrap_or_default(),
+        node_attributes: state.ops.node_attributes().into_iter().collect(),
     }
 }
 

@@ -195,6 +195,64 @@ impl Reeve for Service {
     type HeartbeatStream = crux_reeve::HeartbeatStream;
     type WatchStream = crux_reeve::WatchStream;
     type DocWatchStream = crate::store::DocStream;
+    type MonitorStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<pb::LogLine, Status>> + Send + 'static>,
+    >;
+
+    async fn monitor(
+        &self,
+        req: Request<pb::MonitorRequest>,
+    ) -> Result<Response<Self::MonitorStream>, Status> {
+        use futures_util::StreamExt;
+        let level =
+            crate::logs::parse_level(&req.into_inner().level).map_err(Status::invalid_argument)?;
+        let lines = self
+            .state
+            .ops
+            .logs()
+            .watch(level)
+            .map_err(Status::resource_exhausted)?;
+        Ok(Response::new(Box::pin(lines.map(Ok))))
+    }
+
+    async fn set_log_level(
+        &self,
+        req: Request<pb::SetLogLevelRequest>,
+    ) -> Result<Response<pb::SetLogLevelResponse>, Status> {
+        let req = req.into_inner();
+        let revert = (req.revert_after_ms > 0)
+            .then(|| std::time::Duration::from_millis(req.revert_after_ms));
+        let logs = self.state.ops.logs();
+        let previous = logs
+            .set_filter(req.filter.trim(), revert)
+            .map_err(Status::invalid_argument)?;
+        tracing::info!(filter = %req.filter.trim(), was = %previous,
+            revert_after_ms = req.revert_after_ms, "log filter changed");
+        Ok(Response::new(pb::SetLogLevelResponse {
+            previous,
+            filter: logs.filter(),
+        }))
+    }
+
+    async fn reload(
+        &self,
+        _req: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        self.state
+            .ops
+            .reload()
+            .await
+            .map(Response::new)
+            .map_err(Status::failed_precondition)
+    }
+
+    async fn debug_info(
+        &self,
+        _req: Request<pb::DebugInfoRequest>,
+    ) -> Result<Response<pb::DebugInfoResponse>, Status> {
+        let metrics = crate::metrics::render(&self.state);
+        Ok(Response::new(self.state.ops.debug_info(metrics)))
+    }
 
     async fn doc_watch(
         &self,

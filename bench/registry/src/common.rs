@@ -152,7 +152,20 @@ pub fn running(api: &str, inst: &str, addr: &str, valid_for: Duration) -> rpb::R
 /// [`crux_tests::cluster`]) and waits until they agree on members and a leader and every reeve
 /// is linked to a steward. Dropping the cluster kills exactly these agents.
 pub async fn start_flock(bin: &Path, n: usize, timeout: Duration) -> anyhow::Result<Cluster> {
+    start_flock_with(bin, n, timeout, "").await
+}
+
+/// [`start_flock`] with `extra` TOML appended to every agent's config first.
+pub async fn start_flock_with(
+    bin: &Path,
+    n: usize,
+    timeout: Duration,
+    extra: &str,
+) -> anyhow::Result<Cluster> {
     let mut cluster = Cluster::new(bin, 1, n, "local");
+    for k in 1..=n {
+        cluster.append_config(k, extra);
+    }
     cluster.start_all();
     let nodes: Vec<usize> = (1..=n).collect();
     // The same leader at every poll for a second: a settled flock, not one between two merges.

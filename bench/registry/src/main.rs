@@ -5,12 +5,15 @@
 //!   steward and of the reeves (in-process, over gRPC on 127.0.0.1).
 //! * `watch`: the time a registration (and a deregistration) takes to reach a `Watch` on every
 //!   node of a flock of real agents.
+//! * `dns`: DNS queries per second one agent answers (`dnsperf`), latency percentiles under that
+//!   load, and the agent's CPU per 10k queries a second (`bench/dns.sh`).
 //!
 //! Only loopback addresses; only processes this binary starts are stopped (on drop, and on
 //! Ctrl-C); waits are for conditions, with deadlines. No figure is asserted: they are printed.
 
 mod capacity;
 mod common;
+mod dns;
 mod lookup;
 mod watch;
 
@@ -31,6 +34,8 @@ enum Cmd {
     Capacity(capacity::CapacityArgs),
     /// Time for a change to reach a Watch on every node of a flock.
     Watch(watch::WatchArgs),
+    /// DNS: dnsperf against one agent with registered instances; latency and CPU.
+    Dns(dns::DnsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Capacity(a) => capacity::run(&a),
         Cmd::Lookup(a) => with_agents(lookup::run(a)),
         Cmd::Watch(a) => with_agents(watch::run(a)),
+        Cmd::Dns(a) => with_agents(dns::run(a)),
     }
 }
 

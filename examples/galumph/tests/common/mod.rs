@@ -163,6 +163,33 @@ impl reeve_server::Reeve for Svc {
     ) -> Result<Response<pb::StoreStatusResponse>, Status> {
         no()
     }
+    type MonitorStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::LogLine, Status>> + Send + 'static>,
+    >;
+    async fn monitor(
+        &self,
+        _: Request<pb::MonitorRequest>,
+    ) -> Result<Response<Self::MonitorStream>, Status> {
+        no()
+    }
+    async fn set_log_level(
+        &self,
+        _: Request<pb::SetLogLevelRequest>,
+    ) -> Result<Response<pb::SetLogLevelResponse>, Status> {
+        no()
+    }
+    async fn reload(
+        &self,
+        _: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        no()
+    }
+    async fn debug_info(
+        &self,
+        _: Request<pb::DebugInfoRequest>,
+    ) -> Result<Response<pb::DebugInfoResponse>, Status> {
+        no()
+    }
 }
 
 /// A reeve serving on `<dir>/reeve.sock`.
