@@ -174,6 +174,7 @@ type StatusRx = watch::Receiver<Option<ppb::StatusResponse>>;
 struct Made {
     netid: Option<SocketAddr>,
     puller: Option<crux_pastiche::pull::Puller>,
+    importer: Option<crux_pastiche::import::Importer>,
     placement: Option<watch::Sender<Option<PlacementLocal>>>,
     dean: Option<watch::Sender<Option<Arc<crux_placement::Dean>>>>,
     status: Option<(StatusTx, StatusRx)>,
@@ -308,8 +309,17 @@ async fn reeve(b: &mut Boot) -> anyhow::Result<Option<String>> {
         crux_reeve::link::run(reeve.clone(), stop.clone()),
     );
     let puller = crux_pastiche::pull::Puller::new(b.pastiche.clone(), reeve.clone());
-    let cache =
-        crux_pastiche::cache::CacheService::new(b.pastiche.clone(), puller.clone(), reeve.clone());
+    let importer = crux_pastiche::import::Importer::new(
+        b.pastiche.clone(),
+        b.settings.pastiche_s3.clone(),
+        b.settings.pastiche_import_rate,
+    );
+    let cache = crux_pastiche::cache::CacheService::new(
+        b.pastiche.clone(),
+        puller.clone(),
+        importer.clone(),
+        reeve.clone(),
+    );
     let listener = crate::rpc::bind(&b.settings.socket).await?;
     let (placement_tx, placement_rx) = watch::channel(None);
     let catalyst = b.catalyst.subscribe();
@@ -327,6 +337,7 @@ async fn reeve(b: &mut Boot) -> anyhow::Result<Option<String>> {
         }
     });
     b.made.puller = Some(puller);
+    b.made.importer = Some(importer);
     b.made.placement = Some(placement_tx);
     crate::dns::start(b, "reeve").await;
     b.tasks.spawn(

@@ -222,6 +222,17 @@ pub struct PasticheConfig {
     /// Test hook: every piece this node serves to others has a byte flipped. Never set it in
     /// production.
     pub corrupt_serving_for_tests: bool,
+    /// The S3 endpoint artifacts are imported from (`crux pastiche fetch s3://…`), e.g.
+    /// `http://10.0.0.5:9000` for a local S3-compatible server. Default: the agent's
+    /// `AWS_ENDPOINT_URL`, else AWS itself. Credentials come from the agent's environment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    /// The S3 region. Default: the agent's `AWS_REGION`/`AWS_DEFAULT_REGION`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_region: Option<String>,
+    /// Bytes per second one import from outside the flock may take: `0` (no limit) or a size,
+    /// e.g. `50MiB` (so that importing does not fill the node's link).
+    pub import_rate: String,
 }
 
 impl Default for PasticheConfig {
@@ -230,6 +241,9 @@ impl Default for PasticheConfig {
             dir: None,
             max_size: "10GiB".into(),
             corrupt_serving_for_tests: false,
+            s3_endpoint: None,
+            s3_region: None,
+            import_rate: "0".into(),
         }
     }
 }
@@ -635,6 +649,10 @@ pub struct Settings {
     pub pastiche_max: u64,
     /// Pastiche test hook (see [`PasticheConfig::corrupt_serving_for_tests`]).
     pub pastiche_corrupt: bool,
+    /// Where `s3://` imports go (see [`PasticheConfig::s3_endpoint`]).
+    pub pastiche_s3: crux_pastiche::import::S3Settings,
+    /// Bytes per second of one import (0: no limit).
+    pub pastiche_import_rate: u64,
     /// Store voter grace.
     pub store_voter_grace: Duration,
     /// Node attributes from the config (the built-ins are added at start).
@@ -937,6 +955,16 @@ impl RawConfig {
         if pastiche_max == 0 {
             return err("pastiche.max_size", "must be greater than zero");
         }
+        let pastiche_import_rate =
+            parse_size(&self.pastiche.import_rate).or_else(|e| err("pastiche.import_rate", e))?;
+        if let Some(e) = &self.pastiche.s3_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return err(
+                    "pastiche.s3_endpoint",
+                    format!("{e:?} is not an http:// or https:// URL"),
+                );
+            }
+        }
         for (k, v) in &self.node.attributes {
             let field = format!("node.attributes.{k}");
             if k.is_empty()
@@ -998,6 +1026,11 @@ impl RawConfig {
                 .unwrap_or_else(|| self.data_dir.join("pastiche")),
             pastiche_max,
             pastiche_corrupt: self.pastiche.corrupt_serving_for_tests,
+            pastiche_s3: crux_pastiche::import::S3Settings {
+                endpoint: self.pastiche.s3_endpoint.clone(),
+                region: self.pastiche.s3_region.clone(),
+            },
+            pastiche_import_rate,
             store_voter_grace: self.store.voter_grace,
             node_attributes: self.node.attributes.clone(),
             picket: self.picket.clone(),

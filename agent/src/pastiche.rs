@@ -98,6 +98,18 @@ pub enum PasticheCmd {
     },
     /// Rehash every blob; evict and report the corrupt ones (exit 1 if any).
     Verify(crate::client::JsonArg),
+    /// Bring a blob into this node's cache by digest: from peers that hold it, else imported
+    /// from URL (`s3://BUCKET/KEY` or `http(s)://…`), streamed and hashed; it is kept only if
+    /// its digest is DIGEST. An interrupted import goes on where it stopped.
+    Fetch {
+        /// Where to import from when no node of the flock holds it.
+        url: String,
+        /// The digest it must have, `sha256:<hex>`.
+        #[arg(long)]
+        digest: String,
+        #[command(flatten)]
+        json: crate::client::JsonArg,
+    },
 }
 
 async fn cache(socket: &Path) -> anyhow::Result<CacheClient<tonic::transport::Channel>> {
@@ -176,6 +188,38 @@ pub async fn run(socket: &Path, cmd: &PasticheCmd) -> anyhow::Result<i32> {
                 println!("{}", serde_json::json!({"digest": digest, what: true}));
             } else {
                 println!("{what} {digest}");
+            }
+            Ok(0)
+        }
+        PasticheCmd::Fetch { url, digest, json } => {
+            check_digest(digest)?;
+            crux_pastiche::import::Source::parse(url).map_err(|e| anyhow!("{e}"))?;
+            let mut c = cache(socket).await?;
+            let r = c
+                .fetch(pb::FetchRequest {
+                    url: url.clone(),
+                    digest: digest.clone(),
+                })
+                .await
+                .map_err(crate::client::status_error)?
+                .into_inner();
+            if json.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"digest": r.digest, "size": r.size, "from": r.from,
+                        "downloaded": r.downloaded, "resumed": r.resumed, "sources": r.sources})
+                );
+            } else {
+                let how = match r.from.as_str() {
+                    "source" if r.resumed > 0 => format!(
+                        "imported from {url} ({} bytes downloaded, {} resumed)",
+                        r.downloaded, r.resumed
+                    ),
+                    "source" => format!("imported from {url}"),
+                    "peers" => format!("pulled from {} peer(s)", r.sources.len()),
+                    _ => "already in the cache".to_string(),
+                };
+                println!("{}  {} bytes  {how}", r.digest, r.size);
             }
             Ok(0)
         }

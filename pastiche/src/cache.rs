@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::import::{obtain, ImportError, Importer, ObtainError, Obtained};
 use crate::pull::{PullError, Puller};
 use crate::serve::{parse, status};
 use crate::store::Store;
@@ -26,15 +27,23 @@ pub const CHUNK: usize = 1 << 20;
 pub struct CacheService {
     store: Store,
     puller: Puller,
+    importer: Importer,
     reeve: Arc<Reeve>,
 }
 
 impl CacheService {
-    /// The service over `store`, pulling with `puller`, telling `reeve` what it holds.
-    pub fn new(store: Store, puller: Puller, reeve: Arc<Reeve>) -> CacheService {
+    /// The service over `store`, pulling with `puller`, importing with `importer`, telling
+    /// `reeve` what it holds.
+    pub fn new(
+        store: Store,
+        puller: Puller,
+        importer: Importer,
+        reeve: Arc<Reeve>,
+    ) -> CacheService {
         CacheService {
             store,
             puller,
+            importer,
             reeve,
         }
     }
@@ -52,6 +61,20 @@ pub fn pull_status(e: PullError) -> Status {
     match e {
         PullError::NoHolder(_) | PullError::Tracker { .. } => Status::unavailable(e.to_string()),
         PullError::Store(s) => status(s),
+    }
+}
+
+/// An import error as a gRPC status.
+pub fn import_status(e: ImportError) -> Status {
+    match e {
+        ImportError::BadUrl { .. } => Status::invalid_argument(e.to_string()),
+        ImportError::NotFound { .. } => Status::not_found(e.to_string()),
+        ImportError::Denied { .. } => Status::permission_denied(e.to_string()),
+        ImportError::Source { .. } => Status::unavailable(e.to_string()),
+        ImportError::Mismatch { .. } | ImportError::Length { .. } => {
+            Status::data_loss(e.to_string())
+        }
+        ImportError::Store(s) => status(s),
     }
 }
 
@@ -292,5 +315,42 @@ impl cache_server::Cache for CacheService {
             checked: r.checked as u64,
             corrupt: r.corrupt.iter().map(|d| d.to_string()).collect(),
         }))
+    }
+
+    async fn fetch(
+        &self,
+        req: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchResponse>, Status> {
+        let req = req.into_inner();
+        let d = parse(&req.digest)?;
+        let url = Some(req.url.as_str()).filter(|u| !u.is_empty());
+        let got = obtain(&self.puller, &self.importer, &self.reeve, d, url)
+            .await
+            .map_err(|e| match e {
+                ObtainError::Pull(e) => pull_status(e),
+                ObtainError::Import(e) => import_status(e),
+            })?;
+        let mut r = pb::FetchResponse {
+            digest: d.to_string(),
+            ..Default::default()
+        };
+        match got {
+            Obtained::Cache { size } => {
+                r.size = size;
+                r.from = "cache".into();
+            }
+            Obtained::Peers(p) => {
+                r.size = p.manifest.map_or(0, |m| m.size);
+                r.from = "peers".into();
+                r.sources = p.sources.into_iter().collect();
+            }
+            Obtained::Source(i) => {
+                r.size = i.size;
+                r.from = if i.present { "cache" } else { "source" }.into();
+                r.downloaded = i.downloaded;
+                r.resumed = i.resumed;
+            }
+        }
+        Ok(Response::new(r))
     }
 }

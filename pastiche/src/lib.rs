@@ -25,6 +25,7 @@
 
 pub mod cache;
 pub mod digest;
+pub mod import;
 pub mod manifest;
 pub mod pull;
 pub mod serve;
@@ -32,4 +33,6 @@ pub mod store;
 
 pub use digest::{sha256, Digest, DigestError, PIECE_SIZE};
 pub use manifest::{Manifest, MAX_PIECE_SIZE, MIN_PIECE_SIZE};
-pub use store::{is_full, Entry, Pull, Store, StoreError, VerifyReport, WriteErrors};
+pub use store::{
+    is_full, Entry, Import, ImportWriteError, Pull, Store, StoreError, VerifyReport, WriteErrors,
+};

@@ -30,6 +30,10 @@ use sha2::{Digest as _, Sha256};
 use crate::digest::{sha256, Digest, PIECE_SIZE};
 use crate::manifest::Manifest;
 
+mod partial;
+
+pub use partial::{Import, ImportWriteError, IMPORT_KEPT};
+
 /// A pull's verified pieces are recorded durably once this many bytes of them are unrecorded.
 const FLUSH_BYTES: u64 = 16 << 20;
 /// Read buffer for puts and rehashing.
@@ -216,6 +220,8 @@ struct State {
     blobs: HashMap<Digest, Blob>,
     dormant: HashMap<Digest, Dormant>,
     live: HashMap<Digest, LivePull>,
+    /// Imports from outside sources under way ([`partial`]).
+    importing: HashSet<Digest>,
     tick: u64,
     pinned_bytes: u64,
 }
@@ -304,11 +310,17 @@ impl Hasher {
 
 /// Rehashes a whole file (from offset 0 to its end) into a manifest.
 fn hash_file(f: &File, piece_size: u64) -> io::Result<Manifest> {
+    Ok(hash_prefix(f, piece_size, u64::MAX)?.finish())
+}
+
+/// Hashes the first `len` bytes of a file (all of it if shorter).
+fn hash_prefix(f: &File, piece_size: u64, len: u64) -> io::Result<Hasher> {
     let mut h = Hasher::new(piece_size);
     let mut buf = vec![0u8; IO_BUF];
     let mut off = 0u64;
-    loop {
-        let n = match f.read_at(&mut buf, off) {
+    while off < len {
+        let want = usize::try_from((len - off).min(IO_BUF as u64)).unwrap_or(IO_BUF);
+        let n = match f.read_at(&mut buf[..want], off) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -317,7 +329,7 @@ fn hash_file(f: &File, piece_size: u64) -> io::Result<Manifest> {
         h.update(&buf[..n]);
         off += n as u64;
     }
-    Ok(h.finish())
+    Ok(h)
 }
 
 fn hex_name(name: &str) -> Option<Digest> {
@@ -430,6 +442,7 @@ impl Store {
             found.push((mtime, d, m, pins.contains(&d), true));
         }
         let complete: HashSet<Digest> = found.iter().map(|f| f.1).collect();
+        self.clean_imports(&complete);
         for (d, path) in extras {
             if !complete.contains(&d) {
                 remove_if_exists(&path)?;
