@@ -339,7 +339,16 @@ async fn reeve(b: &mut Boot) -> anyhow::Result<Option<String>> {
     b.made.puller = Some(puller);
     b.made.importer = Some(importer);
     b.made.placement = Some(placement_tx);
-    crate::dns::start(b, "reeve").await;
+    let (dns, supervisor) = crate::dns::start(
+        b.state.reeve.clone(),
+        b.view.clone(),
+        b.state.dns.clone(),
+        b.settings.dns.clone(),
+        b.tasks.token("reeve"),
+    )
+    .await;
+    b.state.ops.set_dns(dns);
+    b.tasks.spawn("reeve", "dns", supervisor);
     b.tasks.spawn(
         "reeve",
         "log filter reverts",

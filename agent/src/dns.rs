@@ -10,8 +10,6 @@ use crux_service::{node_name, FlockWatch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::bootstrap::Boot;
-
 /// What DNS reads: the replica (answers keep coming while the steward moves) and the flock view.
 struct NodeCatalog {
     reeve: Arc<crux_reeve::Reeve>,
@@ -81,23 +79,29 @@ impl crux_dns::Catalog for NodeCatalog {
     }
 }
 
-/// Starts DNS (when `dns.enabled`) under a supervisor task of `step`, which a reload asks to
-/// run on new settings ([`crate::ops::Ops::reload`]). A bind failure at start does not stop the
-/// agent: it is logged as an error and DNS stays off on this node until a reload turns it on.
-pub async fn start(b: &mut Boot, step: &'static str) {
-    let catalog: Arc<dyn crux_dns::Catalog> = Arc::new(NodeCatalog {
-        reeve: b.state.reeve.clone(),
-        view: b.view.clone(),
-    });
-    let stats = b.state.dns.clone();
-    let stop = b.tasks.token(step);
+/// Starts DNS (when `config` is set) under a supervisor, which a reload asks to run on new
+/// settings ([`crate::ops::Ops::reload`]) through the returned sender; the returned future is the
+/// supervisor, for the caller's task set, and ends at `stop`. A bind failure at start does not
+/// stop the agent: it is logged as an error and DNS stays off on this node until a reload turns
+/// it on.
+pub async fn start(
+    reeve: Arc<crux_reeve::Reeve>,
+    view: FlockWatch,
+    stats: Arc<crux_dns::Stats>,
+    config: Option<crux_dns::DnsConfig>,
+    stop: CancellationToken,
+) -> (
+    tokio::sync::mpsc::Sender<crate::ops::DnsApply>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let catalog: Arc<dyn crux_dns::Catalog> = Arc::new(NodeCatalog { reeve, view });
     let mut sup = Supervisor {
         catalog,
         stats,
-        stop: stop.clone(),
+        stop,
         running: None,
     };
-    match b.settings.dns.clone() {
+    match config {
         None => info!("dns: off (dns.enabled = false)"),
         Some(config) => {
             if let Err(e) = sup.apply(Some(config)).await {
@@ -106,8 +110,7 @@ pub async fn start(b: &mut Boot, step: &'static str) {
         }
     }
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    b.state.ops.set_dns(tx);
-    b.tasks.spawn(step, "dns", sup.run(rx));
+    (tx, sup.run(rx))
 }
 
 /// Owns the DNS server task and restarts it on new settings.
